@@ -1,0 +1,27 @@
+"""Errors that name what went wrong, so a caller can report the field or parameter."""
+
+
+class WeightSyncError(Exception):
+    """Base class of every weightsync error."""
+
+
+class ProtocolError(WeightSyncError, ValueError):
+    """A message failed validation; `field` is the dotted path of the offending field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class ManifestMismatch(WeightSyncError):
+    """The trainer's manifest disagrees with a receiver's weights; nothing was written."""
+
+
+class PhaseError(WeightSyncError):
+    """A phase was called out of order (update before start, finish twice...)."""
+
+
+class TransferError(WeightSyncError):
+    """The transfer itself failed: a peer vanished, a collective timed out, bytes were lost."""
+

@@ -1,0 +1,94 @@
+"""Where each tensor's bytes sit in the flat stream a round sends, and how it is cut into buffers.
+
+A round lays every tensor of the manifest end to end (each start aligned, so a receiver can
+view its slice of a contiguous weight store as the right dtype) and cuts that byte stream into
+chunks of exactly `buffer_size` bytes. A tensor larger than a buffer simply spans several
+chunks, so every buffer stays bounded whatever the model looks like.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from weightsync.protocol import Manifest
+
+DEFAULT_ALIGNMENT = 256
+
+
+def align_up(value: int, alignment: int) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Bytes [start, stop) of tensor `index`, which land at `chunk_offset` in their chunk."""
+
+    index: int
+    start: int
+    stop: int
+    chunk_offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One buffer's worth of the stream: bytes [start, stop) and the tensor pieces inside."""
+
+    number: int
+    start: int
+    stop: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Byte offsets of a list of tensor sizes in an aligned flat stream."""
+
+    sizes: tuple[int, ...]
+    offsets: tuple[int, ...]
+    total_bytes: int
+    alignment: int
+
+    @classmethod
+    def of_sizes(cls, sizes: list[int] | tuple[int, ...], alignment: int = DEFAULT_ALIGNMENT) -> "Layout":
+        offsets: list[int] = []
+        cursor = 0
+        for size in sizes:
+            cursor = align_up(cursor, alignment)
+            offsets.append(cursor)
+            cursor += size
+        return cls(tuple(sizes), tuple(offsets), cursor, alignment)
+
+    @classmethod
+    def of_manifest(cls, manifest: Manifest, alignment: int = DEFAULT_ALIGNMENT) -> "Layout":
+        return cls.of_sizes([t.nbytes for t in manifest.tensors], alignment)
+
+    def chunks(self, buffer_size: int) -> list[Chunk]:
+        """Cut the stream into buffer-sized chunks, skipping trailing empty space."""
+        chunks: list[Chunk] = []
+        start = 0
+        while start < self.total_bytes:
+            stop = min(start + buffer_size, self.total_bytes)
+            chunks.append(Chunk(len(chunks), start, stop, tuple(self._segments(start, stop))))
+            start = stop
+        return chunks
+
+    def _segments(self, start: int, stop: int):
+        # First tensor whose bytes may reach into [start, stop).
+        first = max(bisect.bisect_right(self.offsets, start) - 1, 0)
+        for index in range(first, len(self.sizes)):
+            begin = self.offsets[index]
+            if begin >= stop:
+                break
+            end = begin + self.sizes[index]
+            lo, hi = max(begin, start), min(end, stop)
+            if lo < hi:
+                yield Segment(index, lo - begin, hi - begin, lo - start)

@@ -1,0 +1,222 @@
+"""Typed, validated messages of the four-phase protocol (init → start → update → finish).
+
+Everything that crosses a process boundary is one of these pydantic models and travels as
+JSON: nothing is ever pickled. Field names follow vLLM's weight-transfer HTTP API so that
+trainers written for vLLM can drive a weightsync daemon unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from weightsync.errors import ProtocolError
+
+DEFAULT_BUFFER_SIZE_BYTES = 1 << 30  # 1 GiB, as vLLM
+DEFAULT_NUM_BUFFERS = 2
+MAX_NUM_BUFFERS = 16
+MIN_BUFFER_SIZE_BYTES = 1 << 10
+MAX_BUFFER_SIZE_BYTES = 1 << 36
+DEFAULT_TIMEOUT_SECONDS = 120.0
+
+# The dtypes a manifest may name; names match torch attribute names (as vLLM's dtype_names).
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ProtocolError("dtype_names", f"unsupported dtype {dtype}") from None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    """One parameter of a manifest: its name, dtype and shape."""
+
+    name: Annotated[str, Field(min_length=1, max_length=1024)]
+    dtype: str
+    shape: tuple[Annotated[int, Field(ge=0)], ...]
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in DTYPES:
+            raise ValueError(f"unknown dtype {value!r}; expected one of {sorted(DTYPES)}")
+        return value
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.torch_dtype.itemsize
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> "TensorSpec":
+        return cls(name=name, dtype=dtype_name(tensor.dtype), shape=tuple(tensor.shape))
+
+
+class Manifest(_Strict):
+    """The ordered list of parameters one update carries."""
+
+    tensors: tuple[TensorSpec, ...]
+
+    @field_validator("tensors")
+    @classmethod
+    def _unique_names(cls, tensors: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+        seen: set[str] = set()
+        for spec in tensors:
+            if spec.name in seen:
+                raise ValueError(f"parameter {spec.name!r} appears twice")
+            seen.add(spec.name)
+        return tensors
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tensors]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @classmethod
+    def of(cls, named_tensors: list[tuple[str, torch.Tensor]]) -> "Manifest":
+        return cls(tensors=tuple(TensorSpec.of(n, t) for n, t in named_tensors))
+
+
+BufferSize = Annotated[int, Field(ge=MIN_BUFFER_SIZE_BYTES, le=MAX_BUFFER_SIZE_BYTES)]
+NumBuffers = Annotated[int, Field(ge=1, le=MAX_NUM_BUFFERS)]
+
+
+class InitInfo(_Strict):
+    """How a party joins the transfer group (vLLM's NCCL init_info, plus packing knobs).
+
+    The trainer is rank 0; a receiver with `world_size_local` workers takes ranks
+    `rank_offset .. rank_offset + world_size_local - 1` out of `world_size`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: str | None = None
+    master_address: Annotated[str, Field(min_length=1, max_length=253)] | None = None
+    master_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    rank_offset: Annotated[int, Field(ge=0)] = 0
+    world_size: Annotated[int, Field(ge=1, le=65536)]
+    nccl_unique_id_b64: str | None = None
+    packed: bool = True
+    packed_buffer_size_bytes: BufferSize = DEFAULT_BUFFER_SIZE_BYTES
+    packed_num_buffers: NumBuffers = DEFAULT_NUM_BUFFERS
+    timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = DEFAULT_TIMEOUT_SECONDS
+    group_name: Annotated[str, Field(min_length=1, max_length=128)] = "weightsync"
+
+    @model_validator(mode="after")
+    def _rendezvous(self) -> "InitInfo":
+        if self.nccl_unique_id_b64 is None and (self.master_address is None or self.master_port is None):
+            raise ValueError("master_address and master_port are required (or nccl_unique_id_b64)")
+        if self.rank_offset >= self.world_size:
+            raise ValueError(f"rank_offset {self.rank_offset} must be below world_size {self.world_size}")
+        return self
+
+
+UpdateKind = Literal["dense", "sparse_flat"]
+
+
+class UpdateInfo(_Strict):
+    """One update batch, as vLLM's update_info: parallel lists of names, dtype names, shapes.
+
+    All three lists empty means "take the manifest from the trainer's header" (vLLM: reuse the
+    previous metadata). For `sparse_flat`, each parameter carries `sparse_nnz[i]` flat indices
+    (int64) and as many values of the parameter's dtype; its `shapes` entry is `[nnz]`.
+    """
+
+    update_kind: UpdateKind | None = None  # None: whatever the trainer's header says
+    names: list[Annotated[str, Field(min_length=1, max_length=1024)]] = []
+    dtype_names: list[str] = []
+    shapes: list[list[Annotated[int, Field(ge=0)]]] = []
+    packed: bool = True
+    packed_buffer_size_bytes: BufferSize | None = None
+    packed_num_buffers: NumBuffers | None = None
+    is_checkpoint_format: bool = True
+    # Backend-specific payloads (ipc / p2p handles) travel as explicit JSON, never pickle.
+    ipc_handles: list[dict] | dict | None = None
+    tensor_sizes: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _parallel_lists(self) -> "UpdateInfo":
+        n = len(self.names)
+        if len(self.dtype_names) != n:
+            raise ValueError(f"dtype_names has {len(self.dtype_names)} entries but names has {n}")
+        if len(self.shapes) != n:
+            raise ValueError(f"shapes has {len(self.shapes)} entries but names has {n}")
+        for i, dtype in enumerate(self.dtype_names):
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype_names[{i}] is {dtype!r}; expected one of {sorted(DTYPES)}")
+        if len(set(self.names)) != n:
+            raise ValueError("names contains a duplicate")
+        return self
+
+    @property
+    def manifest(self) -> Manifest | None:
+        """The manifest this body names, or None when it defers to the trainer's header."""
+        if not self.names:
+            return None
+        return Manifest(
+            tensors=tuple(
+                TensorSpec(name=n, dtype=d, shape=tuple(s))
+                for n, d, s in zip(self.names, self.dtype_names, self.shapes)
+            )
+        )
+
+
+class RoundHeader(_Strict):
+    """What the trainer broadcasts before any payload byte: the manifest and the packing plan.
+
+    Every receiver validates it against its weight store and the group agrees before a single
+    byte of payload moves, so a mismatch changes nothing anywhere.
+    """
+
+    round_id: Annotated[str, Field(min_length=1, max_length=64)]
+    update_kind: UpdateKind = "dense"
+    manifest: Manifest  # for sparse_flat, each shape is the patch length [nnz]
+    buffer_size_bytes: BufferSize
+    num_buffers: NumBuffers
+    alignment: Annotated[int, Field(ge=1, le=4096)]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse(model: type[M], data: object, where: str) -> M:
+    """Validate `data` as `model`; raise ProtocolError naming the offending field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        loc = ".".join([where, *(str(p) for p in first["loc"])])
+        raise ProtocolError(loc, first["msg"]) from None

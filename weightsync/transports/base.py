@@ -1,0 +1,73 @@
+"""What every transport offers: a trainer-side sender and a receiver-side engine.
+
+A transport is one module that defines a `Transport` subclass and registers it under a name
+(see `weightsync.transports.register`). The daemon and the trainer only ever talk to this
+interface, so adding a transport touches nothing else.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from weightsync.protocol import InitInfo, UpdateInfo, UpdateKind
+from weightsync.store import WeightStore
+
+
+@dataclass(frozen=True)
+class SparsePatch:
+    """An in-place patch of one existing parameter: flat indices and their new values."""
+
+    name: str
+    indices: torch.Tensor  # int64, flat positions into the parameter
+    values: torch.Tensor  # the parameter's dtype, same length as indices
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """What one round moved, as seen by one party."""
+
+    round_id: str
+    update_kind: UpdateKind
+    num_tensors: int
+    payload_bytes: int
+    num_chunks: int
+    seconds: float
+    in_place: bool = False
+
+
+class Transport(ABC):
+    """One party's membership in a transfer group: rank 0 sends, every other rank receives."""
+
+    name: str = ""
+    # Whether the receiver needs something from the trainer's HTTP answer (IPC handles) before
+    # it can receive; collective transports receive while the trainer sends.
+    needs_trainer_update_info: bool = False
+
+    def __init__(self, init: InitInfo, rank: int, device: torch.device):
+        self.init = init
+        self.rank = rank
+        self.device = device
+
+    @classmethod
+    @abstractmethod
+    def connect(cls, init: InitInfo, rank: int, device: torch.device) -> "Transport":
+        """Join the group (blocking until every party has joined or the timeout passes)."""
+
+    @abstractmethod
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> RoundStats:
+        """Trainer side: send a dense update of these tensors to every receiver."""
+
+    @abstractmethod
+    def receive(self, store: WeightStore, info: UpdateInfo) -> RoundStats:
+        """Receiver side: take one update into `store`, after checking its manifest."""
+
+    def send_sparse(self, patches: Iterable[SparsePatch]) -> RoundStats:
+        raise NotImplementedError(f"the {self.name} transport does not support sparse updates")
+
+    @abstractmethod
+    def close(self) -> None:
+        """Leave the group and free its resources; safe to call twice."""

@@ -1,0 +1,90 @@
+"""The cpu transport: the collective round over a gloo process group of its own.
+
+It runs wherever torch runs, so the whole product (daemon, coordinator, operator, demo) is
+exercised on machines without a GPU; the GPU transports reuse the same round.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+
+import torch
+import torch.distributed as dist
+
+from weightsync.errors import TransferError
+from weightsync.protocol import InitInfo
+from weightsync.rendezvous import open_store
+from weightsync.transports import register
+from weightsync.transports.collective import CollectiveTransport, Group, Pending
+
+
+class _GlooWork(Pending):
+    def __init__(self, work, timeout: datetime.timedelta):
+        self._work = work
+        self._timeout = timeout
+
+    def wait(self) -> None:
+        try:
+            self._work.wait(self._timeout)
+        except Exception as error:  # gloo raises RuntimeError on timeout or a lost peer
+            raise TransferError(f"gloo collective failed: {error}") from error
+
+
+class GlooGroup(Group):
+    def __init__(self, init: InitInfo, rank: int):
+        self.rank = rank
+        self.world_size = init.world_size
+        self.device = torch.device("cpu")
+        self._timeout = datetime.timedelta(seconds=init.timeout_seconds)
+        self._store = open_store(init, rank)
+        options = dist.ProcessGroupGloo._Options()
+        options._timeout = self._timeout
+        options._devices = [_gloo_device(init.master_address)]
+        try:
+            self._pg = dist.ProcessGroupGloo(self._store, rank, init.world_size, options)
+        except Exception as error:
+            raise TransferError(f"gloo group setup failed for rank {rank}: {error}") from error
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> Pending:
+        options = dist.BroadcastOptions()
+        options.rootRank = src
+        options.rootTensor = 0
+        options.timeout = self._timeout
+        return _GlooWork(self._pg.broadcast([tensor], options), self._timeout)
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        outputs = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        _GlooWork(self._pg.allgather([outputs], [tensor]), self._timeout).wait()
+        return outputs
+
+    def close(self) -> None:
+        self._pg = None
+        self._store = None
+
+
+def _gloo_device(master_address: str | None):
+    """Loopback groups stay on loopback; others use the host's default interface
+    (GLOO_SOCKET_IFNAME picks another)."""
+    try:
+        loopback = master_address is not None and (
+            master_address == "localhost" or ipaddress.ip_address(master_address).is_loopback
+        )
+    except ValueError:
+        loopback = False
+    if loopback:
+        return dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")
+    return dist.ProcessGroupGloo.create_default_device()
+
+
+@register
+class CpuTransport(CollectiveTransport):
+    name = "cpu"
+
+    @classmethod
+    def connect(cls, init: InitInfo, rank: int, device: torch.device | None = None) -> "CpuTransport":
+        return cls(init, rank, torch.device("cpu"), GlooGroup(init, rank))
+
+    def close(self) -> None:
+        self.group.close()
+        self._buffers.clear()
