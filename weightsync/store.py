@@ -26,11 +26,24 @@ class WeightStore:
         self._layout = layout
         self.version: str | None = None
         self.lock = threading.RLock()
+        self._adopt = False
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def empty(cls) -> "WeightStore":
-        return cls({})
+    def empty(cls, shape_from_first_update: bool = True) -> "WeightStore":
+        """A store with no weights yet; by default the first dense update shapes it."""
+        store = cls({})
+        store._adopt = shape_from_first_update
+        return store
+
+    def adopt(self, manifest: Manifest, device: torch.device) -> bool:
+        """Shape an empty, adoptable store from a round's manifest; True if it did."""
+        if self._tensors or not self._adopt:
+            return False
+        shaped = WeightStore.from_manifest(manifest, device)
+        self._tensors, self._flat, self._layout = shaped._tensors, shaped._flat, shaped._layout
+        self._adopt = False
+        return True
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, device: torch.device | str = "cpu",

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 
 from weightsync.protocol import InitInfo, parse
-from weightsync.transports import RoundStats, SparsePatch, Transport, get_transport
+from weightsync.transports import RoundStats, SparsePatch, Transport, default_device, get_transport
 
 
 class WeightSender:
@@ -28,7 +28,7 @@ class WeightSender:
         info = init_info if isinstance(init_info, InitInfo) else parse(InitInfo, init_info, "init_info")
         name = backend or info.backend or "cpu"
         transport_cls = get_transport(name)
-        target = torch.device(device) if device is not None else _default_device(name)
+        target = torch.device(device) if device is not None else default_device(name)
         return cls(transport_cls.connect(info, 0, target))
 
     def send_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> RoundStats:
@@ -50,8 +50,3 @@ class WeightSender:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def _default_device(backend: str) -> torch.device:
-    if backend == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
+import torch
+
 from weightsync.transports.base import RoundStats, SparsePatch, Transport
 
 _REGISTRY: dict[str, type[Transport]] = {}
@@ -37,6 +39,13 @@ def get_transport(name: str) -> type[Transport]:
         raise ValueError(f"unknown backend {name!r}; available: {available()}") from None
 
 
+def default_device(backend: str) -> torch.device:
+    """Where a party's buffers live: the current GPU for GPU backends, else the CPU."""
+    if backend == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def available() -> list[str]:
     """Names of the transports that can be loaded here."""
     names = set(_REGISTRY)
@@ -46,4 +55,4 @@ def available() -> list[str]:
     return sorted(names)
 
 
-__all__ = ["RoundStats", "SparsePatch", "Transport", "available", "get_transport", "register"]
+__all__ = ["RoundStats", "SparsePatch", "Transport", "available", "default_device", "get_transport", "register"]

@@ -175,6 +175,8 @@ class CollectiveTransport(Transport):
     def receive(self, store: WeightStore, info: UpdateInfo) -> RoundStats:
         started = time.perf_counter()
         header = self._receive_header()
+        if header.update_kind == "dense":
+            store.adopt(header.manifest, self.device)
         objection = self._check_header(header, store, info)
         objections = self._agree(objection)
         if objections:

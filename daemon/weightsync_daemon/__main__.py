@@ -1,0 +1,3 @@
+from weightsync_daemon.server import main
+
+main()

@@ -1,0 +1,75 @@
+"""Serving the app: standalone (its own process) or embedded (a thread of an inference process)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from weightsync.protocol import Manifest
+from weightsync.store import WeightStore
+from weightsync.transports import available
+from weightsync_daemon.app import create_app
+from weightsync_daemon.service import EngineService, ReceiverService
+
+
+class EmbeddedServer:
+    """Runs uvicorn on a background thread of the current process, e.g. beside a model that
+    serves, so received weights land directly in that model's parameters."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="weightsync-http", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> "EmbeddedServer":
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the embedded weightsync server did not start")
+            time.sleep(0.01)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self._server.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._server.config.host}:{self.port}"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+
+
+def serve_embedded(service: EngineService, host: str = "127.0.0.1", port: int = 0, **kwargs) -> EmbeddedServer:
+    return EmbeddedServer(create_app(service, **kwargs), host, port).start()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="weightsync daemon", description=__doc__)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8200)
+    parser.add_argument("--backend", default="cpu", choices=available())
+    parser.add_argument("--device", default=None, help="torch device for the weights (default: per backend)")
+    parser.add_argument("--manifest", type=Path, default=None,
+                        help="JSON manifest to shape the weights up front (default: the first update's)")
+    parser.add_argument("--log-level", default="info")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    service = ReceiverService(backend=args.backend, device=args.device)
+    if args.manifest is not None:
+        manifest = Manifest.model_validate(json.loads(args.manifest.read_text()))
+        service.store = WeightStore.from_manifest(manifest, service.device)
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
