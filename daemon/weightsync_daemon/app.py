@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 from typing import Literal
 
@@ -16,7 +17,7 @@ from weightsync_daemon.models import (
     FinishRequest, FinishResult, Health, InitRequest, Message, StartRequest, UpdateRequest,
     UpdateResult, WeightCheckRequest,
 )
-from weightsync_daemon.service import EngineService, ReceiverService
+from weightsync_daemon.service import EngineService
 
 # Each error kind maps to one status: the caller's input (422), the protocol's order (409), or a
 # failure of the transfer itself, which is not the caller's fault (503).
@@ -123,17 +124,16 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
     async def metrics():
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    if isinstance(service, ReceiverService):
-        @app.post("/weight_checker")
-        async def weight_checker(body: WeightCheckRequest):
-            sums = await service._in_worker(service.store.checksums)
-            if body.action == "checksum":
-                return {"checksums": sums, "checksum": combine_digests(sums),
-                        "weight_version": service.weight_version}
-            if body.baseline is None:
-                raise ProtocolError("baseline", "compare needs a baseline of per-parameter checksums")
-            differ = sorted(n for n in set(sums) | set(body.baseline) if sums.get(n) != body.baseline.get(n))
-            return {"matches": not differ, "mismatched": differ}
+    @app.post("/weight_checker")
+    async def weight_checker(body: WeightCheckRequest):
+        sums = await asyncio.to_thread(service.checksums)
+        if body.action == "checksum":
+            return {"checksums": sums, "checksum": combine_digests(sums),
+                    "weight_version": service.weight_version}
+        if body.baseline is None:
+            raise ProtocolError("baseline", "compare needs a baseline of per-parameter checksums")
+        differ = sorted(n for n in set(sums) | set(body.baseline) if sums.get(n) != body.baseline.get(n))
+        return {"matches": not differ, "mismatched": differ}
 
     for router in extra_routers or []:
         app.include_router(router)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -61,15 +63,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="torch device for the weights (default: per backend)")
     parser.add_argument("--manifest", type=Path, default=None,
                         help="JSON manifest to shape the weights up front (default: the first update's)")
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", default="warning")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a standalone daemon until SIGTERM; print one JSON line with its URL once it listens."""
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     service = ReceiverService(backend=args.backend, device=args.device)
     if args.manifest is not None:
         manifest = Manifest.model_validate(json.loads(args.manifest.read_text()))
         service.store = WeightStore.from_manifest(manifest, service.device)
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
+    server = serve_embedded(service, args.host, args.port)
+    print(json.dumps({"url": server.url, "role": service.role}), flush=True)
+    wait_for_stop()
+    server.stop()
+
+
+def wait_for_stop() -> None:
+    """Block until SIGTERM/SIGINT, or until the parent closes our stdin (when it is a pipe)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if not sys.stdin.isatty():
+        threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    stop.wait()

@@ -19,7 +19,7 @@ import torch
 
 from weightsync.errors import ManifestMismatch, PhaseError, ProtocolError, TransferError
 from weightsync.protocol import InitInfo, UpdateInfo
-from weightsync.store import WeightStore
+from weightsync.store import WeightStore, tensor_digest
 from weightsync.transports import RoundStats, Transport, default_device, get_transport
 from weightsync_daemon.metrics import DaemonMetrics, numeric_version
 
@@ -234,6 +234,10 @@ class EngineService:
     def weight_version(self) -> str | None:
         raise NotImplementedError
 
+    def checksums(self) -> dict[str, str]:
+        """SHA-256 of every parameter this party holds (or would send)."""
+        raise NotImplementedError
+
 
 class ReceiverService(EngineService):
     """A receiver daemon: holds the live weights and one receive engine."""
@@ -248,6 +252,9 @@ class ReceiverService(EngineService):
 
     def _transfer(self, info: UpdateInfo) -> RoundStats:
         return self.transport.receive(self.store, info)
+
+    def checksums(self) -> dict[str, str]:
+        return self.store.checksums()
 
     def _count_bytes(self, stats: RoundStats) -> None:
         self.metrics.received_bytes.inc(stats.payload_bytes)
@@ -285,6 +292,9 @@ class SenderService(EngineService):
 
     def _transfer(self, info: UpdateInfo) -> RoundStats:
         return self.transport.send(self.source())
+
+    def checksums(self) -> dict[str, str]:
+        return {name: tensor_digest(tensor) for name, tensor in self.source()}
 
     def _count_bytes(self, stats: RoundStats) -> None:
         self.metrics.sent_bytes.inc(stats.payload_bytes)

@@ -1,0 +1,50 @@
+"""The `weightsync` command: `demo` (local mode), `daemon` (a standalone receiver)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _size(text: str) -> int:
+    """Bytes from '1048576', '64MiB', '1GiB', '512KiB'."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+    lowered = text.strip().lower()
+    for suffix, factor in units.items():
+        if lowered.endswith(suffix):
+            return int(float(lowered[: -len(suffix)]) * factor)
+    return int(lowered)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="weightsync", description="Move model weights from an RL "
+                                     "trainer to inference workers, fast and safely.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="run a trainer and N daemons locally and verify every round")
+    demo.add_argument("--daemons", type=int, default=2)
+    demo.add_argument("--rounds", type=int, default=5)
+    demo.add_argument("--backend", default="cpu", help="transport: cpu (default)")
+    demo.add_argument("--buffer-size", type=_size, default=_size("1MiB"),
+                      help="packed buffer size (default 1MiB, so the small model spans several buffers)")
+    demo.add_argument("--buffers", type=int, default=2, help="packed buffers in flight")
+
+    commands.add_parser("daemon", help="run a standalone receiver daemon (see `weightsync daemon --help`)",
+                        add_help=False)
+
+    if argv and argv[0] == "daemon":
+        from weightsync_daemon.server import main as daemon_main
+
+        daemon_main(argv[1:])
+        return 0
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from weightsync_operator.demo.run import main as demo_main
+
+        return demo_main(args.daemons, args.rounds, args.backend, args.buffer_size, args.buffers)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

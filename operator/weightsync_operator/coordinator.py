@@ -1,0 +1,245 @@
+"""Drives the four-phase protocol across a trainer and its target daemons. No Kubernetes here:
+the kopf operator and the local demo both run this same coordinator.
+
+A sync round: pause targets → start everyone → update (the trainer sends while every target
+receives) → finish with the version → resume. Every step has its own timeout; a failed round is
+aborted on every party, targets are resumed, and the result says which party failed and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Literal
+
+import httpx
+
+from weightsync_operator.client import Endpoint, PartyClient, PartyError
+
+log = logging.getLogger("weightsync.coordinator")
+
+PauseMode = Literal["abort", "wait", "keep", "none"]
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds each step may take before the round is declared failed."""
+
+    request: float = 10.0  # small calls: world size, health, pause, resume, abort
+    init: float = 120.0
+    start: float = 30.0
+    update: float = 600.0
+    finish: float = 30.0
+
+
+@dataclass(frozen=True)
+class SyncSpec:
+    backend: str = "cpu"
+    master_address: str = "127.0.0.1"  # where the trainer hosts the rendezvous
+    master_port: int = 29500
+    packed_buffer_size_bytes: int = 1 << 30
+    packed_num_buffers: int = 2
+    pause_mode: PauseMode = "keep"
+    group_name: str = "weightsync"
+    # How long a collective may wait for a peer; below the update timeout so that parties report
+    # their own failure before the coordinator gives up on them.
+    transfer_timeout: float = 60.0
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+@dataclass
+class PartyOutcome:
+    name: str
+    role: Literal["trainer", "target"]
+    rank: int
+    ok: bool = True
+    step: str | None = None  # the step that failed
+    reason: str | None = None
+    weight_version: str | None = None
+
+
+@dataclass
+class GroupInfo:
+    world_size: int
+    ranks: dict[str, int]
+    master_address: str
+    master_port: int
+
+
+@dataclass
+class SyncResult:
+    version: str
+    ok: bool
+    bytes: int = 0
+    transfer_seconds: float = 0.0  # the update step: data in flight
+    total_seconds: float = 0.0  # pause to resume
+    started_at: str = ""
+    finished_at: str = ""
+    reason: str | None = None
+    parties: list[PartyOutcome] = field(default_factory=list)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.transfer_seconds / 1e9 if self.transfer_seconds > 0 else 0.0
+
+    @property
+    def targets(self) -> list[PartyOutcome]:
+        return [p for p in self.parties if p.role == "target"]
+
+
+class InitError(Exception):
+    def __init__(self, failures: list[PartyError]):
+        super().__init__("; ".join(str(f) for f in failures))
+        self.failures = failures
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Coordinator:
+    def __init__(self, trainer: Endpoint, targets: list[Endpoint], spec: SyncSpec,
+                 http: httpx.AsyncClient | None = None, token: str | None = None):
+        if not targets:
+            raise ValueError("a group needs at least one target")
+        self.spec = spec
+        self._own_http = http is None
+        self._http = http or httpx.AsyncClient()
+        self.trainer = PartyClient(trainer, self._http, token)
+        self.targets = [PartyClient(t, self._http, token) for t in targets]
+        self.group: GroupInfo | None = None
+
+    async def close(self) -> None:
+        if self._own_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> "Coordinator":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    @property
+    def parties(self) -> list[PartyClient]:
+        return [self.trainer, *self.targets]
+
+    # -- init -------------------------------------------------------------------------------
+    async def init(self) -> GroupInfo:
+        """Ask each target its world size, assign rank offsets, and init every party at once."""
+        t = self.spec.timeouts
+        sizes = await self._all(lambda p: p.world_size(t.request), self.targets)
+        failures = [s for s in sizes if isinstance(s, PartyError)]
+        if failures:
+            raise InitError(failures)
+        ranks, offset = {self.trainer.name: 0}, 1
+        for party, size in zip(self.targets, sizes):
+            ranks[party.name] = offset
+            offset += size
+        group = GroupInfo(offset, ranks, self.spec.master_address, self.spec.master_port)
+        results = await self._all(lambda p: p.init(self._init_info(group, ranks[p.name]), t.init), self.parties)
+        failures = [r for r in results if isinstance(r, PartyError)]
+        if failures:
+            raise InitError(failures)
+        self.group = group
+        return group
+
+    def _init_info(self, group: GroupInfo, rank_offset: int) -> dict:
+        s = self.spec
+        return {
+            "backend": s.backend, "master_address": group.master_address, "master_port": group.master_port,
+            "rank_offset": rank_offset, "world_size": group.world_size, "group_name": s.group_name,
+            "packed": True, "packed_buffer_size_bytes": s.packed_buffer_size_bytes,
+            "packed_num_buffers": s.packed_num_buffers, "timeout_seconds": s.transfer_timeout,
+        }
+
+    # -- one round ----------------------------------------------------------------------------
+    async def sync(self, version: str | int) -> SyncResult:
+        if self.group is None:
+            raise RuntimeError("init() the group before syncing")
+        version = str(version)
+        t = self.spec.timeouts
+        result = SyncResult(version=version, ok=False, started_at=_now())
+        result.parties = [PartyOutcome(p.name, "trainer" if p is self.trainer else "target",
+                                       self.group.ranks[p.name]) for p in self.parties]
+        outcome = {o.name: o for o in result.parties}
+        began = time.perf_counter()
+        paused = []
+        try:
+            if self.spec.pause_mode != "none":
+                paused = await self._step(outcome, "pause", self.targets,
+                                          lambda p: p.pause(self.spec.pause_mode, t.request))
+            await self._step(outcome, "start", self.parties, lambda p: p.start(t.start))
+            sent = time.perf_counter()
+            answers = await self._step(outcome, "update", self.parties, lambda p: p.update({}, t.update))
+            result.transfer_seconds = time.perf_counter() - sent
+            result.bytes = int(answers[0]["bytes"])
+            finished = await self._step(outcome, "finish", self.parties, lambda p: p.finish(version, t.finish))
+            for party, answer in zip(self.parties, finished):
+                outcome[party.name].weight_version = answer.get("weight_version")
+            result.ok = True
+        except _RoundFailed as failed:
+            result.reason = failed.reason
+            await self._all(lambda p: p.abort(failed.reason, t.request), self.parties)
+        finally:
+            if paused:
+                await self._step(outcome, "resume", self.targets, lambda p: p.resume(t.request), strict=False)
+        result.total_seconds = time.perf_counter() - began
+        result.finished_at = _now()
+        return result
+
+    async def _step(self, outcome: dict[str, PartyOutcome], step: str, parties: list[PartyClient],
+                    call: Callable[[PartyClient], Awaitable[dict]], strict: bool = True) -> list[dict]:
+        """Run one step on every party concurrently; on any failure mark the failed parties and
+        (when strict) end the round, since a collective needs every member."""
+        answers = await self._all(call, parties, grace=self.spec.timeouts.request if strict else None)
+        failed = [a for a in answers if isinstance(a, PartyError)]
+        for error in failed:
+            party = outcome[error.party]
+            if party.ok:  # keep the first failure of each party
+                party.ok, party.step, party.reason = False, step, error.reason
+        if failed and strict:
+            raise _RoundFailed("; ".join(str(e) for e in failed))
+        return answers
+
+    @staticmethod
+    async def _all(call: Callable[[PartyClient], Awaitable], parties: list[PartyClient],
+                   grace: float | None = None) -> list:
+        """Call every party at once; failures come back as PartyError values, not raised.
+
+        With `grace`, once one party has failed the others get `grace` more seconds, then are
+        given up on: a collective cannot succeed without the party that failed.
+        """
+        async def one(party: PartyClient):
+            try:
+                return await call(party)
+            except PartyError as error:
+                return error
+
+        tasks = [asyncio.ensure_future(one(p)) for p in parties]
+        if grace is None:
+            return list(await asyncio.gather(*tasks))
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if any(isinstance(t.result(), PartyError) for t in done):
+                if pending:
+                    await asyncio.wait(pending, timeout=grace)
+                break
+        answers = []
+        for party, task in zip(parties, tasks):
+            if task.done():
+                answers.append(task.result())
+            else:
+                task.cancel()
+                answers.append(PartyError(party.name, "call", "given up: another party already failed"))
+        return answers
+
+
+class _RoundFailed(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason

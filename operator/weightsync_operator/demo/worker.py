@@ -1,0 +1,69 @@
+"""One demo process: the trainer (rank 0, trains and sends) or an inference worker (serves the
+model and receives into its parameters). Each embeds the weightsync HTTP app on a thread and
+prints one JSON line with its URL once it is ready."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import threading
+
+import torch
+from fastapi import APIRouter
+
+from weightsync.store import WeightStore
+from weightsync_daemon.server import serve_embedded, wait_for_stop
+from weightsync_daemon.service import ReceiverService, SenderService
+from weightsync_operator.demo.model import build_model, probe_tokens, train_step
+
+
+def demo_router(model: torch.nn.Module, lock: threading.Lock, trainer: bool) -> APIRouter:
+    router = APIRouter(prefix="/demo")
+
+    @router.post("/forward")
+    def forward():
+        with lock, torch.no_grad():
+            logits = model(probe_tokens()).contiguous()
+        digest = hashlib.sha256(memoryview(logits.view(torch.uint8).reshape(-1).numpy())).hexdigest()
+        return {"output_sha256": digest, "first_logits": logits.view(-1)[:4].tolist()}
+
+    if trainer:
+        step = {"n": 0}
+
+        @router.post("/train_step")
+        def train():
+            with lock:
+                step["n"] += 1
+                loss = train_step(model, step["n"])
+            return {"step": step["n"], "loss": loss}
+
+    return router
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--role", choices=["trainer", "inference"], required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default="cpu")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # identical kernels in every process: outputs compare bit for bit
+    model = build_model(args.seed)
+    if args.device:
+        model.to(args.device)
+    lock = threading.Lock()
+    if args.role == "trainer":
+        service = SenderService(source=lambda: list(model.named_parameters()), backend=args.backend,
+                                device=args.device)
+    else:
+        service = ReceiverService(store=WeightStore.from_module(model), backend=args.backend,
+                                  device=args.device)
+    server = serve_embedded(service, extra_routers=[demo_router(model, lock, args.role == "trainer")])
+    print(json.dumps({"url": server.url, "role": args.role}), flush=True)
+    wait_for_stop()
+    server.stop()
+
+
+if __name__ == "__main__":
+    main()
