@@ -110,7 +110,7 @@ class Manifest(_Strict):
         return cls(tensors=tuple(TensorSpec.of(n, t) for n, t in named_tensors))
 
 
-BufferSize = Annotated[int, Field(ge=MIN_BUFFER_SIZE_BYTES, le=MAX_BUFFER_SIZE_BYTES)]
+BufferSize = Annotated[int, Field(ge=MIN_BUFFER_SIZE_BYTES, le=MAX_BUFFER_SIZE_BYTES, multiple_of=8)]
 NumBuffers = Annotated[int, Field(ge=1, le=MAX_NUM_BUFFERS)]
 
 
@@ -133,6 +133,11 @@ class InitInfo(_Strict):
     packed_buffer_size_bytes: BufferSize = DEFAULT_BUFFER_SIZE_BYTES
     packed_num_buffers: NumBuffers = DEFAULT_NUM_BUFFERS
     timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = DEFAULT_TIMEOUT_SECONDS
+    # Trainer: checksum every round's stream; receivers verify it before committing.
+    verify: bool = True
+    # Receiver: land each round in a second copy and switch it in only once verified, so a failed
+    # round leaves the serving weights untouched even without pausing (costs one more copy).
+    atomic: bool = False
     group_name: Annotated[str, Field(min_length=1, max_length=128)] = "weightsync"
 
     @model_validator(mode="after")
@@ -207,6 +212,7 @@ class RoundHeader(_Strict):
     buffer_size_bytes: BufferSize
     num_buffers: NumBuffers
     alignment: Annotated[int, Field(ge=1, le=4096)]
+    verify: bool = True
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -48,6 +48,7 @@ class UpdateResult(BaseModel):
     seconds: float
     num_tensors: int
     in_place: bool = False
+    checksum: str | None = None
 
 
 class FinishResult(BaseModel):

@@ -48,6 +48,8 @@ class SyncSpec:
     # How long a collective may wait for a peer; below the update timeout so that parties report
     # their own failure before the coordinator gives up on them.
     transfer_timeout: float = 60.0
+    verify: bool = True  # checksum every round's stream, verified by every target
+    atomic: bool = False  # targets switch weights only after the whole round verified
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
@@ -80,6 +82,7 @@ class SyncResult:
     started_at: str = ""
     finished_at: str = ""
     reason: str | None = None
+    checksum: str | None = None  # the round's stream checksum, verified by every target
     parties: list[PartyOutcome] = field(default_factory=list)
 
     @property
@@ -154,6 +157,7 @@ class Coordinator:
             "rank_offset": rank_offset, "world_size": group.world_size, "group_name": s.group_name,
             "packed": True, "packed_buffer_size_bytes": s.packed_buffer_size_bytes,
             "packed_num_buffers": s.packed_num_buffers, "timeout_seconds": s.transfer_timeout,
+            "verify": s.verify, "atomic": s.atomic,
         }
 
     # -- one round ----------------------------------------------------------------------------
@@ -177,6 +181,7 @@ class Coordinator:
             answers = await self._step(outcome, "update", self.parties, lambda p: p.update({}, t.update))
             result.transfer_seconds = time.perf_counter() - sent
             result.bytes = int(answers[0]["bytes"])
+            result.checksum = answers[0].get("checksum")
             finished = await self._step(outcome, "finish", self.parties, lambda p: p.finish(version, t.finish))
             for party, answer in zip(self.parties, finished):
                 outcome[party.name].weight_version = answer.get("weight_version")

@@ -36,7 +36,8 @@ class RoundStats:
     payload_bytes: int
     num_chunks: int
     seconds: float
-    in_place: bool = False
+    in_place: bool = False  # landed straight in the weights, without an unpack copy
+    checksum: str | None = None  # the round's stream checksum, verified by every receiver
 
 
 class Transport(ABC):

@@ -17,9 +17,11 @@ import uuid
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
+from weightsync.integrity import StreamDigest
 from weightsync.errors import ManifestMismatch, ProtocolError, TransferError
 from weightsync.layout import DEFAULT_ALIGNMENT, Chunk, Layout
 from weightsync.packing import as_bytes, pack_chunk, unpack_chunk
@@ -28,6 +30,7 @@ from weightsync.store import WeightStore
 from weightsync.transports.base import RoundStats, SparsePatch, Transport
 
 VERDICT_BYTES = 1024  # room for one receiver's error message in an agreement step
+DIGEST_BYTES = 64  # the trainer's hex checksum of the round's stream
 
 
 class Pending(ABC):
@@ -76,6 +79,7 @@ class CollectiveTransport(Transport):
         super().__init__(init, rank, device)
         self.group = group
         self._buffers: list[torch.Tensor] = []
+        self._shadow: WeightStore | None = None
 
     # -- helpers the subclasses may refine ----------------------------------------------
     def _staging_buffers(self, count: int) -> list[torch.Tensor]:
@@ -145,6 +149,7 @@ class CollectiveTransport(Transport):
             buffer_size_bytes=self.init.packed_buffer_size_bytes,
             num_buffers=self.init.packed_num_buffers,
             alignment=DEFAULT_ALIGNMENT,
+            verify=self.init.verify,
         )
         self._send_header(header)
         objections = self._agree(None)
@@ -153,40 +158,118 @@ class CollectiveTransport(Transport):
         layout = Layout.of_sizes([as_bytes(s).numel() for s in sources], header.alignment)
         chunks = layout.chunks(header.buffer_size_bytes)
         flat_sources = [as_bytes(self._to_device(s)) for s in sources]
-        self._pipeline_send(chunks, flat_sources, header.num_buffers)
+        digest = StreamDigest(self.device) if header.verify else None
+        self._pipeline_send(chunks, flat_sources, header.num_buffers, digest)
+        checksum = None
+        if digest is not None:
+            checksum = digest.hexdigest()
+            self.group.broadcast(self._to_device(_encode_digest(checksum))).wait()
         failures = self._agree(None)
         if failures:
             raise TransferError("receivers did not apply the round: " + "; ".join(failures))
         return RoundStats(header.round_id, kind, len(manifest.tensors), layout.total_bytes,
-                          len(chunks), time.perf_counter() - started)
+                          len(chunks), time.perf_counter() - started, checksum=checksum)
 
-    def _pipeline_send(self, chunks: Sequence[Chunk], sources, num_buffers: int) -> None:
+    def _pipeline_send(self, chunks: Sequence[Chunk], sources, num_buffers: int,
+                       digest: StreamDigest | None) -> None:
         buffers = self._staging_buffers(num_buffers)
         in_flight: deque[Pending] = deque()
         for chunk in chunks:
             if len(in_flight) == num_buffers:
                 in_flight.popleft().wait()
             packed = pack_chunk(chunk, sources, buffers[chunk.number % num_buffers])
+            if digest is not None:
+                digest.update(packed)
             in_flight.append(self.group.broadcast(packed))
         while in_flight:
             in_flight.popleft().wait()
 
     # -- receiver side ----------------------------------------------------------------------
     def receive(self, store: WeightStore, info: UpdateInfo) -> RoundStats:
+        """Check the header, land the payload, verify it, then commit; see the module docstring.
+
+        Dense rounds land in place (the live weights), or with `atomic` in a shadow copy that is
+        switched in only once the whole round verified. Sparse rounds always land in scratch
+        tensors and are applied only after every receiver validated them.
+        """
         started = time.perf_counter()
         header = self._receive_header()
         if header.update_kind == "dense":
             store.adopt(header.manifest, self.device)
-        objection = self._check_header(header, store, info)
-        objections = self._agree(objection)
+        objections = self._agree(self._check_header(header, store, info))
         if objections:
             raise ManifestMismatch("; ".join(objections))
-        if header.update_kind == "dense":
-            stats = self._receive_dense(header, store)
-        else:
-            stats = self._receive_sparse(header, store)
+        layout = Layout.of_sizes(_stream_sizes(header), header.alignment)
+        chunks = layout.chunks(header.buffer_size_bytes)
+        landing = self._landing(header, store, layout)
+        digest = StreamDigest(self.device) if header.verify else None
+        self._receive_payload(chunks, header.num_buffers, digest, landing.target, landing.destinations)
+        self.group.synchronize()
+        problem = None
+        checksum = None
+        if digest is not None:
+            checksum = digest.hexdigest()
+            sent = self._to_device(torch.zeros(DIGEST_BYTES, dtype=torch.uint8))
+            self.group.broadcast(sent).wait()
+            if _decode_digest(sent) != checksum:
+                problem = f"checksum mismatch: received {checksum}, trainer sent {_decode_digest(sent)}"
+        if problem is None and header.update_kind == "sparse_flat":
+            problem = _check_indices(header, landing.scratch, store)
+        objections = self._agree(problem)
+        if objections:
+            raise TransferError("round not applied: " + "; ".join(objections))
+        landing.commit(store)
         return RoundStats(header.round_id, header.update_kind, len(header.manifest.tensors),
-                          stats[0], stats[1], time.perf_counter() - started, stats[2])
+                          layout.total_bytes, len(chunks), time.perf_counter() - started,
+                          in_place=landing.in_place, checksum=checksum)
+
+    def _landing(self, header: RoundHeader, store: WeightStore, layout: Layout) -> "_Landing":
+        if header.update_kind == "sparse_flat":
+            scratch: list[torch.Tensor] = []
+            for spec in header.manifest.tensors:  # per patch: its indices, then its values
+                scratch += [torch.empty(spec.numel, dtype=torch.int64, device=self.device),
+                            torch.empty(spec.numel, dtype=spec.torch_dtype, device=self.device)]
+            return _Landing(None, [as_bytes(t) for t in scratch], scratch=scratch, sparse=header.manifest)
+        if self.init.atomic:
+            shadow = self._shadow_store(header.manifest)
+            return _Landing(shadow.contiguous_target(header.manifest, layout), None, shadow=shadow,
+                            manifest=header.manifest)
+        target = store.contiguous_target(header.manifest, layout)
+        if target is not None and target.device == self.device:
+            return _Landing(target, None, in_place=True)
+        return _Landing(None, store.destinations(header.manifest))
+
+    def _shadow_store(self, manifest: Manifest) -> WeightStore:
+        """A second copy of the weights to receive into, kept across rounds of the same manifest."""
+        if self._shadow is None or self._shadow.manifest != manifest:
+            self._shadow = None  # free the old one before allocating
+            self._shadow = WeightStore.from_manifest(manifest, self.device)
+        return self._shadow
+
+    def _receive_payload(self, chunks: Sequence[Chunk], num_buffers: int, digest: StreamDigest | None,
+                         target: torch.Tensor | None, destinations) -> None:
+        """Receive every chunk with `num_buffers` in flight: straight into `target` when given
+        (no staging, no copy), else into staging buffers unpacked into `destinations`."""
+        buffers = None if target is not None else self._staging_buffers(num_buffers)
+        in_flight: deque[tuple[Chunk, torch.Tensor, Pending]] = deque()
+
+        def land(chunk: Chunk, view: torch.Tensor, pending: Pending) -> None:
+            pending.wait()
+            if digest is not None:
+                digest.update(view)
+            if target is None:
+                unpack_chunk(chunk, view, destinations)
+
+        for chunk in chunks:
+            if len(in_flight) == num_buffers:
+                land(*in_flight.popleft())
+            if target is not None:
+                view = target[chunk.start : chunk.stop]
+            else:
+                view = buffers[chunk.number % num_buffers][: chunk.nbytes]
+            in_flight.append((chunk, view, self.group.broadcast(view)))
+        while in_flight:
+            land(*in_flight.popleft())
 
     def _check_header(self, header: RoundHeader, store: WeightStore, info: UpdateInfo) -> str | None:
         expected = info.manifest
@@ -198,86 +281,67 @@ class CollectiveTransport(Transport):
         if header.buffer_size_bytes != want:
             return f"packed_buffer_size_bytes is {want} here but {header.buffer_size_bytes} from the trainer"
         if header.update_kind == "sparse_flat":
-            return self._check_sparse(header, store)
+            return _check_sparse(header, store)
         return store.mismatch(header.manifest)
 
-    def _check_sparse(self, header: RoundHeader, store: WeightStore) -> str | None:
-        for spec in header.manifest.tensors:
-            if spec.name not in store:
-                return f"parameter {spec.name!r} is not in the receiver's weights"
-            have = TensorSpec.of(spec.name, store[spec.name])
-            if have.dtype != spec.dtype:
-                return f"parameter {spec.name!r} has dtype {have.dtype} here but {spec.dtype} from the trainer"
-            if len(spec.shape) != 1 or spec.numel > have.numel:
-                return f"parameter {spec.name!r}: a patch must be 1-D with at most {have.numel} values"
-        return None
 
-    def _receive_dense(self, header: RoundHeader, store: WeightStore) -> tuple[int, int, bool]:
-        layout = Layout.of_manifest(header.manifest, header.alignment)
-        chunks = layout.chunks(header.buffer_size_bytes)
-        target = store.contiguous_target(header.manifest, layout)
-        if target is not None and target.device != self.device:
-            target = None
-        if target is not None:
-            self._receive_in_place(chunks, target, header.num_buffers)
-        else:
-            self._pipeline_receive(chunks, store.destinations(header.manifest), header.num_buffers)
-        self.group.synchronize()
-        self._agree(None)
-        return layout.total_bytes, len(chunks), target is not None
+@dataclass
+class _Landing:
+    """Where a round's payload lands, and how it becomes live once the round verified."""
 
-    def _receive_in_place(self, chunks: Sequence[Chunk], target: torch.Tensor, num_buffers: int) -> None:
-        """Broadcast each chunk straight into the store's flat buffer: no staging, no copy."""
-        in_flight: deque[Pending] = deque()
-        for chunk in chunks:
-            if len(in_flight) == num_buffers:
-                in_flight.popleft().wait()
-            in_flight.append(self.group.broadcast(target[chunk.start : chunk.stop]))
-        while in_flight:
-            in_flight.popleft().wait()
+    target: torch.Tensor | None  # receive chunks straight into this flat buffer
+    destinations: list[torch.Tensor] | None  # or unpack staged chunks into these views
+    in_place: bool = False
+    shadow: WeightStore | None = None
+    manifest: Manifest | None = None
+    scratch: list[torch.Tensor] | None = None
+    sparse: Manifest | None = None
 
-    def _pipeline_receive(self, chunks: Sequence[Chunk], destinations, num_buffers: int) -> None:
-        buffers = self._staging_buffers(num_buffers)
-        in_flight: deque[tuple[Chunk, torch.Tensor, Pending]] = deque()
+    def commit(self, store: WeightStore) -> None:
+        if self.shadow is not None:  # atomic: switch the verified copy in
+            with store.lock:
+                for spec in self.manifest.tensors:
+                    store[spec.name].copy_(self.shadow[spec.name])
+        elif self.sparse is not None:  # apply every validated patch
+            with store.lock:
+                for i, spec in enumerate(self.sparse.tensors):
+                    store[spec.name].view(-1)[self.scratch[2 * i]] = self.scratch[2 * i + 1]
 
-        def land(entry):
-            chunk, buffer, pending = entry
-            pending.wait()
-            unpack_chunk(chunk, buffer, destinations)
 
-        for chunk in chunks:
-            if len(in_flight) == num_buffers:
-                land(in_flight.popleft())
-            buffer = buffers[chunk.number % num_buffers][: chunk.nbytes]
-            in_flight.append((chunk, buffer, self.group.broadcast(buffer)))
-        while in_flight:
-            land(in_flight.popleft())
+def _stream_sizes(header: RoundHeader) -> list[int]:
+    """Byte sizes of the tensors in the round's stream (sparse: indices then values, per patch)."""
+    if header.update_kind == "dense":
+        return [spec.nbytes for spec in header.manifest.tensors]
+    return [size for spec in header.manifest.tensors for size in (spec.numel * 8, spec.nbytes)]
 
-    def _receive_sparse(self, header: RoundHeader, store: WeightStore) -> tuple[int, int, bool]:
-        specs = header.manifest.tensors
-        temps: list[torch.Tensor] = []
-        for spec in specs:
-            temps += [torch.empty(spec.numel, dtype=torch.int64, device=self.device),
-                      torch.empty(spec.numel, dtype=spec.torch_dtype, device=self.device)]
-        layout = Layout.of_sizes([as_bytes(t).numel() for t in temps], header.alignment)
-        chunks = layout.chunks(header.buffer_size_bytes)
-        self._pipeline_receive(chunks, [as_bytes(t) for t in temps], header.num_buffers)
-        self.group.synchronize()
-        # Validate every patch before applying any, so a bad index changes nothing.
-        problem = None
-        for i, spec in enumerate(specs):
-            indices, numel = temps[2 * i], store[spec.name].numel()
-            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
-                problem = f"parameter {spec.name!r}: sparse index out of range [0, {numel})"
-                break
-        objections = self._agree(problem)
-        if objections:
-            raise TransferError("; ".join(objections))
-        with store.lock:
-            for i, spec in enumerate(specs):
-                flat = store[spec.name].view(-1)
-                flat[temps[2 * i]] = temps[2 * i + 1]
-        return layout.total_bytes, len(chunks), False
+
+def _check_sparse(header: RoundHeader, store: WeightStore) -> str | None:
+    for spec in header.manifest.tensors:
+        if spec.name not in store:
+            return f"parameter {spec.name!r} is not in the receiver's weights"
+        have = TensorSpec.of(spec.name, store[spec.name])
+        if have.dtype != spec.dtype:
+            return f"parameter {spec.name!r} has dtype {have.dtype} here but {spec.dtype} from the trainer"
+        if len(spec.shape) != 1 or spec.numel > have.numel:
+            return f"parameter {spec.name!r}: a patch must be 1-D with at most {have.numel} values"
+    return None
+
+
+def _check_indices(header: RoundHeader, scratch: list[torch.Tensor], store: WeightStore) -> str | None:
+    """Every patch index must fall inside its parameter, checked before any patch applies."""
+    for i, spec in enumerate(header.manifest.tensors):
+        indices, numel = scratch[2 * i], store[spec.name].numel()
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
+            return f"parameter {spec.name!r}: sparse index out of range [0, {numel})"
+    return None
+
+
+def _encode_digest(hexdigest: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(hexdigest.encode().ljust(DIGEST_BYTES, b"\0")), dtype=torch.uint8)
+
+
+def _decode_digest(tensor: torch.Tensor) -> str:
+    return bytes(tensor.cpu().tolist()).rstrip(b"\0").decode(errors="replace")
 
 
 def _first_difference(expected: Manifest, sent: Manifest) -> str:
