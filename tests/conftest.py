@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
+import pytest_asyncio
 import torch
 
 from weightsync_operator.local import free_port
@@ -17,6 +19,47 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def rendezvous_port() -> int:
     return free_port()
+
+
+async def _spawner():
+    from weightsync_operator.local import LocalProcess, stop_all
+
+    started: list[LocalProcess] = []
+
+    async def _spawn(name: str, *args: str, module: str = "weightsync_daemon", env: dict | None = None):
+        argv = list(args) or ["--port", "0", "--backend", "cpu"]
+        process = await LocalProcess.start(name, module, argv, timeout=90, env=env)
+        started.append(process)
+        return process
+
+    yield _spawn
+    await stop_all(started)
+
+
+@pytest_asyncio.fixture
+async def spawn():
+    """Start real local party processes (standalone daemons by default); stopped afterwards."""
+    async for spawner in _spawner():
+        yield spawner
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def module_spawn():
+    """`spawn` for processes shared by a whole test module (its tests use loop_scope="module")."""
+    async for spawner in _spawner():
+        yield spawner
+
+
+@pytest_asyncio.fixture
+async def http():
+    async with httpx.AsyncClient(timeout=60) as client:
+        yield client
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def module_http():
+    async with httpx.AsyncClient(timeout=60) as client:
+        yield client
