@@ -171,11 +171,11 @@ class Coordinator:
                                        self.group.ranks[p.name]) for p in self.parties]
         outcome = {o.name: o for o in result.parties}
         began = time.perf_counter()
-        paused = []
+        pausing = self.spec.pause_mode != "none"
         try:
-            if self.spec.pause_mode != "none":
-                paused = await self._step(outcome, "pause", self.targets,
-                                          lambda p: p.pause(self.spec.pause_mode, t.request))
+            if pausing:
+                await self._step(outcome, "pause", self.targets,
+                                 lambda p: p.pause(self.spec.pause_mode, t.request))
             await self._step(outcome, "start", self.parties, lambda p: p.start(t.start))
             sent = time.perf_counter()
             answers = await self._step(outcome, "update", self.parties, lambda p: p.update({}, t.update))
@@ -190,7 +190,7 @@ class Coordinator:
             result.reason = failed.reason
             await self._all(lambda p: p.abort(failed.reason, t.request), self.parties)
         finally:
-            if paused:
+            if pausing:  # every target, also those whose pause failed half-way: resume is idempotent
                 await self._step(outcome, "resume", self.targets, lambda p: p.resume(t.request), strict=False)
         result.total_seconds = time.perf_counter() - began
         result.finished_at = _now()

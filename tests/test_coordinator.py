@@ -1,0 +1,91 @@
+"""The coordinator over real processes: a typed round result, and bounded waits when a daemon
+never answers (a frozen process, and a socket that accepts but never replies)."""
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+import pytest_asyncio
+
+from weightsync_operator.client import Endpoint
+from weightsync_operator.coordinator import Coordinator, InitError, SyncSpec, Timeouts
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+TRAINER = "weightsync_operator.demo.worker"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def parties(module_spawn):
+    trainer, *daemons = await asyncio.gather(
+        module_spawn("trainer", "--role", "trainer", module=TRAINER),
+        module_spawn("daemon-0"), module_spawn("daemon-1"))
+    return trainer, daemons
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def coordinator(parties, module_http, rendezvous_port):
+    trainer, daemons = parties
+    spec = SyncSpec(master_port=rendezvous_port, packed_buffer_size_bytes=1 << 18, transfer_timeout=10,
+                    timeouts=Timeouts(request=2, init=30, start=5, update=20, finish=5))
+    coordinator = Coordinator(trainer.endpoint, [d.endpoint for d in daemons], spec, module_http)
+    group = await coordinator.init()
+    assert group.world_size == 3 and group.ranks == {"trainer": 0, "daemon-0": 1, "daemon-1": 2}
+    return coordinator
+
+
+async def test_a_round_returns_a_typed_result(coordinator, parties, module_http):
+    trainer, daemons = parties
+    result = await coordinator.sync(41)
+    assert result.ok, result.reason
+    assert result.version == "41" and result.bytes > 3_000_000 and result.transfer_seconds > 0
+    assert result.total_seconds >= result.transfer_seconds and result.gbps > 0
+    assert result.checksum and len(result.checksum) == 32
+    assert [(t.name, t.ok, t.weight_version, t.rank) for t in result.targets] == [
+        ("daemon-0", True, "41", 1), ("daemon-1", True, "41", 2)]
+    sums = [(await module_http.post(p.url + "/weight_checker", json={"action": "checksum"})).json()["checksum"]
+            for p in (trainer, *daemons)]
+    assert len(set(sums)) == 1
+    paused = [(await module_http.get(d.url + "/is_paused")).json()["is_paused"] for d in daemons]
+    assert paused == [False, False]  # resumed after the round
+
+
+async def test_a_frozen_daemon_fails_the_round_within_its_timeout(coordinator, parties, module_http):
+    _, daemons = parties
+    frozen = daemons[1].process.pid
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        result = await coordinator.sync(42)
+        elapsed = time.monotonic() - began
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    assert not result.ok and "daemon-1" in result.reason and "timed out" in result.reason
+    assert elapsed < 10  # pause (2 s) + aborts and resumes (2 s each), never the update timeout
+    failed = {t.name: (t.ok, t.step) for t in result.targets}
+    assert failed == {"daemon-0": (True, None), "daemon-1": (False, "pause")}
+    # The survivor kept its version and was resumed; the next round succeeds everywhere.
+    assert (await module_http.get(daemons[0].url + "/weight_info")).json() == {"weight_version": "41"}
+    assert (await module_http.get(daemons[0].url + "/is_paused")).json() == {"is_paused": False}
+    again = await coordinator.sync(43)
+    assert again.ok, again.reason
+    assert all(t.weight_version == "43" for t in again.targets)
+
+
+async def test_init_gives_up_on_a_socket_that_never_answers(parties, module_http, rendezvous_port):
+    async def swallow(reader, writer):
+        await reader.read()  # accept and never answer
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    trainer, daemons = parties
+    spec = SyncSpec(master_port=rendezvous_port, timeouts=Timeouts(request=1.5))
+    coordinator = Coordinator(trainer.endpoint, [daemons[0].endpoint, Endpoint("silent", f"http://127.0.0.1:{port}")],
+                              spec, module_http)
+    began = time.monotonic()
+    with pytest.raises(InitError) as caught:
+        await coordinator.init()
+    assert time.monotonic() - began < 5
+    assert "silent" in str(caught.value) and "timed out after 1.5s" in str(caught.value)
+    server.close()
