@@ -23,5 +23,15 @@ class PhaseError(WeightSyncError):
 
 
 class TransferError(WeightSyncError):
-    """The transfer itself failed: a peer vanished, a collective timed out, bytes were lost."""
+    """The transfer itself failed: a peer vanished, a collective timed out, bytes were lost.
+
+    `weights_touched` says whether part of the failed round had already landed in the live
+    weights (a non-atomic receiver): they then hold neither the old version nor the new one.
+    """
+
+    weights_touched: bool = False
+
+
+class IntegrityError(TransferError):
+    """The bytes received do not match the checksum the trainer computed: the round fails."""
 

@@ -6,13 +6,14 @@ import asyncio
 from contextlib import asynccontextmanager
 from typing import Literal
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from weightsync.errors import ManifestMismatch, PhaseError, ProtocolError, TransferError
 from weightsync.store import combine_digests
+from weightsync_daemon.auth import BearerAuth
 from weightsync_daemon.models import (
     FinishRequest, FinishResult, Health, InitRequest, Message, StartRequest, UpdateRequest,
     UpdateResult, WeightCheckRequest,
@@ -40,8 +41,14 @@ def _first_validation_problem(error: RequestValidationError) -> tuple[str, str]:
     return field, f"{field}: {problem.get('msg', 'invalid')}"
 
 
-def create_app(service: EngineService, extra_routers: list[APIRouter] | None = None) -> FastAPI:
-    """The HTTP app for one party (a receiver daemon or the trainer's agent)."""
+def create_app(service: EngineService, extra_routers: list[APIRouter] | None = None,
+               token: str | None = None) -> FastAPI:
+    """The HTTP app for one party (a receiver daemon or the trainer's agent).
+
+    With a `token`, every POST needs `Authorization: Bearer <token>` (401 otherwise).
+    """
+    auth = BearerAuth(token)
+    guarded = [Depends(auth)]
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
@@ -61,15 +68,15 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
             return _error_response(status, str(error), getattr(error, "field", None))
         app.add_exception_handler(kind, handler)
 
-    @app.post("/init_weight_transfer_engine", response_model=Message)
+    @app.post("/init_weight_transfer_engine", dependencies=guarded, response_model=Message)
     async def init_weight_transfer_engine(body: InitRequest):
         return Message(message=await service.init(body.init_info))
 
-    @app.post("/start_weight_update", response_model=Message)
+    @app.post("/start_weight_update", dependencies=guarded, response_model=Message)
     async def start_weight_update(body: StartRequest | None = None):
         return Message(message=await service.start())
 
-    @app.post("/update_weights", response_model=UpdateResult)
+    @app.post("/update_weights", dependencies=guarded, response_model=UpdateResult)
     async def update_weights(body: UpdateRequest | None = None):
         info = (body or UpdateRequest()).update_info
         if isinstance(info, list):
@@ -81,22 +88,22 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
                             round_id=stats.round_id, bytes=stats.payload_bytes, seconds=stats.seconds,
                             num_tensors=stats.num_tensors, in_place=stats.in_place, checksum=stats.checksum)
 
-    @app.post("/finish_weight_update", response_model=FinishResult)
+    @app.post("/finish_weight_update", dependencies=guarded, response_model=FinishResult)
     async def finish_weight_update(body: FinishRequest | None = None):
         version = await service.finish(None if body is None or body.weight_version is None
                                        else str(body.weight_version))
         return FinishResult(message="weight update finished", weight_version=version)
 
-    @app.post("/abort_weight_update", response_model=Message)
+    @app.post("/abort_weight_update", dependencies=guarded, response_model=Message)
     async def abort_weight_update(reason: str = Query("coordinator gave up", max_length=512)):
         return Message(message=await service.abort(reason))
 
-    @app.post("/pause")
+    @app.post("/pause", dependencies=guarded)
     async def pause(mode: Literal["abort", "wait", "keep"] = "abort"):
         await service.pause(mode)
         return {"status": "paused"}
 
-    @app.post("/resume")
+    @app.post("/resume", dependencies=guarded)
     async def resume():
         await service.resume()
         return {"status": "resumed"}
@@ -118,13 +125,14 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
         store = getattr(service, "store", None)
         return Health(role=service.role, backend=service.backend, phase=service.phase.value,
                       weight_version=service.weight_version, paused=service.paused,
+                      weights_intact=service.weights_intact, last_failure=service.last_failure,
                       num_parameters=len(store) if store is not None else 0)
 
     @app.get("/metrics")
     async def metrics():
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/weight_checker")
+    @app.post("/weight_checker", dependencies=guarded)
     async def weight_checker(body: WeightCheckRequest):
         sums = await asyncio.to_thread(service.checksums)
         if body.action == "checksum":
@@ -136,6 +144,6 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
         return {"matches": not differ, "mismatched": differ}
 
     for router in extra_routers or []:
-        app.include_router(router)
+        app.include_router(router, dependencies=guarded)
 
     return app

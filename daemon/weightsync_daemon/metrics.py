@@ -8,7 +8,7 @@ import re
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PHASES = ("init", "start", "update", "finish")
-FAILURE_REASONS = ("manifest_mismatch", "transfer_error", "bad_request", "conflict", "internal")
+FAILURE_REASONS = ("manifest_mismatch", "integrity", "transfer_error", "bad_request", "conflict", "internal")
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -34,6 +34,10 @@ class DaemonMetrics:
             "weightsync_last_success_timestamp_seconds", "Unix time of the last applied update.", registry=r)
         self.paused = Gauge("weightsync_paused", "1 while generation is paused for a sync.", registry=r)
         self.weights_bytes = Gauge("weightsync_weights_bytes", "Bytes of weights held.", registry=r)
+        self.weights_intact = Gauge(
+            "weightsync_weights_intact",
+            "0 while the weights hold part of a failed round (non-atomic receive), else 1.", registry=r)
+        self.weights_intact.set(1)
         self.info = Gauge("weightsync_info", "Constant 1, labelled with the daemon's role and backend.",
                           ["role", "backend"], registry=r)
         self.info.labels(role=role, backend=backend).set(1)

@@ -63,4 +63,6 @@ class Health(BaseModel):
     phase: str
     weight_version: str | None
     paused: bool
+    weights_intact: bool
+    last_failure: str | None
     num_parameters: int

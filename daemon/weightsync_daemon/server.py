@@ -17,6 +17,7 @@ from weightsync.protocol import Manifest
 from weightsync.store import WeightStore
 from weightsync.transports import available
 from weightsync_daemon.app import create_app
+from weightsync_daemon.auth import TOKEN_ENV, load_token
 from weightsync_daemon.service import EngineService, ReceiverService
 
 
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="torch device for the weights (default: per backend)")
     parser.add_argument("--manifest", type=Path, default=None,
                         help="JSON manifest to shape the weights up front (default: the first update's)")
+    parser.add_argument("--token-file", type=Path, default=None,
+                        help=f"file holding the bearer token for mutating endpoints (default: ${TOKEN_ENV})")
     parser.add_argument("--log-level", default="warning")
     return parser.parse_args(argv)
 
@@ -75,7 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.manifest is not None:
         manifest = Manifest.model_validate(json.loads(args.manifest.read_text()))
         service.store = WeightStore.from_manifest(manifest, service.device)
-    server = serve_embedded(service, args.host, args.port)
+    token = load_token(args.token_file)
+    if token is None:
+        logging.getLogger("weightsync.daemon").warning(
+            "no auth token: anyone who reaches this port can rewrite the weights (set %s)", TOKEN_ENV)
+    server = serve_embedded(service, args.host, args.port, token=token)
     print(json.dumps({"url": server.url, "role": service.role}), flush=True)
     wait_for_stop()
     server.stop()

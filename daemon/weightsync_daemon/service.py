@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from weightsync.errors import ManifestMismatch, PhaseError, ProtocolError, TransferError
+from weightsync.errors import IntegrityError, ManifestMismatch, PhaseError, ProtocolError, TransferError
 from weightsync.protocol import InitInfo, UpdateInfo
 from weightsync.store import WeightStore, tensor_digest
 from weightsync.transports import RoundStats, Transport, default_device, get_transport
@@ -38,6 +38,8 @@ class Phase(enum.StrEnum):
 def failure_reason(error: BaseException) -> str:
     """The bounded metric label for an error."""
     match error:
+        case IntegrityError():
+            return "integrity"
         case ManifestMismatch():
             return "manifest_mismatch"
         case TransferError():
@@ -72,6 +74,7 @@ class EngineService:
         self.round: RoundState | None = None
         self.last_failure: str | None = None
         self.paused = False
+        self.weights_intact = True  # False while the weights hold part of a failed round
         self._on_pause, self._on_resume = on_pause, on_resume
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"weightsync-{self.role}")
         self._phase_lock = asyncio.Lock()
@@ -111,6 +114,9 @@ class EngineService:
         async with self._phase_lock:
             try:
                 self._require(Phase.UNINITIALIZED, Phase.READY)
+                if info == self.init_info:
+                    raise PhaseError("already initialized with this init_info; re-initialize with another "
+                                     "group_name or rendezvous")
                 backend = info.backend or self.backend
                 if backend != self.backend:
                     raise ProtocolError("init_info.backend",
@@ -164,8 +170,10 @@ class EngineService:
             except Exception as error:
                 self._fail(error)
                 if self.phase == Phase.UPDATING and isinstance(error, (ManifestMismatch, TransferError)):
-                    # The round is over: the weights hold the last finished version (or, after a
-                    # lost transfer, a partial write reported here and in metrics).
+                    # The round is over. The weights keep the last finished version, unless part
+                    # of this round already landed in them: then say so until a round succeeds.
+                    if getattr(error, "weights_touched", False):
+                        self._set_intact(False)
                     self._end_round(f"{failure_reason(error)}: {error}")
                 raise
 
@@ -178,6 +186,7 @@ class EngineService:
                 self.round = None
                 self.phase = Phase.READY
                 self.last_failure = None
+                self._set_intact(True)
                 self.metrics.updates.labels(outcome="success").inc()
                 self.metrics.last_success.set_to_current_time()
                 return version
@@ -192,6 +201,10 @@ class EngineService:
                 return "no round in progress"
             self._end_round(f"aborted: {reason}")
             return "round aborted"
+
+    def _set_intact(self, intact: bool) -> None:
+        self.weights_intact = intact
+        self.metrics.weights_intact.set(1 if intact else 0)
 
     def _end_round(self, failure: str) -> None:
         self.round = None

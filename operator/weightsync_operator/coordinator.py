@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class GroupInfo:
     ranks: dict[str, int]
     master_address: str
     master_port: int
+    name: str
 
 
 @dataclass
@@ -142,7 +144,10 @@ class Coordinator:
         for party, size in zip(self.targets, sizes):
             ranks[party.name] = offset
             offset += size
-        group = GroupInfo(offset, ranks, self.spec.master_address, self.spec.master_port)
+        # A fresh name per init: parties tell a new group from a repeated init, and keys of an
+        # earlier group in the rendezvous store can never be mistaken for this one's.
+        name = f"{self.spec.group_name}-{secrets.token_hex(4)}"
+        group = GroupInfo(offset, ranks, self.spec.master_address, self.spec.master_port, name)
         results = await self._all(lambda p: p.init(self._init_info(group, ranks[p.name]), t.init), self.parties)
         failures = [r for r in results if isinstance(r, PartyError)]
         if failures:
@@ -154,7 +159,7 @@ class Coordinator:
         s = self.spec
         return {
             "backend": s.backend, "master_address": group.master_address, "master_port": group.master_port,
-            "rank_offset": rank_offset, "world_size": group.world_size, "group_name": s.group_name,
+            "rank_offset": rank_offset, "world_size": group.world_size, "group_name": group.name,
             "packed": True, "packed_buffer_size_bytes": s.packed_buffer_size_bytes,
             "packed_num_buffers": s.packed_num_buffers, "timeout_seconds": s.transfer_timeout,
             "verify": s.verify, "atomic": s.atomic,

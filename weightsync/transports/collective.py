@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from weightsync.integrity import StreamDigest
-from weightsync.errors import ManifestMismatch, ProtocolError, TransferError
+from weightsync.errors import IntegrityError, ManifestMismatch, ProtocolError, TransferError
 from weightsync.layout import DEFAULT_ALIGNMENT, Chunk, Layout
 from weightsync.packing import as_bytes, pack_chunk, unpack_chunk
 from weightsync.protocol import Manifest, RoundHeader, TensorSpec, UpdateInfo, parse
@@ -203,21 +203,26 @@ class CollectiveTransport(Transport):
         chunks = layout.chunks(header.buffer_size_bytes)
         landing = self._landing(header, store, layout)
         digest = StreamDigest(self.device) if header.verify else None
-        self._receive_payload(chunks, header.num_buffers, digest, landing.target, landing.destinations)
-        self.group.synchronize()
-        problem = None
-        checksum = None
-        if digest is not None:
-            checksum = digest.hexdigest()
-            sent = self._to_device(torch.zeros(DIGEST_BYTES, dtype=torch.uint8))
-            self.group.broadcast(sent).wait()
-            if _decode_digest(sent) != checksum:
-                problem = f"checksum mismatch: received {checksum}, trainer sent {_decode_digest(sent)}"
-        if problem is None and header.update_kind == "sparse_flat":
-            problem = _check_indices(header, landing.scratch, store)
-        objections = self._agree(problem)
-        if objections:
-            raise TransferError("round not applied: " + "; ".join(objections))
+        try:
+            self._receive_payload(chunks, header.num_buffers, digest, landing.target, landing.destinations)
+            self.group.synchronize()
+            problem, checksum = None, None
+            if digest is not None:
+                checksum = digest.hexdigest()
+                sent = self._to_device(torch.zeros(DIGEST_BYTES, dtype=torch.uint8))
+                self.group.broadcast(sent).wait()
+                if _decode_digest(sent) != checksum:
+                    problem = f"checksum mismatch: received {checksum}, trainer sent {_decode_digest(sent)}"
+            if problem is None and header.update_kind == "sparse_flat":
+                problem = _check_indices(header, landing.scratch, store)
+            objections = self._agree(problem)
+            if objections:
+                kind = IntegrityError if problem and problem.startswith("checksum") else TransferError
+                raise kind("round not applied: " + "; ".join(objections))
+        except TransferError as error:
+            # Unless the round landed in a shadow copy or scratch, the live weights hold part of it.
+            error.weights_touched = landing.writes_live
+            raise
         landing.commit(store)
         return RoundStats(header.round_id, header.update_kind, len(header.manifest.tensors),
                           layout.total_bytes, len(chunks), time.perf_counter() - started,
@@ -296,6 +301,11 @@ class _Landing:
     manifest: Manifest | None = None
     scratch: list[torch.Tensor] | None = None
     sparse: Manifest | None = None
+
+    @property
+    def writes_live(self) -> bool:
+        """Whether payload bytes go straight into the serving weights (neither shadow nor scratch)."""
+        return self.shadow is None and self.sparse is None
 
     def commit(self, store: WeightStore) -> None:
         if self.shadow is not None:  # atomic: switch the verified copy in

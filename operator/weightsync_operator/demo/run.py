@@ -5,12 +5,14 @@ the trainer's weights (checksums) and computes exactly the trainer's outputs (fo
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sys
 import time
 from dataclasses import dataclass
 
 import httpx
 
+from weightsync_daemon.auth import TOKEN_ENV
 from weightsync_operator.coordinator import Coordinator, SyncResult, SyncSpec, Timeouts
 from weightsync_operator.local import LocalProcess, free_port, stop_all
 
@@ -73,9 +75,12 @@ async def run_demo(daemons: int = 2, rounds: int = 5, backend: str = "cpu",
                    buffer_size: int = 1 << 20, num_buffers: int = 2, timeout: float = 60.0) -> list[RoundReport]:
     progress(f"starting a trainer and {daemons} daemons ({backend} backend)…")
     worker_args = ["--backend", backend]
-    trainer_task = LocalProcess.start("trainer", WORKER, ["--role", "trainer", "--seed", "0", *worker_args], timeout)
+    token = secrets.token_urlsafe(32)  # every party requires it on its mutating endpoints
+    env = {TOKEN_ENV: token}
+    trainer_task = LocalProcess.start("trainer", WORKER, ["--role", "trainer", "--seed", "0", *worker_args],
+                                      timeout, env)
     daemon_tasks = [LocalProcess.start(f"daemon-{i}", WORKER, ["--role", "inference", "--seed", str(i + 1),
-                                                              *worker_args], timeout)
+                                                              *worker_args], timeout, env)
                     for i in range(daemons)]
     started = await asyncio.gather(trainer_task, *daemon_tasks, return_exceptions=True)
     processes = [p for p in started if isinstance(p, LocalProcess)]
@@ -88,8 +93,9 @@ async def run_demo(daemons: int = 2, rounds: int = 5, backend: str = "cpu",
                         packed_num_buffers=num_buffers, transfer_timeout=timeout,
                         timeouts=Timeouts(init=timeout, update=timeout * 2))
         reports: list[RoundReport] = []
-        async with httpx.AsyncClient() as http, Coordinator(trainer.endpoint, [t.endpoint for t in targets],
-                                                            spec, http) as coordinator:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(headers=headers) as http, \
+                Coordinator(trainer.endpoint, [t.endpoint for t in targets], spec, http, token) as coordinator:
             group = await coordinator.init()
             progress(f"group ready: world size {group.world_size}, rendezvous :{group.master_port}")
             for number in range(1, rounds + 1):

@@ -13,6 +13,7 @@ import torch
 from fastapi import APIRouter
 
 from weightsync.store import WeightStore
+from weightsync_daemon.auth import load_token
 from weightsync_daemon.server import serve_embedded, wait_for_stop
 from weightsync_daemon.service import ReceiverService, SenderService
 from weightsync_operator.demo.model import build_model, probe_tokens, train_step
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         service = ReceiverService(store=WeightStore.from_module(model), backend=args.backend,
                                   device=args.device)
-    server = serve_embedded(service, extra_routers=[demo_router(model, lock, args.role == "trainer")])
+    server = serve_embedded(service, extra_routers=[demo_router(model, lock, args.role == "trainer")],
+                            token=load_token())
     print(json.dumps({"url": server.url, "role": args.role}), flush=True)
     wait_for_stop()
     server.stop()
