@@ -9,6 +9,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from weightsync.errors import ManifestMismatch, PhaseError, ProtocolError, TransferError
@@ -25,15 +26,18 @@ from weightsync_daemon.service import EngineService
 _STATUS = {ProtocolError: 422, ManifestMismatch: 422, PhaseError: 409, TransferError: 503}
 
 
-def _error_response(status: int, message: str, field: str | None = None) -> JSONResponse:
+def _error_response(status: int, message: str, field: str | None = None,
+                    headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"detail": message}
     if field:
         body["field"] = field
-    return JSONResponse(status_code=status, content=body)
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
 def _first_validation_problem(error: RequestValidationError) -> tuple[str, str]:
     problem = error.errors()[0]
+    if problem.get("type") == "json_invalid":
+        return "body", f"body: not valid JSON ({problem.get('ctx', {}).get('error', 'decode error')})"
     loc = [str(p) for p in problem.get("loc", ()) if p != "body"]
     # pydantic names the union member it tried; those labels are noise to a caller.
     loc = [p for p in loc if not p.startswith(("list[", "UpdateInfo", "function-"))]
@@ -62,6 +66,12 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
     async def _invalid(_: Request, error: RequestValidationError):
         field, message = _first_validation_problem(error)
         return _error_response(422, message, field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, error: StarletteHTTPException):
+        # 400 is FastAPI's answer to a body it cannot even decode (e.g. binary, pickled bytes).
+        return _error_response(error.status_code, str(error.detail),
+                               "body" if error.status_code == 400 else None, error.headers)
 
     for kind, status in _STATUS.items():
         def handler(_: Request, error: Exception, status=status):
@@ -97,6 +107,19 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
     @app.post("/abort_weight_update", dependencies=guarded, response_model=Message)
     async def abort_weight_update(reason: str = Query("coordinator gave up", max_length=512)):
         return Message(message=await service.abort(reason))
+
+    @app.post("/close_weight_transfer_engine", dependencies=guarded, response_model=Message)
+    async def close_weight_transfer_engine():
+        return Message(message=await service.close())
+
+    @app.post("/seed_weights", dependencies=guarded, response_model=UpdateResult)
+    async def seed_weights(body: InitRequest):
+        """Send this receiver's weights, once, to late joiners of a one-off group it hosts."""
+        if not hasattr(service, "seed"):
+            raise PhaseError(f"a {service.role} does not seed peers")
+        stats = await service.seed(body.init_info)
+        return UpdateResult(message="weights sent", round_id=stats.round_id, bytes=stats.payload_bytes,
+                            seconds=stats.seconds, num_tensors=stats.num_tensors, checksum=stats.checksum)
 
     @app.post("/pause", dependencies=guarded)
     async def pause(mode: Literal["abort", "wait", "keep"] = "abort"):

@@ -45,7 +45,10 @@ class EmbeddedServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self._server.config.host}:{self.port}"
+        """Where a local client reaches it (a wildcard bind is reached on loopback)."""
+        host = self._server.config.host
+        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, host)
+        return f"http://{host}:{self.port}"
 
     def stop(self, timeout: float = 10.0) -> None:
         self._server.should_exit = True

@@ -233,6 +233,16 @@ class EngineService:
             self.transport.close()
             self.transport = None
 
+    async def close(self) -> str:
+        """Leave the transfer group (the operator tears it down); the weights stay as they are."""
+        async with self._phase_lock:
+            if self.phase == Phase.UPDATING:
+                self._end_round("aborted: the group was closed")
+            await self._in_worker(self._close_transport)
+            self.init_info = None
+            self.phase = Phase.UNINITIALIZED
+            return "left the transfer group"
+
     # -- role-specific --------------------------------------------------------------------
     def _transfer(self, info: UpdateInfo) -> RoundStats:
         raise NotImplementedError
@@ -284,6 +294,34 @@ class ReceiverService(EngineService):
     @property
     def weight_version(self) -> str | None:
         return self.store.version
+
+    async def seed(self, info: InitInfo) -> RoundStats:
+        """Send this daemon's weights to late joiners: host a one-off group as its rank 0, send
+        once, leave it. Its own group is left alone; refused (409) during a round here."""
+        async with self._phase_lock:
+            try:
+                if self.phase == Phase.UPDATING:
+                    raise PhaseError("a round is in progress here")
+                if self.store.version is None or not len(self.store) or not self.weights_intact:
+                    raise PhaseError("no finished, intact version here to seed from")
+                if (info.backend or self.backend) != self.backend:
+                    raise ProtocolError("init_info.backend", f"this daemon runs the {self.backend} backend")
+                if info.rank_offset != 0:
+                    raise ProtocolError("init_info.rank_offset", "the seeding daemon is rank 0")
+                stats = await self._in_worker(self._seed, info)
+                self.metrics.sent_bytes.inc(stats.payload_bytes)
+                return stats
+            except Exception as error:
+                self._fail(error)
+                raise
+
+    def _seed(self, info: InitInfo) -> RoundStats:
+        transport = get_transport(self.backend).connect(info, 0, self.device)
+        try:
+            with self.store.lock:
+                return transport.send(list(self.store.items()))
+        finally:
+            transport.close()
 
 
 class SenderService(EngineService):
