@@ -1,0 +1,83 @@
+"""The operator and daemon Dockerfiles the chart's images are built from. No Docker engine runs
+here, so: their instructions are checked against what the chart expects of the images, and the
+package is really built from exactly the files they COPY, proving the `weightsync` command the
+chart runs ends up in the image."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from dockerfile_parse import DockerfileParser
+
+pytestmark = pytest.mark.chart
+
+ROOT = Path(__file__).resolve().parents[1]
+VALUES = yaml.safe_load((ROOT / "charts" / "weightsync" / "values.yaml").read_text())
+IMAGES = {"operator": ROOT / "docker" / "operator.Dockerfile", "daemon": ROOT / "docker" / "daemon.Dockerfile"}
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    return [(i["instruction"], i["value"]) for i in DockerfileParser(path=str(path)).structure
+            if i["instruction"] != "COMMENT"]
+
+
+def copied_sources(path: Path) -> list[str]:
+    return [src for kind, value in instructions(path) if kind == "COPY" for src in shlex.split(value)[:-1]]
+
+
+@pytest.mark.parametrize("component", IMAGES)
+def test_image_runs_as_the_chart_user_and_installs_the_package(component):
+    steps = instructions(IMAGES[component])
+    users = [value for kind, value in steps if kind == "USER"]
+    assert users and users[-1].split(":")[0].isdigit(), "the last USER must be a numeric UID (runAsNonRoot)"
+    uid = int(users[-1].split(":")[0])
+    assert uid != 0 and uid == VALUES[component]["podSecurityContext"]["runAsUser"]
+    runs = " ".join(value for kind, value in steps if kind == "RUN")
+    assert "pip install ." in runs
+    (cmd,) = [json.loads(value) for kind, value in steps if kind == "CMD"]
+    assert cmd[:2] == ["weightsync", component]
+    for source in copied_sources(IMAGES[component]):
+        assert (ROOT / source).exists(), f"{IMAGES[component].name} copies {source}, which does not exist"
+
+
+def test_daemon_image_starts_from_a_cuda_pytorch_base():
+    parser = DockerfileParser(path=str(IMAGES["daemon"]))
+    assert parser.baseimage.startswith("pytorch/pytorch:") and "cuda" in parser.baseimage
+    assert ("EXPOSE", "8200") in instructions(IMAGES["daemon"])
+
+
+def test_operator_image_takes_the_cpu_torch_wheel():
+    runs = [value for kind, value in instructions(IMAGES["operator"]) if kind == "RUN"]
+    assert any("torch==${TORCH_VERSION}" in r and "TORCH_INDEX_URL" in r for r in runs)
+
+
+def test_the_copied_files_build_the_package_with_the_weightsync_command(tmp_path):
+    """What `pip install .` does in the image, from a context holding only what the Dockerfiles COPY."""
+    sources = set(copied_sources(IMAGES["operator"]))
+    assert sources == set(copied_sources(IMAGES["daemon"]))
+    context = tmp_path / "context"
+    for source in sources:
+        origin = ROOT / source
+        if origin.is_dir():
+            shutil.copytree(origin, context / source, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            (context / source).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(origin, context / source)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "dist"), str(context)], capture_output=True, text=True, timeout=240)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp_path / "dist").glob("weightsync-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    for module in ("weightsync/__init__.py", "weightsync_daemon/server.py", "weightsync_operator/cli.py"):
+        assert module in names
+    assert "weightsync = weightsync_operator.cli:main" in entry_points
