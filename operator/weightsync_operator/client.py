@@ -90,3 +90,14 @@ class PartyClient:
 
     async def checksum(self, timeout: float) -> dict:
         return await self.call("checksum", "POST", "/weight_checker", timeout, {"action": "checksum"})
+
+    async def weight_version(self, timeout: float) -> str | None:
+        return (await self.call("weight_info", "GET", "/weight_info", timeout)).get("weight_version")
+
+    async def seed(self, init_info: dict, timeout: float) -> dict:
+        """Have this receiver send its weights to late joiners, hosting a one-off group as rank 0."""
+        return await self.call("seed", "POST", "/seed_weights", timeout, {"init_info": init_info})
+
+    async def close(self, timeout: float) -> dict:
+        """Leave the transfer group (teardown); the party keeps its weights."""
+        return await self.call("close", "POST", "/close_weight_transfer_engine", timeout)

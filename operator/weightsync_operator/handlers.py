@@ -1,0 +1,117 @@
+"""The kopf handlers: thin glue between Kubernetes and each WeightSync's Reconciler.
+
+    weightsync operator --all-namespaces          # or: kopf run -m weightsync_operator.handlers -A
+
+- a pod index keeps a small summary of every pod (kopf fills it from a watch);
+- one kopf daemon per WeightSync runs its reconciliation loop: a pass, then a nap that ends early
+  when the WeightSync's spec or a pod in its namespace changes, and after `recheck_interval`
+  anyway (level-based: the loop re-checks the group even when nothing was said to change);
+- on deletion, the finalizer's handler makes every party leave the group.
+
+`register(registry)` puts them into any registry (tests make a fresh one per operator); importing
+this module registers them into kopf's default registry, so `kopf run` finds them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import kopf
+
+from weightsync_operator.kube import KubeApi
+from weightsync_operator.pods import pod_ref
+from weightsync_operator.resource import GROUP, PLURAL, VERSION
+from weightsync_operator.runtime import Runtime
+
+FINALIZER = "weightsync.dev/finalizer"
+ERROR_BACKOFF = 5.0
+
+
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    settings.persistence.finalizer = FINALIZER
+    # Status belongs to the operator's own schema; kopf keeps its bookkeeping in annotations.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="weightsync.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="weightsync.dev", key="last-handled-configuration")
+    settings.posting.level = logging.INFO
+    if "runtime" not in memo:
+        memo.runtime = Runtime(KubeApi.from_environment())
+
+
+async def cleanup(memo: kopf.Memo, **_) -> None:
+    await memo.runtime.close()
+
+
+def weightsync_pods(namespace: str, body: kopf.Body, **_) -> dict:
+    """Index: namespace → summaries of its pods."""
+    return {namespace: pod_ref(body)}
+
+
+def pod_changed(namespace: str, memo: kopf.Memo, **_) -> None:
+    memo.runtime.wake_namespace(namespace)
+
+
+def weightsync_changed(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, **_) -> None:
+    """Wake the loop when the spec changed (the operator's own status writes do not count)."""
+    reconciler = memo.runtime.existing(namespace, name)
+    generation = body.get("metadata", {}).get("generation")
+    if reconciler is not None and generation != getattr(reconciler, "seen_generation", None):
+        reconciler.seen_generation = generation
+        reconciler.wake.set()
+
+
+async def run_weightsync(namespace: str, name: str, body: kopf.Body, stopped: kopf.DaemonStopped,
+                         memo: kopf.Memo, logger: kopf.Logger, weightsync_pods: kopf.Index, **_) -> None:
+    """The WeightSync's reconciliation loop; `body` is kopf's live view of the object."""
+    reconciler = memo.runtime.reconciler(namespace, name, body)
+    while not stopped:
+        reconciler.wake.clear()
+        reconciler.seen_generation = body.get("metadata", {}).get("generation")
+        try:
+            delay = await reconciler.reconcile(body, weightsync_pods.get(namespace, []))
+        except kopf.PermanentError as error:
+            logger.error(f"{error}; waiting for the spec to change")
+            delay = None
+        except kopf.TemporaryError as error:
+            logger.warning(f"{error}; retrying in {error.delay:g}s, or sooner if something changes")
+            delay = error.delay
+        except Exception:  # an API or bug-level failure: log it, keep the loop alive
+            logger.exception(f"reconciliation failed; retrying in {ERROR_BACKOFF:g}s")
+            delay = ERROR_BACKOFF
+        await _nap(reconciler.wake, stopped, delay)
+
+
+async def _nap(wake: asyncio.Event, stopped: kopf.DaemonStopped, delay: float | None) -> None:
+    """Sleep until woken, stopped, or `delay` seconds passed (None: no time limit)."""
+    if wake.is_set() or stopped or (delay is not None and delay <= 0):
+        return
+    waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def teardown(namespace: str, name: str, memo: kopf.Memo, logger: kopf.Logger, **_) -> None:
+    """The finalizer's work: every party leaves the group, then the WeightSync may go."""
+    reconciler = memo.runtime.existing(namespace, name)
+    if reconciler is not None:
+        await reconciler.teardown("the WeightSync is being deleted")
+        memo.runtime.forget(namespace, name)
+    logger.info("the transfer group is torn down")
+
+
+def register(registry: kopf.OperatorRegistry) -> kopf.OperatorRegistry:
+    kopf.on.startup(registry=registry)(configure)
+    kopf.on.cleanup(registry=registry)(cleanup)
+    kopf.index("v1", "pods", registry=registry)(weightsync_pods)
+    kopf.on.event("v1", "pods", registry=registry)(pod_changed)
+    kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)(weightsync_changed)
+    kopf.daemon(GROUP, VERSION, PLURAL, registry=registry)(run_weightsync)
+    kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)(teardown)
+    return registry
+
+
+register(kopf.get_default_registry())

@@ -1,0 +1,105 @@
+"""Pods as the operator sees them: who is ready, where its daemon listens, who it is selected by.
+
+The operator keeps only this small summary of each pod in memory (a kopf index), and selects
+members of a group client-side, with the same semantics as Kubernetes label selectors.
+
+Where a pod's weightsync API listens: the `weightsync.dev/daemon-port` annotation, else a
+container port named `weightsync`, else the WeightSync's `spec.daemonPort` (8200). The annotation
+lets several pods share one address (tests, host networking) with a port each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from weightsync_operator.client import Endpoint
+from weightsync_operator.resource import LabelSelector
+
+DAEMON_PORT_ANNOTATION = "weightsync.dev/daemon-port"
+RENDEZVOUS_PORT_ANNOTATION = "weightsync.dev/rendezvous-port"
+PORT_NAME = "weightsync"
+
+
+@dataclass(frozen=True)
+class PodRef:
+    namespace: str
+    name: str
+    uid: str
+    ip: str | None
+    ready: bool
+    deleting: bool
+    restarts: int
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+    daemon_port: int | None = None  # from the pod itself; None: the WeightSync's default
+    rendezvous_port: int | None = None
+
+    @property
+    def usable(self) -> bool:
+        """Ready, addressable, and not on its way out."""
+        return self.ready and bool(self.ip) and not self.deleting
+
+    def endpoint(self, default_port: int) -> Endpoint:
+        host = f"[{self.ip}]" if self.ip and ":" in self.ip else self.ip
+        return Endpoint(self.name, f"http://{host}:{self.daemon_port or default_port}")
+
+    def identity(self, default_port: int) -> tuple:
+        """What must stay the same for a group formed with this pod to still be valid: a new
+        pod, address, port or container restart means the party has to join again."""
+        return self.name, self.uid, self.ip, self.daemon_port or default_port, self.restarts
+
+
+def pod_ref(body: Mapping) -> PodRef:
+    """Summarise a Pod object (a dict as the API serves it)."""
+    meta, spec, status = body.get("metadata", {}), body.get("spec", {}), body.get("status", {})
+    annotations = meta.get("annotations") or {}
+    conditions = status.get("conditions") or []
+    ready = status.get("phase") == "Running" and any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    restarts = sum(int(c.get("restartCount", 0)) for c in status.get("containerStatuses") or [])
+    return PodRef(
+        namespace=meta.get("namespace", ""), name=meta.get("name", ""), uid=meta.get("uid", ""),
+        ip=status.get("podIP") or None, ready=ready, deleting=bool(meta.get("deletionTimestamp")),
+        restarts=restarts, labels=dict(meta.get("labels") or {}),
+        daemon_port=_port(annotations.get(DAEMON_PORT_ANNOTATION)) or _named_port(spec, PORT_NAME),
+        rendezvous_port=_port(annotations.get(RENDEZVOUS_PORT_ANNOTATION)),
+    )
+
+
+def _port(value: object) -> int | None:
+    try:
+        port = int(str(value))
+    except ValueError:
+        return None
+    return port if 1 <= port <= 65535 else None
+
+
+def _named_port(spec: Mapping, name: str) -> int | None:
+    for container in spec.get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") == name:
+                return _port(port.get("containerPort"))
+    return None
+
+
+def matches(selector: LabelSelector, labels: Mapping[str, str]) -> bool:
+    """Kubernetes label-selector semantics: every matchLabels pair and every expression holds."""
+    for key, value in (selector.match_labels or {}).items():
+        if labels.get(key) != value:
+            return False
+    for req in selector.match_expressions or []:
+        present = req.key in labels
+        if req.operator == "In" and not (present and labels[req.key] in req.values):
+            return False
+        if req.operator == "NotIn" and present and labels[req.key] in req.values:
+            return False
+        if req.operator == "Exists" and not present:
+            return False
+        if req.operator == "DoesNotExist" and present:
+            return False
+    return True
+
+
+def select(pods: Iterable[PodRef], selector: LabelSelector) -> list[PodRef]:
+    """The usable pods a selector picks, in a stable order (by name)."""
+    return sorted((p for p in pods if p.usable and matches(selector, p.labels)), key=lambda p: p.name)

@@ -1,0 +1,366 @@
+"""One WeightSync's reconciliation: compare what is declared (spec, pods) with what was done
+(status, the group in memory) and close the gap, one idempotent pass at a time.
+
+A pass (under this WeightSync's lock, so passes never overlap):
+  1. validate the spec (invalid: `kopf.PermanentError`, nothing happens until it changes);
+  2. pick the members: exactly one ready trainer pod, at least one ready target pod;
+  3. if the members or the group settings changed since the group was formed, or the group is
+     broken (a round failed, a party lost its group): leave the old group on every party, bring
+     late joiners to the current version from a peer that holds it, and init the new group
+     (failure: `kopf.TemporaryError`, retried with backoff or as soon as something changes);
+  4. if `spec.version` is ahead of the last attempted version: run one sync round;
+  5. every `recheck_interval`, ask every party's /healthz whether the group still stands.
+Each step writes the status (phase, conditions, per-target state) and a Kubernetes Event.
+
+A failed round is not retried for the same version: the trainer's tensors move on once its push
+returns, so a retry could send a half-updated model under the old label. The next version, or a
+re-formed group with a catch-up, is the way forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+
+import httpx
+import kopf
+
+from weightsync_operator.catchup import catch_up
+from weightsync_operator.client import PartyClient, PartyError
+from weightsync_operator.conditions import get_condition, set_condition
+from weightsync_operator.coordinator import Coordinator, InitError, SyncResult, SyncSpec, Timeouts
+from weightsync_operator.pods import PodRef, select
+from weightsync_operator.resource import (
+    Phase, Rendezvous, SyncFigures, TargetStatus, WeightSyncSpec, WeightSyncSpecError, WeightSyncStatus,
+    parse_spec, parse_status,
+)
+
+log = logging.getLogger("weightsync.operator")
+
+StatusWriter = Callable[[dict], Awaitable[None]]
+EventSink = Callable[[str, str, str], None]  # (type Normal|Warning, reason, message)
+MAX_BACKOFF = 30.0
+
+
+class Reconciler:
+    def __init__(self, namespace: str, name: str, http: httpx.AsyncClient, write_status: StatusWriter,
+                 emit: EventSink, token: str | None = None, recheck_interval: float = 30.0):
+        self.namespace, self.name = namespace, name
+        self.lock = asyncio.Lock()
+        self.wake = asyncio.Event()
+        self._http, self._token = http, token
+        self._write, self._emit = write_status, emit
+        self.recheck_interval = recheck_interval
+        self.status: WeightSyncStatus | None = None  # ours once loaded: the API's copy lags our writes
+        self._written: dict | None = None
+        self.coordinator: Coordinator | None = None
+        self._formed_with: tuple | None = None
+        self._broken = False
+        self._members: dict[str, PodRef] = {}
+        self._versions: dict[str, str | None] = {}  # target → the version its daemon reports
+        self._problems: dict[str, tuple[str, str]] = {}  # target → (state, reason) of the last step
+        self._failed_with: tuple | None = None
+        self._failures = 0
+        self._retry_at = 0.0
+        self._last_check = 0.0
+
+    # -- the pass ---------------------------------------------------------------------------
+    async def reconcile(self, body: Mapping, pods: Iterable[PodRef]) -> float | None:
+        """One pass; returns seconds until the next re-check (None: wait for a change)."""
+        async with self.lock:
+            generation = (body.get("metadata") or {}).get("generation")
+            if self.status is None:
+                self.status = parse_status(body.get("status"))
+            try:
+                spec = parse_spec(body.get("spec"))
+            except WeightSyncSpecError as error:
+                await self._report_invalid(error, generation)
+                raise kopf.PermanentError(str(error)) from None
+            pods = list(pods)
+            trainers = select(pods, spec.trainer_selector)
+            trainer_names = {p.name for p in trainers}
+            targets = [p for p in select(pods, spec.target_selector) if p.name not in trainer_names]
+            if len(trainers) != 1 or not targets:
+                await self._wait_for_pods(spec, trainers, targets, generation)
+                return None  # pod events wake us
+            trainer = trainers[0]
+            sync_spec = self._sync_spec(spec, trainer)
+            fingerprint = (sync_spec, trainer.identity(spec.daemon_port),
+                           tuple(t.identity(spec.daemon_port) for t in targets))
+            if self.coordinator is None or self._broken or fingerprint != self._formed_with:
+                wait = self._retry_at - time.monotonic()
+                if fingerprint == self._failed_with and wait > 0:
+                    return wait  # back off, unless something changed since the last failure
+                await self._form(spec, sync_spec, trainer, targets, fingerprint, generation)
+            elif time.monotonic() - self._last_check >= self.recheck_interval:
+                await self._check_health(spec, generation)
+                if self._broken:
+                    return 0.0
+            if spec.version > self._attempted():
+                await self._sync(spec, generation)
+                if self._broken:
+                    return 0.0  # re-form right away, ready for the next version
+            return self.recheck_interval
+
+    async def teardown(self, reason: str) -> None:
+        """Leave the group on every party (the WeightSync is going away); idempotent."""
+        async with self.lock:
+            await self._leave(reason)
+
+    # -- steps ------------------------------------------------------------------------------
+    async def _form(self, spec: WeightSyncSpec, sync_spec: SyncSpec, trainer: PodRef, targets: list[PodRef],
+                    fingerprint: tuple, generation: int | None) -> None:
+        await self._leave("the group is re-formed")
+        self._members = {p.name: p for p in targets}
+        self._problems = {}
+        coordinator = Coordinator(trainer.endpoint(spec.daemon_port), [t.endpoint(spec.daemon_port) for t in targets],
+                                  sync_spec, self._http, self._token)
+        self._update(spec, generation, phase="Initializing", progressing=("Initializing", "forming the group"),
+                     message=f"forming the group: trainer {trainer.name} and {len(targets)} target(s)")
+        await self._flush()
+        # Whatever these parties joined before (an earlier group, an earlier operator) is left
+        # first: that also frees the trainer's rendezvous port for the new group.
+        await asyncio.gather(*(p.close(sync_spec.timeouts.request) for p in coordinator.parties),
+                             return_exceptions=True)
+        await self._catch_up(spec, sync_spec, coordinator.targets, generation)
+        try:
+            group = await coordinator.init()
+        except InitError as error:
+            self._failures += 1
+            delay = min(2.0 ** (self._failures - 1), MAX_BACKOFF)
+            self._failed_with, self._retry_at = fingerprint, time.monotonic() + delay
+            for failure in error.failures:
+                if failure.party in self._members:
+                    self._problems[failure.party] = ("Unreachable" if failure.status is None else "Failed",
+                                                     failure.reason)
+            message = f"init failed: {error}"
+            self._update(spec, generation, phase="Failed", progressing=None, degraded=("InitFailed", message),
+                         message=message, rendezvous=None)
+            await self._flush()
+            self._emit("Warning", "InitFailed", message)
+            raise kopf.TemporaryError(message, delay=delay) from None
+        self.coordinator, self._formed_with, self._broken = coordinator, fingerprint, False
+        self._failures, self._failed_with, self._last_check = 0, None, time.monotonic()
+        rendezvous = Rendezvous(trainer_pod=trainer.name, trainer_endpoint=coordinator.trainer.endpoint.url,
+                                master_address=group.master_address, master_port=group.master_port,
+                                world_size=group.world_size, group_name=group.name, backend=spec.backend)
+        message = f"group formed: trainer {trainer.name}, {len(targets)} target(s), world size {group.world_size}"
+        self._update(spec, generation, phase="Ready", progressing=None, degraded=None, message=message,
+                     rendezvous=rendezvous)
+        await self._flush()
+        self._emit("Normal", "GroupFormed", message)
+
+    async def _catch_up(self, spec: WeightSyncSpec, sync_spec: SyncSpec, targets: list[PartyClient],
+                        generation: int | None) -> None:
+        """Bring targets that lack the current version up to it from a peer that holds it."""
+        answers = await asyncio.gather(*(t.weight_version(sync_spec.timeouts.request) for t in targets),
+                                       return_exceptions=True)
+        for target, answer in zip(targets, answers):
+            self._versions[target.name] = None if isinstance(answer, BaseException) else answer
+        current = self.status.current_version
+        if current is None:
+            return
+        have = [t for t in targets if self._versions.get(t.name) == str(current)]
+        stale = [t for t in targets if self._versions.get(t.name) != str(current)]
+        if not stale or not have:
+            return
+        source = self._members[have[0].name]
+        self._update(spec, generation, progressing=("CatchingUp", f"catching up {len(stale)} target(s)"),
+                     message=f"catching up {', '.join(t.name for t in stale)} to version {current} from {source.name}")
+        await self._flush()
+        result = await catch_up(have[0], stale, str(current), sync_spec, source.ip,
+                                source.rendezvous_port or spec.rendezvous_port)
+        self._record(result)
+        figures = _figures(result, current, source.name, [t.name for t in stale])
+        self.status = self.status.model_copy(update={"last_catch_up": figures})
+        if result.ok:
+            self._emit("Normal", "CaughtUp", f"{', '.join(figures.targets)} now hold version {current} "
+                                             f"(from {source.name}, {result.bytes} bytes in {result.transfer_seconds:.3f}s)")
+        else:
+            self._emit("Warning", "CatchUpFailed", f"catching up to version {current} failed: {result.reason}")
+
+    async def _sync(self, spec: WeightSyncSpec, generation: int | None) -> None:
+        version = spec.version
+        self._update(spec, generation, phase="Syncing", progressing=("Syncing", f"syncing version {version}"),
+                     message=f"syncing version {version}")
+        announce = asyncio.ensure_future(self._flush())  # in parallel with the round: no added latency
+        try:
+            result = await self.coordinator.sync(str(version))
+        finally:
+            await announce
+        self._record(result)
+        trainer = self.coordinator.trainer.name
+        figures = _figures(result, version, trainer, [t.name for t in self.coordinator.targets])
+        self.status = self.status.model_copy(update={"last_sync": figures})
+        if result.ok:
+            self.status = self.status.model_copy(update={"current_version": version})
+            message = (f"version {version} live on {len(self.coordinator.targets)} target(s): {result.bytes} bytes "
+                       f"in {result.transfer_seconds:.3f}s ({figures.gbps:.3f} GB/s)")
+            self._update(spec, generation, phase="Succeeded", progressing=None, degraded=None, message=message)
+            await self._flush()
+            self._emit("Normal", "Synced", message)
+        else:
+            self._broken = True  # a failed collective can leave the group unusable: re-form it
+            message = f"version {version} failed: {result.reason}"
+            self._update(spec, generation, phase="Failed", progressing=None, degraded=("SyncFailed", message),
+                         message=message)
+            await self._flush()
+            self._emit("Warning", "SyncFailed", message)
+
+    async def _check_health(self, spec: WeightSyncSpec, generation: int | None) -> None:
+        """Level-based: does every party still hold its place in the group?"""
+        self._last_check = time.monotonic()
+        timeout = self.coordinator.spec.timeouts.request
+        parties = self.coordinator.parties
+        answers = await asyncio.gather(*(p.health(timeout) for p in parties), return_exceptions=True)
+        lost = []
+        for party, answer in zip(parties, answers):
+            if isinstance(answer, BaseException):
+                lost.append(f"{party.name}: {answer}")
+                if party.name in self._members:
+                    self._problems[party.name] = ("Unreachable", str(answer))
+                continue
+            if party.name in self._members:
+                self._versions[party.name] = answer.get("weight_version")
+            if answer.get("phase") != "ready":
+                lost.append(f"{party.name} is {answer.get('phase')}, not ready in the group (restarted?)")
+        if lost:
+            self._broken = True
+            message = "re-forming the group: " + "; ".join(lost)
+            self._update(spec, generation, degraded=("PartyLost", message), message=message)
+            self._emit("Warning", "PartyLost", message)
+        else:
+            self._update(spec, generation)
+        await self._flush()
+
+    async def _wait_for_pods(self, spec: WeightSyncSpec, trainers: list[PodRef], targets: list[PodRef],
+                             generation: int | None) -> None:
+        await self._leave("its members are gone")
+        if len(trainers) > 1:
+            message = f"{len(trainers)} ready pods match trainerSelector ({', '.join(p.name for p in trainers)}); expected one"
+            degraded = ("AmbiguousTrainer", message)
+        else:
+            missing = [what for what, ok in (("a ready trainer pod", trainers), ("ready target pods", targets)) if not ok]
+            message, degraded = f"waiting for {' and '.join(missing)}", None
+        self._members = {p.name: p for p in targets}
+        self._problems = {}
+        self._update(spec, generation, phase="Pending", progressing=None, degraded=degraded, message=message,
+                     rendezvous=None)
+        await self._flush()
+
+    async def _report_invalid(self, error: WeightSyncSpecError, generation: int | None) -> None:
+        first_time = get_condition(self.status.conditions, "Degraded") is None or \
+            self.status.observed_generation != generation or self.status.phase != "Failed"
+        message = str(error)
+        conditions = set_condition(self.status.conditions, "Ready", False, "InvalidSpec", message, generation)
+        conditions = set_condition(conditions, "Progressing", False, "InvalidSpec", message, generation)
+        conditions = set_condition(conditions, "Degraded", True, "InvalidSpec", message, generation)
+        self.status = self.status.model_copy(update={"phase": "Failed", "message": message, "conditions": conditions,
+                                                     "observed_generation": generation})
+        await self._flush()
+        if first_time:
+            self._emit("Warning", "InvalidSpec", message)
+
+    async def _leave(self, reason: str) -> None:
+        """Every party of the formed group leaves it (best effort: some may be gone already)."""
+        coordinator, self.coordinator, self._formed_with = self.coordinator, None, None
+        if coordinator is None:
+            return
+        log.info("%s/%s: leaving the group: %s", self.namespace, self.name, reason)
+        await asyncio.gather(*(p.close(coordinator.spec.timeouts.request) for p in coordinator.parties),
+                             return_exceptions=True)
+
+    # -- status -----------------------------------------------------------------------------
+    def _record(self, result: SyncResult) -> None:
+        """Per-target outcome of a round: the version each reached, or why it failed."""
+        for party in result.parties:
+            if party.name not in self._members:
+                continue
+            if not party.ok:
+                self._problems[party.name] = ("Failed", f"{party.step}: {party.reason}")
+            elif party.weight_version is not None:
+                self._versions[party.name] = party.weight_version
+                self._problems.pop(party.name, None)
+
+    def _update(self, spec: WeightSyncSpec, generation: int | None, phase: Phase | None = None,
+                progressing: tuple[str, str] | None | bool = False, degraded: tuple[str, str] | None | bool = False,
+                message: str | None = None, rendezvous: Rendezvous | None | bool = False) -> None:
+        """Fold one step's outcome into the status (False: leave that part as it is)."""
+        s = self.status
+        phase = phase or s.phase
+        targets = self._target_statuses(spec)
+        synced = sum(t.state == "Synced" for t in targets)
+        formed = self.coordinator is not None or phase in ("Syncing", "Succeeded")
+        conditions = s.conditions
+        if progressing is not False:
+            reason, text = progressing or ("Idle", "nothing to do")
+            conditions = set_condition(conditions, "Progressing", progressing is not None, reason, text, generation)
+        if degraded is not False:
+            reason, text = degraded or ("AsExpected", "the last step succeeded")
+            conditions = set_condition(conditions, "Degraded", degraded is not None, reason, text, generation)
+        in_sync = formed and bool(targets) and synced == len(targets) and (
+            spec.version == 0 or s.current_version == spec.version)
+        if in_sync:
+            ready = ("Synced", f"all {len(targets)} target(s) hold version {s.current_version}") \
+                if s.current_version is not None else ("GroupFormed", "the group is ready for the first version")
+        else:
+            ready = ({"Pending": "WaitingForPods", "Initializing": "Initializing", "Syncing": "Syncing",
+                      "Failed": "Failed"}.get(phase, "OutOfSync"), message or s.message or phase)
+        conditions = set_condition(conditions, "Ready", in_sync, ready[0], ready[1], generation)
+        update = {"phase": phase, "observed_generation": generation, "targets": targets or None,
+                  "ready_targets": f"{synced}/{len(targets)}", "conditions": conditions}
+        if message is not None:
+            update["message"] = message
+        if rendezvous is not False:
+            update["rendezvous"] = rendezvous
+        self.status = s.model_copy(update=update)
+
+    def _target_statuses(self, spec: WeightSyncSpec) -> list[TargetStatus]:
+        ranks = self.coordinator.group.ranks if self.coordinator is not None and self.coordinator.group else {}
+        current = None if self.status.current_version is None else str(self.status.current_version)
+        out = []
+        for name, pod in sorted(self._members.items()):
+            version = self._versions.get(name)
+            if name in self._problems:
+                state, reason = self._problems[name]
+            elif name not in ranks:
+                state, reason = "Joining", None
+            elif current is None or version == current:
+                state, reason = "Synced", None
+            else:
+                state, reason = "Stale", f"holds {version or 'no version'}, not {current}"
+            out.append(TargetStatus(pod=name, rank=ranks.get(name), endpoint=pod.endpoint(spec.daemon_port).url,
+                                    state=state, version=version, reason=reason))
+        return out
+
+    async def _flush(self) -> None:
+        """Write the status if it changed since the last write."""
+        status = self.status.to_k8s()
+        if status == self._written:
+            return
+        await self._write(status)
+        self._written = status
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _attempted(self) -> int:
+        s = self.status
+        return max(s.last_sync.version if s.last_sync else 0, s.current_version or 0)
+
+    def _sync_spec(self, spec: WeightSyncSpec, trainer: PodRef) -> SyncSpec:
+        t = spec.timeouts
+        return SyncSpec(
+            backend=spec.backend, master_address=trainer.ip, master_port=trainer.rendezvous_port or spec.rendezvous_port,
+            packed_buffer_size_bytes=spec.packed_buffer_size_bytes, packed_num_buffers=spec.packed_num_buffers,
+            pause_mode=spec.pause_mode, group_name=f"{self.namespace}.{self.name}"[:96],
+            transfer_timeout=t.transfer_seconds, verify=spec.verify,
+            timeouts=Timeouts(request=t.request_seconds, init=t.init_seconds, start=t.start_seconds,
+                              update=t.update_seconds, finish=t.finish_seconds))
+
+
+def _figures(result: SyncResult, version: int, source: str, targets: list[str]) -> SyncFigures:
+    return SyncFigures(version=version, outcome="Succeeded" if result.ok else "Failed", bytes=result.bytes,
+                       seconds=round(result.transfer_seconds, 6), total_seconds=round(result.total_seconds, 6),
+                       gbps=round(result.gbps, 6), started=result.started_at or None,
+                       finished=result.finished_at or None, reason=result.reason, source=source, targets=targets)

@@ -1,0 +1,59 @@
+"""What one operator process shares across WeightSyncs: the Kubernetes client that writes status,
+the HTTP client that talks to daemons, the daemons' bearer token, and one Reconciler each."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import httpx
+import kopf
+
+from weightsync_operator.kube import KubeApi
+from weightsync_operator.reconciler import Reconciler
+
+
+class Runtime:
+    def __init__(self, kube: KubeApi, token: str | None = None, recheck_interval: float = 30.0):
+        self.kube = kube
+        self.token = token
+        self.recheck_interval = recheck_interval
+        self._http: httpx.AsyncClient | None = None
+        self._reconcilers: dict[tuple[str, str], Reconciler] = {}
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        # Made in the operator's event loop, on first use; keep-alive connections to every daemon.
+        if self._http is None:
+            self._http = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+        return self._http
+
+    def reconciler(self, namespace: str, name: str, body: Mapping) -> Reconciler:
+        key = (namespace, name)
+        if key not in self._reconcilers:
+            async def write_status(status: dict) -> None:
+                await asyncio.to_thread(self.kube.replace_status, namespace, name, status)
+
+            def emit(type: str, reason: str, message: str) -> None:
+                kopf.event(body, type=type, reason=reason, message=message[:1024])
+
+            self._reconcilers[key] = Reconciler(namespace, name, self.http, write_status, emit, self.token,
+                                                self.recheck_interval)
+        return self._reconcilers[key]
+
+    def existing(self, namespace: str, name: str) -> Reconciler | None:
+        return self._reconcilers.get((namespace, name))
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._reconcilers.pop((namespace, name), None)
+
+    def wake_namespace(self, namespace: str) -> None:
+        """Something changed among this namespace's pods: let its WeightSyncs take another look."""
+        for (ns, _), reconciler in self._reconcilers.items():
+            if ns == namespace:
+                reconciler.wake.set()
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None

@@ -1,0 +1,333 @@
+"""An emulated Kubernetes API server for the operator's tests: kmock's KubernetesEmulator plus the
+few things kopf, kubectl and our assertions need from a real API server.
+
+kmock serves list/watch/create/patch/delete over real HTTP with watch streams, but it stamps no
+metadata, treats `/status` like the main resource and validates nothing. This subclass, like an
+API server:
+
+- stamps `uid`, `creationTimestamp`, `resourceVersion` (on every write) and `generation` (bumped
+  when the spec changes), and expands `generateName` (kopf posts Events that way);
+- honours the status subresource: a PATCH of the object leaves `.status` alone, a PATCH of
+  `/status` changes only `.status`;
+- installs a CustomResourceDefinition when one is created (discovery, short names, printer
+  columns), and rejects custom objects that do not satisfy its `openAPIV3Schema` (HTTP 422),
+  including fields the real server would silently prune;
+- answers what kubectl asks for: list `kind`s, server-side printing (`as=Table`, with the CRD's
+  printer columns), and JSON watch streams.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import itertools
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+import jsonpatch
+import jsonschema
+import kmock
+from kmock._internal import dicts as kmock_dicts
+
+CRD_RESOURCE = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
+_CREATE, _UPDATE, _DELETE = kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- the CRD's schema, as the API server applies it ----------------------------------------
+def schema_problems(obj: dict, schema: dict) -> list[str]:
+    """Why `obj` would be rejected (or silently pruned) by a server holding this CRD schema.
+
+    OpenAPI v3 schemas are JSON Schema draft 4 in spirit (boolean exclusiveMinimum), so draft 4
+    validates them; pruning is checked separately, since JSON Schema allows unknown fields.
+    """
+    validator = jsonschema.Draft4Validator(schema)
+    problems = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+                for e in sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))]
+    for section in ("spec", "status"):
+        if section in obj and section in schema.get("properties", {}):
+            problems += [f"{path}: unknown field (a real API server prunes it)"
+                         for path in _unknown_fields(obj[section], schema["properties"][section], section)]
+    return problems
+
+
+def _unknown_fields(value: Any, schema: dict, path: str) -> list[str]:
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    if isinstance(value, dict):
+        if "properties" in schema:
+            found = []
+            for key, sub in value.items():
+                if key not in schema["properties"]:
+                    found.append(f"{path}.{key}")
+                else:
+                    found += _unknown_fields(sub, schema["properties"][key], f"{path}.{key}")
+            return found
+        if isinstance(schema.get("additionalProperties"), dict):
+            return [p for key, sub in value.items()
+                    for p in _unknown_fields(sub, schema["additionalProperties"], f"{path}.{key}")]
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [p for i, item in enumerate(value) for p in _unknown_fields(item, schema["items"], f"{path}[{i}]")]
+    return []
+
+
+# -- server-side printing ---------------------------------------------------------------------
+def _json_path(obj: Any, path: str) -> Any:
+    """A printer column's simple JSONPath (`.status.lastSync.gbps`); None when absent."""
+    for part in path.strip(".").split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            return None
+        obj = obj[part]
+    return obj
+
+
+def _human_age(timestamp: str | None) -> str | None:
+    if not timestamp:
+        return None
+    then = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    seconds = max(0, int((datetime.datetime.now(datetime.UTC) - then).total_seconds()))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 48 * 3600:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+@attrs.define
+class _Kind:
+    """What the server knows of one resource beyond kmock's discovery info."""
+
+    kind: str
+    schema: dict | None = None
+    columns: list[dict] = attrs.field(factory=list)
+    status_subresource: bool = False
+
+
+@attrs.define(kw_only=True)
+class ClusterEmulator(kmock.KubernetesEmulator):
+    _counter: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _kinds: dict[Any, _Kind] = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.resources.load_bundled()  # without it kopf waits forever for namespaces
+
+    # -- objects ----------------------------------------------------------------------------
+    def get(self, resource: Any, namespace: str | None, name: str) -> dict | None:
+        """The stored object as plain JSON, or None."""
+        key = (kmock.resource(resource), namespace, name)
+        if key not in self.objects or self.objects[key].deleted:
+            return None
+        return copy.deepcopy(self.objects[key].raw)
+
+    def history(self, resource: Any, namespace: str | None, name: str) -> list[dict]:
+        """Every stored version of an object, oldest first (deletions left out)."""
+        key = (kmock.resource(resource), namespace, name)
+        if key not in self.objects:
+            return []
+        return [copy.deepcopy(v.raw) for v in self.objects[key].history if v is not None]
+
+    def _kind(self, resource: Any) -> _Kind:
+        if resource not in self._kinds:
+            info = self.resources[resource] if resource in self.resources else None
+            kind = info.kind if info is not None and info.kind else (resource.plural or "").capitalize()
+            self._kinds[resource] = _Kind(kind=kind, status_subresource=bool(info and "status" in info.subresources))
+        return self._kinds[resource]
+
+    # -- writes: one place that changes state, under the emulator's lock ------------------
+    async def _handle(self, request: kmock.Request):
+        gone = None
+        if request.resource is not None and (request.action == _CREATE or
+                                             (request.action in (_UPDATE, _DELETE) and request.name)):
+            async with self._lock:
+                gone = await self._write(request)
+        try:
+            # Skip KubernetesEmulator._handle (it would apply the write again); keep its fallbacks.
+            return await super(kmock.KubernetesEmulator, self)._handle(request)
+        finally:
+            if gone is not None:  # deletion released by its last finalizer: gone after answering
+                async with self._lock:
+                    raw = self.objects[gone].raw
+                    self.objects[gone].delete()
+                    await self._buses[request.resource].put({"type": "DELETED", "object": raw})
+
+    async def _write(self, request: kmock.Request):
+        resource = request.resource
+        if request.action == _CREATE:
+            return await self._create(request, resource)
+        key = (resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            raise kmock.KubernetesObjectNotFoundError()
+        stored = self.objects[key]
+        old = copy.deepcopy(stored.raw)
+        if request.action == _DELETE:
+            if old.get("metadata", {}).get("deletionTimestamp"):
+                return None
+            if old.get("metadata", {}).get("finalizers"):
+                new = copy.deepcopy(old)
+                new["metadata"]["deletionTimestamp"] = _now()
+                new["metadata"]["resourceVersion"] = str(next(self._counter))
+                stored.create(new)
+                await self._buses[resource].put({"type": "MODIFIED", "object": copy.deepcopy(new)})
+                return None
+            stored.delete()
+            await self._buses[resource].put({"type": "DELETED", "object": old})
+            return None
+        new = self._patched(old, request, resource)
+        stored.create(new)
+        await self._buses[resource].put({"type": "MODIFIED", "object": copy.deepcopy(new)})
+        meta = new.get("metadata", {})
+        return key if meta.get("deletionTimestamp") and not meta.get("finalizers") else None
+
+    async def _create(self, request: kmock.Request, resource):
+        obj = request.data if isinstance(request.data, dict) else None
+        if obj is None:
+            raise kmock.KubernetesError(400, "BadRequest", "the body is not a JSON object")
+        meta = obj.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        if not meta.get("name"):
+            raise kmock.KubernetesError(422, "Invalid", "metadata.name: Required value")
+        if request.namespace:
+            meta["namespace"] = request.namespace
+        key = (resource, meta.get("namespace"), meta["name"])
+        if key in self.objects and not self.objects[key].deleted:
+            raise kmock.KubernetesError(409, "AlreadyExists", f"{resource.plural} {meta['name']!r} already exists")
+        meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(),
+                    resourceVersion=str(next(self._counter)), generation=1)
+        if resource == CRD_RESOURCE:
+            self._install(obj)
+        self._check(resource, obj)
+        if key in self.objects:
+            self.objects[key].create(obj)
+        else:
+            self.objects[key] = obj
+        await self._buses[resource].put({"type": "ADDED", "object": copy.deepcopy(obj)})
+        return None
+
+    def _patched(self, old: dict, request: kmock.Request, resource) -> dict:
+        patch = request.data
+        if isinstance(patch, list):
+            try:
+                new = jsonpatch.apply_patch(old, patch, in_place=False)
+            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as error:
+                raise kmock.KubernetesError(422, "Invalid", f"JSON patch failed: {error}") from None
+        elif isinstance(patch, dict):
+            new = dict(kmock_dicts.merge_patch_dict(old, patch))
+        else:
+            raise kmock.KubernetesError(400, "BadRequest", "the patch is neither a JSON object nor a list")
+        new = copy.deepcopy(new)
+        if self._kind(resource).status_subresource:
+            if request.subresource == "status":  # only the status changes through /status
+                new = {**old, "status": new.get("status")} if new.get("status") is not None else \
+                    {k: v for k, v in old.items() if k != "status"}
+            elif "status" in old or "status" in new:  # ... and never through the object
+                new = {**new, "status": old.get("status")} if "status" in old else \
+                    {k: v for k, v in new.items() if k != "status"}
+        meta = new.setdefault("metadata", {})
+        for field in ("uid", "creationTimestamp", "name", "namespace"):
+            if field in old.get("metadata", {}):
+                meta[field] = old["metadata"][field]
+        meta["resourceVersion"] = str(next(self._counter))
+        generation = old.get("metadata", {}).get("generation", 1)
+        meta["generation"] = generation + 1 if new.get("spec") != old.get("spec") else generation
+        self._check(resource, new)
+        return new
+
+    def _check(self, resource, obj: dict) -> None:
+        schema = self._kind(resource).schema
+        if schema is None:
+            return
+        problems = schema_problems(obj, schema)
+        if problems:
+            raise kmock.KubernetesError(422, "Invalid", f"{self._kind(resource).kind} is invalid: "
+                                        + "; ".join(problems))
+
+    def _install(self, crd: dict) -> None:
+        """Serve a newly created CRD's resource, as the API server does."""
+        spec = crd.get("spec", {})
+        names = spec.get("names", {})
+        for version in spec.get("versions", []):
+            resource = kmock.resource(spec["group"], version["name"], names["plural"])
+            subresources = set(version.get("subresources", {}))
+            self.resources[resource] = kmock.ResourceInfo(
+                kind=names["kind"], singular=names.get("singular"), shortnames=names.get("shortNames", []),
+                categories=names.get("categories", []), namespaced=spec.get("scope") == "Namespaced",
+                verbs=VERBS, subresources=subresources)
+            self._kinds[resource] = _Kind(
+                kind=names["kind"], schema=version.get("schema", {}).get("openAPIV3Schema"),
+                columns=version.get("additionalPrinterColumns", []), status_subresource="status" in subresources)
+
+    # -- reads: what kubectl needs --------------------------------------------------------
+    async def _serve_list(self, request: kmock.Request):
+        answer = await super()._serve_list(request)
+        kind = self._kind(request.resource).kind
+        answer["metadata"]["resourceVersion"] = str(next(self._counter))
+        if self._wants_table(request):
+            return self._table(request.resource, answer["items"])
+        return {"kind": f"{kind}List", "apiVersion": self._api_version(request.resource), **answer}
+
+    async def _serve_fetch(self, request: kmock.Request):
+        obj = await super()._serve_fetch(request)
+        return self._table(request.resource, [obj]) if self._wants_table(request) else obj
+
+    def _serve_watch(self, request: kmock.Request):
+        return kmock.Response(headers={"Content-Type": "application/json"}, payload=self._watch(request))
+
+    async def _watch(self, request: kmock.Request) -> AsyncIterator[Any]:
+        table = self._wants_table(request)
+        since = int(request.params.get("resourceVersion") or 0)
+        async for event in super()._serve_watch(request):
+            if isinstance(event, dict):
+                # A watch from a resourceVersion sends only what changed after it (kmock would
+                # replay every object as ADDED, and clients would handle them twice).
+                if int(event["object"].get("metadata", {}).get("resourceVersion", 0)) <= since:
+                    continue
+                if table:
+                    event = {"type": event["type"], "object": self._table(request.resource, [event["object"]])}
+                yield json.dumps(event).encode() + b"\n"
+            else:
+                yield event
+
+    async def _serve_version(self, request: kmock.Request):
+        answer = await super()._serve_version(request)
+        for entry in answer["resources"]:  # subresources have no short names of their own
+            if "/" in entry["name"]:
+                entry["shortNames"], entry["categories"] = [], []
+        return answer
+
+    @staticmethod
+    def _wants_table(request: kmock.Request) -> bool:
+        return "as=Table" in request.headers.get("Accept", "")
+
+    @staticmethod
+    def _api_version(resource) -> str:
+        return f"{resource.group}/{resource.version}" if resource.group else resource.version
+
+    def _table(self, resource, objects: list[dict]) -> dict:
+        columns = self._kind(resource).columns or [
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
+        definitions = [{"name": "Name", "type": "string", "format": "name", "description": "", "priority": 0}]
+        definitions += [{"name": c["name"], "type": c["type"], "format": c.get("format", ""),
+                         "description": c.get("description", ""), "priority": c.get("priority", 0)}
+                        for c in columns]
+        rows = []
+        for obj in objects:
+            cells: list[Any] = [obj.get("metadata", {}).get("name")]
+            for column in columns:
+                value = _json_path(obj, column["jsonPath"])
+                cells.append(_human_age(value) if column["type"] == "date" else value)
+            rows.append({"cells": cells, "object": {
+                "kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj.get("metadata", {})}})
+        return {"kind": "Table", "apiVersion": "meta.k8s.io/v1",
+                "metadata": {"resourceVersion": str(next(self._counter))},
+                "columnDefinitions": definitions, "rows": rows}
