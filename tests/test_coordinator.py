@@ -27,7 +27,7 @@ async def parties(module_spawn):
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def coordinator(parties, module_http, rendezvous_port):
     trainer, daemons = parties
-    spec = SyncSpec(master_port=rendezvous_port, packed_buffer_size_bytes=1 << 18, transfer_timeout=10,
+    spec = SyncSpec(master_port=rendezvous_port, packed_buffer_size_bytes=1 << 18, transfer_timeout=3,
                     timeouts=Timeouts(request=2, init=30, start=5, update=20, finish=5))
     coordinator = Coordinator(trainer.endpoint, [d.endpoint for d in daemons], spec, module_http)
     group = await coordinator.init()
@@ -71,6 +71,32 @@ async def test_a_frozen_daemon_fails_the_round_within_its_timeout(coordinator, p
     again = await coordinator.sync(43)
     assert again.ok, again.reason
     assert all(t.weight_version == "43" for t in again.targets)
+
+
+async def test_a_daemon_frozen_mid_update_fails_the_round_then_the_group_is_rebuilt(coordinator, parties):
+    _, daemons = parties
+    victim = coordinator.targets[0]
+    real_update = victim.update
+
+    async def freeze_then_update(update_info, timeout):
+        os.kill(daemons[0].process.pid, signal.SIGSTOP)  # frozen after it was paused and started
+        return await real_update(update_info, timeout)
+
+    victim.update = freeze_then_update
+    began = time.monotonic()
+    try:
+        result = await coordinator.sync(44)
+    finally:
+        victim.update = real_update
+        os.kill(daemons[0].process.pid, signal.SIGCONT)
+    assert not result.ok and time.monotonic() - began < 15
+    steps = {p.name: p.step for p in result.parties if not p.ok}
+    assert steps.get("daemon-0") == "update" and "trainer" in steps  # the trainer's collective timed out too
+    assert coordinator.needs_init
+    old_group = coordinator.group.name
+    again = await coordinator.sync(45)
+    assert again.ok, again.reason
+    assert coordinator.group.name != old_group and all(t.weight_version == "45" for t in again.targets)
 
 
 async def test_init_gives_up_on_a_socket_that_never_answers(parties, module_http, rendezvous_port):

@@ -117,6 +117,7 @@ class Coordinator:
         self.trainer = PartyClient(trainer, self._http, token)
         self.targets = [PartyClient(t, self._http, token) for t in targets]
         self.group: GroupInfo | None = None
+        self.needs_init = False
 
     async def close(self) -> None:
         if self._own_http:
@@ -153,6 +154,7 @@ class Coordinator:
         if failures:
             raise InitError(failures)
         self.group = group
+        self.needs_init = False
         return group
 
     def _init_info(self, group: GroupInfo, rank_offset: int) -> dict:
@@ -170,6 +172,12 @@ class Coordinator:
         if self.group is None:
             raise RuntimeError("init() the group before syncing")
         version = str(version)
+        if self.needs_init:  # the last round broke the data plane: rendezvous afresh first
+            try:
+                await self.init()
+            except InitError as error:
+                return SyncResult(version=version, ok=False, started_at=_now(), finished_at=_now(),
+                                  reason=f"re-initialising the group failed: {error}")
         t = self.spec.timeouts
         result = SyncResult(version=version, ok=False, started_at=_now())
         result.parties = [PartyOutcome(p.name, "trainer" if p is self.trainer else "target",
@@ -193,6 +201,9 @@ class Coordinator:
             result.ok = True
         except _RoundFailed as failed:
             result.reason = failed.reason
+            # Once payload may have moved, a collective may be half-done on some party: the group
+            # cannot be trusted for another round, so the next sync re-initialises it.
+            self.needs_init = failed.step in ("update", "finish")
             await self._all(lambda p: p.abort(failed.reason, t.request), self.parties)
         finally:
             if pausing:  # every target, also those whose pause failed half-way: resume is idempotent
@@ -212,7 +223,7 @@ class Coordinator:
             if party.ok:  # keep the first failure of each party
                 party.ok, party.step, party.reason = False, step, error.reason
         if failed and strict:
-            raise _RoundFailed("; ".join(str(e) for e in failed))
+            raise _RoundFailed(step, "; ".join(str(e) for e in failed))
         return answers
 
     @staticmethod
@@ -250,6 +261,6 @@ class Coordinator:
 
 
 class _RoundFailed(Exception):
-    def __init__(self, reason: str):
+    def __init__(self, step: str, reason: str):
         super().__init__(reason)
-        self.reason = reason
+        self.step, self.reason = step, reason
