@@ -1,48 +1,94 @@
 """A cheap, position-sensitive checksum of the bytes a round moves, computed where they live.
 
-Two 64-bit sums over the stream's 8-byte words: the plain sum and a position-weighted sum. Any
-single changed byte changes the first; a reordering of words changes the second. Both are plain
-tensor reductions, so on a GPU they cost one extra read of the data and no host copy. Work goes in
-bounded slices, so the extra memory stays small whatever the chunk size.
+The round's stream places every tensor at an aligned byte offset (see `layout.py`). The checksum
+is two 64-bit sums over the stream's 8-byte words (little-endian; a tensor's last partial word is
+padded with zeros; the padding between tensors is not part of it): the plain sum and a sum
+weighted by each word's position, (position mod 65521) + 1. Any single changed byte changes the
+first; words moved to another position change the second.
+
+Because it is a sum, parts can be folded in any order, from any stream, chunk by chunk or tensor
+by tensor: the trainer folds in what it packs, a receiver what it landed, and both arrive at the
+same value. On a GPU the work is one batched kernel fused with the copy that moves the bytes
+anyway (`weightsync.kernels`), so verifying costs no extra pass and no host synchronisation
+until the value is read.
 """
 
 from __future__ import annotations
 
 import torch
 
-SLICE_WORDS = 1 << 21  # 16 MiB of int64 per reduction step
-_WEIGHT_PERIOD = 65_521  # a prime: weights cycle through 1..65521
+from weightsync.kernels import WEIGHT_PERIOD
+
+SLICE_WORDS = 1 << 21  # 16 MiB of int64 per reduction step of the torch fallback
+DIGEST_BYTES = 16  # the two sums, as they travel between parties
+_MASK = 2**64 - 1
 
 
 class StreamDigest:
-    """Accumulates the checksum of a byte stream fed chunk by chunk, in order."""
+    """Accumulates the checksum of a byte stream, part by part (any order), on `device`."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._sum = torch.zeros((), dtype=torch.int64, device=device)
-        self._weighted = torch.zeros((), dtype=torch.int64, device=device)
-        self._position = 0  # words seen so far
-        self._tail = b""  # bytes not yet forming a whole word are folded in at the end
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self._acc = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self._next = 0  # where an update without a position continues the stream
 
-    def update(self, data: torch.Tensor) -> None:
-        """Fold in a flat uint8 tensor; call with chunks in stream order."""
-        usable = data.numel() - data.numel() % 8
-        if usable:
-            words = data[:usable].view(torch.int64)
-            for start in range(0, words.numel(), SLICE_WORDS):
-                part = words[start : start + SLICE_WORDS]
-                first = self._position + start
-                weights = torch.arange(first, first + part.numel(), dtype=torch.int64, device=self.device)
-                weights.remainder_(_WEIGHT_PERIOD).add_(1)
-                self._sum += part.sum()
-                self._weighted += (part * weights).sum()
-            self._position += words.numel()
-        if usable != data.numel():
-            # Only the stream's last chunk can end mid-word (chunks are whole buffers).
-            self._tail += bytes(data[usable:].cpu().tolist())
+    def add(self, sums: torch.Tensor) -> None:
+        """Fold in an int64 [2] (sum, weighted sum) computed elsewhere (e.g. by the batched kernel)."""
+        self._acc += sums
+
+    def update(self, data: torch.Tensor, position: int | None = None) -> None:
+        """Fold in a flat uint8 tensor that sits at byte `position` of the stream (a multiple of
+        8); without a position it continues right after the previous update."""
+        position = self._next if position is None else position
+        if position % 8:
+            raise ValueError(f"stream position {position} is not a multiple of 8")
+        self._acc += region_sums(data, position)
+        self._next = position + data.numel()
+
+    @property
+    def sums(self) -> torch.Tensor:
+        """The int64 [2] accumulator (sum, weighted sum), on the device."""
+        return self._acc
+
+    def as_bytes(self) -> torch.Tensor:
+        """The 16 bytes of the two sums, on the device, without a host synchronisation."""
+        return self._acc.view(torch.uint8)
 
     def hexdigest(self) -> str:
-        tail = int.from_bytes(self._tail.ljust(8, b"\0"), "little", signed=True) if self._tail else 0
-        total = (int(self._sum.item()) + tail) & (2**64 - 1)
-        weighted = int(self._weighted.item()) & (2**64 - 1)
-        return f"{total:016x}{weighted:016x}"
+        return format_digest(self._acc.cpu())
+
+
+def format_digest(value: torch.Tensor | bytes) -> str:
+    """Hex form of the two sums, from their int64 [2] tensor or their 16 raw bytes."""
+    if isinstance(value, torch.Tensor):
+        value = bytes(value.reshape(-1).view(torch.uint8).cpu().tolist())
+    total = int.from_bytes(value[:8], "little")
+    weighted = int.from_bytes(value[8:16], "little")
+    return f"{total & _MASK:016x}{weighted & _MASK:016x}"
+
+
+def region_sums(data: torch.Tensor, position: int) -> torch.Tensor:
+    """(sum, weighted sum) of one flat uint8 region at byte `position`, with plain torch
+    operations: the reference the batched kernel must match, and the CPU path."""
+    device = data.device
+    out = torch.zeros(2, dtype=torch.int64, device=device)
+    usable = data.numel() - data.numel() % 8
+    if data.data_ptr() % 8:
+        data = data.clone()  # a fresh allocation is aligned; views as int64 need that
+    first_word = position // 8
+    if usable:
+        words = data[:usable].view(torch.int64)
+        for start in range(0, words.numel(), SLICE_WORDS):
+            part = words[start : start + SLICE_WORDS]
+            first = first_word + start
+            weights = torch.arange(first, first + part.numel(), dtype=torch.int64, device=device)
+            weights.remainder_(WEIGHT_PERIOD).add_(1)
+            out[0] += part.sum()
+            out[1] += (part * weights).sum()
+    if usable != data.numel():
+        tail = torch.zeros(8, dtype=torch.uint8, device=device)
+        tail[: data.numel() - usable] = data[usable:]
+        word = tail.view(torch.int64)[0]
+        out[0] += word
+        out[1] += word * ((first_word + usable // 8) % WEIGHT_PERIOD + 1)
+    return out

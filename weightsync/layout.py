@@ -16,8 +16,43 @@ from weightsync.protocol import Manifest
 DEFAULT_ALIGNMENT = 256
 
 
+RAMP_STEPS = 4  # a ramped stream starts with chunks of 1/16, 1/8, 1/4 and 1/2 of a buffer
+RAMP_MIN_BYTES = 1 << 20  # ... but never smaller than this
+
+
 def align_up(value: int, alignment: int) -> int:
     return (value + alignment - 1) // alignment * alignment
+
+
+def ramp_sizes(total: int, buffer_size: int) -> list[int]:
+    """Chunk sizes for a ramped stream of `total` bytes: growing head, full middle, shrinking tail.
+
+    Sizes stay multiples of 256 (so chunk boundaries keep every tensor's cut 8-byte aligned)
+    and never exceed `buffer_size`.
+    """
+    def step(size: int) -> int:
+        return max(size // 256 * 256, 256)
+
+    head = [step(buffer_size >> k) for k in range(RAMP_STEPS, 0, -1)
+            if (buffer_size >> k) >= RAMP_MIN_BYTES]
+    sizes: list[int] = []
+    remaining = total
+    for size in head:
+        if remaining <= 0:
+            return sizes
+        sizes.append(min(size, remaining))
+        remaining -= sizes[-1]
+    while remaining > buffer_size:
+        sizes.append(buffer_size)
+        remaining -= buffer_size
+    floor = max(step(buffer_size >> RAMP_STEPS), RAMP_MIN_BYTES)
+    while remaining > 2 * floor:  # the tail halves until it is small
+        half = step(remaining // 2)
+        sizes.append(half)
+        remaining -= half
+    if remaining > 0:
+        sizes.append(remaining)
+    return sizes
 
 
 @dataclass(frozen=True)
@@ -71,12 +106,19 @@ class Layout:
     def of_manifest(cls, manifest: Manifest, alignment: int = DEFAULT_ALIGNMENT) -> "Layout":
         return cls.of_sizes([t.nbytes for t in manifest.tensors], alignment)
 
-    def chunks(self, buffer_size: int) -> list[Chunk]:
-        """Cut the stream into buffer-sized chunks, skipping trailing empty space."""
+    def chunks(self, buffer_size: int, ramp: bool = False) -> list[Chunk]:
+        """Cut the stream into chunks of at most `buffer_size` bytes, skipping trailing space.
+
+        Without `ramp` every chunk but the last is exactly one buffer. With `ramp` (pipelined GPU
+        transports) the first chunks grow from a sixteenth of a buffer and the last ones shrink,
+        so the pipeline fills and drains in small steps; no chunk exceeds a buffer either way.
+        """
+        sizes = ramp_sizes(self.total_bytes, buffer_size) if ramp else None
         chunks: list[Chunk] = []
         start = 0
         while start < self.total_bytes:
-            stop = min(start + buffer_size, self.total_bytes)
+            size = sizes[len(chunks)] if sizes is not None else buffer_size
+            stop = min(start + size, self.total_bytes)
             chunks.append(Chunk(len(chunks), start, stop, tuple(self._segments(start, stop))))
             start = stop
         return chunks

@@ -1,11 +1,20 @@
-"""Copying tensor bytes into bounded uint8 buffers and back out, following a Layout."""
+"""Copying tensor bytes into bounded uint8 buffers and back out, following a Layout.
+
+`RegionPlan` is the workhorse: a fixed list of byte regions (source, optional destination,
+position in the round's stream) that is copied and/or folded into the stream checksum in one
+pass. It is built once per manifest and reused every round; on a GPU it is one batched kernel
+launch (`weightsync.kernels`), elsewhere plain torch copies.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from weightsync.integrity import StreamDigest, region_sums
+from weightsync.kernels import block_table, run_blocks, triton_usable
 from weightsync.layout import Chunk
 
 
@@ -14,18 +23,83 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
+@dataclass(frozen=True)
+class Region:
+    """`src` bytes (flat uint8) at byte `position` of the stream, copied to `dst` if given."""
+
+    src: torch.Tensor
+    dst: torch.Tensor | None
+    position: int
+
+
+class RegionPlan:
+    """Copy and/or checksum a fixed list of regions in as few launches as possible."""
+
+    def __init__(self, regions: Sequence[Region], copy: bool = True, digest: bool = True):
+        self.copy, self.digest = copy, digest
+        self.regions = tuple(regions)  # keeps every region's memory alive while the plan lives
+        self.nbytes = sum(r.src.numel() for r in self.regions)
+        device = self.regions[0].src.device if self.regions else torch.device("cpu")
+        kernel = triton_usable(device)
+        fast: list[tuple[int, int, int, int]] = []
+        self._slow: list[Region] = []
+        for region in self.regions:
+            src, dst = region.src, region.dst if copy else None
+            if copy and (dst is None or dst.numel() != src.numel()):
+                raise ValueError("a copied region needs a destination of the same size")
+            aligned = (src.data_ptr() % 8 == 0 and region.position % 8 == 0
+                       and (dst is None or (dst.data_ptr() % 8 == 0 and dst.device == src.device)))
+            if not (kernel and aligned and src.device == device):
+                self._slow.append(Region(src, dst, region.position))
+                continue
+            words = src.numel() // 8
+            fast.append((src.data_ptr(), dst.data_ptr() if dst is not None else 0, words, region.position // 8))
+            if src.numel() % 8:  # the last partial word goes the plain way
+                cut = words * 8
+                self._slow.append(Region(src[cut:], dst[cut:] if dst is not None else None, region.position + cut))
+        self._table = block_table(fast, device) if fast else None
+
+    def run(self, digest: StreamDigest | None = None) -> None:
+        """Enqueue the copies (and the checksum) on the current stream."""
+        want = self.digest and digest is not None
+        if self._table is not None:
+            sums = run_blocks(self._table, self.copy, want)
+            if want:
+                digest.add(sums)
+        for region in self._slow:
+            if self.copy:
+                region.dst.copy_(region.src, non_blocking=True)
+            if want:
+                digest.add(region_sums(region.src, region.position))
+
+
+def pack_regions(chunk: Chunk, sources: Sequence[torch.Tensor], buffer: torch.Tensor) -> list[Region]:
+    """The regions that fill `buffer` with the chunk's bytes from `sources` (flat uint8 views)."""
+    return [Region(sources[s.index][s.start : s.stop], buffer[s.chunk_offset : s.chunk_offset + s.nbytes],
+                   chunk.start + s.chunk_offset) for s in chunk.segments]
+
+
+def unpack_regions(chunk: Chunk, buffer: torch.Tensor, destinations: Sequence[torch.Tensor]) -> list[Region]:
+    """The regions that scatter a received chunk (in `buffer`) into `destinations`."""
+    return [Region(buffer[s.chunk_offset : s.chunk_offset + s.nbytes], destinations[s.index][s.start : s.stop],
+                   chunk.start + s.chunk_offset) for s in chunk.segments]
+
+
+def landed_regions(chunk: Chunk, target: torch.Tensor) -> list[Region]:
+    """The regions of a chunk received in place into a flat `target` laid out as the stream
+    (checksum only: the bytes are already where they belong; padding is left out)."""
+    return [Region(target[chunk.start + s.chunk_offset : chunk.start + s.chunk_offset + s.nbytes], None,
+                   chunk.start + s.chunk_offset) for s in chunk.segments]
+
+
 def pack_chunk(chunk: Chunk, sources: Sequence[torch.Tensor], buffer: torch.Tensor) -> torch.Tensor:
     """Fill `buffer` with the chunk's bytes from `sources` (flat uint8 views); return the used part."""
-    for seg in chunk.segments:
-        buffer[seg.chunk_offset : seg.chunk_offset + seg.nbytes].copy_(
-            sources[seg.index][seg.start : seg.stop], non_blocking=True
-        )
+    for region in pack_regions(chunk, sources, buffer):
+        region.dst.copy_(region.src, non_blocking=True)
     return buffer[: chunk.nbytes]
 
 
 def unpack_chunk(chunk: Chunk, buffer: torch.Tensor, destinations: Sequence[torch.Tensor]) -> None:
     """Scatter a received chunk's bytes into `destinations` (flat uint8 views)."""
-    for seg in chunk.segments:
-        destinations[seg.index][seg.start : seg.stop].copy_(
-            buffer[seg.chunk_offset : seg.chunk_offset + seg.nbytes], non_blocking=True
-        )
+    for region in unpack_regions(chunk, buffer, destinations):
+        region.dst.copy_(region.src, non_blocking=True)

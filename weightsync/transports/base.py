@@ -38,6 +38,10 @@ class RoundStats:
     seconds: float
     in_place: bool = False  # landed straight in the weights, without an unpack copy
     checksum: str | None = None  # the round's stream checksum, verified by every receiver
+    # Trainer side of transports whose receivers read the trainer's memory (ipc, p2p): what the
+    # coordinator must hand every receiver's /update_weights, and whether another batch follows.
+    update_info: dict | None = None
+    more: bool = False
 
 
 class Transport(ABC):
@@ -68,6 +72,12 @@ class Transport(ABC):
 
     def send_sparse(self, patches: Iterable[SparsePatch]) -> RoundStats:
         raise NotImplementedError(f"the {self.name} transport does not support sparse updates")
+
+    def begin_round(self) -> None:
+        """A round starts (start_weight_update); transports that keep per-round state reset it."""
+
+    def end_round(self) -> None:
+        """The round is over (finished or aborted): memory lent to receivers may be released."""
 
     @abstractmethod
     def close(self) -> None:

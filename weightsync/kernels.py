@@ -1,0 +1,88 @@
+"""One batched GPU kernel that copies and/or checksums many byte regions in a single pass.
+
+A round moves hundreds of tensors; launching one copy and one checksum per tensor would cost
+more in launches than in bytes. Instead the regions are cut into fixed-size blocks listed in a
+small table (source pointer, destination pointer, words, stream position), and one Triton
+launch walks the whole table: each block is read once, optionally written to its destination,
+and folded into the round's position-weighted checksum (see `weightsync.integrity`).
+
+Triton ships with every CUDA build of torch; without it (or on the CPU) callers fall back to
+plain torch operations with the same results.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+BLOCK_WORDS = 8192  # 64 KiB of 8-byte words per program
+WEIGHT_PERIOD = 65_521  # a prime: word weights cycle through 1..65521 (see integrity.py)
+
+
+@functools.cache
+def _triton():
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:  # noqa: BLE001 - any import problem means "not usable here"
+        return None
+
+    @triton.jit
+    def copy_digest(table_ptr, partial_ptr, BLOCK: tl.constexpr, PERIOD: tl.constexpr,
+                    COPY: tl.constexpr, DIGEST: tl.constexpr):
+        pid = tl.program_id(0)
+        row = table_ptr + pid * 4
+        src = tl.load(row).to(tl.pointer_type(tl.int64))
+        count = tl.load(row + 2)
+        offsets = tl.arange(0, BLOCK)
+        mask = offsets < count
+        words = tl.load(src + offsets, mask=mask, other=0)
+        if COPY:
+            dst = tl.load(row + 1).to(tl.pointer_type(tl.int64))
+            tl.store(dst + offsets, words, mask=mask)
+        if DIGEST:
+            # Weight of word p is (p mod PERIOD) + 1; BLOCK < PERIOD, so one subtraction wraps it.
+            base = (tl.load(row + 3) % PERIOD).to(tl.int32)
+            weight = base + offsets
+            weight = tl.where(weight >= PERIOD, weight - PERIOD, weight) + 1
+            tl.store(partial_ptr + pid * 2, tl.sum(words, axis=0))
+            tl.store(partial_ptr + pid * 2 + 1, tl.sum(words * weight.to(tl.int64), axis=0))
+
+    return copy_digest
+
+
+def triton_usable(device: torch.device) -> bool:
+    return device.type == "cuda" and _triton() is not None
+
+
+def block_table(regions: list[tuple[int, int, int, int]], device: torch.device) -> torch.Tensor:
+    """The kernel's work list for whole-word regions (src_ptr, dst_ptr, words, word_position):
+    one row per block of at most BLOCK_WORDS words, as an int64 [blocks, 4] tensor on `device`."""
+    rows = []
+    for src, dst, words, position in regions:
+        if words <= 0:
+            continue
+        starts = np.arange(0, words, BLOCK_WORDS, dtype=np.int64)
+        part = np.empty((starts.size, 4), dtype=np.int64)
+        part[:, 0] = src + starts * 8
+        part[:, 1] = dst + starts * 8 if dst else 0
+        part[:, 2] = np.minimum(words - starts, BLOCK_WORDS)
+        part[:, 3] = position + starts
+        rows.append(part)
+    table = np.concatenate(rows) if rows else np.zeros((0, 4), dtype=np.int64)
+    return torch.from_numpy(table).to(device, non_blocking=False)
+
+
+def run_blocks(table: torch.Tensor, copy: bool, digest: bool) -> torch.Tensor | None:
+    """Launch the kernel over `table` on the current stream; with `digest`, return the int64 [2]
+    (sum, weighted sum) of every word it read, still on the device (no host sync)."""
+    kernel = _triton()
+    blocks = table.shape[0]
+    if blocks == 0:
+        return torch.zeros(2, dtype=torch.int64, device=table.device) if digest else None
+    partial = torch.empty((blocks, 2) if digest else (1, 2), dtype=torch.int64, device=table.device)
+    kernel[(blocks,)](table, partial, BLOCK=BLOCK_WORDS, PERIOD=WEIGHT_PERIOD, COPY=copy, DIGEST=digest,
+                      num_warps=8)
+    return partial.sum(0) if digest else None

@@ -1,0 +1,320 @@
+"""The nccl transport: the collective round over an NCCL communicator of its own, on GPUs.
+
+The group's communicator comes from its own rendezvous (the trainer's TCPStore, or a unique id
+the trainer minted itself, `nccl_unique_id_b64`), never from torch.distributed's default group,
+so a training job's own collectives and several weight-sync groups in one process never meet.
+
+The payload pipeline is fully asynchronous on the GPU: the host enqueues every step of the round
+and waits once, at the final agreement.
+
+  trainer:   pack stream[b]  ── packs chunk k (+ checksum) into buffer b ──┐ event
+             comm stream     ── waits, broadcasts buffer b ────────────────┘ event → buffer b free
+  receiver:  comm stream     ── broadcasts chunk k straight into the weight store (or buffer b)
+             place stream[b] ── waits, checksums (or unpacks + checksums) chunk k
+
+So packing, sending and placing overlap; every wait the host does is bounded by the group's
+timeout, and a timeout aborts the communicator, which cancels its kernels: a dead peer makes the
+survivors fail instead of hanging. The chunk sizes ramp up at the start and down at the end so
+the pipeline fills and drains in small steps.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Sequence
+
+import torch
+
+from weightsync.errors import TransferError
+from weightsync.integrity import StreamDigest
+from weightsync.kernels import triton_usable
+from weightsync.layout import Chunk
+from weightsync.packing import Region, RegionPlan, landed_regions, pack_regions, unpack_regions
+from weightsync.protocol import InitInfo, RoundHeader
+from weightsync.rendezvous import open_store
+from weightsync.transports import register
+from weightsync.transports.collective import CollectiveTransport, Group, Pending
+from weightsync.transports.nccl_lib import Communicator, new_unique_id
+
+_SPIN_SECONDS = 0.002  # poll a GPU event without sleeping this long, then sleep between polls
+_UNIQUE_ID_KEY = "nccl_unique_id"
+
+
+def wait_event(event: torch.cuda.Event, comm: Communicator, what: str) -> None:
+    """Wait for `event` at most the group's timeout; on a failure or timeout abort `comm`."""
+    if comm.aborted:
+        raise TransferError(f"{what}: the group was aborted after an earlier failure; init it again")
+    started = time.monotonic()
+    deadline = started + comm.timeout
+    checked = started
+    while not event.query():
+        now = time.monotonic()
+        if now - checked > 0.05:  # a remote failure may be known to NCCL before any timeout
+            checked = now
+            state = comm.async_error()
+            if state not in (0, 7):
+                comm.abort()
+                raise TransferError(f"{what}: NCCL reported error {state} (a peer failed)")
+        if now > deadline:
+            comm.abort()
+            raise TransferError(f"{what} timed out after {comm.timeout:g}s (a peer is missing or stopped); "
+                                "the group was aborted")
+        time.sleep(0 if now - started < _SPIN_SECONDS else 0.0002)
+
+
+class _EventPending(Pending):
+    def __init__(self, event: torch.cuda.Event, comm: Communicator, what: str):
+        self._event, self._comm, self._what = event, comm, what
+
+    def wait(self) -> None:
+        wait_event(self._event, self._comm, self._what)
+
+
+class NcclGroup(Group):
+    """Broadcast and all-gather over one NCCL communicator, on a dedicated high-priority stream."""
+
+    def __init__(self, init: InitInfo, rank: int, device: torch.device):
+        if device.type != "cuda":
+            raise TransferError(f"the nccl transport needs a CUDA device, not {device}")
+        self.rank, self.world_size = rank, init.world_size
+        self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        self._store = None
+        with torch.cuda.device(self.device):
+            unique_id = self._unique_id(init, rank)
+            self.comm = Communicator(unique_id, rank, init.world_size, init.timeout_seconds)
+            # Collectives jump ahead of packing and checksum kernels when both wait for SMs.
+            self.stream = torch.cuda.Stream(self.device, priority=-1)
+            if init.nccl_unique_id_b64 is not None:
+                self._warm_up()  # trainers that mint the id issue this first (vLLM's convention)
+
+    def _unique_id(self, init: InitInfo, rank: int) -> bytes:
+        if init.nccl_unique_id_b64 is not None:
+            try:
+                return base64.b64decode(init.nccl_unique_id_b64, validate=True)
+            except (binascii.Error, ValueError):
+                raise TransferError("init_info.nccl_unique_id_b64 is not standard base64") from None
+        self._store = open_store(init, rank)
+        if rank == 0:
+            self._store.set(_UNIQUE_ID_KEY, base64.b64encode(new_unique_id()))
+            return base64.b64decode(self._store.get(_UNIQUE_ID_KEY))
+        try:
+            return base64.b64decode(self._store.get(_UNIQUE_ID_KEY))
+        except Exception as error:  # the store raises on its timeout
+            raise TransferError(f"rank {rank} got no NCCL unique id from the trainer: {error}") from error
+
+    def _warm_up(self) -> None:
+        one = torch.zeros(1, dtype=torch.float32, device=self.device)
+        self._after_current()
+        self.comm.all_reduce_float(one.data_ptr(), 1, self.stream.cuda_stream)
+        self._event("warm-up all_reduce").wait()
+
+    def _after_current(self) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def _event(self, what: str) -> _EventPending:
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return _EventPending(event, self.comm, what)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> Pending:
+        self._after_current()
+        self.comm.broadcast(tensor.data_ptr(), tensor.numel() * tensor.element_size(), src, self.stream.cuda_stream)
+        tensor.record_stream(self.stream)
+        return self._event("broadcast")
+
+    def broadcast_on_stream(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """Enqueue a broadcast on the group's stream with no dependency on the current stream
+        (the payload pipeline orders it with events) and no host wait."""
+        self.comm.broadcast(tensor.data_ptr(), tensor.numel() * tensor.element_size(), src, self.stream.cuda_stream)
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        out = self._all_gather(tensor)
+        return list(out.view(self.world_size, -1))
+
+    def gather_to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._all_gather(tensor).view(self.world_size, -1).cpu()
+
+    def _all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        out = torch.empty(self.world_size * tensor.numel(), dtype=tensor.dtype, device=self.device)
+        self._after_current()
+        self.comm.all_gather(tensor.data_ptr(), out.data_ptr(), nbytes, self.stream.cuda_stream)
+        tensor.record_stream(self.stream)
+        out.record_stream(self.stream)
+        self._event("all_gather").wait()
+        return out
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device)
+
+    def synchronize(self) -> None:
+        self._after_current()
+        self._event("synchronize").wait()
+
+    def close(self) -> None:
+        self.comm.abort()  # local teardown; never waits for peers
+        self._store = None
+
+
+class _Streams:
+    """Per-buffer side streams of one transport, created once."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._pools: dict[str, list[torch.cuda.Stream]] = {}
+
+    def get(self, kind: str, count: int) -> list[torch.cuda.Stream]:
+        pool = self._pools.setdefault(kind, [])
+        while len(pool) < count:
+            pool.append(torch.cuda.Stream(self.device))
+        return pool[:count]
+
+    def all(self) -> list[torch.cuda.Stream]:
+        return [s for pool in self._pools.values() for s in pool]
+
+
+@register
+class NcclTransport(CollectiveTransport):
+    name = "nccl"
+    ramp = True
+
+    def __init__(self, init, rank, device, group: NcclGroup):
+        super().__init__(init, rank, device, group)
+        self._streams = _Streams(device)
+        self._plans: dict[str, tuple[tuple, list[RegionPlan]]] = {}
+
+    @classmethod
+    def connect(cls, init: InitInfo, rank: int, device: torch.device | None = None) -> "NcclTransport":
+        if not torch.cuda.is_available():
+            raise TransferError("the nccl transport needs CUDA, and none is available here")
+        if device is None or device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        transport = cls(init, rank, device, NcclGroup(init, rank, device))
+        transport._warm_kernels()
+        return transport
+
+    def _warm_kernels(self) -> None:
+        """Compile the batched copy/checksum kernel now, not inside the first round."""
+        if not triton_usable(self.device):
+            return
+        with torch.cuda.device(self.device):
+            a = torch.arange(64, dtype=torch.int64, device=self.device).view(torch.uint8)
+            b = torch.empty_like(a)
+            for copy, digest in ((True, True), (True, False), (False, True)):
+                RegionPlan([Region(a, b if copy else None, 0)], copy=copy, digest=digest).run(
+                    StreamDigest(self.device) if digest else None)
+            torch.cuda.synchronize(self.device)
+
+    # -- plans, cached while the memory they point at stays the same -----------------------
+    def _cached_plans(self, kind: str, chunks: Sequence[Chunk], key: tuple, build) -> list[RegionPlan]:
+        """The plans for `chunks` (a cached list: the entry keeps it alive, so its id is stable)
+        whose memory is identified by `key` (data pointers); built on first use."""
+        key = (id(chunks), *key)
+        cached = self._plans.get(kind)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        self._plans.pop(kind, None)  # release the old plan's memory before building anew
+        plans = build()
+        self._plans[kind] = (key, plans, chunks)
+        return plans
+
+    # -- trainer ------------------------------------------------------------------------------
+    def _send_payload(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader,
+                      digest: StreamDigest | None) -> None:
+        group: NcclGroup = self.group
+        count = header.num_buffers
+        buffers = self._staging_buffers(count)
+        verify = digest is not None
+        key = (verify, tuple((s.data_ptr(), s.numel()) for s in sources), tuple(b.data_ptr() for b in buffers))
+        plans = self._cached_plans("pack", chunks, key, lambda: [
+            RegionPlan(pack_regions(c, sources, buffers[c.number % count]), copy=True, digest=verify)
+            for c in chunks])
+        current = torch.cuda.current_stream(self.device)
+        streams = self._streams.get("pack", count)
+        parts = [StreamDigest(self.device) for _ in range(count)] if verify else [None] * count
+        for stream in streams:
+            stream.wait_stream(current)  # the sources were written on the caller's stream
+        group.stream.wait_stream(current)
+        sent: list[torch.cuda.Event | None] = [None] * count
+        for chunk, plan in zip(chunks, plans):
+            b = chunk.number % count
+            stream = streams[b]
+            if sent[b] is not None:
+                stream.wait_event(sent[b])  # buffer b is free once its last broadcast is done
+            with torch.cuda.stream(stream):
+                plan.run(parts[b])
+            packed = torch.cuda.Event()
+            packed.record(stream)
+            group.stream.wait_event(packed)
+            group.broadcast_on_stream(buffers[b][: chunk.nbytes])
+            sent[b] = torch.cuda.Event()
+            sent[b].record(group.stream)
+        self._join(streams, parts, digest)
+
+    def _join(self, streams, parts, digest: StreamDigest | None) -> None:
+        """Make the caller's stream wait for every side stream, then fold the partial checksums."""
+        current = torch.cuda.current_stream(self.device)
+        for stream in streams:
+            current.wait_stream(stream)
+        current.wait_stream(self.group.stream)
+        if digest is not None:
+            for part in parts:
+                digest.add(part.sums)
+
+    # -- receiver -----------------------------------------------------------------------------
+    def _receive_payload(self, chunks: Sequence[Chunk], header: RoundHeader, digest: StreamDigest | None,
+                         landing) -> None:
+        group: NcclGroup = self.group
+        count = header.num_buffers
+        verify = digest is not None
+        target, destinations = landing.target, landing.destinations
+        current = torch.cuda.current_stream(self.device)
+        streams = self._streams.get("place", count)
+        parts = [StreamDigest(self.device) for _ in range(count)] if verify else [None] * count
+        group.stream.wait_stream(current)
+        for stream in streams:
+            stream.wait_stream(current)
+        if target is not None:
+            plans = self._cached_plans("landed", chunks, (target.data_ptr(), target.numel()), lambda: [
+                RegionPlan(landed_regions(c, target), copy=False) for c in chunks]) if verify else None
+            for chunk in chunks:
+                group.broadcast_on_stream(target[chunk.start : chunk.stop])
+                if verify:
+                    landed = torch.cuda.Event()
+                    landed.record(group.stream)
+                    stream = streams[chunk.number % count]
+                    stream.wait_event(landed)
+                    with torch.cuda.stream(stream):
+                        plans[chunk.number].run(parts[chunk.number % count])
+        else:
+            buffers = self._staging_buffers(count)
+            key = (verify, tuple((d.data_ptr(), d.numel()) for d in destinations),
+                   tuple(b.data_ptr() for b in buffers))
+            plans = self._cached_plans("unpack", chunks, key, lambda: [
+                RegionPlan(unpack_regions(c, buffers[c.number % count][: c.nbytes], destinations), copy=True,
+                           digest=verify) for c in chunks])
+            placed: list[torch.cuda.Event | None] = [None] * count
+            for chunk, plan in zip(chunks, plans):
+                b = chunk.number % count
+                if placed[b] is not None:
+                    group.stream.wait_event(placed[b])  # buffer b is free once unpacked
+                group.broadcast_on_stream(buffers[b][: chunk.nbytes])
+                landed = torch.cuda.Event()
+                landed.record(group.stream)
+                streams[b].wait_event(landed)
+                with torch.cuda.stream(streams[b]):
+                    plan.run(parts[b])
+                placed[b] = torch.cuda.Event()
+                placed[b].record(streams[b])
+        self._join(streams, parts, digest)
+
+    def close(self) -> None:
+        self.group.close()  # aborting cancels any collective still queued, so the syncs end
+        for stream in self._streams.all():
+            stream.synchronize()
+        self._plans.clear()
+        self._buffers.clear()
+        self._shadow = None
