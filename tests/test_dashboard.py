@@ -162,11 +162,11 @@ def test_dashboard_answers_the_questions_it_is_for():
 
 # -- alerts -------------------------------------------------------------------------------
 
-def test_alerts_cover_failures_skew_staleness_and_down_daemons():
+def test_alerts_cover_failures_skew_staleness_down_daemons_and_partial_weights():
     rules, _ = render_rules()
     by_name = {r["alert"]: r for r in rules}
     assert set(by_name) == {"WeightSyncSyncsFailing", "WeightSyncVersionSkew", "WeightSyncNoRecentSuccess",
-                            "WeightSyncDaemonDown"}
+                            "WeightSyncDaemonDown", "WeightSyncPartialWeights"}
     for rule in rules:
         assert rule["labels"]["severity"] and rule["annotations"]["summary"] and rule["annotations"]["description"]
     assert 'outcome="failure"' in by_name["WeightSyncSyncsFailing"]["expr"]
@@ -182,13 +182,16 @@ def test_alert_thresholds_and_labels_come_from_values():
         "syncsFailing": {"window": "30m", "severity": "critical"},
         "versionSkew": {"maxVersions": 2, "for": "15m", "severity": "info"},
         "noRecentSuccess": {"minutes": 45, "severity": "critical"},
-        "daemonDown": {"for": "1m", "severity": "warning"}})
+        "daemonDown": {"for": "1m", "severity": "warning"},
+        "partialWeights": {"for": "2m", "severity": "warning"}})
     by_name = {r["alert"]: r for r in rules}
     assert "[30m]" in by_name["WeightSyncSyncsFailing"]["expr"]
     assert by_name["WeightSyncSyncsFailing"]["labels"] == {"severity": "critical", "team": "rl"}
     assert by_name["WeightSyncVersionSkew"]["expr"].endswith("> 2") and by_name["WeightSyncVersionSkew"]["for"] == "15m"
     assert by_name["WeightSyncNoRecentSuccess"]["expr"].endswith("> 2700")
     assert by_name["WeightSyncDaemonDown"]["for"] == "1m"
+    assert by_name["WeightSyncPartialWeights"]["for"] == "2m"
+    assert by_name["WeightSyncPartialWeights"]["labels"]["severity"] == "warning"
     assert all(r["labels"]["team"] == "rl" for r in rules)
     assert all("{{ $labels." in r["annotations"]["description"] for r in rules)  # Prometheus templates survive Helm
 
