@@ -34,6 +34,7 @@ EVERYTHING_ON = {
                  "podAnnotations": {"a": "b"}, "nodeSelector": {"pool": "system"},
                  "tolerations": [{"key": "system", "operator": "Exists"}], "priorityClassName": "high"},
     "serviceAccount": {"annotations": {"iam": "role"}},
+    "trainerRbac": {"bindings": [{"namespace": "rl", "serviceAccount": "trainer"}]},
     "daemon": {"enabled": True, "syncName": "grpo-policy", "replicas": 8, "backend": "ipc",
                "gpu": {"resource": "nvidia.com/mig-3g.40gb"},
                "extraEnv": [{"name": "NCCL_DEBUG", "value": "WARN"}], "runtimeClassName": "nvidia",
@@ -124,6 +125,7 @@ def test_defaults_render_and_validate():
         ("ServiceAccount", FULL),
         ("ClusterRole", f"{FULL}-operator"),
         ("ClusterRoleBinding", f"{FULL}-operator"),
+        ("ClusterRole", f"{FULL}-trainer"),
         ("Secret", f"{FULL}-auth"),
         ("Service", f"{FULL}-inference"),
         ("Service", f"{FULL}-trainer"),
@@ -143,9 +145,11 @@ def test_every_feature_on_renders_and_validates():
         ("ServiceAccount", FULL),
         ("ClusterRole", f"{FULL}-operator"),
         ("ClusterRoleBinding", f"{FULL}-operator"),
+        ("ClusterRole", f"{FULL}-trainer"),
         ("Secret", f"{FULL}-auth"),
         ("Service", f"{FULL}-inference"),
         ("Service", f"{FULL}-trainer"),
+        ("RoleBinding", f"{FULL}-trainer-trainer"),
         ("NetworkPolicy", f"{FULL}-daemon"),
         ("ServiceMonitor", FULL),
         ("PrometheusRule", FULL),
@@ -231,7 +235,7 @@ def test_more_replicas_peer_through_kopf():
     peering = find(docs, "ClusterKopfPeering", FULL)
     assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
     assert "strategy" not in find(docs, "Deployment", f"{FULL}-operator")["spec"]
-    rules = find(docs, "ClusterRole")["rules"]
+    rules = find(docs, "ClusterRole", f"{FULL}-operator")["rules"]
     assert {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"],
             "verbs": ["get", "list", "watch", "patch"]} in rules
     named = render({"operator": {"replicas": 2, "peering": {"name": "shared", "installCRDs": False}}})
@@ -257,27 +261,27 @@ def grants(rules: list[dict]) -> set[tuple[str, str, str]]:
     return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
 
 
-NAMESPACED = ({("weightsync.dev", "weightsyncs", v) for v in ("get", "list", "watch", "patch", "update")}
-              | {("weightsync.dev", "weightsyncs/status", v) for v in ("get", "patch", "update")}
-              | {("", "pods", v) for v in ("get", "list", "watch")}
-              | {("", "events", v) for v in ("create", "patch")})
+NAMESPACED = ({("weightsync.dev", "weightsyncs", v) for v in ("list", "watch", "patch")}
+              | {("weightsync.dev", "weightsyncs/status", "patch")}
+              | {("", "pods", v) for v in ("list", "watch")}
+              | {("", "events", "create")})
 DISCOVERY = ({("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
              | {("", "namespaces", v) for v in ("list", "watch")})
 
 
 def test_rbac_grants_only_what_the_operator_uses():
     docs = render()
-    cluster = grants(find(docs, "ClusterRole")["rules"])
+    cluster = grants(find(docs, "ClusterRole", f"{FULL}-operator")["rules"])
     assert cluster == NAMESPACED | DISCOVERY
     assert not {g for g in cluster if "*" in g or g[1] == "secrets"}
     binding = find(docs, "ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULL, "namespace": NAMESPACE}]
-    assert binding["roleRef"]["name"] == find(docs, "ClusterRole")["metadata"]["name"]
+    assert binding["roleRef"]["name"] == find(docs, "ClusterRole", f"{FULL}-operator")["metadata"]["name"]
 
 
 def test_rbac_is_namespaced_when_namespaces_are_listed():
     docs = render({"operator": {"watchNamespaces": ["team-a"]}})
-    assert grants(find(docs, "ClusterRole")["rules"]) == DISCOVERY
+    assert grants(find(docs, "ClusterRole", f"{FULL}-operator")["rules"]) == DISCOVERY
     role = find(docs, "Role")
     assert role["metadata"]["namespace"] == "team-a" and grants(role["rules"]) == NAMESPACED
     assert find(docs, "RoleBinding")["subjects"][0]["namespace"] == NAMESPACE
@@ -285,10 +289,63 @@ def test_rbac_is_namespaced_when_namespaces_are_listed():
     assert args[:2] == ["--namespace=team-a", "--standalone"]
 
 
+# What each KubeApi method needs, for the scan of the code below.
+KUBE_API_VERBS = {"get": {("weightsync.dev", "weightsyncs", "get")},
+                  "patch_spec": {("weightsync.dev", "weightsyncs", "patch")},
+                  "replace_status": {("weightsync.dev", "weightsyncs/status", "patch")},
+                  "watch": {("weightsync.dev", "weightsyncs", v) for v in ("list", "watch")}}
+OPERATOR_CODE = ROOT / "operator" / "weightsync_operator"
+
+
+def _kube_calls(paths: list[Path]) -> set[str]:
+    """Names of the KubeApi methods the code calls (`kube.<method>(`)."""
+    calls = set()
+    for path in paths:
+        calls |= set(re.findall(r"\bkube\.(\w+)\(", path.read_text()))
+    return calls - {"close", "from_environment", "for_url"}
+
+
+def test_rbac_covers_every_kubernetes_call_the_code_makes():
+    """Read the operator's and the trainer client's code: each KubeApi call and kopf event needs
+    its verbs in the matching role (and the roles hold nothing else, see above)."""
+    trainer_code = OPERATOR_CODE / "trainer_client.py"
+    if not (OPERATOR_CODE / "handlers.py").exists():
+        pytest.skip("the operator's kopf handlers are not there yet")
+    operator_code = [p for p in OPERATOR_CODE.glob("*.py") if p.name not in ("kube.py", "trainer_client.py")]
+    docs = render()
+    operator_grants = grants(find(docs, "ClusterRole", f"{FULL}-operator")["rules"])
+    trainer_grants = grants(find(docs, "ClusterRole", f"{FULL}-trainer")["rules"])
+    calls = _kube_calls(operator_code)
+    assert calls <= set(KUBE_API_VERBS), f"unknown KubeApi calls {calls - set(KUBE_API_VERBS)}: map them to verbs"
+    for call in calls:
+        assert KUBE_API_VERBS[call] <= operator_grants, f"the operator calls kube.{call} without its verbs"
+    handlers = (OPERATOR_CODE / "handlers.py").read_text() + (OPERATOR_CODE / "runtime.py").read_text()
+    if "kopf.event(" in handlers:
+        assert ("", "events", "create") in operator_grants
+    if '"pods"' in handlers:
+        assert {("", "pods", "list"), ("", "pods", "watch")} <= operator_grants
+    if trainer_code.exists():
+        needed = set().union(*(KUBE_API_VERBS[c] for c in _kube_calls([trainer_code])))
+        assert needed == trainer_grants
+
+
+def test_trainer_role_is_bound_where_asked():
+    docs = render({"trainerRbac": {"bindings": [{"namespace": "rl", "serviceAccount": "trainer"},
+                                                {"namespace": "rl-eval", "serviceAccount": "eval"}]}})
+    role = find(docs, "ClusterRole", f"{FULL}-trainer")
+    assert grants(role["rules"]) == {("weightsync.dev", "weightsyncs", v) for v in ("get", "list", "watch", "patch")}
+    bindings = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert {(b["metadata"]["namespace"], b["subjects"][0]["name"], b["roleRef"]["name"]) for b in bindings} == {
+        ("rl", "trainer", f"{FULL}-trainer"), ("rl-eval", "eval", f"{FULL}-trainer")}
+    assert not [d for d in render({"trainerRbac": {"create": False}}) if "trainer" in d["metadata"]["name"]
+                and "Role" in d["kind"]]
+
+
 def test_rbac_and_operator_can_be_left_out():
     docs = render({"operator": {"enabled": False}})
-    assert not [d for d in docs if d["kind"] in ("Deployment", "ClusterRole", "ServiceAccount")]
-    assert not [d for d in render({"rbac": {"create": False}}) if "Role" in d["kind"]]
+    assert not [d for d in docs if d["kind"] in ("Deployment", "ClusterRole", "ServiceAccount")
+                and d["metadata"]["name"] != f"{FULL}-trainer"]
+    assert not [d for d in render({"rbac": {"create": False}}) if "Role" in d["kind"] and "operator" in d["metadata"]["name"]]
 
 
 # -- the GPU daemons ----------------------------------------------------------------------
