@@ -298,10 +298,10 @@ OPERATOR_CODE = ROOT / "operator" / "weightsync_operator"
 
 
 def _kube_calls(paths: list[Path]) -> set[str]:
-    """Names of the KubeApi methods the code calls (`kube.<method>(`)."""
+    """Names of the KubeApi methods the code calls or hands to a thread (`kube.<method>`)."""
     calls = set()
     for path in paths:
-        calls |= set(re.findall(r"\bkube\.(\w+)\(", path.read_text()))
+        calls |= set(re.findall(r"\bkube\.(\w+)", path.read_text()))
     return calls - {"close", "from_environment", "for_url"}
 
 
