@@ -10,8 +10,19 @@ from weightsync.store import WeightStore
 from weightsync.trainer import WeightSender
 from weightsync.transports import SparsePatch, available, get_transport, register
 
+
+def connect(name: str, namespace: str | None = None, **kwargs):
+    """Lead the WeightSync `name` as its trainer, on Kubernetes; returns a client whose
+    `push(named_tensors, version)` publishes a version (see weightsync_operator.trainer_client).
+
+    Imported on call: the core library itself never imports Kubernetes."""
+    from weightsync_operator.trainer_client import connect as _connect
+
+    return _connect(name, namespace, **kwargs)
+
+
 __all__ = [
-    "InitInfo", "ManifestMismatch", "Manifest", "PhaseError", "ProtocolError", "SparsePatch",
+    "connect", "InitInfo", "ManifestMismatch", "Manifest", "PhaseError", "ProtocolError", "SparsePatch",
     "TensorSpec", "TransferError", "UpdateInfo", "WeightSender", "WeightStore", "WeightSyncError",
     "available", "get_transport", "register",
 ]

@@ -56,7 +56,7 @@ def weightsync_changed(namespace: str, name: str, body: kopf.Body, memo: kopf.Me
     """Wake the loop when the spec changed (the operator's own status writes do not count)."""
     reconciler = memo.runtime.existing(namespace, name)
     generation = body.get("metadata", {}).get("generation")
-    if reconciler is not None and generation != getattr(reconciler, "seen_generation", None):
+    if reconciler is not None and generation != reconciler.seen_generation:
         reconciler.seen_generation = generation
         reconciler.wake.set()
 

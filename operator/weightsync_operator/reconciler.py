@@ -49,7 +49,8 @@ class Reconciler:
                  emit: EventSink, token: str | None = None, recheck_interval: float = 30.0):
         self.namespace, self.name = namespace, name
         self.lock = asyncio.Lock()
-        self.wake = asyncio.Event()
+        self.wake = asyncio.Event()  # set when something this WeightSync depends on changed
+        self.seen_generation: int | None = None  # the spec generation the loop last looked at
         self._http, self._token = http, token
         self._write, self._emit = write_status, emit
         self.recheck_interval = recheck_interval
@@ -154,18 +155,27 @@ class Reconciler:
 
     async def _catch_up(self, spec: WeightSyncSpec, sync_spec: SyncSpec, targets: list[PartyClient],
                         generation: int | None) -> None:
-        """Bring targets that lack the current version up to it from a peer that holds it."""
-        answers = await asyncio.gather(*(t.weight_version(sync_spec.timeouts.request) for t in targets),
-                                       return_exceptions=True)
+        """Bring targets that lack the current version up to it from a peer that holds it intact."""
+        timeout = sync_spec.timeouts.request
+        answers = await asyncio.gather(*(t.health(timeout) for t in targets), return_exceptions=True)
+        reachable = []
         for target, answer in zip(targets, answers):
-            self._versions[target.name] = None if isinstance(answer, BaseException) else answer
+            if isinstance(answer, BaseException):
+                self._versions[target.name] = None
+                continue
+            reachable.append(target)
+            if answer.get("weights_intact", True):
+                self._versions[target.name] = answer.get("weight_version")
+            else:  # a failed round left part of itself in these weights: they hold no version
+                self._versions[target.name] = None
+                self._problems[target.name] = ("Stale", "its weights hold part of a failed round")
         current = self.status.current_version
         if current is None:
             return
-        have = [t for t in targets if self._versions.get(t.name) == str(current)]
-        stale = [t for t in targets if self._versions.get(t.name) != str(current)]
+        have = [t for t in reachable if self._versions.get(t.name) == str(current)]
+        stale = [t for t in reachable if self._versions.get(t.name) != str(current)]
         if not stale or not have:
-            return
+            return  # nothing to do, or nobody to copy from: the trainer's next version reaches all
         source = self._members[have[0].name]
         self._update(spec, generation, progressing=("CatchingUp", f"catching up {len(stale)} target(s)"),
                      message=f"catching up {', '.join(t.name for t in stale)} to version {current} from {source.name}")
@@ -180,6 +190,10 @@ class Reconciler:
                                              f"(from {source.name}, {result.bytes} bytes in {result.transfer_seconds:.3f}s)")
         else:
             self._emit("Warning", "CatchUpFailed", f"catching up to version {current} failed: {result.reason}")
+            # A joiner may still wait in the failed group's rendezvous: let it give up and leave
+            # before the real group forms, or that group would wait for it in vain.
+            await asyncio.gather(*(t.close(sync_spec.transfer_timeout + timeout) for t in stale),
+                                 return_exceptions=True)
 
     async def _sync(self, spec: WeightSyncSpec, generation: int | None) -> None:
         version = spec.version
@@ -354,7 +368,7 @@ class Reconciler:
             backend=spec.backend, master_address=trainer.ip, master_port=trainer.rendezvous_port or spec.rendezvous_port,
             packed_buffer_size_bytes=spec.packed_buffer_size_bytes, packed_num_buffers=spec.packed_num_buffers,
             pause_mode=spec.pause_mode, group_name=f"{self.namespace}.{self.name}"[:96],
-            transfer_timeout=t.transfer_seconds, verify=spec.verify,
+            transfer_timeout=t.transfer_seconds, verify=spec.verify, atomic=spec.atomic,
             timeouts=Timeouts(request=t.request_seconds, init=t.init_seconds, start=t.start_seconds,
                               update=t.update_seconds, finish=t.finish_seconds))
 

@@ -79,7 +79,7 @@ class StepTimeouts(_Model):
     start_seconds: Seconds = Field(30.0, description="Starting a round.")
     update_seconds: Seconds = Field(600.0, description="Moving the weights (the data plane).")
     finish_seconds: Seconds = Field(30.0, description="Making the new version live.")
-    transfer_seconds: Seconds = Field(
+    transfer_seconds: Annotated[float, Field(gt=0, le=3600)] = Field(
         60.0, description="How long a collective waits for a peer; keep it below updateSeconds so "
                           "parties report their own failure first.")
 
@@ -112,8 +112,12 @@ class WeightSyncSpec(_Model):
                             "requests) or none (no pause).")
     timeouts: StepTimeouts = Field(default_factory=StepTimeouts, json_schema_extra={"default": {}})
     verify: bool = Field(
-        False, description="After each sync, compare every target's SHA-256 checksums with the "
-                           "trainer's and fail the round on any difference.")
+        True, description="Checksum every round's byte stream; each target verifies it before the new "
+                          "version goes live, and the round fails on any difference.")
+    atomic: bool = Field(
+        False, description="Targets receive into a second copy of their weights and switch to it only "
+                           "once the round verified, so a failed round leaves them untouched (and able to "
+                           "seed late joiners); costs one more copy of the weights per target.")
 
     @model_validator(mode="after")
     def _transfer_below_update(self) -> "WeightSyncSpec":

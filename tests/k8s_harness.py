@@ -1,0 +1,260 @@
+"""The pieces of an emulated cluster for the operator's tests and benchmark, all real except the
+API server: kmock's emulator (see k8s_emulator.py) serving real HTTP, kopf's real runtime over
+our handlers in this event loop, real daemon processes, a real trainer process, and Pod objects
+whose IP and `weightsync.dev/daemon-port` annotation point at those processes on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import kmock
+import kopf
+import yaml
+
+from k8s_emulator import ClusterEmulator
+from weightsync_operator import handlers
+from weightsync_operator.kube import KubeApi
+from weightsync_operator.local import LocalProcess, free_port
+from weightsync_operator.pods import DAEMON_PORT_ANNOTATION, RENDEZVOUS_PORT_ANNOTATION
+from weightsync_operator.resource import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from weightsync_operator.runtime import Runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+CRD_PATH = ROOT / "crds" / "weightsync.dev_weightsyncs.yaml"
+WEIGHTSYNCS = kmock.resource(GROUP, VERSION, PLURAL)
+PODS = kmock.resource("", "v1", "pods")
+EVENTS = kmock.resource("", "v1", "events")
+
+
+class Cluster:
+    """An emulated API server with the WeightSync CRD installed, and a kubeconfig for it."""
+
+    def __init__(self, emulator: ClusterEmulator, url: str, kubeconfig: Path):
+        self.emulator, self.url, self.kubeconfig = emulator, url, kubeconfig
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        # Made on first use and again after kopf stops: kopf cancels the tasks of its loop.
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(base_url=self.url)
+        return self._session
+
+    async def request(self, method: str, path: str, body: Any = None, content_type: str | None = None) -> dict:
+        headers = {"Content-Type": content_type} if content_type else {}
+        async with self.session.request(method, path, json=body, headers=headers) as response:
+            answer = await response.json(content_type=None)
+            if response.status >= 400:
+                raise RuntimeError(f"{method} {path}: HTTP {response.status}: {answer.get('message')}")
+            return answer
+
+    async def apply_crd(self) -> None:
+        await self.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+                           yaml.safe_load(CRD_PATH.read_text()))
+
+    # -- WeightSyncs ----------------------------------------------------------------------
+    async def create_weightsync(self, namespace: str, name: str, spec: dict) -> dict:
+        body = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": namespace},
+                "spec": spec}
+        return await self.request("POST", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}", body)
+
+    async def patch_weightsync(self, namespace: str, name: str, patch: dict) -> dict:
+        return await self.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}",
+                                  patch, "application/merge-patch+json")
+
+    async def delete_weightsync(self, namespace: str, name: str) -> None:
+        await self.request("DELETE", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}")
+
+    def weightsync(self, namespace: str, name: str) -> dict | None:
+        return self.emulator.get(WEIGHTSYNCS, namespace, name)
+
+    def statuses(self, namespace: str, name: str) -> list[dict]:
+        """Every status the WeightSync has had, oldest first."""
+        return [v.get("status") or {} for v in self.emulator.history(WEIGHTSYNCS, namespace, name)]
+
+    def events(self, namespace: str, name: str) -> list[dict]:
+        """Kubernetes Events posted about a WeightSync."""
+        return [obj.raw for (res, ns, _), obj in self.emulator.objects.items()
+                if res == EVENTS and ns == namespace and not obj.deleted
+                and obj.raw.get("involvedObject", {}).get("name") == name]
+
+    async def wait_for_event(self, namespace: str, name: str, reason: str, timeout: float = 10.0) -> dict:
+        """The first Event with this reason about the WeightSync (kopf posts them in the background)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.events(namespace, name) if e.get("reason") == reason]
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                seen = sorted({e.get("reason") for e in self.events(namespace, name)})
+                raise AssertionError(f"no {reason} event about {namespace}/{name} within {timeout:g}s; saw {seen}")
+            await asyncio.sleep(0.02)
+
+    async def wait_for(self, namespace: str, name: str, predicate: Callable[[dict], bool], timeout: float,
+                       what: str = "the expected state") -> dict:
+        """Poll the stored WeightSync until `predicate(obj)` holds; fail with its status if not."""
+        deadline = time.monotonic() + timeout
+        while True:
+            obj = self.weightsync(namespace, name)
+            if obj is not None and predicate(obj):
+                return obj
+            if time.monotonic() > deadline:
+                status = json.dumps((obj or {}).get("status"), indent=1)[:3000]
+                raise AssertionError(f"{namespace}/{name} did not reach {what} within {timeout:g}s; status: {status}")
+            await asyncio.sleep(0.02)
+
+    # -- pods -----------------------------------------------------------------------------
+    async def create_pod(self, namespace: str, name: str, role: str, sync: str, url: str,
+                         rendezvous_port: int | None = None, ready: bool = True, restarts: int = 0) -> dict:
+        """A scheduled, running pod whose daemon is the local process at `url`."""
+        annotations = {DAEMON_PORT_ANNOTATION: url.rsplit(":", 1)[1]}
+        if rendezvous_port is not None:
+            annotations[RENDEZVOUS_PORT_ANNOTATION] = str(rendezvous_port)
+        body = {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "annotations": annotations,
+                         "labels": {"weightsync.dev/role": role, "weightsync.dev/sync": sync}},
+            "spec": {"containers": [{"name": "main", "image": f"weightsync/{role}"}]},
+            "status": pod_status(ready, restarts),
+        }
+        return await self.request("POST", f"/api/v1/namespaces/{namespace}/pods", body)
+
+    async def restart_pod(self, namespace: str, name: str, url: str, restarts: int) -> None:
+        """The kubelet restarted the pod's container: a new process (here: a new port)."""
+        path = f"/api/v1/namespaces/{namespace}/pods/{name}"
+        await self.request("PATCH", path, {"metadata": {"annotations": {DAEMON_PORT_ANNOTATION: url.rsplit(":", 1)[1]}}},
+                           "application/merge-patch+json")
+        await self.request("PATCH", path + "/status", {"status": pod_status(True, restarts)},
+                           "application/merge-patch+json")
+
+    async def set_pod_ready(self, namespace: str, name: str, ready: bool, restarts: int = 0) -> None:
+        await self.request("PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}/status",
+                           {"status": pod_status(ready, restarts)}, "application/merge-patch+json")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def pod_status(ready: bool, restarts: int) -> dict:
+    return {"phase": "Running", "podIP": "127.0.0.1",
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            "containerStatuses": [{"name": "main", "ready": ready, "restartCount": restarts}]}
+
+
+def write_kubeconfig(path: Path, url: str, namespace: str = "default") -> Path:
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": url}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "tester", "namespace": namespace}}],
+        "users": [{"name": "tester", "user": {"token": "not-checked"}}],
+    }))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def cluster(workdir: Path) -> AsyncIterator[Cluster]:
+    async with ClusterEmulator() as emulator, kmock.Server(emulator) as server:
+        url = str(server.url).rstrip("/")
+        handle = Cluster(emulator, url, write_kubeconfig(workdir / "kubeconfig", url))
+        try:
+            await handle.apply_crd()
+            yield handle
+        finally:
+            await handle.close()
+
+
+@contextlib.asynccontextmanager
+async def operator(url: str, recheck_interval: float = 30.0) -> AsyncIterator[Runtime]:
+    """kopf's real runtime over our handlers, in this event loop, until the block ends."""
+    registry = handlers.register(kopf.OperatorRegistry())
+
+    @kopf.on.login(registry=registry)
+    def login(**_):
+        return kopf.ConnectionInfo(server=url, scheme="Bearer", token="not-checked")
+
+    runtime = Runtime(KubeApi.for_url(url), recheck_interval=recheck_interval)
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(kopf.operator(registry=registry, standalone=True, clusterwide=True,
+                                             stop_flag=stop, ready_flag=ready, memo=kopf.Memo(runtime=runtime)))
+    try:
+        await asyncio.wait_for(ready.wait(), 30)
+        yield runtime
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        runtime.kube.close()
+
+
+async def start_daemons(count: int, prefix: str = "infer", timeout: float = 60.0) -> list[LocalProcess]:
+    """`count` standalone daemon processes on the cpu transport, started at once."""
+    started = await asyncio.gather(*(
+        LocalProcess.start(f"{prefix}-{i}", "weightsync_daemon",
+                           ["--host", "127.0.0.1", "--port", "0", "--backend", "cpu"], timeout)
+        for i in range(count)), return_exceptions=True)
+    failures = [s for s in started if isinstance(s, BaseException)]
+    if failures:
+        await asyncio.gather(*(s.stop() for s in started if isinstance(s, LocalProcess)))
+        raise failures[0]
+    return list(started)
+
+
+class Trainer:
+    """The trainer process (tests/k8s_trainer.py), driven through its stdin."""
+
+    def __init__(self, process: LocalProcess):
+        self.process = process
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    @classmethod
+    async def start(cls, c: Cluster, namespace: str, name: str, pod: str, mbytes: float = 4.0,
+                    push_timeout: float = 60.0) -> "Trainer":
+        env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+        process = await LocalProcess.start(pod, "k8s_trainer", [
+            "--name", name, "--namespace", namespace, "--pod", pod, "--kubeconfig", str(c.kubeconfig),
+            "--mbytes", str(mbytes), "--push-timeout", str(push_timeout)], env=env)
+        return cls(process)
+
+    async def command(self, deadline: float, **command) -> dict:
+        self.process.process.stdin.write(json.dumps(command).encode() + b"\n")
+        await self.process.process.stdin.drain()
+        line = await asyncio.wait_for(self.process.process.stdout.readline(), deadline)
+        if not line:
+            raise RuntimeError(f"the trainer process exited (code {self.process.process.returncode})")
+        return json.loads(line)
+
+    async def push(self, version: int, timeout: float = 90.0) -> dict:
+        return await self.command(timeout, cmd="push", version=version)
+
+    async def wait_ready(self, timeout: float = 60.0) -> dict:
+        return await self.command(timeout + 5, cmd="wait_ready", timeout=timeout)
+
+    async def stop(self) -> None:
+        await self.process.stop()
+
+
+async def checksums(http, urls: list[str]) -> list[tuple[str | None, str]]:
+    """(weight version, combined SHA-256) of each daemon's weights."""
+    answers = []
+    for url in urls:
+        response = await http.post(url + "/weight_checker", json={"action": "checksum"}, timeout=30)
+        response.raise_for_status()
+        body = response.json()
+        answers.append((body["weight_version"], body["checksum"]))
+    return answers
+
+
+__all__ = ["Cluster", "Trainer", "checksums", "cluster", "free_port", "operator", "start_daemons"]

@@ -1,0 +1,206 @@
+"""The operator end to end: kopf's real runtime against an emulated API server (real HTTP, watch
+streams), real daemon processes, a real trainer process on the cpu transport, and Pod objects
+whose IPs and ports point at those processes."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import httpx
+import pytest
+
+from k8s_emulator import schema_problems
+from k8s_harness import Trainer, checksums, cluster, free_port, operator, start_daemons
+from weightsync_operator.crd import build_crd
+
+pytestmark = [pytest.mark.k8s]
+
+NS, NAME = "rl", "policy-sync"
+SCHEMA = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def spec(rendezvous_port: int, **overrides) -> dict:
+    return {
+        "backend": "cpu",
+        "trainerSelector": {"matchLabels": {"weightsync.dev/role": "trainer", "weightsync.dev/sync": NAME}},
+        "targetSelector": {"matchLabels": {"weightsync.dev/role": "inference", "weightsync.dev/sync": NAME}},
+        "rendezvousPort": rendezvous_port,
+        "packedBufferSizeBytes": 1 << 20,
+        "pauseMode": "keep",
+        "timeouts": {"requestSeconds": 5, "initSeconds": 20, "startSeconds": 10, "updateSeconds": 30,
+                     "finishSeconds": 10, "transferSeconds": 5},
+        **overrides,
+    }
+
+
+def condition(obj: dict, type_: str) -> dict:
+    return next(c for c in obj.get("status", {}).get("conditions", []) if c["type"] == type_)
+
+
+def phase_is(*phases: str):
+    return lambda obj: obj.get("status", {}).get("phase") in phases
+
+
+async def test_create_init_sync_succeeds_with_figures(tmp_path):
+    async with cluster(tmp_path) as c, operator(c.url):
+        await c.create_weightsync(NS, NAME, spec(free_port()))
+        daemons, trainer = await asyncio.gather(start_daemons(2), Trainer.start(c, NS, NAME, "trainer-0"))
+        try:
+            await c.create_pod(NS, "trainer-0", "trainer", NAME, trainer.url)
+            for d in daemons:
+                await c.create_pod(NS, d.name, "inference", NAME, d.url)
+
+            obj = await c.wait_for(NS, NAME, lambda o: phase_is("Ready")(o) and o["status"].get("readyTargets") == "2/2",
+                                   60, "phase Ready with both targets")
+            status = obj["status"]
+            assert status["rendezvous"]["trainerPod"] == "trainer-0"
+            assert status["rendezvous"]["worldSize"] == 3
+            assert condition(obj, "Ready")["status"] == "True"
+            assert condition(obj, "Ready")["observedGeneration"] == obj["metadata"]["generation"]
+            assert (await trainer.wait_ready())["ok"]
+
+            answer = await trainer.push(1)
+            assert answer["ok"], answer
+            obj = c.weightsync(NS, NAME)
+            status = obj["status"]
+            assert status["phase"] == "Succeeded"
+            assert status["currentVersion"] == 1
+            assert status["readyTargets"] == "2/2"
+            last = status["lastSync"]
+            assert last["outcome"] == "Succeeded" and last["version"] == 1
+            assert last["bytes"] >= 4_000_000 and last["seconds"] > 0 and last["gbps"] > 0
+            assert last["started"] <= last["finished"]
+            assert answer["result"]["bytes"] == last["bytes"]
+            assert [t["state"] for t in status["targets"]] == ["Synced", "Synced"]
+            assert [t["version"] for t in status["targets"]] == ["1", "1"]
+            for type_, value in (("Ready", "True"), ("Progressing", "False"), ("Degraded", "False")):
+                assert condition(obj, type_)["status"] == value, type_
+            async with httpx.AsyncClient() as http:
+                sums = await checksums(http, [d.url for d in daemons])
+            assert sums == [("1", answer["checksum"])] * 2  # bit-exact on every daemon
+
+            # Every status the operator ever wrote satisfies the CRD's schema.
+            for past in c.emulator.history(("weightsync.dev", "v1alpha1", "weightsyncs"), NS, NAME):
+                assert schema_problems(past, SCHEMA) == []
+            assert "world size 3" in (await c.wait_for_event(NS, NAME, "GroupFormed"))["message"]
+            assert "version 1 live on 2 target(s)" in (await c.wait_for_event(NS, NAME, "Synced"))["message"]
+        finally:
+            await trainer.stop()
+            await asyncio.gather(*(d.stop() for d in daemons))
+
+
+async def test_late_joiner_catches_up_from_a_peer_then_delete_tears_down(tmp_path):
+    async with cluster(tmp_path) as c, operator(c.url):
+        rendezvous_port = free_port()
+        await c.create_weightsync(NS, NAME, spec(rendezvous_port))
+        daemons, trainer = await asyncio.gather(start_daemons(3), Trainer.start(c, NS, NAME, "trainer-0"))
+        first, late = daemons[:2], daemons[2]
+        try:
+            await c.create_pod(NS, "trainer-0", "trainer", NAME, trainer.url)
+            for d in first:
+                await c.create_pod(NS, d.name, "inference", NAME, d.url, rendezvous_port=free_port())
+            await c.wait_for(NS, NAME, lambda o: o.get("status", {}).get("readyTargets") == "2/2", 60, "2/2 ready")
+            assert (await trainer.wait_ready())["ok"]
+            pushed = await trainer.push(1)
+            assert pushed["ok"], pushed
+
+            # A pod that becomes ready after the sync gets version 1 from a peer, not the trainer.
+            await c.create_pod(NS, late.name, "inference", NAME, late.url, rendezvous_port=free_port())
+            obj = await c.wait_for(NS, NAME, lambda o: o.get("status", {}).get("readyTargets") == "3/3"
+                                   and o["status"]["phase"] == "Ready", 60, "3/3 ready")
+            status = obj["status"]
+            assert status["currentVersion"] == 1 and status["rendezvous"]["worldSize"] == 4
+            catch_up = status["lastCatchUp"]
+            assert catch_up["outcome"] == "Succeeded" and catch_up["version"] == 1
+            assert catch_up["source"] in {d.name for d in first} and catch_up["targets"] == [late.name]
+            assert catch_up["bytes"] == status["lastSync"]["bytes"]
+            assert status["lastSync"]["version"] == 1  # the trainer sent nothing more
+            async with httpx.AsyncClient() as http:
+                assert await checksums(http, [d.url for d in daemons]) == [("1", pushed["checksum"])] * 3
+
+                # The next version reaches all three.
+                pushed = await trainer.push(2)
+                assert pushed["ok"], pushed
+                assert await checksums(http, [d.url for d in daemons]) == [("2", pushed["checksum"])] * 3
+                assert late.name in (await c.wait_for_event(NS, NAME, "CaughtUp"))["message"]
+
+                # Deleting the WeightSync: the finalizer makes every party leave the group first.
+                assert c.weightsync(NS, NAME)["metadata"]["finalizers"] == ["weightsync.dev/finalizer"]
+                await c.delete_weightsync(NS, NAME)
+                deadline = asyncio.get_running_loop().time() + 30
+                while c.weightsync(NS, NAME) is not None:
+                    assert asyncio.get_running_loop().time() < deadline, "the finalizer was never removed"
+                    await asyncio.sleep(0.05)
+                for url in [trainer.url, *(d.url for d in daemons)]:
+                    health = (await http.get(url + "/healthz")).json()
+                    assert health["phase"] == "uninitialized", (url, health)
+                    if url != trainer.url:
+                        assert health["weight_version"] == "2"  # leaving the group keeps the weights
+            with socket.socket() as sock:  # the trainer's rendezvous port is free again
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("127.0.0.1", rendezvous_port))
+        finally:
+            await trainer.stop()
+            await asyncio.gather(*(d.stop() for d in daemons))
+
+
+async def test_daemon_killed_mid_sync_fails_with_reason_then_next_version_succeeds(tmp_path):
+    async with cluster(tmp_path) as c, operator(c.url):
+        await c.create_weightsync(NS, NAME, spec(free_port(), packedBufferSizeBytes=1 << 16))
+        (healthy, victim), trainer = await asyncio.gather(
+            start_daemons(2), Trainer.start(c, NS, NAME, "trainer-0", mbytes=48))
+        replacement = None
+        try:
+            await c.create_pod(NS, "trainer-0", "trainer", NAME, trainer.url)
+            for d in (healthy, victim):
+                await c.create_pod(NS, d.name, "inference", NAME, d.url, rendezvous_port=free_port())
+            assert (await trainer.wait_ready())["ok"]
+            assert (await trainer.push(1))["ok"]
+
+            async with httpx.AsyncClient() as http:
+                push = asyncio.create_task(trainer.push(2))
+                deadline = asyncio.get_running_loop().time() + 30
+                while (await http.get(victim.url + "/healthz")).json()["phase"] != "updating":
+                    assert asyncio.get_running_loop().time() < deadline, "the round never started"
+                    await asyncio.sleep(0.005)
+                victim.kill()
+                answer = await push
+            assert not answer["ok"] and answer["error"] == "PushFailed"
+            failed = [s for s in c.statuses(NS, NAME) if s.get("lastSync", {}).get("version") == 2]
+            assert failed and failed[0]["phase"] == "Failed"
+            last = failed[0]["lastSync"]
+            assert last["outcome"] == "Failed" and victim.name in last["reason"]
+            assert answer["reason"] == last["reason"]
+            degraded = next(c for c in failed[0]["conditions"] if c["type"] == "Degraded")
+            assert degraded["status"] == "True" and degraded["reason"] == "SyncFailed"
+            target = next(t for t in failed[0]["targets"] if t["pod"] == victim.name)
+            assert target["state"] == "Failed" and target["reason"]
+            assert victim.name in (await c.wait_for_event(NS, NAME, "SyncFailed"))["message"]
+
+            # The kubelet restarts the container: a new daemon process (on a new port here).
+            (replacement,) = await start_daemons(1, prefix="restarted")
+            await c.restart_pod(NS, victim.name, replacement.url, restarts=1)
+            obj = await c.wait_for(NS, NAME, lambda o: o.get("status", {}).get("phase") == "Ready"
+                                   and any(t.get("rank") for t in o["status"]["targets"]
+                                           if t["pod"] == victim.name), 60, "the group re-formed")
+            # If the failed round left parts of itself in the survivor's weights (no atomic mode),
+            # nobody holds an intact version 1 and both wait for the trainer's next version;
+            # otherwise the restarted pod got version 1 from the survivor.
+            targets = {t["pod"]: t for t in obj["status"]["targets"]}
+            for t in targets.values():
+                assert (t["state"] == "Synced") == (t.get("version") == "1"), t
+            if targets[victim.name]["state"] == "Synced":
+                assert obj["status"]["lastCatchUp"]["outcome"] == "Succeeded"
+                assert obj["status"]["lastCatchUp"]["source"] == healthy.name
+            else:
+                assert targets[healthy.name]["state"] == "Stale"
+            answer = await trainer.push(3)
+            assert answer["ok"], answer
+            obj = c.weightsync(NS, NAME)
+            assert obj["status"]["phase"] == "Succeeded" and obj["status"]["currentVersion"] == 3
+            async with httpx.AsyncClient() as http:
+                assert await checksums(http, [healthy.url, replacement.url]) == [("3", answer["checksum"])] * 2
+        finally:
+            await trainer.stop()
+            await asyncio.gather(*(d.stop() for d in (healthy, victim, replacement) if d is not None))
