@@ -88,16 +88,20 @@ class Cluster:
                 if res == EVENTS and ns == namespace and not obj.deleted
                 and obj.raw.get("involvedObject", {}).get("name") == name]
 
-    async def wait_for_event(self, namespace: str, name: str, reason: str, timeout: float = 10.0) -> dict:
-        """The first Event with this reason about the WeightSync (kopf posts them in the background)."""
+    async def wait_for_event(self, namespace: str, name: str, reason: str, contains: str = "",
+                             timeout: float = 10.0) -> dict:
+        """The first Event with this reason (and text) about the WeightSync (kopf posts them in the
+        background)."""
         deadline = time.monotonic() + timeout
         while True:
-            found = [e for e in self.events(namespace, name) if e.get("reason") == reason]
+            found = [e for e in self.events(namespace, name)
+                     if e.get("reason") == reason and contains in e.get("message", "")]
             if found:
                 return found[0]
             if time.monotonic() > deadline:
                 seen = sorted({e.get("reason") for e in self.events(namespace, name)})
-                raise AssertionError(f"no {reason} event about {namespace}/{name} within {timeout:g}s; saw {seen}")
+                raise AssertionError(f"no {reason} event {contains!r} about {namespace}/{name} within "
+                                     f"{timeout:g}s; saw {seen}")
             await asyncio.sleep(0.02)
 
     async def wait_for(self, namespace: str, name: str, predicate: Callable[[dict], bool], timeout: float,

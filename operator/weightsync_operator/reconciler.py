@@ -63,6 +63,7 @@ class Reconciler:
         self._versions: dict[str, str | None] = {}  # target → the version its daemon reports
         self._problems: dict[str, tuple[str, str]] = {}  # target → (state, reason) of the last step
         self._failed_with: tuple | None = None
+        self._spec_invalid = False
         self._failures = 0
         self._retry_at = 0.0
         self._last_check = 0.0
@@ -78,7 +79,11 @@ class Reconciler:
                 spec = parse_spec(body.get("spec"))
             except WeightSyncSpecError as error:
                 await self._report_invalid(error, generation)
+                self._spec_invalid = True
                 raise kopf.PermanentError(str(error)) from None
+            if self._spec_invalid:  # fixed: form the group afresh, which rewrites the whole status
+                self._spec_invalid = False
+                await self._leave("the spec was fixed")
             pods = list(pods)
             trainers = select(pods, spec.trainer_selector)
             trainer_names = {p.name for p in trainers}

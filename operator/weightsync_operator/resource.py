@@ -210,7 +210,7 @@ def parse_spec(data: object) -> WeightSyncSpec:
     except ValidationError as error:
         first = error.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        raise WeightSyncSpecError(field, first["msg"]) from None
+        raise WeightSyncSpecError(field, first["msg"].removeprefix("Value error, ")) from None
 
 
 def parse_status(data: object) -> WeightSyncStatus:
