@@ -86,3 +86,17 @@ def run_blocks(table: torch.Tensor, copy: bool, digest: bool) -> torch.Tensor | 
     kernel[(blocks,)](table, partial, BLOCK=BLOCK_WORDS, PERIOD=WEIGHT_PERIOD, COPY=copy, DIGEST=digest,
                       num_warps=8)
     return partial.sum(0) if digest else None
+
+
+def warm_up(device) -> None:
+    """Compile the kernel's variants now (a first round should not pay for it)."""
+    device = torch.device(device)
+    if not triton_usable(device):
+        return
+    with torch.cuda.device(device):
+        words = torch.arange(16, dtype=torch.int64, device=device)
+        out = torch.empty_like(words)
+        table = block_table([(words.data_ptr(), out.data_ptr(), 16, 0)], device)
+        for copy, digest in ((True, True), (True, False), (False, True)):
+            run_blocks(table, copy, digest)
+        torch.cuda.synchronize(device)

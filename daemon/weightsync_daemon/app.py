@@ -96,7 +96,8 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
         stats = await service.update(info)
         return UpdateResult(message="weights updated" if service.role == "receiver" else "weights sent",
                             round_id=stats.round_id, bytes=stats.payload_bytes, seconds=stats.seconds,
-                            num_tensors=stats.num_tensors, in_place=stats.in_place, checksum=stats.checksum)
+                            num_tensors=stats.num_tensors, in_place=stats.in_place, checksum=stats.checksum,
+                            update_info=stats.update_info, more=stats.more)
 
     @app.post("/finish_weight_update", dependencies=guarded, response_model=FinishResult)
     async def finish_weight_update(body: FinishRequest | None = None):

@@ -49,6 +49,10 @@ class UpdateResult(BaseModel):
     num_tensors: int
     in_place: bool = False
     checksum: str | None = None
+    # ipc/p2p trainers: the handles every receiver's /update_weights needs, and whether the
+    # round continues in another batch (the coordinator relays both).
+    update_info: dict | None = None
+    more: bool = False
 
 
 class FinishResult(BaseModel):

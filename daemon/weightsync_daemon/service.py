@@ -152,6 +152,8 @@ class EngineService:
                     now = time.monotonic()
                     self.round = RoundState(now, now, [])
                     self.phase = Phase.UPDATING
+                    if self.transport is not None:
+                        self.transport.begin_round()  # e.g. ipc: a fresh round, not a continued one
                 return "weight update started"
             except Exception as error:
                 self._fail(error)
@@ -184,6 +186,8 @@ class EngineService:
                 with self._timed("finish"):
                     version = self._apply_version(weight_version)
                 self.round = None
+                if self.transport is not None:
+                    self.transport.end_round()  # e.g. ipc: memory lent to receivers may go now
                 self.phase = Phase.READY
                 self.last_failure = None
                 self._set_intact(True)
@@ -208,6 +212,8 @@ class EngineService:
 
     def _end_round(self, failure: str) -> None:
         self.round = None
+        if self.transport is not None:
+            self.transport.end_round()
         self.phase = Phase.READY
         self.last_failure = failure
         self.metrics.updates.labels(outcome="failure").inc()

@@ -1,4 +1,5 @@
-"""The `weightsync` command: `demo` (local mode), `daemon` (a standalone receiver)."""
+"""The `weightsync` command: `demo` (local mode), `daemon` (a standalone receiver), `operator`
+(the Kubernetes operator)."""
 
 from __future__ import annotations
 
@@ -25,12 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="run a trainer and N daemons locally and verify every round")
     demo.add_argument("--daemons", type=int, default=2)
     demo.add_argument("--rounds", type=int, default=5)
-    demo.add_argument("--backend", default="cpu", help="transport: cpu (default)")
+    demo.add_argument("--backend", default="auto", choices=["auto", "cpu", "ipc", "p2p", "nccl"],
+                      help="transport (default auto: p2p or nccl with 2+ GPUs, ipc with one, cpu otherwise)")
     demo.add_argument("--buffer-size", type=_size, default=_size("1MiB"),
                       help="packed buffer size (default 1MiB, so the small model spans several buffers)")
     demo.add_argument("--buffers", type=int, default=2, help="packed buffers in flight")
 
     commands.add_parser("daemon", help="run a standalone receiver daemon (see `weightsync daemon --help`)",
+                        add_help=False)
+    commands.add_parser("operator", help="run the Kubernetes operator (see `weightsync operator --help`)",
                         add_help=False)
 
     if argv and argv[0] == "daemon":
@@ -38,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
 
         daemon_main(argv[1:])
         return 0
+    if argv and argv[0] == "operator":
+        from weightsync_operator.operator_cli import main as operator_main
+
+        return operator_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "demo":
         from weightsync_operator.demo.run import main as demo_main

@@ -19,6 +19,7 @@ from typing import Literal
 
 import httpx
 
+from weightsync.transports import get_transport
 from weightsync_operator.client import Endpoint, PartyClient, PartyError
 
 log = logging.getLogger("weightsync.coordinator")
@@ -164,6 +165,7 @@ class Coordinator:
             "rank_offset": rank_offset, "world_size": group.world_size, "group_name": group.name,
             "packed": True, "packed_buffer_size_bytes": s.packed_buffer_size_bytes,
             "packed_num_buffers": s.packed_num_buffers, "timeout_seconds": s.transfer_timeout,
+            "init_timeout_seconds": s.timeouts.init,
             "verify": s.verify, "atomic": s.atomic,
         }
 
@@ -191,10 +193,10 @@ class Coordinator:
                                  lambda p: p.pause(self.spec.pause_mode, t.request))
             await self._step(outcome, "start", self.parties, lambda p: p.start(t.start))
             sent = time.perf_counter()
-            answers = await self._step(outcome, "update", self.parties, lambda p: p.update({}, t.update))
+            answers = await self._update(outcome)
             result.transfer_seconds = time.perf_counter() - sent
             result.bytes = int(answers[0]["bytes"])
-            result.checksum = answers[0].get("checksum")
+            result.checksum = answers[0].get("checksum") or answers[-1].get("checksum")
             finished = await self._step(outcome, "finish", self.parties, lambda p: p.finish(version, t.finish))
             for party, answer in zip(self.parties, finished):
                 outcome[party.name].weight_version = answer.get("weight_version")
@@ -211,6 +213,29 @@ class Coordinator:
         result.total_seconds = time.perf_counter() - began
         result.finished_at = _now()
         return result
+
+    async def _update(self, outcome: dict[str, PartyOutcome]) -> list[dict]:
+        """The update step. Collective transports (cpu, nccl): every party at once, the trainer
+        sends while the targets receive. ipc/p2p: the targets read the trainer's memory, so the
+        trainer answers first with the handles (`update_info`), which every target then gets;
+        repeated while the trainer says `more` (bounded staging). Answers: trainer's, then targets'."""
+        timeout = self.spec.timeouts.update
+        try:
+            relay = get_transport(self.spec.backend).needs_trainer_update_info
+        except ValueError:  # a backend unknown here: the parties will say so themselves
+            relay = False
+        if not relay:
+            return await self._step(outcome, "update", self.parties, lambda p: p.update({}, timeout))
+        moved = 0
+        while True:
+            (sent,) = await self._step(outcome, "update", [self.trainer], lambda p: p.update({}, timeout))
+            info = sent.get("update_info")
+            if not isinstance(info, dict):
+                raise _RoundFailed("update", f"{self.trainer.name}: its answer carries no update_info to relay")
+            received = await self._step(outcome, "update", self.targets, lambda p: p.update(info, timeout))
+            moved += int(sent.get("bytes", 0))
+            if not sent.get("more"):
+                return [{**sent, "bytes": moved}, *received]
 
     async def _step(self, outcome: dict[str, PartyOutcome], step: str, parties: list[PartyClient],
                     call: Callable[[PartyClient], Awaitable[dict]], strict: bool = True) -> list[dict]:

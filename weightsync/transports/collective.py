@@ -304,7 +304,7 @@ class CollectiveTransport(Transport):
             self._receive_payload(chunks, header, digest, landing)
             problem = None
             if header.update_kind == "sparse_flat":
-                problem = _check_indices(header, landing.scratch, store)
+                problem = check_indices(header.manifest, landing.scratch, store)
             outcome = self._exchange(problem, digest)
             bad_sums = outcome.checksum_mismatches()
             objections = outcome.objections() + [
@@ -387,7 +387,7 @@ class CollectiveTransport(Transport):
         if header.buffer_size_bytes != want:
             return f"packed_buffer_size_bytes is {want} here but {header.buffer_size_bytes} from the trainer"
         if header.update_kind == "sparse_flat":
-            return _check_sparse(header, store)
+            return check_sparse(header.manifest, store)
         checked = self._checked
         if checked is not None and checked[0] is store and checked[1] is header.manifest \
                 and checked[2] == len(store):
@@ -432,8 +432,9 @@ def _stream_sizes(header: RoundHeader) -> list[int]:
     return [size for spec in header.manifest.tensors for size in (spec.numel * 8, spec.nbytes)]
 
 
-def _check_sparse(header: RoundHeader, store: WeightStore) -> str | None:
-    for spec in header.manifest.tensors:
+def check_sparse(manifest: Manifest, store: WeightStore) -> str | None:
+    """Why these sparse patches cannot apply to `store` (naming the parameter), or None."""
+    for spec in manifest.tensors:
         if spec.name not in store:
             return f"parameter {spec.name!r} is not in the receiver's weights"
         have = TensorSpec.of(spec.name, store[spec.name])
@@ -444,10 +445,10 @@ def _check_sparse(header: RoundHeader, store: WeightStore) -> str | None:
     return None
 
 
-def _check_indices(header: RoundHeader, scratch: list[torch.Tensor], store: WeightStore) -> str | None:
+def check_indices(manifest: Manifest, scratch: list[torch.Tensor], store: WeightStore) -> str | None:
     """Every patch index must fall inside its parameter, checked before any patch applies
-    (one host read for all patches)."""
-    specs = header.manifest.tensors
+    (one host read for all patches). `scratch` holds each patch's indices, then its values."""
+    specs = manifest.tensors
     bounds = [torch.stack([scratch[2 * i].min(), scratch[2 * i].max()]) for i, spec in enumerate(specs)
               if spec.numel]
     if not bounds:

@@ -29,39 +29,41 @@ import torch
 
 from weightsync.errors import TransferError
 from weightsync.integrity import StreamDigest
-from weightsync.kernels import triton_usable
+from weightsync.kernels import warm_up
 from weightsync.layout import Chunk
-from weightsync.packing import Region, RegionPlan, landed_regions, pack_regions, unpack_regions
+from weightsync.packing import RegionPlan, landed_regions, pack_regions, unpack_regions
 from weightsync.protocol import InitInfo, RoundHeader
 from weightsync.rendezvous import open_store
 from weightsync.transports import register
 from weightsync.transports.collective import CollectiveTransport, Group, Pending
 from weightsync.transports.nccl_lib import Communicator, new_unique_id
+from weightsync.transports.waits import wait_event_until
 
-_SPIN_SECONDS = 0.002  # poll a GPU event without sleeping this long, then sleep between polls
 _UNIQUE_ID_KEY = "nccl_unique_id"
 
 
 def wait_event(event: torch.cuda.Event, comm: Communicator, what: str) -> None:
-    """Wait for `event` at most the group's timeout; on a failure or timeout abort `comm`."""
+    """Wait for `event` at most the group's timeout; on a failure or timeout abort `comm`
+    (which cancels its kernels, so nothing stays queued behind a dead peer)."""
     if comm.aborted:
         raise TransferError(f"{what}: the group was aborted after an earlier failure; init it again")
-    started = time.monotonic()
-    deadline = started + comm.timeout
-    checked = started
-    while not event.query():
-        now = time.monotonic()
-        if now - checked > 0.05:  # a remote failure may be known to NCCL before any timeout
-            checked = now
+    last_check = [time.monotonic()]
+
+    def check_peers(now: float) -> None:
+        if now - last_check[0] > 0.05:  # a remote failure may be known to NCCL before any timeout
+            last_check[0] = now
             state = comm.async_error()
             if state not in (0, 7):
                 comm.abort()
-                raise TransferError(f"{what}: NCCL reported error {state} (a peer failed)")
-        if now > deadline:
+                raise TransferError(f"{what}: NCCL reported error {state} (a peer failed); the group was aborted")
+
+    try:
+        wait_event_until(event, time.monotonic() + comm.timeout, what, check_peers)
+    except TransferError as error:
+        if not comm.aborted:
             comm.abort()
-            raise TransferError(f"{what} timed out after {comm.timeout:g}s (a peer is missing or stopped); "
-                                "the group was aborted")
-        time.sleep(0 if now - started < _SPIN_SECONDS else 0.0002)
+            raise TransferError(f"{error} (a peer is missing or stopped); the group was aborted") from None
+        raise
 
 
 class _EventPending(Pending):
@@ -193,20 +195,22 @@ class NcclTransport(CollectiveTransport):
         if device is None or device.type != "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
         transport = cls(init, rank, device, NcclGroup(init, rank, device))
-        transport._warm_kernels()
+        warm_up(device)
         return transport
 
-    def _warm_kernels(self) -> None:
-        """Compile the batched copy/checksum kernel now, not inside the first round."""
-        if not triton_usable(self.device):
-            return
+    # Every CUDA call of a round runs with this transport's GPU current (a daemon's worker thread
+    # starts on device 0, and kernels launch on the current device).
+    def send(self, named_tensors):
         with torch.cuda.device(self.device):
-            a = torch.arange(64, dtype=torch.int64, device=self.device).view(torch.uint8)
-            b = torch.empty_like(a)
-            for copy, digest in ((True, True), (True, False), (False, True)):
-                RegionPlan([Region(a, b if copy else None, 0)], copy=copy, digest=digest).run(
-                    StreamDigest(self.device) if digest else None)
-            torch.cuda.synchronize(self.device)
+            return super().send(named_tensors)
+
+    def send_sparse(self, patches):
+        with torch.cuda.device(self.device):
+            return super().send_sparse(patches)
+
+    def receive(self, store, info):
+        with torch.cuda.device(self.device):
+            return super().receive(store, info)
 
     # -- plans, cached while the memory they point at stays the same -----------------------
     def _cached_plans(self, kind: str, chunks: Sequence[Chunk], key: tuple, build) -> list[RegionPlan]:

@@ -20,7 +20,7 @@ class TinyTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         length = tokens.shape[1]
-        mask = nn.Transformer.generate_square_subsequent_mask(length)
+        mask = nn.Transformer.generate_square_subsequent_mask(length, device=tokens.device)
         hidden = self.embed(tokens) + self.position[:length]
         return self.head(self.norm(self.blocks(hidden, mask=mask, is_causal=True)))
 
@@ -40,6 +40,7 @@ def train_step(model: TinyTransformer, step: int, lr: float = 1e-3) -> float:
     """One real optimisation step of next-token prediction on seeded random text."""
     generator = torch.Generator().manual_seed(10_000 + step)
     tokens = torch.randint(0, model.head.out_features, (8, 33), generator=generator)
+    tokens = tokens.to(model.head.weight.device)
     model.train()
     model.zero_grad(set_to_none=True)
     logits = model(tokens[:, :-1])

@@ -14,6 +14,7 @@ import httpx
 
 from weightsync_daemon.auth import TOKEN_ENV
 from weightsync_operator.coordinator import Coordinator, SyncResult, SyncSpec, Timeouts
+from weightsync_operator.demo.hardware import place
 from weightsync_operator.local import LocalProcess, free_port, stop_all
 
 WORKER = "weightsync_operator.demo.worker"
@@ -73,15 +74,20 @@ def format_table(reports: list[RoundReport]) -> str:
 
 async def run_demo(daemons: int = 2, rounds: int = 5, backend: str = "cpu",
                    buffer_size: int = 1 << 20, num_buffers: int = 2, timeout: float = 60.0) -> list[RoundReport]:
+    placement = place(backend, daemons)
+    backend = placement.backend
     progress(f"starting a trainer and {daemons} daemons ({backend} backend)…")
     worker_args = ["--backend", backend]
+
+    def device_args(device: str | None) -> list[str]:
+        return ["--device", device] if device else []
     token = secrets.token_urlsafe(32)  # every party requires it on its mutating endpoints
     env = {TOKEN_ENV: token}
-    trainer_task = LocalProcess.start("trainer", WORKER, ["--role", "trainer", "--seed", "0", *worker_args],
-                                      timeout, env)
+    trainer_task = LocalProcess.start("trainer", WORKER, ["--role", "trainer", "--seed", "0", *worker_args,
+                                                          *device_args(placement.trainer_device)], timeout, env)
     daemon_tasks = [LocalProcess.start(f"daemon-{i}", WORKER, ["--role", "inference", "--seed", str(i + 1),
-                                                              *worker_args], timeout, env)
-                    for i in range(daemons)]
+                                                              *worker_args, *device_args(device)], timeout, env)
+                    for i, device in enumerate(placement.daemon_devices)]
     started = await asyncio.gather(trainer_task, *daemon_tasks, return_exceptions=True)
     processes = [p for p in started if isinstance(p, LocalProcess)]
     try:

@@ -1,0 +1,736 @@
+"""GPU transfer benchmark: weightsync's nccl, ipc and p2p rounds against the hardware limit and
+against vLLM's algorithm, with a Qwen2-7B-shaped bf16 parameter set, in ONE run.
+
+    python benchmarks/transfer.py                 # all sections, every GPU this host has
+    python benchmarks/transfer.py --gpus 2 --fanout 2,4,8 --reps 5
+
+One process per role: the trainer on cuda:0, receiver k on cuda:k (k = 1..N-1) and, for ipc, a
+second process on cuda:0. The coordinating process (this one, no CUDA) hosts a TCPStore the
+workers use for barriers and results, drives the daemon HTTP section with the real coordinator,
+and prints the table. Every measured transfer is checked bit-exact on the receiver against the
+values the trainer generated for that repetition (fresh random bf16 data each time).
+
+vLLM's algorithm is reimplemented here from its documentation (../shared/reference): packed
+broadcast in `--buffer-size` chunks over `--buffers` streams with unpack + copy on receive, and
+for IPC per-tensor handles rebuilt every round, then copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import zlib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for extra in (REPO, REPO / "daemon", REPO / "operator"):
+    if str(extra) not in sys.path:
+        sys.path.insert(0, str(extra))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+GiB = 1 << 30
+TIMEOUT = 300.0  # every cross-process wait of the harness
+
+
+# == the parameter set ==========================================================================
+def qwen2_shapes(scale: float = 1.0) -> list[tuple[str, tuple[int, ...]]]:
+    """Qwen2-7B: hidden 3584, intermediate 18944, 28 layers, vocab 152064, k/v 512 wide, q/k/v
+    biases, untied lm_head. `scale` < 1 shrinks layers and vocabulary for a smoke run."""
+    hidden, inter, kv = 3584, 18944, 512
+    layers = max(1, round(28 * scale))
+    vocab = max(1024, round(152064 * scale))
+    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [
+            (p + "self_attn.q_proj.weight", (hidden, hidden)), (p + "self_attn.q_proj.bias", (hidden,)),
+            (p + "self_attn.k_proj.weight", (kv, hidden)), (p + "self_attn.k_proj.bias", (kv,)),
+            (p + "self_attn.v_proj.weight", (kv, hidden)), (p + "self_attn.v_proj.bias", (kv,)),
+            (p + "self_attn.o_proj.weight", (hidden, hidden)),
+            (p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+            (p + "input_layernorm.weight", (hidden,)), (p + "post_attention_layernorm.weight", (hidden,)),
+        ]
+    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return shapes
+
+
+def fill(tensors: list[torch.Tensor], tag: str) -> None:
+    """Deterministic random values for the transfer named `tag` (the same on any GPU of this type)."""
+    device = tensors[0].device
+    gen = torch.Generator(device=device)
+    base = zlib.crc32(tag.encode())
+    for i, t in enumerate(tensors):
+        gen.manual_seed(base * 1_000_003 + i)
+        t.normal_(generator=gen)
+
+
+def equal(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+# == harness: store, barriers, results ==============================================================
+class Harness:
+    def __init__(self, port: int, rank: int | None, args):
+        self.args = args
+        self.rank = rank
+        self.store = dist.TCPStore("127.0.0.1", port, is_master=rank is None,
+                                   timeout=datetime.timedelta(seconds=TIMEOUT), wait_for_workers=False)
+
+    def barrier(self, name: str, parties: int) -> None:
+        if self.store.add(f"barrier/{name}", 1) == parties:
+            self.store.set(f"barrier/{name}/go", b"1")
+        self.store.wait([f"barrier/{name}/go"], datetime.timedelta(seconds=TIMEOUT))
+
+    def put(self, key: str, value) -> None:
+        self.store.set(key, json.dumps(value).encode())
+
+    def get(self, key: str):
+        return json.loads(self.store.get(key))
+
+    def record(self, section: str, method: str, rep: int, rank: int | None = None, **values) -> None:
+        self.put(f"res/{section}/{method}/{rep}/{self.rank if rank is None else rank}", values)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def mem_begin(device) -> int:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def mem_extra(device, before: int) -> int:
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+# == vLLM's algorithm, reimplemented from its documentation ========================================
+def vllm_nccl_send(tensors, comm, buffer_size: int, num_buffers: int) -> None:
+    """Producer: per buffer slot a stream; pack tensors (concatenate) until the chunk passes the
+    buffer size, broadcast it on that stream; reuse the slot once its stream is idle."""
+    streams = [torch.cuda.Stream() for _ in range(num_buffers)]
+    in_flight: list = [None] * num_buffers
+    items = iter(tensors)
+    slot = 0
+    while True:
+        streams[slot].synchronize()
+        in_flight[slot] = None
+        with torch.cuda.stream(streams[slot]):
+            parts, size = [], 0
+            for t in items:
+                flat = t.contiguous().view(torch.uint8).view(-1)
+                parts.append(flat)
+                size += flat.numel()
+                if size > buffer_size:
+                    break
+            if not parts:
+                break
+            packed = torch.cat(parts)
+            comm.broadcast(packed.data_ptr(), packed.numel(), 0, streams[slot].cuda_stream)
+            in_flight[slot] = packed
+            slot = (slot + 1) % num_buffers
+    for stream in streams:
+        stream.synchronize()
+
+
+def vllm_nccl_receive(specs, params, comm, buffer_size: int, num_buffers: int, device) -> None:
+    """Consumer: the same chunking from the metadata; each chunk lands in a fresh tensor, is
+    split into views and copied into the model's parameters (load_weights)."""
+    streams = [torch.cuda.Stream() for _ in range(num_buffers)]
+    items = iter(zip(specs, params))
+    slot = 0
+    done = False
+    while not done:
+        streams[slot].synchronize()
+        with torch.cuda.stream(streams[slot]):
+            meta, size = [], 0
+            while True:
+                item = next(items, None)
+                if item is None:
+                    done = True
+                    break
+                (shape, dtype), param = item
+                nbytes = math.prod(shape) * dtype.itemsize
+                meta.append((shape, dtype, nbytes, param))
+                size += nbytes
+                if size > buffer_size:
+                    break
+            if not meta:
+                break
+            packed = torch.empty(size, dtype=torch.uint8, device=device)
+            comm.broadcast(packed.data_ptr(), size, 0, streams[slot].cuda_stream)
+            pieces = packed.split([m[2] for m in meta])
+            for (shape, dtype, _, param), piece in zip(meta, pieces):
+                param.copy_(piece.view(dtype).view(shape))  # load_weights
+            slot = (slot + 1) % num_buffers
+    for stream in streams:
+        stream.synchronize()
+
+
+def vllm_ipc_handles(tensors) -> tuple[list[dict], list[torch.Tensor]]:
+    """vLLM's unpacked IPC producer: per tensor, torch's reduce_tensor (new share every call)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    refs, out = [], []
+    for t in tensors:
+        w = t.detach().contiguous()
+        refs.append(w)
+        _, a = reduce_tensor(w)
+        enc = lambda b: base64.b64encode(b).decode()  # noqa: E731
+        out.append({"size": list(a[1]), "stride": list(a[2]), "offset": a[3], "dtype": str(a[5]).split(".")[-1],
+                    "handle": enc(a[7]), "size_bytes": a[8], "offset_bytes": a[9], "rc": enc(a[11]),
+                    "rc_offset": a[12], "event": enc(a[13]) if a[13] else "", "sync": bool(a[14])})
+    return out, refs
+
+
+def vllm_ipc_open(records: list[dict], device_index: int) -> list[torch.Tensor]:
+    """vLLM's consumer: rebuild each tensor from its handle, device index rewritten."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    dec = base64.b64decode
+    return [rebuild_cuda_tensor(torch.Tensor, torch.Size(r["size"]), tuple(r["stride"]), r["offset"],
+                                torch.storage.TypedStorage, getattr(torch, r["dtype"]), device_index,
+                                dec(r["handle"]), r["size_bytes"], r["offset_bytes"], False, dec(r["rc"]),
+                                r["rc_offset"], dec(r["event"]) if r["event"] else b"", r["sync"])
+            for r in records]
+
+
+# == workers =========================================================================================
+class Worker:
+    """One process: builds its tensors, then follows the same script as every other worker."""
+
+    def __init__(self, h: Harness, role: str, gpus: int):
+        from weightsync.protocol import Manifest, TensorSpec
+        from weightsync.store import WeightStore
+
+        self.h, self.role, self.gpus, self.args = h, role, gpus, h.args
+        self.index = 0 if role in ("trainer", "ipc") else int(role[4:])
+        self.device = torch.device("cuda", self.index)
+        torch.cuda.set_device(self.device)
+        shapes = qwen2_shapes(self.args.scale)
+        self.manifest = Manifest(tensors=tuple(TensorSpec(name=n, dtype="bfloat16", shape=s) for n, s in shapes))
+        self.names = [n for n, _ in shapes]
+        self.specs = [(s, torch.bfloat16) for _, s in shapes]
+        if role == "trainer":  # separate tensors, as a model's parameters
+            self.params = [torch.empty(s, dtype=torch.bfloat16, device=self.device) for _, s in shapes]
+            self.flat_store = WeightStore.from_manifest(self.manifest, self.device)  # the flat baseline
+            self.flat = self.flat_store._flat
+        else:
+            self.store = WeightStore.from_manifest(self.manifest, self.device)
+            self.expected = WeightStore.from_manifest(self.manifest, self.device)
+            self.mine = [self.store[n] for n in self.names]
+            self.want = [self.expected[n] for n in self.names]
+            if role != "ipc":  # the flat broadcast's (and the peer copy's) landing buffer
+                self.flat_store = WeightStore.from_manifest(self.manifest, self.device)
+                self.flat = self.flat_store._flat
+            else:
+                self.scratch = WeightStore.from_manifest(self.manifest, self.device)
+        self.nbytes = self.manifest.nbytes
+
+    # -- per transfer: fresh values ----------------------------------------------------------------
+    def next_values(self, tag: str) -> None:
+        """The trainer's values for transfer `tag`; a receiver computes what it must then hold."""
+        if self.role == "trainer":
+            fill(self.params, tag)
+            for name, t in zip(self.names, self.params):
+                self.flat_store[name].copy_(t)
+        else:
+            fill(self.want, tag)
+        torch.cuda.synchronize(self.device)
+
+    def check(self, got: list[torch.Tensor]) -> bool:
+        torch.cuda.synchronize(self.device)
+        return equal(got, self.want)
+
+    def run(self) -> None:
+        a = self.args
+        parties = self.gpus + 1
+        self.h.barrier("setup", parties)
+        for n in a.fanout:
+            if n <= self.gpus:
+                self.nccl_section(n)
+            self.h.barrier(f"nccl{n}/end", parties)
+        if "http" in a.sections:
+            self.http_section()
+        self.h.barrier("http/end", parties)
+        if "p2p" in a.sections and self.gpus >= 2:
+            self.p2p_section()
+        self.h.barrier("p2p/end", parties)
+        if "ipc" in a.sections:
+            self.ipc_section()
+        self.h.barrier("ipc/end", parties)
+
+    # -- nccl --------------------------------------------------------------------------------------
+    def _init(self, backend: str, world: int, port: int, rank: int, **extra):
+        from weightsync.protocol import InitInfo
+
+        return InitInfo(backend=backend, master_address="127.0.0.1", master_port=port, world_size=world,
+                        rank_offset=rank, packed_buffer_size_bytes=self.args.buffer_size,
+                        packed_num_buffers=self.args.buffers, timeout_seconds=120, **extra)
+
+    def nccl_section(self, n: int) -> None:
+        from weightsync.protocol import UpdateInfo
+        from weightsync.transports import get_transport
+
+        rank = self.index if self.role != "ipc" else None
+        if rank is None or rank >= n:
+            return
+        section = f"nccl{n}"
+        init = self._init("nccl", n, self.h.get(f"port/{section}"), rank)
+        transport = get_transport("nccl").connect(init, rank, self.device)
+        group = transport.group
+        tiny = torch.zeros(8, dtype=torch.uint8, device=self.device)
+        a = self.args
+        methods = ["flat", "ws", "ws_nosum"] + (["vllm"] if "vllm" in a.sections else [])
+        verify_off = init.model_copy(update={"verify": False})
+        try:
+            for method in methods:
+                for rep in range(a.warmup + a.reps):
+                    self.next_values(f"{section}/{method}/{rep}")
+                    group.gather_to_host(tiny)  # start together
+                    if rank == 0:
+                        began = time.perf_counter()
+                        if method == "flat":
+                            group.broadcast(self.flat).wait()
+                            group.gather_to_host(tiny)
+                        elif method == "vllm":
+                            vllm_nccl_send(self.params, group.comm, a.buffer_size, a.buffers)
+                            group.gather_to_host(tiny)
+                        else:
+                            transport.init = verify_off if method == "ws_nosum" else init
+                            transport.send(list(zip(self.names, self.params)))
+                        ms = (time.perf_counter() - began) * 1e3
+                        self.h.record(section, method, rep, ms=ms)
+                    else:
+                        before = mem_begin(self.device)
+                        if method == "flat":
+                            group.broadcast(self.flat).wait()
+                            group.gather_to_host(tiny)
+                            got = [self.flat_store[nm] for nm in self.names]
+                        elif method == "vllm":
+                            vllm_nccl_receive(self.specs, self.mine, group.comm, a.buffer_size, a.buffers, self.device)
+                            group.gather_to_host(tiny)
+                            got = self.mine
+                        else:
+                            stats = transport.receive(self.store, UpdateInfo())
+                            got = self.mine
+                            assert stats.in_place
+                        extra = mem_extra(self.device, before)
+                        self.h.record(section, method, rep, ok=self.check(got), mem=extra)
+        finally:
+            transport.close()
+
+    # -- daemon HTTP API ---------------------------------------------------------------------------
+    def http_section(self) -> None:
+        """Trainer agent and receiver daemon served over HTTP in these processes; the
+        coordinating process drives rounds with the real coordinator."""
+        if self.role not in ("trainer", "recv1") or self.gpus < 2:
+            return
+        from weightsync_daemon.server import serve_embedded
+        from weightsync_daemon.service import ReceiverService, SenderService
+
+        if self.role == "trainer":
+            service = SenderService(source=lambda: list(zip(self.names, self.params)), backend="nccl",
+                                    device=self.device)
+        else:
+            service = ReceiverService(store=self.store, backend="nccl", device=self.device)
+        server = serve_embedded(service)
+        self.h.put(f"http/url/{self.role}", server.url)
+        try:
+            for rep in range(self.args.warmup + self.args.reps):
+                self.h.store.wait([f"http/go/{rep}"], datetime.timedelta(seconds=TIMEOUT))
+                self.next_values(f"http/{rep}")
+                self.h.barrier(f"http/ready/{rep}", 3)
+                self.h.store.wait([f"http/done/{rep}"], datetime.timedelta(seconds=TIMEOUT))
+                if self.role == "recv1":
+                    self.h.record("http", "ws_http", rep, ok=self.check(self.mine))
+                self.h.barrier(f"http/checked/{rep}", 3)
+        finally:
+            server.stop()
+
+    # -- p2p and ipc ---------------------------------------------------------------------------------
+    def p2p_section(self) -> None:
+        if self.role not in ("trainer", "recv1"):
+            return
+        self._lend_section("p2p", "recv1")
+
+    def ipc_section(self) -> None:
+        if self.role not in ("trainer", "ipc"):
+            return
+        self._lend_section("ipc", "ipc")
+
+    def _lend_section(self, backend: str, receiver: str) -> None:
+        from weightsync.protocol import UpdateInfo
+        from weightsync.transports import get_transport
+        from weightsync.transports.cuda_ipc import export_storage, open_storage
+
+        a, h = self.args, self.h
+        trainer = self.role == "trainer"
+        rank = 0 if trainer else 1
+        init = self._init(backend, 2, h.get(f"port/{backend}"), rank)
+        verify_off = init.model_copy(update={"verify": False})
+        section = backend
+        if trainer:  # the limit's source: one flat buffer, lent once
+            h.put(f"{section}/flat", export_storage(self.flat.untyped_storage()).model_dump(mode="json"))
+        h.barrier(f"{section}/flat", 2)
+        if not trainer:
+            from weightsync.transports.cuda_ipc import StorageHandle
+
+            remote = open_storage(StorageHandle(**h.get(f"{section}/flat")), self.index)
+            remote = remote[: self.flat.numel()] if backend == "p2p" else remote[: self.scratch._flat.numel()]
+        methods = ["limit"] + (["vllm"] if backend == "ipc" and "vllm" in a.sections else []) + \
+            ["ws_first", "ws", "ws_nosum"]
+        transport = None
+        try:
+            for method in methods:
+                reps = 1 if method == "ws_first" else a.warmup + a.reps
+                if method == "ws_first":
+                    transport = get_transport(backend).connect(init, rank, self.device)
+                for rep in range(reps):
+                    key = f"{section}/{method}/{rep}"
+                    self.next_values(key)
+                    h.barrier(key + "/go", 2)
+                    if trainer:
+                        began = time.monotonic()
+                        refs = None
+                        if method == "vllm":
+                            records, refs = vllm_ipc_handles(self.params)
+                            h.put(key + "/info", records)
+                        elif method.startswith("ws"):
+                            transport.init = verify_off if method == "ws_nosum" else init
+                            transport.begin_round()
+                            stats = transport.send(list(zip(self.names, self.params)))
+                            assert not stats.more
+                            h.put(key + "/info", stats.update_info)
+                        h.put(key + "/began", began)
+                        h.barrier(key + "/received", 2)
+                        if refs is not None:
+                            del refs
+                            torch.cuda.ipc_collect()
+                        if transport is not None:
+                            transport.end_round()
+                    else:
+                        before = mem_begin(self.device)
+                        receive_ms = None
+                        if method == "limit":
+                            target = self.flat if backend == "p2p" else self.scratch._flat
+                            h.get(key + "/began")
+                            began = time.monotonic()
+                            target.copy_(remote)
+                            torch.cuda.synchronize(self.device)
+                            ended = time.monotonic()
+                            got = [(self.flat_store if backend == "p2p" else self.scratch)[nm] for nm in self.names]
+                        elif method == "vllm":
+                            records = h.get(key + "/info")
+                            tensors = vllm_ipc_open(records, self.index)
+                            for param, t in zip(self.mine, tensors):
+                                param.copy_(t)
+                            torch.cuda.synchronize(self.device)
+                            ended = time.monotonic()
+                            del tensors
+                            got = self.mine
+                        else:
+                            info = UpdateInfo(**h.get(key + "/info"))
+                            stats = transport.receive(self.store, info)
+                            ended = time.monotonic()
+                            receive_ms = stats.seconds * 1e3
+                            got = self.mine
+                        extra = mem_extra(self.device, before)
+                        if method != "limit":
+                            began = h.get(key + "/began")
+                        h.barrier(key + "/received", 2)
+                        h.record(section, method, rep, rank=1, ms=(ended - began) * 1e3, ok=self.check(got),
+                                 mem=extra, **({"receive_ms": receive_ms} if method.startswith("ws") else {}))
+        finally:
+            if transport is not None:
+                transport.close()
+
+
+# == the coordinating process ===========================================================================
+def drive_http(h: Harness, args) -> None:
+    from weightsync_operator.client import Endpoint
+    from weightsync_operator.coordinator import Coordinator, SyncSpec, Timeouts
+
+    urls = {role: h.get(f"http/url/{role}") for role in ("trainer", "recv1")}
+    spec = SyncSpec(backend="nccl", master_port=free_port(), packed_buffer_size_bytes=args.buffer_size,
+                    packed_num_buffers=args.buffers, pause_mode="none", transfer_timeout=120,
+                    timeouts=Timeouts(init=120, update=300))
+
+    async def rounds():
+        async with Coordinator(Endpoint("trainer", urls["trainer"]), [Endpoint("recv1", urls["recv1"])],
+                               spec) as coordinator:
+            await coordinator.init()
+            for rep in range(args.warmup + args.reps):
+                h.store.set(f"http/go/{rep}", b"1")
+                h.barrier(f"http/ready/{rep}", 3)
+                result = await coordinator.sync(rep + 1)
+                if not result.ok:
+                    raise RuntimeError(f"HTTP round failed: {result.reason}")
+                h.put(f"res/http/ws_http/{rep}/0", {"ms": result.transfer_seconds * 1e3,
+                                                     "total_ms": result.total_seconds * 1e3})
+                h.store.set(f"http/done/{rep}", b"1")
+                h.barrier(f"http/checked/{rep}", 3)
+
+    asyncio.run(rounds())
+
+
+def collect(h: Harness, section: str, method: str, ranks: list[int], args) -> dict | None:
+    reps = range(args.warmup, args.warmup + args.reps) if not method.endswith("first") else range(1)
+    ms, ok, mem, receive = [], True, 0, []
+    for rep in reps:
+        for rank in ranks:
+            key = f"res/{section}/{method}/{rep}/{rank}"
+            if not h.store.check([key]):
+                return None
+            value = h.get(key)
+            if "ms" in value:
+                ms.append(value["ms"])
+            if value.get("receive_ms") is not None:
+                receive.append(value["receive_ms"])
+            ok = ok and value.get("ok", True)
+            mem = max(mem, value.get("mem", 0))
+    return {"ms": statistics.median(ms), "ok": ok, "mem": mem, "spread": (min(ms), max(ms)),
+            "receive_ms": statistics.median(receive) if receive else None}
+
+
+def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
+    lines = []
+    gb = nbytes / 1e9
+
+    def row(section, label, res, limit_ms, extra=""):
+        if res is None:
+            lines.append(f"{section:<6} {label:<52} {'not run':>9}")
+            return
+        ratio = res["ms"] / limit_ms if limit_ms else float("nan")
+        mem = f"{res['mem'] / GiB:6.2f}" if res["mem"] else "     -"
+        if res.get("receive_ms") is not None and not extra:
+            extra = f"(receive() alone {res['receive_ms']:.2f} ms)"
+        lines.append(f"{section:<6} {label:<52} {res['ms']:9.2f} {gb / res['ms'] * 1e3:8.1f} {ratio:8.3f}x "
+                     f"{'yes' if res['ok'] else 'NO':>9} {mem:>9} {extra}")
+
+    head = (f"{'':<6} {'path':<52} {'ms':>9} {'GB/s':>8} {'vs limit':>9} {'bit-exact':>9} {'recv GiB':>9}")
+    lines += [head, "-" * len(head)]
+    receivers = list(range(gpus))
+    results = {}
+    if 2 in args.fanout and gpus >= 2:
+        flat = collect(h, "nccl2", "flat", receivers[:2], args)
+        results["flat"] = flat
+        base = flat["ms"] if flat else None
+        row("nccl", "flat broadcast of the same bytes (limit)", flat, base)
+        vllm = collect(h, "nccl2", "vllm", receivers[:2], args) if "vllm" in args.sections else None
+        results["vllm"] = vllm
+        row("nccl", "vLLM packed algorithm (baseline)", vllm, base)
+        ws = collect(h, "nccl2", "ws", receivers[:2], args)
+        results["ws"] = ws
+        row("nccl", "weightsync round, engine API", ws, base,
+            f"{vllm['ms'] / ws['ms']:.2f}x faster than vLLM" if ws and vllm else "")
+        row("nccl", "weightsync round, engine API, checksum off", collect(h, "nccl2", "ws_nosum", receivers[:2], args), base)
+        if "http" in args.sections:
+            http = collect(h, "http", "ws_http", [0, 1], args)
+            results["http"] = http
+            row("nccl", "weightsync round via daemon HTTP (update step)", http, base)
+    if "ipc" in args.sections:
+        limit = collect(h, "ipc", "limit", [1], args)
+        results["ipc_limit"] = limit
+        base = limit["ms"] if limit else None
+        row("ipc", "one device-to-device copy of the set (limit)", limit, base)
+        row("ipc", "vLLM: per-tensor handles opened every round + copy", collect(h, "ipc", "vllm", [1], args), base)
+        row("ipc", "weightsync first round (opens the handles)", collect(h, "ipc", "ws_first", [1], args), base)
+        rep_ = collect(h, "ipc", "ws", [1], args)
+        results["ipc"] = rep_
+        row("ipc", "weightsync repeat round", rep_, base)
+        row("ipc", "weightsync repeat round, checksum off", collect(h, "ipc", "ws_nosum", [1], args), base)
+    if "p2p" in args.sections and gpus >= 2:
+        limit = collect(h, "p2p", "limit", [1], args)
+        results["p2p_limit"] = limit
+        base = limit["ms"] if limit else None
+        row("p2p", "one peer copy of the same bytes (limit)", limit, base)
+        ws = collect(h, "p2p", "ws", [1], args)
+        results["p2p"] = ws
+        flat = results.get("flat")
+        row("p2p", "weightsync round", ws, base,
+            f"{ws['ms'] / flat['ms']:.3f}x the flat NCCL broadcast" if ws and flat else "")
+        row("p2p", "weightsync round, checksum off", collect(h, "p2p", "ws_nosum", [1], args), base)
+        row("p2p", "weightsync first round (opens the handles)", collect(h, "p2p", "ws_first", [1], args), base)
+    lines.append("")
+    lines.append(f"fan-out: one trainer GPU -> N-1 receiver GPUs (lent here: {gpus} GPUs)")
+    lines.append(f"{'N':>3} {'flat bcast ms':>14} {'weightsync ms':>14} {'ratio':>7} {'growth from N=2':>16}")
+    first = None
+    for n in args.fanout:
+        if n > gpus:
+            lines.append(f"{n:>3} {'not run: needs ' + str(n) + ' GPUs':>38}")
+            continue
+        flat = collect(h, f"nccl{n}", "flat", list(range(n)), args)
+        ws = collect(h, f"nccl{n}", "ws", list(range(n)), args)
+        if not flat or not ws:
+            lines.append(f"{n:>3} {'not run':>14}")
+            continue
+        first = first or ws["ms"]
+        ok = "" if flat["ok"] and ws["ok"] else "  NOT bit-exact"
+        lines.append(f"{n:>3} {flat['ms']:14.2f} {ws['ms']:14.2f} {ws['ms'] / flat['ms']:7.3f} "
+                     f"{(ws['ms'] / first - 1) * 100:15.1f}%{ok}")
+    lines.append("")
+    lines.append(targets(results, args))
+    return "\n".join(lines)
+
+
+def targets(r: dict, args) -> str:
+    out = ["targets:"]
+
+    def verdict(name, value, limit, detail=""):
+        if value is None:
+            out.append(f"  {name}: not measured")
+            return
+        mark = "met" if value <= limit else f"MISSED by {(value / limit - 1) * 100:.1f}%"
+        out.append(f"  {name}: {value:.3f} (target <= {limit}) {mark}{detail}")
+
+    if r.get("ws") and r.get("flat"):
+        verdict("nccl round / flat broadcast", r["ws"]["ms"] / r["flat"]["ms"], 1.03)
+    if r.get("ws") and r.get("vllm"):
+        verdict("nccl round / vLLM algorithm", r["ws"]["ms"] / r["vllm"]["ms"], 1.0)
+    if r.get("ipc") and r.get("ipc_limit"):
+        verdict("ipc repeat round / one device copy", r["ipc"]["ms"] / r["ipc_limit"]["ms"], 1.15)
+    if r.get("p2p") and r.get("p2p_limit"):
+        verdict("p2p round / one peer copy", r["p2p"]["ms"] / r["p2p_limit"]["ms"], 1.05)
+    mems = [v["mem"] for k, v in r.items() if v and k in ("ws", "p2p", "ipc")]
+    if mems:
+        verdict("receiver extra GPU memory / buffer size", max(mems) / args.buffer_size, 2.0)
+    everything = [v for v in r.values() if v]
+    out.append(f"  every result bit-exact: {'yes' if all(v['ok'] for v in everything) else 'NO'}")
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible)")
+    parser.add_argument("--fanout", default="2,4,8", help="receiver fan-out sizes N (GPUs incl. the trainer's)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--buffer-size", type=_size, default=GiB, help="packed buffer size (1GiB, 256MiB, bytes)")
+    parser.add_argument("--buffers", type=int, default=2)
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink the model (smoke runs)")
+    parser.add_argument("--sections", default="vllm,http,p2p,ipc")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.fanout = sorted({int(n) for n in args.fanout.split(",")})
+    args.sections = set(args.sections.split(",")) if args.sections else set()
+    if args.worker:
+        h = Harness(args.port, _rank(args.worker), args)
+        try:
+            Worker(h, args.worker, args.gpus).run()
+        except BaseException:
+            h.store.set(f"error/{args.worker}", traceback.format_exc().encode())
+            raise
+        return 0
+    return coordinate(args)
+
+
+def _size(text: str) -> int:
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+    lowered = text.strip().lower()
+    for suffix, factor in units.items():
+        if lowered.endswith(suffix):
+            return int(float(lowered[: -len(suffix)]) * factor)
+    return int(lowered)
+
+
+def _rank(role: str) -> int:
+    return {"trainer": 0, "ipc": 99}.get(role, int(role[4:]) if role.startswith("recv") else -1)
+
+
+def coordinate(args) -> int:
+    gpus = args.gpus or torch.cuda.device_count()
+    if gpus < 1:
+        print("needs at least one CUDA GPU", file=sys.stderr)
+        return 2
+    args.gpus = gpus
+    port = free_port()
+    h = Harness(port, None, args)
+    for n in args.fanout:
+        h.put(f"port/nccl{n}", free_port())
+    for backend in ("p2p", "ipc"):
+        h.put(f"port/{backend}", free_port())
+    roles = ["trainer"] + [f"recv{k}" for k in range(1, gpus)] + ["ipc"]
+    argv = [sys.executable, str(Path(__file__).resolve()), "--port", str(port), "--gpus", str(gpus),
+            "--fanout", ",".join(map(str, args.fanout)), "--reps", str(args.reps), "--warmup", str(args.warmup),
+            "--buffer-size", str(args.buffer_size), "--buffers", str(args.buffers), "--scale", str(args.scale),
+            "--sections", ",".join(sorted(args.sections))]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    workers = {role: subprocess.Popen(argv + ["--worker", role], env=env) for role in roles}
+    began = time.monotonic()
+    failed = None
+    try:
+        if "http" in args.sections and gpus >= 2:
+            wait_for = ["http/url/trainer", "http/url/recv1"]
+            while not h.store.check(wait_for):
+                failed = _dead(workers, h)
+                if failed:
+                    raise RuntimeError(failed)
+                time.sleep(0.2)
+            drive_http(h, args)
+        while any(w.poll() is None for w in workers.values()):
+            failed = _dead(workers, h)
+            if failed:
+                raise RuntimeError(failed)
+            if time.monotonic() - began > 3 * 3600:
+                raise RuntimeError("the benchmark ran for 3 hours")
+            time.sleep(0.2)
+        failed = _dead(workers, h)
+        if failed:
+            raise RuntimeError(failed)
+    except Exception as error:  # noqa: BLE001 - report, print what was measured
+        print(f"benchmark failed: {error}", file=sys.stderr)
+        failed = str(error)
+    finally:
+        for w in workers.values():
+            if w.poll() is None:
+                w.kill()
+    from weightsync.protocol import Manifest, TensorSpec
+
+    shapes = qwen2_shapes(args.scale)
+    manifest = Manifest(tensors=tuple(TensorSpec(name=n, dtype="bfloat16", shape=s) for n, s in shapes))
+    name = torch.cuda.get_device_name(0)
+    from weightsync.transports.nccl_lib import version as nccl_version
+
+    v = nccl_version()
+    print(f"\nweightsync transfer benchmark: Qwen2-7B-shaped bf16 set, {len(shapes)} tensors, "
+          f"{manifest.nbytes / 1e9:.2f} GB; {gpus} x {name}; torch {torch.__version__}, NCCL "
+          f"{v // 10000}.{v // 100 % 100}.{v % 100}; buffer {args.buffer_size / GiB:g} GiB x {args.buffers}; "
+          f"median of {args.reps} after {args.warmup} warm-up")
+    print(table(h, args, gpus, manifest.nbytes, len(shapes)))
+    if failed:
+        print(f"\nINCOMPLETE: {failed}")
+    return 1 if failed else 0
+
+
+def _dead(workers, h) -> str | None:
+    for role, w in workers.items():
+        code = w.poll()
+        if code not in (None, 0):
+            detail = h.store.get(f"error/{role}").decode() if h.store.check([f"error/{role}"]) else ""
+            return f"worker {role} exited with {code}\n{detail}"
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""CPU-checkable parts of the GPU transports: one checksum whatever path moved the bytes, ramped
+chunking, IPC handle validation, the coordinator's relay of a trainer's handles, `--backend auto`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import httpx
+import pytest
+import torch
+
+from weightsync.errors import ProtocolError
+from weightsync.integrity import StreamDigest
+from weightsync.layout import Layout, ramp_sizes
+from weightsync.packing import Region, RegionPlan, landed_regions, pack_regions, unpack_regions
+from weightsync.transports.cuda_ipc import GpuHandles, merge_update_infos, parse_handles, rebind_device
+from weightsync.transports.p2p import _piece_plan
+from weightsync_operator.client import Endpoint
+from weightsync_operator.coordinator import Coordinator, SyncSpec
+from weightsync_operator.demo.hardware import choose_backend
+
+
+def _tensors(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [(300, 64), (13,), (1000,), (5, 7), (4096,), (0,), (777,)]
+    dtypes = [torch.bfloat16, torch.float16, torch.int8, torch.float32, torch.float32, torch.float32, torch.int8]
+    out = []
+    for shape, dtype in zip(sizes, dtypes):
+        t = torch.randn(shape, generator=gen) * 50
+        out.append(t.to(dtype))
+    return [t.reshape(-1).view(torch.uint8) for t in out]
+
+
+@pytest.mark.parametrize("ramp", [False, True])
+def test_one_checksum_whatever_path_moved_the_bytes(ramp):
+    """Packed chunks (trainer), chunks landed in place or unpacked (receivers), tensors read where
+    they lie (ipc) and copy-engine pieces (p2p): the same stream, the same checksum."""
+    sources = _tensors()
+    layout = Layout.of_sizes([s.numel() for s in sources])
+    buffer_size = 2048
+    chunks = layout.chunks(buffer_size, ramp=ramp)
+    assert all(c.nbytes <= buffer_size for c in chunks)
+
+    packed = StreamDigest("cpu")
+    target = torch.zeros(layout.total_bytes, dtype=torch.uint8)
+    staged = StreamDigest("cpu")
+    outs = [torch.zeros_like(s) for s in sources]
+    for chunk in chunks:
+        buffer = torch.full((buffer_size,), 0xAB, dtype=torch.uint8)  # garbage in the padding
+        RegionPlan(pack_regions(chunk, sources, buffer)).run(packed)
+        target[chunk.start : chunk.stop] = buffer[: chunk.nbytes]
+        RegionPlan(unpack_regions(chunk, buffer[: chunk.nbytes], outs)).run(staged)
+    landed = StreamDigest("cpu")
+    for chunk in chunks:
+        RegionPlan(landed_regions(chunk, target), copy=False).run(landed)
+    lent = StreamDigest("cpu")
+    RegionPlan([Region(s, None, off) for s, off in zip(sources, layout.offsets)], copy=False).run(lent)
+    pulled = StreamDigest("cpu")
+    dests = [torch.zeros_like(s) for s in sources]
+    pieces, groups = _piece_plan(sources, dests, layout.offsets, verify=True)
+    for dst, src in pieces:
+        dst.copy_(src)
+    for _, plan in groups:
+        plan.run(pulled)
+
+    assert all(torch.equal(a, b) for a, b in zip(outs, sources))
+    assert all(torch.equal(a, b) for a, b in zip(dests, sources))
+    values = {d.hexdigest() for d in (packed, landed, staged, lent, pulled)}
+    assert len(values) == 1
+
+    flipped = [s.clone() for s in sources]
+    flipped[2][5] ^= 1
+    other = StreamDigest("cpu")
+    RegionPlan([Region(s, None, off) for s, off in zip(flipped, layout.offsets)], copy=False).run(other)
+    assert other.hexdigest() not in values
+
+
+def test_ramped_chunks_grow_then_shrink_and_stay_within_a_buffer():
+    mib = 1 << 20
+    sizes = ramp_sizes(15_230_000_000, 1 << 30)
+    assert sum(sizes) == 15_230_000_000 and max(sizes) == 1 << 30
+    assert sizes[:5] == [64 * mib, 128 * mib, 256 * mib, 512 * mib, 1024 * mib]
+    assert sizes[-1] < 256 * mib
+    assert all(s % 256 == 0 for s in sizes[:-1])
+
+
+def _gpu_handles(**change):
+    raw = {"round_id": "r1", "device": 3, "storages": [{
+        "handle": base64.b64encode(b"h" * 64).decode(), "size_bytes": 4096, "offset_bytes": 512,
+        "ref_counter_handle": base64.b64encode(b"/torch_123").decode(), "ref_counter_offset": 0}],
+        "tensors": [{"storage": 0, "offset": 0, "nbytes": 1024}, {"storage": 0, "offset": 1024, "nbytes": 3072}]}
+    raw.update(change)
+    return raw
+
+
+def test_ipc_handles_are_validated_json_and_rebound_by_one_helper():
+    handles = parse_handles({"GPU-a": _gpu_handles()})["GPU-a"]
+    assert rebind_device(handles, 0).device == 0 and handles.device == 3
+    assert json.loads(handles.model_dump_json())["storages"][0]["size_bytes"] == 4096
+    with pytest.raises(ProtocolError, match=r"ipc_handles\.GPU-a\.storages\.0\.handle"):
+        parse_handles({"GPU-a": _gpu_handles(storages=[{**_gpu_handles()["storages"][0], "handle": "%%%"}])})
+    with pytest.raises(ProtocolError, match="past the end"):
+        parse_handles({"GPU-a": _gpu_handles(tensors=[{"storage": 0, "offset": 4000, "nbytes": 100}])})
+    with pytest.raises(ProtocolError, match="names storage 1"):
+        parse_handles({"GPU-a": _gpu_handles(tensors=[{"storage": 1, "offset": 0, "nbytes": 1}])})
+    with pytest.raises(ProtocolError, match="format"):
+        parse_handles({"GPU-a": _gpu_handles(format="pickle")})
+    with pytest.raises(ProtocolError, match="ipc_handles"):
+        parse_handles([])
+    assert GpuHandles.model_fields["format"].default == "weightsync-ipc/1"
+
+
+def test_a_multi_gpu_trainer_merges_every_ranks_handles():
+    body = {"names": ["w"], "dtype_names": ["float32"], "shapes": [[4]]}
+    merged = merge_update_infos([{**body, "ipc_handles": {"GPU-a": _gpu_handles()}},
+                                 {**body, "ipc_handles": {"GPU-b": _gpu_handles(device=1)}}])
+    assert set(merged["ipc_handles"]) == {"GPU-a", "GPU-b"}
+    with pytest.raises(ProtocolError, match="shapes"):
+        merge_update_infos([{**body, "ipc_handles": {}}, {**body, "shapes": [[5]], "ipc_handles": {}}])
+
+
+def test_the_coordinator_relays_the_trainers_handles_batch_by_batch():
+    """ipc/p2p parties need CUDA, so they are emulated at the HTTP level here (the GPU tests run
+    the real ones): the trainer answers with handles twice (more, then done); the target must
+    receive exactly those, after the trainer answered, in order."""
+    seen: list[tuple[str, dict]] = []
+    batches = iter([{"bytes": 100, "more": True, "update_info": {"names": ["a"], "batch": 1}},
+                    {"bytes": 50, "more": False, "update_info": {"names": ["b"], "batch": 2}, "checksum": None}])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        party = request.url.host
+        path = request.url.path
+        body = json.loads(request.content or b"{}")
+        if path == "/get_world_size":
+            return httpx.Response(200, json={"world_size": 1})
+        if path == "/update_weights":
+            seen.append((party, body["update_info"]))
+            if party == "trainer":
+                return httpx.Response(200, json={"round_id": "x", **next(batches)})
+            return httpx.Response(200, json={"bytes": 1, "checksum": "c0ffee"})
+        if path == "/finish_weight_update":
+            return httpx.Response(200, json={"weight_version": body["weight_version"]})
+        return httpx.Response(200, json={"message": "ok"})
+
+    async def drive():
+        http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        spec = SyncSpec(backend="ipc", pause_mode="none")
+        async with Coordinator(Endpoint("trainer", "http://trainer"), [Endpoint("daemon", "http://daemon")],
+                               spec, http) as coordinator:
+            await coordinator.init()
+            return await coordinator.sync(7)
+
+    result = asyncio.run(drive())
+    assert result.ok, result.reason
+    assert seen == [("trainer", {}), ("daemon", {"names": ["a"], "batch": 1}),
+                    ("trainer", {}), ("daemon", {"names": ["b"], "batch": 2})]
+    assert result.bytes == 150 and result.checksum == "c0ffee"
+
+
+@pytest.mark.parametrize("gpus, peer, expected", [(0, False, "cpu"), (1, False, "ipc"), (2, True, "p2p"),
+                                                  (8, False, "nccl")])
+def test_backend_auto_picks_the_fastest_transport_the_hardware_offers(gpus, peer, expected):
+    assert choose_backend("auto", gpus, peer) == expected
+    assert choose_backend("nccl", gpus, peer) == "nccl"  # an explicit choice wins

@@ -1,0 +1,513 @@
+"""The ipc transport: trainer and receiver on the same GPU, in separate processes.
+
+The trainer lends its memory instead of sending it. Its `/update_weights` answer carries
+`update_info` with CUDA IPC handles (validated JSON, see `cuda_ipc.py`) for the storages that hold
+the round's tensors; the coordinator hands that to every receiver's `/update_weights`, and each
+receiver copies the bytes into its weights with one batched kernel that also folds them into the
+round checksum. The trainer keeps every lent tensor alive until the round ends.
+
+- Zero copies on the trainer: contiguous tensors on the trainer's GPU are lent as they are.
+  Anything else (a non-contiguous view, a tensor on another device) is first copied into a
+  staging area of at most `packed_num_buffers` x `packed_buffer_size_bytes`, shared once; when
+  it fills up, the round continues in further batches (`more` in the answer), so the trainer's
+  extra memory stays bounded whatever it sends.
+- Opened once: the trainer exports each storage once and reuses the record while the storage
+  lives; a receiver keeps what it opened and reuses it while the records stay the same, so a
+  repeat round is just the copy.
+- Verified: with `verify`, the trainer checksums what it lends on a side stream and publishes
+  the value on the group's rendezvous store; each receiver compares it with the checksum of the
+  bytes it copied before it commits anything that is not already live.
+
+The rendezvous store (the trainer's TCPStore at master_address:master_port) is the only other
+channel: no NCCL, no collective; each receiver checks the manifest against its own weights.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from weightsync.errors import IntegrityError, ManifestMismatch, ProtocolError, TransferError
+from weightsync.integrity import StreamDigest, format_digest
+from weightsync.kernels import warm_up
+from weightsync.layout import DEFAULT_ALIGNMENT, Layout, align_up
+from weightsync.packing import Region, RegionPlan, as_bytes
+from weightsync.protocol import InitInfo, Manifest, TensorSpec, UpdateInfo
+from weightsync.rendezvous import open_store
+from weightsync.store import WeightStore
+from weightsync.transports import register
+from weightsync.transports.base import RoundStats, SparsePatch, Transport
+from weightsync.transports.cuda_ipc import (
+    GpuHandles, Placement, StorageHandle, export_storage, gpu_uuid, open_storage,
+    parse_handles, rebind_device,
+)
+from weightsync.transports.collective import check_indices, check_sparse
+from weightsync.transports.waits import wait_event_until
+
+_DIGEST_KEY = "ipc-digest/{}"
+
+
+def _stream_sizes(kind: str, manifest: Manifest) -> list[int]:
+    if kind == "dense":
+        return [spec.nbytes for spec in manifest.tensors]
+    return [size for spec in manifest.tensors for size in (spec.numel * 8, spec.nbytes)]
+
+
+class _Cursor:
+    """A round in progress on the trainer: what is left to send, batch by batch."""
+
+    def __init__(self, kind: str, items: Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]],
+                 fast_key: tuple | None = None):
+        self.kind = kind
+        self.items = items
+        self.pending: tuple | None = None  # an item that did not fit the last batch
+        self.round_id = uuid.uuid4().hex[:24]
+        self.batch = 0
+        self.fast_key = fast_key  # set for dense rounds: what a repeat of this round looks like
+        self.all_lent = True  # nothing needed staging
+
+    def next(self):
+        if self.pending is not None:
+            item, self.pending = self.pending, None
+            return item
+        return next(self.items, None)
+
+
+@dataclass
+class _Lending:
+    """A trainer round that can be repeated as is: same tensors, same storages, same handles."""
+
+    key: tuple
+    views: list[torch.Tensor]
+    specs: list[TensorSpec]
+    body: dict  # its update_info, but for round id and flags
+    digest: RegionPlan | None = None
+
+
+@dataclass
+class _Prepared:
+    """A receiver's plan for a round: validated once, reused while handles, manifest and store stay."""
+
+    key: tuple
+    sizes: list[int]
+    sources: list[torch.Tensor]
+    destinations: list[torch.Tensor]
+    offsets: tuple[int, ...]
+    scratch: list[torch.Tensor] | None
+    plans: dict = field(default_factory=dict)  # per verify flag, built by the transport's _plan
+
+
+@register
+class IpcTransport(Transport):
+    name = "ipc"
+    needs_trainer_update_info = True
+
+    def __init__(self, init: InitInfo, rank: int, device: torch.device):
+        super().__init__(init, rank, device)
+        self._store = open_store(init, rank)
+        self._timeout = init.timeout_seconds
+        self._side = torch.cuda.Stream(device)
+        # trainer
+        self._exports: dict[tuple[int, int], tuple[StorageWeakRef, StorageHandle]] = {}
+        self._staging: torch.Tensor | None = None
+        self._anchor: torch.Tensor | None = None
+        self._lent: list[torch.Tensor] = []
+        self._cursor: _Cursor | None = None
+        self._published: list[str] = []
+        self._info_cache: tuple[tuple, dict] | None = None
+        self._specs: dict[tuple, TensorSpec] = {}
+        self._repeat: _Lending | None = None
+        # receiver
+        self._opened: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._parsed: tuple[dict, GpuHandles, int] | None = None
+        self._manifests: tuple[tuple, Manifest, int] | None = None
+        self._prepared: _Prepared | None = None
+        self._versions = 0
+        self._shadow: WeightStore | None = None
+        self._shadow_manifest: Manifest | None = None
+
+    @classmethod
+    def connect(cls, init: InitInfo, rank: int, device: torch.device | None = None) -> "IpcTransport":
+        if not torch.cuda.is_available():
+            raise TransferError(f"the {cls.name} transport needs CUDA, and none is available here")
+        if device is None or device.type != "cuda" or device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device() if device is None or device.index is None
+                                  else device.index)
+        warm_up(device)
+        return cls(init, rank, device)
+
+    # == trainer ==================================================================================
+    def begin_round(self) -> None:
+        self._cursor = None
+        self._lent = []
+
+    def end_round(self) -> None:
+        self.begin_round()
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> RoundStats:
+        with torch.cuda.device(self.device):  # a daemon's worker thread starts on device 0
+            if self._cursor is None:
+                named = list(named_tensors)
+                key = tuple((name, t.data_ptr(), t.dtype, t.shape, t.is_contiguous()) for name, t in named)
+                if self._repeat is not None and self._repeat.key == key:
+                    return self._send_repeat(self._repeat)
+                self._start("dense", ((name, t, [t]) for name, t in named), key)
+            return self._send_batch()
+
+    def send_sparse(self, patches: Iterable[SparsePatch]) -> RoundStats:
+        if self._cursor is None:
+            def items():
+                for p in patches:
+                    if p.indices.shape != p.values.shape or p.indices.dim() != 1:
+                        raise ProtocolError(f"patches[{p.name}]", "indices and values must be 1-D and equally long")
+                    yield p.name, p.values, [p.indices.to(torch.int64), p.values]
+            self._start("sparse_flat", items())
+        with torch.cuda.device(self.device):
+            return self._send_batch()
+
+    def _start(self, kind: str, items, fast_key: tuple | None = None) -> None:
+        self._lent = []  # the previous round is over: its tensors may go
+        self._cursor = _Cursor(kind, iter(items), fast_key)
+
+    def _lendable(self, tensor: torch.Tensor) -> bool:
+        return tensor.device == self.device and tensor.is_contiguous()
+
+    def _spec(self, name: str, tensor: torch.Tensor) -> TensorSpec:
+        key = (name, tensor.dtype, tuple(tensor.shape))
+        spec = self._specs.get(key)
+        if spec is None:
+            if len(self._specs) > 100_000:
+                self._specs.clear()
+            spec = self._specs[key] = TensorSpec.of(name, tensor)
+        return spec
+
+    def _staging_area(self) -> torch.Tensor:
+        size = self.init.packed_num_buffers * self.init.packed_buffer_size_bytes
+        if self._staging is None or self._staging.numel() != size:
+            self._staging = torch.empty(size, dtype=torch.uint8, device=self.device)
+        return self._staging
+
+    def _send_batch(self) -> RoundStats:
+        try:
+            return self._next_batch()
+        except BaseException:
+            self._cursor = None  # a failed round is over; the next send starts afresh
+            raise
+
+    def _next_batch(self) -> RoundStats:
+        started = time.perf_counter()
+        cursor = self._cursor
+        specs, views, fill = [], [], 0
+        capacity = self.init.packed_num_buffers * self.init.packed_buffer_size_bytes
+        while (item := cursor.next()) is not None:
+            name, shaped, tensors = item
+            staged = [t for t in tensors if not self._lendable(t)]
+            need = sum(align_up(t.numel() * t.element_size(), DEFAULT_ALIGNMENT) for t in staged)
+            if staged and fill + need > capacity:
+                if specs:  # the rest goes in the next batch
+                    cursor.pending = item
+                    break
+                raise ProtocolError("init_info.packed_buffer_size_bytes",
+                                    f"parameter {name!r} needs {need} bytes of staging, more than the "
+                                    f"{capacity} of packed_num_buffers x packed_buffer_size_bytes")
+            for t in tensors:
+                if self._lendable(t):
+                    view = as_bytes(t)
+                else:
+                    cursor.all_lent = False
+                    source = as_bytes(t.to(self.device))
+                    view = self._staging_area()[fill : fill + source.numel()]
+                    view.copy_(source)
+                    fill += align_up(source.numel(), DEFAULT_ALIGNMENT)
+                views.append(view)
+            specs.append(self._spec(name, shaped))
+        more = cursor.pending is not None
+        round_id = f"{cursor.round_id}-{cursor.batch}"
+        first = cursor.batch == 0
+        cursor.batch += 1
+        if not more:
+            self._cursor = None
+        self._lent.extend(views)
+        torch.cuda.current_stream(self.device).synchronize()  # lent bytes are final before anyone reads
+        info = self._update_info(cursor.kind, specs, views, round_id, more)
+        digest = None
+        if self.init.verify:
+            digest = RegionPlan([Region(v, None, off) for v, off in zip(views, Layout.of_sizes(
+                [v.numel() for v in views]).offsets)], copy=False)
+            self._publish_digest(round_id, digest)
+        if cursor.fast_key is not None and first and not more and cursor.all_lent:
+            self._repeat = _Lending(cursor.fast_key, views, specs, self._info_cache[1], digest)  # next: skip all this
+        return RoundStats(round_id, cursor.kind, len(specs), sum(v.numel() for v in views), 0,
+                          time.perf_counter() - started, update_info=info, more=more)
+
+    def _send_repeat(self, lending: _Lending) -> RoundStats:
+        """The same tensors in the same storages as the last round: same handles, new values."""
+        started = time.perf_counter()
+        round_id = f"{uuid.uuid4().hex[:24]}-0"
+        self._lent = list(lending.views)
+        torch.cuda.current_stream(self.device).synchronize()
+        info = self._compose(lending.body, round_id, False)
+        if self.init.verify:
+            if lending.digest is None:
+                lending.digest = RegionPlan([Region(v, None, off) for v, off in zip(
+                    lending.views, Layout.of_sizes([v.numel() for v in lending.views]).offsets)], copy=False)
+            self._publish_digest(round_id, lending.digest)
+        return RoundStats(round_id, "dense", len(lending.specs), sum(v.numel() for v in lending.views), 0,
+                          time.perf_counter() - started, update_info=info)
+
+    def _export(self, view: torch.Tensor) -> tuple[StorageHandle, int, int]:
+        """The (cached) export record of the storage under `view`, and the view's placement."""
+        if view.numel() == 0:  # nothing to read, but a placement needs some storage to name
+            if self._anchor is None:
+                self._anchor = torch.zeros(DEFAULT_ALIGNMENT, dtype=torch.uint8, device=self.device)
+            view = self._anchor[:0]
+        storage = view.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        cached = self._exports.get(key)
+        if cached is None or cached[0].expired():
+            cached = (StorageWeakRef(storage), export_storage(storage))
+            self._exports[key] = cached
+        offset = view.data_ptr() - storage.data_ptr()
+        return cached[1], offset, view.numel()
+
+    def _update_info(self, kind: str, specs: list[TensorSpec], views: list[torch.Tensor], round_id: str,
+                     more: bool) -> dict:
+        """update_info for these views: names, dtypes, shapes and this GPU's handles (the body is
+        rebuilt only when a storage or a placement changed)."""
+        records = [self._export(v) for v in views]
+        key = (kind, tuple(specs), tuple((h.handle, h.offset_bytes, off, n) for h, off, n in records))
+        if self._info_cache is None or self._info_cache[0] != key:
+            storages: list[StorageHandle] = []
+            index: dict[int, int] = {}
+            placements = []
+            for handle, offset, nbytes in records:
+                if id(handle) not in index:
+                    index[id(handle)] = len(storages)
+                    storages.append(handle)
+                placements.append(Placement(storage=index[id(handle)], offset=offset, nbytes=nbytes))
+            gpu = GpuHandles(round_id=round_id, device=self.device.index, storages=storages, tensors=placements)
+            body = {"update_kind": kind, "names": [s.name for s in specs],
+                    "dtype_names": [s.dtype for s in specs], "shapes": [list(s.shape) for s in specs],
+                    "ipc_handles": {gpu_uuid(self.device.index): gpu.model_dump(mode="json")}}
+            self._info_cache = (key, body)
+        return self._compose(self._info_cache[1], round_id, more)
+
+    def _compose(self, body: dict, round_id: str, more: bool) -> dict:
+        ((uuid_, gpu),) = body["ipc_handles"].items()
+        return {**body, "ipc_handles": {uuid_: {**gpu, "round_id": round_id, "more": more,
+                                                "verify": self.init.verify}}}
+
+    def _publish_digest(self, round_id: str, plan: RegionPlan) -> None:
+        """Checksum the lent bytes on a side stream; a watcher publishes the value when ready."""
+        digest = StreamDigest(self.device)
+        self._side.wait_stream(torch.cuda.current_stream(self.device))  # the zeroed accumulator
+        with torch.cuda.stream(self._side):
+            plan.run(digest)
+            done = torch.cuda.Event()
+            done.record(self._side)
+        for old in self._published[:-1]:
+            self._store.delete_key(_DIGEST_KEY.format(old))
+        self._published = self._published[-1:] + [round_id]
+        store, timeout = self._store, self._timeout
+
+        def publish() -> None:
+            try:
+                wait_event_until(done, time.monotonic() + timeout, "checksumming the lent weights")
+                store.set(_DIGEST_KEY.format(round_id), format_digest(digest.sums).encode())
+            except Exception as error:  # noqa: BLE001 - receivers then report it
+                store.set(_DIGEST_KEY.format(round_id), f"error: {error}".encode())
+
+        threading.Thread(target=publish, name="weightsync-ipc-digest", daemon=True).start()
+
+    # == receiver =================================================================================
+    def _pick(self, ipc_handles: object) -> tuple[GpuHandles, int]:
+        """This receiver's entry of update_info.ipc_handles, validated, and a version number that
+        changes whenever the entry (round id and batch flag aside) does."""
+        if not isinstance(ipc_handles, dict) or not ipc_handles:
+            raise ProtocolError("update_info.ipc_handles",
+                                f"the {self.name} transport needs the trainer's handles "
+                                "(the coordinator passes the trainer's update_info)")
+        uuid_ = self._choose_gpu(list(ipc_handles))
+        raw = ipc_handles[uuid_]
+        if isinstance(raw, dict) and self._parsed is not None:
+            cached_raw, cached, version = self._parsed
+            rid, more, verify = raw.get("round_id"), raw.get("more", False), raw.get("verify", True)
+            if isinstance(rid, str) and 0 < len(rid) <= 64 and isinstance(more, bool) and isinstance(verify, bool) \
+                    and {**raw, "round_id": cached.round_id, "more": cached.more, "verify": cached.verify} \
+                    == cached_raw:
+                return cached.model_copy(update={"round_id": rid, "more": more, "verify": verify}), version
+        handles = rebind_device(parse_handles({uuid_: raw})[uuid_], self.device.index)
+        self._versions += 1
+        self._parsed = ({**raw, "round_id": handles.round_id, "more": handles.more, "verify": handles.verify},
+                        handles, self._versions)
+        return handles, self._versions
+
+    def _choose_gpu(self, uuids: list[str]) -> str:
+        """ipc: the handles of the GPU this receiver sits on."""
+        own = gpu_uuid(self.device.index)
+        if own not in uuids:
+            raise ProtocolError("update_info.ipc_handles",
+                                f"no handles for this GPU ({own}); the trainer lent {uuids}. "
+                                "A receiver on another GPU of the host uses the p2p transport")
+        return own
+
+    def _manifest(self, info: UpdateInfo) -> tuple[Manifest, int]:
+        key = (info.names, info.dtype_names, info.shapes)
+        if self._manifests is not None and self._manifests[0] == key:
+            return self._manifests[1], self._manifests[2]
+        manifest = info.manifest
+        if manifest is None:
+            raise ProtocolError("update_info.names", f"the {self.name} transport needs the manifest with the handles")
+        self._versions += 1
+        self._manifests = (key, manifest, self._versions)
+        return manifest, self._versions
+
+    def receive(self, store: WeightStore, info: UpdateInfo) -> RoundStats:
+        with torch.cuda.device(self.device):  # a daemon's worker thread starts on device 0
+            return self._receive(store, info)
+
+    def _receive(self, store: WeightStore, info: UpdateInfo) -> RoundStats:
+        started = time.perf_counter()
+        handles, handles_version = self._pick(info.ipc_handles)
+        manifest, manifest_version = self._manifest(info)
+        kind = info.update_kind or "dense"
+        key = (handles_version, manifest_version, kind, id(store), len(store), self.init.atomic)
+        prepared = self._prepared
+        if prepared is None or prepared.key != key or kind != "dense":
+            self._prepared = None  # release what the last plan held first
+            prepared = self._prepare(key, handles, manifest, kind, store)
+            if kind == "dense":
+                self._prepared = prepared
+        verify = handles.verify
+        digest = StreamDigest(self.device) if verify else None
+        writes_live = kind == "dense" and not self.init.atomic
+        try:
+            if verify not in prepared.plans:
+                prepared.plans[verify] = self._plan(prepared, verify)
+            done = self._pull(prepared.plans[verify], digest)
+            wait_event_until(done, time.monotonic() + self._timeout, "copying from the trainer")
+            checksum = None
+            if digest is not None:
+                checksum = format_digest(digest.sums)
+                sent = self._trainer_digest(handles.round_id)
+                if sent != checksum:
+                    raise IntegrityError(f"round not applied: checksum mismatch: received {checksum}, "
+                                         f"trainer sent {sent}")
+            if prepared.scratch is not None:
+                problem = check_indices(manifest, prepared.scratch, store)
+                if problem:
+                    raise TransferError(f"round not applied: {problem}")
+        except TransferError as error:
+            error.weights_touched = writes_live
+            raise
+        if kind == "sparse_flat":
+            with store.lock:
+                for i, spec in enumerate(manifest.tensors):
+                    store[spec.name].view(-1)[prepared.scratch[2 * i]] = prepared.scratch[2 * i + 1]
+        elif self.init.atomic:
+            with store.lock:
+                for spec in manifest.tensors:
+                    store[spec.name].copy_(self._shadow[spec.name])
+        if kind != "dense" or self.init.atomic:
+            torch.cuda.current_stream(self.device).synchronize()
+        return RoundStats(handles.round_id, kind, len(manifest.tensors), sum(prepared.sizes), 0,
+                          time.perf_counter() - started, in_place=writes_live, checksum=checksum)
+
+    def _prepare(self, key: tuple, handles: GpuHandles, manifest: Manifest, kind: str,
+                 store: WeightStore) -> _Prepared:
+        """Check the round against the manifest and the weights, open what is not open yet, and
+        line up sources and destinations. Nothing is copied before all of this passed."""
+        sizes = _stream_sizes(kind, manifest)
+        if len(handles.tensors) != len(sizes):
+            raise ProtocolError("update_info.ipc_handles",
+                                f"{len(handles.tensors)} placements for {len(sizes)} stream tensors")
+        for i, (placement, size) in enumerate(zip(handles.tensors, sizes)):
+            if placement.nbytes != size:
+                raise ProtocolError(f"update_info.ipc_handles.tensors.{i}",
+                                    f"{placement.nbytes} bytes where the manifest needs {size}")
+        if kind == "dense":
+            store.adopt(manifest, self.device)
+            problem = store.mismatch(manifest)
+        else:
+            problem = check_sparse(manifest, store)
+        if problem:
+            raise ManifestMismatch(problem)
+        sources = self._sources(handles)
+        scratch = None
+        if kind == "sparse_flat":
+            scratch = []
+            for spec in manifest.tensors:
+                scratch += [torch.empty(spec.numel, dtype=torch.int64, device=self.device),
+                            torch.empty(spec.numel, dtype=spec.torch_dtype, device=self.device)]
+            destinations = [as_bytes(t) for t in scratch]
+        elif self.init.atomic:
+            destinations = self._shadow_store(manifest).destinations(manifest)
+        else:
+            destinations = store.destinations(manifest)
+        for dst in destinations:
+            if dst.device != self.device:
+                raise TransferError(f"the weights live on {dst.device}, the transport on {self.device}")
+        return _Prepared(key, sizes, sources, destinations, Layout.of_sizes(sizes).offsets, scratch)
+
+    def _trainer_digest(self, round_id: str) -> str:
+        key = _DIGEST_KEY.format(round_id)
+        try:
+            value = self._store.get(key).decode(errors="replace")
+        except Exception as error:  # the store raises after its timeout
+            raise TransferError(f"the trainer published no checksum for round {round_id}: {error}") from error
+        if value.startswith("error:"):
+            raise TransferError(f"the trainer could not checksum round {round_id}: {value[6:].strip()}")
+        return value
+
+    def _sources(self, handles: GpuHandles) -> list[torch.Tensor]:
+        """Flat views of the trainer's bytes, one per stream tensor; storages opened once."""
+        used = {}
+        flats = []
+        for storage in handles.storages:
+            key = (storage.handle, storage.offset_bytes, storage.size_bytes)
+            flat = self._opened.get(key)
+            if flat is None:
+                try:
+                    flat = open_storage(storage, handles.device)
+                except Exception as error:  # noqa: BLE001 - CUDA reports a bad or foreign handle
+                    raise TransferError(f"cannot open the trainer's IPC handle: {error}") from error
+            used[key] = flat
+            flats.append(flat)
+        self._opened = used  # storages the trainer stopped lending are released here
+        return [flats[p.storage][p.offset : p.offset + p.nbytes] for p in handles.tensors]
+
+    def _shadow_store(self, manifest: Manifest) -> WeightStore:
+        if self._shadow is None or self._shadow_manifest != manifest:
+            self._shadow = None
+            self._shadow = WeightStore.from_manifest(manifest, self.device)
+            self._shadow_manifest = manifest
+        return self._shadow
+
+    def _plan(self, prepared: _Prepared, verify: bool):
+        """ipc: one batched kernel copies every tensor and checksums what it read."""
+        return RegionPlan([Region(s, d, off) for s, d, off in zip(prepared.sources, prepared.destinations,
+                                                                   prepared.offsets)], copy=True, digest=verify)
+
+    def _pull(self, plan, digest: StreamDigest | None) -> torch.cuda.Event:
+        """Run the copy (and checksum) on a side stream; the event marks its end."""
+        stream = self._side
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            plan.run(digest)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return done
+
+    def close(self) -> None:
+        self._cursor, self._lent, self._staging, self._repeat = None, [], None, None
+        self._exports.clear()
+        self._opened.clear()
+        self._prepared = None
+        self._shadow = None
+        self._store = None
