@@ -122,6 +122,9 @@ class Communicator:
                          _UNDEF_INT, _UNDEF_INT, _UNDEF_INT, None, _UNDEF_INT)
         lib = library()
         code = lib.ncclCommInitRankConfig(ctypes.byref(self._comm), world_size, uid, rank, ctypes.byref(config))
+        if code == 4:  # this NCCL refuses the config layout: fall back to a blocking communicator
+            self._comm = ctypes.c_void_p()
+            code = lib.ncclCommInitRank(ctypes.byref(self._comm), world_size, uid, rank)
         if code not in (SUCCESS, IN_PROGRESS):
             self._comm = ctypes.c_void_p()
             _check(code, f"NCCL communicator setup (rank {rank} of {world_size})")
