@@ -228,6 +228,35 @@ def test_operator_runs_hardened_with_the_contract_command():
     assert spec["serviceAccountName"] == FULL
 
 
+def test_operator_command_parses_with_the_operator_cli():
+    """The chart's command line, read by the operator's own argument parser (the contract)."""
+    if not (OPERATOR_CODE / "operator_cli.py").exists():
+        pytest.skip("weightsync_operator.operator_cli (the `weightsync operator` command) is not there yet")
+    from weightsync_operator.operator_cli import parse_args
+
+    def args(values: dict) -> list[str]:
+        container = pod_spec(render(values), f"{FULL}-operator")["containers"][0]
+        assert container["command"] == ["weightsync", "operator"]
+        return container["args"]
+
+    default = parse_args(args({}))
+    assert default.all_namespaces and default.standalone and not default.peering
+    assert default.liveness == "http://0.0.0.0:8080/healthz"
+    scoped = parse_args(args({"operator": {"watchNamespaces": ["rl", "eval"], "replicas": 2, "extraArgs": ["-v"]}}))
+    assert scoped.namespace == ["rl", "eval"] and not scoped.all_namespaces
+    assert scoped.peering == FULL and not scoped.standalone and scoped.verbose
+
+
+@pytest.mark.parametrize("backend", ["nccl", "p2p", "ipc", "cpu"])
+def test_daemon_command_parses_with_the_daemon_cli(backend):
+    from weightsync_daemon.server import parse_args
+
+    docs = render({"daemon": {"enabled": True, "syncName": "policy", "backend": backend}})
+    container = pod_spec(docs, f"{FULL}-daemon")["containers"][0]
+    parsed = parse_args(container["args"])
+    assert (parsed.host, parsed.port, parsed.backend, parsed.device) == ("0.0.0.0", 8200, backend, "cuda:0")
+
+
 def test_more_replicas_peer_through_kopf():
     docs = render({"operator": {"replicas": 3}})
     container = pod_spec(docs, f"{FULL}-operator")["containers"][0]
