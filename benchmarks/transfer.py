@@ -301,9 +301,19 @@ class Worker:
         tiny = torch.zeros(8, dtype=torch.uint8, device=self.device)
         a = self.args
         methods = ["flat", "ws", "ws_nosum"] + (["vllm"] if "vllm" in a.sections else [])
+        if n == 2 and "diag" in a.sections:
+            methods += ["ws_noramp", "ws_blocking"]
         verify_off = init.model_copy(update={"verify": False})
         try:
             for method in methods:
+                if method == "ws_blocking":  # the same round over a blocking communicator
+                    transport.close()
+                    os.environ["WEIGHTSYNC_NCCL_BLOCKING"] = "1"
+                    init = self._init("nccl", n, self.h.get(f"port/{section}b"), rank)
+                    transport = get_transport("nccl").connect(init, rank, self.device)
+                    group = transport.group
+                    os.environ.pop("WEIGHTSYNC_NCCL_BLOCKING")
+                transport.ramp = method != "ws_noramp"
                 for rep in range(a.warmup + a.reps):
                     self.next_values(f"{section}/{method}/{rep}")
                     group.gather_to_host(tiny)  # start together
@@ -317,9 +327,15 @@ class Worker:
                             group.gather_to_host(tiny)
                         else:
                             transport.init = verify_off if method == "ws_nosum" else init
+                            settled = dict(group.comm.stats)
                             transport.send(list(zip(self.names, self.params)))
                         ms = (time.perf_counter() - began) * 1e3
-                        self.h.record(section, method, rep, ms=ms)
+                        diag = {}
+                        if method.startswith("ws"):
+                            diag = {"phases": transport.timings, "in_progress": group.comm.stats["in_progress"]
+                                    - settled["in_progress"], "settle_ms": (group.comm.stats["settle_seconds"]
+                                                                            - settled["settle_seconds"]) * 1e3}
+                        self.h.record(section, method, rep, ms=ms, **diag)
                     else:
                         before = mem_begin(self.device)
                         if method == "flat":
@@ -331,11 +347,17 @@ class Worker:
                             group.gather_to_host(tiny)
                             got = self.mine
                         else:
+                            settled = dict(group.comm.stats)
                             stats = transport.receive(self.store, UpdateInfo())
                             got = self.mine
                             assert stats.in_place
                         extra = mem_extra(self.device, before)
-                        self.h.record(section, method, rep, ok=self.check(got), mem=extra)
+                        diag = {}
+                        if method.startswith("ws"):
+                            diag = {"phases": transport.timings, "in_progress": group.comm.stats["in_progress"]
+                                    - settled["in_progress"], "settle_ms": (group.comm.stats["settle_seconds"]
+                                                                            - settled["settle_seconds"]) * 1e3}
+                        self.h.record(section, method, rep, ok=self.check(got), mem=extra, **diag)
         finally:
             transport.close()
 
@@ -420,6 +442,7 @@ class Worker:
                             transport.begin_round()
                             stats = transport.send(list(zip(self.names, self.params)))
                             assert not stats.more
+                            h.put(key + "/send_ms", stats.seconds * 1e3)
                             h.put(key + "/info", stats.update_info)
                         h.put(key + "/began", began)
                         h.barrier(key + "/received", 2)
@@ -458,8 +481,11 @@ class Worker:
                         if method != "limit":
                             began = h.get(key + "/began")
                         h.barrier(key + "/received", 2)
+                        engine = {}
+                        if method.startswith("ws"):
+                            engine = {"receive_ms": receive_ms, "engine_ms": h.get(key + "/send_ms") + receive_ms}
                         h.record(section, method, rep, rank=1, ms=(ended - began) * 1e3, ok=self.check(got),
-                                 mem=extra, **({"receive_ms": receive_ms} if method.startswith("ws") else {}))
+                                 mem=extra, **engine)
         finally:
             if transport is not None:
                 transport.close()
@@ -495,7 +521,7 @@ def drive_http(h: Harness, args) -> None:
 
 def collect(h: Harness, section: str, method: str, ranks: list[int], args) -> dict | None:
     reps = range(args.warmup, args.warmup + args.reps) if not method.endswith("first") else range(1)
-    ms, ok, mem, receive = [], True, 0, []
+    ms, ok, mem, receive, engine, diag = [], True, 0, [], [], {}
     for rep in reps:
         for rank in ranks:
             key = f"res/{section}/{method}/{rep}/{rank}"
@@ -506,10 +532,17 @@ def collect(h: Harness, section: str, method: str, ranks: list[int], args) -> di
                 ms.append(value["ms"])
             if value.get("receive_ms") is not None:
                 receive.append(value["receive_ms"])
+            if value.get("engine_ms") is not None:
+                engine.append(value["engine_ms"])
+            if "phases" in value:
+                diag[rank] = {k: round(v * 1e3, 2) for k, v in value["phases"].items()}
+                diag[rank]["in_progress"] = value["in_progress"]
+                diag[rank]["settle_ms"] = round(value["settle_ms"], 2)
             ok = ok and value.get("ok", True)
             mem = max(mem, value.get("mem", 0))
     return {"ms": statistics.median(ms), "ok": ok, "mem": mem, "spread": (min(ms), max(ms)),
-            "receive_ms": statistics.median(receive) if receive else None}
+            "receive_ms": statistics.median(receive) if receive else None,
+            "engine_ms": statistics.median(engine) if engine else None, "diag": diag}
 
 
 def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
@@ -531,6 +564,7 @@ def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
     lines += [head, "-" * len(head)]
     receivers = list(range(gpus))
     results = {}
+    diags: list[str] = []
     if 2 in args.fanout and gpus >= 2:
         flat = collect(h, "nccl2", "flat", receivers[:2], args)
         results["flat"] = flat
@@ -544,6 +578,13 @@ def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
         row("nccl", "weightsync round, engine API", ws, base,
             f"{vllm['ms'] / ws['ms']:.2f}x faster than vLLM" if ws and vllm else "")
         row("nccl", "weightsync round, engine API, checksum off", collect(h, "nccl2", "ws_nosum", receivers[:2], args), base)
+        if "diag" in args.sections:
+            row("nccl", "(diag) weightsync round, chunks not ramped", collect(h, "nccl2", "ws_noramp", receivers[:2], args), base)
+            row("nccl", "(diag) weightsync round, blocking communicator", collect(h, "nccl2", "ws_blocking", receivers[:2], args), base)
+            for name in ("ws", "ws_nosum", "ws_noramp", "ws_blocking"):
+                res = collect(h, "nccl2", name, receivers[:2], args)
+                if res:
+                    diags.append(f"  nccl {name}: last rep phases ms (trainer, receiver): {res['diag']}")
         if "http" in args.sections:
             http = collect(h, "http", "ws_http", [0, 1], args)
             results["http"] = http
@@ -556,20 +597,23 @@ def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
         row("ipc", "vLLM: per-tensor handles opened every round + copy", collect(h, "ipc", "vllm", [1], args), base)
         row("ipc", "weightsync first round (opens the handles)", collect(h, "ipc", "ws_first", [1], args), base)
         rep_ = collect(h, "ipc", "ws", [1], args)
-        results["ipc"] = rep_
-        row("ipc", "weightsync repeat round", rep_, base)
-        row("ipc", "weightsync repeat round, checksum off", collect(h, "ipc", "ws_nosum", [1], args), base)
+        results["ipc"] = _engine(rep_)
+        row("ipc", "weightsync repeat round, engine API (send + receive)", _engine(rep_), base)
+        row("ipc", "weightsync repeat round, engine API, checksum off",
+            _engine(collect(h, "ipc", "ws_nosum", [1], args)), base)
+        row("ipc", "weightsync repeat round incl. the harness relay", rep_, base)
     if "p2p" in args.sections and gpus >= 2:
         limit = collect(h, "p2p", "limit", [1], args)
         results["p2p_limit"] = limit
         base = limit["ms"] if limit else None
         row("p2p", "one peer copy of the same bytes (limit)", limit, base)
         ws = collect(h, "p2p", "ws", [1], args)
-        results["p2p"] = ws
+        results["p2p"] = _engine(ws)
         flat = results.get("flat")
-        row("p2p", "weightsync round", ws, base,
-            f"{ws['ms'] / flat['ms']:.3f}x the flat NCCL broadcast" if ws and flat else "")
-        row("p2p", "weightsync round, checksum off", collect(h, "p2p", "ws_nosum", [1], args), base)
+        row("p2p", "weightsync round, engine API (send + receive)", _engine(ws), base,
+            f"{_engine(ws)['ms'] / flat['ms']:.3f}x the flat NCCL broadcast" if ws and flat else "")
+        row("p2p", "weightsync round, engine API, checksum off", _engine(collect(h, "p2p", "ws_nosum", [1], args)), base)
+        row("p2p", "weightsync round incl. the harness relay", ws, base)
         row("p2p", "weightsync first round (opens the handles)", collect(h, "p2p", "ws_first", [1], args), base)
     lines.append("")
     lines.append(f"fan-out: one trainer GPU -> N-1 receiver GPUs (lent here: {gpus} GPUs)")
@@ -590,7 +634,17 @@ def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
                      f"{(ws['ms'] / first - 1) * 100:15.1f}%{ok}")
     lines.append("")
     lines.append(targets(results, args))
+    if diags:
+        lines += ["", "diagnosis:", *diags]
     return "\n".join(lines)
+
+
+def _engine(res: dict | None) -> dict | None:
+    """A lend (ipc/p2p) result timed as the library's own work: the trainer's send() plus the
+    receiver's receive(), without the harness passing update_info between the processes."""
+    if res is None or res.get("engine_ms") is None:
+        return res
+    return {**res, "ms": res["engine_ms"], "receive_ms": res["receive_ms"]}
 
 
 def targets(r: dict, args) -> str:
@@ -668,6 +722,7 @@ def coordinate(args) -> int:
     h = Harness(port, None, args)
     for n in args.fanout:
         h.put(f"port/nccl{n}", free_port())
+        h.put(f"port/nccl{n}b", free_port())
     for backend in ("p2p", "ipc"):
         h.put(f"port/{backend}", free_port())
     roles = ["trainer"] + [f"recv{k}" for k in range(1, gpus)] + ["ipc"]

@@ -31,16 +31,25 @@ def _triton():
 
     @triton.jit
     def copy_digest(table_ptr, partial_ptr, BLOCK: tl.constexpr, PERIOD: tl.constexpr,
-                    COPY: tl.constexpr, DIGEST: tl.constexpr):
+                    COPY: tl.constexpr, DIGEST: tl.constexpr, ALIGNED: tl.constexpr):
         pid = tl.program_id(0)
         row = table_ptr + pid * 4
-        src = tl.load(row).to(tl.pointer_type(tl.int64))
-        count = tl.load(row + 2)
         offsets = tl.arange(0, BLOCK)
+        if ALIGNED:
+            # Rows hold word offsets from the (16-byte aligned) table itself, all even, and even
+            # counts: the compiler may then move 16 bytes per access.
+            src = table_ptr + tl.multiple_of(tl.load(row), 2)
+            count = tl.multiple_of(tl.load(row + 2), 2)
+        else:
+            src = tl.load(row).to(tl.pointer_type(tl.int64))
+            count = tl.load(row + 2)
         mask = offsets < count
         words = tl.load(src + offsets, mask=mask, other=0)
         if COPY:
-            dst = tl.load(row + 1).to(tl.pointer_type(tl.int64))
+            if ALIGNED:
+                dst = table_ptr + tl.multiple_of(tl.load(row + 1), 2)
+            else:
+                dst = tl.load(row + 1).to(tl.pointer_type(tl.int64))
             tl.store(dst + offsets, words, mask=mask)
         if DIGEST:
             # Weight of word p is (p mod PERIOD) + 1; BLOCK < PERIOD, so one subtraction wraps it.
@@ -57,9 +66,13 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" and _triton() is not None
 
 
-def block_table(regions: list[tuple[int, int, int, int]], device: torch.device) -> torch.Tensor:
+def block_table(regions: list[tuple[int, int, int, int]], device: torch.device,
+                aligned: bool = False) -> torch.Tensor:
     """The kernel's work list for whole-word regions (src_ptr, dst_ptr, words, word_position):
-    one row per block of at most BLOCK_WORDS words, as an int64 [blocks, 4] tensor on `device`."""
+    one row per block of at most BLOCK_WORDS words, as an int64 [blocks, 4] tensor on `device`.
+
+    `aligned` (every pointer 16-byte aligned, every word count even): pointers are stored as word
+    offsets from the table's own address, which the kernel's ALIGNED variant expects."""
     rows = []
     for src, dst, words, position in regions:
         if words <= 0:
@@ -72,10 +85,17 @@ def block_table(regions: list[tuple[int, int, int, int]], device: torch.device) 
         part[:, 3] = position + starts
         rows.append(part)
     table = np.concatenate(rows) if rows else np.zeros((0, 4), dtype=np.int64)
-    return torch.from_numpy(table).to(device, non_blocking=False)
+    out = torch.empty(table.shape, dtype=torch.int64, device=device)
+    if aligned and table.size:
+        base = out.data_ptr()
+        table[:, 0] = (table[:, 0] - base) // 8
+        has_dst = table[:, 1] != 0
+        table[:, 1] = np.where(has_dst, (table[:, 1] - base) // 8, 0)
+    out.copy_(torch.from_numpy(table))
+    return out
 
 
-def run_blocks(table: torch.Tensor, copy: bool, digest: bool) -> torch.Tensor | None:
+def run_blocks(table: torch.Tensor, copy: bool, digest: bool, aligned: bool = False) -> torch.Tensor | None:
     """Launch the kernel over `table` on the current stream; with `digest`, return the int64 [2]
     (sum, weighted sum) of every word it read, still on the device (no host sync)."""
     kernel = _triton()
@@ -84,7 +104,7 @@ def run_blocks(table: torch.Tensor, copy: bool, digest: bool) -> torch.Tensor | 
         return torch.zeros(2, dtype=torch.int64, device=table.device) if digest else None
     partial = torch.empty((blocks, 2) if digest else (1, 2), dtype=torch.int64, device=table.device)
     kernel[(blocks,)](table, partial, BLOCK=BLOCK_WORDS, PERIOD=WEIGHT_PERIOD, COPY=copy, DIGEST=digest,
-                      num_warps=8)
+                      ALIGNED=aligned, num_warps=8)
     return partial.sum(0) if digest else None
 
 
@@ -96,7 +116,8 @@ def warm_up(device) -> None:
     with torch.cuda.device(device):
         words = torch.arange(16, dtype=torch.int64, device=device)
         out = torch.empty_like(words)
-        table = block_table([(words.data_ptr(), out.data_ptr(), 16, 0)], device)
-        for copy, digest in ((True, True), (True, False), (False, True)):
-            run_blocks(table, copy, digest)
+        for aligned in (False, True):
+            table = block_table([(words.data_ptr(), out.data_ptr(), 16, 0)], device, aligned)
+            for copy, digest in ((True, True), (True, False), (False, True)):
+                run_blocks(table, copy, digest, aligned)
         torch.cuda.synchronize(device)

@@ -137,6 +137,7 @@ class CollectiveTransport(Transport):
         self._header_cache: tuple[dict, RoundHeader] | None = None  # receiver: last parsed header
         self._checked: tuple[WeightStore, Manifest, int, str | None] | None = None
         self._layouts: dict[tuple, tuple[Layout, list[Chunk]]] = {}
+        self.timings: dict[str, float] = {}  # seconds per phase of the last round
 
     # -- helpers the subclasses may refine ----------------------------------------------
     def _staging_buffers(self, count: int) -> list[torch.Tensor]:
@@ -252,13 +253,17 @@ class CollectiveTransport(Transport):
         )
         self._send_header(header)
         objections = self._agree(None)
+        marks = [("header+agree", time.perf_counter())]
         if objections:
             raise ManifestMismatch("; ".join(objections))
         flat_sources = [as_bytes(self._to_device(s)) for s in sources]
         layout, chunks = self._chunks(tuple(s.numel() for s in flat_sources), header)
         digest = StreamDigest(self.device) if header.verify else None
         self._send_payload(chunks, flat_sources, header, digest)
+        marks.append(("prepare+enqueue", time.perf_counter()))
         outcome = self._exchange(None, digest)
+        marks.append(("payload+agree", time.perf_counter()))
+        self.timings = _phases(started, marks)
         failures = outcome.objections() + [
             f"rank {rank}: checksum mismatch: received {outcome.digests[rank]}, trainer sent {outcome.digests[0]}"
             for rank in outcome.checksum_mismatches()]
@@ -295,6 +300,7 @@ class CollectiveTransport(Transport):
         if header.update_kind == "dense":
             store.adopt(header.manifest, self.device)
         objections = self._agree(self._check_header(header, store, info))
+        marks = [("header+agree", time.perf_counter())]
         if objections:
             raise ManifestMismatch("; ".join(objections))
         layout, chunks = self._chunks(tuple(_stream_sizes(header)), header)
@@ -302,10 +308,12 @@ class CollectiveTransport(Transport):
         digest = StreamDigest(self.device) if header.verify else None
         try:
             self._receive_payload(chunks, header, digest, landing)
+            marks.append(("prepare+enqueue", time.perf_counter()))
             problem = None
             if header.update_kind == "sparse_flat":
                 problem = check_indices(header.manifest, landing.scratch, store)
             outcome = self._exchange(problem, digest)
+            marks.append(("payload+agree", time.perf_counter()))
             bad_sums = outcome.checksum_mismatches()
             objections = outcome.objections() + [
                 f"rank {rank}: checksum mismatch: received {outcome.digests[rank]}, "
@@ -319,6 +327,8 @@ class CollectiveTransport(Transport):
             raise
         landing.commit(store)
         self.group.synchronize()  # the weights are complete when the call returns
+        marks.append(("commit", time.perf_counter()))
+        self.timings = _phases(started, marks)
         checksum = outcome.digests[self.rank] if digest is not None else None
         return RoundStats(header.round_id, header.update_kind, len(header.manifest.tensors),
                           layout.total_bytes, len(chunks), time.perf_counter() - started,
@@ -423,6 +433,15 @@ class _Landing:
             with store.lock:
                 for i, spec in enumerate(self.sparse.tensors):
                     store[spec.name].view(-1)[self.scratch[2 * i]] = self.scratch[2 * i + 1]
+
+
+def _phases(started: float, marks: list[tuple[str, float]]) -> dict[str, float]:
+    """Seconds spent in each phase of the last round (for diagnosis and benchmarks)."""
+    out, last = {}, started
+    for name, at in marks:
+        out[name] = at - last
+        last = at
+    return out
 
 
 def _stream_sizes(header: RoundHeader) -> list[int]:
