@@ -132,7 +132,10 @@ class InitInfo(_Strict):
     packed: bool = True
     packed_buffer_size_bytes: BufferSize = DEFAULT_BUFFER_SIZE_BYTES
     packed_num_buffers: NumBuffers = DEFAULT_NUM_BUFFERS
+    # How long a collective may wait for a peer (a lost peer fails the round after this)...
     timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = DEFAULT_TIMEOUT_SECONDS
+    # ...and how long joining may wait for every party to arrive.
+    init_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = DEFAULT_TIMEOUT_SECONDS
     # Trainer: checksum every round's stream; receivers verify it before committing.
     verify: bool = True
     # Receiver: land each round in a second copy and switch it in only once verified, so a failed

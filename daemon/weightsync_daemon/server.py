@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import signal
@@ -25,8 +26,8 @@ class EmbeddedServer:
     """Runs uvicorn on a background thread of the current process, e.g. beside a model that
     serves, so received weights land directly in that model's parameters."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="weightsync-http", daemon=True)
 
@@ -55,8 +56,9 @@ class EmbeddedServer:
         self._thread.join(timeout)
 
 
-def serve_embedded(service: EngineService, host: str = "127.0.0.1", port: int = 0, **kwargs) -> EmbeddedServer:
-    return EmbeddedServer(create_app(service, **kwargs), host, port).start()
+def serve_embedded(service: EngineService, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                   **kwargs) -> EmbeddedServer:
+    return EmbeddedServer(create_app(service, **kwargs), host, port, log_level).start()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     if token is None:
         logging.getLogger("weightsync.daemon").warning(
             "no auth token: anyone who reaches this port can rewrite the weights (set %s)", TOKEN_ENV)
-    server = serve_embedded(service, args.host, args.port, token=token)
+    server = serve_embedded(service, args.host, args.port, args.log_level, token=token)
     print(json.dumps({"url": server.url, "role": service.role}), flush=True)
     wait_for_stop()
     server.stop()
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
 def wait_for_stop() -> None:
     """Block until SIGTERM/SIGINT, or until the parent closes our stdin (when it is a pipe)."""
     stop = threading.Event()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` dumps every thread's stack
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     if not sys.stdin.isatty():

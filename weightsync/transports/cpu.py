@@ -59,6 +59,13 @@ class GlooGroup(Group):
         return outputs
 
     def close(self) -> None:
+        # Abort first: a group whose peer vanished may still hold a pending operation, and only
+        # an aborted group releases its threads (and the rendezvous port) without waiting on it.
+        if self._pg is not None:
+            try:
+                self._pg.abort()
+            except Exception:  # already broken or shut down: nothing left to release
+                pass
         self._pg = None
         self._store = None
 
