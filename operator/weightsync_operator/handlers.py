@@ -19,6 +19,7 @@ import logging
 
 import kopf
 
+from weightsync_daemon.auth import load_token
 from weightsync_operator.kube import KubeApi
 from weightsync_operator.pods import pod_ref
 from weightsync_operator.resource import GROUP, PLURAL, VERSION
@@ -35,8 +36,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> No
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="weightsync.dev", key="last-handled-configuration")
     settings.posting.level = logging.INFO
-    if "runtime" not in memo:
-        memo.runtime = Runtime(KubeApi.from_environment())
+    if "runtime" not in memo:  # `kopf run -m weightsync_operator.handlers`: defaults from the environment
+        memo.runtime = Runtime(KubeApi.from_environment(), token=load_token())
 
 
 async def cleanup(memo: kopf.Memo, **_) -> None:

@@ -38,9 +38,9 @@ class KubeApi:
         config = kubernetes.client.Configuration()
         if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
             kubernetes.config.load_incluster_config(client_configuration=config)
-        else:
-            kubernetes.config.load_kube_config(config_file=kubeconfig, context=context,
-                                               client_configuration=config)
+        else:  # $KUBECONFIG read now, not when the kubernetes package was imported
+            kubernetes.config.load_kube_config(config_file=kubeconfig or os.environ.get("KUBECONFIG"),
+                                               context=context, client_configuration=config)
         return cls(kubernetes.client.ApiClient(config))
 
     @classmethod

@@ -34,7 +34,8 @@ Seconds = Annotated[float, Field(gt=0, le=86400)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    # Strict, as the API server's schema is: "3" is not an integer, 1 is not a boolean.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", strict=True)
 
     def to_k8s(self) -> dict:
         """The JSON shape the API server stores: camelCase keys, unset optionals left out."""
@@ -129,7 +130,7 @@ class WeightSyncSpec(_Model):
 # -- status ----------------------------------------------------------------------------------
 class _StatusModel(_Model):
     # The operator writes the status; reading it back tolerates fields a newer operator added.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=False)
 
 
 class Condition(_StatusModel):

@@ -176,7 +176,7 @@ def default_namespace() -> str:
     try:
         import kubernetes
 
-        _, context = kubernetes.config.list_kube_config_contexts()
+        _, context = kubernetes.config.list_kube_config_contexts(os.environ.get("KUBECONFIG"))
         return context.get("context", {}).get("namespace") or "default"
     except Exception:  # no kubeconfig: the default namespace, as kubectl would use
         return "default"

@@ -1,0 +1,59 @@
+"""`weightsync operator`: run the kopf operator over `weightsync_operator.handlers`.
+
+    weightsync operator --all-namespaces --liveness http://0.0.0.0:8080/healthz
+    weightsync operator --namespace rl --namespace eval --standalone
+
+Credentials come from the pod's service account in a cluster, else the kubeconfig ($KUBECONFIG);
+the daemons' bearer token from --token-file or $WEIGHTSYNC_AUTH_TOKEN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from weightsync_daemon.auth import TOKEN_ENV, load_token
+
+log = logging.getLogger("weightsync.operator")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="weightsync operator", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[], metavar="NS",
+                       help="serve WeightSyncs in this namespace (repeatable; kopf's globs allowed)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="serve every namespace")
+    peering = parser.add_mutually_exclusive_group()
+    peering.add_argument("--peering", metavar="NAME",
+                         help="coordinate with other operator replicas through this kopf peering object")
+    peering.add_argument("--standalone", action="store_true", help="no peering: the only operator")
+    parser.add_argument("--liveness", metavar="URL",
+                        help="serve a liveness probe there, e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument("--token-file", type=Path, default=None,
+                        help=f"bearer token for the daemons' mutating endpoints (default: ${TOKEN_ENV})")
+    parser.add_argument("--recheck-interval", type=float, default=30.0, metavar="SECONDS",
+                        help="how often each group's health is re-checked even if nothing changed (30)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import kopf  # imported here: `weightsync demo` and `weightsync daemon` never need it
+
+    from weightsync_operator import handlers  # noqa: F401  (importing it registers the handlers)
+    from weightsync_operator.kube import KubeApi
+    from weightsync_operator.runtime import Runtime
+
+    kopf.configure(verbose=args.verbose)
+    clusterwide = args.all_namespaces or not args.namespace
+    if not args.all_namespaces and not args.namespace:
+        log.warning("neither --namespace nor --all-namespaces: serving all namespaces")
+    runtime = Runtime(KubeApi.from_environment(), token=load_token(args.token_file),
+                      recheck_interval=args.recheck_interval)
+    kopf.run(registry=kopf.get_default_registry(), clusterwide=clusterwide, namespaces=args.namespace,
+             standalone=True if args.standalone else None, peering_name=args.peering,
+             liveness_endpoint=args.liveness, memo=kopf.Memo(runtime=runtime))
+    return 0
