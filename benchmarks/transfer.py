@@ -486,9 +486,48 @@ class Worker:
                             engine = {"receive_ms": receive_ms, "engine_ms": h.get(key + "/send_ms") + receive_ms}
                         h.record(section, method, rep, rank=1, ms=(ended - began) * 1e3, ok=self.check(got),
                                  mem=extra, **engine)
+            if not trainer and backend == "ipc" and "diag" in a.sections:
+                self.tune_kernel()
         finally:
             if transport is not None:
                 transport.close()
+
+    def tune_kernel(self) -> None:
+        """(diag) The batched copy kernel's block size and warps, against per-tensor cudaMemcpy,
+        copying this process's 15 GB set once more on its GPU."""
+        from weightsync import kernels
+        from weightsync.integrity import StreamDigest
+        from weightsync.layout import Layout
+        from weightsync.packing import Region, RegionPlan
+
+        srcs = [self.store[n].view(-1).view(torch.uint8) for n in self.names]
+        dsts = [self.scratch[n].view(-1).view(torch.uint8) for n in self.names]
+        offsets = Layout.of_sizes([s.numel() for s in srcs]).offsets
+
+        def timed(fn) -> float:
+            fn()
+            torch.cuda.synchronize(self.device)
+            runs = []
+            for _ in range(3):
+                began = time.perf_counter()
+                fn()
+                torch.cuda.synchronize(self.device)
+                runs.append((time.perf_counter() - began) * 1e3)
+            return round(statistics.median(runs), 3)
+
+        out = {"memcpy per tensor": timed(lambda: [d.copy_(s) for s, d in zip(srcs, dsts)])}
+        defaults = kernels.BLOCK_WORDS, kernels.NUM_WARPS
+        try:
+            for block, warps in ((4096, 4), (8192, 8), (16384, 8), (16384, 16), (32768, 16)):
+                kernels.BLOCK_WORDS, kernels.NUM_WARPS = block, warps
+                for verify in (False, True):
+                    plan = RegionPlan([Region(s, d, o) for s, d, o in zip(srcs, dsts, offsets)], copy=True,
+                                      digest=verify)
+                    out[f"kernel {block}w/{warps}warps {'copy+sum' if verify else 'copy'}"] = timed(
+                        lambda: plan.run(StreamDigest(self.device) if verify else None))
+        finally:
+            kernels.BLOCK_WORDS, kernels.NUM_WARPS = defaults
+        self.h.put("diag/kernel", out)
 
 
 # == the coordinating process ===========================================================================
@@ -634,6 +673,8 @@ def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
                      f"{(ws['ms'] / first - 1) * 100:15.1f}%{ok}")
     lines.append("")
     lines.append(targets(results, args))
+    if "diag" in args.sections and h.store.check(["diag/kernel"]):
+        diags.append(f"  ipc copy kernel ms: {h.get('diag/kernel')}")
     if diags:
         lines += ["", "diagnosis:", *diags]
     return "\n".join(lines)

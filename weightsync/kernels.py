@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 BLOCK_WORDS = 8192  # 64 KiB of 8-byte words per program
+NUM_WARPS = 8
 WEIGHT_PERIOD = 65_521  # a prime: word weights cycle through 1..65521 (see integrity.py)
 
 
@@ -104,7 +105,7 @@ def run_blocks(table: torch.Tensor, copy: bool, digest: bool, aligned: bool = Fa
         return torch.zeros(2, dtype=torch.int64, device=table.device) if digest else None
     partial = torch.empty((blocks, 2) if digest else (1, 2), dtype=torch.int64, device=table.device)
     kernel[(blocks,)](table, partial, BLOCK=BLOCK_WORDS, PERIOD=WEIGHT_PERIOD, COPY=copy, DIGEST=digest,
-                      ALIGNED=aligned, num_warps=8)
+                      ALIGNED=aligned, num_warps=NUM_WARPS)
     return partial.sum(0) if digest else None
 
 

@@ -16,8 +16,8 @@ from weightsync.protocol import Manifest
 DEFAULT_ALIGNMENT = 256
 
 
-RAMP_STEPS = 4  # a ramped stream starts with chunks of 1/16, 1/8, 1/4 and 1/2 of a buffer
-RAMP_MIN_BYTES = 1 << 20  # ... but never smaller than this
+RAMP_STEPS = 2  # a ramped stream starts with chunks of 1/4 and 1/2 of a buffer (each chunk
+RAMP_MIN_BYTES = 1 << 20  # costs a collective call; never smaller than this)
 
 
 def align_up(value: int, alignment: int) -> int:
@@ -110,7 +110,7 @@ class Layout:
         """Cut the stream into chunks of at most `buffer_size` bytes, skipping trailing space.
 
         Without `ramp` every chunk but the last is exactly one buffer. With `ramp` (pipelined GPU
-        transports) the first chunks grow from a sixteenth of a buffer and the last ones shrink,
+        transports) the first chunks grow from a quarter of a buffer and the last ones shrink,
         so the pipeline fills and drains in small steps; no chunk exceeds a buffer either way.
         """
         sizes = ramp_sizes(self.total_bytes, buffer_size) if ramp else None

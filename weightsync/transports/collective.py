@@ -138,6 +138,7 @@ class CollectiveTransport(Transport):
         self._checked: tuple[WeightStore, Manifest, int, str | None] | None = None
         self._layouts: dict[tuple, tuple[Layout, list[Chunk]]] = {}
         self.timings: dict[str, float] = {}  # seconds per phase of the last round
+        self._views: tuple[tuple, list[torch.Tensor]] | None = None
 
     # -- helpers the subclasses may refine ----------------------------------------------
     def _staging_buffers(self, count: int) -> list[torch.Tensor]:
@@ -251,16 +252,19 @@ class CollectiveTransport(Transport):
             alignment=DEFAULT_ALIGNMENT,
             verify=self.init.verify,
         )
+        # Everything that needs no receiver happens before the header, off the critical path.
+        flat_sources = self._flat_sources(sources)
+        layout, chunks = self._chunks(tuple(s.numel() for s in flat_sources), header)
+        self._prepare_send(chunks, flat_sources, header)
+        marks = [("prepare", time.perf_counter())]
         self._send_header(header)
         objections = self._agree(None)
-        marks = [("header+agree", time.perf_counter())]
+        marks.append(("header+agree", time.perf_counter()))
         if objections:
             raise ManifestMismatch("; ".join(objections))
-        flat_sources = [as_bytes(self._to_device(s)) for s in sources]
-        layout, chunks = self._chunks(tuple(s.numel() for s in flat_sources), header)
         digest = StreamDigest(self.device) if header.verify else None
         self._send_payload(chunks, flat_sources, header, digest)
-        marks.append(("prepare+enqueue", time.perf_counter()))
+        marks.append(("enqueue", time.perf_counter()))
         outcome = self._exchange(None, digest)
         marks.append(("payload+agree", time.perf_counter()))
         self.timings = _phases(started, marks)
@@ -271,6 +275,23 @@ class CollectiveTransport(Transport):
             raise TransferError("receivers did not apply the round: " + "; ".join(failures))
         return RoundStats(header.round_id, kind, len(manifest.tensors), layout.total_bytes,
                           len(chunks), time.perf_counter() - started, checksum=outcome.digests[0])
+
+    def _flat_sources(self, sources: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Flat uint8 views of the round's tensors on this party's device. When every tensor is
+        already a contiguous tensor here, the views of the last round are reused as long as the
+        tensors are the same (an optimizer updates parameters in place): building hundreds of
+        views costs milliseconds on the round's critical path."""
+        key = tuple((t.data_ptr(), t.dtype, t.shape, t.is_contiguous(), t.device) for t in sources)
+        cached = self._views
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        views = [as_bytes(self._to_device(t)) for t in sources]
+        reusable = all(t.is_contiguous() and t.device == self.device for t in sources)
+        self._views = (key, views) if reusable else None
+        return views
+
+    def _prepare_send(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader) -> None:
+        """Trainer: get ready to send these chunks (a pipelined transport builds its plans)."""
 
     def _send_payload(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader,
                       digest: StreamDigest | None) -> None:
@@ -308,7 +329,7 @@ class CollectiveTransport(Transport):
         digest = StreamDigest(self.device) if header.verify else None
         try:
             self._receive_payload(chunks, header, digest, landing)
-            marks.append(("prepare+enqueue", time.perf_counter()))
+            marks.append(("enqueue", time.perf_counter()))
             problem = None
             if header.update_kind == "sparse_flat":
                 problem = check_indices(header.manifest, landing.scratch, store)

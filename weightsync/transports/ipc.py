@@ -24,6 +24,7 @@ channel: no NCCL, no collective; each receiver checks the manifest against its o
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 import uuid
@@ -123,6 +124,7 @@ class IpcTransport(Transport):
         self._info_cache: tuple[tuple, dict] | None = None
         self._specs: dict[tuple, TensorSpec] = {}
         self._repeat: _Lending | None = None
+        self._publish_queue: queue.SimpleQueue | None = None
         # receiver
         self._opened: dict[tuple[str, int, int], torch.Tensor] = {}
         self._parsed: tuple[dict, GpuHandles, int] | None = None
@@ -311,19 +313,35 @@ class IpcTransport(Transport):
             plan.run(digest)
             done = torch.cuda.Event()
             done.record(self._side)
-        for old in self._published[:-1]:
-            self._store.delete_key(_DIGEST_KEY.format(old))
+        stale = self._published[:-1]
         self._published = self._published[-1:] + [round_id]
-        store, timeout = self._store, self._timeout
+        self._publisher().put((round_id, done, digest, stale))
 
-        def publish() -> None:
-            try:
-                wait_event_until(done, time.monotonic() + timeout, "checksumming the lent weights")
-                store.set(_DIGEST_KEY.format(round_id), format_digest(digest.sums).encode())
-            except Exception as error:  # noqa: BLE001 - receivers then report it
-                store.set(_DIGEST_KEY.format(round_id), f"error: {error}".encode())
+    def _publisher(self) -> queue.SimpleQueue:
+        """One thread per trainer transport publishes checksums once the GPU has them (and
+        forgets old ones), so a round's send returns without waiting for its checksum."""
+        if self._publish_queue is None:
+            jobs: queue.SimpleQueue = queue.SimpleQueue()
+            store, timeout = self._store, self._timeout
 
-        threading.Thread(target=publish, name="weightsync-ipc-digest", daemon=True).start()
+            def work() -> None:
+                while (job := jobs.get()) is not None:
+                    round_id, done, digest, stale = job
+                    try:
+                        wait_event_until(done, time.monotonic() + timeout, "checksumming the lent weights")
+                        value = format_digest(digest.sums).encode()
+                    except Exception as error:  # noqa: BLE001 - receivers then report it
+                        value = f"error: {error}".encode()
+                    try:
+                        store.set(_DIGEST_KEY.format(round_id), value)
+                        for old in stale:
+                            store.delete_key(_DIGEST_KEY.format(old))
+                    except Exception:  # noqa: BLE001 - the store is gone: the transport closed
+                        return
+
+            threading.Thread(target=work, name="weightsync-ipc-digest", daemon=True).start()
+            self._publish_queue = jobs
+        return self._publish_queue
 
     # == receiver =================================================================================
     def _pick(self, ipc_handles: object) -> tuple[GpuHandles, int]:
@@ -505,6 +523,8 @@ class IpcTransport(Transport):
         return done
 
     def close(self) -> None:
+        if self._publish_queue is not None:
+            self._publish_queue.put(None)
         self._cursor, self._lent, self._staging, self._repeat = None, [], None, None
         self._exports.clear()
         self._opened.clear()

@@ -213,32 +213,45 @@ class NcclTransport(CollectiveTransport):
             return super().receive(store, info)
 
     # -- plans, cached while the memory they point at stays the same -----------------------
-    def _cached_plans(self, kind: str, chunks: Sequence[Chunk], key: tuple, build) -> list[RegionPlan]:
-        """The plans for `chunks` (a cached list: the entry keeps it alive, so its id is stable)
-        whose memory is identified by `key` (data pointers); built on first use."""
-        key = (id(chunks), *key)
+    def _cached_plans(self, kind: str, chunks: Sequence[Chunk], key: tuple, build, keep=()) -> list[RegionPlan]:
+        """The plans for `chunks` (a cached list: the entry keeps it, and `keep`, alive, so their
+        ids are stable) whose memory is identified by `key`; built on first use."""
+        key = (id(chunks), *(id(k) for k in keep), *key)
         cached = self._plans.get(kind)
         if cached is not None and cached[0] == key:
             return cached[1]
         self._plans.pop(kind, None)  # release the old plan's memory before building anew
         plans = build()
-        self._plans[kind] = (key, plans, chunks)
+        self._plans[kind] = (key, plans, chunks, keep)
         return plans
 
     # -- trainer ------------------------------------------------------------------------------
+    def _pack_plans(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader
+                    ) -> list[RegionPlan]:
+        count = header.num_buffers
+        buffers = self._staging_buffers(count)
+        verify = header.verify
+        if sources is (self._views[1] if self._views is not None else None):
+            key, keep = (verify, tuple(b.data_ptr() for b in buffers)), (sources,)  # same views: same memory
+        else:
+            key = (verify, tuple((s.data_ptr(), s.numel()) for s in sources), tuple(b.data_ptr() for b in buffers))
+            keep = ()
+        return self._cached_plans("pack", chunks, key, lambda: [
+            RegionPlan(pack_regions(c, sources, buffers[c.number % count]), copy=True, digest=verify)
+            for c in chunks], keep)
+
+    def _prepare_send(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader) -> None:
+        self._pack_plans(chunks, sources, header)
+
     def _send_payload(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader,
                       digest: StreamDigest | None) -> None:
         group: NcclGroup = self.group
         count = header.num_buffers
         buffers = self._staging_buffers(count)
-        verify = digest is not None
-        key = (verify, tuple((s.data_ptr(), s.numel()) for s in sources), tuple(b.data_ptr() for b in buffers))
-        plans = self._cached_plans("pack", chunks, key, lambda: [
-            RegionPlan(pack_regions(c, sources, buffers[c.number % count]), copy=True, digest=verify)
-            for c in chunks])
+        plans = self._pack_plans(chunks, sources, header)
         current = torch.cuda.current_stream(self.device)
         streams = self._streams.get("pack", count)
-        parts = [StreamDigest(self.device) for _ in range(count)] if verify else [None] * count
+        parts = [StreamDigest(self.device) for _ in range(count)] if digest is not None else [None] * count
         for stream in streams:
             stream.wait_stream(current)  # the sources were written on the caller's stream
         group.stream.wait_stream(current)

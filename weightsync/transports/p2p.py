@@ -7,8 +7,8 @@ into its own GPU's context, and pulls the bytes over NVLink with the GPU copy en
 for the transfer. A peer copy also moves more bytes per second than an NCCL broadcast between
 the same two GPUs.
 
-Copies go in pieces of at most PIECE_BYTES, round-robin over `packed_num_buffers` copy streams
-(several copy engines work at once); each group of pieces is checksummed on the receiver's GPU
+Copies go in pieces of at most PIECE_BYTES, round-robin over COPY_STREAMS copy streams (several
+copy engines work at once; tensors under SMALL_BYTES go in one batched kernel instead); each group of pieces is checksummed on the receiver's GPU
 as soon as it landed, while later pieces are still in flight, so verifying adds only the last
 group's checksum to the round.
 
@@ -27,6 +27,8 @@ from weightsync.transports.cuda_ipc import gpu_uuid, local_device_index
 from weightsync.transports.ipc import IpcTransport
 
 PIECE_BYTES = 256 << 20
+SMALL_BYTES = 4 << 20
+COPY_STREAMS = 4  # copies in flight at once, on as many copy engines
 
 
 @register
@@ -51,17 +53,27 @@ class P2pTransport(IpcTransport):
                             "p2p needs the trainer's GPU visible here (same pod or a node-level daemon)")
 
     def _plan(self, prepared, verify: bool):
-        """p2p: copy-engine pieces, grouped, each group with its checksum of what landed."""
-        return _piece_plan(prepared.sources, prepared.destinations, prepared.offsets, verify)
+        """p2p: copy-engine pieces, grouped, each group with its checksum of what landed; tensors
+        under SMALL_BYTES go in one batched kernel instead (a copy engine's fixed cost per copy
+        would exceed their transfer time)."""
+        large = [(s, d, o) for s, d, o in zip(prepared.sources, prepared.destinations, prepared.offsets)
+                 if s.numel() >= SMALL_BYTES]
+        small = [Region(s, d, o) for s, d, o in zip(prepared.sources, prepared.destinations, prepared.offsets)
+                 if 0 < s.numel() < SMALL_BYTES]
+        pieces, groups = _piece_plan(*zip(*large), verify) if large else ([], [])
+        return pieces, groups, RegionPlan(small, copy=True, digest=verify) if small else None
 
     def _pull(self, plan, digest: StreamDigest | None) -> torch.cuda.Event:
-        pieces, groups = plan
+        pieces, groups, small = plan
         current = torch.cuda.current_stream(self.device)
         copy_streams = self._copy_streams()
         for stream in copy_streams:
             stream.wait_stream(current)
         check = self._side
         check.wait_stream(current)
+        if small is not None:
+            with torch.cuda.stream(check):
+                small.run(digest)
         for number, (members, checksum) in enumerate(groups):
             stream = copy_streams[number % len(copy_streams)]
             with torch.cuda.stream(stream):
@@ -79,8 +91,8 @@ class P2pTransport(IpcTransport):
         return done
 
     def _copy_streams(self) -> list[torch.cuda.Stream]:
-        if len(self._copies) != self.init.packed_num_buffers:
-            self._copies = [torch.cuda.Stream(self.device) for _ in range(self.init.packed_num_buffers)]
+        if not self._copies:
+            self._copies = [torch.cuda.Stream(self.device) for _ in range(COPY_STREAMS)]
         return self._copies
 
 
