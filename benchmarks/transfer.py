@@ -289,7 +289,7 @@ class Worker:
 
     def nccl_section(self, n: int) -> None:
         from weightsync.protocol import UpdateInfo
-        from weightsync.transports import get_transport
+        from weightsync.transports import collective, get_transport
 
         rank = self.index if self.role != "ipc" else None
         if rank is None or rank >= n:
@@ -302,21 +302,24 @@ class Worker:
         a = self.args
         methods = ["flat", "ws", "ws_nosum"] + (["vllm"] if "vllm" in a.sections else [])
         if n == 2 and "diag" in a.sections:
-            methods += ["ws_noramp", "ws_blocking"]
+            methods += ["ws_noramp", "ws_blocking", "ws_store"]
         verify_off = init.model_copy(update={"verify": False})
         try:
             for method in methods:
-                if method == "ws_blocking":  # the same round over a blocking communicator
+                if method in ("ws_blocking", "ws_store"):  # the same round, another setup
+                    variable = "WEIGHTSYNC_NCCL_BLOCKING" if method == "ws_blocking" else "WEIGHTSYNC_CONTROL"
                     transport.close()
-                    os.environ["WEIGHTSYNC_NCCL_BLOCKING"] = "1"
-                    init = self._init("nccl", n, self.h.get(f"port/{section}b"), rank)
+                    os.environ[variable] = "1" if method == "ws_blocking" else "store"
+                    init = self._init("nccl", n, self.h.get(f"port/{section}{method[3]}"), rank)
                     transport = get_transport("nccl").connect(init, rank, self.device)
                     group = transport.group
-                    os.environ.pop("WEIGHTSYNC_NCCL_BLOCKING")
+                    os.environ.pop(variable)
                 transport.ramp = method != "ws_noramp"
                 for rep in range(a.warmup + a.reps):
                     self.next_values(f"{section}/{method}/{rep}")
                     group.gather_to_host(tiny)  # start together
+                    collective.TRACE = [] if "diag" in a.sections and method.startswith("ws") else None
+                    t_zero = time.monotonic()
                     if rank == 0:
                         began = time.perf_counter()
                         if method == "flat":
@@ -334,7 +337,8 @@ class Worker:
                         if method.startswith("ws"):
                             diag = {"phases": transport.timings, "in_progress": group.comm.stats["in_progress"]
                                     - settled["in_progress"], "settle_ms": (group.comm.stats["settle_seconds"]
-                                                                            - settled["settle_seconds"]) * 1e3}
+                                                                            - settled["settle_seconds"]) * 1e3,
+                                    "trace": _trace(t_zero)}
                         self.h.record(section, method, rep, ms=ms, **diag)
                     else:
                         before = mem_begin(self.device)
@@ -356,7 +360,8 @@ class Worker:
                         if method.startswith("ws"):
                             diag = {"phases": transport.timings, "in_progress": group.comm.stats["in_progress"]
                                     - settled["in_progress"], "settle_ms": (group.comm.stats["settle_seconds"]
-                                                                            - settled["settle_seconds"]) * 1e3}
+                                                                            - settled["settle_seconds"]) * 1e3,
+                                    "trace": _trace(t_zero)}
                         self.h.record(section, method, rep, ok=self.check(got), mem=extra, **diag)
         finally:
             transport.close()
@@ -530,6 +535,15 @@ class Worker:
         self.h.put("diag/kernel", out)
 
 
+def _trace(t_zero: float) -> list:
+    """The round's recorded steps as (label, ms since the shared start), then stop recording."""
+    from weightsync.transports import collective
+
+    steps = [(label, round((at - t_zero) * 1e3, 3)) for label, at in (collective.TRACE or [])]
+    collective.TRACE = None
+    return steps
+
+
 # == the coordinating process ===========================================================================
 def drive_http(h: Harness, args) -> None:
     from weightsync_operator.client import Endpoint
@@ -573,6 +587,8 @@ def collect(h: Harness, section: str, method: str, ranks: list[int], args) -> di
                 receive.append(value["receive_ms"])
             if value.get("engine_ms") is not None:
                 engine.append(value["engine_ms"])
+            if "trace" in value:
+                diag[f"trace{rank}"] = value["trace"]
             if "phases" in value:
                 diag[rank] = {k: round(v * 1e3, 2) for k, v in value["phases"].items()}
                 diag[rank]["in_progress"] = value["in_progress"]
@@ -620,10 +636,15 @@ def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
         if "diag" in args.sections:
             row("nccl", "(diag) weightsync round, chunks not ramped", collect(h, "nccl2", "ws_noramp", receivers[:2], args), base)
             row("nccl", "(diag) weightsync round, blocking communicator", collect(h, "nccl2", "ws_blocking", receivers[:2], args), base)
-            for name in ("ws", "ws_nosum", "ws_noramp", "ws_blocking"):
+            row("nccl", "(diag) weightsync round, control over the store", collect(h, "nccl2", "ws_store", receivers[:2], args), base)
+            for name in ("ws", "ws_nosum", "ws_noramp", "ws_blocking", "ws_store"):
                 res = collect(h, "nccl2", name, receivers[:2], args)
                 if res:
-                    diags.append(f"  nccl {name}: last rep phases ms (trainer, receiver): {res['diag']}")
+                    phases = {k: v for k, v in res["diag"].items() if not str(k).startswith("trace")}
+                    diags.append(f"  nccl {name}: last rep phases ms (trainer, receiver): {phases}")
+                    if name in ("ws", "ws_store"):
+                        for k in ("trace0", "trace1"):
+                            diags.append(f"  nccl ws {k} (step, ms since the start): {res['diag'].get(k)}")
         if "http" in args.sections:
             http = collect(h, "http", "ws_http", [0, 1], args)
             results["http"] = http
@@ -764,6 +785,7 @@ def coordinate(args) -> int:
     for n in args.fanout:
         h.put(f"port/nccl{n}", free_port())
         h.put(f"port/nccl{n}b", free_port())
+        h.put(f"port/nccl{n}s", free_port())
     for backend in ("p2p", "ipc"):
         h.put(f"port/{backend}", free_port())
     roles = ["trainer"] + [f"recv{k}" for k in range(1, gpus)] + ["ipc"]

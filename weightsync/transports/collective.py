@@ -17,6 +17,7 @@ Subclasses replace only the payload pipeline (`_send_payload`, `_receive_payload
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 import uuid
@@ -39,6 +40,13 @@ VERDICT_BYTES = 1024  # room for one party's error message in an agreement step
 SLOT_BYTES = VERDICT_BYTES + DIGEST_BYTES  # one party's share of an agreement: message, checksum
 HEADER_BLOCK = 64 << 10  # the header's first broadcast; longer headers take one more
 MAX_HEADER_BYTES = 1 << 28
+TRACE: list[tuple[str, float]] | None = None  # diagnosis: set to a list to record when each step ended
+
+
+def mark(label: str) -> None:
+    """Record a step of the round on the monotonic clock (shared by processes of a host)."""
+    if TRACE is not None:
+        TRACE.append((label, time.monotonic()))
 
 
 class Pending(ABC):
@@ -139,6 +147,7 @@ class CollectiveTransport(Transport):
         self._layouts: dict[tuple, tuple[Layout, list[Chunk]]] = {}
         self.timings: dict[str, float] = {}  # seconds per phase of the last round
         self._views: tuple[tuple, list[torch.Tensor]] | None = None
+        self._control_seq = 0  # steps taken over the rendezvous store (when the group uses it)
 
     # -- helpers the subclasses may refine ----------------------------------------------
     def _staging_buffers(self, count: int) -> list[torch.Tensor]:
@@ -155,10 +164,38 @@ class CollectiveTransport(Transport):
 
     def _exchange(self, message: str | None, digest: StreamDigest | None = None) -> Verdicts:
         """One agreement step: all-gather every rank's objection (and checksum, if any)."""
+        control = getattr(self.group, "control_store", None)
+        if control is not None:
+            return self._exchange_via_store(control, message, digest)
         slot = self.group.to_device(_encode_slot(message))
         if digest is not None:
             slot[VERDICT_BYTES:].copy_(digest.as_bytes())
-        return _decode_slots(self.group.gather_to_host(slot), digest is not None)
+        mark("exchange: slot on device")
+        rows = self.group.gather_to_host(slot)
+        mark("exchange: gathered")
+        return _decode_slots(rows, digest is not None)
+
+    def _exchange_via_store(self, store, message: str | None, digest: StreamDigest | None) -> Verdicts:
+        """The agreement over the rendezvous store instead of a collective (host to host, no GPU
+        round trip). The GPU work a verdict vouches for is finished (bounded wait) before it is posted."""
+        self.group.synchronize()
+        slot = _encode_slot(message)
+        if digest is not None:
+            slot[VERDICT_BYTES:] = digest.as_bytes().cpu()
+        self._control_seq += 1
+        keys = [f"ctl/{self._control_seq}/{rank}" for rank in range(self.group.world_size)]
+        store.set(keys[self.group.rank], bytes(slot.numpy()))
+        mark("exchange: posted")
+        try:
+            store.wait(keys, datetime.timedelta(seconds=self.init.timeout_seconds))
+            rows = [torch.frombuffer(bytearray(store.get(key)), dtype=torch.uint8) for key in keys]
+        except Exception as error:  # the store raises on its timeout
+            raise TransferError(f"agreement step timed out: {error}") from error
+        mark("exchange: gathered")
+        if self.group.rank == 0 and self._control_seq > 4:  # keys of two rounds ago are read by all
+            for rank in range(self.group.world_size):
+                store.delete_key(f"ctl/{self._control_seq - 4}/{rank}")
+        return _decode_slots(torch.stack(rows), digest is not None)
 
     def _agree(self, own_error: str | None) -> list[str]:
         """All-gather every rank's verdict (None = agree); return the objections."""
@@ -176,18 +213,44 @@ class CollectiveTransport(Transport):
     # -- header ---------------------------------------------------------------------------
     def _send_header(self, header: RoundHeader) -> None:
         data = header.model_dump_json().encode()
+        control = getattr(self.group, "control_store", None)
+        if control is not None:
+            self._control_seq += 1
+            control.set(f"ctl/{self._control_seq}/header", data)
+            mark("header: posted")
+            return
         block = torch.zeros(HEADER_BLOCK, dtype=torch.uint8)
         block[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
         first = data[: HEADER_BLOCK - 8]
         block[8 : 8 + len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
-        self.group.broadcast(self.group.to_device(block)).wait()
+        on_device = self.group.to_device(block)
+        mark("header: on device")
+        pending = self.group.broadcast(on_device)
+        mark("header: broadcast called")
+        pending.wait()
+        mark("header: sent")
         if len(data) > len(first):
             rest = torch.frombuffer(bytearray(data[len(first):]), dtype=torch.uint8)
             self.group.broadcast(self.group.to_device(rest)).wait()
 
     def _receive_header(self) -> RoundHeader:
+        control = getattr(self.group, "control_store", None)
+        if control is not None:
+            self._control_seq += 1
+            try:
+                data = control.get(f"ctl/{self._control_seq}/header")
+            except Exception as error:  # the store raises on its timeout
+                raise TransferError(f"no round header came: {error}") from error
+            mark("header: received")
+            try:
+                return self._parse_header(json.loads(data))
+            except ValueError as error:
+                raise TransferError(f"round header is not JSON: {error}") from None
         block = self.group.empty(HEADER_BLOCK)
-        self.group.broadcast(block).wait()
+        pending = self.group.broadcast(block)
+        mark("header: broadcast called")
+        pending.wait()
+        mark("header: received")
         host = self.group.to_host(block)
         size = int(host[:8].view(torch.int64).item())
         if not 0 < size <= MAX_HEADER_BYTES:
@@ -201,7 +264,10 @@ class CollectiveTransport(Transport):
             raw = json.loads(data)
         except ValueError as error:
             raise TransferError(f"round header is not JSON: {error}") from None
-        return self._parse_header(raw)
+        mark("header: json")
+        header = self._parse_header(raw)
+        mark("header: parsed")
+        return header
 
     def _parse_header(self, raw: object) -> RoundHeader:
         """Validate a header; a header equal to the last one but for its round id is reused
@@ -243,6 +309,7 @@ class CollectiveTransport(Transport):
 
     def _send_round(self, manifest, sources, kind) -> RoundStats:
         started = time.perf_counter()
+        mark("send: start")
         header = RoundHeader(
             round_id=uuid.uuid4().hex,
             update_kind=kind,
@@ -317,6 +384,7 @@ class CollectiveTransport(Transport):
         tensors and are applied only after every receiver validated them.
         """
         started = time.perf_counter()
+        mark("receive: start")
         header = self._receive_header()
         if header.update_kind == "dense":
             store.adopt(header.manifest, self.device)

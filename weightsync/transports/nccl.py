@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import time
 from collections.abc import Sequence
 
@@ -35,7 +36,7 @@ from weightsync.packing import RegionPlan, landed_regions, pack_regions, unpack_
 from weightsync.protocol import InitInfo, RoundHeader
 from weightsync.rendezvous import open_store
 from weightsync.transports import register
-from weightsync.transports.collective import CollectiveTransport, Group, Pending
+from weightsync.transports.collective import CollectiveTransport, Group, Pending, mark
 from weightsync.transports.nccl_lib import Communicator, new_unique_id
 from weightsync.transports.waits import wait_event_until
 
@@ -85,6 +86,8 @@ class NcclGroup(Group):
         self._store = None
         with torch.cuda.device(self.device):
             unique_id = self._unique_id(init, rank)
+            # Diagnosis: take the control steps (header, agreements) over the rendezvous store.
+            self.control_store = self._store if os.environ.get("WEIGHTSYNC_CONTROL") == "store" else None
             self.comm = Communicator(unique_id, rank, init.world_size, init.timeout_seconds)
             # Collectives jump ahead of packing and checksum kernels when both wait for SMs.
             self.stream = torch.cuda.Stream(self.device, priority=-1)
@@ -144,6 +147,7 @@ class NcclGroup(Group):
         out = torch.empty(self.world_size * tensor.numel(), dtype=tensor.dtype, device=self.device)
         self._after_current()
         self.comm.all_gather(tensor.data_ptr(), out.data_ptr(), nbytes, self.stream.cuda_stream)
+        mark("all_gather called")
         tensor.record_stream(self.stream)
         out.record_stream(self.stream)
         self._event("all_gather").wait()
@@ -158,7 +162,7 @@ class NcclGroup(Group):
 
     def close(self) -> None:
         self.comm.abort()  # local teardown; never waits for peers
-        self._store = None
+        self._store = self.control_store = None
 
 
 class _Streams:
@@ -267,6 +271,7 @@ class NcclTransport(CollectiveTransport):
             packed.record(stream)
             group.stream.wait_event(packed)
             group.broadcast_on_stream(buffers[b][: chunk.nbytes])
+            mark(f"chunk {chunk.number} called")
             sent[b] = torch.cuda.Event()
             sent[b].record(group.stream)
         self._join(streams, parts, digest)
@@ -299,6 +304,7 @@ class NcclTransport(CollectiveTransport):
                 RegionPlan(landed_regions(c, target), copy=False) for c in chunks]) if verify else None
             for chunk in chunks:
                 group.broadcast_on_stream(target[chunk.start : chunk.stop])
+                mark(f"chunk {chunk.number} called")
                 if verify:
                     landed = torch.cuda.Event()
                     landed.record(group.stream)
