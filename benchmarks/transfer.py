@@ -302,14 +302,14 @@ class Worker:
         a = self.args
         methods = ["flat", "ws", "ws_nosum"] + (["vllm"] if "vllm" in a.sections else [])
         if n == 2 and "diag" in a.sections:
-            methods += ["ws_noramp", "ws_blocking", "ws_store"]
+            methods += ["ws_noramp", "ws_blocking", "ws_nccl_control"]
         verify_off = init.model_copy(update={"verify": False})
         try:
             for method in methods:
-                if method in ("ws_blocking", "ws_store"):  # the same round, another setup
+                if method in ("ws_blocking", "ws_nccl_control"):  # the same round, another setup
                     variable = "WEIGHTSYNC_NCCL_BLOCKING" if method == "ws_blocking" else "WEIGHTSYNC_CONTROL"
                     transport.close()
-                    os.environ[variable] = "1" if method == "ws_blocking" else "store"
+                    os.environ[variable] = "1" if method == "ws_blocking" else "nccl"
                     init = self._init("nccl", n, self.h.get(f"port/{section}{method[3]}"), rank)
                     transport = get_transport("nccl").connect(init, rank, self.device)
                     group = transport.group
@@ -636,13 +636,13 @@ def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
         if "diag" in args.sections:
             row("nccl", "(diag) weightsync round, chunks not ramped", collect(h, "nccl2", "ws_noramp", receivers[:2], args), base)
             row("nccl", "(diag) weightsync round, blocking communicator", collect(h, "nccl2", "ws_blocking", receivers[:2], args), base)
-            row("nccl", "(diag) weightsync round, control over the store", collect(h, "nccl2", "ws_store", receivers[:2], args), base)
-            for name in ("ws", "ws_nosum", "ws_noramp", "ws_blocking", "ws_store"):
+            row("nccl", "(diag) weightsync round, control steps over NCCL", collect(h, "nccl2", "ws_nccl_control", receivers[:2], args), base)
+            for name in ("ws", "ws_nosum", "ws_noramp", "ws_blocking", "ws_nccl_control"):
                 res = collect(h, "nccl2", name, receivers[:2], args)
                 if res:
                     phases = {k: v for k, v in res["diag"].items() if not str(k).startswith("trace")}
                     diags.append(f"  nccl {name}: last rep phases ms (trainer, receiver): {phases}")
-                    if name in ("ws", "ws_store"):
+                    if name == "ws":
                         for k in ("trace0", "trace1"):
                             diags.append(f"  nccl ws {k} (step, ms since the start): {res['diag'].get(k)}")
         if "http" in args.sections:
@@ -785,7 +785,7 @@ def coordinate(args) -> int:
     for n in args.fanout:
         h.put(f"port/nccl{n}", free_port())
         h.put(f"port/nccl{n}b", free_port())
-        h.put(f"port/nccl{n}s", free_port())
+        h.put(f"port/nccl{n}n", free_port())
     for backend in ("p2p", "ipc"):
         h.put(f"port/{backend}", free_port())
     roles = ["trainer"] + [f"recv{k}" for k in range(1, gpus)] + ["ipc"]

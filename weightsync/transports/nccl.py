@@ -86,8 +86,11 @@ class NcclGroup(Group):
         self._store = None
         with torch.cuda.device(self.device):
             unique_id = self._unique_id(init, rank)
-            # Diagnosis: take the control steps (header, agreements) over the rendezvous store.
-            self.control_store = self._store if os.environ.get("WEIGHTSYNC_CONTROL") == "store" else None
+            # The control steps (header, agreements) go over the rendezvous store when there is one:
+            # host to host, they cost a fraction of a collective's launch and completion round trip.
+            # (WEIGHTSYNC_CONTROL=nccl keeps them on the communicator, for comparison.)
+            use_store = self._store is not None and os.environ.get("WEIGHTSYNC_CONTROL") != "nccl"
+            self.control_store = self._store if use_store else None
             self.comm = Communicator(unique_id, rank, init.world_size, init.timeout_seconds)
             # Collectives jump ahead of packing and checksum kernels when both wait for SMs.
             self.stream = torch.cuda.Stream(self.device, priority=-1)
@@ -160,6 +163,9 @@ class NcclGroup(Group):
         self._after_current()
         self._event("synchronize").wait()
 
+    def fail(self) -> None:
+        self.comm.abort()  # later steps then fail at once, saying the group was aborted
+
     def close(self) -> None:
         self.comm.abort()  # local teardown; never waits for peers
         self._store = self.control_store = None
@@ -191,6 +197,7 @@ class NcclTransport(CollectiveTransport):
         super().__init__(init, rank, device, group)
         self._streams = _Streams(device)
         self._plans: dict[str, tuple[tuple, list[RegionPlan]]] = {}
+        self._sending: tuple | None = None  # a send packed ahead of its agreement
 
     @classmethod
     def connect(cls, init: InitInfo, rank: int, device: torch.device | None = None) -> "NcclTransport":
@@ -244,32 +251,53 @@ class NcclTransport(CollectiveTransport):
             RegionPlan(pack_regions(c, sources, buffers[c.number % count]), copy=True, digest=verify)
             for c in chunks], keep)
 
-    def _prepare_send(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader) -> None:
-        self._pack_plans(chunks, sources, header)
+    def _prepare_send(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader,
+                      digest: StreamDigest | None) -> None:
+        """While the receivers check the header: pack the first chunk of every buffer (local
+        work only, no payload moves before the agreement)."""
+        count = header.num_buffers
+        plans = self._pack_plans(chunks, sources, header)
+        current = torch.cuda.current_stream(self.device)
+        streams = self._streams.get("pack", count)
+        parts = [StreamDigest(self.device) for _ in range(count)] if digest is not None else [None] * count
+        for stream in streams:
+            stream.wait_stream(current)  # the sources (and the zeroed checksums) were written there
+        packed: list[torch.cuda.Event] = []
+        for chunk, plan in zip(chunks[:count], plans):
+            stream = streams[chunk.number % count]
+            with torch.cuda.stream(stream):
+                plan.run(parts[chunk.number % count])
+            packed.append(torch.cuda.Event())
+            packed[-1].record(stream)
+        self._sending = (plans, streams, parts, packed)
+
+    def _abandon_send(self) -> None:
+        if self._sending is not None:
+            for stream in self._sending[1]:
+                stream.synchronize()  # local packing only: finishes on its own
+        self._sending = None
 
     def _send_payload(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader,
                       digest: StreamDigest | None) -> None:
         group: NcclGroup = self.group
         count = header.num_buffers
         buffers = self._staging_buffers(count)
-        plans = self._pack_plans(chunks, sources, header)
-        current = torch.cuda.current_stream(self.device)
-        streams = self._streams.get("pack", count)
-        parts = [StreamDigest(self.device) for _ in range(count)] if digest is not None else [None] * count
-        for stream in streams:
-            stream.wait_stream(current)  # the sources were written on the caller's stream
-        group.stream.wait_stream(current)
+        plans, streams, parts, packed = self._sending
+        self._sending = None
+        group.stream.wait_stream(torch.cuda.current_stream(self.device))
         sent: list[torch.cuda.Event | None] = [None] * count
         for chunk, plan in zip(chunks, plans):
             b = chunk.number % count
             stream = streams[b]
-            if sent[b] is not None:
+            if chunk.number >= count:  # the first `count` chunks were packed before the agreement
                 stream.wait_event(sent[b])  # buffer b is free once its last broadcast is done
-            with torch.cuda.stream(stream):
-                plan.run(parts[b])
-            packed = torch.cuda.Event()
-            packed.record(stream)
-            group.stream.wait_event(packed)
+                with torch.cuda.stream(stream):
+                    plan.run(parts[b])
+                ready = torch.cuda.Event()
+                ready.record(stream)
+            else:
+                ready = packed[chunk.number]
+            group.stream.wait_event(ready)
             group.broadcast_on_stream(buffers[b][: chunk.nbytes])
             mark(f"chunk {chunk.number} called")
             sent[b] = torch.cuda.Event()
