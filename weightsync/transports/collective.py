@@ -17,7 +17,6 @@ Subclasses replace only the payload pipeline (`_send_payload`, `_receive_payload
 
 from __future__ import annotations
 
-import datetime
 import json
 import time
 import uuid
@@ -127,7 +126,7 @@ def _encode_slot(message: str | None) -> torch.Tensor:
 def _decode_slots(rows: torch.Tensor, with_digest: bool) -> Verdicts:
     messages, digests = [], []
     for row in rows:
-        raw = bytes(row.tolist())
+        raw = row.numpy().tobytes()
         messages.append(raw[:VERDICT_BYTES].split(b"\0", 1)[0].decode(errors="replace"))
         digests.append(format_digest(raw[VERDICT_BYTES:]) if with_digest else None)
     return Verdicts(messages, digests)
@@ -152,6 +151,7 @@ class CollectiveTransport(Transport):
         self._views: tuple[tuple, list[torch.Tensor]] | None = None
         self._control_seq = 0  # steps taken over the rendezvous store (when the group uses it)
         self._header_bytes: tuple[bytes, RoundHeader] | None = None
+        self._header_json: tuple[tuple, bytes, Manifest] | None = None
 
     # -- helpers the subclasses may refine ----------------------------------------------
     def _staging_buffers(self, count: int) -> list[torch.Tensor]:
@@ -192,9 +192,8 @@ class CollectiveTransport(Transport):
             return self._exchange_over_group(ticket[1], ticket[2])
         _, keys, with_digest = ticket
         store = self.group.control_store
-        try:
-            store.wait(keys, datetime.timedelta(seconds=self.init.timeout_seconds))
-            rows = [torch.frombuffer(bytearray(store.get(key)), dtype=torch.uint8) for key in keys]
+        try:  # blocks until every key is there, at most the group's timeout (one round trip)
+            rows = [torch.frombuffer(bytearray(value), dtype=torch.uint8) for value in store.multi_get(keys)]
         except Exception as error:  # the store raises on its timeout
             self.group.fail()
             raise TransferError(f"agreement step timed out after {self.init.timeout_seconds:g}s "
@@ -229,8 +228,18 @@ class CollectiveTransport(Transport):
         return self._layouts[key]
 
     # -- header ---------------------------------------------------------------------------
+    def _header_bytes_of(self, header: RoundHeader) -> bytes:
+        """The header's JSON; all but the round id is cached per manifest and plan."""
+        key = (id(header.manifest), header.update_kind, header.buffer_size_bytes, header.num_buffers,
+               header.alignment, header.verify)
+        cached = self._header_json
+        if cached is None or cached[0] != key or cached[2] is not header.manifest:
+            full = header.model_dump_json().encode()
+            cached = self._header_json = (key, full[full.index(b'"', 13):], header.manifest)
+        return b'{"round_id":"' + header.round_id.encode() + cached[1]
+
     def _send_header(self, header: RoundHeader) -> None:
-        data = header.model_dump_json().encode()
+        data = self._header_bytes_of(header)
         control = getattr(self.group, "control_store", None)
         if control is not None:
             self._control_seq += 1
@@ -257,8 +266,7 @@ class CollectiveTransport(Transport):
             self._control_seq += 1
             key = f"ctl/{self._control_seq}/header"
             try:
-                control.wait([key], datetime.timedelta(seconds=self.init.timeout_seconds))
-                data = control.get(key)
+                data = control.get(key)  # blocks until it is there, at most the group's timeout
             except Exception as error:  # the store raises on its timeout
                 self.group.fail()
                 raise TransferError(f"no round header came within {self.init.timeout_seconds:g}s: {error}") from error
@@ -351,12 +359,12 @@ class CollectiveTransport(Transport):
             alignment=DEFAULT_ALIGNMENT,
             verify=self.init.verify,
         )
-        # Everything that needs no receiver happens before the header, off the critical path.
-        flat_sources = self._flat_sources(sources)
-        layout, chunks = self._chunks(tuple(s.numel() for s in flat_sources), header)
-        marks = [("prepare", time.perf_counter())]
         self._send_header(header)
         ticket = self._post(None)
+        # Everything that needs no receiver happens while they check the header.
+        flat_sources = self._flat_sources(sources)
+        layout, chunks = self._chunks(tuple(s.numel() for s in flat_sources), header)
+        marks = [("header+prepare", time.perf_counter())]
         digest = StreamDigest(self.device) if header.verify else None
         self._prepare_send(chunks, flat_sources, header, digest)  # e.g. pack the first chunks now
         objections = self._collect(ticket).objections()
@@ -433,6 +441,7 @@ class CollectiveTransport(Transport):
             layout, chunks = self._chunks(tuple(_stream_sizes(header)), header)
             landing = self._landing(header, store, layout)
             digest = StreamDigest(self.device) if header.verify else None
+            self._prepare_receive(chunks, header, digest, landing)
         objections = self._collect(ticket).objections()
         marks = [("header+agree", time.perf_counter())]
         if objections:
@@ -488,6 +497,10 @@ class CollectiveTransport(Transport):
             self._shadow = WeightStore.from_manifest(manifest, self.device)
             self._shadow_manifest = manifest
         return self._shadow
+
+    def _prepare_receive(self, chunks: Sequence[Chunk], header: RoundHeader, digest: StreamDigest | None,
+                         landing: "_Landing") -> None:
+        """Receiver, while the others' verdicts come in: anything that needs no payload yet."""
 
     def _receive_payload(self, chunks: Sequence[Chunk], header: RoundHeader, digest: StreamDigest | None,
                          landing: "_Landing") -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 from typing import Annotated, Literal
 
 import torch
@@ -84,6 +86,9 @@ class GpuHandles(_Strict):
     tensors: list[Placement]
     verify: bool = True  # the trainer publishes its checksum of the round under `round_id`
     more: bool = False  # another batch of this round follows
+    # A digest of `device`, `storages` and `tensors`: a receiver that validated and opened handles
+    # under this key before reuses them without comparing the whole body again.
+    key: Annotated[str, Field(max_length=128)] | None = None
 
     @model_validator(mode="after")
     def _inside_storages(self) -> "GpuHandles":
@@ -93,6 +98,13 @@ class GpuHandles(_Strict):
             if placement.offset + placement.nbytes > self.storages[placement.storage].size_bytes:
                 raise ValueError(f"tensors[{i}] reaches past the end of its storage")
         return self
+
+
+def content_key(device: int, storages: list[StorageHandle], tensors: list[Placement]) -> str:
+    """The `key` of a GpuHandles body: a hash of everything but the round's own fields."""
+    body = json.dumps({"device": device, "storages": [s.model_dump(mode="json") for s in storages],
+                       "tensors": [t.model_dump(mode="json") for t in tensors]}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def parse_handles(ipc_handles: object) -> dict[str, GpuHandles]:

@@ -45,7 +45,7 @@ from weightsync.store import WeightStore
 from weightsync.transports import register
 from weightsync.transports.base import RoundStats, SparsePatch, Transport
 from weightsync.transports.cuda_ipc import (
-    GpuHandles, Placement, StorageHandle, export_storage, gpu_uuid, open_storage,
+    GpuHandles, Placement, StorageHandle, content_key, export_storage, gpu_uuid, open_storage,
     parse_handles, rebind_device,
 )
 from weightsync.transports.collective import check_indices, check_sparse
@@ -293,7 +293,8 @@ class IpcTransport(Transport):
                     index[id(handle)] = len(storages)
                     storages.append(handle)
                 placements.append(Placement(storage=index[id(handle)], offset=offset, nbytes=nbytes))
-            gpu = GpuHandles(round_id=round_id, device=self.device.index, storages=storages, tensors=placements)
+            gpu = GpuHandles(round_id=round_id, device=self.device.index, storages=storages, tensors=placements,
+                             key=content_key(self.device.index, storages, placements))
             body = {"update_kind": kind, "names": [s.name for s in specs],
                     "dtype_names": [s.dtype for s in specs], "shapes": [list(s.shape) for s in specs],
                     "ipc_handles": {gpu_uuid(self.device.index): gpu.model_dump(mode="json")}}
@@ -356,10 +357,13 @@ class IpcTransport(Transport):
         if isinstance(raw, dict) and self._parsed is not None:
             cached_raw, cached, version = self._parsed
             rid, more, verify = raw.get("round_id"), raw.get("more", False), raw.get("verify", True)
-            if isinstance(rid, str) and 0 < len(rid) <= 64 and isinstance(more, bool) and isinstance(verify, bool) \
-                    and {**raw, "round_id": cached.round_id, "more": cached.more, "verify": cached.verify} \
-                    == cached_raw:
-                return cached.model_copy(update={"round_id": rid, "more": more, "verify": verify}), version
+            if isinstance(rid, str) and 0 < len(rid) <= 64 and isinstance(more, bool) and isinstance(verify, bool):
+                # The trainer's content key names exactly what was validated and opened before (a
+                # body that claims it but differs gets those same validated handles, nothing else).
+                same = (cached.key is not None and raw.get("key") == cached.key) or \
+                    {**raw, "round_id": cached.round_id, "more": cached.more, "verify": cached.verify} == cached_raw
+                if same:
+                    return cached.model_copy(update={"round_id": rid, "more": more, "verify": verify}), version
         handles = rebind_device(parse_handles({uuid_: raw})[uuid_], self.device.index)
         self._versions += 1
         self._parsed = ({**raw, "round_id": handles.round_id, "more": handles.more, "verify": handles.verify},

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import os
 import time
 from collections.abc import Sequence
@@ -91,6 +92,8 @@ class NcclGroup(Group):
             # (WEIGHTSYNC_CONTROL=nccl keeps them on the communicator, for comparison.)
             use_store = self._store is not None and os.environ.get("WEIGHTSYNC_CONTROL") != "nccl"
             self.control_store = self._store if use_store else None
+            if self._store is not None:  # from now on a control step waits at most the group's timeout
+                self._store.set_timeout(datetime.timedelta(seconds=init.timeout_seconds))
             self.comm = Communicator(unique_id, rank, init.world_size, init.timeout_seconds)
             # Collectives jump ahead of packing and checksum kernels when both wait for SMs.
             self.stream = torch.cuda.Stream(self.device, priority=-1)
@@ -198,6 +201,7 @@ class NcclTransport(CollectiveTransport):
         self._streams = _Streams(device)
         self._plans: dict[str, tuple[tuple, list[RegionPlan]]] = {}
         self._sending: tuple | None = None  # a send packed ahead of its agreement
+        self._receiving: tuple | None = None  # a receive made ready ahead of its agreement
 
     @classmethod
     def connect(cls, init: InitInfo, rank: int, device: torch.device | None = None) -> "NcclTransport":
@@ -315,21 +319,41 @@ class NcclTransport(CollectiveTransport):
                 digest.add(part.sums)
 
     # -- receiver -----------------------------------------------------------------------------
-    def _receive_payload(self, chunks: Sequence[Chunk], header: RoundHeader, digest: StreamDigest | None,
+    def _prepare_receive(self, chunks: Sequence[Chunk], header: RoundHeader, digest: StreamDigest | None,
                          landing) -> None:
-        group: NcclGroup = self.group
+        """While the others' verdicts come in: streams, partial checksums and plans, so that the
+        receives can be enqueued the moment the round is agreed."""
         count = header.num_buffers
         verify = digest is not None
         target, destinations = landing.target, landing.destinations
         current = torch.cuda.current_stream(self.device)
         streams = self._streams.get("place", count)
         parts = [StreamDigest(self.device) for _ in range(count)] if verify else [None] * count
-        group.stream.wait_stream(current)
         for stream in streams:
             stream.wait_stream(current)
         if target is not None:
             plans = self._cached_plans("landed", chunks, (target.data_ptr(), target.numel()), lambda: [
                 RegionPlan(landed_regions(c, target), copy=False) for c in chunks]) if verify else None
+            buffers = None
+        else:
+            buffers = self._staging_buffers(count)
+            key = (verify, tuple((d.data_ptr(), d.numel()) for d in destinations),
+                   tuple(b.data_ptr() for b in buffers))
+            plans = self._cached_plans("unpack", chunks, key, lambda: [
+                RegionPlan(unpack_regions(c, buffers[c.number % count][: c.nbytes], destinations), copy=True,
+                           digest=verify) for c in chunks])
+        self._receiving = (streams, parts, plans, buffers)
+
+    def _receive_payload(self, chunks: Sequence[Chunk], header: RoundHeader, digest: StreamDigest | None,
+                         landing) -> None:
+        group: NcclGroup = self.group
+        count = header.num_buffers
+        verify = digest is not None
+        target = landing.target
+        streams, parts, plans, buffers = self._receiving
+        self._receiving = None
+        group.stream.wait_stream(torch.cuda.current_stream(self.device))
+        if target is not None:
             for chunk in chunks:
                 group.broadcast_on_stream(target[chunk.start : chunk.stop])
                 mark(f"chunk {chunk.number} called")
@@ -341,12 +365,6 @@ class NcclTransport(CollectiveTransport):
                     with torch.cuda.stream(stream):
                         plans[chunk.number].run(parts[chunk.number % count])
         else:
-            buffers = self._staging_buffers(count)
-            key = (verify, tuple((d.data_ptr(), d.numel()) for d in destinations),
-                   tuple(b.data_ptr() for b in buffers))
-            plans = self._cached_plans("unpack", chunks, key, lambda: [
-                RegionPlan(unpack_regions(c, buffers[c.number % count][: c.nbytes], destinations), copy=True,
-                           digest=verify) for c in chunks])
             placed: list[torch.cuda.Event | None] = [None] * count
             for chunk, plan in zip(chunks, plans):
                 b = chunk.number % count
