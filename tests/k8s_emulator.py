@@ -116,6 +116,7 @@ class _Kind:
 class ClusterEmulator(kmock.KubernetesEmulator):
     _counter: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
     _kinds: dict[Any, _Kind] = attrs.field(factory=dict, init=False)
+    _tombstones: dict[tuple, dict] = attrs.field(factory=dict, init=False)  # deleted: their last state
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -156,9 +157,18 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         finally:
             if gone is not None:  # deletion released by its last finalizer: gone after answering
                 async with self._lock:
-                    raw = self.objects[gone].raw
+                    raw = self._final(self.objects[gone].raw, request.resource)
                     self.objects[gone].delete()
                     await self._buses[request.resource].put({"type": "DELETED", "object": raw})
+
+    def _final(self, raw: dict, resource) -> dict:
+        """The object as its DELETED event carries it: at a resourceVersion of its own, so that a
+        watch started from any earlier version sees the deletion (remembered for such watches)."""
+        raw = copy.deepcopy(raw)
+        meta = raw.setdefault("metadata", {})
+        meta["resourceVersion"] = str(next(self._counter))
+        self._tombstones[(resource, meta.get("namespace"), meta.get("name"))] = raw
+        return raw
 
     async def _write(self, request: kmock.Request):
         resource = request.resource
@@ -180,7 +190,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 await self._buses[resource].put({"type": "MODIFIED", "object": copy.deepcopy(new)})
                 return None
             stored.delete()
-            await self._buses[resource].put({"type": "DELETED", "object": old})
+            await self._buses[resource].put({"type": "DELETED", "object": self._final(old, resource)})
             return None
         new = self._patched(old, request, resource)
         stored.create(new)
@@ -204,6 +214,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             raise kmock.KubernetesError(409, "AlreadyExists", f"{resource.plural} {meta['name']!r} already exists")
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(),
                     resourceVersion=str(next(self._counter)), generation=1)
+        self._tombstones.pop(key, None)
         if resource == CRD_RESOURCE:
             self._install(obj)
         self._check(resource, obj)
@@ -270,6 +281,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     # -- reads: what kubectl needs --------------------------------------------------------
     async def _serve_list(self, request: kmock.Request):
         answer = await super()._serve_list(request)
+        answer["items"] = [o for o in answer["items"] if self._selected(
+            request, o.get("metadata", {}).get("namespace"), o.get("metadata", {}).get("name"))]
         kind = self._kind(request.resource).kind
         answer["metadata"]["resourceVersion"] = str(next(self._counter))
         if self._wants_table(request):
@@ -284,19 +297,51 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         return kmock.Response(headers={"Content-Type": "application/json"}, payload=self._watch(request))
 
     async def _watch(self, request: kmock.Request) -> AsyncIterator[Any]:
-        table = self._wants_table(request)
+        """A watch as the API server's: the objects as of now (only what changed after the given
+        resourceVersion, deletions included), then every change. The bus is joined before the
+        snapshot is taken, so no change can fall between the two."""
         since = int(request.params.get("resourceVersion") or 0)
-        async for event in super()._serve_watch(request):
-            if isinstance(event, dict):
-                # A watch from a resourceVersion sends only what changed after it (kmock would
-                # replay every object as ADDED, and clients would handle them twice).
-                if int(event["object"].get("metadata", {}).get("resourceVersion", 0)) <= since:
-                    continue
-                if table:
-                    event = {"type": event["type"], "object": self._table(request.resource, [event["object"]])}
-                yield json.dumps(event).encode() + b"\n"
-            else:
-                yield event
+        bus = self._buses[request.resource]
+        mark = await bus.mark()
+        try:
+            yield b""  # the headers go out now, even if nothing happens for a while
+            sent: dict[tuple, int] = {}
+            async with self._lock:
+                snapshot = [{"type": "ADDED", "object": copy.deepcopy(obj.raw)}
+                            for (res, ns, name), obj in self.objects.items()
+                            if res == request.resource and not obj.deleted and self._selected(request, ns, name)]
+                if since:
+                    snapshot += [{"type": "DELETED", "object": copy.deepcopy(raw)}
+                                 for (res, ns, name), raw in self._tombstones.items()
+                                 if res == request.resource and self._selected(request, ns, name)]
+            for event in snapshot:
+                if (line := self._watch_line(request, event, since, sent)) is not None:
+                    yield line
+            async for event in bus.stream(since=mark):  # pragma: no branch
+                if (line := self._watch_line(request, event, since, sent)) is not None:
+                    yield line
+        finally:
+            await bus.unmark(mark)
+
+    def _watch_line(self, request: kmock.Request, event: dict, since: int, sent: dict) -> bytes | None:
+        meta = event["object"].get("metadata", {})
+        key = (meta.get("namespace"), meta.get("name"))
+        version = int(meta.get("resourceVersion", 0))
+        if not self._selected(request, *key) or version <= max(since, sent.get(key, 0)):
+            return None  # not asked for, or already known to the client
+        sent[key] = version
+        if self._wants_table(request):
+            event = {"type": event["type"], "object": self._table(request.resource, [event["object"]])}
+        return json.dumps(event).encode() + b"\n"
+
+    @staticmethod
+    def _selected(request: kmock.Request, namespace: str | None, name: str) -> bool:
+        """The request's namespace and name, from its path or a metadata.* fieldSelector."""
+        wanted = {"metadata.namespace": request.namespace, "metadata.name": request.name}
+        for term in filter(None, request.params.get("fieldSelector", "").split(",")):
+            field, _, value = term.partition("=")
+            wanted[field] = value
+        return (wanted["metadata.namespace"] in (None, namespace)) and (wanted["metadata.name"] in (None, name))
 
     async def _serve_version(self, request: kmock.Request):
         answer = await super()._serve_version(request)

@@ -167,12 +167,13 @@ def write_kubeconfig(path: Path, url: str, namespace: str = "default") -> Path:
 
 
 @contextlib.asynccontextmanager
-async def cluster(workdir: Path) -> AsyncIterator[Cluster]:
+async def cluster(workdir: Path, install_crd: bool = True) -> AsyncIterator[Cluster]:
     async with ClusterEmulator() as emulator, kmock.Server(emulator) as server:
         url = str(server.url).rstrip("/")
         handle = Cluster(emulator, url, write_kubeconfig(workdir / "kubeconfig", url))
         try:
-            await handle.apply_crd()
+            if install_crd:
+                await handle.apply_crd()
             yield handle
         finally:
             await handle.close()

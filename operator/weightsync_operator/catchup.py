@@ -51,7 +51,7 @@ async def catch_up(source: PartyClient, joiners: list[PartyClient], version: str
             "world_size": offset, "group_name": f"{spec.group_name}-catchup-{secrets.token_hex(4)}",
             "packed": True, "packed_buffer_size_bytes": spec.packed_buffer_size_bytes,
             "packed_num_buffers": spec.packed_num_buffers, "timeout_seconds": spec.transfer_timeout,
-            "verify": spec.verify,
+            "init_timeout_seconds": t.init, "verify": spec.verify,
         }
 
         async def receive(party: PartyClient) -> dict:

@@ -197,7 +197,7 @@ class Reconciler:
             self._emit("Warning", "CatchUpFailed", f"catching up to version {current} failed: {result.reason}")
             # A joiner may still wait in the failed group's rendezvous: let it give up and leave
             # before the real group forms, or that group would wait for it in vain.
-            await asyncio.gather(*(t.close(sync_spec.transfer_timeout + timeout) for t in stale),
+            await asyncio.gather(*(t.close(sync_spec.timeouts.init + timeout) for t in stale),
                                  return_exceptions=True)
 
     async def _sync(self, spec: WeightSyncSpec, generation: int | None) -> None:
