@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+import weakref
 
 import torch.distributed as dist
 
@@ -28,28 +29,41 @@ def open_store(init: InitInfo, rank: int) -> dist.Store:
             f"rendezvous at {init.master_address}:{init.master_port} failed for rank {rank}: {error}"
         ) from error
     prefixed = dist.PrefixStore(f"{init.group_name}/", store)
+    if rank == 0:
+        weakref.finalize(prefixed, _release_hosted, init.master_port)
     _barrier(prefixed, rank, init.world_size, timeout)
     return prefixed
 
 
-_HOSTED: dict[int, dist.TCPStore] = {}
+_HOSTED: dict[int, list] = {}  # port → [store server, groups using it]
 _HOSTED_LOCK = threading.Lock()
 
 
 def _hosted_store(port: int, timeout: datetime.timedelta) -> dist.TCPStore:
-    """The trainer's store server on `port`, started once and kept for the process's life.
+    """The trainer's store server on `port`, shared by every group that lives on it.
 
-    Each group uses its own key prefix in it. Re-binding the port for every new group would race
-    with the previous server still shutting down (its group may be stuck behind a lost peer).
+    Each group uses its own key prefix. A new group opened before the old one is closed (as a
+    re-init does) reuses the running server instead of re-binding the port, which would race with
+    the old server's shutdown; the server stops once no group uses it, freeing the port.
     """
     with _HOSTED_LOCK:
-        store = _HOSTED.get(port)
-        if store is None:
+        entry = _HOSTED.get(port)
+        if entry is None:
             store = dist.TCPStore("0.0.0.0", port, is_master=True, timeout=timeout, wait_for_workers=False)
-            _HOSTED[port] = store
+            entry = _HOSTED[port] = [store, 0]
         else:
-            store.set_timeout(timeout)
-        return store
+            entry[0].set_timeout(timeout)
+        entry[1] += 1
+        return entry[0]
+
+
+def _release_hosted(port: int) -> None:
+    with _HOSTED_LOCK:
+        entry = _HOSTED.get(port)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del _HOSTED[port]
 
 
 def _barrier(store: dist.Store, rank: int, world_size: int, timeout: datetime.timedelta) -> None:

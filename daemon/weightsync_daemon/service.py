@@ -123,9 +123,12 @@ class EngineService:
                                         f"this daemon runs the {self.backend} backend, not {backend}")
                 self._check_rank(info)
                 with self._timed("init"):
-                    await self._in_worker(self._close_transport)
+                    # Join the new group before leaving the old one: the trainer's rendezvous
+                    # server on the same port then carries straight over to the new group.
                     cls = get_transport(backend)
-                    self.transport = await self._in_worker(cls.connect, info, self._own_rank(info), self.device)
+                    joined = await self._in_worker(cls.connect, info, self._own_rank(info), self.device)
+                    await self._in_worker(self._close_transport)
+                    self.transport = joined
                 self.init_info = info
                 self.phase = Phase.READY
                 self.last_failure = None
