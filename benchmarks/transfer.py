@@ -302,7 +302,7 @@ class Worker:
         a = self.args
         methods = ["flat", "ws", "ws_nosum"] + (["vllm"] if "vllm" in a.sections else [])
         if n == 2 and "diag" in a.sections:
-            methods += ["ws_noramp", "ws_blocking", "ws_nccl_control"]
+            methods += ["chunks_flat", "ws_pack64", "ws_pack128", "ws_noramp", "ws_blocking", "ws_nccl_control"]
         verify_off = init.model_copy(update={"verify": False})
         try:
             for method in methods:
@@ -315,6 +315,7 @@ class Worker:
                     group = transport.group
                     os.environ.pop(variable)
                 transport.ramp = method != "ws_noramp"
+                transport.pack_programs = {"ws_pack64": 64, "ws_pack128": 128}.get(method)
                 for rep in range(a.warmup + a.reps):
                     self.next_values(f"{section}/{method}/{rep}")
                     group.gather_to_host(tiny)  # start together
@@ -325,6 +326,8 @@ class Worker:
                         if method == "flat":
                             group.broadcast(self.flat).wait()
                             group.gather_to_host(tiny)
+                        elif method == "chunks_flat":
+                            self._chunked_flat(group, tiny)
                         elif method == "vllm":
                             vllm_nccl_send(self.params, group.comm, a.buffer_size, a.buffers)
                             group.gather_to_host(tiny)
@@ -342,9 +345,12 @@ class Worker:
                         self.h.record(section, method, rep, ms=ms, **diag)
                     else:
                         before = mem_begin(self.device)
-                        if method == "flat":
-                            group.broadcast(self.flat).wait()
-                            group.gather_to_host(tiny)
+                        if method in ("flat", "chunks_flat"):
+                            if method == "flat":
+                                group.broadcast(self.flat).wait()
+                                group.gather_to_host(tiny)
+                            else:
+                                self._chunked_flat(group, tiny)
                             got = [self.flat_store[nm] for nm in self.names]
                         elif method == "vllm":
                             vllm_nccl_receive(self.specs, self.mine, group.comm, a.buffer_size, a.buffers, self.device)
@@ -365,6 +371,16 @@ class Worker:
                         self.h.record(section, method, rep, ok=self.check(got), mem=extra, **diag)
         finally:
             transport.close()
+
+    def _chunked_flat(self, group, tiny) -> None:
+        """(diag) The flat buffer in the round's chunk sizes, nothing packed: the chunks' own cost."""
+        from weightsync.layout import Layout
+
+        group.stream.wait_stream(torch.cuda.current_stream(self.device))
+        for chunk in Layout.of_manifest(self.manifest).chunks(self.args.buffer_size, ramp=True):
+            group.broadcast_on_stream(self.flat[chunk.start : chunk.stop])
+        group.synchronize()
+        group.gather_to_host(tiny)
 
     # -- daemon HTTP API ---------------------------------------------------------------------------
     def http_section(self) -> None:
@@ -634,6 +650,9 @@ def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
             f"{vllm['ms'] / ws['ms']:.2f}x faster than vLLM" if ws and vllm else "")
         row("nccl", "weightsync round, engine API, checksum off", collect(h, "nccl2", "ws_nosum", receivers[:2], args), base)
         if "diag" in args.sections:
+            row("nccl", "(diag) flat buffer in the round's chunks, no packing", collect(h, "nccl2", "chunks_flat", receivers[:2], args), base)
+            row("nccl", "(diag) weightsync round, packing on 64 programs", collect(h, "nccl2", "ws_pack64", receivers[:2], args), base)
+            row("nccl", "(diag) weightsync round, packing on 128 programs", collect(h, "nccl2", "ws_pack128", receivers[:2], args), base)
             row("nccl", "(diag) weightsync round, chunks not ramped", collect(h, "nccl2", "ws_noramp", receivers[:2], args), base)
             row("nccl", "(diag) weightsync round, blocking communicator", collect(h, "nccl2", "ws_blocking", receivers[:2], args), base)
             row("nccl", "(diag) weightsync round, control steps over NCCL", collect(h, "nccl2", "ws_nccl_control", receivers[:2], args), base)

@@ -19,47 +19,16 @@ import torch
 
 BLOCK_WORDS = 16384  # 128 KiB of 8-byte words per program (measured best on H200 among 32-256 KiB)
 NUM_WARPS = 16
+_LOOPS = {"ok": True}  # whether the capped-grid (looping) variant compiled here
 WEIGHT_PERIOD = 65_521  # a prime: word weights cycle through 1..65521 (see integrity.py)
 
 
 @functools.cache
 def _triton():
     try:
-        import triton
-        import triton.language as tl
+        from weightsync._triton_kernels import copy_digest
     except Exception:  # noqa: BLE001 - any import problem means "not usable here"
         return None
-
-    @triton.jit
-    def copy_digest(table_ptr, partial_ptr, BLOCK: tl.constexpr, PERIOD: tl.constexpr,
-                    COPY: tl.constexpr, DIGEST: tl.constexpr, ALIGNED: tl.constexpr):
-        pid = tl.program_id(0)
-        row = table_ptr + pid * 4
-        offsets = tl.arange(0, BLOCK)
-        if ALIGNED:
-            # Rows hold word offsets from the (16-byte aligned) table itself, all even, and even
-            # counts: the compiler may then move 16 bytes per access.
-            src = table_ptr + tl.multiple_of(tl.load(row), 2)
-            count = tl.multiple_of(tl.load(row + 2), 2)
-        else:
-            src = tl.load(row).to(tl.pointer_type(tl.int64))
-            count = tl.load(row + 2)
-        mask = offsets < count
-        words = tl.load(src + offsets, mask=mask, other=0)
-        if COPY:
-            if ALIGNED:
-                dst = table_ptr + tl.multiple_of(tl.load(row + 1), 2)
-            else:
-                dst = tl.load(row + 1).to(tl.pointer_type(tl.int64))
-            tl.store(dst + offsets, words, mask=mask)
-        if DIGEST:
-            # Weight of word p is (p mod PERIOD) + 1; BLOCK < PERIOD, so one subtraction wraps it.
-            base = (tl.load(row + 3) % PERIOD).to(tl.int32)
-            weight = base + offsets
-            weight = tl.where(weight >= PERIOD, weight - PERIOD, weight) + 1
-            tl.store(partial_ptr + pid * 2, tl.sum(words, axis=0))
-            tl.store(partial_ptr + pid * 2 + 1, tl.sum(words * weight.to(tl.int64), axis=0))
-
     return copy_digest
 
 
@@ -96,16 +65,20 @@ def block_table(regions: list[tuple[int, int, int, int]], device: torch.device,
     return out
 
 
-def run_blocks(table: torch.Tensor, copy: bool, digest: bool, aligned: bool = False) -> torch.Tensor | None:
+def run_blocks(table: torch.Tensor, copy: bool, digest: bool, aligned: bool = False,
+               programs: int | None = None) -> torch.Tensor | None:
     """Launch the kernel over `table` on the current stream; with `digest`, return the int64 [2]
-    (sum, weighted sum) of every word it read, still on the device (no host sync)."""
+    (sum, weighted sum) of every word it read, still on the device (no host sync). `programs`
+    caps the grid (each program then loops), to leave bandwidth to work running beside it."""
     kernel = _triton()
     blocks = table.shape[0]
     if blocks == 0:
         return torch.zeros(2, dtype=torch.int64, device=table.device) if digest else None
     partial = torch.empty((blocks, 2) if digest else (1, 2), dtype=torch.int64, device=table.device)
-    kernel[(blocks,)](table, partial, BLOCK=BLOCK_WORDS, PERIOD=WEIGHT_PERIOD, COPY=copy, DIGEST=digest,
-                      ALIGNED=aligned, num_warps=NUM_WARPS)
+    loop = programs is not None and programs < blocks and _LOOPS["ok"]
+    grid = programs if loop else blocks
+    kernel[(grid,)](table, partial, blocks, grid, BLOCK=BLOCK_WORDS, PERIOD=WEIGHT_PERIOD,
+                    COPY=copy, DIGEST=digest, ALIGNED=aligned, LOOP=loop, num_warps=NUM_WARPS)
     return partial.sum(0) if digest else None
 
 
@@ -115,10 +88,15 @@ def warm_up(device) -> None:
     if not triton_usable(device):
         return
     with torch.cuda.device(device):
-        words = torch.arange(16, dtype=torch.int64, device=device)
+        words = torch.arange(2 * BLOCK_WORDS, dtype=torch.int64, device=device)  # two rows: loops too
         out = torch.empty_like(words)
         for aligned in (False, True):
-            table = block_table([(words.data_ptr(), out.data_ptr(), 16, 0)], device, aligned)
+            table = block_table([(words.data_ptr(), out.data_ptr(), words.numel(), 0)], device, aligned)
             for copy, digest in ((True, True), (True, False), (False, True)):
                 run_blocks(table, copy, digest, aligned)
+                if _LOOPS["ok"]:
+                    try:
+                        run_blocks(table, copy, digest, aligned, programs=1)
+                    except Exception:  # noqa: BLE001 - a capped grid is an optimisation only
+                        _LOOPS["ok"] = False
         torch.cuda.synchronize(device)

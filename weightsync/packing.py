@@ -68,11 +68,12 @@ class RegionPlan:
                 self._slow.append(Region(src[cut:], dst[cut:] if dst is not None else None, region.position + cut))
         self._table = block_table(fast, device, self._aligned) if fast else None
 
-    def run(self, digest: StreamDigest | None = None) -> None:
-        """Enqueue the copies (and the checksum) on the current stream."""
+    def run(self, digest: StreamDigest | None = None, programs: int | None = None) -> None:
+        """Enqueue the copies (and the checksum) on the current stream; `programs` caps how many
+        GPU programs do it at once (see `kernels.run_blocks`)."""
         want = self.digest and digest is not None
         if self._table is not None:
-            sums = run_blocks(self._table, self.copy, want, self._aligned)
+            sums = run_blocks(self._table, self.copy, want, self._aligned, programs)
             if want:
                 digest.add(sums)
         for region in self._slow:

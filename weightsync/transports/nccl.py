@@ -202,6 +202,10 @@ class NcclTransport(CollectiveTransport):
         self._plans: dict[str, tuple[tuple, list[RegionPlan]]] = {}
         self._sending: tuple | None = None  # a send packed ahead of its agreement
         self._receiving: tuple | None = None  # a receive made ready ahead of its agreement
+        # Programs packing a chunk at once (None: as many as there are blocks). Fewer leave more
+        # memory bandwidth to the broadcast running beside the packing.
+        env = os.environ.get("WEIGHTSYNC_PACK_PROGRAMS")
+        self.pack_programs: int | None = int(env) if env else None
 
     @classmethod
     def connect(cls, init: InitInfo, rank: int, device: torch.device | None = None) -> "NcclTransport":
@@ -270,7 +274,7 @@ class NcclTransport(CollectiveTransport):
         for chunk, plan in zip(chunks[:count], plans):
             stream = streams[chunk.number % count]
             with torch.cuda.stream(stream):
-                plan.run(parts[chunk.number % count])
+                plan.run(parts[chunk.number % count], self.pack_programs)
             packed.append(torch.cuda.Event())
             packed[-1].record(stream)
         self._sending = (plans, streams, parts, packed)
@@ -296,7 +300,7 @@ class NcclTransport(CollectiveTransport):
             if chunk.number >= count:  # the first `count` chunks were packed before the agreement
                 stream.wait_event(sent[b])  # buffer b is free once its last broadcast is done
                 with torch.cuda.stream(stream):
-                    plan.run(parts[b])
+                    plan.run(parts[b], self.pack_programs)
                 ready = torch.cuda.Event()
                 ready.record(stream)
             else:
