@@ -302,7 +302,7 @@ class Worker:
         a = self.args
         methods = ["flat", "ws", "ws_nosum"] + (["vllm"] if "vllm" in a.sections else [])
         if n == 2 and "diag" in a.sections:
-            methods += ["chunks_flat", "ws_pack64", "ws_pack128", "ws_noramp", "ws_blocking", "ws_nccl_control"]
+            methods += ["chunks_flat", "ws_pack_full", "ws_pack128", "ws_noramp", "ws_blocking", "ws_nccl_control"]
         verify_off = init.model_copy(update={"verify": False})
         try:
             for method in methods:
@@ -315,7 +315,7 @@ class Worker:
                     group = transport.group
                     os.environ.pop(variable)
                 transport.ramp = method != "ws_noramp"
-                transport.pack_programs = {"ws_pack64": 64, "ws_pack128": 128}.get(method)
+                transport.pack_programs = {"ws_pack_full": None, "ws_pack128": 128}.get(method, 64)
                 for rep in range(a.warmup + a.reps):
                     self.next_values(f"{section}/{method}/{rep}")
                     group.gather_to_host(tiny)  # start together
@@ -651,7 +651,7 @@ def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
         row("nccl", "weightsync round, engine API, checksum off", collect(h, "nccl2", "ws_nosum", receivers[:2], args), base)
         if "diag" in args.sections:
             row("nccl", "(diag) flat buffer in the round's chunks, no packing", collect(h, "nccl2", "chunks_flat", receivers[:2], args), base)
-            row("nccl", "(diag) weightsync round, packing on 64 programs", collect(h, "nccl2", "ws_pack64", receivers[:2], args), base)
+            row("nccl", "(diag) weightsync round, one program per block", collect(h, "nccl2", "ws_pack_full", receivers[:2], args), base)
             row("nccl", "(diag) weightsync round, packing on 128 programs", collect(h, "nccl2", "ws_pack128", receivers[:2], args), base)
             row("nccl", "(diag) weightsync round, chunks not ramped", collect(h, "nccl2", "ws_noramp", receivers[:2], args), base)
             row("nccl", "(diag) weightsync round, blocking communicator", collect(h, "nccl2", "ws_blocking", receivers[:2], args), base)
