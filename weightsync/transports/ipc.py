@@ -529,6 +529,12 @@ class IpcTransport(Transport):
     def close(self) -> None:
         if self._publish_queue is not None:
             self._publish_queue.put(None)
+        if self.rank == 0 and self._store is not None:  # the store server may outlive this group
+            for round_id in self._published:
+                try:
+                    self._store.delete_key(_DIGEST_KEY.format(round_id))
+                except Exception:  # noqa: BLE001 - best effort: the store may already be gone
+                    break
         self._cursor, self._lent, self._staging, self._repeat = None, [], None, None
         self._exports.clear()
         self._opened.clear()

@@ -220,6 +220,22 @@ class NcclTransport(CollectiveTransport):
         warm_up(device)
         return transport
 
+    def _forget_keys(self) -> None:
+        """Trainer: remove this group's keys from the rendezvous store, which may outlive the
+        group (a trainer's store server is shared by the groups on its port), so that a later
+        group of the same name never reads a stale unique id or control step."""
+        store = self.group.control_store or self.group._store
+        if self.rank != 0 or store is None:
+            return
+        keys = [_UNIQUE_ID_KEY] + [f"ctl/{seq}/{suffix}" for seq in range(max(1, self._control_seq - 8),
+                                                                            self._control_seq + 1)
+                                   for suffix in ("header", *range(self.group.world_size))]
+        for key in keys:
+            try:
+                store.delete_key(key)
+            except Exception:  # noqa: BLE001 - best effort: the store may already be gone
+                return
+
     # Every CUDA call of a round runs with this transport's GPU current (a daemon's worker thread
     # starts on device 0, and kernels launch on the current device).
     def send(self, named_tensors):
@@ -390,6 +406,7 @@ class NcclTransport(CollectiveTransport):
         self._join(streams, parts, digest)
 
     def close(self) -> None:
+        self._forget_keys()
         self.group.close()  # aborting cancels any collective still queued, so the syncs end
         for stream in self._streams.all():
             stream.synchronize()
