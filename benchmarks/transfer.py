@@ -39,6 +39,7 @@ for extra in (REPO, REPO / "daemon", REPO / "operator"):
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from weightsync.layout import parse_size  # noqa: E402
 
 GiB = 1 << 30
 TIMEOUT = 300.0  # every cross-process wait of the harness
@@ -760,7 +761,7 @@ def main() -> int:
     parser.add_argument("--fanout", default="2,4,8", help="receiver fan-out sizes N (GPUs incl. the trainer's)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--buffer-size", type=_size, default=GiB, help="packed buffer size (1GiB, 256MiB, bytes)")
+    parser.add_argument("--buffer-size", type=parse_size, default=GiB, help="packed buffer size (1GiB, 256MiB, bytes)")
     parser.add_argument("--buffers", type=int, default=2)
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the model (smoke runs)")
     parser.add_argument("--sections", default="vllm,http,p2p,ipc")
@@ -778,15 +779,6 @@ def main() -> int:
             raise
         return 0
     return coordinate(args)
-
-
-def _size(text: str) -> int:
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
-    lowered = text.strip().lower()
-    for suffix, factor in units.items():
-        if lowered.endswith(suffix):
-            return int(float(lowered[: -len(suffix)]) * factor)
-    return int(lowered)
 
 
 def _rank(role: str) -> int:

@@ -6,15 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _size(text: str) -> int:
-    """Bytes from '1048576', '64MiB', '1GiB', '512KiB'."""
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
-    lowered = text.strip().lower()
-    for suffix, factor in units.items():
-        if lowered.endswith(suffix):
-            return int(float(lowered[: -len(suffix)]) * factor)
-    return int(lowered)
+from weightsync.layout import parse_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--rounds", type=int, default=5)
     demo.add_argument("--backend", default="auto", choices=["auto", "cpu", "ipc", "p2p", "nccl"],
                       help="transport (default auto: p2p or nccl with 2+ GPUs, ipc with one, cpu otherwise)")
-    demo.add_argument("--buffer-size", type=_size, default=_size("1MiB"),
+    demo.add_argument("--buffer-size", type=parse_size, default=parse_size("1MiB"),
                       help="packed buffer size (default 1MiB, so the small model spans several buffers)")
     demo.add_argument("--buffers", type=int, default=2, help="packed buffers in flight")
 
