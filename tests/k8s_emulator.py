@@ -18,14 +18,17 @@ API server:
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import datetime
+import functools
 import itertools
 import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp.web
 import attrs
 import jsonpatch
 import jsonschema
@@ -48,7 +51,7 @@ def schema_problems(obj: dict, schema: dict) -> list[str]:
     OpenAPI v3 schemas are JSON Schema draft 4 in spirit (boolean exclusiveMinimum), so draft 4
     validates them; pruning is checked separately, since JSON Schema allows unknown fields.
     """
-    validator = jsonschema.Draft4Validator(schema)
+    validator = _validator(json.dumps(schema, sort_keys=True))
     problems = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
                 for e in sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))]
     for section in ("spec", "status"):
@@ -56,6 +59,11 @@ def schema_problems(obj: dict, schema: dict) -> list[str]:
             problems += [f"{path}: unknown field (a real API server prunes it)"
                          for path in _unknown_fields(obj[section], schema["properties"][section], section)]
     return problems
+
+
+@functools.lru_cache(maxsize=16)
+def _validator(schema_json: str) -> jsonschema.Draft4Validator:
+    return jsonschema.Draft4Validator(json.loads(schema_json))
 
 
 def _unknown_fields(value: Any, schema: dict, path: str) -> list[str]:
@@ -144,22 +152,44 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             self._kinds[resource] = _Kind(kind=kind, status_subresource=bool(info and "status" in info.subresources))
         return self._kinds[resource]
 
-    # -- writes: one place that changes state, under the emulator's lock ------------------
+    # -- requests: objects served directly, the rest (discovery) through kmock's reactions ---
     async def _handle(self, request: kmock.Request):
+        if request.resource is None or not request.resource.plural or request.action not in self._serving:
+            return await super(kmock.KubernetesEmulator, self)._handle(request)
+        # kmock would match each request against every reaction it knows (milliseconds per
+        # request); the objects' own requests go straight to their handlers instead.
         gone = None
-        if request.resource is not None and (request.action == _CREATE or
-                                             (request.action in (_UPDATE, _DELETE) and request.name)):
+        if request.action == _CREATE or (request.action in (_UPDATE, _DELETE) and request.name):
             async with self._lock:
                 gone = await self._write(request)
         try:
-            # Skip KubernetesEmulator._handle (it would apply the write again); keep its fallbacks.
-            return await super(kmock.KubernetesEmulator, self)._handle(request)
+            if request.action == kmock.action.WATCH:
+                return await self._stream(request)
+            return aiohttp.web.json_response(await self._serving[request.action](request))
         finally:
             if gone is not None:  # deletion released by its last finalizer: gone after answering
                 async with self._lock:
                     raw = self._final(self.objects[gone].raw, request.resource)
                     self.objects[gone].delete()
                     await self._buses[request.resource].put({"type": "DELETED", "object": raw})
+
+    @property
+    def _serving(self) -> dict:
+        return {kmock.action.LIST: self._serve_list, kmock.action.FETCH: self._serve_fetch,
+                kmock.action.WATCH: None, _CREATE: self._serve_create, _UPDATE: self._serve_update,
+                _DELETE: self._serve_delete}
+
+    async def _stream(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        if request.resource not in self._get_resources():
+            raise kmock.KubernetesResourceNotFoundError()
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request._raw_request)
+        try:
+            async for chunk in self._watch(request):
+                await response.write(chunk)
+        except (ConnectionError, asyncio.CancelledError):
+            pass  # the client went away, or the server is stopping
+        return response
 
     def _final(self, raw: dict, resource) -> dict:
         """The object as its DELETED event carries it: at a resourceVersion of its own, so that a
@@ -292,9 +322,6 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     async def _serve_fetch(self, request: kmock.Request):
         obj = await super()._serve_fetch(request)
         return self._table(request.resource, [obj]) if self._wants_table(request) else obj
-
-    def _serve_watch(self, request: kmock.Request):
-        return kmock.Response(headers={"Content-Type": "application/json"}, payload=self._watch(request))
 
     async def _watch(self, request: kmock.Request) -> AsyncIterator[Any]:
         """A watch as the API server's: the objects as of now (only what changed after the given

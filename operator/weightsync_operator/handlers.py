@@ -6,7 +6,10 @@
 - one kopf daemon per WeightSync runs its reconciliation loop: a pass, then a nap that ends early
   when the WeightSync's spec or a pod in its namespace changes, and after `recheck_interval`
   anyway (level-based: the loop re-checks the group even when nothing was said to change);
-- on deletion, the finalizer's handler makes every party leave the group.
+- kopf keeps its finalizer on a WeightSync while the daemon runs; on deletion the daemon makes
+  every party leave the group before it returns, and only then may the object go. (No
+  on.delete handler: it would make kopf patch its bookkeeping into the object on every version
+  bump, one more API write on each sync's critical path.)
 
 `register(registry)` puts them into any registry (tests make a fresh one per operator); importing
 this module registers them into kopf's default registry, so `kopf run` finds them.
@@ -81,6 +84,12 @@ async def run_weightsync(namespace: str, name: str, body: kopf.Body, stopped: ko
             logger.exception(f"reconciliation failed; retrying in {ERROR_BACKOFF:g}s")
             delay = ERROR_BACKOFF
         await _nap(reconciler.wake, stopped, delay)
+    if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
+        # The finalizer's work (kopf keeps it on the object until this daemon returns): every
+        # party leaves the group, then the WeightSync may go.
+        await reconciler.teardown("the WeightSync is being deleted")
+        memo.runtime.forget(namespace, name)
+        logger.info("the transfer group is torn down")
 
 
 async def _nap(wake: asyncio.Event, stopped: kopf.DaemonStopped, delay: float | None) -> None:
@@ -95,23 +104,15 @@ async def _nap(wake: asyncio.Event, stopped: kopf.DaemonStopped, delay: float | 
             waiter.cancel()
 
 
-async def teardown(namespace: str, name: str, memo: kopf.Memo, logger: kopf.Logger, **_) -> None:
-    """The finalizer's work: every party leaves the group, then the WeightSync may go."""
-    reconciler = memo.runtime.existing(namespace, name)
-    if reconciler is not None:
-        await reconciler.teardown("the WeightSync is being deleted")
-        memo.runtime.forget(namespace, name)
-    logger.info("the transfer group is torn down")
-
-
 def register(registry: kopf.OperatorRegistry) -> kopf.OperatorRegistry:
     kopf.on.startup(registry=registry)(configure)
     kopf.on.cleanup(registry=registry)(cleanup)
     kopf.index("v1", "pods", registry=registry)(weightsync_pods)
     kopf.on.event("v1", "pods", registry=registry)(pod_changed)
     kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)(weightsync_changed)
-    kopf.daemon(GROUP, VERSION, PLURAL, registry=registry)(run_weightsync)
-    kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)(teardown)
+    # While a deleted WeightSync's daemon tears the group down, kopf re-checks every
+    # `cancellation_polling` seconds whether it may release the finalizer (its default is 60).
+    kopf.daemon(GROUP, VERSION, PLURAL, cancellation_polling=0.5, registry=registry)(run_weightsync)
     return registry
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import time
 from collections.abc import Iterator
 
+import httpx
 import kubernetes
 import urllib3
 from kubernetes.client.exceptions import ApiException
@@ -53,6 +55,10 @@ class KubeApi:
 
     def close(self) -> None:
         self.api_client.close()
+
+    def async_writer(self) -> "AsyncStatusWriter":
+        """Status writes for the operator's event loop, with these same credentials."""
+        return AsyncStatusWriter(self.api_client.configuration)
 
     @staticmethod
     def _call(what: str, fn, namespace: str, name: str, **kwargs):
@@ -114,3 +120,55 @@ def _message(error: ApiException) -> str:
         return json.loads(error.body).get("message", error.reason)
     except (TypeError, ValueError):
         return str(error.reason)
+
+
+class AsyncStatusWriter:
+    """The operator's one frequent API call, made on its event loop: no thread hop and none of
+    the generated client's per-call validation (a status write is on every sync's critical path).
+    Host, TLS and credentials come from the same kubernetes client configuration; a bearer token
+    is read per request, so the service account's rotating token is honoured."""
+
+    def __init__(self, config: kubernetes.client.Configuration):
+        self._config = config
+        self._http: httpx.AsyncClient | None = None
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            config = self._config
+            verify: ssl.SSLContext | bool = False
+            if config.verify_ssl:
+                verify = ssl.create_default_context(cafile=config.ssl_ca_cert)
+                if config.cert_file:
+                    verify.load_cert_chain(config.cert_file, config.key_file)
+            self._http = httpx.AsyncClient(base_url=config.host, verify=verify, proxy=config.proxy,
+                                           timeout=30.0, trust_env=False)
+        return self._http
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json-patch+json", "Accept": "application/json"}
+        for setting in self._config.auth_settings().values():
+            if setting["in"] == "header" and setting["value"]:
+                headers[setting["key"]] = setting["value"]
+        return headers
+
+    async def replace_status(self, namespace: str, name: str, status: dict) -> dict:
+        """Replace the whole status (a JSON patch of /status), as KubeApi.replace_status does."""
+        what = f"write status of weightsync {namespace}/{name}"
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
+        body = json.dumps([{"op": "add", "path": "/status", "value": status}])
+        try:
+            response = await self._client().patch(path, content=body, headers=self._headers())
+        except httpx.HTTPError as error:
+            raise KubeError(f"{what}: {error!r}") from None
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("message", response.text)
+            except ValueError:
+                message = response.text
+            raise KubeError(f"{what}: HTTP {response.status_code}: {message}", response.status_code)
+        return response.json()
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None

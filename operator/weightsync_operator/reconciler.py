@@ -42,6 +42,7 @@ log = logging.getLogger("weightsync.operator")
 StatusWriter = Callable[[dict], Awaitable[None]]
 EventSink = Callable[[str, str, str], None]  # (type Normal|Warning, reason, message)
 MAX_BACKOFF = 30.0
+ANNOUNCE_SYNCING_AFTER = 0.25  # seconds into a round before the status says Syncing
 
 
 class Reconciler:
@@ -204,11 +205,23 @@ class Reconciler:
         version = spec.version
         self._update(spec, generation, phase="Syncing", progressing=("Syncing", f"syncing version {version}"),
                      message=f"syncing version {version}")
-        announce = asyncio.ensure_future(self._flush())  # in parallel with the round: no added latency
+        # Announce "Syncing" only if the round lasts: a quick round goes straight to its outcome,
+        # and its critical path carries one status write, not two.
+        announcing = False
+
+        async def announce() -> None:
+            nonlocal announcing
+            await asyncio.sleep(ANNOUNCE_SYNCING_AFTER)
+            announcing = True
+            await self._flush()
+
+        announcement = asyncio.ensure_future(announce())
         try:
             result = await self.coordinator.sync(str(version))
         finally:
-            await announce
+            if not announcing:
+                announcement.cancel()
+            await asyncio.gather(announcement, return_exceptions=True)
         self._record(result)
         trainer = self.coordinator.trainer.name
         figures = _figures(result, version, trainer, [t.name for t in self.coordinator.targets])

@@ -3,7 +3,6 @@ the HTTP client that talks to daemons, the daemons' bearer token, and one Reconc
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 
 import httpx
@@ -16,6 +15,7 @@ from weightsync_operator.reconciler import Reconciler
 class Runtime:
     def __init__(self, kube: KubeApi, token: str | None = None, recheck_interval: float = 30.0):
         self.kube = kube
+        self.status_writer = kube.async_writer()
         self.token = token
         self.recheck_interval = recheck_interval
         self._http: httpx.AsyncClient | None = None
@@ -32,7 +32,7 @@ class Runtime:
         key = (namespace, name)
         if key not in self._reconcilers:
             async def write_status(status: dict) -> None:
-                await asyncio.to_thread(self.kube.replace_status, namespace, name, status)
+                await self.status_writer.replace_status(namespace, name, status)
 
             def emit(type: str, reason: str, message: str) -> None:
                 kopf.event(body, type=type, reason=reason, message=message[:1024])
@@ -54,6 +54,7 @@ class Runtime:
                 reconciler.wake.set()
 
     async def close(self) -> None:
+        await self.status_writer.close()
         if self._http is not None:
             await self._http.aclose()
             self._http = None
