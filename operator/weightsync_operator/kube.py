@@ -1,8 +1,9 @@
 """The few Kubernetes API calls on WeightSync objects that the operator and the trainer make.
 
 Built on the official `kubernetes` client, so credentials come from the usual places: the pod's
-service account in a cluster, else the kubeconfig (`$KUBECONFIG`, `~/.kube/config`). Calls are
-blocking; the operator runs them on a thread.
+service account in a cluster, else the kubeconfig (`$KUBECONFIG`, `~/.kube/config`). KubeApi's
+calls block (the trainer's get, patch and watch); the operator's status writes are async, on its
+event loop, with the same credentials (AsyncStatusWriter).
 """
 
 from __future__ import annotations
@@ -56,9 +57,6 @@ class KubeApi:
     def close(self) -> None:
         self.api_client.close()
 
-    def async_writer(self) -> "AsyncStatusWriter":
-        """Status writes for the operator's event loop, with these same credentials."""
-        return AsyncStatusWriter(self.api_client.configuration)
 
     @staticmethod
     def _call(what: str, fn, namespace: str, name: str, **kwargs):
@@ -78,13 +76,6 @@ class KubeApi:
         return self._call(f"patch weightsync {namespace}/{name}", self._objects.patch_namespaced_custom_object,
                           namespace, name, body={"spec": spec},
                           _content_type="application/merge-patch+json", _request_timeout=30)
-
-    def replace_status(self, namespace: str, name: str, status: dict) -> dict:
-        """Replace the whole status (a JSON patch), so fields left out are really gone."""
-        return self._call(f"write status of weightsync {namespace}/{name}",
-                          self._objects.patch_namespaced_custom_object_status, namespace, name,
-                          body=[{"op": "add", "path": "/status", "value": status}],
-                          _content_type="application/json-patch+json", _request_timeout=30)
 
     def watch(self, namespace: str, name: str, resource_version: str | None, timeout: float) -> Iterator[dict]:
         """Yield the object each time it changes after `resource_version`, for up to `timeout`
@@ -132,6 +123,10 @@ class AsyncStatusWriter:
         self._config = config
         self._http: httpx.AsyncClient | None = None
 
+    @classmethod
+    def sharing_credentials_with(cls, api: KubeApi) -> "AsyncStatusWriter":
+        return cls(api.api_client.configuration)
+
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
             config = self._config
@@ -152,7 +147,7 @@ class AsyncStatusWriter:
         return headers
 
     async def replace_status(self, namespace: str, name: str, status: dict) -> dict:
-        """Replace the whole status (a JSON patch of /status), as KubeApi.replace_status does."""
+        """Replace the whole status (a JSON patch of /status), so fields left out are really gone."""
         what = f"write status of weightsync {namespace}/{name}"
         path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
         body = json.dumps([{"op": "add", "path": "/status", "value": status}])

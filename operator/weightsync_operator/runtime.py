@@ -8,14 +8,14 @@ from collections.abc import Mapping
 import httpx
 import kopf
 
-from weightsync_operator.kube import KubeApi
+from weightsync_operator.kube import AsyncStatusWriter, KubeApi
 from weightsync_operator.reconciler import Reconciler
 
 
 class Runtime:
     def __init__(self, kube: KubeApi, token: str | None = None, recheck_interval: float = 30.0):
         self.kube = kube
-        self.status_writer = kube.async_writer()
+        self.status_writer = AsyncStatusWriter.sharing_credentials_with(kube)
         self.token = token
         self.recheck_interval = recheck_interval
         self._http: httpx.AsyncClient | None = None
@@ -31,8 +31,10 @@ class Runtime:
     def reconciler(self, namespace: str, name: str, body: Mapping) -> Reconciler:
         key = (namespace, name)
         if key not in self._reconcilers:
+            kube = self.status_writer  # KubeApi's status write, on this event loop
+
             async def write_status(status: dict) -> None:
-                await self.status_writer.replace_status(namespace, name, status)
+                await kube.replace_status(namespace, name, status)
 
             def emit(type: str, reason: str, message: str) -> None:
                 kopf.event(body, type=type, reason=reason, message=message[:1024])
