@@ -116,7 +116,7 @@ async def test_create_init_sync_succeeds_with_figures(tmp_path):
             await asyncio.gather(*(d.stop() for d in daemons))
 
 
-async def test_late_joiner_catches_up_from_a_peer_then_delete_tears_down(tmp_path):
+async def test_pod_added_catches_up_pod_removed_regroups_delete_tears_down(tmp_path):
     async with cluster(tmp_path) as c, operator(c.url):
         await c.create_weightsync(NS, NAME, spec(free_port()))
         daemons, trainer = await asyncio.gather(start_daemons(3), Trainer.start(c, NS, NAME, "trainer-0"))
@@ -150,6 +150,17 @@ async def test_late_joiner_catches_up_from_a_peer_then_delete_tears_down(tmp_pat
                 assert await checksums(http, [d.url for d in daemons]) == [("2", pushed["checksum"])] * 3
                 await c.wait_for_event(NS, NAME, "CaughtUp", late.name)
 
+                # A pod removed: the group is formed again without it, and the gone pod's daemon
+                # (still running here) has left the old group.
+                await c.request("DELETE", f"/api/v1/namespaces/{NS}/pods/{first[0].name}")
+                obj = await c.wait_for(NS, NAME, lambda o: o["status"]["phase"] == "Ready"
+                                       and o["status"]["rendezvous"]["worldSize"] == 3, 30, "a group of 3")
+                assert [t["pod"] for t in obj["status"]["targets"]] == [first[1].name, late.name]
+                assert (await http.get(first[0].url + "/healthz")).json()["phase"] == "uninitialized"
+                pushed = await trainer.push(3)
+                assert pushed["ok"], pushed
+                assert await checksums(http, [first[1].url, late.url]) == [("3", pushed["checksum"])] * 2
+
                 # Deleting the WeightSync: the finalizer makes every party leave the group first.
                 assert c.weightsync(NS, NAME)["metadata"]["finalizers"] == ["weightsync.dev/finalizer"]
                 await c.delete_weightsync(NS, NAME)
@@ -157,11 +168,11 @@ async def test_late_joiner_catches_up_from_a_peer_then_delete_tears_down(tmp_pat
                 while c.weightsync(NS, NAME) is not None:
                     assert asyncio.get_running_loop().time() < deadline, "the finalizer was never removed"
                     await asyncio.sleep(0.05)
-                for url in [trainer.url, *(d.url for d in daemons)]:
+                for url in [trainer.url, first[1].url, late.url]:
                     health = (await http.get(url + "/healthz")).json()
                     assert health["phase"] == "uninitialized", (url, health)
                     if url != trainer.url:
-                        assert health["weight_version"] == "2"  # leaving the group keeps the weights
+                        assert health["weight_version"] == "3"  # leaving the group keeps the weights
         finally:
             await trainer.stop()
             await asyncio.gather(*(d.stop() for d in daemons))
