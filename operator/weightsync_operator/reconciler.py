@@ -128,7 +128,7 @@ class Reconciler:
                      message=f"forming the group: trainer {trainer.name} and {len(targets)} target(s)")
         await self._flush()
         # Whatever these parties joined before (an earlier group, an earlier operator) is left
-        # first: that also frees the trainer's rendezvous port for the new group.
+        # first, so that none is still held by a group that no longer exists.
         await asyncio.gather(*(p.close(sync_spec.timeouts.request) for p in coordinator.parties),
                              return_exceptions=True)
         await self._catch_up(spec, sync_spec, coordinator.targets, generation)
