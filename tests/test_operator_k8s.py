@@ -5,6 +5,7 @@ whose IPs and ports point at those processes."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import httpx
 import pytest
@@ -71,6 +72,7 @@ async def test_create_init_sync_succeeds_with_figures(tmp_path):
             assert last["bytes"] >= 4_000_000 and last["seconds"] > 0 and last["gbps"] > 0
             assert last["started"] <= last["finished"]
             assert answer["result"]["bytes"] == last["bytes"]
+            assert re.fullmatch(r"[0-9a-f]{32}", last["checksum"])  # the stream checksum every target verified
             assert [t["state"] for t in status["targets"]] == ["Synced", "Synced"]
             assert [t["version"] for t in status["targets"]] == ["1", "1"]
             for type_, value in (("Ready", "True"), ("Progressing", "False"), ("Degraded", "False")):

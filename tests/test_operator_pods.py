@@ -97,3 +97,12 @@ def test_conditions_keep_their_transition_time_while_the_status_holds(monkeypatc
     assert get_condition(conditions, "Ready").last_transition_time == "2026-01-01T00:00:09Z"
     assert [c.type for c in conditions] == ["Ready", "Degraded"]
 
+
+
+def test_peering_replicas_get_distinct_priorities_unless_one_is_given():
+    from weightsync_operator.operator_cli import parse_args, peering_priority
+
+    replicas = {peering_priority(parse_args(["-A", "--peering", "weightsync"])) for _ in range(20)}
+    assert len(replicas) == 20 and all(p > 0 for p in replicas)  # one active replica, the rest stand by
+    assert peering_priority(parse_args(["-A", "--peering", "weightsync", "--priority", "7"])) == 7
+    assert peering_priority(parse_args(["-A", "--standalone"])) is None

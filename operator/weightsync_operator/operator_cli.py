@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 from pathlib import Path
 
 from weightsync_daemon.auth import TOKEN_ENV, load_token
@@ -29,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     peering.add_argument("--peering", metavar="NAME",
                          help="coordinate with other operator replicas through this kopf peering object")
     peering.add_argument("--standalone", action="store_true", help="no peering: the only operator")
+    parser.add_argument("--priority", type=int, default=None,
+                        help="peering priority: the highest-priority replica works, the others stand by "
+                             "(default with --peering: a random one, so replicas never tie)")
     parser.add_argument("--liveness", metavar="URL",
                         help="serve a liveness probe there, e.g. http://0.0.0.0:8080/healthz")
     parser.add_argument("--token-file", type=Path, default=None,
@@ -37,6 +41,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="how often each group's health is re-checked even if nothing changed (30)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
+
+
+def peering_priority(args: argparse.Namespace) -> int | None:
+    """The replica's peering priority. Replicas of one Deployment share their arguments, and with
+    equal priorities every replica would work at once; a random one elects a single active replica."""
+    if args.priority is None and args.peering:
+        return secrets.randbelow(2**31 - 1) + 1
+    return args.priority
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,12 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     from weightsync_operator.runtime import Runtime
 
     kopf.configure(verbose=args.verbose)
+    priority = peering_priority(args)
     clusterwide = args.all_namespaces or not args.namespace
     if not args.all_namespaces and not args.namespace:
         log.warning("neither --namespace nor --all-namespaces: serving all namespaces")
     runtime = Runtime(KubeApi.from_environment(), token=load_token(args.token_file),
                       recheck_interval=args.recheck_interval)
     kopf.run(registry=kopf.get_default_registry(), clusterwide=clusterwide, namespaces=args.namespace,
-             standalone=True if args.standalone else None, peering_name=args.peering,
+             standalone=True if args.standalone else None, peering_name=args.peering, priority=priority,
              liveness_endpoint=args.liveness, memo=kopf.Memo(runtime=runtime))
     return 0

@@ -395,4 +395,5 @@ def _figures(result: SyncResult, version: int, source: str, targets: list[str]) 
     return SyncFigures(version=version, outcome="Succeeded" if result.ok else "Failed", bytes=result.bytes,
                        seconds=round(result.transfer_seconds, 6), total_seconds=round(result.total_seconds, 6),
                        gbps=round(result.gbps, 6), started=result.started_at or None,
-                       finished=result.finished_at or None, reason=result.reason, source=source, targets=targets)
+                       finished=result.finished_at or None, reason=result.reason, checksum=result.checksum,
+                       source=source, targets=targets)

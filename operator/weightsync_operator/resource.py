@@ -165,6 +165,8 @@ class SyncFigures(_StatusModel):
     started: str | None = None
     finished: str | None = None
     reason: str | None = None
+    checksum: str | None = Field(None, description="The round's stream checksum: computed by the sender, "
+                                                   "verified by every receiver before it committed the round.")
     source: str | None = Field(None, description="The pod that sent (a trainer or a peer).")
     targets: list[str] | None = Field(None, description="The pods that received.")
 
