@@ -44,6 +44,7 @@ async def daemon(module_spawn, module_http, rendezvous_port):
     assert update.status_code == 200, update.text
     finish = await http.post(proc.url + "/finish_weight_update", json={"weight_version": "step-7"})
     assert finish.json() == {"message": "weight update finished", "weight_version": "step-7"}
+    proc.init_info = {**base, "rank_offset": 1}
     yield proc, sender
     sender.close()
 
@@ -129,6 +130,15 @@ async def test_out_of_order_phases_get_409(daemon, module_http):
     assert await checksum(http, proc.url) == before
     text = (await http.get(proc.url + "/metrics")).text
     assert metric(text, "weightsync_update_failures_total", reason="conflict") == 4
+
+
+async def test_init_twice_with_the_same_init_info_gets_409(daemon, module_http):
+    proc, _ = daemon
+    before = await checksum(module_http, proc.url)
+    again = await module_http.post(proc.url + "/init_weight_transfer_engine", json={"init_info": proc.init_info})
+    assert again.status_code == 409 and "already initialized" in again.json()["detail"]
+    assert (await module_http.get(proc.url + "/healthz")).json()["phase"] == "ready"
+    assert await checksum(module_http, proc.url) == before
 
 
 async def test_uninitialized_daemon_refuses_to_start(module_spawn, module_http):
