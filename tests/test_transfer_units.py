@@ -170,3 +170,16 @@ def test_the_coordinator_relays_the_trainers_handles_batch_by_batch():
 def test_backend_auto_picks_the_fastest_transport_the_hardware_offers(gpus, peer, expected):
     assert choose_backend("auto", gpus, peer) == expected
     assert choose_backend("nccl", gpus, peer) == "nccl"  # an explicit choice wins
+
+
+def test_demo_refuses_an_nccl_group_with_two_parties_on_one_gpu(monkeypatch):
+    # No GPU here: present two, as a 2-GPU host would, to check the placement rule itself.
+    from weightsync_operator.demo import hardware
+
+    monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(hardware.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(hardware.torch.cuda, "can_device_access_peer", lambda a, b: True)
+    with pytest.raises(SystemExit, match="need 3 GPUs and 2 are visible; use --daemons 1"):
+        hardware.place("nccl", daemons=2)
+    assert hardware.place("nccl", daemons=1).daemon_devices == ["cuda:1"]
+    assert hardware.place("auto", daemons=2) == hardware.Placement("p2p", "cuda:0", ["cuda:1", "cuda:1"])

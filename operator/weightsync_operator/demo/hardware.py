@@ -37,4 +37,8 @@ def place(requested: str, daemons: int) -> Placement:
         return Placement(backend, "cuda:0", ["cuda:0"] * daemons)
     if gpus < 2:
         raise SystemExit(f"the {backend} backend needs 2 GPUs (trainer and daemons apart); use ipc on one")
+    if backend == "nccl" and daemons > gpus - 1:  # NCCL refuses two ranks of a group on one GPU
+        raise SystemExit(f"the nccl backend puts every party on a GPU of its own: a trainer and {daemons} "
+                         f"daemons need {daemons + 1} GPUs and {gpus} are visible; use --daemons {gpus - 1} "
+                         f"or --backend p2p")
     return Placement(backend, "cuda:0", [f"cuda:{1 + i % (gpus - 1)}" for i in range(daemons)])

@@ -125,6 +125,6 @@ def main(daemons: int, rounds: int, backend: str, buffer_size: int, num_buffers:
     reports = asyncio.run(run_demo(daemons, rounds, backend, buffer_size, num_buffers))
     print(format_table(reports))
     ok = all(r.verified for r in reports) and len(reports) == rounds
-    print(f"\n{sum(r.verified for r in reports)}/{rounds} rounds verified bit-exact across {daemons} daemons "
+    print(f"\n{sum(r.verified for r in reports)}/{rounds} rounds verified bit-exact across {daemons} daemon{'' if daemons == 1 else 's'} "
           f"in {time.perf_counter() - began:.1f}s")
     return 0 if ok else 1
