@@ -150,7 +150,9 @@ class Coordinator:
         # earlier group in the rendezvous store can never be mistaken for this one's.
         name = f"{self.spec.group_name}-{secrets.token_hex(4)}"
         group = GroupInfo(offset, ranks, self.spec.master_address, self.spec.master_port, name)
-        results = await self._all(lambda p: p.init(self._init_info(group, ranks[p.name]), t.init), self.parties)
+        # Once one party has refused, the others would only wait out their rendezvous: give up soon.
+        results = await self._all(lambda p: p.init(self._init_info(group, ranks[p.name]), t.init), self.parties,
+                                  grace=t.request)
         failures = [r for r in results if isinstance(r, PartyError)]
         if failures:
             raise InitError(failures)
