@@ -149,7 +149,7 @@ class EngineService:
             try:
                 if self.phase == Phase.UPDATING and self._round_is_stale():
                     log.warning("abandoning a round with no activity for %ss", self.init_info.timeout_seconds)
-                    self.phase = Phase.READY
+                    self._end_round(f"abandoned: no activity for {self.init_info.timeout_seconds}s")
                 self._require(Phase.READY)
                 with self._timed("start"):
                     now = time.monotonic()
@@ -284,6 +284,13 @@ class ReceiverService(EngineService):
 
     def _transfer(self, info: UpdateInfo) -> RoundStats:
         return self.transport.receive(self.store, info)
+
+    def _end_round(self, failure: str) -> None:
+        # An unfinished round whose update already landed (aborted after it, or left when a
+        # restarted operator closes the group) put its bytes in the weights under the old label.
+        if self.round is not None and self.round.stats:
+            self._set_intact(False)
+        super()._end_round(failure)
 
     def checksums(self) -> dict[str, str]:
         return self.store.checksums()
