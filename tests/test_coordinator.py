@@ -99,6 +99,14 @@ async def test_a_daemon_frozen_mid_update_fails_the_round_then_the_group_is_rebu
     assert coordinator.group.name != old_group and all(t.weight_version == "45" for t in again.targets)
 
 
+async def test_a_fresh_group_releases_targets_an_interrupted_round_left_paused(coordinator, parties, module_http):
+    _, daemons = parties
+    await coordinator.targets[0].pause("abort", 2)  # as a round cut short before its resume would
+    assert (await module_http.get(daemons[0].url + "/is_paused")).json() == {"is_paused": True}
+    await coordinator.init()
+    assert [(await module_http.get(d.url + "/is_paused")).json()["is_paused"] for d in daemons] == [False, False]
+
+
 async def test_init_gives_up_on_a_socket_that_never_answers(parties, module_http, rendezvous_port):
     async def swallow(reader, writer):
         await reader.read()  # accept and never answer

@@ -158,6 +158,10 @@ class Coordinator:
             raise InitError(failures)
         self.group = group
         self.needs_init = False
+        # A round interrupted before its resume (the coordinator restarted, say) may have left
+        # targets paused: a fresh group starts with every target serving again.
+        if self.spec.pause_mode != "none":
+            await self._all(lambda p: p.resume(t.request), self.targets)
         return group
 
     def _init_info(self, group: GroupInfo, rank_offset: int) -> dict:
