@@ -12,9 +12,11 @@ A pass (under this WeightSync's lock, so passes never overlap):
   5. every `recheck_interval`, ask every party's /healthz whether the group still stands.
 Each step writes the status (phase, conditions, per-target state) and a Kubernetes Event.
 
-A failed round is not retried for the same version: the trainer's tensors move on once its push
-returns, so a retry could send a half-updated model under the old label. The next version, or a
-re-formed group with a catch-up, is the way forward.
+A round that failed is not retried for the same version: the trainer's tensors move on once its
+push returns, so a retry could send a half-updated model under the old label. The next version, or
+a re-formed group with a catch-up, is the way forward. A round that was never concluded (the
+operator restarted mid-round) is different: status still shows the older version while the
+trainer still waits in its push with exactly those tensors, so a new operator runs it again.
 """
 
 from __future__ import annotations
