@@ -263,3 +263,14 @@ async def checksums(http, urls: list[str]) -> list[tuple[str | None, str]]:
 
 
 __all__ = ["Cluster", "Trainer", "checksums", "cluster", "free_port", "operator", "start_daemons"]
+
+
+async def until(predicate, timeout: float, what: str, interval: float = 0.02):
+    """Poll an async predicate until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout:g}s waiting for {what}"
+        await asyncio.sleep(interval)

@@ -10,13 +10,12 @@ import os
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from k8s_harness import ROOT, Trainer, cluster, free_port, start_daemons
+from k8s_harness import ROOT, Trainer, cluster, free_port, start_daemons, until
 
 pytestmark = [pytest.mark.k8s, pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl")]
 
@@ -45,16 +44,6 @@ class Kubectl:
                                                     stderr=asyncio.subprocess.DEVNULL, env=self.env)
 
 
-async def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
-
-
 async def test_readme_kubectl_flow(tmp_path):
     async with cluster(tmp_path, install_crd=False) as c:
         kubectl = Kubectl(c.kubeconfig)
@@ -76,7 +65,7 @@ async def test_readme_kubectl_flow(tmp_path):
                         return (await http.get(f"http://127.0.0.1:{health}/healthz")).status_code == 200
                     except httpx.HTTPError:
                         return False
-                await wait_until(alive, 60, "the operator's liveness endpoint")
+                await until(alive, 60, "the operator's liveness endpoint")
 
             # The example as shipped (NCCL), then moved to the cpu transport for this machine.
             assert "created" in await kubectl("apply", "--validate=false", "-f", str(ROOT / "examples/weightsync.yaml"))
@@ -87,7 +76,7 @@ async def test_readme_kubectl_flow(tmp_path):
 
             async def phase():
                 return await kubectl("get", "wsync", NAME, "-n", NS, "-o", "jsonpath={.status.phase}")
-            assert await wait_until(phase, 30, "a status") == "Pending"
+            assert await until(phase, 30, "a status") == "Pending"
 
             (daemon,), trainer = await asyncio.gather(start_daemons(1), Trainer.start(c, NS, NAME, "grpo-trainer-0"))
             await c.create_pod(NS, "grpo-trainer-0", "trainer", NAME, trainer.url)

@@ -17,7 +17,6 @@ import contextlib
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from k8s_harness import Trainer, checksums, cluster, free_port, start_daemons
+from k8s_harness import Trainer, checksums, cluster, free_port, start_daemons, until
 from test_operator_k8s import NAME, NS, spec
 
 pytestmark = [pytest.mark.k8s, pytest.mark.faults]
@@ -57,17 +56,6 @@ async def update_calls(http: httpx.AsyncClient, url: str) -> int:
             if sample.name == "weightsync_update_duration_seconds_count" and sample.labels.get("phase") == "update":
                 return int(sample.value)
     return 0
-
-
-async def until(predicate, timeout: float, what: str):
-    """Poll an async predicate until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout:g}s waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "terminated"])
