@@ -337,12 +337,7 @@ class Worker:
                             settled = dict(group.comm.stats)
                             transport.send(list(zip(self.names, self.params)))
                         ms = (time.perf_counter() - began) * 1e3
-                        diag = {}
-                        if method.startswith("ws"):
-                            diag = {"phases": transport.timings, "in_progress": group.comm.stats["in_progress"]
-                                    - settled["in_progress"], "settle_ms": (group.comm.stats["settle_seconds"]
-                                                                            - settled["settle_seconds"]) * 1e3,
-                                    "trace": _trace(t_zero)}
+                        diag = _round_diagnosis(transport, group, settled, t_zero) if method.startswith("ws") else {}
                         self.h.record(section, method, rep, ms=ms, **diag)
                     else:
                         before = mem_begin(self.device)
@@ -363,12 +358,7 @@ class Worker:
                             got = self.mine
                             assert stats.in_place
                         extra = mem_extra(self.device, before)
-                        diag = {}
-                        if method.startswith("ws"):
-                            diag = {"phases": transport.timings, "in_progress": group.comm.stats["in_progress"]
-                                    - settled["in_progress"], "settle_ms": (group.comm.stats["settle_seconds"]
-                                                                            - settled["settle_seconds"]) * 1e3,
-                                    "trace": _trace(t_zero)}
+                        diag = _round_diagnosis(transport, group, settled, t_zero) if method.startswith("ws") else {}
                         self.h.record(section, method, rep, ok=self.check(got), mem=extra, **diag)
         finally:
             transport.close()
@@ -550,6 +540,13 @@ class Worker:
         finally:
             kernels.BLOCK_WORDS, kernels.NUM_WARPS = defaults
         self.h.put("diag/kernel", out)
+
+
+def _round_diagnosis(transport, group, settled: dict, t_zero: float) -> dict:
+    """What one weightsync round spent where: its phases, NCCL calls still settling, the step trace."""
+    stats = group.comm.stats
+    return {"phases": transport.timings, "in_progress": stats["in_progress"] - settled["in_progress"],
+            "settle_ms": (stats["settle_seconds"] - settled["settle_seconds"]) * 1e3, "trace": _trace(t_zero)}
 
 
 def _trace(t_zero: float) -> list:

@@ -85,10 +85,6 @@ class EngineService:
         """Workers this party contributes to the group (one GPU per daemon)."""
         return 1
 
-    @property
-    def rank(self) -> int:
-        return self.init_info.rank_offset if self.init_info else 0
-
     async def _in_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 

@@ -16,10 +16,6 @@ class PartyError(Exception):
         super().__init__(f"{party}: {step} failed: {reason}")
         self.party, self.step, self.reason, self.status = party, step, reason, status
 
-    @property
-    def timed_out(self) -> bool:
-        return self.status is None and self.reason.startswith("timed out")
-
 
 @dataclass(frozen=True)
 class Endpoint:
