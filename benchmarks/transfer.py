@@ -301,7 +301,7 @@ class Worker:
         group = transport.group
         tiny = torch.zeros(8, dtype=torch.uint8, device=self.device)
         a = self.args
-        methods = ["flat", "ws", "ws_nosum"] + (["vllm"] if "vllm" in a.sections else [])
+        methods = ["flat", "ws", "ws_nosum", "ws_packed"] + (["vllm"] if "vllm" in a.sections else [])
         if n == 2 and "diag" in a.sections:
             methods += ["chunks_flat", "ws_pack_full", "ws_pack128", "ws_noramp", "ws_blocking", "ws_nccl_control"]
         verify_off = init.model_copy(update={"verify": False})
@@ -335,7 +335,12 @@ class Worker:
                         else:
                             transport.init = verify_off if method == "ws_nosum" else init
                             settled = dict(group.comm.stats)
-                            transport.send(list(zip(self.names, self.params)))
+                            if method == "ws_packed":  # as if the tensors were not contiguous
+                                os.environ["WEIGHTSYNC_NCCL_PACKED"] = "1"
+                            try:
+                                transport.send(list(zip(self.names, self.params)))
+                            finally:
+                                os.environ.pop("WEIGHTSYNC_NCCL_PACKED", None)
                         ms = (time.perf_counter() - began) * 1e3
                         diag = _round_diagnosis(transport, group, settled, t_zero) if method.startswith("ws") else {}
                         self.h.record(section, method, rep, ms=ms, **diag)
@@ -545,6 +550,11 @@ class Worker:
 def _round_diagnosis(transport, group, settled: dict, t_zero: float) -> dict:
     """What one weightsync round spent where: its phases, NCCL calls still settling, the step trace."""
     stats = group.comm.stats
+    marks = getattr(transport, "gpu_trace", [])
+    if marks:
+        marks[-1][1].synchronize()
+        transport.timings = {**transport.timings, **{
+            f"gpu {label}": marks[0][1].elapsed_time(event) / 1e3 for label, event in marks[1:]}}
     return {"phases": transport.timings, "in_progress": stats["in_progress"] - settled["in_progress"],
             "settle_ms": (stats["settle_seconds"] - settled["settle_seconds"]) * 1e3, "trace": _trace(t_zero)}
 
@@ -647,6 +657,8 @@ def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
         row("nccl", "weightsync round, engine API", ws, base,
             f"{vllm['ms'] / ws['ms']:.2f}x faster than vLLM" if ws and vllm else "")
         row("nccl", "weightsync round, engine API, checksum off", collect(h, "nccl2", "ws_nosum", receivers[:2], args), base)
+        row("nccl", "weightsync round, packed (as for non-contiguous tensors)",
+            collect(h, "nccl2", "ws_packed", receivers[:2], args), base)
         if "diag" in args.sections:
             row("nccl", "(diag) flat buffer in the round's chunks, no packing", collect(h, "nccl2", "chunks_flat", receivers[:2], args), base)
             row("nccl", "(diag) weightsync round, one program per block", collect(h, "nccl2", "ws_pack_full", receivers[:2], args), base)
@@ -765,7 +777,7 @@ def main() -> int:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.fanout = sorted({int(n) for n in args.fanout.split(",")})
+    args.fanout = sorted({int(n) for n in args.fanout.split(",") if n})
     args.sections = set(args.sections.split(",")) if args.sections else set()
     if args.worker:
         h = Harness(args.port, _rank(args.worker), args)

@@ -47,7 +47,30 @@ def test_dense_rounds_are_bit_exact_and_land_in_place(group):
         assert answer.status_code == 200, answer.text
         assert answer.json()["checksum"] == sent.checksum and answer.json()["in_place"]
         assert sent.num_chunks > 4  # the small buffers really split (and ramp) the stream
+        assert sent.direct  # contiguous tensors on the trainer's GPU: nothing packed
         assert daemon.checksum() == expected(named)
+
+
+def test_packed_rounds_move_the_same_bytes_as_direct_ones(group, monkeypatch):
+    """A non-contiguous tensor makes the trainer pack the round (the receiver follows the
+    header); so does WEIGHTSYNC_NCCL_PACKED=1. Either way the bytes and the checksum are the
+    direct round's."""
+    daemon, sender = group
+    named = weight_set(21, "cuda:0")
+    direct, answer = collective_round(daemon, lambda: sender.send_weights(named), 21)
+    assert answer.status_code == 200 and direct.direct
+    strided = list(named)
+    name, tensor = strided[3]
+    strided[3] = (name, tensor.t().contiguous().t())  # same values and shape, column-major
+    assert not strided[3][1].is_contiguous()
+    packed, answer = collective_round(daemon, lambda: sender.send_weights(strided), 22)
+    assert answer.status_code == 200, answer.text
+    assert not packed.direct and packed.checksum == direct.checksum
+    assert daemon.checksum() == expected(named)
+    monkeypatch.setenv("WEIGHTSYNC_NCCL_PACKED", "1")
+    forced, answer = collective_round(daemon, lambda: sender.send_weights(named), 23)
+    assert answer.status_code == 200 and not forced.direct and forced.checksum == direct.checksum
+    assert daemon.checksum() == expected(named)
 
 
 def test_sparse_patches_apply(group):
@@ -105,7 +128,7 @@ def test_a_second_group_in_the_same_process_with_a_trainer_minted_id(group):
                 got = pool.submit(receiver.receive, store, UpdateInfo())
                 sent = sender.send_weights(named)
                 stats = got.result(timeout=120)
-                assert stats.checksum == sent.checksum and not stats.in_place
+                assert stats.checksum == sent.checksum and not stats.in_place and stats.direct
                 assert store.checksum() == expected(named)
         finally:
             sender.close()

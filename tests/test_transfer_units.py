@@ -183,3 +183,23 @@ def test_demo_refuses_an_nccl_group_with_two_parties_on_one_gpu(monkeypatch):
         hardware.place("nccl", daemons=2)
     assert hardware.place("nccl", daemons=1).daemon_devices == ["cuda:1"]
     assert hardware.place("auto", daemons=2) == hardware.Placement("p2p", "cuda:0", ["cuda:1", "cuda:1"])
+
+
+def test_p2p_groups_cover_the_stream_once_and_shrink_towards_its_end(monkeypatch):
+    """Copy-engine pieces tile every tensor exactly once, in order; the groups (each checksummed
+    once it landed) halve towards the end, so the last checksum is a small one."""
+    from weightsync.transports import p2p
+
+    monkeypatch.setattr(p2p, "PIECE_BYTES", 1 << 20)
+    monkeypatch.setattr(p2p, "TAIL_BYTES", 64 << 10)
+    sources = [torch.arange(n, dtype=torch.uint8) for n in (3 << 20, 5, 1 << 20, 700_001)]
+    dests = [torch.zeros_like(s) for s in sources]
+    offsets = Layout.of_sizes([s.numel() for s in sources]).offsets
+    pieces, groups = p2p._piece_plan(sources, dests, offsets, verify=False)
+    for dst, src in pieces:
+        dst.copy_(src)
+    assert all(torch.equal(a, b) for a, b in zip(dests, sources))
+    assert sum(src.numel() for _, src in pieces) == sum(s.numel() for s in sources)
+    sizes = [sum(pieces[i][1].numel() for i in members) for members, _ in groups]
+    assert max(sizes) <= 1 << 20 and sizes[0] == 1 << 20
+    assert sizes[-1] <= 128 << 10 and sizes[-3:] == sorted(sizes[-3:], reverse=True)

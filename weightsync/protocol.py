@@ -216,6 +216,9 @@ class RoundHeader(_Strict):
     num_buffers: NumBuffers
     alignment: Annotated[int, Field(ge=1, le=4096)]
     verify: bool = True
+    # Each chunk's tensor pieces move from where they live to where they belong, one collective
+    # call per piece in one NCCL group, instead of through a packed buffer (nccl only).
+    direct: bool = False
 
 
 M = TypeVar("M", bound=BaseModel)

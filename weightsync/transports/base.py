@@ -37,6 +37,7 @@ class RoundStats:
     num_chunks: int
     seconds: float
     in_place: bool = False  # landed straight in the weights, without an unpack copy
+    direct: bool = False  # nccl: sent from where the tensors live, without packing
     checksum: str | None = None  # the round's stream checksum, verified by every receiver
     # Trainer side of transports whose receivers read the trainer's memory (ipc, p2p): what the
     # coordinator must hand every receiver's /update_weights, and whether another batch follows.

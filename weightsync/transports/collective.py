@@ -17,6 +17,7 @@ Subclasses replace only the payload pipeline (`_send_payload`, `_receive_payload
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -86,6 +87,9 @@ class Group(ABC):
     def synchronize(self) -> None:
         """Wait until queued copies on this group's device are done (a no-op on CPU)."""
 
+    def check_usable(self) -> None:
+        """Raise TransferError at once if an earlier failure ended this group."""
+
     def fail(self) -> None:
         """A step of the round timed out: the parties are out of step, so the group is over."""
 
@@ -136,6 +140,7 @@ class CollectiveTransport(Transport):
     """A transport whose payload moves by broadcast over a `Group`."""
 
     ramp = False  # ramped chunk sizes (pipelined GPU transports); both ends use the same class
+    supports_direct = False  # can move tensor pieces without packing (RoundHeader.direct)
 
     def __init__(self, init, rank, device, group: Group):
         super().__init__(init, rank, device)
@@ -148,8 +153,11 @@ class CollectiveTransport(Transport):
         self._checked: tuple[WeightStore, Manifest, int, str | None] | None = None
         self._layouts: dict[tuple, tuple[Layout, list[Chunk]]] = {}
         self.timings: dict[str, float] = {}  # seconds per phase of the last round
-        self._views: tuple[tuple, list[torch.Tensor]] | None = None
+        self._repeat: tuple[tuple, Manifest, list[torch.Tensor], bool] | None = None  # trainer: last round
+        self._sizes: tuple[Manifest, str, tuple[int, ...]] | None = None  # receiver: last stream sizes
         self._control_seq = 0  # steps taken over the rendezvous store (when the group uses it)
+        self._forgotten = 0  # trainer: control steps whose keys are deleted
+        self._agreed_body: bytes | None = None  # trainer: header body the receivers last agreed to
         self._header_bytes: tuple[bytes, RoundHeader] | None = None
         self._header_json: tuple[tuple, bytes, Manifest] | None = None
 
@@ -170,19 +178,29 @@ class CollectiveTransport(Transport):
         """One agreement step: all-gather every rank's objection (and checksum, if any)."""
         return self._collect(self._post(message, digest))
 
-    def _post(self, message: str | None, digest: StreamDigest | None = None):
+    def _post(self, message: str | None, digest: StreamDigest | None = None, gpu_done: bool = True,
+              with_header: tuple[str, bytes] | None = None):
         """First half of an agreement step: make this rank's verdict known (over the store, at
-        once; over the group, at `_collect`). The caller may work in between."""
+        once; over the group, at `_collect`). The caller may work in between.
+
+        `gpu_done`: the verdict vouches for GPU work, so wait for it first (the header checks
+        before the payload need not). `with_header`: the trainer's header, posted in the same
+        store call as its verdict."""
         control = getattr(self.group, "control_store", None)
         if control is None:
             return ("group", message, digest)
-        self.group.synchronize()  # what the verdict vouches for is done (bounded wait)
+        if gpu_done:
+            self.group.synchronize()  # bounded wait
+            mark("exchange: synchronized")
         slot = _encode_slot(message)
         if digest is not None:
             slot[VERDICT_BYTES:] = digest.as_bytes().cpu()
         self._control_seq += 1
         keys = [f"ctl/{self._control_seq}/{rank}" for rank in range(self.group.world_size)]
-        control.set(keys[self.group.rank], bytes(slot.numpy()))
+        if with_header is None:
+            control.set(keys[self.group.rank], bytes(slot.numpy()))
+        else:
+            control.multi_set([with_header[0], keys[self.group.rank]], [with_header[1], bytes(slot.numpy())])
         mark("exchange: posted")
         return ("store", keys, digest is not None)
 
@@ -199,11 +217,18 @@ class CollectiveTransport(Transport):
             raise TransferError(f"agreement step timed out after {self.init.timeout_seconds:g}s "
                                 f"(a party is missing or stopped): {error}") from error
         mark("exchange: gathered")
-        if self.group.rank == 0 and self._control_seq > 6:  # keys of rounds ago were read by all
-            for rank in range(self.group.world_size):
-                store.delete_key(f"ctl/{self._control_seq - 6}/{rank}")
-            store.delete_key(f"ctl/{self._control_seq - 6}/header")
         return _decode_slots(torch.stack(rows), with_digest)
+
+    def _forget_old_steps(self) -> None:
+        """Trainer: delete the control keys of rounds ago (every party has read them). Called
+        while the payload moves, when the host has nothing else to do."""
+        store = getattr(self.group, "control_store", None)
+        if store is None or self.group.rank != 0:
+            return
+        while self._forgotten < self._control_seq - 6:
+            self._forgotten += 1
+            for suffix in ("header", *range(self.group.world_size)):
+                store.delete_key(f"ctl/{self._forgotten}/{suffix}")
 
     def _exchange_over_group(self, message: str | None, digest: StreamDigest | None) -> Verdicts:
         slot = self.group.to_device(_encode_slot(message))
@@ -231,21 +256,24 @@ class CollectiveTransport(Transport):
     def _header_bytes_of(self, header: RoundHeader) -> bytes:
         """The header's JSON; all but the round id is cached per manifest and plan."""
         key = (id(header.manifest), header.update_kind, header.buffer_size_bytes, header.num_buffers,
-               header.alignment, header.verify)
+               header.alignment, header.verify, header.direct)
         cached = self._header_json
         if cached is None or cached[0] != key or cached[2] is not header.manifest:
             full = header.model_dump_json().encode()
-            cached = self._header_json = (key, full[full.index(b'"', 13):], header.manifest)
+            body = full[full.index(b'"', 13):]
+            cached = self._header_json = (key, body, header.manifest, _fingerprint(body))
+        if self._agreed_body is cached[1]:  # every receiver holds this header: name it only
+            return b'{"round_id":"%s","repeat_of":"%s"}' % (header.round_id.encode(), cached[3].encode())
         return b'{"round_id":"' + header.round_id.encode() + cached[1]
 
-    def _send_header(self, header: RoundHeader) -> None:
+    def _send_header(self, header: RoundHeader) -> tuple[str, bytes] | None:
+        """Broadcast the header over the group; over a store, return the (key, value) for
+        `_post` to set together with the trainer's verdict."""
         data = self._header_bytes_of(header)
         control = getattr(self.group, "control_store", None)
         if control is not None:
             self._control_seq += 1
-            control.set(f"ctl/{self._control_seq}/header", data)
-            mark("header: posted")
-            return
+            return f"ctl/{self._control_seq}/header", data
         block = torch.zeros(HEADER_BLOCK, dtype=torch.uint8)
         block[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
         first = data[: HEADER_BLOCK - 8]
@@ -259,6 +287,7 @@ class CollectiveTransport(Transport):
         if len(data) > len(first):
             rest = torch.frombuffer(bytearray(data[len(first):]), dtype=torch.uint8)
             self.group.broadcast(self.group.to_device(rest)).wait()
+        return None
 
     def _receive_header(self) -> RoundHeader:
         control = getattr(self.group, "control_store", None)
@@ -288,12 +317,26 @@ class CollectiveTransport(Transport):
             data += bytes(self.group.to_host(rest).numpy())
         return self._header_from_bytes(data)
 
-    def _header_from_bytes(self, data: bytes) -> RoundHeader:
+    def _header_from_bytes(self, data: bytes) -> RoundHeader | None:
         """Parse a header; one equal, byte for byte, to the last one but for its round id is
-        reused without parsing (hundreds of tensors take about a millisecond to validate)."""
+        reused without parsing (hundreds of tensors take about a millisecond to validate). A
+        header that only names the last one ("repeat_of", sent once every receiver agreed to
+        it) is that one with a new round id; None when this receiver does not hold it."""
         prefix = b'{"round_id":"'
         end = data.find(b'"', len(prefix)) if data.startswith(prefix) else -1
         cached = self._header_bytes
+        if end > len(prefix) and data[end:].startswith(b'","repeat_of":"') and len(data) <= 256:
+            try:
+                raw = json.loads(data)
+            except ValueError as error:
+                raise TransferError(f"round header is not JSON: {error}") from None
+            round_id, repeat_of = raw.get("round_id"), raw.get("repeat_of")
+            if not (isinstance(round_id, str) and round_id.isalnum() and len(round_id) <= 64):
+                raise TransferError("round header: round_id must be 1-64 letters or digits")
+            if cached is None or repeat_of != cached[2]:
+                return None
+            mark("header: parsed")
+            return cached[1].model_copy(update={"round_id": round_id})
         if end > len(prefix) and cached is not None and data[end:] == cached[0]:
             round_id = data[len(prefix) : end].decode("ascii", errors="replace")
             if round_id.isalnum() and len(round_id) <= 64:
@@ -305,7 +348,7 @@ class CollectiveTransport(Transport):
             raise TransferError(f"round header is not JSON: {error}") from None
         header = self._parse_header(raw)
         if end > len(prefix):
-            self._header_bytes = (data[end:], header)
+            self._header_bytes = (data[end:], header, _fingerprint(data[end:]))
         mark("header: parsed")
         return header
 
@@ -334,7 +377,19 @@ class CollectiveTransport(Transport):
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> RoundStats:
         named = list(named_tensors)
-        return self._send_round(self._manifest_of(named), [t for _, t in named], "dense")
+        # One pass over the tensors says whether this round repeats the last one (an optimizer
+        # updates parameters in place): then its manifest and byte views are reused as they are.
+        # Building them anew costs about a millisecond for hundreds of tensors, before the header.
+        key = tuple((name, t.data_ptr(), t.dtype, t.shape, t.is_contiguous(), t.device) for name, t in named)
+        cached = self._repeat
+        if cached is None or cached[0] != key:
+            sources = [t for _, t in named]
+            views = [as_bytes(self._to_device(t)) for t in sources]
+            lendable = all(t.is_contiguous() and t.device == self.device for t in sources)
+            cached = (key, self._manifest_of(named), views, lendable)
+            self._repeat = cached if lendable else None  # views of copies are not worth keeping
+        _, manifest, views, lendable = cached
+        return self._send_round(manifest, views, "dense", lendable)
 
     def send_sparse(self, patches: Iterable[SparsePatch]) -> RoundStats:
         patches = list(patches)
@@ -345,11 +400,17 @@ class CollectiveTransport(Transport):
             # In a sparse manifest each entry's shape is the patch length [nnz]; dtype is the parameter's.
             specs.append(TensorSpec.of(p.name, p.values))
             sources += [p.indices.to(torch.int64), p.values]
-        return self._send_round(Manifest(tensors=tuple(specs)), sources, "sparse_flat")
+        lendable = all(t.is_contiguous() and t.device == self.device for t in sources)
+        views = [as_bytes(self._to_device(t)) for t in sources]
+        return self._send_round(Manifest(tensors=tuple(specs)), views, "sparse_flat", lendable)
 
-    def _send_round(self, manifest, sources, kind) -> RoundStats:
+    def _send_round(self, manifest: Manifest, flat_sources: list[torch.Tensor], kind: str,
+                    lendable: bool) -> RoundStats:
+        """`flat_sources`: uint8 views of the stream's tensors on this device; `lendable`: they
+        are the caller's own contiguous tensors (not copies), so they may move directly."""
         started = time.perf_counter()
         mark("send: start")
+        self.group.check_usable()
         header = RoundHeader(
             round_id=uuid.uuid4().hex,
             update_kind=kind,
@@ -358,21 +419,25 @@ class CollectiveTransport(Transport):
             num_buffers=self.init.packed_num_buffers,
             alignment=DEFAULT_ALIGNMENT,
             verify=self.init.verify,
+            direct=lendable and self._direct(),
         )
-        self._send_header(header)
-        ticket = self._post(None)
+        ticket = self._post(None, gpu_done=False, with_header=self._send_header(header))
         # Everything that needs no receiver happens while they check the header.
-        flat_sources = self._flat_sources(sources)
         layout, chunks = self._chunks(tuple(s.numel() for s in flat_sources), header)
         marks = [("header+prepare", time.perf_counter())]
         digest = StreamDigest(self.device) if header.verify else None
         self._prepare_send(chunks, flat_sources, header, digest)  # e.g. pack the first chunks now
+        mark("send: prepared")
         objections = self._collect(ticket).objections()
         marks.append(("header+agree", time.perf_counter()))
         if objections:
+            self._agreed_body = None  # the next header goes out whole
             self._abandon_send()
             raise ManifestMismatch("; ".join(objections))
+        self._agreed_body = self._header_json[1]
         self._send_payload(chunks, flat_sources, header, digest)
+        mark("send: payload enqueued")
+        self._forget_old_steps()
         marks.append(("enqueue", time.perf_counter()))
         outcome = self._exchange(None, digest)
         marks.append(("payload+agree", time.perf_counter()))
@@ -383,21 +448,12 @@ class CollectiveTransport(Transport):
         if failures:
             raise TransferError("receivers did not apply the round: " + "; ".join(failures))
         return RoundStats(header.round_id, kind, len(manifest.tensors), layout.total_bytes,
-                          len(chunks), time.perf_counter() - started, checksum=outcome.digests[0])
+                          len(chunks), time.perf_counter() - started, checksum=outcome.digests[0],
+                          direct=header.direct)
 
-    def _flat_sources(self, sources: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Flat uint8 views of the round's tensors on this party's device. When every tensor is
-        already a contiguous tensor here, the views of the last round are reused as long as the
-        tensors are the same (an optimizer updates parameters in place): building hundreds of
-        views costs milliseconds on the round's critical path."""
-        key = tuple((t.data_ptr(), t.dtype, t.shape, t.is_contiguous(), t.device) for t in sources)
-        cached = self._views
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        views = [as_bytes(self._to_device(t)) for t in sources]
-        reusable = all(t.is_contiguous() and t.device == self.device for t in sources)
-        self._views = (key, views) if reusable else None
-        return views
+    def _direct(self) -> bool:
+        """Whether lendable sources move straight from where they live (see RoundHeader.direct)."""
+        return False
 
     def _prepare_send(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader,
                       digest: StreamDigest | None) -> None:
@@ -432,16 +488,24 @@ class CollectiveTransport(Transport):
         """
         started = time.perf_counter()
         mark("receive: start")
+        self.group.check_usable()
         header = self._receive_header()
+        if header is None:
+            problem = ("the trainer named a round header this receiver does not hold; "
+                       "it sends the whole header next round")
+            self._collect(self._post(problem, gpu_done=False))
+            raise ManifestMismatch(problem)
         if header.update_kind == "dense":
             store.adopt(header.manifest, self.device)
         problem = self._check_header(header, store, info)
-        ticket = self._post(problem)
+        mark("receive: header checked")
+        ticket = self._post(problem, gpu_done=False)
         if problem is None:  # get ready while the others' verdicts come in
-            layout, chunks = self._chunks(tuple(_stream_sizes(header)), header)
+            layout, chunks = self._chunks(self._stream_sizes_of(header), header)
             landing = self._landing(header, store, layout)
             digest = StreamDigest(self.device) if header.verify else None
             self._prepare_receive(chunks, header, digest, landing)
+            mark("receive: prepared")
         objections = self._collect(ticket).objections()
         marks = [("header+agree", time.perf_counter())]
         if objections:
@@ -472,7 +536,15 @@ class CollectiveTransport(Transport):
         checksum = outcome.digests[self.rank] if digest is not None else None
         return RoundStats(header.round_id, header.update_kind, len(header.manifest.tensors),
                           layout.total_bytes, len(chunks), time.perf_counter() - started,
-                          in_place=landing.in_place, checksum=checksum)
+                          in_place=landing.in_place, checksum=checksum, direct=header.direct)
+
+    def _stream_sizes_of(self, header: RoundHeader) -> tuple[int, ...]:
+        """The header's stream sizes; cached while headers carry the same manifest object (a
+        repeated header is reused, see `_header_from_bytes`)."""
+        cached = self._sizes
+        if cached is None or cached[0] is not header.manifest or cached[1] != header.update_kind:
+            cached = self._sizes = (header.manifest, header.update_kind, tuple(_stream_sizes(header)))
+        return cached[2]
 
     def _landing(self, header: RoundHeader, store: WeightStore, layout: Layout) -> "_Landing":
         if header.update_kind == "sparse_flat":
@@ -537,6 +609,8 @@ class CollectiveTransport(Transport):
             return _first_difference(expected, header.manifest)
         if info.update_kind is not None and info.update_kind != header.update_kind:
             return f"update_kind is {info.update_kind} here but {header.update_kind} from the trainer"
+        if header.direct and not self.supports_direct:
+            return f"the trainer sends tensors directly, which the {self.name} transport does not do"
         want = info.packed_buffer_size_bytes or self.init.packed_buffer_size_bytes
         if header.buffer_size_bytes != want:
             return f"packed_buffer_size_bytes is {want} here but {header.buffer_size_bytes} from the trainer"
@@ -577,6 +651,10 @@ class _Landing:
             with store.lock:
                 for i, spec in enumerate(self.sparse.tensors):
                     store[spec.name].view(-1)[self.scratch[2 * i]] = self.scratch[2 * i + 1]
+
+
+def _fingerprint(body: bytes) -> str:
+    return hashlib.blake2b(body, digest_size=16).hexdigest()
 
 
 def _phases(started: float, marks: list[tuple[str, float]]) -> dict[str, float]:

@@ -108,6 +108,7 @@ class _Prepared:
 class IpcTransport(Transport):
     name = "ipc"
     needs_trainer_update_info = True
+    source_sum_programs: int | None = None  # GPU programs of the trainer's checksum (None: all it takes)
 
     def __init__(self, init: InitInfo, rank: int, device: torch.device):
         super().__init__(init, rank, device)
@@ -311,7 +312,7 @@ class IpcTransport(Transport):
         digest = StreamDigest(self.device)
         self._side.wait_stream(torch.cuda.current_stream(self.device))  # the zeroed accumulator
         with torch.cuda.stream(self._side):
-            plan.run(digest)
+            plan.run(digest, self.source_sum_programs)
             done = torch.cuda.Event()
             done.record(self._side)
         stale = self._published[:-1]

@@ -33,7 +33,7 @@ from weightsync.errors import TransferError
 from weightsync.integrity import StreamDigest
 from weightsync.kernels import warm_up
 from weightsync.layout import Chunk
-from weightsync.packing import RegionPlan, landed_regions, pack_regions, unpack_regions
+from weightsync.packing import Region, RegionPlan, landed_regions, pack_regions, unpack_regions
 from weightsync.protocol import InitInfo, RoundHeader
 from weightsync.rendezvous import open_store
 from weightsync.transports import register
@@ -43,6 +43,9 @@ from weightsync.transports.waits import wait_event_until
 
 _UNIQUE_ID_KEY = "nccl_unique_id"
 SIDE_PROGRAMS = 64  # see NcclTransport.pack_programs
+# The trainer's checksum of a direct round runs beside the whole transfer: this few programs read
+# the set in well under the transfer's time and leave the memory bandwidth to the broadcasts.
+SOURCE_SUM_PROGRAMS = int(os.environ.get("WEIGHTSYNC_SOURCE_SUM_PROGRAMS", 32))
 
 
 def wait_event(event: torch.cuda.Event, comm: Communicator, what: str) -> None:
@@ -141,6 +144,17 @@ class NcclGroup(Group):
         (the payload pipeline orders it with events) and no host wait."""
         self.comm.broadcast(tensor.data_ptr(), tensor.numel() * tensor.element_size(), src, self.stream.cuda_stream)
 
+    def broadcast_pieces(self, pieces: Sequence[torch.Tensor], src: int = 0) -> None:
+        """Enqueue one broadcast per piece as one NCCL group (a single launch) on the group's
+        stream, ordered like `broadcast_on_stream`."""
+        self.comm.group_start()
+        try:
+            for piece in pieces:
+                self.comm.broadcast(piece.data_ptr(), piece.numel() * piece.element_size(), src,
+                                    self.stream.cuda_stream)
+        finally:
+            self.comm.group_end()
+
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         out = self._all_gather(tensor)
         return list(out.view(self.world_size, -1))
@@ -166,6 +180,10 @@ class NcclGroup(Group):
     def synchronize(self) -> None:
         self._after_current()
         self._event("synchronize").wait()
+
+    def check_usable(self) -> None:
+        if self.comm.aborted:
+            raise TransferError("the group was aborted after an earlier failure; init it again")
 
     def fail(self) -> None:
         self.comm.abort()  # later steps then fail at once, saying the group was aborted
@@ -196,6 +214,7 @@ class _Streams:
 class NcclTransport(CollectiveTransport):
     name = "nccl"
     ramp = True
+    supports_direct = True
 
     def __init__(self, init, rank, device, group: NcclGroup):
         super().__init__(init, rank, device, group)
@@ -203,6 +222,7 @@ class NcclTransport(CollectiveTransport):
         self._plans: dict[str, tuple[tuple, list[RegionPlan]]] = {}
         self._sending: tuple | None = None  # a send packed ahead of its agreement
         self._receiving: tuple | None = None  # a receive made ready ahead of its agreement
+        self.gpu_trace: list[tuple[str, torch.cuda.Event]] = []  # see _gpu_mark
         # GPU programs that pack (trainer) or checksum/unpack (receiver) a chunk at once. Fewer
         # than the chunk's blocks leave memory bandwidth to the broadcast running beside them: on
         # 2 x H200 a 15 GB round took 44.6 ms with 64 programs against 45.7-49 ms with one program
@@ -264,16 +284,44 @@ class NcclTransport(CollectiveTransport):
         return plans
 
     # -- trainer ------------------------------------------------------------------------------
+    def _direct(self) -> bool:
+        """Tensors that are contiguous on this GPU are broadcast from where they live: nothing is
+        packed, no staging buffer is needed (WEIGHTSYNC_NCCL_PACKED=1 packs anyway)."""
+        return os.environ.get("WEIGHTSYNC_NCCL_PACKED") != "1"
+
+    def _source_key(self, sources: Sequence[torch.Tensor]) -> tuple[tuple, tuple]:
+        """(key, keep) identifying the memory behind `sources` for `_cached_plans`."""
+        if sources is (self._repeat[2] if self._repeat is not None else None):
+            return (), (sources,)  # the same cached views: the same memory
+        return tuple((s.data_ptr(), s.numel()) for s in sources), ()
+
+    def _prepare_direct_send(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor],
+                             digest: StreamDigest | None) -> None:
+        """Direct round: start the trainer's checksum of every source on a side stream (it runs
+        beside the broadcasts) and line up each chunk's pieces."""
+        key, keep = self._source_key(sources)
+        pieces = self._cached_plans("send pieces", chunks, key, lambda: [
+            [sources[s.index][s.start : s.stop] for s in c.segments if s.nbytes] for c in chunks], keep)
+        if digest is None:
+            self._sending = ("direct", pieces, [], [])
+            return
+        plan = self._cached_plans("source sum", chunks, key, lambda: [RegionPlan(
+            [Region(sources[s.index][s.start : s.stop], None, c.start + s.chunk_offset)
+             for c in chunks for s in c.segments if s.nbytes], copy=False)], keep)[0]
+        part = StreamDigest(self.device)
+        stream = self._streams.get("source sum", 1)[0]
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            plan.run(part, SOURCE_SUM_PROGRAMS)
+        self._sending = ("direct", pieces, [stream], [part])
+
     def _pack_plans(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader
                     ) -> list[RegionPlan]:
         count = header.num_buffers
         buffers = self._staging_buffers(count)
         verify = header.verify
-        if sources is (self._views[1] if self._views is not None else None):
-            key, keep = (verify, tuple(b.data_ptr() for b in buffers)), (sources,)  # same views: same memory
-        else:
-            key = (verify, tuple((s.data_ptr(), s.numel()) for s in sources), tuple(b.data_ptr() for b in buffers))
-            keep = ()
+        key, keep = self._source_key(sources)
+        key = (verify, key, tuple(b.data_ptr() for b in buffers))
         return self._cached_plans("pack", chunks, key, lambda: [
             RegionPlan(pack_regions(c, sources, buffers[c.number % count]), copy=True, digest=verify)
             for c in chunks], keep)
@@ -282,6 +330,9 @@ class NcclTransport(CollectiveTransport):
                       digest: StreamDigest | None) -> None:
         """While the receivers check the header: pack the first chunk of every buffer (local
         work only, no payload moves before the agreement)."""
+        if header.direct:
+            self._prepare_direct_send(chunks, sources, digest)
+            return
         count = header.num_buffers
         plans = self._pack_plans(chunks, sources, header)
         current = torch.cuda.current_stream(self.device)
@@ -300,13 +351,25 @@ class NcclTransport(CollectiveTransport):
 
     def _abandon_send(self) -> None:
         if self._sending is not None:
-            for stream in self._sending[1]:
-                stream.synchronize()  # local packing only: finishes on its own
+            for stream in self._sending[2 if self._sending[0] == "direct" else 1]:
+                stream.synchronize()  # local packing or checksumming only: finishes on its own
         self._sending = None
 
     def _send_payload(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader,
                       digest: StreamDigest | None) -> None:
         group: NcclGroup = self.group
+        if header.direct:
+            _, pieces, streams, parts = self._sending
+            self._sending = None
+            group.stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._gpu_mark("first piece starts", group.stream)
+            for chunk, views in zip(chunks, pieces):
+                group.broadcast_pieces(views)
+                mark(f"chunk {chunk.number} called")
+            self._gpu_mark("last piece sent", group.stream)
+            self._join(streams, parts, digest)
+            self._gpu_mark("checksums done", torch.cuda.current_stream(self.device))
+            return
         count = header.num_buffers
         buffers = self._staging_buffers(count)
         plans, streams, parts, packed = self._sending
@@ -354,6 +417,20 @@ class NcclTransport(CollectiveTransport):
         parts = [StreamDigest(self.device) for _ in range(count)] if verify else [None] * count
         for stream in streams:
             stream.wait_stream(current)
+        if header.direct:  # every piece lands where it belongs; checksum it there
+            def landing_of(chunk: Chunk, s) -> torch.Tensor:
+                if target is not None:
+                    return target[chunk.start + s.chunk_offset : chunk.start + s.chunk_offset + s.nbytes]
+                return destinations[s.index][s.start : s.stop]
+            memory = (target.data_ptr(), target.numel()) if target is not None else \
+                tuple((d.data_ptr(), d.numel()) for d in destinations)
+            pieces = self._cached_plans("receive pieces", chunks, (memory,), lambda: [
+                [landing_of(c, s) for s in c.segments if s.nbytes] for c in chunks])
+            plans = self._cached_plans("landed", chunks, (memory,), lambda: [RegionPlan(
+                [Region(landing_of(c, s), None, c.start + s.chunk_offset) for s in c.segments if s.nbytes],
+                copy=False) for c in chunks]) if verify else None
+            self._receiving = (streams, parts, plans, pieces)
+            return
         if target is not None:
             plans = self._cached_plans("landed", chunks, (target.data_ptr(), target.numel()), lambda: [
                 RegionPlan(landed_regions(c, target), copy=False) for c in chunks]) if verify else None
@@ -376,18 +453,31 @@ class NcclTransport(CollectiveTransport):
         streams, parts, plans, buffers = self._receiving
         self._receiving = None
         group.stream.wait_stream(torch.cuda.current_stream(self.device))
-        if target is not None:
+
+        def checksum_landed(chunk: Chunk) -> None:
+            """Once the chunk landed, fold it into the checksum on a side stream."""
+            landed = torch.cuda.Event()
+            landed.record(group.stream)
+            stream = streams[chunk.number % count]
+            stream.wait_event(landed)
+            last = chunk.number == len(chunks) - 1  # nothing left to share with: full speed
+            with torch.cuda.stream(stream):
+                plans[chunk.number].run(parts[chunk.number % count], None if last else self.pack_programs)
+
+        if header.direct:
+            self._gpu_mark("first piece starts", group.stream)
+            for chunk, views in zip(chunks, buffers):  # (direct: each chunk's landing pieces)
+                group.broadcast_pieces(views)
+                mark(f"chunk {chunk.number} called")
+                if verify:
+                    checksum_landed(chunk)
+            self._gpu_mark("last piece landed", group.stream)
+        elif target is not None:
             for chunk in chunks:
                 group.broadcast_on_stream(target[chunk.start : chunk.stop])
                 mark(f"chunk {chunk.number} called")
                 if verify:
-                    landed = torch.cuda.Event()
-                    landed.record(group.stream)
-                    stream = streams[chunk.number % count]
-                    stream.wait_event(landed)
-                    last = chunk.number == len(chunks) - 1  # nothing left to share with: full speed
-                    with torch.cuda.stream(stream):
-                        plans[chunk.number].run(parts[chunk.number % count], None if last else self.pack_programs)
+                    checksum_landed(chunk)
         else:
             placed: list[torch.cuda.Event | None] = [None] * count
             for chunk, plan in zip(chunks, plans):
@@ -404,6 +494,20 @@ class NcclTransport(CollectiveTransport):
                 placed[b] = torch.cuda.Event()
                 placed[b].record(streams[b])
         self._join(streams, parts, digest)
+        self._gpu_mark("checksums done", torch.cuda.current_stream(self.device))
+
+    def _gpu_mark(self, label: str, stream: torch.cuda.Stream) -> None:
+        """(diagnosis, while collective.TRACE records) when the GPU reached this step."""
+        from weightsync.transports import collective
+
+        if collective.TRACE is None:
+            self.gpu_trace = []
+            return
+        if label == "first piece starts":
+            self.gpu_trace = []
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        self.gpu_trace.append((label, event))
 
     def close(self) -> None:
         self._forget_keys()

@@ -79,6 +79,8 @@ def library() -> ctypes.CDLL:
         "ncclAllGather": (result, [ptr, ptr, ctypes.c_size_t, ctypes.c_int, comm, stream]),
         "ncclAllReduce": (result, [ptr, ptr, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, comm, stream]),
         "ncclGetErrorString": (ctypes.c_char_p, [ctypes.c_int]),
+        "ncclGroupStart": (result, []),
+        "ncclGroupEnd": (result, []),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
@@ -177,6 +179,13 @@ class Communicator:
 
     def broadcast(self, ptr: int, nbytes: int, root: int, stream: int) -> None:
         self.call("ncclBroadcast", library().ncclBroadcast(ptr, ptr, nbytes, UINT8, root, self.handle, stream))
+
+    def group_start(self) -> None:
+        _check(library().ncclGroupStart(), "ncclGroupStart")
+
+    def group_end(self) -> None:
+        """Launch the calls made since `group_start` together (one kernel for all of them)."""
+        self.call("ncclGroupEnd", library().ncclGroupEnd())
 
     def all_gather(self, send_ptr: int, recv_ptr: int, nbytes: int, stream: int) -> None:
         self.call("ncclAllGather", library().ncclAllGather(send_ptr, recv_ptr, nbytes, UINT8, self.handle, stream))

@@ -7,15 +7,20 @@ into its own GPU's context, and pulls the bytes over NVLink with the GPU copy en
 for the transfer. A peer copy also moves more bytes per second than an NCCL broadcast between
 the same two GPUs.
 
-Copies go in pieces of at most PIECE_BYTES, round-robin over COPY_STREAMS copy streams (several
-copy engines work at once; tensors under SMALL_BYTES go in one batched kernel instead); each group of pieces is checksummed on the receiver's GPU
-as soon as it landed, while later pieces are still in flight, so verifying adds only the last
-group's checksum to the round.
+Copies go in groups of at most PIECE_BYTES, alternating over COPY_STREAMS copy streams (so one
+copy's launch gap is covered by the other's transfer; tensors under SMALL_BYTES go in one batched
+kernel instead). Each group is checksummed on the receiver's GPU as soon as it landed, while later
+groups are still in flight; the groups halve in size towards the end of the round (down to
+TAIL_BYTES), so verifying adds only a small last group's checksum. The trainer checksums what it
+lends with few GPU programs (SOURCE_SUM_PROGRAMS), leaving its memory bandwidth to the copy
+engines that read it.
 
 In Kubernetes the receiving process must see both GPUs (the same pod, or a node-level daemon).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -26,14 +31,18 @@ from weightsync.transports import register
 from weightsync.transports.cuda_ipc import gpu_uuid, local_device_index
 from weightsync.transports.ipc import IpcTransport
 
-PIECE_BYTES = 256 << 20
+# Tuning knobs (environment variables for measuring alternatives with benchmarks/transfer.py).
+PIECE_BYTES = int(os.environ.get("WEIGHTSYNC_P2P_PIECE_BYTES", 1 << 30))  # 2 x H200: 1 GiB copies match
+TAIL_BYTES = 128 << 20                                                  # one flat copy; 256 MiB lose 1%
 SMALL_BYTES = 4 << 20
-COPY_STREAMS = 4  # copies in flight at once, on as many copy engines
+COPY_STREAMS = int(os.environ.get("WEIGHTSYNC_P2P_STREAMS", 2))  # copies in flight at once
 
 
 @register
 class P2pTransport(IpcTransport):
     name = "p2p"
+    # A full-grid checksum on the trainer's GPU slowed the pull by 10%: the copy engines read there.
+    source_sum_programs = int(os.environ.get("WEIGHTSYNC_SOURCE_SUM_PROGRAMS", 32))
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -96,32 +105,39 @@ class P2pTransport(IpcTransport):
         return self._copies
 
 
+def group_target(remaining: int) -> int:
+    """Bytes for the next group when `remaining` bytes are left: PIECE_BYTES, halving towards
+    the end of the round (never under TAIL_BYTES)."""
+    return min(PIECE_BYTES, max(TAIL_BYTES, remaining // 2))
+
+
 def _piece_plan(sources, destinations, offsets, verify: bool):
-    """Cut every (source, destination) pair into pieces of at most PIECE_BYTES and group
-    consecutive pieces into about PIECE_BYTES per group, each with its checksum plan."""
+    """Cut the (source, destination) pairs, in stream order, into pieces that fill groups of
+    `group_target` bytes; each group gets its checksum plan."""
     pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
     groups = []
     members: list[int] = []
     group_regions: list[Region] = []
-    filled = 0
+    remaining = sum(src.numel() for src in sources)
+    room = group_target(remaining)
 
     def close_group():
-        nonlocal members, group_regions, filled
+        nonlocal members, group_regions, room
         if members:
-            plan = RegionPlan(group_regions, copy=False) if verify else None
-            groups.append((members, plan))
-        members, group_regions, filled = [], [], 0
+            groups.append((members, RegionPlan(group_regions, copy=False) if verify else None))
+        members, group_regions, room = [], [], group_target(remaining)
 
     for src, dst, offset in zip(sources, destinations, offsets):
-        for start in range(0, max(src.numel(), 1), PIECE_BYTES):
-            stop = min(start + PIECE_BYTES, src.numel())
-            if stop <= start:
-                continue
+        start = 0
+        while start < src.numel():
+            stop = min(start + room, src.numel())
             pieces.append((dst[start:stop], src[start:stop]))
             members.append(len(pieces) - 1)
             group_regions.append(Region(dst[start:stop], None, offset + start))
-            filled += stop - start
-            if filled >= PIECE_BYTES:
+            room -= stop - start
+            remaining -= stop - start
+            start = stop
+            if room <= 0:
                 close_group()
     close_group()
     return pieces, groups
