@@ -158,8 +158,8 @@ class CollectiveTransport(Transport):
         self._control_seq = 0  # steps taken over the rendezvous store (when the group uses it)
         self._forgotten = 0  # trainer: control steps whose keys are deleted
         self._agreed_body: bytes | None = None  # trainer: header body the receivers last agreed to
-        self._header_bytes: tuple[bytes, RoundHeader] | None = None
-        self._header_json: tuple[tuple, bytes, Manifest] | None = None
+        self._header_bytes: tuple[bytes, RoundHeader, str] | None = None  # receiver: body, header, fingerprint
+        self._header_json: tuple[tuple, bytes, Manifest, str] | None = None  # trainer: key, body, manifest, fingerprint
 
     # -- helpers the subclasses may refine ----------------------------------------------
     def _staging_buffers(self, count: int) -> list[torch.Tensor]:
@@ -383,9 +383,7 @@ class CollectiveTransport(Transport):
         key = tuple((name, t.data_ptr(), t.dtype, t.shape, t.is_contiguous(), t.device) for name, t in named)
         cached = self._repeat
         if cached is None or cached[0] != key:
-            sources = [t for _, t in named]
-            views = [as_bytes(self._to_device(t)) for t in sources]
-            lendable = all(t.is_contiguous() and t.device == self.device for t in sources)
+            views, lendable = self._byte_views([t for _, t in named])
             cached = (key, self._manifest_of(named), views, lendable)
             self._repeat = cached if lendable else None  # views of copies are not worth keeping
         _, manifest, views, lendable = cached
@@ -400,9 +398,14 @@ class CollectiveTransport(Transport):
             # In a sparse manifest each entry's shape is the patch length [nnz]; dtype is the parameter's.
             specs.append(TensorSpec.of(p.name, p.values))
             sources += [p.indices.to(torch.int64), p.values]
-        lendable = all(t.is_contiguous() and t.device == self.device for t in sources)
-        views = [as_bytes(self._to_device(t)) for t in sources]
+        views, lendable = self._byte_views(sources)
         return self._send_round(Manifest(tensors=tuple(specs)), views, "sparse_flat", lendable)
+
+    def _byte_views(self, sources: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
+        """Flat uint8 views of the stream's tensors on this device, and whether they are the
+        caller's own memory (every tensor contiguous here) rather than copies."""
+        lendable = all(t.is_contiguous() and t.device == self.device for t in sources)
+        return [as_bytes(self._to_device(t)) for t in sources], lendable
 
     def _send_round(self, manifest: Manifest, flat_sources: list[torch.Tensor], kind: str,
                     lendable: bool) -> RoundStats:

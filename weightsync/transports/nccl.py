@@ -36,7 +36,7 @@ from weightsync.layout import Chunk
 from weightsync.packing import Region, RegionPlan, landed_regions, pack_regions, unpack_regions
 from weightsync.protocol import InitInfo, RoundHeader
 from weightsync.rendezvous import open_store
-from weightsync.transports import register
+from weightsync.transports import collective, register
 from weightsync.transports.collective import CollectiveTransport, Group, Pending, mark
 from weightsync.transports.nccl_lib import Communicator, new_unique_id
 from weightsync.transports.waits import wait_event_until
@@ -220,7 +220,9 @@ class NcclTransport(CollectiveTransport):
         super().__init__(init, rank, device, group)
         self._streams = _Streams(device)
         self._plans: dict[str, tuple[tuple, list[RegionPlan]]] = {}
-        self._sending: tuple | None = None  # a send packed ahead of its agreement
+        # A send made ready ahead of its agreement: (pack plans or direct pieces per chunk,
+        # side streams, partial checksums, packed-chunk events or None).
+        self._sending: tuple | None = None
         self._receiving: tuple | None = None  # a receive made ready ahead of its agreement
         self.gpu_trace: list[tuple[str, torch.cuda.Event]] = []  # see _gpu_mark
         # GPU programs that pack (trainer) or checksum/unpack (receiver) a chunk at once. Fewer
@@ -303,7 +305,7 @@ class NcclTransport(CollectiveTransport):
         pieces = self._cached_plans("send pieces", chunks, key, lambda: [
             [sources[s.index][s.start : s.stop] for s in c.segments if s.nbytes] for c in chunks], keep)
         if digest is None:
-            self._sending = ("direct", pieces, [], [])
+            self._sending = (pieces, [], [], None)
             return
         plan = self._cached_plans("source sum", chunks, key, lambda: [RegionPlan(
             [Region(sources[s.index][s.start : s.stop], None, c.start + s.chunk_offset)
@@ -313,7 +315,7 @@ class NcclTransport(CollectiveTransport):
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             plan.run(part, SOURCE_SUM_PROGRAMS)
-        self._sending = ("direct", pieces, [stream], [part])
+        self._sending = (pieces, [stream], [part], None)
 
     def _pack_plans(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader
                     ) -> list[RegionPlan]:
@@ -351,7 +353,7 @@ class NcclTransport(CollectiveTransport):
 
     def _abandon_send(self) -> None:
         if self._sending is not None:
-            for stream in self._sending[2 if self._sending[0] == "direct" else 1]:
+            for stream in self._sending[1]:
                 stream.synchronize()  # local packing or checksumming only: finishes on its own
         self._sending = None
 
@@ -359,7 +361,7 @@ class NcclTransport(CollectiveTransport):
                       digest: StreamDigest | None) -> None:
         group: NcclGroup = self.group
         if header.direct:
-            _, pieces, streams, parts = self._sending
+            pieces, streams, parts, _ = self._sending
             self._sending = None
             group.stream.wait_stream(torch.cuda.current_stream(self.device))
             self._gpu_mark("first piece starts", group.stream)
@@ -498,8 +500,6 @@ class NcclTransport(CollectiveTransport):
 
     def _gpu_mark(self, label: str, stream: torch.cuda.Stream) -> None:
         """(diagnosis, while collective.TRACE records) when the GPU reached this step."""
-        from weightsync.transports import collective
-
         if collective.TRACE is None:
             self.gpu_trace = []
             return
