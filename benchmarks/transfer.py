@@ -297,6 +297,7 @@ class Worker:
             return
         section = f"nccl{n}"
         init = self._init("nccl", n, self.h.get(f"port/{section}"), rank)
+        resident = mem_begin(self.device)  # the transport's own buffers count as its extra memory
         transport = get_transport("nccl").connect(init, rank, self.device)
         group = transport.group
         tiny = torch.zeros(8, dtype=torch.uint8, device=self.device)
@@ -362,7 +363,7 @@ class Worker:
                             stats = transport.receive(self.store, UpdateInfo())
                             got = self.mine
                             assert stats.in_place
-                        extra = mem_extra(self.device, before)
+                        extra = mem_extra(self.device, resident if method.startswith("ws") else before)
                         diag = _round_diagnosis(transport, group, settled, t_zero) if method.startswith("ws") else {}
                         self.h.record(section, method, rep, ok=self.check(got), mem=extra, **diag)
         finally:
@@ -443,6 +444,7 @@ class Worker:
             for method in methods:
                 reps = 1 if method == "ws_first" else a.warmup + a.reps
                 if method == "ws_first":
+                    resident = mem_begin(self.device)  # the transport's own buffers count too
                     transport = get_transport(backend).connect(init, rank, self.device)
                 for rep in range(reps):
                     key = f"{section}/{method}/{rep}"
@@ -494,7 +496,7 @@ class Worker:
                             ended = time.monotonic()
                             receive_ms = stats.seconds * 1e3
                             got = self.mine
-                        extra = mem_extra(self.device, before)
+                        extra = mem_extra(self.device, resident if method.startswith("ws") else before)
                         if method != "limit":
                             began = h.get(key + "/began")
                         h.barrier(key + "/received", 2)

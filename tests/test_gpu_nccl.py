@@ -8,6 +8,7 @@ import base64
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -111,28 +112,87 @@ def test_manifest_mismatch_names_the_parameter_and_changes_nothing(group):
     assert answer.status_code == 200 and daemon.checksum() == expected(again)
 
 
+@contextmanager
+def in_process_pair(base: dict):
+    """A trainer on cuda:0 and a receiver transport on cuda:1 in this process, and a pool to
+    run the receiver's side of each round in."""
+    with ThreadPoolExecutor(1) as pool:
+        joined = pool.submit(get_transport("nccl").connect, InitInfo(**base, rank_offset=1), 1, torch.device("cuda:1"))
+        sender = WeightSender.init({**base, "backend": "nccl"}, device="cuda:0")
+        receiver = joined.result(timeout=120)
+        try:
+            yield sender, receiver, pool
+        finally:
+            sender.close()
+            receiver.close()
+
+
+def separate_tensors() -> WeightStore:
+    return WeightStore.from_tensors([(n, torch.zeros_like(t, device="cuda:1")) for n, t in weight_set(0, "cuda:0")])
+
+
 def test_a_second_group_in_the_same_process_with_a_trainer_minted_id(group):
     """Beside the module's group: a group from `nccl_unique_id_b64` (no rendezvous store), whose
     receiver keeps separate tensors (staging + unpack, not in place)."""
     need_gpus(2)
     base = {"nccl_unique_id_b64": base64.b64encode(new_unique_id()).decode(), "world_size": 2,
             "packed_buffer_size_bytes": BUFFER, "packed_num_buffers": 2, "timeout_seconds": 60}
-    store = WeightStore.from_tensors([(n, torch.zeros_like(t, device="cuda:1")) for n, t in weight_set(0, "cuda:0")])
-    with ThreadPoolExecutor(1) as pool:
-        joined = pool.submit(get_transport("nccl").connect, InitInfo(**base, rank_offset=1), 1, torch.device("cuda:1"))
-        sender = WeightSender.init({**base, "backend": "nccl"}, device="cuda:0")
-        receiver = joined.result(timeout=120)
+    store = separate_tensors()
+    with in_process_pair(base) as (sender, receiver, pool):
+        for version in (1, 2):
+            named = weight_set(100 + version, "cuda:0")
+            got = pool.submit(receiver.receive, store, UpdateInfo())
+            sent = sender.send_weights(named)
+            stats = got.result(timeout=120)
+            assert stats.checksum == sent.checksum and not stats.in_place and stats.direct
+            assert store.checksum() == expected(named)
+
+
+def test_the_lead_chunk_moves_the_same_bytes_and_a_receiver_without_the_header_drains_it(monkeypatch):
+    """The first chunk travels while the group agrees (into scratch, placed after the agreement):
+    the round equals one without it (WEIGHTSYNC_NCCL_LEAD=0), packed or direct. A receiver that
+    does not hold the header the trainer names still takes the lead chunk part, refuses the
+    round with its weights unchanged, and the next round (whole header) applies."""
+    need_gpus(2)
+    base = {"master_address": "127.0.0.1", "master_port": free_port(), "world_size": 2,
+            "packed_buffer_size_bytes": BUFFER, "packed_num_buffers": 2, "timeout_seconds": 30}
+    store = separate_tensors()
+
+    def round_(named):
+        got = pool.submit(receiver.receive, store, UpdateInfo())
         try:
-            for version in (1, 2):
-                named = weight_set(100 + version, "cuda:0")
-                got = pool.submit(receiver.receive, store, UpdateInfo())
-                sent = sender.send_weights(named)
-                stats = got.result(timeout=120)
-                assert stats.checksum == sent.checksum and not stats.in_place and stats.direct
-                assert store.checksum() == expected(named)
-        finally:
-            sender.close()
-            receiver.close()
+            sent = sender.send_weights(named)
+        except Exception as error:  # noqa: BLE001 - the test inspects it
+            sent = error
+        try:
+            return sent, got.result(timeout=120)
+        except Exception as error:  # noqa: BLE001 - the test inspects it
+            return sent, error
+
+    with in_process_pair(base) as (sender, receiver, pool):
+        named = weight_set(31, "cuda:0")
+        checksums = {}
+        for lead, packed in ((True, False), (False, False), (True, True), (False, True)):
+            monkeypatch.setenv("WEIGHTSYNC_NCCL_LEAD", "1" if lead else "0")
+            monkeypatch.setenv("WEIGHTSYNC_NCCL_PACKED", "1" if packed else "0")
+            sent, got = round_(named)
+            assert got.checksum == sent.checksum and sent.direct != packed
+            assert store.checksum() == expected(named)
+            checksums[lead, packed] = sent.checksum
+        assert len(set(checksums.values())) == 1
+        monkeypatch.delenv("WEIGHTSYNC_NCCL_LEAD")
+        monkeypatch.delenv("WEIGHTSYNC_NCCL_PACKED")
+        for seed in (32, 33):  # the second round names the header the first one agreed to
+            sent, got = round_(weight_set(seed, "cuda:0"))
+            assert got.checksum == sent.checksum
+        receiver._header_bytes = None  # as if this receiver never held it
+        before = store.checksum()
+        sent, got = round_(weight_set(34, "cuda:0"))
+        assert isinstance(sent, ManifestMismatch) and isinstance(got, ManifestMismatch)
+        assert "does not hold" in str(got) and store.checksum() == before
+        again = weight_set(35, "cuda:0")
+        sent, got = round_(again)
+        assert got.checksum == sent.checksum and store.checksum() == expected(again)
 
 
 def test_a_peer_that_never_answers_fails_the_trainer_within_the_timeout():

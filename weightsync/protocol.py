@@ -203,10 +203,10 @@ class UpdateInfo(_Strict):
 
 
 class RoundHeader(_Strict):
-    """What the trainer broadcasts before any payload byte: the manifest and the packing plan.
+    """What the trainer broadcasts before any payload: the manifest and the packing plan.
 
     Every receiver validates it against its weight store and the group agrees before a single
-    byte of payload moves, so a mismatch changes nothing anywhere.
+    payload byte reaches any weights, so a mismatch changes nothing anywhere.
     """
 
     round_id: Annotated[str, Field(min_length=1, max_length=64)]
@@ -219,6 +219,9 @@ class RoundHeader(_Strict):
     # Each chunk's tensor pieces move from where they live to where they belong, one collective
     # call per piece in one NCCL group, instead of through a packed buffer (nccl only).
     direct: bool = False
+    # The first chunk moves while the group agrees, into the receivers' scratch memory, and is
+    # placed only once the round is agreed (nccl only; see CollectiveTransport._lead_pieces).
+    lead: bool = False
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -4,7 +4,9 @@ One round, on every party:
   1. the trainer broadcasts a JSON `RoundHeader` (manifest, update kind, packing plan);
   2. every receiver checks it against its weights; the group all-gathers the verdicts and,
      if anyone objects, every party raises `ManifestMismatch` naming the parameter, before
-     one payload byte moved (the group stays usable for the next round);
+     one payload byte reached any weights (the group stays usable for the next round). A
+     transport may move its first chunk meanwhile, into the receivers' scratch memory, so
+     that the agreement overlaps the transfer (see `_lead_pieces`);
   3. the payload flows in bounded chunks, `num_buffers` of them in flight at once; the trainer
      folds what it packs into the stream checksum, each receiver what it landed;
   4. one all-gather carries every party's verdict and checksum: every party sees the same
@@ -38,6 +40,7 @@ from weightsync.transports.base import RoundStats, SparsePatch, Transport
 
 VERDICT_BYTES = 1024  # room for one party's error message in an agreement step
 SLOT_BYTES = VERDICT_BYTES + DIGEST_BYTES  # one party's share of an agreement: message, checksum
+LEAD_MAX_PIECES = 64  # a round moves ahead of its agreement only a first chunk of this few pieces
 HEADER_BLOCK = 64 << 10  # the header's first broadcast; longer headers take one more
 MAX_HEADER_BYTES = 1 << 28
 TRACE: list[tuple[str, float]] | None = None  # diagnosis: set to a list to record when each step ended
@@ -119,18 +122,16 @@ class Verdicts:
         return [rank for rank, got in enumerate(self.digests) if rank and got != sent]
 
 
-def _encode_slot(message: str | None) -> torch.Tensor:
-    data = (message or "").encode()[: VERDICT_BYTES - 1]
-    out = torch.zeros(SLOT_BYTES, dtype=torch.uint8)
-    if data:
-        out[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return out
+def _encode_slot(message: str | None, digest: bytes = bytes(DIGEST_BYTES)) -> bytes:
+    """One party's share of an agreement step: its objection (NUL-padded), then its checksum."""
+    return (message or "").encode()[: VERDICT_BYTES - 1].ljust(VERDICT_BYTES, b"\0") + digest
 
 
-def _decode_slots(rows: torch.Tensor, with_digest: bool) -> Verdicts:
+def _decode_slots(rows: Sequence[bytes], with_digest: bool) -> Verdicts:
     messages, digests = [], []
-    for row in rows:
-        raw = row.numpy().tobytes()
+    for raw in rows:
+        if len(raw) != SLOT_BYTES:
+            raise TransferError(f"an agreement step carried {len(raw)} bytes, not {SLOT_BYTES}")
         messages.append(raw[:VERDICT_BYTES].split(b"\0", 1)[0].decode(errors="replace"))
         digests.append(format_digest(raw[VERDICT_BYTES:]) if with_digest else None)
     return Verdicts(messages, digests)
@@ -141,6 +142,7 @@ class CollectiveTransport(Transport):
 
     ramp = False  # ramped chunk sizes (pipelined GPU transports); both ends use the same class
     supports_direct = False  # can move tensor pieces without packing (RoundHeader.direct)
+    supports_lead = False  # can move the first chunk while the group agrees (RoundHeader.lead)
 
     def __init__(self, init, rank, device, group: Group):
         super().__init__(init, rank, device)
@@ -160,6 +162,8 @@ class CollectiveTransport(Transport):
         self._agreed_body: bytes | None = None  # trainer: header body the receivers last agreed to
         self._header_bytes: tuple[bytes, RoundHeader, str] | None = None  # receiver: body, header, fingerprint
         self._header_json: tuple[tuple, bytes, Manifest, str] | None = None  # trainer: key, body, manifest, fingerprint
+        self._digest_host: torch.Tensor | None = None  # pinned landing place of the final checksum
+        self._orphan_lead: list[int] = []  # receiver: lead pieces of a header it does not hold
 
     # -- helpers the subclasses may refine ----------------------------------------------
     def _staging_buffers(self, count: int) -> list[torch.Tensor]:
@@ -189,18 +193,17 @@ class CollectiveTransport(Transport):
         control = getattr(self.group, "control_store", None)
         if control is None:
             return ("group", message, digest)
+        copied = self._digest_to_host(digest) if digest is not None else None
         if gpu_done:
             self.group.synchronize()  # bounded wait
             mark("exchange: synchronized")
-        slot = _encode_slot(message)
-        if digest is not None:
-            slot[VERDICT_BYTES:] = digest.as_bytes().cpu()
+        slot = _encode_slot(message, bytes(DIGEST_BYTES) if copied is None else copied.numpy().tobytes())
         self._control_seq += 1
         keys = [f"ctl/{self._control_seq}/{rank}" for rank in range(self.group.world_size)]
         if with_header is None:
-            control.set(keys[self.group.rank], bytes(slot.numpy()))
+            control.set(keys[self.group.rank], slot)
         else:
-            control.multi_set([with_header[0], keys[self.group.rank]], [with_header[1], bytes(slot.numpy())])
+            control.multi_set([with_header[0], keys[self.group.rank]], [with_header[1], slot])
         mark("exchange: posted")
         return ("store", keys, digest is not None)
 
@@ -211,13 +214,23 @@ class CollectiveTransport(Transport):
         _, keys, with_digest = ticket
         store = self.group.control_store
         try:  # blocks until every key is there, at most the group's timeout (one round trip)
-            rows = [torch.frombuffer(bytearray(value), dtype=torch.uint8) for value in store.multi_get(keys)]
+            rows = store.multi_get(keys)
         except Exception as error:  # the store raises on its timeout
             self.group.fail()
             raise TransferError(f"agreement step timed out after {self.init.timeout_seconds:g}s "
                                 f"(a party is missing or stopped): {error}") from error
         mark("exchange: gathered")
-        return _decode_slots(torch.stack(rows), with_digest)
+        return _decode_slots(rows, with_digest)
+
+    def _digest_to_host(self, digest: StreamDigest) -> torch.Tensor:
+        """Start copying the checksum to host memory behind the GPU work it sums, so that reading
+        it after the wait costs no further GPU call (the wait itself is the synchronisation)."""
+        if digest.device.type != "cuda":
+            return digest.as_bytes().cpu()
+        if self._digest_host is None:
+            self._digest_host = torch.empty(DIGEST_BYTES, dtype=torch.uint8, pin_memory=True)
+        self._digest_host.copy_(digest.as_bytes(), non_blocking=True)
+        return self._digest_host
 
     def _forget_old_steps(self) -> None:
         """Trainer: delete the control keys of rounds ago (every party has read them). Called
@@ -231,13 +244,13 @@ class CollectiveTransport(Transport):
                 store.delete_key(f"ctl/{self._forgotten}/{suffix}")
 
     def _exchange_over_group(self, message: str | None, digest: StreamDigest | None) -> Verdicts:
-        slot = self.group.to_device(_encode_slot(message))
+        slot = self.group.to_device(torch.frombuffer(bytearray(_encode_slot(message)), dtype=torch.uint8))
         if digest is not None:
             slot[VERDICT_BYTES:].copy_(digest.as_bytes())
         mark("exchange: slot on device")
         rows = self.group.gather_to_host(slot)
         mark("exchange: gathered")
-        return _decode_slots(rows, digest is not None)
+        return _decode_slots([row.numpy().tobytes() for row in rows], digest is not None)
 
     def _agree(self, own_error: str | None) -> list[str]:
         """All-gather every rank's verdict (None = agree); return the objections."""
@@ -253,23 +266,26 @@ class CollectiveTransport(Transport):
         return self._layouts[key]
 
     # -- header ---------------------------------------------------------------------------
-    def _header_bytes_of(self, header: RoundHeader) -> bytes:
-        """The header's JSON; all but the round id is cached per manifest and plan."""
+    def _header_bytes_of(self, header: RoundHeader, lead: Sequence[int] = ()) -> bytes:
+        """The header's JSON; all but the round id is cached per manifest and plan. `lead`: the
+        byte counts of the broadcasts that go ahead of the agreement (see `_lead_pieces`); a
+        header sent by name carries them, so that a receiver not holding it can still take part."""
         key = (id(header.manifest), header.update_kind, header.buffer_size_bytes, header.num_buffers,
-               header.alignment, header.verify, header.direct)
+               header.alignment, header.verify, header.direct, header.lead)
         cached = self._header_json
         if cached is None or cached[0] != key or cached[2] is not header.manifest:
             full = header.model_dump_json().encode()
             body = full[full.index(b'"', 13):]
             cached = self._header_json = (key, body, header.manifest, _fingerprint(body))
         if self._agreed_body is cached[1]:  # every receiver holds this header: name it only
-            return b'{"round_id":"%s","repeat_of":"%s"}' % (header.round_id.encode(), cached[3].encode())
+            return b'{"round_id":"%s","repeat_of":"%s","lead_pieces":%s}' % (
+                header.round_id.encode(), cached[3].encode(), json.dumps(list(lead)).encode())
         return b'{"round_id":"' + header.round_id.encode() + cached[1]
 
-    def _send_header(self, header: RoundHeader) -> tuple[str, bytes] | None:
+    def _send_header(self, header: RoundHeader, lead: Sequence[int] = ()) -> tuple[str, bytes] | None:
         """Broadcast the header over the group; over a store, return the (key, value) for
         `_post` to set together with the trainer's verdict."""
-        data = self._header_bytes_of(header)
+        data = self._header_bytes_of(header, lead)
         control = getattr(self.group, "control_store", None)
         if control is not None:
             self._control_seq += 1
@@ -321,19 +337,25 @@ class CollectiveTransport(Transport):
         """Parse a header; one equal, byte for byte, to the last one but for its round id is
         reused without parsing (hundreds of tensors take about a millisecond to validate). A
         header that only names the last one ("repeat_of", sent once every receiver agreed to
-        it) is that one with a new round id; None when this receiver does not hold it."""
+        it) is that one with a new round id; None when this receiver does not hold it (then
+        `_orphan_lead` holds what the round moves ahead of the agreement)."""
         prefix = b'{"round_id":"'
         end = data.find(b'"', len(prefix)) if data.startswith(prefix) else -1
         cached = self._header_bytes
-        if end > len(prefix) and data[end:].startswith(b'","repeat_of":"') and len(data) <= 256:
+        if end > len(prefix) and data[end:].startswith(b'","repeat_of":"') and len(data) <= 4096:
             try:
                 raw = json.loads(data)
             except ValueError as error:
                 raise TransferError(f"round header is not JSON: {error}") from None
-            round_id, repeat_of = raw.get("round_id"), raw.get("repeat_of")
+            round_id, repeat_of, lead = raw.get("round_id"), raw.get("repeat_of"), raw.get("lead_pieces", [])
             if not (isinstance(round_id, str) and round_id.isalnum() and len(round_id) <= 64):
                 raise TransferError("round header: round_id must be 1-64 letters or digits")
+            if not (isinstance(lead, list) and len(lead) <= LEAD_MAX_PIECES
+                    and all(type(n) is int and n > 0 for n in lead)):
+                raise TransferError(f"round header: lead_pieces must be a list of at most {LEAD_MAX_PIECES} "
+                                    "positive byte counts")
             if cached is None or repeat_of != cached[2]:
+                self._orphan_lead = lead
                 return None
             mark("header: parsed")
             return cached[1].model_copy(update={"round_id": round_id})
@@ -423,13 +445,15 @@ class CollectiveTransport(Transport):
             alignment=DEFAULT_ALIGNMENT,
             verify=self.init.verify,
             direct=lendable and self._direct(),
+            lead=self._lead_ahead(),
         )
-        ticket = self._post(None, gpu_done=False, with_header=self._send_header(header))
-        # Everything that needs no receiver happens while they check the header.
         layout, chunks = self._chunks(tuple(s.numel() for s in flat_sources), header)
+        ticket = self._post(None, gpu_done=False,
+                            with_header=self._send_header(header, self._lead_pieces(chunks, header)))
+        # Everything that needs no receiver happens while they check the header.
         marks = [("header+prepare", time.perf_counter())]
         digest = StreamDigest(self.device) if header.verify else None
-        self._prepare_send(chunks, flat_sources, header, digest)  # e.g. pack the first chunks now
+        self._prepare_send(chunks, flat_sources, header, digest)  # e.g. pack, send the lead chunk
         mark("send: prepared")
         objections = self._collect(ticket).objections()
         marks.append(("header+agree", time.perf_counter()))
@@ -458,13 +482,23 @@ class CollectiveTransport(Transport):
         """Whether lendable sources move straight from where they live (see RoundHeader.direct)."""
         return False
 
+    def _lead_ahead(self) -> bool:
+        """Whether the first chunk moves while the group agrees (see RoundHeader.lead)."""
+        return False
+
+    def _lead_pieces(self, chunks: Sequence[Chunk], header: RoundHeader) -> list[int]:
+        """Byte counts of the broadcasts that move ahead of the agreement, in order: a transport
+        that overlaps the agreement with its first chunk names them (both ends derive them from
+        the header alike); none by default."""
+        return []
+
     def _prepare_send(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader,
                       digest: StreamDigest | None) -> None:
-        """Trainer, while the receivers check the header: anything that moves no payload yet
-        (a pipelined transport packs its first chunks)."""
+        """Trainer, while the receivers check the header: anything that lands nothing in their
+        weights (a pipelined transport packs its first chunks and sends its lead chunk)."""
 
     def _abandon_send(self) -> None:
-        """Trainer: the receivers refused the header; undo `_prepare_send`."""
+        """Trainer: the receivers refused the header; settle `_prepare_send` (bounded)."""
 
     def _send_payload(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader,
                       digest: StreamDigest | None) -> None:
@@ -496,23 +530,32 @@ class CollectiveTransport(Transport):
         if header is None:
             problem = ("the trainer named a round header this receiver does not hold; "
                        "it sends the whole header next round")
-            self._collect(self._post(problem, gpu_done=False))
+            self._receive_lead(self._orphan_lead, None, None)  # take part in what moves ahead, drop it
+            try:
+                self._collect(self._post(problem, gpu_done=False))
+            finally:
+                self._abandon_receive()
             raise ManifestMismatch(problem)
-        if header.update_kind == "dense":
-            store.adopt(header.manifest, self.device)
-        problem = self._check_header(header, store, info)
-        mark("receive: header checked")
-        ticket = self._post(problem, gpu_done=False)
-        if problem is None:  # get ready while the others' verdicts come in
-            layout, chunks = self._chunks(self._stream_sizes_of(header), header)
-            landing = self._landing(header, store, layout)
-            digest = StreamDigest(self.device) if header.verify else None
-            self._prepare_receive(chunks, header, digest, landing)
-            mark("receive: prepared")
-        objections = self._collect(ticket).objections()
+        layout, chunks = self._chunks(self._stream_sizes_of(header), header)
+        self._receive_lead(self._lead_pieces(chunks, header), chunks[0] if chunks else None, header)
+        try:
+            if header.update_kind == "dense":
+                store.adopt(header.manifest, self.device)
+            problem = self._check_header(header, store, info)
+            mark("receive: header checked")
+            ticket = self._post(problem, gpu_done=False)
+            if problem is None:  # get ready while the others' verdicts come in
+                landing = self._landing(header, store, layout)
+                digest = StreamDigest(self.device) if header.verify else None
+                self._prepare_receive(chunks, header, digest, landing)
+                mark("receive: prepared")
+            objections = self._collect(ticket).objections()
+            if objections:
+                raise ManifestMismatch("; ".join(objections))
+        except BaseException:
+            self._abandon_receive()
+            raise
         marks = [("header+agree", time.perf_counter())]
-        if objections:
-            raise ManifestMismatch("; ".join(objections))
         try:
             self._receive_payload(chunks, header, digest, landing)
             marks.append(("enqueue", time.perf_counter()))
@@ -573,6 +616,14 @@ class CollectiveTransport(Transport):
             self._shadow_manifest = manifest
         return self._shadow
 
+    def _receive_lead(self, pieces: Sequence[int], chunk: Chunk | None, header: RoundHeader | None) -> None:
+        """Receiver, before its own checks: receive the broadcasts the trainer sends ahead of the
+        agreement (`pieces`: the `header`'s first `chunk`, or only their sizes when this receiver
+        does not hold the header) into scratch memory, never into the weights. None by default."""
+
+    def _abandon_receive(self) -> None:
+        """Receiver: the round was refused; wait (bounded) for `_receive_lead` to complete."""
+
     def _prepare_receive(self, chunks: Sequence[Chunk], header: RoundHeader, digest: StreamDigest | None,
                          landing: "_Landing") -> None:
         """Receiver, while the others' verdicts come in: anything that needs no payload yet."""
@@ -614,6 +665,8 @@ class CollectiveTransport(Transport):
             return f"update_kind is {info.update_kind} here but {header.update_kind} from the trainer"
         if header.direct and not self.supports_direct:
             return f"the trainer sends tensors directly, which the {self.name} transport does not do"
+        if header.lead and not self.supports_lead:
+            return f"the trainer sends a chunk ahead of the agreement, which the {self.name} transport does not do"
         want = info.packed_buffer_size_bytes or self.init.packed_buffer_size_bytes
         if header.buffer_size_bytes != want:
             return f"packed_buffer_size_bytes is {want} here but {header.buffer_size_bytes} from the trainer"

@@ -37,7 +37,7 @@ from weightsync.packing import Region, RegionPlan, landed_regions, pack_regions,
 from weightsync.protocol import InitInfo, RoundHeader
 from weightsync.rendezvous import open_store
 from weightsync.transports import collective, register
-from weightsync.transports.collective import CollectiveTransport, Group, Pending, mark
+from weightsync.transports.collective import LEAD_MAX_PIECES, CollectiveTransport, Group, Pending, mark
 from weightsync.transports.nccl_lib import Communicator, new_unique_id
 from weightsync.transports.waits import wait_event_until
 
@@ -215,6 +215,7 @@ class NcclTransport(CollectiveTransport):
     name = "nccl"
     ramp = True
     supports_direct = True
+    supports_lead = True
 
     def __init__(self, init, rank, device, group: NcclGroup):
         super().__init__(init, rank, device, group)
@@ -224,6 +225,9 @@ class NcclTransport(CollectiveTransport):
         # side streams, partial checksums, packed-chunk events or None).
         self._sending: tuple | None = None
         self._receiving: tuple | None = None  # a receive made ready ahead of its agreement
+        self._lead_sent: torch.cuda.Event | None = None  # trainer: the lead chunk's broadcast is done
+        self._lead: tuple[Chunk | None, torch.Tensor, torch.cuda.Event] | None = None  # receiver: lead in scratch
+        self._lead_scratch = torch.empty(0, dtype=torch.uint8, device=device)
         self.gpu_trace: list[tuple[str, torch.cuda.Event]] = []  # see _gpu_mark
         # GPU programs that pack (trainer) or checksum/unpack (receiver) a chunk at once. Fewer
         # than the chunk's blocks leave memory bandwidth to the broadcast running beside them: on
@@ -291,6 +295,40 @@ class NcclTransport(CollectiveTransport):
         packed, no staging buffer is needed (WEIGHTSYNC_NCCL_PACKED=1 packs anyway)."""
         return os.environ.get("WEIGHTSYNC_NCCL_PACKED") != "1"
 
+    def _lead_ahead(self) -> bool:
+        """The first chunk moves while the group agrees, so the agreement's host round trips
+        overlap the transfer instead of preceding it (WEIGHTSYNC_NCCL_LEAD=0 waits instead)."""
+        return os.environ.get("WEIGHTSYNC_NCCL_LEAD") != "0"
+
+    def _lead_pieces(self, chunks: Sequence[Chunk], header: RoundHeader) -> list[int]:
+        """The first chunk: one broadcast when packed, one per tensor piece when direct (unless
+        it has more pieces than a header may name)."""
+        if not header.lead or not chunks:
+            return []
+        if not header.direct:
+            return [chunks[0].nbytes]
+        pieces = [s.nbytes for s in chunks[0].segments if s.nbytes]
+        return pieces if len(pieces) <= LEAD_MAX_PIECES else []
+
+    def _send_lead(self, chunks: Sequence[Chunk], header: RoundHeader) -> None:
+        """Trainer, right after the header: broadcast the first chunk (receivers take it into
+        scratch memory whatever their verdict, so the collective always completes)."""
+        self._lead_sent = None
+        if not self._lead_pieces(chunks, header):
+            return
+        group: NcclGroup = self.group
+        group.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._gpu_mark("first piece starts", group.stream)
+        prepared = self._sending
+        if header.direct:
+            group.broadcast_pieces(prepared[0][0])
+        else:
+            group.stream.wait_event(prepared[3][0])  # chunk 0 packed into buffer 0
+            group.broadcast_pieces([self._staging_buffers(header.num_buffers)[0][: chunks[0].nbytes]])
+        mark("lead chunk called")
+        self._lead_sent = torch.cuda.Event()
+        self._lead_sent.record(group.stream)
+
     def _source_key(self, sources: Sequence[torch.Tensor]) -> tuple[tuple, tuple]:
         """(key, keep) identifying the memory behind `sources` for `_cached_plans`."""
         if sources is (self._repeat[2] if self._repeat is not None else None):
@@ -298,7 +336,7 @@ class NcclTransport(CollectiveTransport):
         return tuple((s.data_ptr(), s.numel()) for s in sources), ()
 
     def _prepare_direct_send(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor],
-                             digest: StreamDigest | None) -> None:
+                             header: RoundHeader, digest: StreamDigest | None) -> None:
         """Direct round: start the trainer's checksum of every source on a side stream (it runs
         beside the broadcasts) and line up each chunk's pieces."""
         key, keep = self._source_key(sources)
@@ -306,6 +344,7 @@ class NcclTransport(CollectiveTransport):
             [sources[s.index][s.start : s.stop] for s in c.segments if s.nbytes] for c in chunks], keep)
         if digest is None:
             self._sending = (pieces, [], [], None)
+            self._send_lead(chunks, header)
             return
         plan = self._cached_plans("source sum", chunks, key, lambda: [RegionPlan(
             [Region(sources[s.index][s.start : s.stop], None, c.start + s.chunk_offset)
@@ -313,9 +352,10 @@ class NcclTransport(CollectiveTransport):
         part = StreamDigest(self.device)
         stream = self._streams.get("source sum", 1)[0]
         stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._sending = (pieces, [stream], [part], None)
+        self._send_lead(chunks, header)  # the bytes first, then the checksum beside them
         with torch.cuda.stream(stream):
             plan.run(part, SOURCE_SUM_PROGRAMS)
-        self._sending = (pieces, [stream], [part], None)
 
     def _pack_plans(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader
                     ) -> list[RegionPlan]:
@@ -330,10 +370,10 @@ class NcclTransport(CollectiveTransport):
 
     def _prepare_send(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader,
                       digest: StreamDigest | None) -> None:
-        """While the receivers check the header: pack the first chunk of every buffer (local
-        work only, no payload moves before the agreement)."""
+        """While the receivers check the header: pack the first chunk of every buffer and send
+        the lead chunk (which lands in the receivers' scratch memory only)."""
         if header.direct:
-            self._prepare_direct_send(chunks, sources, digest)
+            self._prepare_direct_send(chunks, sources, header, digest)
             return
         count = header.num_buffers
         plans = self._pack_plans(chunks, sources, header)
@@ -350,8 +390,12 @@ class NcclTransport(CollectiveTransport):
             packed.append(torch.cuda.Event())
             packed[-1].record(stream)
         self._sending = (plans, streams, parts, packed)
+        self._send_lead(chunks, header)
 
     def _abandon_send(self) -> None:
+        lead, self._lead_sent = self._lead_sent, None
+        if lead is not None:  # every receiver takes the lead chunk, whatever its verdict
+            wait_event(lead, self.group.comm, "the chunk sent ahead of the agreement")
         if self._sending is not None:
             for stream in self._sending[1]:
                 stream.synchronize()  # local packing or checksumming only: finishes on its own
@@ -360,12 +404,15 @@ class NcclTransport(CollectiveTransport):
     def _send_payload(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader,
                       digest: StreamDigest | None) -> None:
         group: NcclGroup = self.group
+        lead, self._lead_sent = self._lead_sent, None
+        first = 0 if lead is None else 1  # the lead chunk is on its way
         if header.direct:
             pieces, streams, parts, _ = self._sending
             self._sending = None
             group.stream.wait_stream(torch.cuda.current_stream(self.device))
-            self._gpu_mark("first piece starts", group.stream)
-            for chunk, views in zip(chunks, pieces):
+            if lead is None:
+                self._gpu_mark("first piece starts", group.stream)
+            for chunk, views in zip(chunks[first:], pieces[first:]):
                 group.broadcast_pieces(views)
                 mark(f"chunk {chunk.number} called")
             self._gpu_mark("last piece sent", group.stream)
@@ -378,7 +425,8 @@ class NcclTransport(CollectiveTransport):
         self._sending = None
         group.stream.wait_stream(torch.cuda.current_stream(self.device))
         sent: list[torch.cuda.Event | None] = [None] * count
-        for chunk, plan in zip(chunks, plans):
+        sent[0] = lead
+        for chunk, plan in zip(chunks[first:], plans[first:]):
             b = chunk.number % count
             stream = streams[b]
             if chunk.number >= count:  # the first `count` chunks were packed before the agreement
@@ -407,6 +455,51 @@ class NcclTransport(CollectiveTransport):
                 digest.add(part.sums)
 
     # -- receiver -----------------------------------------------------------------------------
+    def _receive_lead(self, pieces: Sequence[int], chunk: Chunk | None, header: RoundHeader | None) -> None:
+        """Receive the lead chunk into scratch memory, before this receiver's own checks: it is
+        placed (copied and checksummed) once the round is agreed, dropped if it is refused.
+        Without the header the pieces are only drained."""
+        self._lead = None
+        if not pieces:
+            return
+        total = chunk.nbytes if header is not None else sum(pieces)
+        if total > self.init.packed_buffer_size_bytes:
+            raise TransferError(f"the trainer's first chunk of {total} bytes exceeds this receiver's "
+                                f"packed_buffer_size_bytes ({self.init.packed_buffer_size_bytes})")
+        group: NcclGroup = self.group
+        current = torch.cuda.current_stream(self.device)
+        if self._lead_scratch.numel() < total:
+            self._lead_scratch = torch.empty(0, dtype=torch.uint8, device=self.device)  # free it first
+            self._lead_scratch = torch.empty(total, dtype=torch.uint8, device=self.device)
+        scratch = self._lead_scratch
+        if header is not None and header.direct:  # each piece where packing would put it
+            views = [scratch[s.chunk_offset : s.chunk_offset + s.nbytes] for s in chunk.segments if s.nbytes]
+        else:
+            offsets = [0]
+            for size in pieces[:-1]:
+                offsets.append(offsets[-1] + size)
+            views = [scratch[o : o + n] for o, n in zip(offsets, pieces)]
+        group.stream.wait_stream(current)  # the last round's placing of the scratch is done
+        self._gpu_mark("first piece starts", group.stream)
+        group.broadcast_pieces(views)
+        mark("lead chunk called")
+        landed = torch.cuda.Event()
+        landed.record(group.stream)
+        self._lead = (chunk, scratch[:total], landed)
+
+    def _abandon_receive(self) -> None:
+        lead, self._lead = self._lead, None
+        self._receiving = None
+        if lead is not None:
+            wait_event(lead[2], self.group.comm, "the chunk sent ahead of the agreement")
+
+    @staticmethod
+    def _landing_view(landing, chunk: Chunk, s) -> torch.Tensor:
+        """Where segment `s` of `chunk` belongs: its place in a flat target, or its tensor."""
+        if landing.target is not None:
+            return landing.target[chunk.start + s.chunk_offset : chunk.start + s.chunk_offset + s.nbytes]
+        return landing.destinations[s.index][s.start : s.stop]
+
     def _prepare_receive(self, chunks: Sequence[Chunk], header: RoundHeader, digest: StreamDigest | None,
                          landing) -> None:
         """While the others' verdicts come in: streams, partial checksums and plans, so that the
@@ -419,32 +512,36 @@ class NcclTransport(CollectiveTransport):
         parts = [StreamDigest(self.device) for _ in range(count)] if verify else [None] * count
         for stream in streams:
             stream.wait_stream(current)
+        memory = (target.data_ptr(), target.numel()) if target is not None else \
+            tuple((d.data_ptr(), d.numel()) for d in destinations)
+        lead_plan = None
+        if self._lead is not None:  # copy the lead chunk from scratch to where it belongs, checksummed
+            lead_chunk, scratch = chunks[0], self._lead[1]
+            lead_plan = self._cached_plans("lead", chunks, (memory, scratch.data_ptr(), verify), lambda: [
+                RegionPlan([Region(scratch[s.chunk_offset : s.chunk_offset + s.nbytes],
+                                   self._landing_view(landing, lead_chunk, s), lead_chunk.start + s.chunk_offset)
+                            for s in lead_chunk.segments if s.nbytes], copy=True, digest=verify)])[0]
         if header.direct:  # every piece lands where it belongs; checksum it there
             def landing_of(chunk: Chunk, s) -> torch.Tensor:
-                if target is not None:
-                    return target[chunk.start + s.chunk_offset : chunk.start + s.chunk_offset + s.nbytes]
-                return destinations[s.index][s.start : s.stop]
-            memory = (target.data_ptr(), target.numel()) if target is not None else \
-                tuple((d.data_ptr(), d.numel()) for d in destinations)
+                return self._landing_view(landing, chunk, s)
             pieces = self._cached_plans("receive pieces", chunks, (memory,), lambda: [
                 [landing_of(c, s) for s in c.segments if s.nbytes] for c in chunks])
             plans = self._cached_plans("landed", chunks, (memory,), lambda: [RegionPlan(
                 [Region(landing_of(c, s), None, c.start + s.chunk_offset) for s in c.segments if s.nbytes],
                 copy=False) for c in chunks]) if verify else None
-            self._receiving = (streams, parts, plans, pieces)
+            self._receiving = (streams, parts, plans, pieces, lead_plan)
             return
         if target is not None:
-            plans = self._cached_plans("landed", chunks, (target.data_ptr(), target.numel()), lambda: [
+            plans = self._cached_plans("landed", chunks, memory, lambda: [
                 RegionPlan(landed_regions(c, target), copy=False) for c in chunks]) if verify else None
             buffers = None
         else:
             buffers = self._staging_buffers(count)
-            key = (verify, tuple((d.data_ptr(), d.numel()) for d in destinations),
-                   tuple(b.data_ptr() for b in buffers))
+            key = (verify, memory, tuple(b.data_ptr() for b in buffers))
             plans = self._cached_plans("unpack", chunks, key, lambda: [
                 RegionPlan(unpack_regions(c, buffers[c.number % count][: c.nbytes], destinations), copy=True,
                            digest=verify) for c in chunks])
-        self._receiving = (streams, parts, plans, buffers)
+        self._receiving = (streams, parts, plans, buffers, lead_plan)
 
     def _receive_payload(self, chunks: Sequence[Chunk], header: RoundHeader, digest: StreamDigest | None,
                          landing) -> None:
@@ -452,9 +549,16 @@ class NcclTransport(CollectiveTransport):
         count = header.num_buffers
         verify = digest is not None
         target = landing.target
-        streams, parts, plans, buffers = self._receiving
+        streams, parts, plans, buffers, lead_plan = self._receiving
         self._receiving = None
         group.stream.wait_stream(torch.cuda.current_stream(self.device))
+        first = 0
+        if self._lead is not None:  # the lead chunk is (being) received into scratch: place it
+            landed, self._lead = self._lead[2], None
+            streams[0].wait_event(landed)
+            with torch.cuda.stream(streams[0]):
+                lead_plan.run(parts[0], None if len(chunks) == 1 else self.pack_programs)
+            first = 1
 
         def checksum_landed(chunk: Chunk) -> None:
             """Once the chunk landed, fold it into the checksum on a side stream."""
@@ -467,22 +571,23 @@ class NcclTransport(CollectiveTransport):
                 plans[chunk.number].run(parts[chunk.number % count], None if last else self.pack_programs)
 
         if header.direct:
-            self._gpu_mark("first piece starts", group.stream)
-            for chunk, views in zip(chunks, buffers):  # (direct: each chunk's landing pieces)
+            if not first:
+                self._gpu_mark("first piece starts", group.stream)
+            for chunk, views in zip(chunks[first:], buffers[first:]):  # (direct: each chunk's landing pieces)
                 group.broadcast_pieces(views)
                 mark(f"chunk {chunk.number} called")
                 if verify:
                     checksum_landed(chunk)
             self._gpu_mark("last piece landed", group.stream)
         elif target is not None:
-            for chunk in chunks:
+            for chunk in chunks[first:]:
                 group.broadcast_on_stream(target[chunk.start : chunk.stop])
                 mark(f"chunk {chunk.number} called")
                 if verify:
                     checksum_landed(chunk)
         else:
-            placed: list[torch.cuda.Event | None] = [None] * count
-            for chunk, plan in zip(chunks, plans):
+            placed: list[torch.cuda.Event | None] = [None] * count  # (the lead chunk's scratch is its own)
+            for chunk, plan in zip(chunks[first:], plans[first:]):
                 b = chunk.number % count
                 if placed[b] is not None:
                     group.stream.wait_event(placed[b])  # buffer b is free once unpacked
