@@ -4,6 +4,7 @@ reads the trainer's memory through the CUDA IPC handles of the trainer's update_
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -89,6 +90,34 @@ def test_manifest_mismatch_is_refused_before_any_copy(pair):
     assert refused.status_code == 422 and "ipc_handles" in refused.text
     assert daemon.post("/abort_weight_update").status_code == 200
     assert daemon.checksum() == before
+
+
+def test_a_tensor_rewritten_during_the_round_fails_verification(pair):
+    """The trainer changes a lent tensor after it published its checksum (ipc: of a sample,
+    which every tensor's first bytes are in; p2p: of every byte): the receiver's checksum of
+    what it copied differs, the round fails with the weights marked touched, and the next
+    round repairs them."""
+    backend, daemon, sender = pair
+    named = weight_set(41, "cuda:0")
+    relayed_round(daemon, sender, lambda: sender.send_weights(named), 41)
+    assert daemon.post("/start_weight_update").status_code == 200
+    sender.transport.begin_round()
+    stats = sender.send_weights(named)
+    handles = next(iter(stats.update_info["ipc_handles"].values()))
+    assert handles["sampled"] == (backend == "ipc")
+    published, deadline = [f"ipc-digest/{handles['round_id']}"], time.monotonic() + 30
+    while not sender.transport._store.check(published):  # (a blocking get would hold the store's
+        assert time.monotonic() < deadline               # client from the thread that publishes)
+        time.sleep(0.01)
+    with torch.no_grad():
+        named[3][1].view(-1)[:4] += 1  # the 4 MB tensor's first values
+    torch.cuda.synchronize()
+    answer = daemon.post("/update_weights", {"update_info": stats.update_info})
+    sender.transport.end_round()
+    assert answer.status_code == 503 and "checksum mismatch" in answer.text, answer.text
+    again = weight_set(42, "cuda:0")
+    stats, answers = relayed_round(daemon, sender, lambda: sender.send_weights(again), 42)
+    assert [a.status_code for a in answers] == [200] and daemon.checksum() == expected(again)
 
 
 def test_non_contiguous_sources_go_through_bounded_staging_in_batches(pair):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from weightsync.errors import ProtocolError
-from weightsync.integrity import StreamDigest
+from weightsync.integrity import SAMPLE_STRIDE, SAMPLE_WINDOW, StreamDigest, sample_ranges
 from weightsync.layout import Layout, ramp_sizes
 from weightsync.packing import Region, RegionPlan, landed_regions, pack_regions, unpack_regions
 from weightsync.transports.cuda_ipc import GpuHandles, content_key, merge_update_infos, parse_handles, rebind_device
@@ -203,3 +203,39 @@ def test_p2p_groups_cover_the_stream_once_and_shrink_towards_its_end(monkeypatch
     sizes = [sum(pieces[i][1].numel() for i in members) for members, _ in groups]
     assert max(sizes) <= 1 << 20 and sizes[0] == 1 << 20
     assert sizes[-1] <= 128 << 10 and sizes[-3:] == sorted(sizes[-3:], reverse=True)
+
+
+def test_a_sample_covers_every_tensor_and_every_stride_and_checksums_alike_on_both_ends():
+    """ipc's sampled checksum: small tensors whole, large ones at both ends and at each stride
+    of the stream, in 8-byte aligned ranges; the trainer's ranges of its tensors and the
+    receiver's ranges of its copy give one value, and a change in any range shows."""
+    sizes = [30, 3 * SAMPLE_WINDOW + 6, 3 * SAMPLE_STRIDE + 1000, SAMPLE_STRIDE // 2]
+    layout = Layout.of_sizes(sizes)
+    ranges = sample_ranges(layout.sizes, layout.offsets)
+    by_tensor: dict[int, list[tuple[int, int]]] = {}
+    for index, start, stop in ranges:
+        by_tensor.setdefault(index, []).append((start, stop))
+        assert start % 8 == 0 and 0 <= start < stop <= sizes[index]
+    assert by_tensor[0] == [(0, 30)]
+    for index, size in enumerate(sizes[1:], 1):  # both ends of every larger tensor
+        assert by_tensor[index][0][0] == 0 and by_tensor[index][-1][1] == size
+        spans = by_tensor[index]
+        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))  # merged, in order, disjoint
+    for stride in range(0, layout.total_bytes, SAMPLE_STRIDE):  # every stride's first bytes
+        index = max(i for i, off in enumerate(layout.offsets) if off <= stride)
+        if stride < layout.offsets[index] + sizes[index]:
+            assert any(a <= stride - layout.offsets[index] < b for a, b in by_tensor[index])
+    sampled = sum(stop - start for _, start, stop in ranges)
+    assert sampled < sum(sizes) / 8
+
+    source = [torch.randint(0, 256, (n,), dtype=torch.uint8) for n in sizes]
+    copy = [t.clone() for t in source]
+
+    def sample_sum(tensors):
+        digest = StreamDigest("cpu")
+        RegionPlan([Region(tensors[i][a:b], None, layout.offsets[i] + a) for i, a, b in ranges], copy=False).run(digest)
+        return digest.hexdigest()
+
+    assert sample_sum(source) == sample_sum(copy)
+    copy[2][SAMPLE_STRIDE - layout.offsets[2] % SAMPLE_STRIDE + 5] ^= 1  # inside a stride window
+    assert sample_sum(source) != sample_sum(copy)

@@ -15,6 +15,8 @@ until the value is read.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from weightsync.kernels import WEIGHT_PERIOD
@@ -91,4 +93,38 @@ def region_sums(data: torch.Tensor, position: int) -> torch.Tensor:
         word = tail.view(torch.int64)[0]
         out[0] += word
         out[1] += word * ((first_word + usable // 8) % WEIGHT_PERIOD + 1)
+    return out
+
+
+# -- a sampled checksum ----------------------------------------------------------------------
+SAMPLE_WINDOW = 64 << 10  # bytes per sampled window
+SAMPLE_STRIDE = 4 << 20  # one window at the start of every stride of the stream
+
+
+def sample_ranges(sizes: Sequence[int], offsets: Sequence[int]) -> list[tuple[int, int, int]]:
+    """The (tensor index, start, stop) byte ranges a sampled checksum covers, for a stream of
+    tensors of `sizes` at `offsets`: each tensor's first and last window, and the window at the
+    start of every SAMPLE_STRIDE of the stream (about 1/64 of a large stream in all).
+
+    Both ends derive the same ranges from the same layout. What the sample catches is whatever
+    moves every tensor or every stride: bytes read from the wrong memory, a tensor rewritten
+    while it was read, a stale mapping."""
+    out: list[tuple[int, int, int]] = []
+    for index, (size, offset) in enumerate(zip(sizes, offsets)):
+        if size <= 2 * SAMPLE_WINDOW:
+            if size:
+                out.append((index, 0, size))
+            continue
+        windows = [(0, SAMPLE_WINDOW)]
+        first = -(-offset // SAMPLE_STRIDE) * SAMPLE_STRIDE  # the first stride start inside the tensor
+        for position in range(first, offset + size, SAMPLE_STRIDE):
+            windows.append((position - offset, min(position - offset + SAMPLE_WINDOW, size)))
+        windows.append((size - SAMPLE_WINDOW - (size - SAMPLE_WINDOW) % 8, size))  # 8-byte aligned start
+        merged: list[tuple[int, int]] = []
+        for start, stop in sorted(windows):
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+            else:
+                merged.append((start, stop))
+        out += [(index, start, stop) for start, stop in merged]
     return out

@@ -85,6 +85,8 @@ class GpuHandles(_Strict):
     # Parallel to the manifest (sparse: indices then values of each patch).
     tensors: list[Placement]
     verify: bool = True  # the trainer publishes its checksum of the round under `round_id`
+    # That checksum covers `integrity.sample_ranges` of the stream, not every byte (see ipc.py).
+    sampled: bool = False
     more: bool = False  # another batch of this round follows
     # A digest of `device`, `storages` and `tensors`: a receiver that validated and opened handles
     # under this key before reuses them without comparing the whole body again.

@@ -44,6 +44,7 @@ class P2pTransport(IpcTransport):
     # A full-grid checksum on the trainer's GPU slowed the pull by 10%: the copy engines read there.
     # On 2 x H200 (15 GB): 32 programs 1.059x a peer copy, 16 1.053x, 8 1.050x.
     source_sum_programs = int(os.environ.get("WEIGHTSYNC_SOURCE_SUM_PROGRAMS", 8))
+    sampled_checksum = False  # the bytes cross NVLink: every one is checked
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

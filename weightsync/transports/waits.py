@@ -14,10 +14,12 @@ POLL_SLEEP = 0.00005  # a round's end is noticed within ~0.1 ms; polling costs a
 
 
 def wait_event_until(event: torch.cuda.Event, deadline: float, what: str = "waiting for the GPU",
-                     on_poll: Callable[[float], None] | None = None) -> None:
+                     on_poll: Callable[[float], None] | None = None, spin: float = SPIN_SECONDS) -> None:
     """Block until `event` completed or `deadline` (time.monotonic) passed (TransferError).
 
-    `on_poll(now)` runs between polls, e.g. to notice a failed peer before the deadline."""
+    `on_poll(now)` runs between polls, e.g. to notice a failed peer before the deadline. `spin`:
+    how long to poll without sleeping (a background thread passes 0, so as not to take the
+    interpreter from the thread doing the round)."""
     started = time.monotonic()
     while not event.query():
         now = time.monotonic()
@@ -25,4 +27,4 @@ def wait_event_until(event: torch.cuda.Event, deadline: float, what: str = "wait
             on_poll(now)
         if now > deadline:
             raise TransferError(f"{what} timed out after {now - started:.3g}s")
-        time.sleep(0 if now - started < SPIN_SECONDS else POLL_SLEEP)
+        time.sleep(0 if now - started < spin else POLL_SLEEP)
