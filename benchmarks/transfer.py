@@ -438,7 +438,7 @@ class Worker:
             remote = open_storage(StorageHandle(**h.get(f"{section}/flat")), self.index)
             remote = remote[: self.flat.numel()] if backend == "p2p" else remote[: self.scratch._flat.numel()]
         methods = ["limit"] + (["vllm"] if backend == "ipc" and "vllm" in a.sections else []) + \
-            ["ws_first", "ws", "ws_nosum"]
+            ["ws_first", "ws", "ws_nosum"] + (["ws_full"] if backend == "ipc" else [])
         transport = None
         try:
             for method in methods:
@@ -459,7 +459,12 @@ class Worker:
                         elif method.startswith("ws"):
                             transport.init = verify_off if method == "ws_nosum" else init
                             transport.begin_round()
-                            stats = transport.send(list(zip(self.names, self.params)))
+                            if method == "ws_full":  # ipc: a checksum of every byte, not a sample
+                                os.environ["WEIGHTSYNC_IPC_VERIFY"] = "full"
+                            try:
+                                stats = transport.send(list(zip(self.names, self.params)))
+                            finally:
+                                os.environ.pop("WEIGHTSYNC_IPC_VERIFY", None)
                             assert not stats.more
                             h.put(key + "/send_ms", stats.seconds * 1e3)
                             h.put(key + "/info", stats.update_info)
@@ -692,6 +697,8 @@ def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
         row("ipc", "weightsync repeat round, engine API (send + receive)", _engine(rep_), base)
         row("ipc", "weightsync repeat round, engine API, checksum off",
             _engine(collect(h, "ipc", "ws_nosum", [1], args)), base)
+        row("ipc", "weightsync repeat round, engine API, every byte checksummed",
+            _engine(collect(h, "ipc", "ws_full", [1], args)), base)
         row("ipc", "weightsync repeat round incl. the harness relay", rep_, base)
     if "p2p" in args.sections and gpus >= 2:
         limit = collect(h, "p2p", "limit", [1], args)
