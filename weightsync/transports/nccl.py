@@ -15,7 +15,9 @@ and waits once, at the final agreement.
 So packing, sending and placing overlap; every wait the host does is bounded by the group's
 timeout, and a timeout aborts the communicator, which cancels its kernels: a dead peer makes the
 survivors fail instead of hanging. The chunk sizes ramp up at the start and down at the end so
-the pipeline fills and drains in small steps.
+the pipeline fills and drains in small steps. The first chunk is broadcast while the group agrees
+on the header, into the receivers' scratch memory (placed once the round is agreed, dropped if it
+is refused), so the agreement's host round trips overlap the transfer instead of preceding it.
 """
 
 from __future__ import annotations
