@@ -470,10 +470,14 @@ class NcclTransport(CollectiveTransport):
                                 f"packed_buffer_size_bytes ({self.init.packed_buffer_size_bytes})")
         group: NcclGroup = self.group
         current = torch.cuda.current_stream(self.device)
-        if self._lead_scratch.numel() < total:
-            self._lead_scratch = torch.empty(0, dtype=torch.uint8, device=self.device)  # free it first
-            self._lead_scratch = torch.empty(total, dtype=torch.uint8, device=self.device)
-        scratch = self._lead_scratch
+        if header is not None and not header.direct and self._buffers and self._buffers[0].numel() >= total:
+            scratch = self._buffers[0]  # a staging receiver's packed chunk 0 lands where it always did
+            self._lead_scratch = torch.empty(0, dtype=torch.uint8, device=self.device)
+        else:
+            if self._lead_scratch.numel() < total:
+                self._lead_scratch = torch.empty(0, dtype=torch.uint8, device=self.device)  # free it first
+                self._lead_scratch = torch.empty(total, dtype=torch.uint8, device=self.device)
+            scratch = self._lead_scratch
         if header is not None and header.direct:  # each piece where packing would put it
             views = [scratch[s.chunk_offset : s.chunk_offset + s.nbytes] for s in chunk.segments if s.nbytes]
         else:
@@ -554,12 +558,14 @@ class NcclTransport(CollectiveTransport):
         streams, parts, plans, buffers, lead_plan = self._receiving
         self._receiving = None
         group.stream.wait_stream(torch.cuda.current_stream(self.device))
-        first = 0
+        first, lead_placed = 0, None
         if self._lead is not None:  # the lead chunk is (being) received into scratch: place it
             landed, self._lead = self._lead[2], None
             streams[0].wait_event(landed)
             with torch.cuda.stream(streams[0]):
                 lead_plan.run(parts[0], None if len(chunks) == 1 else self.pack_programs)
+            lead_placed = torch.cuda.Event()
+            lead_placed.record(streams[0])
             first = 1
 
         def checksum_landed(chunk: Chunk) -> None:
@@ -588,7 +594,8 @@ class NcclTransport(CollectiveTransport):
                 if verify:
                     checksum_landed(chunk)
         else:
-            placed: list[torch.cuda.Event | None] = [None] * count  # (the lead chunk's scratch is its own)
+            placed: list[torch.cuda.Event | None] = [None] * count
+            placed[0] = lead_placed  # a packed lead chunk sits in buffer 0
             for chunk, plan in zip(chunks[first:], plans[first:]):
                 b = chunk.number % count
                 if placed[b] is not None:
