@@ -20,7 +20,7 @@ round checksum. The trainer keeps every lent tensor alive until the round ends.
   checksums a sample (`integrity.sample_ranges`: every tensor's ends and one 64 KiB window per
   4 MiB, about 2% of a large set) and the receiver checksums the same ranges of what it wrote: a
   full checksum would read the whole set again from the memory the copy itself uses (on an
-  H200 a repeat round took 1.25-1.45x a plain copy so, 1.12-1.15x with the sample). The sample
+  H200 a repeat round took 1.25-1.45x a plain copy that way, 1.12-1.15x with the sample). The sample
   catches what goes wrong on one GPU: bytes read from the wrong memory, a tensor rewritten
   during the round, a stale mapping.
   WEIGHTSYNC_IPC_VERIFY=full checksums every byte; p2p always does (its copy crosses NVLink).
