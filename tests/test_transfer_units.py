@@ -15,7 +15,7 @@ import torch
 from weightsync.errors import ProtocolError
 from weightsync.integrity import SAMPLE_STRIDE, SAMPLE_WINDOW, StreamDigest, sample_ranges
 from weightsync.layout import Layout, ramp_sizes
-from weightsync.packing import Region, RegionPlan, landed_regions, pack_regions, unpack_regions
+from weightsync.packing import Region, RegionPlan, landed_regions, pack_regions, sampled_regions, unpack_regions
 from weightsync.transports.cuda_ipc import GpuHandles, content_key, merge_update_infos, parse_handles, rebind_device
 from weightsync.transports.p2p import P2pTransport
 from weightsync_operator.client import Endpoint
@@ -233,7 +233,7 @@ def test_a_sample_covers_every_tensor_and_every_stride_and_checksums_alike_on_bo
 
     def sample_sum(tensors):
         digest = StreamDigest("cpu")
-        RegionPlan([Region(tensors[i][a:b], None, layout.offsets[i] + a) for i, a, b in ranges], copy=False).run(digest)
+        RegionPlan(sampled_regions(tensors, layout.offsets), copy=False).run(digest)
         return digest.hexdigest()
 
     assert sample_sum(source) == sample_sum(copy)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from weightsync.integrity import StreamDigest, region_sums
+from weightsync.integrity import StreamDigest, region_sums, sample_ranges
 from weightsync.kernels import block_table, run_blocks, triton_usable
 from weightsync.layout import Chunk
 
@@ -100,6 +100,13 @@ def landed_regions(chunk: Chunk, target: torch.Tensor) -> list[Region]:
     (checksum only: the bytes are already where they belong; padding is left out)."""
     return [Region(target[chunk.start + s.chunk_offset : chunk.start + s.chunk_offset + s.nbytes], None,
                    chunk.start + s.chunk_offset) for s in chunk.segments]
+
+
+def sampled_regions(flats: Sequence[torch.Tensor], offsets: Sequence[int]) -> list[Region]:
+    """The regions of the stream's tensors (flat uint8, at `offsets`) that a sampled checksum
+    covers (`integrity.sample_ranges`); checksum only."""
+    return [Region(flats[i][start:stop], None, offsets[i] + start)
+            for i, start, stop in sample_ranges([t.numel() for t in flats], offsets)]
 
 
 def pack_chunk(chunk: Chunk, sources: Sequence[torch.Tensor], buffer: torch.Tensor) -> torch.Tensor:

@@ -43,10 +43,10 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from weightsync.errors import IntegrityError, ManifestMismatch, ProtocolError, TransferError
-from weightsync.integrity import DIGEST_BYTES, StreamDigest, format_digest, sample_ranges
+from weightsync.integrity import DIGEST_BYTES, StreamDigest, format_digest
 from weightsync.kernels import warm_up
 from weightsync.layout import DEFAULT_ALIGNMENT, Layout, align_up
-from weightsync.packing import Region, RegionPlan, as_bytes
+from weightsync.packing import Region, RegionPlan, as_bytes, sampled_regions
 from weightsync.protocol import InitInfo, Manifest, TensorSpec, UpdateInfo
 from weightsync.rendezvous import open_store
 from weightsync.store import WeightStore
@@ -333,8 +333,7 @@ class IpcTransport(Transport):
         offsets = Layout.of_sizes([v.numel() for v in views]).offsets
         if not self._sampled():
             return RegionPlan([Region(v, None, off) for v, off in zip(views, offsets)], copy=False)
-        return RegionPlan([Region(views[i][start:stop], None, offsets[i] + start)
-                           for i, start, stop in sample_ranges([v.numel() for v in views], offsets)], copy=False)
+        return RegionPlan(sampled_regions(views, offsets), copy=False)
 
     def _publish_digest(self, round_id: str, plan: RegionPlan) -> None:
         """Checksum the lent bytes on a side stream, behind everything queued so far; a worker
@@ -462,8 +461,7 @@ class IpcTransport(Transport):
                     if sampled:
                         if "sample" not in prepared.plans:
                             prepared.plans["sample"] = RegionPlan(
-                                [Region(prepared.destinations[i][start:stop], None, prepared.offsets[i] + start)
-                                 for i, start, stop in sample_ranges(prepared.sizes, prepared.offsets)], copy=False)
+                                sampled_regions(prepared.destinations, prepared.offsets), copy=False)
                         prepared.plans["sample"].run(digest)
                     self._digest_host.copy_(digest.as_bytes(), non_blocking=True)
                     done.record(self._side)

@@ -28,6 +28,7 @@ import datetime
 import os
 import time
 from collections.abc import Sequence
+from itertools import accumulate
 
 import torch
 
@@ -228,7 +229,7 @@ class NcclTransport(CollectiveTransport):
         self._sending: tuple | None = None
         self._receiving: tuple | None = None  # a receive made ready ahead of its agreement
         self._lead_sent: torch.cuda.Event | None = None  # trainer: the lead chunk's broadcast is done
-        self._lead: tuple[Chunk | None, torch.Tensor, torch.cuda.Event] | None = None  # receiver: lead in scratch
+        self._lead: tuple[torch.Tensor, torch.cuda.Event] | None = None  # receiver: lead in scratch, landed
         self._lead_scratch = torch.empty(0, dtype=torch.uint8, device=device)
         self.gpu_trace: list[tuple[str, torch.cuda.Event]] = []  # see _gpu_mark
         # GPU programs that pack (trainer) or checksum/unpack (receiver) a chunk at once. Fewer
@@ -481,23 +482,20 @@ class NcclTransport(CollectiveTransport):
         if header is not None and header.direct:  # each piece where packing would put it
             views = [scratch[s.chunk_offset : s.chunk_offset + s.nbytes] for s in chunk.segments if s.nbytes]
         else:
-            offsets = [0]
-            for size in pieces[:-1]:
-                offsets.append(offsets[-1] + size)
-            views = [scratch[o : o + n] for o, n in zip(offsets, pieces)]
+            views = [scratch[o : o + n] for o, n in zip(accumulate(pieces, initial=0), pieces)]
         group.stream.wait_stream(current)  # the last round's placing of the scratch is done
         self._gpu_mark("first piece starts", group.stream)
         group.broadcast_pieces(views)
         mark("lead chunk called")
         landed = torch.cuda.Event()
         landed.record(group.stream)
-        self._lead = (chunk, scratch[:total], landed)
+        self._lead = (scratch[:total], landed)
 
     def _abandon_receive(self) -> None:
         lead, self._lead = self._lead, None
         self._receiving = None
         if lead is not None:
-            wait_event(lead[2], self.group.comm, "the chunk sent ahead of the agreement")
+            wait_event(lead[1], self.group.comm, "the chunk sent ahead of the agreement")
 
     @staticmethod
     def _landing_view(landing, chunk: Chunk, s) -> torch.Tensor:
@@ -522,18 +520,17 @@ class NcclTransport(CollectiveTransport):
             tuple((d.data_ptr(), d.numel()) for d in destinations)
         lead_plan = None
         if self._lead is not None:  # copy the lead chunk from scratch to where it belongs, checksummed
-            lead_chunk, scratch = chunks[0], self._lead[1]
+            lead_chunk, scratch = chunks[0], self._lead[0]
             lead_plan = self._cached_plans("lead", chunks, (memory, scratch.data_ptr(), verify), lambda: [
                 RegionPlan([Region(scratch[s.chunk_offset : s.chunk_offset + s.nbytes],
                                    self._landing_view(landing, lead_chunk, s), lead_chunk.start + s.chunk_offset)
                             for s in lead_chunk.segments if s.nbytes], copy=True, digest=verify)])[0]
         if header.direct:  # every piece lands where it belongs; checksum it there
-            def landing_of(chunk: Chunk, s) -> torch.Tensor:
-                return self._landing_view(landing, chunk, s)
+            view = self._landing_view
             pieces = self._cached_plans("receive pieces", chunks, (memory,), lambda: [
-                [landing_of(c, s) for s in c.segments if s.nbytes] for c in chunks])
+                [view(landing, c, s) for s in c.segments if s.nbytes] for c in chunks])
             plans = self._cached_plans("landed", chunks, (memory,), lambda: [RegionPlan(
-                [Region(landing_of(c, s), None, c.start + s.chunk_offset) for s in c.segments if s.nbytes],
+                [Region(view(landing, c, s), None, c.start + s.chunk_offset) for s in c.segments if s.nbytes],
                 copy=False) for c in chunks]) if verify else None
             self._receiving = (streams, parts, plans, pieces, lead_plan)
             return
@@ -560,7 +557,7 @@ class NcclTransport(CollectiveTransport):
         group.stream.wait_stream(torch.cuda.current_stream(self.device))
         first, lead_placed = 0, None
         if self._lead is not None:  # the lead chunk is (being) received into scratch: place it
-            landed, self._lead = self._lead[2], None
+            landed, self._lead = self._lead[1], None
             streams[0].wait_event(landed)
             with torch.cuda.stream(streams[0]):
                 lead_plan.run(parts[0], None if len(chunks) == 1 else self.pack_programs)
