@@ -31,6 +31,8 @@ async def _spawner():
 
     async def _spawn(name: str, *args: str, module: str = "weightsync_daemon", env: dict | None = None):
         argv = list(args) or ["--port", "0", "--backend", "cpu"]
+        # Gone with the test run even if it dies without stopping them (it closes their stdin).
+        argv.append("--exit-on-stdin-eof")
         process = await LocalProcess.start(name, module, argv, timeout=90, env=env)
         started.append(process)
         return process

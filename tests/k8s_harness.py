@@ -205,7 +205,8 @@ async def start_daemons(count: int, prefix: str = "infer", timeout: float = 60.0
     """`count` standalone daemon processes on the cpu transport, started at once."""
     started = await asyncio.gather(*(
         LocalProcess.start(f"{prefix}-{i}", "weightsync_daemon",
-                           ["--host", "127.0.0.1", "--port", "0", "--backend", "cpu"], timeout)
+                           ["--host", "127.0.0.1", "--port", "0", "--backend", "cpu",
+                            "--exit-on-stdin-eof"], timeout)
         for i in range(count)), return_exceptions=True)
     failures = [s for s in started if isinstance(s, BaseException)]
     if failures:

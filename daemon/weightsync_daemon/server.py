@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
 import logging
-import signal
-import sys
+import textwrap
 import threading
 import time
-from pathlib import Path
 
 import uvicorn
 
-from weightsync.protocol import Manifest
 from weightsync.store import WeightStore
 from weightsync.transports import available
+from weightsync_daemon import cli_args
 from weightsync_daemon.app import create_app
 from weightsync_daemon.auth import TOKEN_ENV, load_token
+from weightsync_daemon.lifecycle import DEFAULT_GRACE_SECONDS, StopRequest, serve_until_stopped
 from weightsync_daemon.service import EngineService, ReceiverService
 
 
@@ -58,47 +56,88 @@ class EmbeddedServer:
 
 def serve_embedded(service: EngineService, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
                    **kwargs) -> EmbeddedServer:
+    """Serve `service` on a thread of this process (e.g. beside the model that serves); warns, as
+    the `weightsync daemon` command does, when no token guards it."""
+    warn_without_token(kwargs.get("token"))
     return EmbeddedServer(create_app(service, **kwargs), host, port, log_level).start()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="weightsync daemon", description=__doc__)
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=8200)
-    parser.add_argument("--backend", default="cpu", choices=available())
-    parser.add_argument("--device", default=None, help="torch device for the weights (default: per backend)")
-    parser.add_argument("--manifest", type=Path, default=None,
-                        help="JSON manifest to shape the weights up front (default: the first update's)")
-    parser.add_argument("--token-file", type=Path, default=None,
-                        help=f"file holding the bearer token for mutating endpoints (default: ${TOKEN_ENV})")
-    parser.add_argument("--log-level", default="warning")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run a standalone daemon until SIGTERM; print one JSON line with its URL once it listens."""
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    service = ReceiverService(backend=args.backend, device=args.device)
-    if args.manifest is not None:
-        manifest = Manifest.model_validate(json.loads(args.manifest.read_text()))
-        service.store = WeightStore.from_manifest(manifest, service.device)
-    token = load_token(args.token_file)
+def warn_without_token(token: str | None) -> None:
+    """The one warning every weightsync server gives when it runs without a bearer token."""
     if token is None:
         logging.getLogger("weightsync.daemon").warning(
             "no auth token: anyone who reaches this port can rewrite the weights (set %s)", TOKEN_ENV)
-    server = serve_embedded(service, args.host, args.port, args.log_level, token=token)
+
+
+DAEMON_HELP = """\
+A standalone receiver daemon: it holds one GPU's (or the CPU's) copy of the weights and serves the
+weight-transfer HTTP API. Once it listens it prints one JSON line, {"url": ..., "role": "receiver"}.
+"""
+
+MANIFEST_HELP = """\
+--manifest: a JSON file shaping the receiver's weights before the first round, so that the first
+update is checked against it (without it, the first update's manifest shapes them). Its format is
+the protocol's Manifest: parameters in the order the trainer sends them, each with its name, dtype
+and shape, e.g.
+
+  {"tensors": [
+    {"name": "embed.weight", "dtype": "bfloat16", "shape": [32000, 4096]},
+    {"name": "layers.0.mlp.weight", "dtype": "bfloat16", "shape": [11008, 4096]},
+    {"name": "norm.weight", "dtype": "float32", "shape": [4096]}
+  ]}
+
+%s
+
+It stops on SIGTERM or SIGINT (what Docker, Kubernetes and systemd send), giving a round in
+flight --shutdown-grace seconds to finish; never because its stdin ended, unless
+--exit-on-stdin-eof asks for that.
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from weightsync.protocol import DTYPES
+
+    parser = cli_args.Parser(prog="weightsync daemon", description=DAEMON_HELP,
+                             epilog=MANIFEST_HELP % textwrap.fill(f"dtypes: {', '.join(DTYPES)}.", 98))
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    parser.add_argument("--port", type=cli_args.port, default=8200, help="HTTP port (0: any free port)")
+    parser.add_argument("--backend", default="cpu", choices=available(), help="transport")
+    parser.add_argument("--device", type=cli_args.device, default=None,
+                        help="torch device for the weights (none: the backend's, e.g. cuda for nccl)")
+    parser.add_argument("--manifest", type=cli_args.manifest_file, default=None, metavar="FILE",
+                        help="JSON manifest to shape the weights up front (format below; none: the "
+                             "first update's)")
+    parser.add_argument("--token-file", type=cli_args.token_file, default=None, metavar="FILE",
+                        help=f"file holding the bearer token for mutating endpoints (none: ${TOKEN_ENV})")
+    parser.add_argument("--log-level", type=cli_args.log_level, default="warning",
+                        help=f"one of {', '.join(cli_args.LOG_LEVELS)}")
+    parser.add_argument("--shutdown-grace", type=cli_args.seconds, default=DEFAULT_GRACE_SECONDS,
+                        metavar="SECONDS", help="on SIGTERM/SIGINT, how long a round in flight may take to "
+                                                "finish before it is abandoned")
+    parser.add_argument("--exit-on-stdin-eof", action="store_true",
+                        help="also stop when stdin reaches its end (for a parent process that wants its "
+                             "children gone with it); without it an empty stdin (Docker, Kubernetes, "
+                             "nohup) changes nothing")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a standalone daemon until SIGTERM/SIGINT; print one JSON line with its URL once it listens."""
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = StopRequest(args.exit_on_stdin_eof)  # before the server starts: no SIGTERM is lost
+    service = ReceiverService(backend=args.backend, device=args.device)
+    if args.manifest is not None:
+        service.store = WeightStore.from_manifest(args.manifest, service.device)
+    try:
+        server = serve_embedded(service, args.host, args.port, args.log_level, token=load_token(args.token_file))
+    except RuntimeError as error:  # e.g. the port is taken (uvicorn logged why just before)
+        cli_args.fail("weightsync daemon", f"cannot serve on {args.host}:{args.port}: {error}")
     print(json.dumps({"url": server.url, "role": service.role}), flush=True)
-    wait_for_stop()
-    server.stop()
+    serve_until_stopped(server, service, stop, args.shutdown_grace)
+    return 0
 
 
-def wait_for_stop() -> None:
-    """Block until SIGTERM/SIGINT, or until the parent closes our stdin (when it is a pipe)."""
-    stop = threading.Event()
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` dumps every thread's stack
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    if not sys.stdin.isatty():
-        threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-    stop.wait()
+def wait_for_stop(exit_on_stdin_eof: bool = False) -> str:
+    """Block until SIGTERM/SIGINT (or, only if asked, until stdin reaches its end); returns why."""
+    return StopRequest(exit_on_stdin_eof).wait()

@@ -3,26 +3,26 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from weightsync.layout import parse_size
+from weightsync_daemon import cli_args
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="weightsync", description="Move model weights from an RL "
-                                     "trainer to inference workers, fast and safely.")
+    parser = cli_args.Parser(prog="weightsync", description="Move model weights from an RL "
+                             "trainer to inference workers, fast and safely.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="run a trainer and N daemons locally and verify every round")
-    demo.add_argument("--daemons", type=int, default=2)
-    demo.add_argument("--rounds", type=int, default=5)
+    demo.add_argument("--daemons", type=cli_args.positive_int, default=2, help="inference daemons")
+    demo.add_argument("--rounds", type=cli_args.positive_int, default=5, help="sync rounds")
     demo.add_argument("--backend", default="auto", choices=["auto", "cpu", "ipc", "p2p", "nccl"],
-                      help="transport (default auto: p2p or nccl with 2+ GPUs, ipc with one, cpu otherwise)")
-    demo.add_argument("--buffer-size", type=parse_size, default=parse_size("1MiB"),
-                      help="packed buffer size (default 1MiB, so the small model spans several buffers)")
-    demo.add_argument("--buffers", type=int, default=2, help="packed buffers in flight")
+                      help="transport (auto: p2p or nccl with 2+ GPUs, ipc with one, cpu otherwise)")
+    demo.add_argument("--buffer-size", type=cli_args.buffer_size, default="1MiB",
+                      help="packed buffer size, e.g. 1048576, 512KiB, 64MiB (small, so that the small "
+                           "model spans several buffers)")
+    demo.add_argument("--buffers", type=cli_args.num_buffers, default=2, help="packed buffers in flight")
 
     commands.add_parser("daemon", help="run a standalone receiver daemon (see `weightsync daemon --help`)",
                         add_help=False)
@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "daemon":
         from weightsync_daemon.server import main as daemon_main
 
-        daemon_main(argv[1:])
-        return 0
+        return daemon_main(argv[1:])
     if argv and argv[0] == "operator":
         from weightsync_operator.operator_cli import main as operator_main
 

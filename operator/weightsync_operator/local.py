@@ -1,7 +1,8 @@
 """Local processes that speak the daemon protocol: started, awaited until ready, and stopped.
 
 Each child prints one JSON line `{"url": ...}` once its HTTP server listens; the parent reads it
-with a deadline. Closing the child's stdin (or SIGTERM) makes it exit.
+with a deadline. `stop` sends SIGTERM (and closes the child's stdin, which ends a child started
+with `--exit-on-stdin-eof`, so children go with a parent that dies without stopping them).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
     weightsync operator --namespace rl --namespace eval --standalone
 
 Credentials come from the pod's service account in a cluster, else the kubeconfig ($KUBECONFIG);
-the daemons' bearer token from --token-file or $WEIGHTSYNC_AUTH_TOKEN.
+the daemons' bearer token from --token-file or $WEIGHTSYNC_AUTH_TOKEN. It runs until SIGTERM or
+SIGINT (kopf then stops its handlers and exits 0); its stdin is never read.
 """
 
 from __future__ import annotations
@@ -12,16 +13,15 @@ from __future__ import annotations
 import argparse
 import logging
 import secrets
-from pathlib import Path
 
+from weightsync_daemon import cli_args
 from weightsync_daemon.auth import TOKEN_ENV, load_token
 
 log = logging.getLogger("weightsync.operator")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="weightsync operator", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli_args.Parser(prog="weightsync operator", description=__doc__)
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("-n", "--namespace", action="append", default=[], metavar="NS",
                        help="serve WeightSyncs in this namespace (repeatable; kopf's globs allowed)")
@@ -33,12 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--priority", type=int, default=None,
                         help="peering priority: the highest-priority replica works, the others stand by "
                              "(default with --peering: a random one, so replicas never tie)")
-    parser.add_argument("--liveness", metavar="URL",
+    parser.add_argument("--liveness", metavar="URL", type=cli_args.http_url,
                         help="serve a liveness probe there, e.g. http://0.0.0.0:8080/healthz")
-    parser.add_argument("--token-file", type=Path, default=None,
-                        help=f"bearer token for the daemons' mutating endpoints (default: ${TOKEN_ENV})")
-    parser.add_argument("--recheck-interval", type=float, default=30.0, metavar="SECONDS",
-                        help="how often each group's health is re-checked even if nothing changed (30)")
+    parser.add_argument("--token-file", type=cli_args.token_file, default=None, metavar="FILE",
+                        help=f"bearer token for the daemons' mutating endpoints (none: ${TOKEN_ENV})")
+    parser.add_argument("--recheck-interval", type=cli_args.positive_seconds, default=30.0, metavar="SECONDS",
+                        help="how often each group's health is re-checked even if nothing changed")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
@@ -54,6 +54,7 @@ def peering_priority(args: argparse.Namespace) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import kopf  # imported here: `weightsync demo` and `weightsync daemon` never need it
+    from kubernetes.config import ConfigException
 
     from weightsync_operator import handlers  # noqa: F401  (importing it registers the handlers)
     from weightsync_operator.kube import KubeApi
@@ -64,8 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     clusterwide = args.all_namespaces or not args.namespace
     if not args.all_namespaces and not args.namespace:
         log.warning("neither --namespace nor --all-namespaces: serving all namespaces")
-    runtime = Runtime(KubeApi.from_environment(), token=load_token(args.token_file),
-                      recheck_interval=args.recheck_interval)
+    try:
+        kube = KubeApi.from_environment()
+    except ConfigException as error:  # no service account and no usable kubeconfig
+        cli_args.fail("weightsync operator", f"no Kubernetes credentials: {error}")
+    runtime = Runtime(kube, token=load_token(args.token_file), recheck_interval=args.recheck_interval)
     kopf.run(registry=kopf.get_default_registry(), clusterwide=clusterwide, namespaces=args.namespace,
              standalone=True if args.standalone else None, peering_name=args.peering, priority=priority,
              liveness_endpoint=args.liveness, memo=kopf.Memo(runtime=runtime))

@@ -77,7 +77,8 @@ async def run_demo(daemons: int = 2, rounds: int = 5, backend: str = "cpu",
     placement = place(backend, daemons)
     backend = placement.backend
     progress(f"starting a trainer and {daemons} daemons ({backend} backend)…")
-    worker_args = ["--backend", backend]
+    # --exit-on-stdin-eof: the workers end with this process even if it is killed outright.
+    worker_args = ["--backend", backend, "--exit-on-stdin-eof"]
 
     def device_args(device: str | None) -> list[str]:
         return ["--device", device] if device else []

@@ -1,10 +1,10 @@
 """One demo process: the trainer (rank 0, trains and sends) or an inference worker (serves the
 model and receives into its parameters). Each embeds the weightsync HTTP app on a thread and
-prints one JSON line with its URL once it is ready."""
+prints one JSON line with its URL once it is ready. It runs until SIGTERM/SIGINT (or, with
+--exit-on-stdin-eof, until its parent closes its stdin)."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import threading
@@ -14,7 +14,9 @@ from fastapi import APIRouter
 
 from weightsync.store import WeightStore
 from weightsync_daemon.auth import load_token
-from weightsync_daemon.server import serve_embedded, wait_for_stop
+from weightsync_daemon import cli_args
+from weightsync_daemon.lifecycle import DEFAULT_GRACE_SECONDS, StopRequest, serve_until_stopped
+from weightsync_daemon.server import serve_embedded
 from weightsync_daemon.service import ReceiverService, SenderService
 from weightsync_operator.demo.model import build_model, probe_tokens, train_step
 
@@ -43,12 +45,15 @@ def demo_router(model: torch.nn.Module, lock: threading.Lock, trainer: bool) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser()
+    parser = cli_args.Parser(prog="python -m weightsync_operator.demo.worker", description=__doc__)
     parser.add_argument("--role", choices=["trainer", "inference"], required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="cpu")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", type=cli_args.device, default=None)
+    parser.add_argument("--shutdown-grace", type=cli_args.seconds, default=DEFAULT_GRACE_SECONDS)
+    parser.add_argument("--exit-on-stdin-eof", action="store_true", help="also stop when stdin ends")
     args = parser.parse_args(argv)
+    stop = StopRequest(args.exit_on_stdin_eof)
     torch.set_num_threads(1)  # identical kernels in every process: outputs compare bit for bit
     model = build_model(args.seed)
     if args.device:
@@ -63,8 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     server = serve_embedded(service, extra_routers=[demo_router(model, lock, args.role == "trainer")],
                             token=load_token())
     print(json.dumps({"url": server.url, "role": args.role}), flush=True)
-    wait_for_stop()
-    server.stop()
+    serve_until_stopped(server, service, stop, args.shutdown_grace)
 
 
 if __name__ == "__main__":
