@@ -32,6 +32,10 @@ import torch
 
 from weightsync.errors import IntegrityError, ManifestMismatch, ProtocolError, TransferError
 from weightsync.integrity import DIGEST_BYTES, StreamDigest, format_digest
+from weightsync.landing import (
+    Landing, LoaderSink, Shadow, Sink, StagedLoad, StagingPlan, check_indices, choose_landing,
+    sink_verdict, stream_sizes,
+)
 from weightsync.layout import DEFAULT_ALIGNMENT, Chunk, Layout
 from weightsync.packing import RegionPlan, as_bytes, landed_regions, pack_regions, unpack_regions
 from weightsync.protocol import Manifest, RoundHeader, TensorSpec, UpdateInfo, parse
@@ -148,11 +152,12 @@ class CollectiveTransport(Transport):
         super().__init__(init, rank, device)
         self.group = group
         self._buffers: list[torch.Tensor] = []
-        self._shadow: WeightStore | None = None
-        self._shadow_manifest: Manifest | None = None
+        self._staging_flat: torch.Tensor | None = None  # the one allocation `_buffers` are slices of
+        self._shadow = Shadow()  # receiver: where an atomic round lands
+        self._staging_plans: dict[tuple, StagingPlan] = {}  # receiver: loader rounds' staging
         self._manifests: dict[tuple, Manifest] = {}  # trainer: manifest per (name, dtype, shape) key
         self._header_cache: tuple[dict, RoundHeader] | None = None  # receiver: last parsed header
-        self._checked: tuple[WeightStore, Manifest, int, str | None] | None = None
+        self._checked: tuple[WeightStore, Manifest, int, str | None] | None = None  # direct sinks
         self._layouts: dict[tuple, tuple[Layout, list[Chunk]]] = {}
         self.timings: dict[str, float] = {}  # seconds per phase of the last round
         self._repeat: tuple[tuple, Manifest, list[torch.Tensor], bool] | None = None  # trainer: last round
@@ -164,16 +169,25 @@ class CollectiveTransport(Transport):
         self._header_json: tuple[tuple, bytes, Manifest, str] | None = None  # trainer: key, body, manifest, fingerprint
         self._digest_host: torch.Tensor | None = None  # pinned landing place of the final checksum
         self._orphan_lead: list[int] = []  # receiver: lead pieces of a header it does not hold
+        self._loader_round = False  # receiver: this round stages for a loader (see `landing`)
 
     # -- helpers the subclasses may refine ----------------------------------------------
     def _staging_buffers(self, count: int) -> list[torch.Tensor]:
-        """`count` reusable uint8 buffers of the packed size, allocated once per group."""
+        """`count` reusable uint8 buffers of the packed size, allocated once per group, as
+        consecutive slices of one area (a loader round stages across them, see `landing`)."""
         size = self.init.packed_buffer_size_bytes
-        if self._buffers and self._buffers[0].numel() != size:
+        if self._buffers and (self._buffers[0].numel() != size or len(self._buffers) < count):
             self._buffers = []
-        while len(self._buffers) < count:
-            self._buffers.append(torch.empty(size, dtype=torch.uint8, device=self.device))
+            self._staging_flat = None  # free it before allocating anew
+        if not self._buffers:
+            self._staging_flat = torch.empty(count * size, dtype=torch.uint8, device=self.device)
+            self._buffers = [self._staging_flat[k * size : (k + 1) * size] for k in range(count)]
         return self._buffers[:count]
+
+    def _staging_area(self, count: int) -> torch.Tensor:
+        """The `count` staging buffers as one flat area."""
+        self._staging_buffers(count)
+        return self._staging_flat[: count * self.init.packed_buffer_size_bytes]
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, non_blocking=True)
@@ -516,16 +530,24 @@ class CollectiveTransport(Transport):
             in_flight.popleft().wait()
 
     # -- receiver side ----------------------------------------------------------------------
-    def receive(self, store: WeightStore, info: UpdateInfo) -> RoundStats:
+    def receive(self, sink: Sink, info: UpdateInfo) -> RoundStats:
         """Check the header, land the payload, verify it, then commit; see the module docstring.
 
-        Dense rounds land in place (the live weights), or with `atomic` in a shadow copy that is
-        switched in only once the whole round verified. Sparse rounds always land in scratch
-        tensors and are applied only after every receiver validated them.
+        `sink`: a `WeightStore` (direct) or a `LoaderSink` (see `weightsync.landing`). Dense rounds
+        land in place (the live weights), or with `atomic` in a shadow copy that is switched in
+        (handed to the loader) only once the whole round verified; into a loader without `atomic`
+        each tensor is handed over as soon as its bytes are in, from bounded staging. Sparse rounds
+        always land in scratch tensors and are applied only after every receiver validated them.
         """
         started = time.perf_counter()
         mark("receive: start")
         self.group.check_usable()
+        loader = sink if isinstance(sink, LoaderSink) else None
+        self._loader_round = loader is not None and not self.init.atomic
+        if loader is not None:
+            loader.begin_round()
+            if self._loader_round:  # the lead chunk, if any, lands where the staging starts
+                self._staging_buffers(self.init.packed_num_buffers)
         header = self._receive_header()
         if header is None:
             problem = ("the trainer named a round header this receiver does not hold; "
@@ -538,16 +560,26 @@ class CollectiveTransport(Transport):
             raise ManifestMismatch(problem)
         layout, chunks = self._chunks(self._stream_sizes_of(header), header)
         self._receive_lead(self._lead_pieces(chunks, header), chunks[0] if chunks else None, header)
+        staged = None
         try:
-            if header.update_kind == "dense":
-                store.adopt(header.manifest, self.device)
-            problem = self._check_header(header, store, info)
+            if header.update_kind == "dense" and loader is None:
+                sink.adopt(header.manifest, self.device)
+            problem = self._check_header(header, sink, info)
+            landing = None
+            if problem is None:
+                landing = choose_landing(header.update_kind, header.manifest, sink, layout, self.device,
+                                         self.init.atomic, self._shadow)
+                if landing.staged:  # a loader round: is the staging bound enough? (before agreeing)
+                    try:
+                        staged = self._staged_load(header, layout, chunks, loader)
+                    except TransferError as error:
+                        problem = str(error)
             mark("receive: header checked")
             ticket = self._post(problem, gpu_done=False)
             if problem is None:  # get ready while the others' verdicts come in
-                landing = self._landing(header, store, layout)
                 digest = StreamDigest(self.device) if header.verify else None
-                self._prepare_receive(chunks, header, digest, landing)
+                if staged is None:
+                    self._prepare_receive(chunks, header, digest, landing)
                 mark("receive: prepared")
             objections = self._collect(ticket).objections()
             if objections:
@@ -557,11 +589,14 @@ class CollectiveTransport(Transport):
             raise
         marks = [("header+agree", time.perf_counter())]
         try:
-            self._receive_payload(chunks, header, digest, landing)
-            marks.append(("enqueue", time.perf_counter()))
             problem = None
+            if staged is not None:
+                problem = self._receive_staged(staged, chunks, header, digest, loader)
+            else:
+                self._receive_payload(chunks, header, digest, landing)
+            marks.append(("enqueue", time.perf_counter()))
             if header.update_kind == "sparse_flat":
-                problem = check_indices(header.manifest, landing.scratch, store)
+                problem = check_indices(header.manifest, landing.scratch, sink)
             outcome = self._exchange(problem, digest)
             marks.append(("payload+agree", time.perf_counter()))
             bad_sums = outcome.checksum_mismatches()
@@ -573,9 +608,9 @@ class CollectiveTransport(Transport):
                 raise kind("round not applied: " + "; ".join(objections))
         except TransferError as error:
             # Unless the round landed in a shadow copy or scratch, the live weights hold part of it.
-            error.weights_touched = landing.writes_live
+            error.weights_touched = landing.touched()
             raise
-        landing.commit(store)
+        landing.commit(sink)
         self.group.synchronize()  # the weights are complete when the call returns
         marks.append(("commit", time.perf_counter()))
         self.timings = _phases(started, marks)
@@ -589,32 +624,53 @@ class CollectiveTransport(Transport):
         repeated header is reused, see `_header_from_bytes`)."""
         cached = self._sizes
         if cached is None or cached[0] is not header.manifest or cached[1] != header.update_kind:
-            cached = self._sizes = (header.manifest, header.update_kind, tuple(_stream_sizes(header)))
+            cached = self._sizes = (header.manifest, header.update_kind,
+                                    tuple(stream_sizes(header.update_kind, header.manifest)))
         return cached[2]
 
-    def _landing(self, header: RoundHeader, store: WeightStore, layout: Layout) -> "_Landing":
-        if header.update_kind == "sparse_flat":
-            scratch: list[torch.Tensor] = []
-            for spec in header.manifest.tensors:  # per patch: its indices, then its values
-                scratch += [torch.empty(spec.numel, dtype=torch.int64, device=self.device),
-                            torch.empty(spec.numel, dtype=spec.torch_dtype, device=self.device)]
-            return _Landing(None, [as_bytes(t) for t in scratch], scratch=scratch, sparse=header.manifest)
-        if self.init.atomic:
-            shadow = self._shadow_store(header.manifest)
-            return _Landing(shadow.contiguous_target(header.manifest, layout), None, shadow=shadow,
-                            manifest=header.manifest)
-        target = store.contiguous_target(header.manifest, layout)
-        if target is not None and target.device == self.device:
-            return _Landing(target, None, in_place=True)
-        return _Landing(None, store.destinations(header.manifest))
+    # -- a loader round: bounded staging ------------------------------------------------------
+    def _staged_load(self, header: RoundHeader, layout: Layout, chunks: list[Chunk],
+                     loader: LoaderSink) -> StagedLoad:
+        """The staging plan of a loader round (TransferError naming the tensor and the bound when
+        the round does not fit in packed_num_buffers x packed_buffer_size_bytes)."""
+        count = self.init.packed_num_buffers
+        capacity = count * self.init.packed_buffer_size_bytes
+        run_ends = loader.run_ends(header.manifest)
+        key = (id(chunks), capacity, id(header.manifest), tuple(run_ends))
+        plan = self._staging_plans.get(key)
+        if plan is None:
+            if len(self._staging_plans) > 8:
+                self._staging_plans.clear()
+            plan = StagingPlan.build(layout, chunks, capacity, header.manifest.names, run_ends)
+            self._staging_plans[key] = plan
+            plan.views["keep"] = (chunks, header.manifest)  # the key's ids stay valid
+        area = self._staging_area(count)
+        loader.staging_bytes = area.numel()
+        return StagedLoad(plan, area, header.manifest, chunks, layout, header.verify)
 
-    def _shadow_store(self, manifest: Manifest) -> WeightStore:
-        """A second copy of the weights to receive into, kept across rounds of the same manifest."""
-        if self._shadow is None or self._shadow_manifest != manifest:
-            self._shadow = None  # free the old one before allocating
-            self._shadow = WeightStore.from_manifest(manifest, self.device)
-            self._shadow_manifest = manifest
-        return self._shadow
+    def _receive_staged(self, staged: StagedLoad, chunks: Sequence[Chunk], header: RoundHeader,
+                        digest: StreamDigest | None, loader: LoaderSink) -> str | None:
+        """Receive every chunk into its place in the staging area and hand each completed fused
+        group to the loader while later chunks are still in flight; the loader's failure, if any."""
+        lead = self._lead_landed(staged.view(0)) if chunks else None
+        failure = staged.run(lambda number: self._post_chunk(chunks[number], header, staged.view(number)),
+                             lambda pending: pending.wait(), loader, digest, header.num_buffers,
+                             self._side_programs(), first=lead)
+        self.group.synchronize()
+        return failure
+
+    def _post_chunk(self, chunk: Chunk, header: RoundHeader, view: torch.Tensor) -> Pending:
+        """Start receiving one chunk into `view` (laid out as the chunk is in the stream)."""
+        return self.group.broadcast(view)
+
+    def _lead_landed(self, view: torch.Tensor) -> Pending | None:
+        """A loader round's first chunk when it moved ahead of the agreement (see
+        `_receive_lead`): a handle that waits until it is in `view`. None: not sent ahead."""
+        return None
+
+    def _side_programs(self) -> int | None:
+        """GPU programs a checksum beside the transfer may use (None: all it takes)."""
+        return None
 
     def _receive_lead(self, pieces: Sequence[int], chunk: Chunk | None, header: RoundHeader | None) -> None:
         """Receiver, before its own checks: receive the broadcasts the trainer sends ahead of the
@@ -625,11 +681,11 @@ class CollectiveTransport(Transport):
         """Receiver: the round was refused; wait (bounded) for `_receive_lead` to complete."""
 
     def _prepare_receive(self, chunks: Sequence[Chunk], header: RoundHeader, digest: StreamDigest | None,
-                         landing: "_Landing") -> None:
+                         landing: Landing) -> None:
         """Receiver, while the others' verdicts come in: anything that needs no payload yet."""
 
     def _receive_payload(self, chunks: Sequence[Chunk], header: RoundHeader, digest: StreamDigest | None,
-                         landing: "_Landing") -> None:
+                         landing: Landing) -> None:
         """Receive every chunk with `num_buffers` in flight: straight into the landing target when
         there is one (no staging, no copy), else into staging buffers unpacked into destinations."""
         num_buffers = header.num_buffers
@@ -657,7 +713,7 @@ class CollectiveTransport(Transport):
             land(*in_flight.popleft())
         self.group.synchronize()
 
-    def _check_header(self, header: RoundHeader, store: WeightStore, info: UpdateInfo) -> str | None:
+    def _check_header(self, header: RoundHeader, store: Sink, info: UpdateInfo) -> str | None:
         expected = info.manifest
         if expected is not None and expected != header.manifest:
             return _first_difference(expected, header.manifest)
@@ -670,8 +726,8 @@ class CollectiveTransport(Transport):
         want = info.packed_buffer_size_bytes or self.init.packed_buffer_size_bytes
         if header.buffer_size_bytes != want:
             return f"packed_buffer_size_bytes is {want} here but {header.buffer_size_bytes} from the trainer"
-        if header.update_kind == "sparse_flat":
-            return check_sparse(header.manifest, store)
+        if header.update_kind == "sparse_flat" or isinstance(store, LoaderSink):
+            return sink_verdict(header.update_kind, header.manifest, store)
         checked = self._checked
         if checked is not None and checked[0] is store and checked[1] is header.manifest \
                 and checked[2] == len(store):
@@ -679,34 +735,6 @@ class CollectiveTransport(Transport):
         verdict = store.mismatch(header.manifest)
         self._checked = (store, header.manifest, len(store), verdict)
         return verdict
-
-
-@dataclass
-class _Landing:
-    """Where a round's payload lands, and how it becomes live once the round verified."""
-
-    target: torch.Tensor | None  # receive chunks straight into this flat buffer
-    destinations: list[torch.Tensor] | None  # or unpack staged chunks into these views
-    in_place: bool = False
-    shadow: WeightStore | None = None
-    manifest: Manifest | None = None
-    scratch: list[torch.Tensor] | None = None
-    sparse: Manifest | None = None
-
-    @property
-    def writes_live(self) -> bool:
-        """Whether payload bytes go straight into the serving weights (neither shadow nor scratch)."""
-        return self.shadow is None and self.sparse is None
-
-    def commit(self, store: WeightStore) -> None:
-        if self.shadow is not None:  # atomic: switch the verified copy in
-            with store.lock:
-                for spec in self.manifest.tensors:
-                    store[spec.name].copy_(self.shadow[spec.name])
-        elif self.sparse is not None:  # apply every validated patch
-            with store.lock:
-                for i, spec in enumerate(self.sparse.tensors):
-                    store[spec.name].view(-1)[self.scratch[2 * i]] = self.scratch[2 * i + 1]
 
 
 def _fingerprint(body: bytes) -> str:
@@ -720,43 +748,6 @@ def _phases(started: float, marks: list[tuple[str, float]]) -> dict[str, float]:
         out[name] = at - last
         last = at
     return out
-
-
-def _stream_sizes(header: RoundHeader) -> list[int]:
-    """Byte sizes of the tensors in the round's stream (sparse: indices then values, per patch)."""
-    if header.update_kind == "dense":
-        return [spec.nbytes for spec in header.manifest.tensors]
-    return [size for spec in header.manifest.tensors for size in (spec.numel * 8, spec.nbytes)]
-
-
-def check_sparse(manifest: Manifest, store: WeightStore) -> str | None:
-    """Why these sparse patches cannot apply to `store` (naming the parameter), or None."""
-    for spec in manifest.tensors:
-        if spec.name not in store:
-            return f"parameter {spec.name!r} is not in the receiver's weights"
-        have = TensorSpec.of(spec.name, store[spec.name])
-        if have.dtype != spec.dtype:
-            return f"parameter {spec.name!r} has dtype {have.dtype} here but {spec.dtype} from the trainer"
-        if len(spec.shape) != 1 or spec.numel > have.numel:
-            return f"parameter {spec.name!r}: a patch must be 1-D with at most {have.numel} values"
-    return None
-
-
-def check_indices(manifest: Manifest, scratch: list[torch.Tensor], store: WeightStore) -> str | None:
-    """Every patch index must fall inside its parameter, checked before any patch applies
-    (one host read for all patches). `scratch` holds each patch's indices, then its values."""
-    specs = manifest.tensors
-    bounds = [torch.stack([scratch[2 * i].min(), scratch[2 * i].max()]) for i, spec in enumerate(specs)
-              if spec.numel]
-    if not bounds:
-        return None
-    lows_highs = torch.stack(bounds).cpu().tolist()
-    nonempty = [spec for spec in specs if spec.numel]
-    for spec, (low, high) in zip(nonempty, lows_highs):
-        numel = store[spec.name].numel()
-        if low < 0 or high >= numel:
-            return f"parameter {spec.name!r}: sparse index out of range [0, {numel})"
-    return None
 
 
 def _first_difference(expected: Manifest, sent: Manifest) -> str:

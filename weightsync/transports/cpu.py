@@ -95,3 +95,4 @@ class CpuTransport(CollectiveTransport):
     def close(self) -> None:
         self.group.close()
         self._buffers.clear()
+        self._staging_flat = None

@@ -45,6 +45,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from weightsync.errors import IntegrityError, ManifestMismatch, ProtocolError, TransferError
 from weightsync.integrity import DIGEST_BYTES, StreamDigest, format_digest
 from weightsync.kernels import warm_up
+from weightsync.landing import (
+    Landing, LoaderSink, Shadow, Sink, check_indices, choose_landing, shaped_views, sink_verdict, stream_sizes,
+)
 from weightsync.layout import DEFAULT_ALIGNMENT, Layout, align_up
 from weightsync.packing import Region, RegionPlan, as_bytes, sampled_regions
 from weightsync.protocol import InitInfo, Manifest, TensorSpec, UpdateInfo
@@ -56,7 +59,6 @@ from weightsync.transports.cuda_ipc import (
     GpuHandles, Placement, StorageHandle, content_key, export_storage, gpu_uuid, open_storage,
     parse_handles, rebind_device,
 )
-from weightsync.transports.collective import check_indices, check_sparse
 from weightsync.transports.waits import wait_event_until
 
 _DIGEST_KEY = "ipc-digest/{}"
@@ -65,12 +67,6 @@ _DIGEST_KEY = "ipc-digest/{}"
 def _round_flags(handles: GpuHandles) -> dict:
     """The entries of a trainer's handles that change from round to round."""
     return {"round_id": handles.round_id, "more": handles.more, "verify": handles.verify, "sampled": handles.sampled}
-
-
-def _stream_sizes(kind: str, manifest: Manifest) -> list[int]:
-    if kind == "dense":
-        return [spec.nbytes for spec in manifest.tensors]
-    return [size for spec in manifest.tensors for size in (spec.numel * 8, spec.nbytes)]
 
 
 class _Cursor:
@@ -115,7 +111,8 @@ class _Prepared:
     sources: list[torch.Tensor]
     destinations: list[torch.Tensor]
     offsets: tuple[int, ...]
-    scratch: list[torch.Tensor] | None
+    landing: Landing
+    views: list[tuple[str, torch.Tensor]]  # a loader round: (name, shaped view of the trainer's bytes)
     plans: dict = field(default_factory=dict)  # per full-checksum flag (the transport's _plan), "sample"
 
 
@@ -148,8 +145,7 @@ class IpcTransport(Transport):
         self._manifests: tuple[tuple, Manifest, int] | None = None
         self._prepared: _Prepared | None = None
         self._versions = 0
-        self._shadow: WeightStore | None = None
-        self._shadow_manifest: Manifest | None = None
+        self._shadow = Shadow()
         self._digest_host = torch.empty(DIGEST_BYTES, dtype=torch.uint8, pin_memory=True)
 
     @classmethod
@@ -423,30 +419,43 @@ class IpcTransport(Transport):
         self._manifests = (key, manifest, self._versions)
         return manifest, self._versions
 
-    def receive(self, store: WeightStore, info: UpdateInfo) -> RoundStats:
+    def receive(self, sink: Sink, info: UpdateInfo) -> RoundStats:
         with torch.cuda.device(self.device):  # a daemon's worker thread starts on device 0
-            return self._receive(store, info)
+            return self._receive(sink, info)
 
-    def _receive(self, store: WeightStore, info: UpdateInfo) -> RoundStats:
+    def _receive(self, sink: Sink, info: UpdateInfo) -> RoundStats:
+        """Copy (or hand to the loader) the trainer's lent bytes, verify them, then commit.
+
+        `sink`: a `WeightStore` or a `LoaderSink` (see `weightsync.landing`). A loader reads the
+        trainer's mapped memory straight (ipc; see `_load_lent` for p2p)."""
         started = time.perf_counter()
         handles, handles_version = self._pick(info.ipc_handles)
         manifest, manifest_version = self._manifest(info)
         kind = info.update_kind or "dense"
-        key = (handles_version, manifest_version, kind, id(store), len(store), self.init.atomic)
+        loader = sink if isinstance(sink, LoaderSink) else None
+        if loader is not None:
+            loader.begin_round()
+        key = (handles_version, manifest_version, kind, id(sink), len(sink) if loader is None else 0,
+               self.init.atomic)
         prepared = self._prepared
         if prepared is None or prepared.key != key or kind != "dense":
             self._prepared = None  # release what the last plan held first
-            prepared = self._prepare(key, handles, manifest, kind, store)
+            prepared = self._prepare(key, handles, manifest, kind, sink)
             if kind == "dense":
                 self._prepared = prepared
+        landing = prepared.landing
         verify, sampled = handles.verify, handles.verify and handles.sampled
         digest = StreamDigest(self.device) if verify else None
-        writes_live = kind == "dense" and not self.init.atomic
         try:
             full = verify and not sampled  # the copy checksums everything it reads
-            if full not in prepared.plans:
-                prepared.plans[full] = self._plan(prepared, full)
-            done = self._pull(prepared.plans[full], digest if full else None)
+            failure = None
+            if landing.staged:
+                failure, done, covered = self._load_lent(prepared, loader, digest, full)
+            else:
+                if full not in prepared.plans:
+                    prepared.plans[full] = self._plan(prepared, full)
+                done = self._pull(prepared.plans[full], digest if full else None)
+                covered = full
             checksum = None
             sent: str | TransferError | None = None
             if digest is not None:
@@ -458,14 +467,18 @@ class IpcTransport(Transport):
                 except TransferError as error:
                     sent = error  # raised once the copy is over: it reads the trainer's memory
                 with torch.cuda.stream(self._side):
-                    if sampled:
-                        if "sample" not in prepared.plans:
-                            prepared.plans["sample"] = RegionPlan(
-                                sampled_regions(prepared.destinations, prepared.offsets), copy=False)
+                    self._side.wait_event(done)
+                    if not covered:
+                        if "sample" not in prepared.plans:  # what was written (or handed over)
+                            read = prepared.sources if landing.staged else prepared.destinations
+                            prepared.plans["sample"] = RegionPlan(sampled_regions(read, prepared.offsets),
+                                                                  copy=False)
                         prepared.plans["sample"].run(digest)
                     self._digest_host.copy_(digest.as_bytes(), non_blocking=True)
                     done.record(self._side)
             wait_event_until(done, time.monotonic() + self._timeout, "copying from the trainer")
+            if failure is not None:
+                raise TransferError(f"round not applied: {failure}")
             if isinstance(sent, TransferError):
                 raise sent
             if digest is not None:
@@ -473,31 +486,43 @@ class IpcTransport(Transport):
                 if sent != checksum:
                     raise IntegrityError(f"round not applied: checksum mismatch: received {checksum}, "
                                          f"trainer sent {sent}")
-            if prepared.scratch is not None:
-                problem = check_indices(manifest, prepared.scratch, store)
+            if landing.scratch is not None:
+                problem = check_indices(manifest, landing.scratch, sink)
                 if problem:
                     raise TransferError(f"round not applied: {problem}")
         except TransferError as error:
-            error.weights_touched = writes_live
+            error.weights_touched = landing.touched()
             raise
-        if kind == "sparse_flat":
-            with store.lock:
-                for i, spec in enumerate(manifest.tensors):
-                    store[spec.name].view(-1)[prepared.scratch[2 * i]] = prepared.scratch[2 * i + 1]
-        elif self.init.atomic:
-            with store.lock:
-                for spec in manifest.tensors:
-                    store[spec.name].copy_(self._shadow[spec.name])
-        if kind != "dense" or self.init.atomic:
+        landing.commit(sink)
+        if kind != "dense" or self.init.atomic or loader is not None:
             torch.cuda.current_stream(self.device).synchronize()
         return RoundStats(handles.round_id, kind, len(manifest.tensors), sum(prepared.sizes), 0,
-                          time.perf_counter() - started, in_place=writes_live, checksum=checksum)
+                          time.perf_counter() - started, in_place=landing.writes_live and loader is None,
+                          checksum=checksum)
 
-    def _prepare(self, key: tuple, handles: GpuHandles, manifest: Manifest, kind: str,
-                 store: WeightStore) -> _Prepared:
+    def _load_lent(self, prepared: _Prepared, loader: LoaderSink, digest: StreamDigest | None,
+                   full: bool) -> tuple[str | None, torch.cuda.Event, bool]:
+        """ipc: hand the loader views of the trainer's memory, all at once (every byte is in);
+        with a full checksum, checksum them behind the loader's copies. Returns the loader's
+        failure, the event that marks the end, and whether the checksum is complete."""
+        failure = None
+        try:
+            loader.hand(prepared.views)
+        except Exception as error:  # noqa: BLE001 - the engine's loader
+            failure = f"the loader failed: {error!r}"
+        if full and digest is not None:
+            if "lent" not in prepared.plans:
+                prepared.plans["lent"] = RegionPlan([Region(s, None, off) for s, off in
+                                                     zip(prepared.sources, prepared.offsets)], copy=False)
+            prepared.plans["lent"].run(digest)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        return failure, done, full
+
+    def _prepare(self, key: tuple, handles: GpuHandles, manifest: Manifest, kind: str, sink: Sink) -> _Prepared:
         """Check the round against the manifest and the weights, open what is not open yet, and
         line up sources and destinations. Nothing is copied before all of this passed."""
-        sizes = _stream_sizes(kind, manifest)
+        sizes = stream_sizes(kind, manifest)
         if len(handles.tensors) != len(sizes):
             raise ProtocolError("update_info.ipc_handles",
                                 f"{len(handles.tensors)} placements for {len(sizes)} stream tensors")
@@ -505,29 +530,21 @@ class IpcTransport(Transport):
             if placement.nbytes != size:
                 raise ProtocolError(f"update_info.ipc_handles.tensors.{i}",
                                     f"{placement.nbytes} bytes where the manifest needs {size}")
-        if kind == "dense":
-            store.adopt(manifest, self.device)
-            problem = store.mismatch(manifest)
-        else:
-            problem = check_sparse(manifest, store)
+        if kind == "dense" and isinstance(sink, WeightStore):
+            sink.adopt(manifest, self.device)
+        problem = sink_verdict(kind, manifest, sink)
         if problem:
             raise ManifestMismatch(problem)
         sources = self._sources(handles)
-        scratch = None
-        if kind == "sparse_flat":
-            scratch = []
-            for spec in manifest.tensors:
-                scratch += [torch.empty(spec.numel, dtype=torch.int64, device=self.device),
-                            torch.empty(spec.numel, dtype=spec.torch_dtype, device=self.device)]
-            destinations = [as_bytes(t) for t in scratch]
-        elif self.init.atomic:
-            destinations = self._shadow_store(manifest).destinations(manifest)
-        else:
-            destinations = store.destinations(manifest)
+        landing = choose_landing(kind, manifest, sink, None, self.device, self.init.atomic, self._shadow,
+                                 flat_target=False)
+        destinations = landing.destinations or []
         for dst in destinations:
             if dst.device != self.device:
                 raise TransferError(f"the weights live on {dst.device}, the transport on {self.device}")
-        return _Prepared(key, sizes, sources, destinations, Layout.of_sizes(sizes).offsets, scratch)
+        offsets = Layout.of_sizes(sizes).offsets
+        views = shaped_views(manifest, sources) if landing.staged else []
+        return _Prepared(key, sizes, sources, destinations, offsets, landing, views)
 
     def _trainer_digest(self, round_id: str) -> str:
         key = _DIGEST_KEY.format(round_id)
@@ -555,13 +572,6 @@ class IpcTransport(Transport):
             flats.append(flat)
         self._opened = used  # storages the trainer stopped lending are released here
         return [flats[p.storage][p.offset : p.offset + p.nbytes] for p in handles.tensors]
-
-    def _shadow_store(self, manifest: Manifest) -> WeightStore:
-        if self._shadow is None or self._shadow_manifest != manifest:
-            self._shadow = None
-            self._shadow = WeightStore.from_manifest(manifest, self.device)
-            self._shadow_manifest = manifest
-        return self._shadow
 
     def _plan(self, prepared: _Prepared, verify: bool):
         """ipc: one batched kernel copies every tensor and checksums what it read."""
@@ -591,5 +601,5 @@ class IpcTransport(Transport):
         self._exports.clear()
         self._opened.clear()
         self._prepared = None
-        self._shadow = None
+        self._shadow.clear()
         self._store = None

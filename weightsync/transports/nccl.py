@@ -471,8 +471,10 @@ class NcclTransport(CollectiveTransport):
                                 f"packed_buffer_size_bytes ({self.init.packed_buffer_size_bytes})")
         group: NcclGroup = self.group
         current = torch.cuda.current_stream(self.device)
-        if header is not None and not header.direct and self._buffers and self._buffers[0].numel() >= total:
-            scratch = self._buffers[0]  # a staging receiver's packed chunk 0 lands where it always did
+        staging = header is not None and (not header.direct or self._loader_round)
+        if staging and self._buffers and self._buffers[0].numel() >= total:
+            # a staging receiver's chunk 0 lands where it always did (a loader's: where it is loaded)
+            scratch = self._buffers[0]
             self._lead_scratch = torch.empty(0, dtype=torch.uint8, device=self.device)
         else:
             if self._lead_scratch.numel() < total:
@@ -490,6 +492,35 @@ class NcclTransport(CollectiveTransport):
         landed = torch.cuda.Event()
         landed.record(group.stream)
         self._lead = (scratch[:total], landed)
+
+    def _lead_landed(self, view: torch.Tensor):
+        """A loader round's lead chunk: in `view` already (the staging's start) or copied there."""
+        lead, self._lead = self._lead, None
+        if lead is None:
+            return None
+        scratch, landed = lead
+        group: NcclGroup = self.group
+        if scratch.data_ptr() == view.data_ptr():
+            return _EventPending(landed, group.comm, "the chunk sent ahead of the agreement")
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(landed)
+        view[: scratch.numel()].copy_(scratch, non_blocking=True)
+        placed = torch.cuda.Event()
+        placed.record(current)
+        return _EventPending(placed, group.comm, "the chunk sent ahead of the agreement")
+
+    def _post_chunk(self, chunk: Chunk, header: RoundHeader, view: torch.Tensor):
+        """A loader round's chunk into its staging place: one broadcast, or (direct) its pieces."""
+        if not header.direct:
+            return self.group.broadcast(view)
+        group: NcclGroup = self.group
+        group._after_current()  # the staging bytes it overwrites were checksummed and loaded
+        group.broadcast_pieces([view[s.chunk_offset : s.chunk_offset + s.nbytes] for s in chunk.segments if s.nbytes])
+        mark(f"chunk {chunk.number} called")
+        return group._event("broadcast")
+
+    def _side_programs(self) -> int | None:
+        return self.pack_programs
 
     def _abandon_receive(self) -> None:
         lead, self._lead = self._lead, None
@@ -627,4 +658,5 @@ class NcclTransport(CollectiveTransport):
             stream.synchronize()
         self._plans.clear()
         self._buffers.clear()
-        self._shadow = None
+        self._staging_flat = None
+        self._shadow.clear()

@@ -26,6 +26,8 @@ import torch
 
 from weightsync.errors import ProtocolError
 from weightsync.integrity import StreamDigest
+from weightsync.landing import LoaderSink, StagedLoad, StagingPlan
+from weightsync.layout import Layout
 from weightsync.packing import Region, RegionPlan
 from weightsync.transports import register
 from weightsync.transports.cuda_ipc import gpu_uuid, local_device_index
@@ -49,6 +51,11 @@ class P2pTransport(IpcTransport):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._copies: list[torch.cuda.Stream] = []
+        self._area: torch.Tensor | None = None  # a loader round's staging
+
+    def close(self) -> None:
+        self._area = None
+        super().close()
 
     def _choose_gpu(self, uuids: list[str]) -> str:
         """The trainer GPU to pull from: one this process can see (prefer its own, then the
@@ -100,6 +107,57 @@ class P2pTransport(IpcTransport):
         done = torch.cuda.Event()
         done.record(check)
         return done
+
+    def _load_lent(self, prepared, loader: LoaderSink, digest: StreamDigest | None, full: bool):
+        """p2p: the bytes cross NVLink once, with the copy engines, into bounded local staging
+        (`landing.StagingPlan`, packed_num_buffers x packed_buffer_size_bytes), where each chunk is
+        checksummed and its completed groups handed to the loader while the next chunks are still
+        being pulled. (Handing the loader views of the peer's memory would read every byte over
+        NVLink twice: once by the loader's copies, once by the checksum.) The host never waits
+        here: each step is ordered behind the last on the GPU, and the caller waits, bounded, for
+        the returned event."""
+        staged, pieces = self._staging(prepared, loader, full and digest is not None)
+        current = torch.cuda.current_stream(self.device)
+        copies = self._copy_streams()
+
+        def post(number: int) -> torch.cuda.Event:
+            stream = copies[number % len(copies)]
+            stream.wait_stream(current)  # the staging bytes it overwrites were checksummed and loaded
+            with torch.cuda.stream(stream):
+                for dst, src in pieces[number]:
+                    dst.copy_(src, non_blocking=True)
+            landed = torch.cuda.Event()
+            landed.record(stream)
+            return landed
+
+        failure = staged.run(post, current.wait_event, loader, digest if full else None,
+                             self.init.packed_num_buffers)
+        done = torch.cuda.Event()
+        done.record(current)
+        return failure, done, full
+
+    def _staging(self, prepared, loader: LoaderSink, verify: bool):
+        """The round's staged load and each chunk's (staging, peer) copies, built once per plan."""
+        cached = prepared.plans.get(("staged", verify))
+        if cached is not None and cached[0] is self._area:
+            return cached[1], cached[2]
+        manifest = prepared.landing.manifest
+        layout = Layout.of_sizes(prepared.sizes)
+        capacity = self.init.packed_num_buffers * self.init.packed_buffer_size_bytes
+        # The receiver cuts the round itself: chunks of a quarter of the staging at most, so that
+        # a fused group and the chunks in flight around it fit (1 GiB x 2: 512 MiB chunks).
+        size = max(min(self.init.packed_buffer_size_bytes, capacity // 4) // 256 * 256, 256)
+        chunks = layout.chunks(size, ramp=True)
+        plan = StagingPlan.build(layout, chunks, capacity, manifest.names, loader.run_ends(manifest))
+        if self._area is None or self._area.numel() != capacity:
+            self._area = None  # free the old one before allocating
+            self._area = torch.empty(capacity, dtype=torch.uint8, device=self.device)
+        loader.staging_bytes = self._area.numel()
+        staged = StagedLoad(plan, self._area, manifest, chunks, layout, verify)
+        pieces = [[(staged.view(c.number)[s.chunk_offset : s.chunk_offset + s.nbytes],
+                    prepared.sources[s.index][s.start : s.stop]) for s in c.segments if s.nbytes] for c in chunks]
+        prepared.plans[("staged", verify)] = (self._area, staged, pieces, chunks)
+        return staged, pieces
 
     def _copy_streams(self) -> list[torch.cuda.Stream]:
         if not self._copies:

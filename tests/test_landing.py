@@ -1,0 +1,438 @@
+"""The loader sink (weightsync.landing) over real gloo groups (threads of this process, and a
+trainer process for the kill): each tensor handed over once, bit-exact, in manifest order, fused
+groups whole, staging bounded; refusals before anything loads; failures say what was touched."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from weightsync import InitInfo, ManifestMismatch, SparsePatch, TransferError, UpdateInfo, WeightSender
+from weightsync.errors import IntegrityError
+from weightsync.landing import LoaderSink, StagedLoad, StagingPlan, group_by_module
+from weightsync.layout import Layout
+from weightsync.protocol import Manifest, TensorSpec
+from weightsync.transports import get_transport
+from weightsync_operator.local import free_port
+
+BUFFER, BUFFERS = 4096, 3  # 12 KiB of staging: several tensors are larger than one buffer
+HELPERS = pathlib.Path(__file__).parent / "helpers"
+
+
+def model(seed: int) -> list[tuple[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    return [
+        ("model.embed_tokens.weight", randn(1500)),  # 6000 bytes: spans two buffers
+        ("model.layers.0.self_attn.q_proj.weight", randn(20, 20)),
+        ("model.layers.0.self_attn.k_proj.weight", randn(30, 10, dtype=torch.bfloat16)),
+        ("model.layers.0.self_attn.v_proj.bias", randn(7, dtype=torch.float16)),  # 14 bytes
+        ("model.layers.0.mlp.gate_proj.weight", randn(1000)),
+        ("model.layers.0.mlp.up_proj.weight", randn(1000)),  # gate/up/down: 8 KiB together
+        ("model.layers.0.mlp.down_proj.scale", torch.randint(-128, 127, (333,), dtype=torch.int8, generator=gen)),
+        ("model.layers.0.input_layernorm.weight", randn(64)),
+        ("model.layers.1.self_attn.q_proj.weight", randn(900)),
+        ("model.layers.1.self_attn.k_proj.weight", randn(5, dtype=torch.float16)),
+        ("model.norm.weight", randn(64)),
+        ("lm_head.weight", randn(1200)),  # 4800 bytes: larger than a buffer, last
+    ]
+
+
+def runs(names: list[str], group_of=group_by_module) -> list[list[str]]:
+    """The fused groups: runs of consecutive names with the same key."""
+    out: list[list[str]] = []
+    for name in names:
+        if out and group_of(out[-1][-1]) == group_of(name):
+            out[-1].append(name)
+        else:
+            out.append([name])
+    return out
+
+
+class Recorder:
+    """A loader: copies what it is handed (the views are valid only during the call) and notes
+    each batch and the memory every view lives in."""
+
+    def __init__(self, check=lambda manifest: None, fail_after: int | None = None, **options):
+        self.batches: list[list[str]] = []
+        self.values: dict[str, torch.Tensor] = {}
+        self.storages: set[tuple[int, int]] = set()
+        self.fail_after = fail_after
+        self.sink = LoaderSink(self.load, check, **options)
+
+    def load(self, batch):
+        if self.fail_after is not None and sum(map(len, self.batches)) >= self.fail_after:
+            raise RuntimeError("the engine's loader broke")
+        self.batches.append([name for name, _ in batch])
+        for name, view in batch:
+            assert name not in self.values, f"{name} handed over twice"
+            self.values[name] = view.clone()
+            storage = view.untyped_storage()
+            self.storages.add((storage.data_ptr(), storage.nbytes()))
+
+    @property
+    def names(self) -> list[str]:
+        return [name for batch in self.batches for name in batch]
+
+
+def base(port: int, world: int, **extra) -> dict:
+    return {"backend": "cpu", "master_address": "127.0.0.1", "master_port": port, "world_size": world,
+            "packed_buffer_size_bytes": BUFFER, "packed_num_buffers": BUFFERS, "timeout_seconds": 20, **extra}
+
+
+class Receivers:
+    """Receiver transports on threads of this process, each taking rounds into its own sink."""
+
+    def __init__(self, init: dict, sinks: list, receivers_init: dict | None = None):
+        self.transports = [None] * len(sinks)
+        self.sinks = sinks
+        self.init = {**init, **(receivers_init or {})}
+
+    def connect(self):
+        threads = [threading.Thread(target=self._connect, args=(i,)) for i in range(len(self.sinks))]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    def _connect(self, i):
+        self.transports[i] = get_transport("cpu").connect(InitInfo(**self.init, rank_offset=i + 1), i + 1)
+
+    def round(self, send):
+        """One round: the trainer's `send()` here, every receiver on its thread; every outcome."""
+        outcomes: list[object] = [None] * len(self.sinks)
+
+        def receive(i):
+            try:
+                outcomes[i] = self.transports[i].receive(self.sinks[i], UpdateInfo())
+            except Exception as error:  # noqa: BLE001 - the test inspects it
+                outcomes[i] = error
+
+        threads = [threading.Thread(target=receive, args=(i,)) for i in range(len(self.sinks))]
+        for thread in threads:
+            thread.start()
+        try:
+            sent = send()
+        except Exception as error:  # noqa: BLE001 - the test inspects it
+            sent = error
+        for thread in threads:
+            thread.join(60)
+            assert not thread.is_alive(), "a receiver did not return within its bound"
+        return sent, outcomes
+
+    def close(self):
+        for transport in self.transports:
+            if transport is not None:
+                transport.close()
+
+
+def group(port: int, sinks: list, receivers_init: dict | None = None, **extra):
+    receivers = Receivers(base(port, len(sinks) + 1, **extra), sinks, receivers_init)
+    threads = receivers.connect()
+    sender = WeightSender.init(base(port, len(sinks) + 1, **extra))
+    for thread in threads:
+        thread.join(60)
+    return sender, receivers
+
+
+def staging_held(transport) -> int:
+    """Bytes of staging the receiver transport holds (every buffer it allocated)."""
+    flat = transport._staging_flat
+    return (flat.numel() if flat is not None else 0) + sum(
+        b.numel() for b in transport._buffers if flat is None or b.untyped_storage().data_ptr() != flat.data_ptr())
+
+
+def test_every_tensor_is_loaded_once_bit_exact_in_order_with_groups_whole_and_staging_bounded():
+    port = free_port()
+    loaders = [Recorder(), Recorder()]
+    sender, receivers = group(port, [r.sink for r in loaders])
+    bound = BUFFER * BUFFERS
+    try:
+        for seed in (1, 2, 3):  # the later rounds reuse the cached header and staging plan
+            named = model(seed)
+            for loader in loaders:
+                loader.batches, loader.values, loader.storages = [], {}, set()
+            sent, outcomes = receivers.round(lambda: sender.send_weights(named))
+            assert not isinstance(sent, BaseException), sent
+            assert sent.num_chunks > 4  # the 4 KiB buffers really split the stream
+            names = [name for name, _ in named]
+            for loader, stats in zip(loaders, outcomes):
+                assert not isinstance(stats, BaseException), stats
+                assert stats.checksum == sent.checksum
+                assert loader.names == names  # each exactly once, in manifest order
+                assert len(loader.batches) > 2  # handed over as the chunks came in, not at the end
+                for name, tensor in named:
+                    got = loader.values[name]
+                    assert got.dtype == tensor.dtype and got.shape == tensor.shape
+                    assert torch.equal(got.view(torch.uint8), tensor.view(torch.uint8)), name
+                batch_of = {name: k for k, batch in enumerate(loader.batches) for name in batch}
+                for fused in runs(names):
+                    assert len({batch_of[name] for name in fused}) == 1, f"group {fused} split"
+                assert loader.sink.loaded_tensors == len(named)
+                # every view handed over lives in the transport's staging, which stays within the bound
+                assert all(nbytes <= bound for _, nbytes in loader.storages), loader.storages
+            for transport, loader in zip(receivers.transports, loaders):
+                assert staging_held(transport) <= bound
+                assert loader.sink.staging_bytes <= bound
+                assert {ptr for ptr, _ in loader.storages} == {transport._staging_flat.untyped_storage().data_ptr()}
+    finally:
+        sender.close()
+        receivers.close()
+
+
+def test_a_refused_manifest_loads_nothing_anywhere_and_every_party_names_the_parameter():
+    port = free_port()
+    refusing = Recorder(check=lambda m: next((f"parameter {s.name!r} has no place in this engine"
+                                              for s in m.tensors if s.name == "lm_head.weight"), None))
+    loaders = [Recorder(), refusing]
+    sender, receivers = group(port, [r.sink for r in loaders])
+    try:
+        sent, outcomes = receivers.round(lambda: sender.send_weights(model(1)))
+        for outcome in [sent, *outcomes]:
+            assert isinstance(outcome, ManifestMismatch), outcome
+            assert "lm_head.weight" in str(outcome)
+        assert all(loader.batches == [] and loader.sink.loaded_tensors == 0 for loader in loaders)
+        # the group stays usable: a manifest both accept lands
+        named = [(n, t) for n, t in model(2) if n != "lm_head.weight"]
+        sent, outcomes = receivers.round(lambda: sender.send_weights(named))
+        assert not isinstance(sent, BaseException) and all(not isinstance(o, BaseException) for o in outcomes)
+        assert all(loader.names == [n for n, _ in named] for loader in loaders)
+    finally:
+        sender.close()
+        receivers.close()
+
+
+def test_a_round_larger_than_the_staging_bound_is_refused_at_the_start_naming_tensor_and_bound():
+    port = free_port()
+    loaders = [Recorder()]
+    sender, receivers = group(port, [r.sink for r in loaders])
+    try:
+        named = model(1) + [("model.huge.weight", torch.ones(4000))]  # 16000 bytes > 12 KiB of staging
+        sent, outcomes = receivers.round(lambda: sender.send_weights(named))
+        for outcome in (sent, outcomes[0]):
+            assert isinstance(outcome, ManifestMismatch), outcome
+            assert "model.huge.weight" in str(outcome) and str(BUFFER * BUFFERS) in str(outcome)
+        assert loaders[0].sink.loaded_tensors == 0
+        assert staging_held(receivers.transports[0]) <= BUFFER * BUFFERS
+    finally:
+        sender.close()
+        receivers.close()
+
+
+def corrupt_chunk(transport, number: int) -> None:
+    """Flip a byte of the `number`-th payload chunk this receiver takes in, once it landed (a bit
+    lost on the way): the round's checksum must catch it. (Broadcast 1 of a round is its header.)"""
+    original = transport.group.broadcast
+    seen = {"n": 0}
+
+    def broadcast(tensor, src=0):
+        pending = original(tensor, src)
+        seen["n"] += 1
+        if seen["n"] != number + 1:
+            return pending
+
+        class Corrupted:
+            def wait(self):
+                pending.wait()
+                tensor[0] ^= 0xFF
+
+        return Corrupted()
+
+    transport.group.broadcast = broadcast
+    transport.uncorrupted = lambda: setattr(transport.group, "broadcast", original)
+
+
+def test_a_checksum_mismatch_after_some_loads_reports_the_weights_touched():
+    port = free_port()
+    loaders = [Recorder(), Recorder()]
+    sender, receivers = group(port, [r.sink for r in loaders])
+    try:
+        corrupt_chunk(receivers.transports[1], 4)
+        sent, outcomes = receivers.round(lambda: sender.send_weights(model(1)))
+        assert isinstance(sent, TransferError) and "checksum mismatch" in str(sent)
+        assert isinstance(outcomes[1], IntegrityError) and outcomes[1].weights_touched
+        assert loaders[1].sink.loaded_tensors > 0
+        assert isinstance(outcomes[0], TransferError) and outcomes[0].weights_touched  # it loaded all
+    finally:
+        sender.close()
+        receivers.close()
+
+
+def test_a_loader_that_fails_mid_round_fails_the_round_everywhere_and_the_group_goes_on():
+    port = free_port()
+    loaders = [Recorder(fail_after=3), Recorder()]
+    sender, receivers = group(port, [r.sink for r in loaders])
+    try:
+        sent, outcomes = receivers.round(lambda: sender.send_weights(model(1)))
+        assert isinstance(sent, TransferError) and "loader broke" in str(sent)
+        assert isinstance(outcomes[0], TransferError) and outcomes[0].weights_touched
+        assert isinstance(outcomes[1], TransferError)
+        loaders[0].fail_after = None
+        for loader in loaders:
+            loader.batches, loader.values = [], {}
+        named = model(2)
+        sent, outcomes = receivers.round(lambda: sender.send_weights(named))
+        assert not isinstance(sent, BaseException), sent
+        assert all(loader.names == [n for n, _ in named] for loader in loaders)
+    finally:
+        sender.close()
+        receivers.close()
+
+
+def test_atomic_loads_nothing_before_the_round_verified():
+    port = free_port()
+    loaders = [Recorder(), Recorder()]
+    sender, receivers = group(port, [r.sink for r in loaders], receivers_init={"atomic": True})
+    verified: list[bool] = [False, False]
+    try:
+        for i, transport in enumerate(receivers.transports):
+            exchange = transport._exchange
+
+            def after_verdicts(*args, _i=i, _exchange=exchange):
+                outcome = _exchange(*args)
+                verified[_i] = True
+                return outcome
+
+            transport._exchange = after_verdicts
+            load = loaders[i].load
+            loaders[i].sink.load = lambda batch, _i=i, _load=load: (
+                pytest.fail("loaded before the round verified") if not verified[_i] else _load(batch))
+        corrupt_chunk(receivers.transports[1], 3)
+        sent, outcomes = receivers.round(lambda: sender.send_weights(model(1)))
+        assert isinstance(outcomes[1], IntegrityError) and not outcomes[1].weights_touched
+        assert isinstance(outcomes[0], TransferError) and not outcomes[0].weights_touched
+        assert all(loader.batches == [] for loader in loaders)
+        receivers.transports[1].uncorrupted()
+        verified[:] = [False, False]
+        named = model(2)
+        sent, outcomes = receivers.round(lambda: sender.send_weights(named))
+        assert not isinstance(sent, BaseException), sent
+        for loader in loaders:
+            assert loader.names == [n for n, _ in named] and len(loader.batches) == 1  # all at once, verified
+            assert all(torch.equal(loader.values[n].view(torch.uint8), t.view(torch.uint8)) for n, t in named)
+    finally:
+        sender.close()
+        receivers.close()
+
+
+def test_sparse_rounds_are_refused_by_a_loader_without_sparse_support_and_applied_by_one_with():
+    port = free_port()
+    patches_seen: list = []
+    plain = Recorder()
+    sparse = Recorder(supports_sparse=True, load_sparse=lambda patches: patches_seen.append(
+        [(name, i.clone(), v.clone()) for name, i, v in patches]))
+    sender, receivers = group(port, [plain.sink])
+    patch = SparsePatch("model.norm.weight", torch.tensor([0, 5, 9]), torch.tensor([1.0, 2.0, 3.0]))
+    try:
+        sent, outcomes = receivers.round(lambda: sender.send_sparse([patch]))
+        for outcome in (sent, outcomes[0]):
+            assert isinstance(outcome, ManifestMismatch) and "sparse" in str(outcome), outcome
+        assert plain.sink.loaded_tensors == 0 and plain.batches == []
+        receivers.sinks = [sparse.sink]
+        sent, outcomes = receivers.round(lambda: sender.send_sparse([patch]))
+        assert not isinstance(outcomes[0], BaseException), outcomes[0]
+        ((name, indices, values),) = patches_seen[0]
+        assert name == "model.norm.weight" and indices.tolist() == [0, 5, 9] and values.tolist() == [1.0, 2.0, 3.0]
+    finally:
+        sender.close()
+        receivers.close()
+
+
+def test_the_trainer_killed_mid_round_after_some_loads_reports_the_weights_touched():
+    port = free_port()
+    init = {"backend": "cpu", "master_address": "127.0.0.1", "master_port": port, "world_size": 2,
+            "timeout_seconds": 4.0, "packed_buffer_size_bytes": 65536, "packed_num_buffers": 2}
+    loader = Recorder(group_of=lambda name: name)  # each tensor loads as soon as its bytes are in
+    trainer = subprocess.Popen([sys.executable, str(HELPERS / "slow_trainer.py"), "--init", json.dumps(init),
+                                "--delay", "0.2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    transport = None
+    try:
+        transport = get_transport("cpu").connect(InitInfo(**init, rank_offset=1), 1)
+        first = transport.receive(loader.sink, UpdateInfo())
+        assert loader.sink.loaded_tensors == 16 and first.checksum
+        assert json.loads(trainer.stdout.readline())["sent"] == first.checksum
+        outcome: list[object] = []
+        thread = threading.Thread(target=lambda: outcome.append(_receive_or_error(transport, loader.sink)))
+        thread.start()
+        trainer.stdin.write(b"go\n")
+        trainer.stdin.flush()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # kill it once several chunks went out
+            line = json.loads(trainer.stdout.readline())
+            if line.get("broadcasts", 0) >= 6:
+                break
+        trainer.kill()
+        killed = time.monotonic()
+        thread.join(init["timeout_seconds"] + 10)
+        assert not thread.is_alive()
+        assert time.monotonic() - killed < init["timeout_seconds"] + 10
+        (error,) = outcome
+        assert isinstance(error, TransferError), error
+        assert error.weights_touched and 0 < loader.sink.loaded_tensors < 16
+    finally:
+        trainer.kill()
+        trainer.wait(10)
+        if transport is not None:
+            transport.close()
+
+
+def _receive_or_error(transport, sink):
+    try:
+        return transport.receive(sink, UpdateInfo())
+    except Exception as error:  # noqa: BLE001 - the test inspects it
+        return error
+
+
+def test_staging_plans_hand_every_tensor_exactly_once_and_never_overwrite_what_is_not_loaded():
+    """Many random layouts, played with each chunk written the moment it is posted (the earliest
+    a receive could write it): every tensor handed over must hold its stream bytes."""
+    rng = random.Random(7)
+    accepted = 0
+    for _ in range(400):
+        size = rng.choice([256, 1024, 4096])
+        count = rng.randint(1, 5)
+        sizes = [rng.choice([0, 1, 7, 100, 256, 1000, 3000, 6000]) for _ in range(rng.randint(1, 25))]
+        keys = []
+        for i in range(len(sizes)):
+            keys.append(keys[-1] if keys and rng.random() < 0.4 else str(i))
+        specs = tuple(TensorSpec(name=f"t{i}", dtype="uint8", shape=(s,)) for i, s in enumerate(sizes))
+        manifest = Manifest(tensors=specs)
+        layout = Layout.of_sizes(sizes)
+        chunks = layout.chunks(size, ramp=rng.random() < 0.5)
+        key_of = dict(zip(manifest.names, keys))
+        handed: list[tuple[str, torch.Tensor]] = []
+        sink = LoaderSink(lambda b: handed.extend((n, t.clone()) for n, t in b), lambda m: None,
+                          group_of=key_of.__getitem__)
+        try:
+            plan = StagingPlan.build(layout, chunks, count * size, manifest.names, sink.run_ends(manifest))
+        except TransferError as error:
+            assert "staging" in str(error)
+            continue
+        accepted += 1
+        assert plan.peak <= count * size
+        area = torch.zeros(count * size, dtype=torch.uint8)
+        stream = torch.randint(0, 256, (layout.total_bytes,), dtype=torch.uint8)
+        staged = StagedLoad(plan, area, manifest, chunks, layout, verify=False)
+
+        def post(number):
+            chunk = chunks[number]
+            staged.view(number).copy_(stream[chunk.start : chunk.stop])
+            return number
+
+        assert staged.run(post, lambda handle: None, sink, None, depth=rng.randint(1, count + 1)) is None
+        assert [name for name, _ in handed] == manifest.names
+        for (name, got), offset, nbytes in zip(handed, layout.offsets, layout.sizes):
+            assert torch.equal(got, stream[offset : offset + nbytes]), name
+    assert accepted > 100
