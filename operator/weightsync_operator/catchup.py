@@ -32,14 +32,19 @@ class _Failed(Exception):
 async def catch_up(source: PartyClient, joiners: list[PartyClient], version: str, spec: SyncSpec,
                    master_address: str, master_port: int) -> SyncResult:
     """Send `source`'s weights (labelled `version`) to every joiner; never raises for a party's
-    failure: the result says who failed at which step. The source is rank 0 of the result."""
+    failure: the result says who failed at which step. The source is rank 0 of the result and
+    must be able to seed (a daemon); joiners may be of any kind (a vLLM server takes its
+    world size in ranks)."""
     if not joiners:
         raise ValueError("catch_up needs at least one joiner")
+    if not source.can_seed:
+        raise ValueError(f"{source.name}: a {source.kind} target cannot be the source of a catch-up")
     t = spec.timeouts
     result = SyncResult(version=version, ok=False, started_at=_now())
     result.parties = [PartyOutcome(source.name, "trainer", 0)]
     began = time.perf_counter()
     paused: list[PartyClient] = []
+    landed: set[str] = set()  # joiners whose whole update was received and verified
     try:
         sizes = await asyncio.gather(*(_step(result, p, "get_world_size", p.world_size(t.request)) for p in joiners))
         ranks, offset = {}, 1
@@ -61,6 +66,7 @@ async def catch_up(source: PartyClient, joiners: list[PartyClient], version: str
             await _step(result, party, "init", party.init({**info, "rank_offset": ranks[party.name]}, t.init))
             await _step(result, party, "start", party.start(t.start))
             answer = await _step(result, party, "update", party.update({}, t.update))
+            landed.add(party.name)
             finished = await _step(result, party, "finish", party.finish(version, t.finish))
             _outcome(result, party.name).weight_version = finished.get("weight_version")
             return answer
@@ -73,7 +79,8 @@ async def catch_up(source: PartyClient, joiners: list[PartyClient], version: str
         result.ok = True
     except _Failed as failed:
         result.reason = str(failed.error)
-        await asyncio.gather(*(p.abort(result.reason, t.request) for p in joiners), return_exceptions=True)
+        await asyncio.gather(*(p.abort(result.reason, t.request, version if p.name in landed else None)
+                               for p in joiners), return_exceptions=True)
     finally:
         if paused:
             await asyncio.gather(*(p.resume(t.request) for p in paused), return_exceptions=True)

@@ -1,12 +1,42 @@
-"""A typed async HTTP client for one party's weight-transfer endpoints."""
+"""Typed async HTTP clients for the parties of a group, one class per kind of engine.
+
+A group's trainer is always a weightsync agent; a target is either a weightsync daemon or a
+vLLM server running the `weightsync` weight-transfer backend. Both speak vLLM's four-phase
+weight-transfer routes (init → start → update → finish, `/get_world_size`, `/pause`,
+`/resume`, `/weight_info`), so the coordinator drives them through one interface
+(`PartyClient`). Where vLLM has no route for what a daemon offers, `VllmClient` degrades in a
+defined way rather than pretending:
+
+- abort: vLLM has none. A failed update already ends vLLM's update session on its own (the
+  worker clears its "update active" state when `update_weights` raises). A session that is still
+  open — the round failed elsewhere — is closed with `/finish_weight_update`: labelled with the
+  round's version if this server's whole update was received and verified (its weights then
+  are exactly that version), else unlabelled (vLLM's layerwise reload puts back the previous
+  tensors of every layer that received nothing, and the label stays the previous version's).
+- health: `/health` says whether the engine is alive and `/weight_info` its version; vLLM
+  cannot say whether it still holds its place in the transfer group or whether a failed round
+  left its weights partly updated (`in_group` and `weights_intact` are None: unknown). A
+  restarted server shows up as a failed round, after which the group is re-initialised.
+- seed: vLLM cannot send its weights to peers, so it is never the source of a catch-up; a late
+  vLLM joiner receives a catch-up from a daemon that holds the version, or else the trainer's
+  next round, which includes it.
+- close: vLLM's `/shutdown_weight_transfer_engine` (refused by vLLM during an open update).
+- pause: vLLM's modes (`abort`, `wait`, `keep`), always with `clear_cache=true` so that no KV
+  block computed with the old weights is reused after the update; a vLLM target cannot run a
+  round unpaused (its layerwise reload empties the layers being loaded), which the coordinator
+  refuses up front.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import httpx
+
+EngineKind = Literal["daemon", "vllm"]
 
 
 class PartyError(Exception):
@@ -19,13 +49,47 @@ class PartyError(Exception):
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A party of a group: a name (pod name, or a local label) and its daemon's base URL."""
+    """A party of a group: a name (pod name, or a local label), its base URL, and what serves
+    there (a weightsync daemon or agent, or a vLLM server with the weightsync backend)."""
 
     name: str
     url: str
+    kind: EngineKind = "daemon"
 
 
-class PartyClient:
+@dataclass(frozen=True)
+class PartyHealth:
+    """What a party says about itself; None where its kind of engine cannot say."""
+
+    weight_version: str | None
+    in_group: bool | None  # still initialised in a transfer group (False: restarted or left)
+    weights_intact: bool | None  # False: a failed round left part of itself in the weights
+    detail: str = ""  # the engine's own word for its state, for messages
+
+
+def _error_detail(response: httpx.Response) -> str:
+    """The message of an error answer: FastAPI's `detail`, vLLM's `error` (a string, or an
+    object with a `message`), else the raw text."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text
+    if not isinstance(body, dict):
+        return response.text
+    if "detail" in body:
+        return str(body["detail"])
+    error = body.get("error")
+    if isinstance(error, dict):
+        return str(error.get("message", error))
+    return str(error) if error is not None else response.text
+
+
+class PartyClient(ABC):
+    """One party's weight-transfer routes, with a hard deadline on every call."""
+
+    kind: ClassVar[EngineKind]
+    can_seed: ClassVar[bool]  # can host a one-off group that sends its weights to late joiners
+
     def __init__(self, endpoint: Endpoint, http: httpx.AsyncClient, token: str | None = None):
         self.endpoint = endpoint
         self._http = http
@@ -50,15 +114,27 @@ class PartyClient:
         except httpx.HTTPError as error:
             raise PartyError(self.name, step, f"unreachable: {error!r}") from None
         if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            raise PartyError(self.name, step, f"HTTP {response.status_code}: {detail}", response.status_code)
-        return response.json()
+            raise PartyError(self.name, step, f"HTTP {response.status_code}: {_error_detail(response)}",
+                             response.status_code)
+        if not response.content:
+            return {}
+        try:
+            answer = response.json()
+        except ValueError:
+            raise PartyError(self.name, step, f"answered something that is not JSON: {response.text[:200]!r}") from None
+        return answer if isinstance(answer, dict) else {"answer": answer}
 
+    # -- the routes both kinds share (vLLM's weight-transfer API) -----------------------------
     async def world_size(self, timeout: float) -> int:
-        return int((await self.call("get_world_size", "GET", "/get_world_size", timeout))["world_size"])
+        """How many ranks this party takes in the group (a vLLM server: one per TP/PP/DP worker)."""
+        answer = await self.call("get_world_size", "GET", "/get_world_size", timeout)
+        try:
+            size = int(answer["world_size"])
+        except (KeyError, TypeError, ValueError):
+            raise PartyError(self.name, "get_world_size", f"answered no world_size: {answer}") from None
+        if size < 1:
+            raise PartyError(self.name, "get_world_size", f"answered world_size {size}")
+        return size
 
     async def init(self, init_info: dict, timeout: float) -> dict:
         return await self.call("init", "POST", "/init_weight_transfer_engine", timeout, {"init_info": init_info})
@@ -69,31 +145,118 @@ class PartyClient:
     async def update(self, update_info: dict, timeout: float) -> dict:
         return await self.call("update", "POST", "/update_weights", timeout, {"update_info": update_info})
 
+    async def resume(self, timeout: float) -> dict:
+        return await self.call("resume", "POST", "/resume", timeout)
+
+    async def is_paused(self, timeout: float) -> bool:
+        return bool((await self.call("is_paused", "GET", "/is_paused", timeout)).get("is_paused"))
+
+    async def weight_version(self, timeout: float) -> str | None:
+        version = (await self.call("weight_info", "GET", "/weight_info", timeout)).get("weight_version")
+        return None if version is None else str(version)
+
+    # -- where the kinds differ ---------------------------------------------------------------
+    @abstractmethod
+    async def finish(self, version: str, timeout: float) -> dict:
+        """Make the received weights live as `version`; the answer carries `weight_version`."""
+
+    @abstractmethod
+    async def abort(self, reason: str, timeout: float, landed: str | None = None) -> dict:
+        """End a failed round on this party. `landed`: the round's version when this party's
+        whole update was received and verified, else None."""
+
+    @abstractmethod
+    async def pause(self, mode: str, timeout: float) -> dict: ...
+
+    @abstractmethod
+    async def health(self, timeout: float) -> PartyHealth: ...
+
+    @abstractmethod
+    async def close(self, timeout: float) -> dict:
+        """Leave the transfer group (teardown); the party keeps its weights and keeps serving."""
+
+    async def seed(self, init_info: dict, timeout: float) -> dict:
+        """Have this receiver send its weights to late joiners, hosting a one-off group as rank 0."""
+        raise PartyError(self.name, "seed", f"a {self.kind} target cannot send its weights to peers")
+
+
+class DaemonClient(PartyClient):
+    """A weightsync daemon or trainer agent: vLLM's routes plus abort, seed, close and /healthz."""
+
+    kind = "daemon"
+    can_seed = True
+
     async def finish(self, version: str, timeout: float) -> dict:
         return await self.call("finish", "POST", "/finish_weight_update", timeout, {"weight_version": version})
 
-    async def abort(self, reason: str, timeout: float) -> dict:
+    async def abort(self, reason: str, timeout: float, landed: str | None = None) -> dict:
+        # The daemon knows itself whether its update landed (and then reports weights_intact).
         return await self.call("abort", "POST", "/abort_weight_update", timeout, params={"reason": reason[:500]})
 
     async def pause(self, mode: str, timeout: float) -> dict:
         return await self.call("pause", "POST", "/pause", timeout, params={"mode": mode})
 
-    async def resume(self, timeout: float) -> dict:
-        return await self.call("resume", "POST", "/resume", timeout)
+    async def health(self, timeout: float) -> PartyHealth:
+        answer = await self.call("health", "GET", "/healthz", timeout)
+        phase = answer.get("phase")
+        return PartyHealth(weight_version=answer.get("weight_version"), in_group=phase == "ready",
+                           weights_intact=bool(answer.get("weights_intact", True)), detail=str(phase))
 
-    async def health(self, timeout: float) -> dict:
-        return await self.call("health", "GET", "/healthz", timeout)
+    async def close(self, timeout: float) -> dict:
+        return await self.call("close", "POST", "/close_weight_transfer_engine", timeout)
+
+    async def seed(self, init_info: dict, timeout: float) -> dict:
+        return await self.call("seed", "POST", "/seed_weights", timeout, {"init_info": init_info})
 
     async def checksum(self, timeout: float) -> dict:
         return await self.call("checksum", "POST", "/weight_checker", timeout, {"action": "checksum"})
 
-    async def weight_version(self, timeout: float) -> str | None:
-        return (await self.call("weight_info", "GET", "/weight_info", timeout)).get("weight_version")
 
-    async def seed(self, init_info: dict, timeout: float) -> dict:
-        """Have this receiver send its weights to late joiners, hosting a one-off group as rank 0."""
-        return await self.call("seed", "POST", "/seed_weights", timeout, {"init_info": init_info})
+class VllmClient(PartyClient):
+    """A vLLM server (0.32, `VLLM_SERVER_DEV_MODE=1`) with the weightsync weight-transfer
+    backend; see the module docstring for what it lacks and how that degrades."""
+
+    kind = "vllm"
+    can_seed = False
+
+    def __init__(self, endpoint: Endpoint, http: httpx.AsyncClient, token: str | None = None):
+        super().__init__(endpoint, http, token)
+        # vLLM answers a failed weight-transfer call (an exception in its worker) with a 500 and
+        # then drops the connection: a kept-alive connection would fail the next call with a
+        # ReadError. One connection per call (a handful per round) avoids reusing a dead one.
+        self._headers["Connection"] = "close"
+
+    async def finish(self, version: str, timeout: float) -> dict:
+        # vLLM answers only {"message"}; the version it now serves comes from /weight_info.
+        await self.call("finish", "POST", "/finish_weight_update", timeout, {"weight_version": version})
+        return {"weight_version": await self.weight_version(timeout)}
+
+    async def abort(self, reason: str, timeout: float, landed: str | None = None) -> dict:
+        # No abort route: close a session the failed round left open (see the module docstring).
+        # When vLLM already ended it (its update failed), vLLM refuses this finish: nothing to do.
+        await self.call("abort", "POST", "/finish_weight_update", timeout, {"weight_version": landed})
+        return {"weight_version": await self.weight_version(timeout)}
+
+    async def pause(self, mode: str, timeout: float) -> dict:
+        return await self.call("pause", "POST", "/pause", timeout, params={"mode": mode, "clear_cache": "true"})
+
+    async def health(self, timeout: float) -> PartyHealth:
+        await self.call("health", "GET", "/health", timeout)  # 200 alive; 503 the engine died
+        return PartyHealth(weight_version=await self.weight_version(timeout), in_group=None,
+                           weights_intact=None, detail="serving")
 
     async def close(self, timeout: float) -> dict:
-        """Leave the transfer group (teardown); the party keeps its weights."""
-        return await self.call("close", "POST", "/close_weight_transfer_engine", timeout)
+        return await self.call("close", "POST", "/shutdown_weight_transfer_engine", timeout)
+
+
+_CLIENTS: dict[str, type[PartyClient]] = {"daemon": DaemonClient, "vllm": VllmClient}
+
+
+def party_client(endpoint: Endpoint, http: httpx.AsyncClient, token: str | None = None) -> PartyClient:
+    """The client for what serves at `endpoint`."""
+    try:
+        cls = _CLIENTS[endpoint.kind]
+    except KeyError:
+        raise ValueError(f"{endpoint.name}: unknown engine kind {endpoint.kind!r} "
+                         f"(expected one of {', '.join(_CLIENTS)})") from None
+    return cls(endpoint, http, token)

@@ -4,6 +4,11 @@ the kopf operator and the local demo both run this same coordinator.
 A sync round: pause targets → start everyone → update (the trainer sends while every target
 receives) → finish with the version → resume. Every step has its own timeout; a failed round is
 aborted on every party, targets are resumed, and the result says which party failed and why.
+
+Targets are weightsync daemons or vLLM servers (`Endpoint.kind`); each is driven through its
+kind's client (`client.py`), which also says how what vLLM lacks (abort, seed, a group phase in
+its health) degrades. A vLLM server with tensor parallelism takes one rank per worker: its
+`/get_world_size` decides how many ranks its offset reserves.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Literal
 import httpx
 
 from weightsync.transports import get_transport
-from weightsync_operator.client import Endpoint, PartyClient, PartyError
+from weightsync_operator.client import Endpoint, PartyClient, PartyError, party_client
 
 log = logging.getLogger("weightsync.coordinator")
 
@@ -69,7 +74,7 @@ class PartyOutcome:
 @dataclass
 class GroupInfo:
     world_size: int
-    ranks: dict[str, int]
+    ranks: dict[str, int]  # each party's first rank (its rank offset)
     master_address: str
     master_port: int
     name: str
@@ -112,11 +117,17 @@ class Coordinator:
                  http: httpx.AsyncClient | None = None, token: str | None = None):
         if not targets:
             raise ValueError("a group needs at least one target")
+        if trainer.kind != "daemon":
+            raise ValueError(f"{trainer.name}: the trainer is a weightsync agent, not a {trainer.kind} server")
+        unpausable = [t.name for t in targets if t.kind == "vllm"]
+        if spec.pause_mode == "none" and unpausable:
+            raise ValueError(f"pause_mode none cannot drive vLLM targets ({', '.join(unpausable)}): vLLM's "
+                             f"layerwise reload empties the layers it loads, so it must not serve during an update")
         self.spec = spec
         self._own_http = http is None
         self._http = http or httpx.AsyncClient()
-        self.trainer = PartyClient(trainer, self._http, token)
-        self.targets = [PartyClient(t, self._http, token) for t in targets]
+        self.trainer = party_client(trainer, self._http, token)
+        self.targets = [party_client(t, self._http, token) for t in targets]
         self.group: GroupInfo | None = None
         self.needs_init = False
 
@@ -191,6 +202,7 @@ class Coordinator:
         result.parties = [PartyOutcome(p.name, "trainer" if p is self.trainer else "target",
                                        self.group.ranks[p.name]) for p in self.parties]
         outcome = {o.name: o for o in result.parties}
+        landed: set[str] = set()  # parties whose whole update was received and verified
         began = time.perf_counter()
         pausing = self.spec.pause_mode != "none"
         try:
@@ -199,7 +211,7 @@ class Coordinator:
                                  lambda p: p.pause(self.spec.pause_mode, t.request))
             await self._step(outcome, "start", self.parties, lambda p: p.start(t.start))
             sent = time.perf_counter()
-            answers = await self._update(outcome)
+            answers = await self._update(outcome, landed)
             result.transfer_seconds = time.perf_counter() - sent
             result.bytes = int(answers[0]["bytes"])
             result.checksum = answers[0].get("checksum") or answers[-1].get("checksum")
@@ -212,7 +224,12 @@ class Coordinator:
             # Once payload may have moved, a collective may be half-done on some party: the group
             # cannot be trusted for another round, so the next sync re-initialises it.
             self.needs_init = failed.step in ("update", "finish")
-            await self._all(lambda p: p.abort(failed.reason, t.request), self.parties)
+            aborted = await self._all(lambda p: p.abort(failed.reason, t.request,
+                                                        version if p.name in landed else None), self.parties)
+            for party, answer in zip(self.parties, aborted):
+                # A vLLM target says what its weights are once its session is closed.
+                if isinstance(answer, dict) and "weight_version" in answer:
+                    outcome[party.name].weight_version = answer["weight_version"]
         finally:
             if pausing:  # every target, also those whose pause failed half-way: resume is idempotent
                 await self._step(outcome, "resume", self.targets, lambda p: p.resume(t.request), strict=False)
@@ -220,34 +237,41 @@ class Coordinator:
         result.finished_at = _now()
         return result
 
-    async def _update(self, outcome: dict[str, PartyOutcome]) -> list[dict]:
+    async def _update(self, outcome: dict[str, PartyOutcome], landed: set[str]) -> list[dict]:
         """The update step. Collective transports (cpu, nccl): every party at once, the trainer
         sends while the targets receive. ipc/p2p: the targets read the trainer's memory, so the
         trainer answers first with the handles (`update_info`), which every target then gets;
-        repeated while the trainer says `more` (bounded staging). Answers: trainer's, then targets'."""
+        repeated while the trainer says `more` (bounded staging). Answers: trainer's, then targets'.
+        `landed` collects the targets whose last batch succeeded, also when the round fails."""
         timeout = self.spec.timeouts.update
         try:
             relay = get_transport(self.spec.backend).needs_trainer_update_info
         except ValueError:  # a backend unknown here: the parties will say so themselves
             relay = False
         if not relay:
-            return await self._step(outcome, "update", self.parties, lambda p: p.update({}, timeout))
+            return await self._step(outcome, "update", self.parties, lambda p: p.update({}, timeout), landed=landed)
         moved = 0
         while True:
             (sent,) = await self._step(outcome, "update", [self.trainer], lambda p: p.update({}, timeout))
             info = sent.get("update_info")
             if not isinstance(info, dict):
                 raise _RoundFailed("update", f"{self.trainer.name}: its answer carries no update_info to relay")
-            received = await self._step(outcome, "update", self.targets, lambda p: p.update(info, timeout))
+            last = not sent.get("more")
+            received = await self._step(outcome, "update", self.targets, lambda p: p.update(info, timeout),
+                                        landed=landed if last else None)
             moved += int(sent.get("bytes", 0))
-            if not sent.get("more"):
+            if last:
                 return [{**sent, "bytes": moved}, *received]
 
     async def _step(self, outcome: dict[str, PartyOutcome], step: str, parties: list[PartyClient],
-                    call: Callable[[PartyClient], Awaitable[dict]], strict: bool = True) -> list[dict]:
+                    call: Callable[[PartyClient], Awaitable[dict]], strict: bool = True,
+                    landed: set[str] | None = None) -> list[dict]:
         """Run one step on every party concurrently; on any failure mark the failed parties and
-        (when strict) end the round, since a collective needs every member."""
+        (when strict) end the round, since a collective needs every member. `landed`, when
+        given, collects the parties whose call succeeded."""
         answers = await self._all(call, parties, grace=self.spec.timeouts.request if strict else None)
+        if landed is not None:
+            landed.update(p.name for p, a in zip(parties, answers) if not isinstance(a, PartyError))
         failed = [a for a in answers if isinstance(a, PartyError)]
         for error in failed:
             party = outcome[error.party]

@@ -172,15 +172,16 @@ class Reconciler:
                 self._versions[target.name] = None
                 continue
             reachable.append(target)
-            if answer.get("weights_intact", True):
-                self._versions[target.name] = answer.get("weight_version")
+            if answer.weights_intact is not False:  # None: the engine cannot say (vLLM)
+                self._versions[target.name] = answer.weight_version
             else:  # a failed round left part of itself in these weights: they hold no version
                 self._versions[target.name] = None
                 self._problems[target.name] = ("Stale", "its weights hold part of a failed round")
         current = self.status.current_version
         if current is None:
             return
-        have = [t for t in reachable if self._versions.get(t.name) == str(current)]
+        # Only a daemon can send its weights to peers (vLLM has no such route).
+        have = [t for t in reachable if t.can_seed and self._versions.get(t.name) == str(current)]
         stale = [t for t in reachable if self._versions.get(t.name) != str(current)]
         if not stale or not have:
             return  # nothing to do, or nobody to copy from: the trainer's next version reaches all
@@ -257,9 +258,9 @@ class Reconciler:
                     self._problems[party.name] = ("Unreachable", str(answer))
                 continue
             if party.name in self._members:
-                self._versions[party.name] = answer.get("weight_version")
-            if answer.get("phase") != "ready":
-                lost.append(f"{party.name} is {answer.get('phase')}, not ready in the group (restarted?)")
+                self._versions[party.name] = answer.weight_version
+            if answer.in_group is False:  # None: the engine cannot say; a failed round will
+                lost.append(f"{party.name} is {answer.detail}, not ready in the group (restarted?)")
         if lost:
             self._broken = True
             message = "re-forming the group: " + "; ".join(lost)

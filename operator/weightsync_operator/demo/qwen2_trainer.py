@@ -1,0 +1,66 @@
+"""The vLLM demo's trainer process: the tiny Qwen2 model in Hugging Face transformers, served
+as rank 0 of the transfer group under its HF parameter names (vLLM's `load_weights` fuses
+q/k/v and gate/up itself), with two demo routes: a real training step, and HF's greedy
+generation on the current weights — the reference vLLM's completions must equal after a round.
+Prints one JSON line with its URL once it listens, like the other demo workers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+
+import torch
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from weightsync_daemon.auth import load_token
+from weightsync_daemon.server import serve_embedded, wait_for_stop
+from weightsync_daemon.service import SenderService
+from weightsync_operator.demo import qwen2
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompts: list[list[int]] = Field(min_length=1)
+    max_tokens: int = Field(ge=1, le=128)
+
+
+def trainer_router(model, lock: threading.Lock) -> APIRouter:
+    router = APIRouter(prefix="/demo")
+    step = {"n": 0}
+
+    @router.post("/train_step")
+    def train():
+        with lock:
+            step["n"] += 1
+            loss = qwen2.train_step(model, step["n"])
+        return {"step": step["n"], "loss": loss}
+
+    @router.post("/generate")
+    def generate(body: GenerateRequest):
+        with lock:
+            return {"completions": [qwen2.greedy(model, p, body.max_tokens) for p in body.prompts]}
+
+    return router
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True, help="directory of the saved HF model")
+    parser.add_argument("--backend", default="cpu")
+    args = parser.parse_args(argv)
+    model = qwen2.load(args.model)
+    lock = threading.Lock()
+    # Parameters only: a tied lm_head is the embedding itself, listed once (vLLM ties it too).
+    service = SenderService(source=lambda: [(n, p.detach()) for n, p in model.named_parameters()],
+                            backend=args.backend)
+    server = serve_embedded(service, extra_routers=[trainer_router(model, lock)], token=load_token())
+    print(json.dumps({"url": server.url, "role": "trainer"}), flush=True)
+    wait_for_stop()
+    server.stop()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()

