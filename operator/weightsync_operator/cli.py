@@ -23,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
                       help="packed buffer size, e.g. 1048576, 512KiB, 64MiB (small, so that the small "
                            "model spans several buffers)")
     demo.add_argument("--buffers", type=cli_args.num_buffers, default=2, help="packed buffers in flight")
+    demo.add_argument("--engine", default="daemon", choices=["daemon", "vllm"],
+                      help="the targets: weightsync daemons (default), or one real vLLM server with the "
+                           "weightsync backend, checked by its greedy completions (needs vLLM here or "
+                           "$WEIGHTSYNC_VLLM_PYTHON; cpu transport)")
+    demo.add_argument("--tensor-parallel", type=cli_args.positive_int, default=1,
+                      help="the vLLM server's tensor-parallel size (--engine vllm)")
 
     commands.add_parser("daemon", help="run a standalone receiver daemon (see `weightsync daemon --help`)",
                         add_help=False)
@@ -38,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return operator_main(argv[1:])
     args = parser.parse_args(argv)
+    if args.command == "demo" and args.engine == "vllm":
+        if args.backend not in ("auto", "cpu"):
+            demo.error(f"--backend {args.backend}: the vLLM demo runs on the cpu transport")
+        from weightsync_operator.demo.vllm_run import main as vllm_demo_main
+
+        return vllm_demo_main(args.rounds, args.tensor_parallel)
     if args.command == "demo":
         from weightsync_operator.demo.run import main as demo_main
 
