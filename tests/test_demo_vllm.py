@@ -1,0 +1,38 @@
+"""`weightsync demo --engine vllm` end to end as a user runs it: a real vLLM server (CPU build,
+weightsync backend, tensor parallel 2, so it takes two ranks of the group) and a trainer, every
+round's greedy completions equal. Runs in the vLLM venv; skipped where vLLM is not installed.
+About a minute: most of it is vLLM starting two workers."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm", reason="needs vLLM (the vLLM venv)")
+pytest.importorskip("transformers", reason="needs transformers (the vLLM venv)")
+
+pytestmark = pytest.mark.vllm
+
+
+def test_the_vllm_demo_verifies_every_round_with_tensor_parallel_2(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "weightsync_operator.cli", "demo", "--engine", "vllm",
+                          "--rounds", "3", "--tensor-parallel", "2"],
+                         capture_output=True, text=True, timeout=540, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr[-4000:]
+    assert "group ready: world size 3 (trainer rank 0, vLLM's 2 worker(s) from rank 1)" in run.stdout
+    rounds = re.findall(r"^round (\d): trained step \d .*version (\d) live in vLLM \(it reports (\d)\), "
+                        r"([\d,]+) bytes .*vLLM's greedy completions now match the trainer's "
+                        r"\(and changed since the last round\)$", run.stdout, re.M)
+    assert [(r[0], r[1], r[2]) for r in rounds] == [("1", "1", "1"), ("2", "2", "2"), ("3", "3", "3")], run.stdout
+    assert all(int(r[3].replace(",", "")) > 2_000_000 for r in rounds)
+    assert "3/3 rounds: vLLM served exactly the trainer's weights" in run.stdout
+
+
+def test_the_vllm_demo_refuses_another_transport_in_one_line():
+    run = subprocess.run([sys.executable, "-m", "weightsync_operator.cli", "demo", "--engine", "vllm",
+                          "--backend", "nccl"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "weightsync demo: error: --backend nccl: the vLLM demo runs on the cpu transport "
+        "(see weightsync demo --help)"]
