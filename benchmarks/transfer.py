@@ -13,6 +13,10 @@ values the trainer generated for that repetition (fresh random bf16 data each ti
 vLLM's algorithm is reimplemented here from its documentation (../shared/reference): packed
 broadcast in `--buffer-size` chunks over `--buffers` streams with unpack + copy on receive, and
 for IPC per-tensor handles rebuilt every round, then copied.
+
+Loader rows (section `loader`): each transport lands the set through weightsync's LoaderSink into
+a vLLM-shaped model (vllm_shaped.py: qkv and gate_up fused, preallocated, TP 1; its load_weights
+copies each HF tensor into its slice), compared with the direct round and the limit of the run.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-for extra in (REPO, REPO / "daemon", REPO / "operator"):
+for extra in (REPO, REPO / "daemon", REPO / "operator", REPO / "benchmarks"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
@@ -245,6 +249,13 @@ class Worker:
                 self.flat = self.flat_store._flat
             else:
                 self.scratch = WeightStore.from_manifest(self.manifest, self.device)
+            if "loader" in self.args.sections:  # an engine's parameters: qkv and gate_up fused
+                from vllm_shaped import FusedModel
+                from weightsync.landing import LoaderSink
+
+                self.engine = FusedModel(shapes, torch.bfloat16, self.device)
+                self.sink = LoaderSink(self.engine.load_weights, self.engine.check)
+                self.loaded = [self.engine.slice(n) for n in self.names]
         self.nbytes = self.manifest.nbytes
 
     # -- per transfer: fresh values ----------------------------------------------------------------
@@ -302,12 +313,16 @@ class Worker:
         group = transport.group
         tiny = torch.zeros(8, dtype=torch.uint8, device=self.device)
         a = self.args
-        methods = ["flat", "ws", "ws_nosum", "ws_packed"] + (["vllm"] if "vllm" in a.sections else [])
+        methods = ["flat", "ws", "ws_nosum", "ws_packed"] + (["vllm"] if "vllm" in a.sections else []) + \
+            (["ws_loader"] if "loader" in a.sections and n == 2 else [])
         if n == 2 and "diag" in a.sections:
             methods += ["chunks_flat", "ws_pack_full", "ws_pack128", "ws_noramp", "ws_blocking", "ws_nccl_control"]
         verify_off = init.model_copy(update={"verify": False})
+        loader_init = init.model_copy(update={"packed_buffer_size_bytes": a.loader_buffer_size,
+                                              "packed_num_buffers": a.loader_buffers})
         try:
             for method in methods:
+                transport.init = loader_init if method == "ws_loader" else init
                 if method in ("ws_blocking", "ws_nccl_control"):  # the same round, another setup
                     variable = "WEIGHTSYNC_NCCL_BLOCKING" if method == "ws_blocking" else "WEIGHTSYNC_CONTROL"
                     transport.close()
@@ -334,7 +349,8 @@ class Worker:
                             vllm_nccl_send(self.params, group.comm, a.buffer_size, a.buffers)
                             group.gather_to_host(tiny)
                         else:
-                            transport.init = verify_off if method == "ws_nosum" else init
+                            transport.init = verify_off if method == "ws_nosum" else \
+                                loader_init if method == "ws_loader" else init
                             settled = dict(group.comm.stats)
                             if method == "ws_packed":  # as if the tensors were not contiguous
                                 os.environ["WEIGHTSYNC_NCCL_PACKED"] = "1"
@@ -358,6 +374,10 @@ class Worker:
                             vllm_nccl_receive(self.specs, self.mine, group.comm, a.buffer_size, a.buffers, self.device)
                             group.gather_to_host(tiny)
                             got = self.mine
+                        elif method == "ws_loader":
+                            settled = dict(group.comm.stats)
+                            transport.receive(self.sink, UpdateInfo())
+                            got = self.loaded
                         else:
                             settled = dict(group.comm.stats)
                             stats = transport.receive(self.store, UpdateInfo())
@@ -438,7 +458,8 @@ class Worker:
             remote = open_storage(StorageHandle(**h.get(f"{section}/flat")), self.index)
             remote = remote[: self.flat.numel()] if backend == "p2p" else remote[: self.scratch._flat.numel()]
         methods = ["limit"] + (["vllm"] if backend == "ipc" and "vllm" in a.sections else []) + \
-            ["ws_first", "ws", "ws_nosum"] + (["ws_full"] if backend == "ipc" else [])
+            ["ws_first", "ws", "ws_nosum"] + (["ws_full"] if backend == "ipc" else []) + \
+            (["ws_loader"] if "loader" in a.sections else [])
         transport = None
         try:
             for method in methods:
@@ -497,10 +518,11 @@ class Worker:
                             got = self.mine
                         else:
                             info = UpdateInfo(**h.get(key + "/info"))
-                            stats = transport.receive(self.store, info)
+                            loading = method == "ws_loader"
+                            stats = transport.receive(self.sink if loading else self.store, info)
                             ended = time.monotonic()
                             receive_ms = stats.seconds * 1e3
-                            got = self.mine
+                            got = self.loaded if loading else self.mine
                         extra = mem_extra(self.device, resident if method.startswith("ws") else before)
                         if method != "limit":
                             began = h.get(key + "/began")
@@ -681,6 +703,12 @@ def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
                     if name == "ws":
                         for k in ("trace0", "trace1"):
                             diags.append(f"  nccl ws {k} (step, ms since the start): {res['diag'].get(k)}")
+        if "loader" in args.sections:
+            loader = collect(h, "nccl2", "ws_loader", receivers[:2], args)
+            results["nccl_loader"] = loader
+            row("nccl", "weightsync round into a vLLM-shaped loader", loader, base,
+                f"{loader['ms'] / ws['ms']:.3f}x the round above; staging "
+                f"{args.loader_buffer_size / GiB:g} GiB x {args.loader_buffers}" if loader and ws else "")
         if "http" in args.sections:
             http = collect(h, "http", "ws_http", [0, 1], args)
             results["http"] = http
@@ -700,6 +728,11 @@ def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
         row("ipc", "weightsync repeat round, engine API, every byte checksummed",
             _engine(collect(h, "ipc", "ws_full", [1], args)), base)
         row("ipc", "weightsync repeat round incl. the harness relay", rep_, base)
+        if "loader" in args.sections:
+            loader = _engine(collect(h, "ipc", "ws_loader", [1], args))
+            results["ipc_loader"] = loader
+            row("ipc", "weightsync round into a vLLM-shaped loader (send + receive)", loader, base,
+                f"{loader['ms'] / results['ipc']['ms']:.3f}x the repeat round" if loader and results["ipc"] else "")
     if "p2p" in args.sections and gpus >= 2:
         limit = collect(h, "p2p", "limit", [1], args)
         results["p2p_limit"] = limit
@@ -711,6 +744,11 @@ def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
         row("p2p", "weightsync round, engine API (send + receive)", _engine(ws), base,
             f"{_engine(ws)['ms'] / flat['ms']:.3f}x the flat NCCL broadcast" if ws and flat else "")
         row("p2p", "weightsync round, engine API, checksum off", _engine(collect(h, "p2p", "ws_nosum", [1], args)), base)
+        if "loader" in args.sections:
+            loader = _engine(collect(h, "p2p", "ws_loader", [1], args))
+            results["p2p_loader"] = loader
+            row("p2p", "weightsync round into a vLLM-shaped loader (send + receive)", loader, base,
+                f"{loader['ms'] / results['p2p']['ms']:.3f}x the round above" if loader and results["p2p"] else "")
         row("p2p", "weightsync round incl. the harness relay", ws, base)
         row("p2p", "weightsync first round (opens the handles)", collect(h, "p2p", "ws_first", [1], args), base)
     lines.append("")
@@ -765,6 +803,12 @@ def targets(r: dict, args) -> str:
         verdict("ipc repeat round / one device copy", r["ipc"]["ms"] / r["ipc_limit"]["ms"], 1.15)
     if r.get("p2p") and r.get("p2p_limit"):
         verdict("p2p round / one peer copy", r["p2p"]["ms"] / r["p2p_limit"]["ms"], 1.05)
+    if r.get("nccl_loader") and r.get("ws"):
+        verdict("nccl loader round / direct round", r["nccl_loader"]["ms"] / r["ws"]["ms"], 1.05)
+    if r.get("p2p_loader") and r.get("p2p"):
+        verdict("p2p loader round / direct round", r["p2p_loader"]["ms"] / r["p2p"]["ms"], 1.05)
+    if r.get("ipc_loader") and r.get("ipc_limit"):
+        verdict("ipc loader round / one device copy", r["ipc_loader"]["ms"] / r["ipc_limit"]["ms"], 1.3)
     mems = [v["mem"] for k, v in r.items() if v and k in ("ws", "p2p", "ipc")]
     if mems:
         verdict("receiver extra GPU memory / buffer size", max(mems) / args.buffer_size, 2.0)
@@ -782,7 +826,11 @@ def main() -> int:
     parser.add_argument("--buffer-size", type=parse_size, default=GiB, help="packed buffer size (1GiB, 256MiB, bytes)")
     parser.add_argument("--buffers", type=int, default=2)
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the model (smoke runs)")
-    parser.add_argument("--sections", default="vllm,http,p2p,ipc")
+    parser.add_argument("--sections", default="vllm,http,p2p,ipc,loader",
+                        help="vllm, http, p2p, ipc, loader (rows landing through a vLLM-shaped loader), diag")
+    parser.add_argument("--loader-buffer-size", type=parse_size, default=512 << 20,
+                        help="nccl loader rows: the packed buffer size (the loader stages in it)")
+    parser.add_argument("--loader-buffers", type=int, default=4, help="nccl loader rows: packed buffers")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -821,6 +869,7 @@ def coordinate(args) -> int:
     argv = [sys.executable, str(Path(__file__).resolve()), "--port", str(port), "--gpus", str(gpus),
             "--fanout", ",".join(map(str, args.fanout)), "--reps", str(args.reps), "--warmup", str(args.warmup),
             "--buffer-size", str(args.buffer_size), "--buffers", str(args.buffers), "--scale", str(args.scale),
+            "--loader-buffer-size", str(args.loader_buffer_size), "--loader-buffers", str(args.loader_buffers),
             "--sections", ",".join(sorted(args.sections))]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     workers = {role: subprocess.Popen(argv + ["--worker", role], env=env) for role in roles}

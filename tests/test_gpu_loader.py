@@ -1,7 +1,8 @@
 """The loader sink on GPUs: a receiver process lands each round in a vLLM-shaped model (fused qkv
 and gate_up parameters, tests/helpers/loader_receiver.py) over ipc (one GPU), p2p and nccl (two).
 Every slice bit-exact, every round; a manifest the engine cannot load is refused before anything
-loads; staging stays within packed_num_buffers x packed_buffer_size_bytes (nccl, p2p)."""
+loads; staging stays within packed_num_buffers x packed_buffer_size_bytes (nccl, p2p). On a host
+with one GPU, p2p runs with both parties on it (the staged path, without NVLink)."""
 
 from __future__ import annotations
 
@@ -82,8 +83,9 @@ class LoaderReceiver:
 @pytest.fixture(scope="module", params=["ipc", "p2p", "nccl"])
 def pair(request):
     backend = request.param
-    need_gpus(1 if backend == "ipc" else 2)
-    device = "cuda:0" if backend == "ipc" else "cuda:1"
+    need_gpus(1 if backend != "nccl" else 2)
+    # p2p on one GPU pulls from its own GPU: the same staged path, without NVLink
+    device = "cuda:1" if backend != "ipc" and torch.cuda.device_count() > 1 else "cuda:0"
     init = {"master_address": "127.0.0.1", "master_port": free_port(), "world_size": 2,
             "packed_buffer_size_bytes": BUFFER, "packed_num_buffers": BUFFERS, "timeout_seconds": 60}
     receiver = LoaderReceiver(backend, device, {**init, "backend": backend, "rank_offset": 1})
@@ -110,7 +112,7 @@ def one_round(backend, receiver, sender, named):
         stats = sender.send_weights(named)
     except Exception as error:  # noqa: BLE001 - the test inspects it
         return error, None
-    receiver.round({"update_info": stats.update_info})
+    receiver.round(stats.update_info)
     answer = receiver.line()
     sender.transport.end_round()
     return stats, answer
@@ -137,7 +139,7 @@ def test_a_manifest_the_engine_cannot_load_is_refused_before_anything_loads(pair
     extra = named + [("model.layers.9.mlp.gate_proj.weight", torch.ones(8, 256, dtype=torch.bfloat16, device="cuda:0"))]
     stats, answer = one_round(backend, receiver, sender, extra)
     assert not answer["ok"] and "model.layers.9.mlp.gate_proj.weight" in answer["error"], answer
-    assert answer["loaded"] == 0 and answer["touched"] is False
+    assert answer["loaded"] == 0 and not answer["touched"]
     if backend == "nccl":  # the trainer learns it from the group's agreement
         assert isinstance(stats, Exception) and "model.layers.9.mlp.gate_proj.weight" in str(stats)
     stats, answer = one_round(backend, receiver, sender, named)  # and the next round lands
@@ -157,7 +159,7 @@ def test_a_tensor_rewritten_mid_round_fails_verification_with_the_weights_touche
     with torch.no_grad():
         named[-1][1].add_(1)
     torch.cuda.synchronize()
-    receiver.round({"update_info": stats.update_info})
+    receiver.round(stats.update_info)
     answer = receiver.line()
     sender.transport.end_round()
     assert not answer["ok"] and "checksum mismatch" in answer["error"], answer

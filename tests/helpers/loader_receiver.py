@@ -9,6 +9,7 @@ import argparse
 import json
 import pathlib
 import sys
+import traceback
 
 import torch
 
@@ -43,7 +44,7 @@ def main() -> None:
             answer = {"ok": True, "checksum": stats.checksum, "digest": model.digest(names)}
         except Exception as error:  # noqa: BLE001 - reported to the test
             answer = {"ok": False, "error": f"{type(error).__name__}: {error}",
-                      "touched": getattr(error, "weights_touched", None)}
+                      "touched": getattr(error, "weights_touched", None), "trace": traceback.format_exc()[-2000:]}
         answer.update(loaded=sink.loaded_tensors, staging=sink.staging_bytes)
         print(json.dumps(answer), flush=True)
     transport.close()

@@ -116,7 +116,7 @@ class P2pTransport(IpcTransport):
         NVLink twice: once by the loader's copies, once by the checksum.) The host never waits
         here: each step is ordered behind the last on the GPU, and the caller waits, bounded, for
         the returned event."""
-        staged, pieces = self._staging(prepared, loader, full and digest is not None)
+        staged, pieces = self._staged_plan(prepared, loader, full and digest is not None)
         current = torch.cuda.current_stream(self.device)
         copies = self._copy_streams()
 
@@ -136,7 +136,7 @@ class P2pTransport(IpcTransport):
         done.record(current)
         return failure, done, full
 
-    def _staging(self, prepared, loader: LoaderSink, verify: bool):
+    def _staged_plan(self, prepared, loader: LoaderSink, verify: bool):
         """The round's staged load and each chunk's (staging, peer) copies, built once per plan."""
         cached = prepared.plans.get(("staged", verify))
         if cached is not None and cached[0] is self._area:
