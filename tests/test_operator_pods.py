@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from weightsync_operator.client import Endpoint
 from weightsync_operator.conditions import get_condition, set_condition
 from weightsync_operator.pods import matches, pod_ref, select
 from weightsync_operator.resource import LabelSelector
@@ -37,6 +38,14 @@ def test_where_the_daemon_listens():
     assert pod_ref(pod(annotations={"weightsync.dev/daemon-port": "http"})).daemon_port is None  # not a port
     assert pod_ref(pod(annotations={"weightsync.dev/daemon-port": "70000"})).daemon_port is None
     assert pod_ref(pod(ip="fd00::7")).endpoint(8200).url == "http://[fd00::7]:8200"
+
+
+def test_the_engine_annotation_picks_the_client_kind():
+    assert pod_ref(pod()).endpoint(8200).kind == "daemon"
+    served = pod_ref(pod(annotations={"weightsync.dev/engine": "vllm", "weightsync.dev/daemon-port": "8000"}))
+    assert served.usable and served.endpoint(8200) == Endpoint("infer-0", "http://10.0.0.7:8000", "vllm")
+    assert served.identity(8200) != pod_ref(pod(annotations={"weightsync.dev/daemon-port": "8000"})).identity(8200)
+    assert not pod_ref(pod(annotations={"weightsync.dev/engine": "vlm"})).usable  # a typo joins no group
 
 
 @pytest.mark.parametrize("changes, usable", [

@@ -6,6 +6,11 @@ members of a group client-side, with the same semantics as Kubernetes label sele
 Where a pod's weightsync API listens: the `weightsync.dev/daemon-port` annotation, else a
 container port named `weightsync`, else the WeightSync's `spec.daemonPort` (8200). The annotation
 lets several pods share one address (tests, host networking) with a port each.
+
+What serves there: a weightsync daemon, unless the `weightsync.dev/engine` annotation says
+`vllm` (a vLLM server with the weightsync backend, whose own routes the coordinator then uses;
+see client.py). Any other value leaves the pod out of every group: a typo must not make the
+operator drive a server through the wrong routes.
 """
 
 from __future__ import annotations
@@ -13,11 +18,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from weightsync_operator.client import Endpoint
+from typing import get_args
+
+from weightsync_operator.client import EngineKind, Endpoint
 from weightsync_operator.resource import LabelSelector
 
 DAEMON_PORT_ANNOTATION = "weightsync.dev/daemon-port"
 RENDEZVOUS_PORT_ANNOTATION = "weightsync.dev/rendezvous-port"
+ENGINE_ANNOTATION = "weightsync.dev/engine"
+ENGINE_KINDS: tuple[str, ...] = get_args(EngineKind)
 PORT_NAME = "weightsync"
 
 
@@ -33,20 +42,21 @@ class PodRef:
     labels: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
     daemon_port: int | None = None  # from the pod itself; None: the WeightSync's default
     rendezvous_port: int | None = None
+    engine: str = "daemon"  # what serves at the port (ENGINE_KINDS; anything else: unusable)
 
     @property
     def usable(self) -> bool:
-        """Ready, addressable, and not on its way out."""
-        return self.ready and bool(self.ip) and not self.deleting
+        """Ready, addressable, served by an engine the coordinator can drive, and not on its way out."""
+        return self.ready and bool(self.ip) and not self.deleting and self.engine in ENGINE_KINDS
 
     def endpoint(self, default_port: int) -> Endpoint:
         host = f"[{self.ip}]" if self.ip and ":" in self.ip else self.ip
-        return Endpoint(self.name, f"http://{host}:{self.daemon_port or default_port}")
+        return Endpoint(self.name, f"http://{host}:{self.daemon_port or default_port}", self.engine)
 
     def identity(self, default_port: int) -> tuple:
         """What must stay the same for a group formed with this pod to still be valid: a new
-        pod, address, port or container restart means the party has to join again."""
-        return self.name, self.uid, self.ip, self.daemon_port or default_port, self.restarts
+        pod, address, port, engine or container restart means the party has to join again."""
+        return self.name, self.uid, self.ip, self.daemon_port or default_port, self.restarts, self.engine
 
 
 def pod_ref(body: Mapping) -> PodRef:
@@ -63,6 +73,7 @@ def pod_ref(body: Mapping) -> PodRef:
         restarts=restarts, labels=dict(meta.get("labels") or {}),
         daemon_port=_port(annotations.get(DAEMON_PORT_ANNOTATION)) or _named_port(spec, PORT_NAME),
         rendezvous_port=_port(annotations.get(RENDEZVOUS_PORT_ANNOTATION)),
+        engine=str(annotations.get(ENGINE_ANNOTATION) or "daemon").strip().lower(),
     )
 
 
