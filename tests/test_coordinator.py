@@ -123,3 +123,19 @@ async def test_init_gives_up_on_a_socket_that_never_answers(parties, module_http
     assert time.monotonic() - began < 5
     assert "silent" in str(caught.value) and "timed out after 1.5s" in str(caught.value)
     server.close()
+
+
+async def test_each_engine_kind_gets_its_client_and_what_vllm_cannot_do_is_refused_up_front(parties, module_http):
+    trainer, daemons = parties
+    vllm = Endpoint("vllm-0", "http://127.0.0.1:9", kind="vllm")  # never called: refused before any request
+    coordinator = Coordinator(trainer.endpoint, [daemons[0].endpoint, vllm], SyncSpec(), module_http)
+    assert [type(p).__name__ for p in coordinator.parties] == ["DaemonClient", "DaemonClient", "VllmClient"]
+    assert [p.can_seed for p in coordinator.targets] == [True, False]
+    with pytest.raises(ValueError, match="pause_mode none cannot drive vLLM targets \\(vllm-0\\)"):
+        Coordinator(trainer.endpoint, [vllm], SyncSpec(pause_mode="none"), module_http)
+    with pytest.raises(ValueError, match="the trainer is a weightsync agent, not a vllm server"):
+        Coordinator(vllm, [daemons[0].endpoint], SyncSpec(), module_http)
+    with pytest.raises(ValueError, match="unknown engine kind 'sglang'"):
+        Coordinator(trainer.endpoint, [Endpoint("x", "http://127.0.0.1:9", kind="sglang")], SyncSpec(), module_http)
+    health = await coordinator.targets[0].health(2)  # a daemon's /healthz, typed
+    assert health.in_group is True and health.weights_intact is True and health.weight_version == "45"
