@@ -19,6 +19,7 @@ import pytest_asyncio
 pytest.importorskip("vllm", reason="needs vLLM (the vLLM venv)")
 pytest.importorskip("transformers", reason="needs transformers (the vLLM venv)")
 
+from weightsync_operator.catchup import catch_up  # noqa: E402
 from weightsync_operator.client import Endpoint, VllmClient  # noqa: E402
 from weightsync_operator.coordinator import Coordinator, SyncSpec, Timeouts  # noqa: E402
 from weightsync_operator.demo import qwen2  # noqa: E402
@@ -164,6 +165,38 @@ async def test_a_session_left_open_by_a_round_that_failed_elsewhere_is_closed_un
     assert again.ok, again.reason
     assert await parties.served(module_http) == await parties.expected(module_http)
     assert await coordinator.targets[0].weight_version(5) == "7"
+
+
+async def test_a_group_of_a_daemon_and_vllm_then_vllm_catches_up_from_the_daemon(parties, module_http, module_spawn):
+    """One group of both kinds (ranks: trainer 0, daemon 1, vLLM 2); then a round vLLM misses,
+    and vLLM, a late joiner, catches up from the daemon (vLLM itself cannot seed)."""
+    daemon = await module_spawn("daemon")  # a plain daemon: shaped by its first round
+    spec = SyncSpec(master_port=free_port(), transfer_timeout=10, timeouts=Timeouts(request=5, init=60, update=30))
+    vllm = Endpoint("vllm", parties.server.url, kind="vllm")
+    async with Coordinator(parties.trainer.endpoint, [daemon.endpoint, vllm], spec, module_http) as both:
+        group = await both.init()
+        assert (group.world_size, group.ranks) == (3, {"trainer": 0, "daemon": 1, "vllm": 2})
+        await parties.train(module_http)
+        result = await both.sync("8")
+        assert result.ok, result.reason
+        assert [(t.name, t.weight_version) for t in result.targets] == [("daemon", "8"), ("vllm", "8")]
+        assert await parties.served(module_http) == await parties.expected(module_http)
+        held_by_vllm = await parties.served(module_http)
+    spec = SyncSpec(master_port=free_port(), transfer_timeout=10, timeouts=Timeouts(request=5, init=60, update=30))
+    async with Coordinator(parties.trainer.endpoint, [daemon.endpoint], spec, module_http) as daemon_only:
+        await daemon_only.init()
+        await parties.train(module_http)
+        missed = await daemon_only.sync("9")
+        assert missed.ok, missed.reason
+        source, joiner = daemon_only.targets[0], both.targets[1]
+        assert await joiner.weight_version(5) == "8" and await parties.served(module_http) == held_by_vllm
+        with pytest.raises(ValueError, match="cannot be the source of a catch-up"):
+            await catch_up(joiner, [source], "8", spec, "127.0.0.1", free_port())
+        caught = await catch_up(source, [joiner], "9", spec, "127.0.0.1", free_port())
+        assert caught.ok, caught.reason
+        assert [(p.name, p.rank, p.weight_version) for p in caught.targets] == [("vllm", 1, "9")]
+    assert await joiner.weight_version(5) == "9" and not await joiner.is_paused(5)
+    assert await parties.served(module_http) == await parties.expected(module_http) != held_by_vllm
 
 
 async def test_vllm_targets_must_pause(parties, module_http):
