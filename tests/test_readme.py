@@ -1,0 +1,166 @@
+"""Every fenced code block in README.md is a test: run as written, or tied to what tests it.
+
+Convention for README authors. The line right before a block's opening fence (blank lines
+between are allowed) may be an HTML comment, invisible on GitHub, that says how the block is
+tested:
+
+    <!-- snippet: run -->
+        run the block as written: a python block with this interpreter in a subprocess, a sh block
+        with bash -euo pipefail; from the repository root, with a timeout. Python blocks need no
+        annotation: they run by default.
+    <!-- snippet: helm-render -->
+        a block of `helm install/upgrade ./charts/weightsync ... --set k=v` commands: each command's
+        values are rendered by Helm's own engine and every manifest validated (tests/test_chart.py's
+        render), since there is no cluster to install into.
+    <!-- snippet: covered tests/test_x.py::test_name [why] -->
+        a test elsewhere runs what this block shows (it must exist); e.g. the kubectl flow runs
+        against the emulated API server in tests/test_operator_kubectl.py.
+    <!-- snippet: skip <reason> -->
+        not runnable by its nature (a diagram, sample output, GPU-only numbers); the reason is required.
+
+A block that is not python and has no annotation fails this test: whoever adds a section (e.g.
+"With vLLM") decides, by name, how its blocks are tested.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+TIMEOUT_SECONDS = 180
+
+FENCE = re.compile(r"^(```+|~~~+)\s*([\w+-]*)")
+ANNOTATION = re.compile(r"^<!--\s*snippet:\s*(\S+)\s*(.*?)\s*-->$")
+KINDS = ("run", "helm-render", "covered", "skip")
+
+
+@dataclass(frozen=True)
+class Snippet:
+    line: int  # of the opening fence, 1-based
+    language: str
+    code: str
+    kind: str | None  # from the annotation; None when there is none
+    argument: str
+
+    @property
+    def id(self) -> str:
+        return f"README.md:{self.line}:{self.language or 'text'}"
+
+    @property
+    def how(self) -> str:
+        return self.kind or ("run" if self.language == "python" else "unannotated")
+
+
+def snippets(text: str) -> list[Snippet]:
+    found, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        opening = FENCE.match(lines[i])
+        if not opening:
+            i += 1
+            continue
+        fence, language = opening.group(1), opening.group(2).lower()
+        end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith(fence)), None)
+        assert end is not None, f"README.md:{i + 1}: a code block that never closes"
+        before = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+        annotation = ANNOTATION.match(before)
+        kind, argument = (annotation.group(1), annotation.group(2)) if annotation else (None, "")
+        found.append(Snippet(i + 1, language, "\n".join(lines[i + 1:end]) + "\n", kind, argument))
+        i = end + 1
+    return found
+
+
+SNIPPETS = snippets(README.read_text())
+
+
+def run(argv: list[str], what: Snippet) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    try:
+        done = subprocess.run(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired as timeout:
+        raise AssertionError(f"{what.id} still ran after {TIMEOUT_SECONDS}s: {timeout.stderr}") from None
+    assert done.returncode == 0, f"{what.id} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done
+
+
+def helm_values(command: str) -> dict:
+    """The values `--set a.b=c` pairs give, typed as Helm's --set types them."""
+    values: dict = {}
+    words = shlex.split(command)
+    for flag, pair in zip(words, words[1:]):
+        if flag != "--set":
+            continue
+        path, _, raw = pair.partition("=")
+        value: object = {"true": True, "false": False}.get(raw, raw)
+        if isinstance(value, str) and re.fullmatch(r"-?\d+", value):
+            value = int(value)
+        node = values
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return values
+
+
+def test_the_readme_has_the_blocks_this_test_knows_how_to_check():
+    assert len(SNIPPETS) >= 10
+    unknown = [f"{s.id}: snippet kind {s.kind!r}" for s in SNIPPETS if s.kind is not None and s.kind not in KINDS]
+    assert not unknown, f"{unknown}; use one of {KINDS}"
+    unannotated = [s.id for s in SNIPPETS if s.how == "unannotated"]
+    assert not unannotated, (f"{unannotated}: say how each block is tested, with <!-- snippet: run | helm-render | "
+                             "covered tests/FILE.py::TEST | skip REASON --> on the line before it (see this file)")
+    # The library section is complete: it shows both sides of a round, and runs.
+    library = README.read_text().split("## Using the library", 1)[1].split("\n## ", 1)[0]
+    (block,) = [s for s in SNIPPETS if s.language == "python" and s.code in library]
+    assert block.how == "run" and "WeightSender" in block.code and "serve_embedded" in block.code
+
+
+@pytest.mark.parametrize("snippet", [s for s in SNIPPETS if s.how == "run"], ids=lambda s: s.id)
+def test_runs_as_written(snippet, tmp_path):
+    if snippet.language == "python":
+        script = tmp_path / "snippet.py"
+        script.write_text(snippet.code)
+        run([sys.executable, str(script)], snippet)
+    elif snippet.language in ("sh", "bash", "shell", "console"):
+        run(["bash", "-euo", "pipefail", "-c", snippet.code], snippet)
+    else:
+        pytest.fail(f"{snippet.id}: cannot run a {snippet.language or 'text'} block; annotate it otherwise")
+
+
+@pytest.mark.chart
+@pytest.mark.parametrize("snippet", [s for s in SNIPPETS if s.how == "helm-render"], ids=lambda s: s.id)
+def test_helm_commands_render_and_validate(snippet):
+    from test_chart import render, validate_all
+
+    commands = [c for c in snippet.code.replace("\\\n", " ").splitlines() if c.strip().startswith("helm ")]
+    assert commands, f"{snippet.id} has no helm command"
+    for command in commands:
+        words = shlex.split(command)
+        assert words[1] in ("install", "upgrade") and "./charts/weightsync" in words, command
+        docs = render(helm_values(command))
+        validate_all(docs)
+
+
+@pytest.mark.parametrize("snippet", [s for s in SNIPPETS if s.how == "covered"], ids=lambda s: s.id)
+def test_the_covering_test_exists(snippet):
+    target = snippet.argument.split()[0] if snippet.argument else ""
+    path, _, name = target.partition("::")
+    assert path and name, f"{snippet.id}: write `covered tests/FILE.py::TEST_NAME`"
+    source = ROOT / path
+    assert source.is_file(), f"{snippet.id}: {path} does not exist"
+    assert re.search(rf"^(async )?def {re.escape(name)}\(", source.read_text(), re.M), \
+        f"{snippet.id}: {path} has no test {name}"
+
+
+@pytest.mark.parametrize("snippet", [s for s in SNIPPETS if s.how == "skip"], ids=lambda s: s.id)
+def test_a_skipped_block_says_why(snippet):
+    assert len(snippet.argument) >= 10, f"{snippet.id}: `skip` needs a reason"
