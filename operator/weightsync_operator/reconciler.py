@@ -124,8 +124,17 @@ class Reconciler:
         await self._leave("the group is re-formed")
         self._members = {p.name: p for p in targets}
         self._problems = {}
-        coordinator = Coordinator(trainer.endpoint(spec.daemon_port), [t.endpoint(spec.daemon_port) for t in targets],
-                                  sync_spec, self._http, self._token)
+        try:
+            coordinator = Coordinator(trainer.endpoint(spec.daemon_port),
+                                      [t.endpoint(spec.daemon_port) for t in targets], sync_spec, self._http,
+                                      self._token)
+        except ValueError as error:  # members the spec cannot drive (vLLM targets with pauseMode none)
+            message = f"cannot form the group: {error}"
+            self._update(spec, generation, phase="Failed", progressing=None, degraded=("InvalidGroup", message),
+                         message=message, rendezvous=None)
+            await self._flush()
+            self._emit("Warning", "InvalidGroup", message)
+            raise kopf.PermanentError(message) from None
         self._update(spec, generation, phase="Initializing", progressing=("Initializing", "forming the group"),
                      message=f"forming the group: trainer {trainer.name} and {len(targets)} target(s)")
         await self._flush()
