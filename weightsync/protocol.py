@@ -129,6 +129,7 @@ class InitInfo(_Strict):
     rank_offset: Annotated[int, Field(ge=0)] = 0
     world_size: Annotated[int, Field(ge=1, le=65536)]
     nccl_unique_id_b64: str | None = None
+    # vLLM 0.33's place for the packing knobs (see UpdateInfo.packed for what `packed` means).
     packed: bool = True
     packed_buffer_size_bytes: BufferSize = DEFAULT_BUFFER_SIZE_BYTES
     packed_num_buffers: NumBuffers = DEFAULT_NUM_BUFFERS
@@ -143,6 +144,19 @@ class InitInfo(_Strict):
     atomic: bool = False
     group_name: Annotated[str, Field(min_length=1, max_length=128)] = "weightsync"
 
+    _always_packed = field_validator("packed")(lambda value: _require_packed(value))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_rendezvous(cls, data: object) -> object:
+        if isinstance(data, dict) and not {"world_size", "master_address", "nccl_unique_id_b64"} & data.keys():
+            # vLLM's IPC engine needs no init (its init_info is empty); weightsync's ipc receivers
+            # join the trainer's rendezvous, over which every round's checksum is agreed.
+            raise ValueError("world_size and master_address/master_port are required (vLLM's empty IPC "
+                             "init_info is not enough: weightsync's ipc receivers join the trainer's "
+                             "rendezvous to verify every round)")
+        return data
+
     @model_validator(mode="after")
     def _rendezvous(self) -> "InitInfo":
         if self.nccl_unique_id_b64 is None and (self.master_address is None or self.master_port is None):
@@ -155,18 +169,40 @@ class InitInfo(_Strict):
 UpdateKind = Literal["dense", "sparse_flat"]
 
 
+def _require_packed(value: bool) -> bool:
+    """vLLM's `packed: false` asks for one broadcast per tensor; a weightsync trainer always
+    sends its packed, checksummed stream, so a body that says otherwise is refused, not ignored."""
+    if not value:
+        raise ValueError("packed is false, but weightsync always moves weights in packed buffers "
+                         "(the trainer's round header sets their size); send packed: true or leave it out")
+    return value
+
+
+def _require_checkpoint_format(value: bool) -> bool:
+    """vLLM's `is_checkpoint_format: false` says the tensors are already in the engine's own
+    layout (fused, sharded); weightsync receivers hold the checkpoint's parameters by name."""
+    if not value:
+        raise ValueError("is_checkpoint_format is false, but weightsync receivers take weights in "
+                         "checkpoint format (the parameters as the manifest names them); send true or leave it out")
+    return value
+
+
 class UpdateInfo(_Strict):
     """One update batch, as vLLM's update_info: parallel lists of names, dtype names, shapes.
 
     All three lists empty means "take the manifest from the trainer's header" (vLLM: reuse the
-    previous metadata). For `sparse_flat`, each parameter carries `sparse_nnz[i]` flat indices
-    (int64) and as many values of the parameter's dtype; its `shapes` entry is `[nnz]`.
+    previous metadata). For `sparse_flat`, each parameter carries nnz flat indices (int64) and as
+    many values of the parameter's dtype. Two spellings: weightsync's, where a parameter's
+    `shapes` entry is `[nnz]`; and vLLM's, where `num_updates_list[i]` is its nnz and `shapes[i]`
+    the patched parameter's own shape (checked against the receiver's weights).
     """
 
     update_kind: UpdateKind | None = None  # None: whatever the trainer's header says
     names: list[Annotated[str, Field(min_length=1, max_length=1024)]] = []
     dtype_names: list[str] = []
     shapes: list[list[Annotated[int, Field(ge=0)]]] = []
+    num_updates_list: list[Annotated[int, Field(ge=0)]] | None = None
+    # vLLM's knobs; only the values weightsync honours are accepted (see _require_packed).
     packed: bool = True
     packed_buffer_size_bytes: BufferSize | None = None
     packed_num_buffers: NumBuffers | None = None
@@ -175,9 +211,17 @@ class UpdateInfo(_Strict):
     ipc_handles: list[dict] | dict | None = None
     tensor_sizes: list[int] | None = None
 
+    _always_packed = field_validator("packed")(lambda value: _require_packed(value))
+    _checkpoint_format = field_validator("is_checkpoint_format")(lambda value: _require_checkpoint_format(value))
+
     @model_validator(mode="after")
     def _parallel_lists(self) -> "UpdateInfo":
         n = len(self.names)
+        if self.num_updates_list is not None:  # vLLM's sparse spelling, with vLLM's rules
+            if self.update_kind != "sparse_flat":
+                raise ValueError("num_updates_list is only for update_kind 'sparse_flat'")
+            if not self.num_updates_list or len(self.num_updates_list) != n:
+                raise ValueError(f"num_updates_list has {len(self.num_updates_list)} entries but names has {n}")
         if len(self.dtype_names) != n:
             raise ValueError(f"dtype_names has {len(self.dtype_names)} entries but names has {n}")
         if len(self.shapes) != n:
@@ -191,15 +235,24 @@ class UpdateInfo(_Strict):
 
     @property
     def manifest(self) -> Manifest | None:
-        """The manifest this body names, or None when it defers to the trainer's header."""
+        """The manifest this body names, or None when it defers to the trainer's header (for a
+        sparse update, each shape is the patch length [nnz], as in the trainer's header)."""
         if not self.names:
             return None
+        shapes = self.shapes if self.num_updates_list is None else [[nnz] for nnz in self.num_updates_list]
         return Manifest(
             tensors=tuple(
                 TensorSpec(name=n, dtype=d, shape=tuple(s))
-                for n, d, s in zip(self.names, self.dtype_names, self.shapes)
+                for n, d, s in zip(self.names, self.dtype_names, shapes)
             )
         )
+
+    @property
+    def patched_shapes(self) -> dict[str, tuple[int, ...]]:
+        """vLLM's sparse spelling: each patched parameter's own shape, by name (else empty)."""
+        if self.num_updates_list is None:
+            return {}
+        return {name: tuple(shape) for name, shape in zip(self.names, self.shapes)}
 
 
 class RoundHeader(_Strict):

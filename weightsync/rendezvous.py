@@ -2,37 +2,136 @@
 
 Groups never touch torch.distributed's global default group, so a trainer that already uses
 torch.distributed for training, or two WeightSyncs in one process, cannot collide.
+
+Joining is bounded as a whole: resolving the trainer's name, reaching its store and waiting for
+every rank share one deadline, `init_timeout_seconds` from the start (torch's own client retries
+name resolution past its timeout, about three times over). Each step also polls a cancel event
+(see `cancellable`), so a daemon can give up a pending join at once when told to abort or close.
 """
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
+import socket
 import threading
+import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch.distributed as dist
 
 from weightsync.errors import TransferError
 from weightsync.protocol import InitInfo
 
+POLL_SECONDS = 0.05  # how often a pending join looks at its cancel event
+
+
+class JoinCancelled(TransferError):
+    """A pending join was given up on request (the daemon was told to abort or close)."""
+
+
+_local = threading.local()
+
+
+@contextmanager
+def cancellable(event: threading.Event) -> Iterator[None]:
+    """Joins started on this thread inside the block give up (JoinCancelled) once `event` is set.
+
+    A thread-local rather than a parameter: transports call `open_store` from their own setup,
+    and only the daemon, which runs that setup on its worker thread, needs to cancel it."""
+    previous = getattr(_local, "cancel", None)
+    _local.cancel = event
+    try:
+        yield
+    finally:
+        _local.cancel = previous
+
+
+class _Deadline:
+    def __init__(self, seconds: float, rank: int):
+        self.seconds, self.rank = seconds, rank
+        self.end = time.monotonic() + seconds
+        self.cancel: threading.Event | None = getattr(_local, "cancel", None)
+
+    def left(self, what: str) -> float:
+        """Seconds left; raises once cancelled or past the deadline."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise JoinCancelled(f"rank {self.rank}: joining the group was cancelled while {what}")
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise TransferError(f"rank {self.rank}: init_timeout_seconds ({self.seconds:g}s) passed while {what}")
+        return left
+
+    def pause(self, what: str) -> None:
+        time.sleep(min(POLL_SECONDS, self.left(what)))
+
 
 def open_store(init: InitInfo, rank: int) -> dist.Store:
     """Host (rank 0) or join the group's key-value store, prefixed by the group's name."""
     if init.master_address is None or init.master_port is None:
         raise TransferError("this transport needs master_address and master_port")
+    deadline = _Deadline(init.init_timeout_seconds, rank)
     timeout = datetime.timedelta(seconds=init.init_timeout_seconds)
-    try:
-        store = _hosted_store(init.master_port, timeout) if rank == 0 else dist.TCPStore(
-            init.master_address, init.master_port, is_master=False, timeout=timeout)
-    except Exception as error:  # torch raises RuntimeError/DistStoreError subclasses
-        raise TransferError(
-            f"rendezvous at {init.master_address}:{init.master_port} failed for rank {rank}: {error}"
-        ) from error
+    where = f"{init.master_address}:{init.master_port}"
+    if rank == 0:
+        try:
+            store = _hosted_store(init.master_port, timeout)
+        except Exception as error:  # torch raises RuntimeError/DistStoreError subclasses
+            raise TransferError(f"rendezvous at {where} failed for rank {rank}: {error}") from error
+    else:
+        address = _resolve(init.master_address, init.master_port, deadline)
+        _reachable(address, init.master_port, deadline, where)
+        try:
+            store = dist.TCPStore(address, init.master_port, is_master=False,
+                                  timeout=datetime.timedelta(seconds=deadline.left(f"connecting to {where}")))
+        except Exception as error:
+            raise TransferError(f"rendezvous at {where} failed for rank {rank}: {error}") from error
+        store.set_timeout(timeout)  # later uses of the store (the group's setup) as before
     prefixed = dist.PrefixStore(f"{init.group_name}/", store)
     if rank == 0:
         weakref.finalize(prefixed, _release_hosted, init.master_port)
-    _barrier(prefixed, rank, init.world_size, timeout)
+    _barrier(prefixed, rank, init.world_size, deadline)
     return prefixed
+
+
+def _resolve(host: str, port: int, deadline: _Deadline) -> str:
+    """The address `host` resolves to, looked up on a helper thread that is abandoned (not
+    waited for) once the deadline passes or the join is cancelled: a lookup cannot be interrupted."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    found: dict = {}
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            found["addresses"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as error:
+            found["error"] = error
+        done.set()
+
+    threading.Thread(target=lookup, name=f"weightsync-resolve-{host[:32]}", daemon=True).start()
+    what = f"resolving {host!r}"
+    while not done.wait(min(POLL_SECONDS, deadline.left(what))):
+        pass
+    if "error" in found:
+        raise TransferError(f"rank {deadline.rank}: master_address {host!r} does not resolve: {found['error']}")
+    addresses = sorted(found["addresses"], key=lambda a: a[0] != socket.AF_INET)  # IPv4 first
+    return addresses[0][4][0]
+
+
+def _reachable(address: str, port: int, deadline: _Deadline, where: str) -> None:
+    """Wait until the trainer's store accepts connections (it may start after this rank)."""
+    what = f"connecting to {where}"
+    while True:
+        try:
+            socket.create_connection((address, port), timeout=min(1.0, deadline.left(what))).close()
+            return
+        except OSError:
+            deadline.pause(what)
 
 
 _HOSTED: dict[int, list] = {}  # port → [store server, groups using it]
@@ -66,14 +165,19 @@ def _release_hosted(port: int) -> None:
                 del _HOSTED[port]
 
 
-def _barrier(store: dist.Store, rank: int, world_size: int, timeout: datetime.timedelta) -> None:
-    """Wait (up to the init timeout) until every rank has joined.
+def _barrier(store: dist.Store, rank: int, world_size: int, deadline: _Deadline) -> None:
+    """Wait (until the init deadline) until every rank has joined.
 
     Parties may arrive far apart (one still finishing a failed round); once all are here, the
     communicator's own setup, bounded by the shorter collective timeout, finds every peer.
     """
-    store.set(f"joined/{rank}", "1")
+    keys = [f"joined/{r}" for r in range(world_size)]
+    what = "waiting for every rank to join"
     try:
-        store.wait([f"joined/{r}" for r in range(world_size)], timeout)
-    except Exception as error:
-        raise TransferError(f"rank {rank}: not every rank joined within {timeout.total_seconds():g}s: {error}") from error
+        store.set(f"joined/{rank}", "1")
+        while not store.check(keys):
+            deadline.pause(what)
+    except TransferError:
+        raise
+    except Exception as error:  # the store raises when the trainer's server went away
+        raise TransferError(f"rank {rank}: the rendezvous store failed while {what}: {error}") from error

@@ -1,37 +1,57 @@
-"""The daemon's HTTP API: vLLM-compatible weight-transfer endpoints over an EngineService."""
+"""The daemon's HTTP API: vLLM-compatible weight-transfer endpoints over an EngineService.
+
+Every error answer is `models.ErrorBody` ({"detail": str, "field": str | null}) and the OpenAPI
+document says so, route by route, with the statuses each route can answer: 401 (bearer token),
+408/413 (body too slow or too large, see guard.py), 409 (protocol order, or another call in
+progress), 422 (the field at fault), 503 (the transfer itself failed).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from weightsync.errors import ManifestMismatch, PhaseError, ProtocolError, TransferError
 from weightsync.store import combine_digests
 from weightsync_daemon.auth import BearerAuth
-from weightsync_daemon.models import (
-    FinishRequest, FinishResult, Health, InitRequest, Message, StartRequest, UpdateRequest,
-    UpdateResult, WeightCheckRequest,
+from weightsync_daemon.guard import (
+    DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES, RequestGuard, error_body,
 )
-from weightsync_daemon.service import EngineService
+from weightsync_daemon.models import (
+    Checksums, Comparison, ErrorBody, FinishRequest, FinishResult, Health, InitRequest, IsPaused, Message,
+    PauseStatus, StartRequest, UpdateRequest, UpdateResult, WeightCheckRequest, WeightInfo, WorldSize,
+)
+from weightsync_daemon.service import ClientGone, EngineService
 
 # Each error kind maps to one status: the caller's input (422), the protocol's order (409), or a
 # failure of the transfer itself, which is not the caller's fault (503).
 _STATUS = {ProtocolError: 422, ManifestMismatch: 422, PhaseError: 409, TransferError: 503}
+_UNION_LABELS = frozenset({"str", "int", "bool", "float", "none", "dict[str,any]"})
+LONGEST_JSON_INT = 64  # digits; a longer JSON number stays text, so its field refuses it by name
 
 
 def _error_response(status: int, message: str, field: str | None = None,
                     headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"detail": message}
-    if field:
-        body["field"] = field
-    return JSONResponse(status_code=status, content=body, headers=headers)
+    return JSONResponse(status_code=status, content=error_body(message, field), headers=headers)
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, all with the one error body."""
+    what = {400: "the body is not JSON", 401: "no valid bearer token", 408: "the body did not arrive in time (body_timeout_seconds)",
+            409: "not allowed in this phase, or another call is in progress",
+            413: "the body is larger than max_body_bytes", 422: "a field is invalid; `field` names it",
+            503: "the transfer failed (a peer, a timeout, the bytes)"}
+    return {status: {"model": ErrorBody, "description": what[status]} for status in statuses}
 
 
 def _first_validation_problem(error: RequestValidationError) -> tuple[str, str]:
@@ -40,19 +60,72 @@ def _first_validation_problem(error: RequestValidationError) -> tuple[str, str]:
         return "body", f"body: not valid JSON ({problem.get('ctx', {}).get('error', 'decode error')})"
     loc = [str(p) for p in problem.get("loc", ()) if p != "body"]
     # pydantic names the union member it tried; those labels are noise to a caller.
-    loc = [p for p in loc if not p.startswith(("list[", "UpdateInfo", "function-"))]
+    loc = [p for p in loc if p not in _UNION_LABELS and not p.startswith(("list[", "UpdateInfo", "function-", "constrained-"))]
     field = ".".join(loc) or "body"
     return field, f"{field}: {problem.get('msg', 'invalid')}"
 
 
+def _bounded_int(digits: str) -> int | str:
+    # Python's int() refuses more than 4,300 digits (a 500 that used to apply a half-done finish);
+    # a number this long is no valid value of any field, so it stays text and fails validation.
+    return int(digits) if len(digits) <= LONGEST_JSON_INT else digits
+
+
+class _Request(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), parse_int=_bounded_int)
+        return self._json
+
+
+class _Route(APIRoute):
+    """Parses JSON bodies with `_bounded_int`."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def bounded(request: Request) -> Response:
+            return await handler(_Request(request.scope, request.receive))
+
+        return bounded
+
+
+@asynccontextmanager
+async def _watch_client(request: Request) -> AsyncIterator[asyncio.Event]:
+    """An event set once the client disconnects (the body is read: `receive` only reports that)."""
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        yield gone
+    finally:
+        watcher.cancel()
+
+
+async def _still_there(request: Request, what: str) -> None:
+    """A call whose client already left does nothing (e.g. a retry given up on while queued)."""
+    if await request.is_disconnected():
+        raise ClientGone(f"the client left before {what} could run; it did nothing")
+
+
 def create_app(service: EngineService, extra_routers: list[APIRouter] | None = None,
-               token: str | None = None) -> FastAPI:
+               token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_SECONDS) -> FastAPI:
     """The HTTP app for one party (a receiver daemon or the trainer's agent).
 
-    With a `token`, every POST needs `Authorization: Bearer <token>` (401 otherwise).
+    With a `token`, every POST needs `Authorization: Bearer <token>` (401 otherwise, checked
+    before the body is read). A body over `max_body_bytes` gets 413; one that does not arrive
+    within `body_timeout_seconds` gets 408.
     """
     auth = BearerAuth(token)
-    guarded = [Depends(auth)]
+    guarded = [Depends(auth)] if auth.enabled else []
+    need_token = (401,) if auth.enabled else ()
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
@@ -60,7 +133,10 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
 
     app = FastAPI(title="weightsync daemon", version="0.1.0", lifespan=lifespan,
                   description="Weight-transfer protocol endpoints, compatible with vLLM's.")
+    app.router.route_class = _Route
     app.state.service = service
+    app.add_middleware(RequestGuard, auth=auth, max_body_bytes=max_body_bytes,
+                       body_timeout_seconds=body_timeout_seconds)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError):
@@ -71,78 +147,102 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
     async def _http_error(_: Request, error: StarletteHTTPException):
         # 400 is FastAPI's answer to a body it cannot even decode (e.g. binary, pickled bytes).
         return _error_response(error.status_code, str(error.detail),
-                               "body" if error.status_code == 400 else None, error.headers)
+                               "body" if error.status_code in (400, 408, 413) else None, error.headers)
 
     for kind, status in _STATUS.items():
         def handler(_: Request, error: Exception, status=status):
             return _error_response(status, str(error), getattr(error, "field", None))
         app.add_exception_handler(kind, handler)
 
-    @app.post("/init_weight_transfer_engine", dependencies=guarded, response_model=Message)
-    async def init_weight_transfer_engine(body: InitRequest):
-        return Message(message=await service.init(body.init_info))
+    body_errors = (400, *need_token, 408, 413, 422)
 
-    @app.post("/start_weight_update", dependencies=guarded, response_model=Message)
-    async def start_weight_update(body: StartRequest | None = None):
+    @app.post("/init_weight_transfer_engine", dependencies=guarded, response_model=Message,
+              responses=_errors(*body_errors, 409, 503))
+    async def init_weight_transfer_engine(body: InitRequest, request: Request):
+        """Join the transfer group. Answers within init_info.init_timeout_seconds; an abort or a
+        close meanwhile cancels it (409), as does its client disconnecting."""
+        async with _watch_client(request) as gone:
+            return Message(message=await service.init(body.init_info, gone))
+
+    @app.post("/start_weight_update", dependencies=guarded, response_model=Message,
+              responses=_errors(*body_errors, 409))
+    async def start_weight_update(request: Request, body: StartRequest | None = None):
+        await _still_there(request, "start_weight_update")
         return Message(message=await service.start())
 
-    @app.post("/update_weights", dependencies=guarded, response_model=UpdateResult)
-    async def update_weights(body: UpdateRequest | None = None):
+    @app.post("/update_weights", dependencies=guarded, response_model=UpdateResult,
+              responses=_errors(*body_errors, 409, 503))
+    async def update_weights(request: Request, body: UpdateRequest | None = None):
+        """One update batch. While another call is served (e.g. this round's update), answers
+        409 at once: a retry never queues behind, or disturbs, the round in flight."""
         info = (body or UpdateRequest()).update_info
         if isinstance(info, list):
-            if not info:
-                raise ProtocolError("update_info", "an empty list names no worker's update")
-            info = info[0]  # this engine has one worker
+            info = service.own_update_info(info)
+        await _still_there(request, "update_weights")
         stats = await service.update(info)
         return UpdateResult(message="weights updated" if service.role == "receiver" else "weights sent",
                             round_id=stats.round_id, bytes=stats.payload_bytes, seconds=stats.seconds,
                             num_tensors=stats.num_tensors, in_place=stats.in_place, checksum=stats.checksum,
                             update_info=stats.update_info, more=stats.more)
 
-    @app.post("/finish_weight_update", dependencies=guarded, response_model=FinishResult)
-    async def finish_weight_update(body: FinishRequest | None = None):
+    @app.post("/finish_weight_update", dependencies=guarded, response_model=FinishResult,
+              responses=_errors(*body_errors, 409))
+    async def finish_weight_update(request: Request, body: FinishRequest | None = None):
+        """Make the round's weights live under `weight_version`. 409 when no update landed in
+        the round (use abort), so a label never moves without its bytes."""
+        await _still_there(request, "finish_weight_update")
         version = await service.finish(None if body is None or body.weight_version is None
                                        else str(body.weight_version))
         return FinishResult(message="weight update finished", weight_version=version)
 
-    @app.post("/abort_weight_update", dependencies=guarded, response_model=Message)
+    @app.post("/abort_weight_update", dependencies=guarded, response_model=Message,
+              responses=_errors(*need_token, 422))
     async def abort_weight_update(reason: str = Query("coordinator gave up", max_length=512)):
+        """End the round (or cancel a pending init) at once; never waits."""
         return Message(message=await service.abort(reason))
 
-    @app.post("/close_weight_transfer_engine", dependencies=guarded, response_model=Message)
-    async def close_weight_transfer_engine():
-        return Message(message=await service.close())
+    @app.post("/close_weight_transfer_engine", dependencies=guarded, response_model=Message,
+              responses=_errors(*need_token, 409))
+    async def close_weight_transfer_engine(request: Request):
+        """Leave the group. Cancels a pending init; waits (bounded) for an update in flight,
+        and does nothing if its client left meanwhile."""
+        async with _watch_client(request) as gone:
+            return Message(message=await service.close(gone))
 
-    @app.post("/seed_weights", dependencies=guarded, response_model=UpdateResult)
-    async def seed_weights(body: InitRequest):
+    @app.post("/seed_weights", dependencies=guarded, response_model=UpdateResult,
+              responses=_errors(*body_errors, 409, 503))
+    async def seed_weights(body: InitRequest, request: Request):
         """Send this receiver's weights, once, to late joiners of a one-off group it hosts."""
         if not hasattr(service, "seed"):
             raise PhaseError(f"a {service.role} does not seed peers")
+        await _still_there(request, "seed_weights")
         stats = await service.seed(body.init_info)
         return UpdateResult(message="weights sent", round_id=stats.round_id, bytes=stats.payload_bytes,
                             seconds=stats.seconds, num_tensors=stats.num_tensors, checksum=stats.checksum)
 
-    @app.post("/pause", dependencies=guarded)
+    @app.post("/pause", dependencies=guarded, response_model=PauseStatus, responses=_errors(*need_token, 422))
     async def pause(mode: Literal["abort", "wait", "keep"] = "abort"):
         await service.pause(mode)
-        return {"status": "paused"}
+        return PauseStatus(status="paused")
 
-    @app.post("/resume", dependencies=guarded)
+    @app.post("/resume", dependencies=guarded, response_model=PauseStatus, responses=_errors(*need_token))
     async def resume():
         await service.resume()
-        return {"status": "resumed"}
+        return PauseStatus(status="resumed")
 
-    @app.get("/is_paused")
+    @app.get("/is_paused", response_model=IsPaused)
     async def is_paused():
-        return {"is_paused": service.paused}
+        return IsPaused(is_paused=service.paused)
 
-    @app.get("/get_world_size")
-    async def get_world_size(include_dp: bool = True):
-        return {"world_size": service.world_size}
+    @app.get("/get_world_size", response_model=WorldSize, responses=_errors(422))
+    async def get_world_size(include_dp: bool = Query(True, description=(
+            "vLLM: count data-parallel replicas too. A daemon is one worker with no data "
+            "parallelism, so both answers are the same."))):
+        return WorldSize(world_size=service.world_size)
 
-    @app.get("/weight_info")
+    @app.get("/weight_info", response_model=WeightInfo)
     async def weight_info():
-        return {"weight_version": service.weight_version}
+        return WeightInfo(weight_version=service.weight_version)
 
     @app.get("/healthz", response_model=Health)
     async def healthz():
@@ -152,22 +252,24 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
                       weights_intact=service.weights_intact, last_failure=service.last_failure,
                       num_parameters=len(store) if store is not None else 0)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics():
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/weight_checker", dependencies=guarded)
+    @app.post("/weight_checker", dependencies=guarded, response_model=Checksums | Comparison,
+              responses=_errors(*body_errors))
     async def weight_checker(body: WeightCheckRequest):
         sums = await asyncio.to_thread(service.checksums)
         if body.action == "checksum":
-            return {"checksums": sums, "checksum": combine_digests(sums),
-                    "weight_version": service.weight_version}
+            return Checksums(checksums=sums, checksum=combine_digests(sums), weight_version=service.weight_version)
         if body.baseline is None:
             raise ProtocolError("baseline", "compare needs a baseline of per-parameter checksums")
         differ = sorted(n for n in set(sums) | set(body.baseline) if sums.get(n) != body.baseline.get(n))
-        return {"matches": not differ, "mismatched": differ}
+        return Comparison(matches=not differ, mismatched=differ)
 
     for router in extra_routers or []:
-        app.include_router(router, dependencies=guarded)
+        app.include_router(router, dependencies=guarded, responses=_errors(*need_token))
 
     return app

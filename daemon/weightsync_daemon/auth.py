@@ -2,6 +2,8 @@
 
 Anyone who can POST to a daemon can rewrite the model it serves, so every POST needs the shared
 token; GET endpoints (health, metrics, world size, version) stay open for probes and Prometheus.
+The check itself runs in `guard.RequestGuard`, before the body is read; the dependency here
+declares the scheme in the OpenAPI document and guards extra routers' GET routes too.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ import hmac
 import os
 from pathlib import Path
 
-from fastapi import HTTPException, Request
+from fastapi import HTTPException, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 TOKEN_ENV = "WEIGHTSYNC_AUTH_TOKEN"
+SCHEME = HTTPBearer(auto_error=False, scheme_name="bearerAuth",
+                    description="The shared token (--token-file or $WEIGHTSYNC_AUTH_TOKEN).")
 
 
 def load_token(token_file: Path | None = None) -> str | None:
@@ -26,7 +31,7 @@ def load_token(token_file: Path | None = None) -> str | None:
 
 
 class BearerAuth:
-    """A FastAPI dependency: 401 unless the request carries `Authorization: Bearer <token>`."""
+    """The token check; as a FastAPI dependency: 401 unless `Authorization: Bearer <token>`."""
 
     def __init__(self, token: str | None):
         self._token = token.encode() if token else None
@@ -35,10 +40,17 @@ class BearerAuth:
     def enabled(self) -> bool:
         return self._token is not None
 
-    async def __call__(self, request: Request) -> None:
+    def allows(self, authorization: str) -> bool:
+        """Whether an Authorization header value carries the token (always, without a token)."""
+        if self._token is None:
+            return True
+        scheme, _, presented = authorization.partition(" ")
+        # compare_digest takes the same time wherever the strings differ: no timing oracle.
+        return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), self._token)
+
+    async def __call__(self, credentials: HTTPAuthorizationCredentials | None = Security(SCHEME)) -> None:
         if self._token is None:
             return
-        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-        # compare_digest takes the same time wherever the strings differ: no timing oracle.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), self._token):
+        presented = f"{credentials.scheme} {credentials.credentials}" if credentials is not None else ""
+        if not self.allows(presented):
             raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})

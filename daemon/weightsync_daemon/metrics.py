@@ -3,8 +3,6 @@ one process (tests, or a trainer that also serves)."""
 
 from __future__ import annotations
 
-import re
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PHASES = ("init", "start", "update", "finish")
@@ -49,7 +47,19 @@ class DaemonMetrics:
             self.failures.labels(reason=reason)
 
 
+MAX_GAUGE_DIGITS = 15  # a float gauge holds integers this long exactly
+
+
 def numeric_version(label: str | None, fallback: int) -> int:
-    """The number a version label ends in ("step-42" → 42, "7" → 7), else `fallback`."""
-    match = re.search(r"(\d+)$", label or "")
-    return int(match.group(1)) if match else fallback
+    """The number a version label ends in ("step-42" → 42, "7" → 7), else `fallback`.
+
+    One backwards scan over ASCII digits, so linear in the label (labels are at most
+    models.MAX_VERSION_LENGTH long anyway); a number too long for the gauge is `fallback` too."""
+    label = label or ""
+    start = len(label)
+    while start > 0 and "0" <= label[start - 1] <= "9":
+        start -= 1
+    digits = label[start:].lstrip("0") or label[start:][-1:]
+    if not digits or len(digits) > MAX_GAUGE_DIGITS:
+        return fallback
+    return int(digits)

@@ -1,12 +1,27 @@
-"""HTTP request and response bodies, shaped as vLLM's weight-transfer HTTP API."""
+"""HTTP request and response bodies, shaped as vLLM's weight-transfer HTTP API.
+
+Every field of vLLM's bodies is either honoured with vLLM's meaning or refused by name (422):
+none is accepted and then ignored. See weightsync.protocol for the fields inside init_info and
+update_info.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from weightsync.protocol import InitInfo, UpdateInfo
+from weightsync.protocol import InitInfo, UpdateInfo, _require_checkpoint_format
+
+# A version label is echoed by /healthz and /weight_info and parsed for the version gauge: short.
+MAX_VERSION_LENGTH = 256
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: what went wrong, and the dotted path of the field at fault (if any)."""
+
+    detail: str
+    field: str | None = None
 
 
 class InitRequest(BaseModel):
@@ -15,12 +30,18 @@ class InitRequest(BaseModel):
 
 
 class StartRequest(BaseModel):
+    """vLLM 0.32 sends is_checkpoint_format here (0.33 sends no body)."""
+
     model_config = ConfigDict(extra="forbid")
     is_checkpoint_format: bool = True
 
+    _checkpoint_format = field_validator("is_checkpoint_format")(lambda value: _require_checkpoint_format(value))
+
 
 class UpdateRequest(BaseModel):
-    """One update batch; a list is indexed by the engine's worker rank (one worker here)."""
+    """One update batch. A list is indexed by global worker rank (vLLM: dp_rank x workers per
+    engine + the worker's rank): this daemon is one worker, its entry is rank_offset - 1 (rank 0
+    is the trainer's); a one-entry list is taken as this engine's own."""
 
     model_config = ConfigDict(extra="forbid")
     update_info: UpdateInfo | list[UpdateInfo] = Field(default_factory=UpdateInfo)
@@ -28,7 +49,18 @@ class UpdateRequest(BaseModel):
 
 class FinishRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    weight_version: str | int | None = Field(default=None, description="label of the weights now live")
+    weight_version: Annotated[str, Field(min_length=1, max_length=MAX_VERSION_LENGTH)] | int | None = Field(
+        default=None, description=f"label of the weights now live (at most {MAX_VERSION_LENGTH} characters; "
+                                  "a number is taken as its decimal label)")
+
+    @field_validator("weight_version", mode="before")
+    @classmethod
+    def _number_as_label(cls, value: object) -> object:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 10 ** MAX_VERSION_LENGTH:
+                raise ValueError(f"weight_version is longer than {MAX_VERSION_LENGTH} characters")
+            return str(value)
+        return value
 
 
 class WeightCheckRequest(BaseModel):
@@ -70,3 +102,34 @@ class Health(BaseModel):
     weights_intact: bool
     last_failure: str | None
     num_parameters: int
+
+
+class PauseStatus(BaseModel):
+    status: Literal["paused", "resumed"]
+
+
+class IsPaused(BaseModel):
+    is_paused: bool
+
+
+class WorldSize(BaseModel):
+    world_size: int
+
+
+class WeightInfo(BaseModel):
+    weight_version: str | None
+
+
+class Checksums(BaseModel):
+    """/weight_checker's answer: `checksum` action."""
+
+    checksums: dict[str, str]
+    checksum: str
+    weight_version: str | None
+
+
+class Comparison(BaseModel):
+    """/weight_checker's answer: `compare` action."""
+
+    matches: bool
+    mismatched: list[str]

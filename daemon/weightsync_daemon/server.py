@@ -16,6 +16,7 @@ from weightsync.transports import available
 from weightsync_daemon import cli_args
 from weightsync_daemon.app import create_app
 from weightsync_daemon.auth import TOKEN_ENV, load_token
+from weightsync_daemon.guard import DEFAULT_HEADER_TIMEOUT_SECONDS, header_deadline_protocol
 from weightsync_daemon.lifecycle import DEFAULT_GRACE_SECONDS, StopRequest, serve_until_stopped
 from weightsync_daemon.service import EngineService, ReceiverService
 
@@ -24,8 +25,12 @@ class EmbeddedServer:
     """Runs uvicorn on a background thread of the current process, e.g. beside a model that
     serves, so received weights land directly in that model's parameters."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 header_timeout_seconds: float = DEFAULT_HEADER_TIMEOUT_SECONDS):
+        # A client gets `header_timeout_seconds` for its request's headers (guard.py); its body's
+        # size and pace are the app's (create_app's max_body_bytes, body_timeout_seconds).
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                                http=header_deadline_protocol(header_timeout_seconds))
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="weightsync-http", daemon=True)
 

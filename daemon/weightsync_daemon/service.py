@@ -3,6 +3,13 @@
 Phases: uninitialized → (init) → ready → (start) → updating → (update …) → (finish) → ready.
 Calls out of order raise PhaseError (HTTP 409). Blocking transport work runs on one dedicated
 thread, never on the event loop, and is bounded by the group's timeout.
+
+One call at a time (`_Gate`): a call that arrives while another is being served is refused at
+once (`Busy`, HTTP 409, naming the call in progress) instead of queueing behind it, so a client's
+retry of /update_weights can never disturb, or outlive, the round in flight. Only init and close
+may wait for the call in progress to end, one waiter at a time and for a bounded time; abort never
+waits: it cancels a pending init at once, and ends a round whose update is in flight as soon as
+that update returns.
 """
 
 from __future__ import annotations
@@ -10,15 +17,18 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import torch
 
 from weightsync.errors import IntegrityError, ManifestMismatch, PhaseError, ProtocolError, TransferError
 from weightsync.protocol import InitInfo, UpdateInfo
+from weightsync.rendezvous import JoinCancelled, cancellable
 from weightsync.store import WeightStore, tensor_digest
 from weightsync.transports import RoundStats, Transport, default_device, get_transport
 from weightsync_daemon.metrics import DaemonMetrics, numeric_version
@@ -56,6 +66,67 @@ class RoundState:
     started_at: float
     last_activity: float
     stats: list[RoundStats]
+    number: int = 0  # this party's count of rounds started, to name the round in a 409
+
+
+class Busy(PhaseError):
+    """Another call is being served: refused at once (HTTP 409), never queued behind it."""
+
+
+class ClientGone(PhaseError):
+    """The caller disconnected before its call could act: the call does nothing."""
+
+
+async def _first(*events: asyncio.Event | None) -> None:
+    """Wait until any of `events` is set."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events if e is not None]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+class _Gate:
+    """Admits one protocol call at a time; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.holder: str | None = None
+        self.waiter: str | None = None
+        self._since = 0.0
+        self._released = asyncio.Event()
+
+    def describe(self) -> str:
+        return f"{self.holder} is in progress ({time.monotonic() - self._since:.1f}s so far)"
+
+    @asynccontextmanager
+    async def hold(self, what: str, wait: float = 0.0, gone: asyncio.Event | None = None) -> AsyncIterator[None]:
+        """Serve `what`; if a call is in progress, refuse at once, or wait up to `wait` seconds
+        when allowed and nobody else waits. `gone` set (the caller's client left): give up."""
+        if gone is not None and gone.is_set():
+            raise ClientGone(f"the client left before {what} could run; it did nothing")
+        if self.holder is not None:
+            if wait <= 0 or self.waiter is not None:
+                queued = f"; {self.waiter} waits for it" if self.waiter else ""
+                raise Busy(f"busy: {self.describe()}{queued}; {what} was refused, retry once it ends")
+            self.waiter = what
+            try:
+                async with asyncio.timeout(wait):
+                    while self.holder is not None:
+                        if gone is not None and gone.is_set():
+                            raise ClientGone(f"the client left while {what} waited; it did nothing")
+                        self._released.clear()
+                        await _first(self._released, gone)
+            except TimeoutError:
+                raise Busy(f"busy: {self.describe()}; {what} waited {wait:g}s for it to end") from None
+            finally:
+                self.waiter = None
+        self.holder, self._since = what, time.monotonic()
+        try:
+            yield
+        finally:
+            self.holder = None
+            self._released.set()
 
 
 class EngineService:
@@ -77,7 +148,11 @@ class EngineService:
         self.weights_intact = True  # False while the weights hold part of a failed round
         self._on_pause, self._on_resume = on_pause, on_resume
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"weightsync-{self.role}")
-        self._phase_lock = asyncio.Lock()
+        self._gate = _Gate()
+        self._join_cancel: threading.Event | None = None  # set: the pending init gives up
+        self._join_cancel_reason = ""
+        self._abort_requested: str | None = None  # an abort that came while an update was in flight
+        self._rounds = 0
 
     # -- helpers --------------------------------------------------------------------------
     @property
@@ -106,9 +181,13 @@ class EngineService:
         return time.monotonic() - self.round.last_activity > self.init_info.timeout_seconds
 
     # -- phases ---------------------------------------------------------------------------
-    async def init(self, info: InitInfo) -> str:
-        async with self._phase_lock:
-            try:
+    async def init(self, info: InitInfo, gone: asyncio.Event | None = None) -> str:
+        """Join the group `info` names. Bounded by its init_timeout_seconds (waiting for a call in
+        progress, resolving, connecting and joining together); abort, close, or `gone` (its
+        client left) cancel it."""
+        began = time.monotonic()
+        try:
+            async with self._gate.hold(f"init of group {info.group_name}", info.init_timeout_seconds, gone):
                 self._require(Phase.UNINITIALIZED, Phase.READY)
                 if info == self.init_info:
                     raise PhaseError("already initialized with this init_info; re-initialize with another "
@@ -118,20 +197,69 @@ class EngineService:
                     raise ProtocolError("init_info.backend",
                                         f"this daemon runs the {self.backend} backend, not {backend}")
                 self._check_rank(info)
+                left = info.init_timeout_seconds - (time.monotonic() - began)
+                if left <= 0:
+                    raise TransferError(f"init_timeout_seconds ({info.init_timeout_seconds:g}s) passed "
+                                        "waiting for the call in progress to end")
+                if left < info.init_timeout_seconds:  # the join gets what is left of the budget
+                    info_for_join = info.model_copy(update={"init_timeout_seconds": left})
+                else:
+                    info_for_join = info
                 with self._timed("init"):
                     # Join the new group before leaving the old one: the trainer's rendezvous
                     # server on the same port then carries straight over to the new group.
-                    cls = get_transport(backend)
-                    joined = await self._in_worker(cls.connect, info, self._own_rank(info), self.device)
+                    joined = await self._join(get_transport(backend), info_for_join, gone)
                     await self._in_worker(self._close_transport)
                     self.transport = joined
                 self.init_info = info
                 self.phase = Phase.READY
                 self.last_failure = None
                 return f"joined group {info.group_name} as rank {self._own_rank(info)} of {info.world_size}"
-            except Exception as error:
-                self._fail(error)
-                raise
+        except Exception as error:
+            self._fail(error)
+            raise
+
+    async def _join(self, cls: type[Transport], info: InitInfo, gone: asyncio.Event | None) -> Transport:
+        """`cls.connect` on the worker thread, cancellable: `_cancel_join` (abort, close), `gone`
+        or a cancelled caller make the join give up within a poll interval."""
+        cancel = self._join_cancel = threading.Event()
+        self._join_cancel_reason = ""
+
+        def connect() -> Transport:
+            with cancellable(cancel):
+                return cls.connect(info, self._own_rank(info), self.device)
+
+        future = asyncio.get_running_loop().run_in_executor(self._worker, connect)
+        try:
+            if gone is not None:
+                watch = asyncio.ensure_future(gone.wait())
+                try:
+                    await asyncio.wait({future, watch}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    watch.cancel()
+                if not future.done():
+                    self._cancel_join("its client disconnected")
+            return await asyncio.shield(future)
+        except JoinCancelled:
+            raise PhaseError(f"init of group {info.group_name} was cancelled: {self._join_cancel_reason}") from None
+        except asyncio.CancelledError:
+            cancel.set()  # the caller gave up: a group joined after all is left again
+            future.add_done_callback(self._leave_late_join)
+            raise
+        finally:
+            self._join_cancel = None
+
+    def _leave_late_join(self, future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._worker.submit(future.result().close)
+
+    def _cancel_join(self, reason: str) -> bool:
+        """Make a pending init give up (it answers 409 naming `reason`); whether one was pending."""
+        if self._join_cancel is None or self._join_cancel.is_set():
+            return False
+        self._join_cancel_reason = reason
+        self._join_cancel.set()
+        return True
 
     def _own_rank(self, info: InitInfo) -> int:
         return info.rank_offset
@@ -141,47 +269,90 @@ class EngineService:
             raise ProtocolError("init_info.rank_offset", "rank 0 is the trainer's; receivers start at 1")
 
     async def start(self) -> str:
-        async with self._phase_lock:
-            try:
+        try:
+            async with self._gate.hold("start_weight_update"):
                 if self.phase == Phase.UPDATING and self._round_is_stale():
                     log.warning("abandoning a round with no activity for %ss", self.init_info.timeout_seconds)
                     self._end_round(f"abandoned: no activity for {self.init_info.timeout_seconds}s")
                 self._require(Phase.READY)
                 with self._timed("start"):
                     now = time.monotonic()
-                    self.round = RoundState(now, now, [])
+                    self._rounds += 1
+                    self.round = RoundState(now, now, [], self._rounds)
+                    self._abort_requested = None
                     self.phase = Phase.UPDATING
                     if self.transport is not None:
                         self.transport.begin_round()  # e.g. ipc: a fresh round, not a continued one
                 return "weight update started"
-            except Exception as error:
-                self._fail(error)
-                raise
+        except Exception as error:
+            self._fail(error)
+            raise
+
+    def own_update_info(self, infos: list[UpdateInfo]) -> UpdateInfo:
+        """This worker's entry of an update_info list indexed by global worker rank (vLLM:
+        dp_rank x workers per engine + rank; one worker per daemon, whose global worker rank is
+        rank_offset - 1 since the trainer holds rank 0). A one-entry list is this engine's own."""
+        if len(infos) == 1:
+            return infos[0]
+        if not infos:
+            raise ProtocolError("update_info", "an empty list names no worker's update")
+        if self.init_info is None:
+            raise PhaseError(f"update_info is a list of {len(infos)}, indexed by worker rank, and this "
+                             "daemon has no rank until init")
+        index = self._worker_index(self.init_info)
+        if index >= len(infos):
+            raise ProtocolError("update_info", f"has {len(infos)} entries, but this worker's is entry {index} "
+                                               f"(rank_offset {self.init_info.rank_offset} - 1)")
+        return infos[index]
+
+    def _worker_index(self, info: InitInfo) -> int:
+        return info.rank_offset - 1
+
+    def _check_body(self, info: UpdateInfo) -> None:
+        """What the party can check of an update body before taking part in the round."""
 
     async def update(self, info: UpdateInfo) -> RoundStats:
-        async with self._phase_lock:
-            try:
+        number = self.round.number if self.round is not None else self._rounds
+        try:
+            async with self._gate.hold(f"an update of round {number}"):
                 self._require(Phase.UPDATING)
-                with self._timed("update"):
-                    stats = await self._in_worker(self._transfer, info)
-                self.round.stats.append(stats)
-                self.round.last_activity = time.monotonic()
-                self._count_bytes(stats)
-                return stats
-            except Exception as error:
-                self._fail(error)
-                if self.phase == Phase.UPDATING and isinstance(error, (ManifestMismatch, TransferError)):
+                self._check_body(info)
+                try:
+                    with self._timed("update"):
+                        stats = await self._in_worker(self._transfer, info)
+                    self.round.stats.append(stats)
+                    self.round.last_activity = time.monotonic()
+                    self._count_bytes(stats)
+                except (ManifestMismatch, TransferError) as error:
                     # The round is over. The weights keep the last finished version, unless part
                     # of this round already landed in them: then say so until a round succeeds.
-                    if getattr(error, "weights_touched", False):
-                        self._set_intact(False)
-                    self._end_round(f"{failure_reason(error)}: {error}")
-                raise
+                    if self.phase == Phase.UPDATING:
+                        if getattr(error, "weights_touched", False):
+                            self._set_intact(False)
+                        self._end_round(f"{failure_reason(error)}: {error}")
+                    raise
+                finally:
+                    self._end_if_aborted()
+                return stats
+        except Exception as error:
+            self._fail(error)
+            raise
+
+    def _end_if_aborted(self) -> None:
+        """An abort arrived while the update ran: the round ends now that the update returned."""
+        reason, self._abort_requested = self._abort_requested, None
+        if reason is not None and self.phase == Phase.UPDATING:
+            self._end_round(f"aborted: {reason}")
+            raise PhaseError(f"the round was aborted while this update ran ({reason}); "
+                             f"weights_intact is {str(self.weights_intact).lower()}")
 
     async def finish(self, weight_version: str | None) -> str | None:
-        async with self._phase_lock:
-            try:
+        try:
+            async with self._gate.hold("finish_weight_update"):
                 self._require(Phase.UPDATING)
+                if not self.round.stats:
+                    raise PhaseError("no update landed in this round: finishing it would relabel unchanged "
+                                     "weights; send an update, or abort the round")
                 with self._timed("finish"):
                     version = self._apply_version(weight_version)
                 self.round = None
@@ -193,17 +364,24 @@ class EngineService:
                 self.metrics.updates.labels(outcome="success").inc()
                 self.metrics.last_success.set_to_current_time()
                 return version
-            except Exception as error:
-                self._fail(error)
-                raise
+        except Exception as error:
+            self._fail(error)
+            raise
 
     async def abort(self, reason: str) -> str:
-        """End an unfinished round (the coordinator gave up on it); weights keep their version."""
-        async with self._phase_lock:
-            if self.phase != Phase.UPDATING:
-                return "no round in progress"
-            self._end_round(f"aborted: {reason}")
-            return "round aborted"
+        """End an unfinished round (the coordinator gave up on it); weights keep their version.
+
+        Never waits: a pending init is cancelled, and a round whose update is in flight ends as
+        soon as that update returns (bounded by the group's timeout)."""
+        if self._cancel_join(f"aborted: {reason}"):
+            return "pending init cancelled"
+        if self.phase != Phase.UPDATING:
+            return "no round in progress"
+        if self._gate.holder is not None:
+            self._abort_requested = reason
+            return f"round aborting: it ends when the call in flight returns ({self._gate.describe()})"
+        self._end_round(f"aborted: {reason}")
+        return "round aborted"
 
     def _set_intact(self, intact: bool) -> None:
         self.weights_intact = intact
@@ -230,6 +408,7 @@ class EngineService:
         self.metrics.paused.set(0)
 
     async def shutdown(self) -> None:
+        self._cancel_join("the daemon is shutting down")
         await self._in_worker(self._close_transport)
         self._worker.shutdown(wait=False, cancel_futures=True)
 
@@ -238,9 +417,19 @@ class EngineService:
             self.transport.close()
             self.transport = None
 
-    async def close(self) -> str:
-        """Leave the transfer group (the operator tears it down); the weights stay as they are."""
-        async with self._phase_lock:
+    def _hold_wait(self) -> float:
+        """How long close may wait for the call in progress: one collective timeout, plus slack."""
+        return (self.init_info.timeout_seconds if self.init_info is not None else 30.0) + 5.0
+
+    async def close(self, gone: asyncio.Event | None = None) -> str:
+        """Leave the transfer group (the operator tears it down); the weights stay as they are.
+
+        A pending init is cancelled; a call in flight (an update) is waited for, bounded, unless
+        `gone` says the caller left meanwhile: then nothing happens."""
+        if gone is not None and gone.is_set():
+            raise ClientGone("the client left before close_weight_transfer_engine could run; it did nothing")
+        self._cancel_join("the group was closed")
+        async with self._gate.hold("close_weight_transfer_engine", self._hold_wait(), gone):
             if self.phase == Phase.UPDATING:
                 self._end_round("aborted: the group was closed")
             await self._in_worker(self._close_transport)
@@ -281,6 +470,15 @@ class ReceiverService(EngineService):
     def _transfer(self, info: UpdateInfo) -> RoundStats:
         return self.transport.receive(self.store, info)
 
+    def _check_body(self, info: UpdateInfo) -> None:
+        # vLLM's sparse spelling names each patched parameter's shape: it must be the one held here.
+        for name, shape in info.patched_shapes.items():
+            if name not in self.store:
+                raise ProtocolError("update_info.names", f"{name!r} is not a parameter held here")
+            if tuple(self.store[name].shape) != shape:
+                raise ProtocolError("update_info.shapes", f"{name!r} is {list(self.store[name].shape)} here, "
+                                                          f"not {list(shape)}")
+
     def _end_round(self, failure: str) -> None:
         # An unfinished round whose update already landed (aborted after it, or left when a
         # restarted operator closes the group) put its bytes in the weights under the old label.
@@ -310,7 +508,7 @@ class ReceiverService(EngineService):
     async def seed(self, info: InitInfo) -> RoundStats:
         """Send this daemon's weights to late joiners: host a one-off group as its rank 0, send
         once, leave it. Its own group is left alone; refused (409) during a round here."""
-        async with self._phase_lock:
+        async with self._gate.hold("seed_weights"):
             try:
                 if self.phase == Phase.UPDATING:
                     raise PhaseError("a round is in progress here")
@@ -348,6 +546,9 @@ class SenderService(EngineService):
 
     def _own_rank(self, info: InitInfo) -> int:
         return 0
+
+    def _worker_index(self, info: InitInfo) -> int:
+        raise ProtocolError("update_info", "the trainer is no inference worker: send it one update_info, not a list")
 
     def _check_rank(self, info: InitInfo) -> None:
         if info.rank_offset != 0:
