@@ -298,7 +298,7 @@ class StagingPlan:
     which tensors are handed over after each chunk (see the module docstring)."""
 
     capacity: int
-    positions: list[int]  # area offset of each chunk
+    positions: list[int]  # area offset of each chunk (-1: piecewise, each piece at its tensor's place)
     after: list[int]  # chunk j is received only once chunks <= after[j] were loaded (-1: at once)
     carries: dict[int, Carry]  # by the chunk whose completion runs the carry (the one before the wrap)
     batches: list[list[int]]  # tensor indices handed over after each chunk (the last: at the end)
@@ -308,8 +308,28 @@ class StagingPlan:
 
     @classmethod
     def build(cls, layout: Layout, chunks: Sequence[Chunk], capacity: int, names: Sequence[str],
-              run_ends: Sequence[int]) -> "StagingPlan":
-        """Raise TransferError naming the tensor and the bound when the round cannot be staged."""
+              run_ends: Sequence[int], piecewise: bool = False) -> "StagingPlan":
+        """Raise TransferError naming the tensor and the bound when the round cannot be staged.
+
+        `piecewise`: each tensor piece of a chunk is received on its own (nccl's direct rounds,
+        p2p's copies), so a chunk need not be contiguous in the area: then each tensor may get
+        its own place (no prefix is ever moved), or the chunk one place, whichever plan fits and
+        makes fewer receives wait for the previous chunk's load."""
+        if not piecewise:
+            return cls._build(layout, chunks, capacity, names, run_ends, False)
+        plans, errors = [], []
+        for mode in (True, False):
+            try:
+                plans.append(cls._build(layout, chunks, capacity, names, run_ends, mode))
+            except TransferError as error:
+                errors.append(error)
+        if not plans:
+            raise errors[0]
+        return min(plans, key=lambda plan: sum(after >= j - 1 for j, after in enumerate(plan.after)))
+
+    @classmethod
+    def _build(cls, layout: Layout, chunks: Sequence[Chunk], capacity: int, names: Sequence[str],
+               run_ends: Sequence[int], piecewise: bool) -> "StagingPlan":
         count = len(layout.sizes)
         bound = (f"the {capacity} bytes of loader staging (packed_num_buffers x packed_buffer_size_bytes); "
                  "raise them or load this tensor some other way")
@@ -335,7 +355,50 @@ class StagingPlan:
         def blocking(lo: int, hi: int, skip=None) -> list:
             return [p for p in live if p[0] < hi and lo < p[1] and p is not skip]
 
-        for chunk in chunks:
+        def refuse_group(piece) -> TransferError:
+            return TransferError(f"parameter {names[piece[3]]!r} and its fused group (loaded together up to "
+                                 f"{names[run_ends[piece[3]]]!r}) do not fit in {bound}")
+
+        def align(value: int) -> int:
+            return -(-value // layout.alignment) * layout.alignment
+
+        cursor = 0
+        for chunk in chunks if piecewise else ():
+            j = chunk.number
+            fresh: list[list] = []
+            need = -1
+            for s in chunk.segments:
+                if s.start:
+                    continue
+                # a tensor begins: its place, next to the last one if that is free soon enough,
+                # else where the bytes it overwrites are free soonest (never what chunk j completes)
+                size = layout.sizes[s.index]
+                if size > capacity:
+                    raise TransferError(f"parameter {names[s.index]!r} ({size} bytes) does not fit in {bound}")
+                best = None
+                for start in [cursor, 0] + [align(p[1]) for p in live + fresh]:
+                    if start + size > capacity:
+                        continue
+                    over = [p[2] for p in live + fresh if p[0] < start + size and start < p[1]]
+                    wait = max(over, default=-1)
+                    if wait < j and (best is None or wait < best[0]):
+                        best = (wait, start)
+                    if best is not None and best[0] <= floor:
+                        break  # free for every later chunk already: take the first such place
+                if best is None:
+                    blocker = max((p for p in live + fresh if p[2] >= j), key=lambda p: p[1] - p[0])
+                    raise refuse_group(blocker)
+                need = max(need, best[0])
+                places[s.index] = best[1]
+                fresh.append([best[1], best[1] + size, ready[s.index], s.index])
+                cursor = min(align(best[1] + size), capacity)
+            floor = max(floor, need)
+            positions.append(-1)
+            after.append(need)
+            live += fresh
+            peak = max([peak] + [hi for _, hi, _, _ in fresh])
+            live = [p for p in live if p[2] > floor]
+        for chunk in chunks if not piecewise else ():
             j, n = chunk.number, chunk.nbytes
             if n > capacity:
                 raise TransferError(f"a chunk of {n} bytes exceeds {bound}")
@@ -358,16 +421,13 @@ class StagingPlan:
                     # the move's destination must be free by then
                     stuck = [p for p in blocking(0, carried) if p[2] >= j]
                     if stuck:
-                        raise TransferError(f"parameter {names[stuck[0][3]]!r} and its fused group (loaded "
-                                            f"together up to {names[run_ends[stuck[0][3]]]!r}) do not fit in {bound}")
+                        raise refuse_group(stuck[0])
                     moved = [0, carried, ready[first.index], first.index]
                     places[first.index] = 0
             pieces = blocking(pos, pos + n)
             need = max([p[2] for p in pieces], default=-1)
             if need >= j:
-                stuck = next(p for p in pieces if p[2] == need)
-                raise TransferError(f"parameter {names[stuck[3]]!r} and its fused group (loaded together up "
-                                    f"to {names[run_ends[stuck[3]]]!r}) do not fit in {bound}")
+                raise refuse_group(next(p for p in pieces if p[2] == need))
             floor = max(floor, need)
             positions.append(pos)
             after.append(need)
@@ -400,15 +460,21 @@ class StagedLoad:
             specs = manifest.tensors
             batches = [[(specs[i].name, shaped[i].view(specs[i].torch_dtype).view(specs[i].shape)) for i in batch]
                        for batch in plan.batches]
-            sums = [RegionPlan([Region(area[p + s.chunk_offset : p + s.chunk_offset + s.nbytes], None,
-                                       c.start + s.chunk_offset) for s in c.segments if s.nbytes], copy=False)
-                    for c, p in zip(chunks, plan.positions)] if verify else None
-            plan.views["views"] = cached = (key, batches, sums, (manifest, chunks))  # keeps ids stable
-        self.batches, self.sums = cached[1], cached[2]
+            places = plan.places
+            pieces = [[area[p + s.chunk_offset : p + s.chunk_offset + s.nbytes] if p >= 0 else
+                       area[places[s.index] + s.start : places[s.index] + s.stop] for s in c.segments if s.nbytes]
+                      for c, p in zip(chunks, plan.positions)]
+            sums = [RegionPlan([Region(view, None, c.start + s.chunk_offset)
+                                for view, s in zip(views, [s for s in c.segments if s.nbytes])], copy=False)
+                    for c, views in zip(chunks, pieces)] if verify else None
+            plan.views["views"] = cached = (key, batches, sums, pieces, (manifest, chunks))  # keeps ids stable
+        self.batches, self.sums, self.pieces = cached[1], cached[2], cached[3]
 
     def view(self, number: int) -> torch.Tensor:
-        """Where chunk `number` lands."""
+        """Where chunk `number` lands, laid out as in the stream (a contiguous plan only)."""
         pos = self.plan.positions[number]
+        if pos < 0:
+            raise ValueError("a piecewise staging plan places each piece of a chunk on its own")
         return self.area[pos : pos + self.chunks[number].nbytes]
 
     def run(self, post: Callable[[int], object], wait: Callable[[object], None], sink: LoaderSink,

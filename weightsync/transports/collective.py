@@ -636,12 +636,13 @@ class CollectiveTransport(Transport):
         count = self.init.packed_num_buffers
         capacity = count * self.init.packed_buffer_size_bytes
         run_ends = loader.run_ends(header.manifest)
-        key = (id(chunks), capacity, id(header.manifest), tuple(run_ends))
+        piecewise = header.direct  # each tensor piece is its own broadcast: placed on its own
+        key = (id(chunks), capacity, id(header.manifest), tuple(run_ends), piecewise)
         plan = self._staging_plans.get(key)
         if plan is None:
             if len(self._staging_plans) > 8:
                 self._staging_plans.clear()
-            plan = StagingPlan.build(layout, chunks, capacity, header.manifest.names, run_ends)
+            plan = StagingPlan.build(layout, chunks, capacity, header.manifest.names, run_ends, piecewise)
             self._staging_plans[key] = plan
             plan.views["keep"] = (chunks, header.manifest)  # the key's ids stay valid
         area = self._staging_area(count)
@@ -652,20 +653,20 @@ class CollectiveTransport(Transport):
                         digest: StreamDigest | None, loader: LoaderSink) -> str | None:
         """Receive every chunk into its place in the staging area and hand each completed fused
         group to the loader while later chunks are still in flight; the loader's failure, if any."""
-        lead = self._lead_landed(staged.view(0)) if chunks else None
-        failure = staged.run(lambda number: self._post_chunk(chunks[number], header, staged.view(number)),
+        lead = self._lead_landed(staged) if chunks else None
+        failure = staged.run(lambda number: self._post_chunk(staged, number, header),
                              lambda pending: pending.wait(), loader, digest, header.num_buffers,
                              self._side_programs(), first=lead)
         self.group.synchronize()
         return failure
 
-    def _post_chunk(self, chunk: Chunk, header: RoundHeader, view: torch.Tensor) -> Pending:
-        """Start receiving one chunk into `view` (laid out as the chunk is in the stream)."""
-        return self.group.broadcast(view)
+    def _post_chunk(self, staged: StagedLoad, number: int, header: RoundHeader) -> Pending:
+        """Start receiving chunk `number` into its staging place."""
+        return self.group.broadcast(staged.view(number))
 
-    def _lead_landed(self, view: torch.Tensor) -> Pending | None:
+    def _lead_landed(self, staged: StagedLoad) -> Pending | None:
         """A loader round's first chunk when it moved ahead of the agreement (see
-        `_receive_lead`): a handle that waits until it is in `view`. None: not sent ahead."""
+        `_receive_lead`): a handle that waits until it is in its staging place. None: not sent ahead."""
         return None
 
     def _side_programs(self) -> int | None:

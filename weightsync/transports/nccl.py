@@ -493,30 +493,36 @@ class NcclTransport(CollectiveTransport):
         landed.record(group.stream)
         self._lead = (scratch[:total], landed)
 
-    def _lead_landed(self, view: torch.Tensor):
-        """A loader round's lead chunk: in `view` already (the staging's start) or copied there."""
+    def _lead_landed(self, staged):
+        """A loader round's lead chunk, received at the staging's start (`_receive_lead`) as the
+        chunk is laid out: where the plan places a piece elsewhere, it is copied there."""
         lead, self._lead = self._lead, None
         if lead is None:
             return None
         scratch, landed = lead
         group: NcclGroup = self.group
-        if scratch.data_ptr() == view.data_ptr():
+        chunk = staged.chunks[0]
+        moves = [(scratch[s.chunk_offset : s.chunk_offset + s.nbytes], piece)
+                 for s, piece in zip([s for s in chunk.segments if s.nbytes], staged.pieces[0])]
+        moves = [(src, dst) for src, dst in moves if src.data_ptr() != dst.data_ptr()]
+        if not moves:
             return _EventPending(landed, group.comm, "the chunk sent ahead of the agreement")
         current = torch.cuda.current_stream(self.device)
         current.wait_event(landed)
-        view[: scratch.numel()].copy_(scratch, non_blocking=True)
+        for src, dst in moves:  # in order: a piece is never moved onto one not yet moved (see the plan)
+            dst.copy_(src, non_blocking=True)
         placed = torch.cuda.Event()
         placed.record(current)
         return _EventPending(placed, group.comm, "the chunk sent ahead of the agreement")
 
-    def _post_chunk(self, chunk: Chunk, header: RoundHeader, view: torch.Tensor):
+    def _post_chunk(self, staged, number: int, header: RoundHeader):
         """A loader round's chunk into its staging place: one broadcast, or (direct) its pieces."""
         if not header.direct:
-            return self.group.broadcast(view)
+            return self.group.broadcast(staged.view(number))
         group: NcclGroup = self.group
         group._after_current()  # the staging bytes it overwrites were checksummed and loaded
-        group.broadcast_pieces([view[s.chunk_offset : s.chunk_offset + s.nbytes] for s in chunk.segments if s.nbytes])
-        mark(f"chunk {chunk.number} called")
+        group.broadcast_pieces(staged.pieces[number])
+        mark(f"chunk {number} called")
         return group._event("broadcast")
 
     def _side_programs(self) -> int | None:

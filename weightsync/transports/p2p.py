@@ -145,17 +145,18 @@ class P2pTransport(IpcTransport):
         layout = Layout.of_sizes(prepared.sizes)
         capacity = self.init.packed_num_buffers * self.init.packed_buffer_size_bytes
         # The receiver cuts the round itself: chunks of a quarter of the staging at most, so that
-        # a fused group and the chunks in flight around it fit (1 GiB x 2: 512 MiB chunks).
+        # a fused group and the chunks in flight around it fit (1 GiB x 2: 512 MiB chunks); each
+        # piece is its own copy, so each tensor has its own place (a piecewise plan).
         size = max(min(self.init.packed_buffer_size_bytes, capacity // 4) // 256 * 256, 256)
         chunks = layout.chunks(size, ramp=True)
-        plan = StagingPlan.build(layout, chunks, capacity, manifest.names, loader.run_ends(manifest))
+        plan = StagingPlan.build(layout, chunks, capacity, manifest.names, loader.run_ends(manifest), piecewise=True)
         if self._area is None or self._area.numel() != capacity:
             self._area = None  # free the old one before allocating
             self._area = torch.empty(capacity, dtype=torch.uint8, device=self.device)
         loader.staging_bytes = self._area.numel()
         staged = StagedLoad(plan, self._area, manifest, chunks, layout, verify)
-        pieces = [[(staged.view(c.number)[s.chunk_offset : s.chunk_offset + s.nbytes],
-                    prepared.sources[s.index][s.start : s.stop]) for s in c.segments if s.nbytes] for c in chunks]
+        pieces = [[(dst, prepared.sources[s.index][s.start : s.stop])
+                   for dst, s in zip(staged.pieces[c.number], [s for s in c.segments if s.nbytes])] for c in chunks]
         prepared.plans[("staged", verify)] = (self._area, staged, pieces, chunks)
         return staged, pieces
 
