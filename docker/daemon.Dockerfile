@@ -25,4 +25,7 @@ USER 10001:10001
 WORKDIR /tmp
 
 EXPOSE 8200
+# It runs until SIGTERM or SIGINT (`docker stop`, a pod's deletion); it needs no terminal and no
+# stdin (`docker run` without -i/-t is fine). A round in flight gets up to --shutdown-grace (20 s)
+# to finish, so give `docker stop` more than its default 10 s: `docker stop -t 30`.
 CMD ["weightsync", "daemon", "--host", "0.0.0.0", "--port", "8200", "--backend", "nccl", "--device", "cuda:0"]

@@ -27,4 +27,5 @@ RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /u
 USER 10001:10001
 WORKDIR /tmp
 
+# It runs until SIGTERM or SIGINT; it needs no terminal and never reads stdin.
 CMD ["weightsync", "operator", "--all-namespaces", "--liveness", "http://0.0.0.0:8080/healthz"]
