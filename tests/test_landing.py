@@ -153,11 +153,33 @@ def staging_held(transport) -> int:
         b.numel() for b in transport._buffers if flat is None or b.untyped_storage().data_ptr() != flat.data_ptr())
 
 
+def count_in_flight(transport, loader: Recorder) -> list[int]:
+    """At each load, how many of this receiver's broadcasts were started and not yet waited for."""
+    original, state, seen = transport.group.broadcast, {"open": 0}, []
+
+    def broadcast(tensor, src=0):
+        pending = original(tensor, src)
+        state["open"] += 1
+
+        class Counted:
+            def wait(self):
+                pending.wait()
+                state["open"] -= 1
+
+        return Counted()
+
+    transport.group.broadcast = broadcast
+    load = loader.sink.load
+    loader.sink.load = lambda batch: (seen.append(state["open"]), load(batch))[1]
+    return seen
+
+
 def test_every_tensor_is_loaded_once_bit_exact_in_order_with_groups_whole_and_staging_bounded():
     port = free_port()
     loaders = [Recorder(), Recorder()]
     sender, receivers = group(port, [r.sink for r in loaders])
     bound = BUFFER * BUFFERS
+    in_flight = count_in_flight(receivers.transports[0], loaders[0])
     try:
         for seed in (1, 2, 3):  # the later rounds reuse the cached header and staging plan
             named = model(seed)
@@ -186,6 +208,10 @@ def test_every_tensor_is_loaded_once_bit_exact_in_order_with_groups_whole_and_st
                 assert staging_held(transport) <= bound
                 assert loader.sink.staging_bytes <= bound
                 assert {ptr for ptr, _ in loader.storages} == {transport._staging_flat.untyped_storage().data_ptr()}
+            # loading overlaps receiving: loads ran while later chunks were on their way (this tight
+            # staging makes the chunks after a moved prefix wait: test_piecewise_staging... for 7B)
+            assert sum(open_ > 0 for open_ in in_flight) >= 2, in_flight
+            in_flight.clear()
     finally:
         sender.close()
         receivers.close()
