@@ -18,7 +18,10 @@ Staging for a loader (collective transports, and p2p): the chunks a round is cut
 one area of `packed_num_buffers x packed_buffer_size_bytes` bytes (the same memory the packed
 path stages in), placed one after the other so that every tensor's bytes are contiguous in it;
 when the next chunk does not fit before the area's end, it goes to the start, and the bytes of a
-tensor that spans that point (at most one) are moved there first. A tensor's bytes stay until
+tensor that spans that point (at most one) are moved there first. Where each tensor piece is
+received on its own (nccl's direct rounds, p2p's copies) each tensor may instead get its own place
+(`StagingPlan.build(piecewise=True)` takes whichever plan lets more loads overlap receives,
+Qwen2-7B's 408 MB MLP groups fit the default 1 GiB x 2 that way). A tensor's bytes stay until
 its group was loaded; a chunk is received only once the bytes it would overwrite were loaded.
 The plan is worked out before the round's payload moves (it depends only on the layout, the
 chunk sizes and the group keys): a round whose tensor or fused group does not fit that bound is
