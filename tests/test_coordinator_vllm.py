@@ -122,6 +122,7 @@ async def test_a_trainer_frozen_mid_update_fails_the_round_and_vllm_keeps_the_pr
     assert not result.ok and time.monotonic() - began < 30  # transfer timeout 3 s, small calls 5 s
     vllm = next(t for t in result.targets)
     assert (vllm.ok, vllm.step) == (False, "update") and "intact" in vllm.reason, vllm.reason
+    assert vllm.weight_version == version_before  # what it serves, asked once its session ended
     assert coordinator.needs_init
     # vLLM ended its own update session, still serves the previous version, and is resumed.
     assert await coordinator.targets[0].weight_version(5) == version_before

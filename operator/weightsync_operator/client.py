@@ -233,8 +233,13 @@ class VllmClient(PartyClient):
 
     async def abort(self, reason: str, timeout: float, landed: str | None = None) -> dict:
         # No abort route: close a session the failed round left open (see the module docstring).
-        # When vLLM already ended it (its update failed), vLLM refuses this finish: nothing to do.
-        await self.call("abort", "POST", "/finish_weight_update", timeout, {"weight_version": landed})
+        try:
+            await self.call("abort", "POST", "/finish_weight_update", timeout, {"weight_version": landed})
+        except PartyError as error:
+            if error.status is None:  # unreachable or timed out: nothing more to learn from it
+                raise
+            # Refused: no session was open (vLLM ended it when its update failed, or it finished).
+        # Either way, say which version it serves now.
         return {"weight_version": await self.weight_version(timeout)}
 
     async def pause(self, mode: str, timeout: float) -> dict:
