@@ -176,7 +176,13 @@ def _barrier(store: dist.Store, rank: int, world_size: int, deadline: _Deadline)
     try:
         store.set(f"joined/{rank}", "1")
         while not store.check(keys):
-            deadline.pause(what)
+            try:
+                deadline.pause(what)
+            except JoinCancelled:
+                raise
+            except TransferError as error:
+                missing = [r for r, key in enumerate(keys) if not store.check([key])]
+                raise TransferError(f"{error} (ranks still missing: {missing})") from None
     except TransferError:
         raise
     except Exception as error:  # the store raises when the trainer's server went away
