@@ -84,6 +84,19 @@ def test_a_bad_argument_is_one_line_and_exit_2(files, argv, names):
     assert done.stdout == ""
 
 
+def test_a_port_in_use_ends_in_one_error_line_not_a_traceback():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = weightsync("daemon", "--host", "127.0.0.1", "--port", str(port), env={TOKEN_ENV: "a-token"})
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1].startswith(f"weightsync daemon: error: cannot serve on 127.0.0.1:{port}")
+
+
 def test_the_operator_without_credentials_says_so_in_one_line(tmp_path):
     done = weightsync("operator", "--standalone", "--all-namespaces",
                       env={"KUBECONFIG": str(tmp_path / "no-kubeconfig")})
