@@ -78,18 +78,15 @@ def round_in_flight(service: EngineService) -> bool:
     return service.phase == Phase.UPDATING
 
 
-def wait_for_round(service: EngineService, grace: float, hurry: threading.Event | None = None) -> bool:
-    """Wait up to `grace` seconds (less if `hurry` is set) for the round in flight to end;
+def wait_for_round(service: EngineService, grace: float, hurry: threading.Event) -> bool:
+    """Wait up to `grace` seconds (less once `hurry` is set) for the round in flight to end;
     True once none is in flight."""
     deadline = time.monotonic() + grace
     while round_in_flight(service):
         left = deadline - time.monotonic()
-        if left <= 0 or (hurry is not None and hurry.is_set()):
+        if left <= 0 or hurry.is_set():
             return False
-        if hurry is not None:
-            hurry.wait(min(POLL_SECONDS, left))
-        else:
-            time.sleep(min(POLL_SECONDS, left))
+        hurry.wait(min(POLL_SECONDS, left))
     return True
 
 
@@ -101,7 +98,7 @@ def stop_gracefully(server: Server, service: EngineService, stop: StopRequest, g
     finished = wait_for_round(service, grace, stop.hurry)
     if not finished:
         log.warning("the round in flight did not finish within %gs: abandoning it (the other parties "
-                    "fail it and keep their last version)", grace)
+                    "fail it, as for any lost peer)", grace)
     else:
         log.info("%s: stopping", stop.reason)
     _exit_after(SERVER_STOP_SECONDS * 2)

@@ -11,6 +11,7 @@ import time
 
 import uvicorn
 
+from weightsync.protocol import DTYPES
 from weightsync.store import WeightStore
 from weightsync.transports import available
 from weightsync_daemon import cli_args
@@ -100,8 +101,6 @@ flight --shutdown-grace seconds to finish; never because its stdin ended, unless
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from weightsync.protocol import DTYPES
-
     parser = cli_args.Parser(prog="weightsync daemon", description=DAEMON_HELP,
                              epilog=MANIFEST_HELP % textwrap.fill(f"dtypes: {', '.join(DTYPES)}.", 98))
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
