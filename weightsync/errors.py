@@ -35,3 +35,8 @@ class TransferError(WeightSyncError):
 class IntegrityError(TransferError):
     """The bytes received do not match the checksum the trainer computed: the round fails."""
 
+
+
+class SourceMismatch(TransferError):
+    """A trainer's weight source yielded something its metadata did not announce (name, order,
+    count, dtype or shape): the round fails on every party, the message naming the parameter."""

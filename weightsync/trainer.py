@@ -1,4 +1,13 @@
-"""Trainer-side API: join the transfer group as rank 0, then send weights each round."""
+"""Trainer-side API: join the transfer group as rank 0, then send weights each round.
+
+Three forms (see the README's trainer section):
+- one process, plain tensors: `send_weights(model.named_parameters())`;
+- one process or many, a source (`weightsync.source`): metadata first, then one materialized
+  tensor at a time, so a round holds no second copy of the model (`send_weights(ModuleSource(model))`);
+- a sharded trainer (FSDP2 / DTensor): every trainer rank calls `WeightSender.init(...,
+  process_group=...)` and `send_weights(source)`; rank 0 alone joins the transfer group and
+  sends, the others materialize with it and return the round's outcome (`weightsync.sharded`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +16,7 @@ from collections.abc import Iterable
 import torch
 
 from weightsync.protocol import InitInfo, parse
+from weightsync.source import WeightSource, as_source, is_source
 from weightsync.transports import RoundStats, SparsePatch, Transport, default_device, get_transport
 
 
@@ -18,35 +28,63 @@ class WeightSender:
     >>> sender.send_weights(model.named_parameters())                           # doctest: +SKIP
     """
 
-    def __init__(self, transport: Transport):
-        self.transport = transport
+    def __init__(self, transport: Transport | None, trainer_group=None):
+        self.transport = transport  # None on a sharded trainer's ranks other than 0
+        self.trainer_group = trainer_group  # weightsync.sharded.TrainerGroup, or None
 
     @classmethod
     def init(cls, init_info: InitInfo | dict, backend: str | None = None,
-             device: torch.device | str | None = None) -> "WeightSender":
-        """Host the rendezvous and wait (up to the init timeout) for every receiver to join."""
+             device: torch.device | str | None = None, *, process_group=None,
+             sharded: bool = False) -> "WeightSender":
+        """Host the rendezvous and wait (up to the init timeout) for every receiver to join.
+
+        A sharded trainer calls this on every rank with `sharded=True` (the default process
+        group) or its `process_group`: that group's rank 0 joins the transfer group, the other
+        ranks join nothing and only take part in each round's materialization."""
         info = init_info if isinstance(init_info, InitInfo) else parse(InitInfo, init_info, "init_info")
+        trainer_group = None
+        if sharded or process_group is not None:
+            from weightsync.sharded import TrainerGroup
+
+            trainer_group = TrainerGroup(process_group)
+            if trainer_group.rank != 0:
+                return cls(None, trainer_group)
         name = backend or info.backend or "cpu"
         transport_cls = get_transport(name)
         target = torch.device(device) if device is not None else default_device(name)
-        return cls(transport_cls.connect(info, 0, target))
+        return cls(transport_cls.connect(info, 0, target), trainer_group)
 
-    def send_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> RoundStats:
-        """Send every (name, tensor) to every receiver; returns what moved. The manifest is
-        checked by all receivers first, so a mismatch raises ManifestMismatch and changes nothing."""
+    @property
+    def is_sender(self) -> bool:
+        return self.transport is not None
+
+    def send_weights(self, weights: WeightSource | Iterable[tuple[str, torch.Tensor]]) -> RoundStats:
+        """Send every tensor to every receiver; returns what moved. The manifest is checked by
+        all receivers first, so a mismatch raises ManifestMismatch and changes nothing.
+
+        `weights`: (name, tensor) pairs, or a source (`metadata()` + iteration, e.g.
+        `ModuleSource(model)`), which streams: one tensor materialized at a time. A source whose
+        iteration disagrees with its metadata fails the round (SourceMismatch naming the
+        parameter) on every party. On a sharded trainer every rank calls this each round."""
         with torch.no_grad():
-            return self.transport.send(named_tensors)
+            if self.trainer_group is not None:
+                from weightsync.sharded import send_sharded
+
+                return send_sharded(self.transport, self.trainer_group, as_source(weights))
+            if is_source(weights):
+                return self.transport.send_source(weights)
+            return self.transport.send(weights)
 
     def send_sparse(self, patches: Iterable[SparsePatch]) -> RoundStats:
         with torch.no_grad():
             return self.transport.send_sparse(patches)
 
     def close(self) -> None:
-        self.transport.close()
+        if self.transport is not None:
+            self.transport.close()
 
     def __enter__(self) -> "WeightSender":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-

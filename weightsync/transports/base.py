@@ -8,13 +8,17 @@ interface, so adding a transport touches nothing else.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from weightsync.protocol import InitInfo, UpdateInfo, UpdateKind
 from weightsync.store import WeightStore
+
+if TYPE_CHECKING:
+    from weightsync.source import WeightSource
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,19 @@ class Transport(ABC):
     @abstractmethod
     def receive(self, store: WeightStore, info: UpdateInfo) -> RoundStats:
         """Receiver side: take one update into `store`, after checking its manifest."""
+
+    def send_source(self, source: "WeightSource", on_iterate: Callable[[], None] | None = None) -> RoundStats:
+        """Trainer side: send a dense update from a source (`weightsync.source`). Collective
+        transports stream it; this default, for transports whose receivers read the trainer's
+        memory during the round (ipc, p2p), needs every tensor resident until the round ends, so
+        it materializes the whole source first (checked against its metadata) and sends that.
+        `on_iterate` is called right before the source is iterated (see `weightsync.sharded`)."""
+        from weightsync.source import resident
+
+        if on_iterate is not None:
+            on_iterate()
+        _, named = resident(source)
+        return self.send(named)
 
     def send_sparse(self, patches: Iterable[SparsePatch]) -> RoundStats:
         raise NotImplementedError(f"the {self.name} transport does not support sparse updates")

@@ -25,12 +25,12 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from weightsync.errors import IntegrityError, ManifestMismatch, ProtocolError, TransferError
+from weightsync.errors import IntegrityError, ManifestMismatch, ProtocolError, SourceMismatch, TransferError
 from weightsync.integrity import DIGEST_BYTES, StreamDigest, format_digest
 from weightsync.landing import (
     Landing, LoaderSink, Shadow, Sink, StagedLoad, StagingPlan, check_indices, choose_landing,
@@ -39,6 +39,7 @@ from weightsync.landing import (
 from weightsync.layout import DEFAULT_ALIGNMENT, Chunk, Layout
 from weightsync.packing import RegionPlan, as_bytes, landed_regions, pack_regions, unpack_regions
 from weightsync.protocol import Manifest, RoundHeader, TensorSpec, UpdateInfo, parse
+from weightsync.source import WeightSource, checked_items, manifest_of
 from weightsync.store import WeightStore
 from weightsync.transports.base import RoundStats, SparsePatch, Transport
 
@@ -425,6 +426,13 @@ class CollectiveTransport(Transport):
         _, manifest, views, lendable = cached
         return self._send_round(manifest, views, "dense", lendable)
 
+    def send_source(self, source: WeightSource, on_iterate: Callable[[], None] | None = None) -> RoundStats:
+        """Stream a source: the header and manifest from its metadata, the payload from its
+        iteration, one tensor materialized at a time (see `_send_streamed`); `on_iterate` is
+        called once the receivers agreed, right before the iteration starts."""
+        manifest = manifest_of(source)
+        return self._send_round(manifest, [], "dense", False, streamed=(source, on_iterate))
+
     def send_sparse(self, patches: Iterable[SparsePatch]) -> RoundStats:
         patches = list(patches)
         specs, sources = [], []
@@ -444,9 +452,11 @@ class CollectiveTransport(Transport):
         return [as_bytes(self._to_device(t)) for t in sources], lendable
 
     def _send_round(self, manifest: Manifest, flat_sources: list[torch.Tensor], kind: str,
-                    lendable: bool) -> RoundStats:
+                    lendable: bool, streamed: tuple[WeightSource, Callable | None] | None = None) -> RoundStats:
         """`flat_sources`: uint8 views of the stream's tensors on this device; `lendable`: they
-        are the caller's own contiguous tensors (not copies), so they may move directly."""
+        are the caller's own contiguous tensors (not copies), so they may move directly.
+        `streamed`: (source, on_iterate) instead: sizes from the manifest, payload from the
+        source's iteration (packed, nothing moves ahead of the agreement)."""
         started = time.perf_counter()
         mark("send: start")
         self.group.check_usable()
@@ -459,15 +469,18 @@ class CollectiveTransport(Transport):
             alignment=DEFAULT_ALIGNMENT,
             verify=self.init.verify,
             direct=lendable and self._direct(),
-            lead=self._lead_ahead(),
+            lead=streamed is None and self._lead_ahead(),
         )
-        layout, chunks = self._chunks(tuple(s.numel() for s in flat_sources), header)
+        sizes = tuple(s.numel() for s in flat_sources) if streamed is None else \
+            tuple(spec.nbytes for spec in manifest.tensors)
+        layout, chunks = self._chunks(sizes, header)
         ticket = self._post(None, gpu_done=False,
                             with_header=self._send_header(header, self._lead_pieces(chunks, header)))
         # Everything that needs no receiver happens while they check the header.
         marks = [("header+prepare", time.perf_counter())]
         digest = StreamDigest(self.device) if header.verify else None
-        self._prepare_send(chunks, flat_sources, header, digest)  # e.g. pack, send the lead chunk
+        if streamed is None:
+            self._prepare_send(chunks, flat_sources, header, digest)  # e.g. pack, send the lead chunk
         mark("send: prepared")
         objections = self._collect(ticket).objections()
         marks.append(("header+agree", time.perf_counter()))
@@ -476,12 +489,18 @@ class CollectiveTransport(Transport):
             self._abandon_send()
             raise ManifestMismatch("; ".join(objections))
         self._agreed_body = self._header_json[1]
-        self._send_payload(chunks, flat_sources, header, digest)
+        problem = None
+        if streamed is None:
+            self._send_payload(chunks, flat_sources, header, digest)
+        else:
+            problem = self._send_streamed(chunks, layout, manifest, streamed, header, digest)
         mark("send: payload enqueued")
         self._forget_old_steps()
         marks.append(("enqueue", time.perf_counter()))
-        outcome = self._exchange(None, digest)
+        outcome = self._exchange(problem and problem[0], digest)  # a source's failure fails the round everywhere
         marks.append(("payload+agree", time.perf_counter()))
+        if problem is not None:
+            raise problem[1](f"round not applied: {problem[0]}")
         self.timings = _phases(started, marks)
         failures = outcome.objections() + [
             f"rank {rank}: checksum mismatch: received {outcome.digests[rank]}, trainer sent {outcome.digests[0]}"
@@ -491,6 +510,78 @@ class CollectiveTransport(Transport):
         return RoundStats(header.round_id, kind, len(manifest.tensors), layout.total_bytes,
                           len(chunks), time.perf_counter() - started, checksum=outcome.digests[0],
                           direct=header.direct)
+
+    def _send_streamed(self, chunks: Sequence[Chunk], layout: Layout, manifest: Manifest,
+                       streamed: tuple[WeightSource, Callable | None], header: RoundHeader,
+                       digest: StreamDigest | None) -> tuple[str, type[TransferError]] | None:
+        """Pack and broadcast each chunk, `num_buffers` in flight, materializing the source's
+        tensors as the chunks reach them and dropping each once its last byte is packed: the
+        trainer holds the buffers plus the tensor(s) the current chunk spans.
+
+        Returns why the source failed the round (its iteration disagreed with its metadata:
+        SourceMismatch, or raised: TransferError), naming the parameter; None if it did not. Either way every chunk is sent (what
+        the source could not give goes as zeros), so that the receivers complete the round and
+        learn the reason in the final agreement instead of waiting on a broadcast that never
+        comes. After a disagreement the iteration is still driven to its end (discarding what it
+        yields): on a sharded trainer every rank materializes each tensor together."""
+        source, on_iterate = streamed
+        if on_iterate is not None:
+            on_iterate()
+        iterator = iter(source)
+        items = checked_items(manifest, iterator)
+        held: dict[int, torch.Tensor] = {}
+        problem: tuple[str, type[TransferError]] | None = None
+        ready = 0  # tensors materialized (or replaced by zeros) so far
+
+        def materialize(upto: int) -> None:
+            nonlocal problem, ready
+            while ready <= upto:
+                spec = manifest.tensors[ready]
+                flat = None
+                if problem is None:
+                    try:
+                        flat = as_bytes(self._to_device(next(items)))
+                    except SourceMismatch as error:
+                        problem = (str(error), SourceMismatch)
+                        _drain(iterator)
+                    except Exception as error:  # noqa: BLE001 - reported to every party
+                        problem = (f"parameter {spec.name!r}: the source failed to materialize it: "
+                                   f"{type(error).__name__}: {error}", TransferError)
+                if flat is None:
+                    flat = torch.zeros(spec.nbytes, dtype=torch.uint8, device=self.device)
+                held[ready] = flat
+                ready += 1
+
+        num_buffers = header.num_buffers
+        buffers = self._staging_buffers(num_buffers)
+        in_flight: deque[Pending] = deque()
+        for chunk in chunks:
+            if len(in_flight) == num_buffers:
+                in_flight.popleft().wait()
+            if chunk.segments:
+                materialize(chunk.segments[-1].index)
+            buffer = buffers[chunk.number % num_buffers]
+            RegionPlan(pack_regions(chunk, held, buffer), copy=True, digest=digest is not None).run(digest)
+            for s in chunk.segments:
+                if s.stop == layout.sizes[s.index]:
+                    held.pop(s.index, None)  # its last byte is packed (same-stream order on a GPU)
+            in_flight.append(self.group.broadcast(buffer[: chunk.nbytes]))
+            for index in [i for i in held if layout.sizes[i] == 0]:
+                del held[index]
+        materialize(len(manifest.tensors) - 1)  # trailing empty tensors: still checked
+        held.clear()
+        if problem is None:
+            try:
+                next(items, None)  # raises if the iteration yields more than the metadata names
+            except SourceMismatch as error:
+                problem = (str(error), SourceMismatch)
+                _drain(iterator)
+            except Exception as error:  # noqa: BLE001
+                problem = (f"the source failed after its last parameter: {type(error).__name__}: {error}",
+                           TransferError)
+        while in_flight:
+            in_flight.popleft().wait()
+        return problem
 
     def _direct(self) -> bool:
         """Whether lendable sources move straight from where they live (see RoundHeader.direct)."""
@@ -736,6 +827,17 @@ class CollectiveTransport(Transport):
         verdict = store.mismatch(header.manifest)
         self._checked = (store, header.manifest, len(store), verdict)
         return verdict
+
+
+def _drain(iterator: Iterator) -> None:
+    """Drive a source's iteration to its end, dropping what it yields (keeps a sharded trainer's
+    ranks in step after rank 0 found a disagreement); a failure of its own ends it quietly (the
+    round fails anyway)."""
+    try:
+        for _ in iterator:
+            pass
+    except Exception:  # noqa: BLE001 - the round already failed with the first reason
+        pass
 
 
 def _fingerprint(body: bytes) -> str:

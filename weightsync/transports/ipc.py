@@ -176,6 +176,15 @@ class IpcTransport(Transport):
                 self._start("dense", ((name, t, [t]) for name, t in named), key)
             return self._send_batch()
 
+    def send_source(self, source, on_iterate=None) -> RoundStats:
+        """Receivers read the lent tensors during the whole round, so a source cannot stream
+        here: it is materialized whole (required resident; a sharded model's full tensors then
+        all live on rank 0 until the round ends: use cpu or nccl to stream). A round that
+        continues in further batches (`more`) goes on from what the first call materialized."""
+        if self._cursor is not None:
+            return self.send(())
+        return super().send_source(source, on_iterate)
+
     def send_sparse(self, patches: Iterable[SparsePatch]) -> RoundStats:
         if self._cursor is None:
             def items():
