@@ -5,7 +5,6 @@ items 2-7). Each test names the item it covers."""
 import asyncio
 import json
 import socket
-import sys
 import threading
 import time
 
