@@ -26,6 +26,7 @@ from weightsync.errors import TransferError
 from weightsync.protocol import InitInfo
 
 POLL_SECONDS = 0.05  # how often a pending join looks at its cancel event
+RESOLVE_RETRY_SECONDS = 0.5  # between lookups of a name that does not resolve (yet)
 
 
 class JoinCancelled(TransferError):
@@ -64,8 +65,14 @@ class _Deadline:
             raise TransferError(f"rank {self.rank}: init_timeout_seconds ({self.seconds:g}s) passed while {what}")
         return left
 
-    def pause(self, what: str) -> None:
-        time.sleep(min(POLL_SECONDS, self.left(what)))
+    def pause(self, what: str, seconds: float = POLL_SECONDS) -> None:
+        """Wait `seconds` (less at the deadline; at once when cancelled), then check both."""
+        wait = min(seconds, self.left(what))
+        if self.cancel is not None:
+            self.cancel.wait(wait)
+        else:
+            time.sleep(wait)
+        self.left(what)
 
 
 def open_store(init: InitInfo, rank: int) -> dist.Store:
@@ -97,30 +104,42 @@ def open_store(init: InitInfo, rank: int) -> dist.Store:
 
 
 def _resolve(host: str, port: int, deadline: _Deadline) -> str:
-    """The address `host` resolves to, looked up on a helper thread that is abandoned (not
-    waited for) once the deadline passes or the join is cancelled: a lookup cannot be interrupted."""
+    """The address `host` resolves to. A name that does not resolve yet is looked up again until
+    the deadline (a trainer's DNS record may appear only once its pod is up). Each lookup runs on a
+    helper thread that is abandoned, not waited for, once the deadline passes or the join is
+    cancelled: a lookup cannot be interrupted."""
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:
         pass
-    found: dict = {}
-    done = threading.Event()
-
-    def lookup() -> None:
-        try:
-            found["addresses"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as error:
-            found["error"] = error
-        done.set()
-
-    threading.Thread(target=lookup, name=f"weightsync-resolve-{host[:32]}", daemon=True).start()
     what = f"resolving {host!r}"
-    while not done.wait(min(POLL_SECONDS, deadline.left(what))):
-        pass
-    if "error" in found:
-        raise TransferError(f"rank {deadline.rank}: master_address {host!r} does not resolve: {found['error']}")
-    addresses = sorted(found["addresses"], key=lambda a: a[0] != socket.AF_INET)  # IPv4 first
-    return addresses[0][4][0]
+    last: OSError | None = None
+    while True:
+        found: dict = {}
+        done = threading.Event()
+
+        def lookup(found=found, done=done) -> None:
+            try:
+                found["addresses"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as error:
+                found["error"] = error
+            done.set()
+
+        threading.Thread(target=lookup, name=f"weightsync-resolve-{host[:32]}", daemon=True).start()
+        try:
+            while not done.wait(min(POLL_SECONDS, deadline.left(what))):
+                pass
+            if "addresses" in found:
+                addresses = sorted(found["addresses"], key=lambda a: a[0] != socket.AF_INET)  # IPv4 first
+                return addresses[0][4][0]
+            last = found["error"]
+            deadline.pause(what, RESOLVE_RETRY_SECONDS)
+        except JoinCancelled:
+            raise
+        except TransferError as error:
+            reason = f"master_address {host!r} does not resolve ({last})" if last else str(error)
+            raise TransferError(f"rank {deadline.rank}: {reason}; gave up after init_timeout_seconds "
+                                f"({deadline.seconds:g}s)") from None
 
 
 def _reachable(address: str, port: int, deadline: _Deadline, where: str) -> None:
