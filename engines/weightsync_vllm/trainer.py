@@ -1,0 +1,194 @@
+"""The trainer's side: push weights into vLLM servers that run the weightsync backend.
+
+It speaks only vLLM's own weight-transfer HTTP routes (server started with
+`VLLM_SERVER_DEV_MODE=1` and `--weight-transfer-config '{"backend": "weightsync"}'`) and sends
+with `weightsync.WeightSender` as rank 0. It does not import vLLM.
+
+    trainer = VLLMTrainer.connect(["http://127.0.0.1:8000"], master_address="127.0.0.1",
+                                  master_port=29700, backend="cpu")
+    trainer.push(model.named_parameters(), version="step-10")
+
+One push is vLLM's round: `/pause` (new requests wait; the prefix cache is cleared) →
+`/start_weight_update` → `/update_weights` on every server while the sender sends →
+`/finish_weight_update` (with the version) → `/resume`. A failed round raises `VLLMUpdateError`
+carrying each server's answer, which says whether its weights are intact; the servers are
+resumed either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+
+import httpx
+import torch
+
+from weightsync.errors import WeightSyncError
+from weightsync.protocol import InitInfo
+from weightsync.trainer import WeightSender
+from weightsync.transports import RoundStats
+
+
+class VLLMUpdateError(WeightSyncError):
+    """A round did not land in every vLLM server; `answers` holds each server's error text."""
+
+    def __init__(self, message: str, answers: list[str]):
+        super().__init__(message)
+        self.answers = answers
+
+
+class VLLMEndpoint:
+    """One vLLM server's weight-transfer routes, as vLLM defines them."""
+
+    def __init__(self, url: str, timeout: float = 600.0):
+        self.url = url.rstrip("/")
+        # No kept-alive connections: vLLM's server closes one after an error answer, and a
+        # later call (the resume after a failed round) must not trip over the closed socket.
+        self.http = httpx.Client(base_url=self.url, timeout=timeout,
+                                 limits=httpx.Limits(max_keepalive_connections=0))
+
+    def _call(self, method: str, path: str, **kwargs) -> dict:
+        response = self.http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise VLLMUpdateError(f"{self.url}{path}: HTTP {response.status_code}: {response.text[:2000]}",
+                                  [response.text])
+        return response.json() if response.content else {}
+
+    def world_size(self) -> int:
+        return int(self._call("GET", "/get_world_size", params={"include_dp": "true"})["world_size"])
+
+    def init(self, init_info: dict) -> None:
+        self._call("POST", "/init_weight_transfer_engine", json={"init_info": init_info})
+
+    def pause(self, mode: str = "wait") -> None:
+        self._call("POST", "/pause", params={"mode": mode, "clear_cache": "true"})
+
+    def resume(self) -> None:
+        self._call("POST", "/resume")
+
+    def start(self) -> None:
+        self._call("POST", "/start_weight_update")
+
+    def update(self, update_info: dict) -> None:
+        self._call("POST", "/update_weights", json={"update_info": update_info})
+
+    def finish(self, version: str | None = None) -> None:
+        self._call("POST", "/finish_weight_update", json={"weight_version": version} if version else None)
+
+    def reset_prefix_cache(self) -> None:
+        self._call("POST", "/reset_prefix_cache")
+
+    def weight_version(self) -> str:
+        return self._call("GET", "/weight_info")["weight_version"]
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class VLLMTrainer:
+    """Rank 0 of a weightsync group whose receivers are the workers of one or more vLLM servers."""
+
+    def __init__(self, sender: WeightSender, endpoints: list[VLLMEndpoint], init: InitInfo):
+        self.sender = sender
+        self.endpoints = endpoints
+        self.init = init
+
+    @classmethod
+    def connect(cls, urls: Iterable[str], *, master_address: str, master_port: int,
+                backend: str = "cpu", device: torch.device | str | None = None, **fields) -> "VLLMTrainer":
+        """Size the group from each server's `/get_world_size` (1 + every worker), give each
+        server its rank offset, and join: the servers' inits run while the sender hosts the
+        rendezvous. `fields` are further `InitInfo` fields (timeout_seconds, packed_*...)."""
+        endpoints = [VLLMEndpoint(url) for url in urls]
+        sizes = [endpoint.world_size() for endpoint in endpoints]
+        init = InitInfo(backend=backend, master_address=master_address, master_port=master_port,
+                        world_size=1 + sum(sizes), **fields)
+        offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
+        with ThreadPoolExecutor(max_workers=len(endpoints)) as pool:
+            futures = [pool.submit(endpoint.init, init.model_copy(update={"rank_offset": offset}).model_dump())
+                       for endpoint, offset in zip(endpoints, offsets)]
+            try:
+                sender = WeightSender.init(init, device=device)
+            except BaseException as error:
+                answers = _answers(futures, init.init_timeout_seconds)
+                raise VLLMUpdateError(f"joining the vLLM servers failed: {error}; servers: {answers}",
+                                      answers) from error
+            for future in futures:
+                future.result(timeout=init.init_timeout_seconds + 30)
+        return cls(sender, endpoints, init)
+
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str | None = None,
+             pause_mode: str = "wait") -> RoundStats:
+        """Send one full update into every server; see the module docstring for the steps."""
+        named = list(named_tensors)
+        started = False
+        try:
+            for endpoint in self.endpoints:
+                endpoint.pause(pause_mode)
+            started = True
+            for endpoint in self.endpoints:
+                endpoint.start()
+            with ThreadPoolExecutor(max_workers=len(self.endpoints)) as pool:
+                # An empty update_info takes the manifest from the trainer's round header.
+                futures = [pool.submit(endpoint.update, {}) for endpoint in self.endpoints]
+                try:
+                    stats = self.sender.send_weights(named)
+                except BaseException as error:
+                    answers = _answers(futures, self.init.timeout_seconds)
+                    raise VLLMUpdateError(f"{error}; vLLM answered: {answers}", answers) from error
+                answers = _answers(futures, self.init.timeout_seconds)
+                if any(answers):
+                    raise VLLMUpdateError(f"the round was sent but a server failed: {answers}", answers)
+            for endpoint in self.endpoints:
+                endpoint.finish(version)
+        except BaseException:
+            if started:
+                self.close_sessions()
+            self._resume(quiet=True)  # the round's error is the one to report
+            raise
+        self._resume(quiet=False)
+        return stats
+
+    def close_sessions(self) -> None:
+        """After a failed `/update_weights`: close the update session it left open on some of a
+        server's workers (with tensor parallelism only the last worker reports a failure to
+        vLLM, see `weightsync_vllm.engine`); that `/finish_weight_update` answers an error.
+        Call it only then: a finish with no session open fails on every worker, which vLLM
+        0.32's executor does not survive with tensor parallelism."""
+        for endpoint in self.endpoints:
+            try:
+                endpoint.finish(None)
+            except Exception:
+                pass
+
+    def _resume(self, quiet: bool) -> None:
+        """Resume every server (each is tried even when one fails)."""
+        failures = []
+        for endpoint in self.endpoints:
+            try:
+                endpoint.resume()
+            except Exception as error:
+                failures.append(str(error))
+        if failures and not quiet:
+            raise VLLMUpdateError(f"the round landed but resuming failed: {failures}", failures)
+
+    def close(self) -> None:
+        self.sender.close()
+        for endpoint in self.endpoints:
+            endpoint.close()
+
+
+def _answers(futures, timeout: float) -> list[str]:
+    """Each server's error text ('' when it succeeded), waiting at most `timeout` (+ margin)."""
+    answers = []
+    for future in futures:
+        try:
+            future.result(timeout=timeout + 30)
+            answers.append("")
+        except FutureTimeout:
+            answers.append(f"no answer within {timeout + 30:g}s")
+        except VLLMUpdateError as error:
+            answers.append(str(error))
+        except Exception as error:  # transport-level HTTP failures
+            answers.append(f"{type(error).__name__}: {error}")
+    return answers
