@@ -148,6 +148,13 @@ def _lead(transport: Transport, trainer: TrainerGroup, source: WeightSource) -> 
     return stats
 
 
+def abandon(trainer: TrainerGroup, error: BaseException) -> None:
+    """Rank 0, when a round fails before `send_sharded` was called (a control-plane call failed):
+    the other ranks, waiting for "go", raise this error instead of waiting for their timeout."""
+    if trainer.rank == 0:
+        _tell(trainer, _failure(error))
+
+
 def _tell(trainer: TrainerGroup, message: dict) -> None:
     """The round's outcome to the other ranks; a dead peer must not hide the round's own result."""
     try:

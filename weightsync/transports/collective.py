@@ -431,6 +431,10 @@ class CollectiveTransport(Transport):
         iteration, one tensor materialized at a time (see `_send_streamed`); `on_iterate` is
         called once the receivers agreed, right before the iteration starts."""
         manifest = manifest_of(source)
+        key = ("source", manifest.tensors)  # the same manifest object while the metadata holds,
+        manifest = self._manifests.setdefault(key, manifest)  # so its header is sent by name
+        if len(self._manifests) > 8:
+            self._manifests.clear()
         return self._send_round(manifest, [], "dense", False, streamed=(source, on_iterate))
 
     def send_sparse(self, patches: Iterable[SparsePatch]) -> RoundStats:
