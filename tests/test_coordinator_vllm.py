@@ -50,7 +50,7 @@ class Parties:
 async def parties(tmp_path_factory):
     work = tmp_path_factory.mktemp("vllm-coordinator")
     model = str(qwen2.build(work / "model", seed=0))
-    started = await asyncio.gather(LocalProcess.start("trainer", TRAINER, ["--model", model], 120),
+    started = await asyncio.gather(LocalProcess.start("trainer", TRAINER, ["--model", model, "--exit-on-stdin-eof"], 120),
                                    VllmServer.start(model, free_port(), work / "vllm", 1, timeout=300),
                                    return_exceptions=True)
     try:

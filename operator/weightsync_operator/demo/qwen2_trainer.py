@@ -6,7 +6,6 @@ Prints one JSON line with its URL once it listens, like the other demo workers."
 
 from __future__ import annotations
 
-import argparse
 import json
 import threading
 
@@ -14,8 +13,10 @@ import torch
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
+from weightsync_daemon import cli_args
 from weightsync_daemon.auth import load_token
-from weightsync_daemon.server import serve_embedded, wait_for_stop
+from weightsync_daemon.lifecycle import DEFAULT_GRACE_SECONDS, StopRequest, serve_until_stopped
+from weightsync_daemon.server import serve_embedded
 from weightsync_daemon.service import SenderService
 from weightsync_operator.demo import qwen2
 
@@ -46,10 +47,13 @@ def trainer_router(model, lock: threading.Lock) -> APIRouter:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser()
+    parser = cli_args.Parser(prog="python -m weightsync_operator.demo.qwen2_trainer", description=__doc__)
     parser.add_argument("--model", required=True, help="directory of the saved HF model")
     parser.add_argument("--backend", default="cpu")
+    parser.add_argument("--shutdown-grace", type=cli_args.seconds, default=DEFAULT_GRACE_SECONDS)
+    parser.add_argument("--exit-on-stdin-eof", action="store_true", help="also stop when stdin ends")
     args = parser.parse_args(argv)
+    stop = StopRequest(args.exit_on_stdin_eof)
     model = qwen2.load(args.model)
     lock = threading.Lock()
     # Parameters only: a tied lm_head is the embedding itself, listed once (vLLM ties it too).
@@ -57,8 +61,7 @@ def main(argv: list[str] | None = None) -> None:
                             backend=args.backend)
     server = serve_embedded(service, extra_routers=[trainer_router(model, lock)], token=load_token())
     print(json.dumps({"url": server.url, "role": "trainer"}), flush=True)
-    wait_for_stop()
-    server.stop()
+    serve_until_stopped(server, service, stop, args.shutdown_grace)
 
 
 if __name__ == "__main__":

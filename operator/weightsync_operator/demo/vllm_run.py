@@ -79,8 +79,8 @@ async def run_vllm_demo(rounds: int = 3, tensor_parallel: int = 1, work_dir: str
         token = secrets.token_urlsafe(32)
         say(f"starting a trainer and a vLLM server (tensor parallel {tensor_parallel}, weightsync backend)…")
         started = await asyncio.gather(
-            LocalProcess.start("trainer", TRAINER, ["--model", model_dir, "--backend", "cpu"], timeout,
-                               {TOKEN_ENV: token}),
+            LocalProcess.start("trainer", TRAINER, ["--model", model_dir, "--backend", "cpu", "--exit-on-stdin-eof"],
+                               timeout, {TOKEN_ENV: token}),
             VllmServer.start(model_dir, free_port(), work / "vllm", tensor_parallel, startup_timeout),
             return_exceptions=True)
         trainer, server = started

@@ -76,7 +76,8 @@ class VllmServer:
             vllm_python(), "-m", ENTRY, *serve_args(model, port, tensor_parallel, weight_transfer),
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
             env={**os.environ, **serve_env(work_dir, tensor_parallel)},
-            start_new_session=True)  # its own process group: stop() reaches every fork
+            start_new_session=True,  # its own process group: stop() reaches every fork
+            preexec_fn=_terminate_with_parent)
         server = cls(f"http://127.0.0.1:{port}", process, log_path, log)
         try:
             await server._wait_healthy(timeout)
@@ -125,6 +126,16 @@ class VllmServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def _terminate_with_parent() -> None:
+    """In the child before it runs vLLM: SIGTERM when this process dies, however it dies, so a
+    killed demo or test run leaves no server behind (vLLM's API server then stops its engine
+    and workers). Linux only; elsewhere stop() is the only way."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
