@@ -289,6 +289,35 @@ async def test_a_round_that_cannot_finish_is_abandoned_within_the_grace_period(t
             sender.close()
 
 
+async def test_a_started_round_that_nothing_drives_is_not_waited_for(tmp_path):
+    """start with no update for longer than STARTED_ROUND_WAIT_SECONDS: no coordinator is driving
+    the round, so SIGTERM stops at once instead of waiting out a long grace period."""
+    from weightsync_daemon.lifecycle import STARTED_ROUND_WAIT_SECONDS
+
+    grace = 120.0
+    argv = runnable_here(dockerfile_cmd("daemon.Dockerfile"), free_port()) + [f"--shutdown-grace={grace}"]
+    async with httpx.AsyncClient(timeout=60) as http:
+        daemon = await Detached.start("daemon", argv, tmp_path, stdin_open=True)
+        group = {"master_address": "127.0.0.1", "master_port": free_port(), "world_size": 2}
+        sender, joined = await asyncio.gather(
+            asyncio.to_thread(WeightSender.init, group),
+            http.post(daemon.url + "/init_weight_transfer_engine", headers=AUTH,
+                      json={"init_info": {**group, "rank_offset": 1}}))
+        try:
+            assert joined.status_code == 200, joined.text
+            assert (await http.post(daemon.url + "/start_weight_update", headers=AUTH)).status_code == 200
+            started = time.monotonic()
+            while time.monotonic() - started <= STARTED_ROUND_WAIT_SECONDS:  # the round goes stale
+                assert (await http.get(daemon.url + "/healthz")).json()["phase"] == "updating"
+                await asyncio.sleep(0.2)
+            code, took = await daemon.terminate(within=STOP_SECONDS)
+            assert code == 0, daemon.log.read_text()[-3000:]
+            assert took < grace / 4, f"waited {took:.1f}s for a round nobody drives"
+        finally:
+            daemon.kill()
+            sender.close()
+
+
 # -- the operator --------------------------------------------------------------------------------
 
 @pytest.mark.k8s
@@ -333,3 +362,21 @@ async def test_operator_runs_without_a_terminal_syncs_and_stops_on_sigterm(tmp_p
                 await trainer.stop()
             for d in daemons:
                 await d.stop()
+
+
+async def test_the_daemons_body_limit_is_set_on_its_command_line(tmp_path):
+    """--max-body-bytes reaches the running server: a body over it gets 413 naming the limit."""
+    argv = runnable_here(dockerfile_cmd("daemon.Dockerfile"), free_port()) + ["--max-body-bytes", "2KiB"]
+    daemon = await Detached.start("daemon", argv, tmp_path, stdin_open=True)
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            small = await http.post(daemon.url + "/finish_weight_update", headers=AUTH, json={"weight_version": "x"})
+            assert small.status_code == 409, small.text  # read and refused for its phase, not its size
+            big = await http.post(daemon.url + "/finish_weight_update", headers=AUTH,
+                                  json={"weight_version": "x" * 4096})
+            assert big.status_code == 413, big.text
+            assert "2048" in big.json()["detail"], big.text
+        code, _ = await daemon.terminate()
+        assert code == 0
+    finally:
+        daemon.kill()

@@ -101,13 +101,20 @@ def seconds(text: str) -> float:
     return _seconds(text)
 
 
-def buffer_size(text: str) -> int:
-    """A packed buffer size ('1048576', '512KiB', '64MiB', '1GiB'), within the protocol's limits."""
+def byte_size(text: str) -> int:
+    """A positive number of bytes ('1048576', '512KiB', '64MiB', '1GiB')."""
     try:
         value = parse_size(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 1048576, 512KiB, 64MiB, 1GiB)") from None
-    return _checked(BufferSize, value, "buffer size")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 bytes")
+    return value
+
+
+def buffer_size(text: str) -> int:
+    """A packed buffer size, within the protocol's limits."""
+    return _checked(BufferSize, byte_size(text), "buffer size")
 
 
 def num_buffers(text: str) -> int:

@@ -74,8 +74,19 @@ class Server(Protocol):
     def stop(self, timeout: float = ...) -> None: ...
 
 
+STARTED_ROUND_WAIT_SECONDS = 5.0  # how long a started round with nothing landed yet is waited for
+
+
 def round_in_flight(service: EngineService) -> bool:
-    return service.phase == Phase.UPDATING
+    """Whether stopping now would fail a round the other parties are in: an update is landing or
+    has landed (finish is due), or a round started moments ago (its update is on its way). A round
+    started long ago with nothing landed is not waited for: no coordinator is driving it."""
+    round_ = service.round
+    if service.phase != Phase.UPDATING or round_ is None:
+        return False
+    if round_.stats or service.call_in_progress:
+        return True
+    return time.monotonic() - round_.last_activity < STARTED_ROUND_WAIT_SECONDS
 
 
 def wait_for_round(service: EngineService, grace: float, hurry: threading.Event) -> bool:

@@ -17,7 +17,9 @@ from weightsync.transports import available
 from weightsync_daemon import cli_args
 from weightsync_daemon.app import create_app
 from weightsync_daemon.auth import TOKEN_ENV, load_token
-from weightsync_daemon.guard import DEFAULT_HEADER_TIMEOUT_SECONDS, header_deadline_protocol
+from weightsync_daemon.guard import (
+    DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_HEADER_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES, header_deadline_protocol,
+)
 from weightsync_daemon.lifecycle import DEFAULT_GRACE_SECONDS, StopRequest, serve_until_stopped
 from weightsync_daemon.service import EngineService, ReceiverService
 
@@ -61,11 +63,13 @@ class EmbeddedServer:
 
 
 def serve_embedded(service: EngineService, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                   **kwargs) -> EmbeddedServer:
+                   header_timeout_seconds: float = DEFAULT_HEADER_TIMEOUT_SECONDS, **kwargs) -> EmbeddedServer:
     """Serve `service` on a thread of this process (e.g. beside the model that serves); warns, as
-    the `weightsync daemon` command does, when no token guards it."""
+    the `weightsync daemon` command does, when no token guards it. `kwargs` go to `create_app`
+    (token, max_body_bytes, body_timeout_seconds)."""
     warn_without_token(kwargs.get("token"))
-    return EmbeddedServer(create_app(service, **kwargs), host, port, log_level).start()
+    return EmbeddedServer(create_app(service, **kwargs), host, port, log_level,
+                          header_timeout_seconds=header_timeout_seconds).start()
 
 
 def warn_without_token(token: str | None) -> None:
@@ -118,6 +122,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shutdown-grace", type=cli_args.seconds, default=DEFAULT_GRACE_SECONDS,
                         metavar="SECONDS", help="on SIGTERM/SIGINT, how long a round in flight may take to "
                                                 "finish before it is abandoned")
+    parser.add_argument("--max-body-bytes", type=cli_args.byte_size, default=DEFAULT_MAX_BODY_BYTES,
+                        metavar="BYTES", help="larger request bodies get 413 (e.g. 8MiB)")
+    parser.add_argument("--body-timeout", type=cli_args.positive_seconds, default=DEFAULT_BODY_TIMEOUT_SECONDS,
+                        metavar="SECONDS", help="a request body that takes longer to arrive gets 408")
+    parser.add_argument("--header-timeout", type=cli_args.positive_seconds,
+                        default=DEFAULT_HEADER_TIMEOUT_SECONDS, metavar="SECONDS",
+                        help="a client whose request headers take longer is disconnected")
     parser.add_argument("--exit-on-stdin-eof", action="store_true",
                         help="also stop when stdin reaches its end (for a parent process that wants its "
                              "children gone with it); without it an empty stdin (Docker, Kubernetes, "
@@ -134,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.manifest is not None:
         service.store = WeightStore.from_manifest(args.manifest, service.device)
     try:
-        server = serve_embedded(service, args.host, args.port, args.log_level, token=load_token(args.token_file))
+        server = serve_embedded(service, args.host, args.port, args.log_level,
+                                header_timeout_seconds=args.header_timeout, token=load_token(args.token_file),
+                                max_body_bytes=args.max_body_bytes, body_timeout_seconds=args.body_timeout)
     except RuntimeError as error:  # e.g. the port is taken (uvicorn logged why just before)
         cli_args.fail("weightsync daemon", f"cannot serve on {args.host}:{args.port}: {error}")
     print(json.dumps({"url": server.url, "role": service.role}), flush=True)

@@ -156,6 +156,11 @@ class EngineService:
 
     # -- helpers --------------------------------------------------------------------------
     @property
+    def call_in_progress(self) -> bool:
+        """Whether a protocol call (e.g. an update moving bytes) is being served right now."""
+        return self._gate.holder is not None
+
+    @property
     def world_size(self) -> int:
         """Workers this party contributes to the group (one GPU per daemon)."""
         return 1
