@@ -1,0 +1,196 @@
+"""vLLM's trainer-side API over weightsync: trainer code written for vLLM switches by its init info.
+
+vLLM 0.32 has a trainer-side registry, `WeightTransferTrainerFactory`, next to the worker
+one; `register()` (this package's `vllm.general_plugins` entry point, also run when this module
+is imported) names `WeightsyncTrainerEngine` there under "weightsync". vLLM's factory picks the
+engine from the init info's class-level `backend`, so the switch from vLLM's NCCL backend is the
+init info class (same fields, plus weightsync's own):
+
+    from vllm.distributed.weight_transfer.base import ModuleSource
+    from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+    from weightsync_vllm.trainer_engine import WeightsyncTrainerInitInfo   # was NCCLTrainerInitInfo
+
+    engine = WeightTransferTrainerFactory.trainer_init(
+        WeightsyncTrainerInitInfo(master_address=..., master_port=..., world_size=1 + workers, rank=rank),
+        client=HTTPVLLMWeightSyncClient(url), source=ModuleSource(model))
+    engine.send_weights()   # every step, on every trainer rank
+
+The server runs the worker engine of this package (`--weight-transfer-config '{"backend":
+"weightsync"}'`). The control plane is vLLM's client or any object with its four methods
+(`init_weight_transfer_engine`, `start_weight_update`, `update_weights`, `finish_weight_update`);
+like vLLM's own trainer engines, this one does not pause or resume serving: the caller does,
+around `send_weights`.
+
+Every trainer rank calls `trainer_init` and `send_weights`. Rank 0 (`init_info.rank`) joins the
+transfer group and drives the client; with more than one trainer rank (torch.distributed
+initialized, or `process_group` given), the others materialize the source with it and return
+or raise the round's outcome (`weightsync.sharded`). The source is vLLM's `WeightSource`
+(`metadata()` + iteration), used by weightsync as it is: it streams (cpu, nccl transports), one
+tensor materialized at a time.
+
+This module imports vLLM; `weightsync` (the core) never does.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from vllm.distributed.weight_transfer.base import TrainerInitInfo, TrainerWeightTransferEngine
+
+from weightsync.errors import WeightSyncError
+from weightsync.protocol import DEFAULT_BUFFER_SIZE_BYTES, DEFAULT_NUM_BUFFERS, DEFAULT_TIMEOUT_SECONDS, InitInfo
+from weightsync.source import manifest_of
+from weightsync.trainer import WeightSender
+from weightsync.transports import RoundStats
+
+from weightsync_vllm import ENGINE_NAME, register
+
+
+class VLLMRoundError(WeightSyncError):
+    """A round failed; the message carries the trainer's reason and vLLM's answer."""
+
+
+@dataclass
+class WeightsyncTrainerInitInfo(TrainerInitInfo):
+    """vLLM's `NCCLTrainerInitInfo` fields, plus weightsync's.
+
+    `transport`: weightsync's transport (cpu, nccl, ipc, p2p; default nccl where CUDA is, else
+    cpu). `atomic`: the workers load a round only once all of it arrived and verified, so a round
+    that fails mid-stream (a source contradicting its metadata, a trainer rank lost) leaves vLLM's
+    weights intact; without it they load each tensor as it arrives and such a round leaves them
+    partly updated (vLLM's answer says so). `process_group`: the trainer ranks' group for a sharded trainer (default: torch's
+    default group when it has more than one rank). `world_size`: 1 + every inference worker."""
+
+    backend: ClassVar[str] = ENGINE_NAME
+
+    master_address: str
+    master_port: int
+    world_size: int
+    packed: bool = True
+    packed_buffer_size_bytes: int = DEFAULT_BUFFER_SIZE_BYTES
+    packed_num_buffers: int = DEFAULT_NUM_BUFFERS
+    transport: str | None = None
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+    init_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+    verify: bool = True
+    atomic: bool = False
+    process_group: Any = None
+
+    def weightsync_init(self) -> InitInfo:
+        """The transfer group's init info as the workers get it (rank offset 1, after the sender)."""
+        transport = self.transport or ("nccl" if torch.cuda.is_available() else "cpu")
+        return InitInfo(backend=transport, master_address=self.master_address, master_port=self.master_port,
+                        world_size=self.world_size, rank_offset=1, packed=self.packed,
+                        packed_buffer_size_bytes=self.packed_buffer_size_bytes,
+                        packed_num_buffers=self.packed_num_buffers, timeout_seconds=self.timeout_seconds,
+                        init_timeout_seconds=self.init_timeout_seconds, verify=self.verify,
+                        atomic=self.atomic)
+
+
+def _trainer_group(init_info: WeightsyncTrainerInitInfo):
+    """The trainer ranks' group when there is more than one rank, else None."""
+    group = init_info.process_group
+    if group is None and not (dist.is_initialized() and dist.get_world_size() > 1):
+        if init_info.rank != 0:
+            raise ValueError(f"trainer rank {init_info.rank}: ranks other than 0 need torch.distributed "
+                             "initialized (or init_info.process_group) to learn each round's outcome")
+        return None
+    from weightsync.sharded import TrainerGroup
+
+    trainer = TrainerGroup(group)
+    if trainer.rank != init_info.rank:
+        raise ValueError(f"init_info.rank is {init_info.rank} but this process is rank {trainer.rank} "
+                         "of the trainer's process group")
+    return trainer
+
+
+class WeightsyncTrainerEngine(TrainerWeightTransferEngine[WeightsyncTrainerInitInfo]):
+    """The trainer's side of a weightsync group whose receivers are vLLM's workers."""
+
+    init_info_cls = WeightsyncTrainerInitInfo
+
+    def __init__(self, *, client, source, is_sender: bool, sender: WeightSender, init: InitInfo) -> None:
+        super().__init__(client=client, source=source, is_sender=is_sender)
+        self.sender = sender
+        self.init = init
+        self.last: RoundStats | None = None
+
+    @classmethod
+    def trainer_init(cls, init_info: WeightsyncTrainerInitInfo, *, client, source=None) -> "WeightsyncTrainerEngine":
+        if source is None:
+            raise ValueError("the weightsync trainer engine sends full updates: it needs a WeightSource")
+        init = init_info.weightsync_init()
+        trainer = _trainer_group(init_info)
+        if not init_info.is_sender:
+            return cls(client=client, source=source, is_sender=False, init=init,
+                       sender=WeightSender(None, trainer))
+        # The workers wait inside init_weight_transfer_engine for the group to form: call it
+        # while this process hosts the rendezvous, and surface its answer either way.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            answer = pool.submit(client.init_weight_transfer_engine, init.model_dump(exclude_none=True))
+            try:
+                sender = WeightSender.init(init, process_group=trainer.group if trainer else None)
+            except BaseException as error:
+                raise VLLMRoundError(f"joining vLLM's workers failed: {error}; vLLM: "
+                                     f"{_answer(answer, init.init_timeout_seconds)}") from error
+            answer.result(timeout=init.init_timeout_seconds + 30)
+        return cls(client=client, source=source, is_sender=True, sender=sender, init=init)
+
+    def send_weights(self, weight_version: str | None = None) -> None:
+        """One round on every trainer rank: on rank 0 `start_weight_update`, `update_weights`
+        (while the trainer streams the source), `finish_weight_update` (with `weight_version`)."""
+        if not self.is_sender:
+            self.last = self.sender.send_weights(self.source)
+            return
+        manifest = manifest_of(self.source)
+        update_info = {"names": manifest.names, "dtype_names": [t.dtype for t in manifest.tensors],
+                       "shapes": [list(t.shape) for t in manifest.tensors]}
+        try:
+            self.client.start_weight_update()
+        except BaseException as error:
+            self._abandon(error)
+            raise
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
+            answer = pool.submit(self.client.update_weights, update_info)
+            try:
+                self.last = self.sender.send_weights(self.source)
+            except WeightSyncError as error:  # the same kind (ManifestMismatch, SourceMismatch...), with vLLM's answer
+                raise type(error)(f"{error}; vLLM: {_answer(answer, self.init.timeout_seconds)}") from error
+            except BaseException as error:
+                raise VLLMRoundError(f"{error}; vLLM: {_answer(answer, self.init.timeout_seconds)}") from error
+            problem = _answer(answer, self.init.timeout_seconds)
+            if problem:
+                raise VLLMRoundError(f"the round was sent but vLLM failed it: {problem}")
+        finally:
+            pool.shutdown(wait=False)  # an answer that never came must not hold the caller
+        self.client.finish_weight_update(weight_version)
+
+    def _abandon(self, error: BaseException) -> None:
+        if self.sender.trainer_group is not None:
+            from weightsync.sharded import abandon
+
+            abandon(self.sender.trainer_group, error)
+
+    def shutdown(self) -> None:
+        self.sender.close()
+
+
+def _answer(future, timeout: float) -> str:
+    """vLLM's answer to a call: '' when it succeeded, else its error (waiting at most `timeout` + 30 s)."""
+    try:
+        future.result(timeout=timeout + 30)
+        return ""
+    except FutureTimeout:
+        return f"no answer within {timeout + 30:g}s"
+    except Exception as error:  # noqa: BLE001 - HTTP errors carry vLLM's message
+        body = getattr(getattr(error, "response", None), "text", "")
+        return f"{type(error).__name__}: {error} {body[:2000]}".strip()
+
+
+register()  # importing the init info class is enough for vLLM's trainer factory to find the engine
