@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from gpu_helpers import Daemon
 from test_vllm_e2e import MAX_TOKENS, PROMPTS, Server, _side_files_env, vllm_python  # noqa: F401 - fixture
 from weightsync_operator.local import free_port
 
@@ -30,10 +31,10 @@ RANKS = 2
 
 
 class Rank:
-    def __init__(self, python: str, tmp: Path, rank: int, trainer_port: int):
+    def __init__(self, python: str, tmp: Path, rank: int, trainer_port: int, ranks: int = RANKS):
         self.log = open(tmp / f"api-trainer-{rank}.log", "w")
         self.process = subprocess.Popen(
-            [python, str(HELPER), "--model-dir", str(tmp / "model"), "--rank", str(rank), "--ranks", str(RANKS),
+            [python, str(HELPER), "--model-dir", str(tmp / "model"), "--rank", str(rank), "--ranks", str(ranks),
              "--trainer-port", str(trainer_port)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=_side_files_env(tmp))
         self.lines: queue.Queue[dict] = queue.Queue()
@@ -111,3 +112,23 @@ def test_vllm_trainer_api_with_two_fsdp2_ranks_drives_a_real_vllm_server(vllm_py
             rank.stop()
         if server is not None:
             server.stop()
+
+
+def test_any_object_with_the_four_methods_is_the_control_plane(vllm_python, tmp_path):
+    """vLLM's client protocol is structural: a plain object with its four methods, here over a
+    weightsync daemon (whose routes are vLLM's), drives the rounds of one trainer rank."""
+    daemon = Daemon("cpu", "cpu")
+    rank = Rank(vllm_python, tmp_path, 0, free_port(), ranks=1)
+    try:
+        assert rank.next()["ready"]
+        rank.send(cmd="init", url=daemon.url, master_port=free_port(), world_size=2, client="four",
+                  fields={"timeout_seconds": 10.0, "packed_buffer_size_bytes": 64 << 10})
+        assert rank.next() == {"ok": True, "engine": "WeightsyncTrainerEngine", "sender": True}
+        for seed in (21, 22):
+            rank.send(cmd="round", seed=seed)
+            sent = rank.next()
+            assert sent["ok"], sent
+            assert daemon.checksum() == sent["checksum"]
+    finally:
+        rank.stop()
+        daemon.stop()

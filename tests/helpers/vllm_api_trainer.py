@@ -11,8 +11,11 @@ both ranks run every command. Each rank also keeps an unsharded copy (the test's
 greedy ids on the weights that were sent; it takes no part in a round). Commands, one JSON
 object per line on stdin, answered on stdout (rank 0 answers "generate"; every rank the others):
 
-  {"cmd": "init", "url": ..., "master_port": ..., "world_size": n, "fields": {...}}
-  {"cmd": "round", "seed": k}          new weights (the same on every rank), then send_weights()
+  {"cmd": "init", "url": ..., "master_port": ..., "world_size": n, "fields": {...}, "client": "http"|"four"}
+      "four": the control plane is `FourMethods`, a plain object with vLLM's four client methods
+      (here over a weightsync daemon's routes, which are vLLM's), instead of vLLM's HTTP client
+  {"cmd": "round", "seed": k}          new weights (the same on every rank), then send_weights();
+                                       rank 0's answer carries the checksum a receiver holding them reports
   {"cmd": "lying_round", "seed": k}    a source whose iteration contradicts its metadata
   {"cmd": "generate", "prompts": [[ids]...], "max_tokens": n}
 """
@@ -33,6 +36,7 @@ from vllm.distributed.weight_transfer.base import ModuleSource
 from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
 from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
+from weightsync.store import named_checksum
 from weightsync_vllm.trainer_engine import WeightsyncTrainerInitInfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,6 +60,30 @@ class Lying:
     def __iter__(self):
         for index, (name, tensor) in enumerate(self.source):
             yield name, tensor[..., :-1] if index == 3 else tensor
+
+
+class FourMethods:
+    """vLLM's client protocol, structurally: four methods, no vLLM class."""
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.http = httpx.Client(base_url=url, timeout=120)
+
+    def _post(self, path: str, body: dict | None = None) -> None:
+        self.http.post(path, json=body).raise_for_status()
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._post("/init_weight_transfer_engine", {"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self._post("/start_weight_update")
+
+    def update_weights(self, update_info: dict) -> None:
+        self._post("/update_weights", {"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._post("/finish_weight_update", {"weight_version": weight_version} if weight_version else {})
 
 
 @torch.no_grad()
@@ -106,15 +134,16 @@ def main() -> None:
                 info = WeightsyncTrainerInitInfo(master_address="127.0.0.1", master_port=command["master_port"],
                                                  world_size=command["world_size"], rank=args.rank,
                                                  **command.get("fields", {}))
-                engine = WeightTransferTrainerFactory.trainer_init(
-                    info, client=HTTPVLLMWeightSyncClient(command["url"], timeout=120),
-                    source=ModuleSource(model))
+                client = FourMethods(command["url"]) if command.get("client") == "four" \
+                    else HTTPVLLMWeightSyncClient(command["url"], timeout=120)
+                engine = WeightTransferTrainerFactory.trainer_init(info, client=client, source=ModuleSource(model))
                 reply(ok=True, engine=type(engine).__name__, sender=engine.is_sender)
             elif cmd == "round":
                 set_weights(model, oracle, command["seed"])
                 started = time.monotonic()
                 engine.send_weights()
-                reply(ok=True, seconds=time.monotonic() - started, tensors=engine.last.num_tensors)
+                reply(ok=True, seconds=time.monotonic() - started, tensors=engine.last.num_tensors,
+                      checksum=named_checksum(oracle.named_parameters()) if args.rank == 0 else None)
             elif cmd == "lying_round":
                 honest, engine.source = engine.source, Lying(engine.source)
                 try:
