@@ -46,6 +46,10 @@ PROMPTS = [
     [(i * 37 + 11) % 1000 for i in range(50)],
 ]
 
+# Chunks of 1 MiB: the round (2.2 MB) moves in three, and the loader's staging (two chunks)
+# holds the largest tensor (the 512 KiB embedding) wherever it starts.
+INIT_FIELDS = {"timeout_seconds": TIMEOUT_S, "init_timeout_seconds": 120, "packed_buffer_size_bytes": 1 << 20}
+
 CONFIGS = {
     "tp1": {"tp": 1, "tied": False},
     "tp2-tied": {"tp": 2, "tied": True},
@@ -204,9 +208,7 @@ def setup(request, vllm_python, tmp_path_factory):
     try:
         server = state["server"] = Server(vllm_python, tmp, trainer.model_dir, config["tp"])
         print(f"\n[{request.param}] vLLM healthy after {server.start_seconds:.1f}s", file=sys.stderr)
-        joined = trainer.ask(cmd="init", url=server.url, master_port=free_port(),
-                             fields={"timeout_seconds": TIMEOUT_S, "init_timeout_seconds": 120,
-                                     "packed_buffer_size_bytes": 64 << 10})
+        joined = trainer.ask(cmd="init", url=server.url, master_port=free_port(), fields=INIT_FIELDS)
         assert joined["world_size"] == 1 + config["tp"]
         yield state
     finally:
@@ -253,35 +255,55 @@ def test_mismatched_manifest_is_refused(setup, kind):
     assert server.http.get("/weight_info").json()["weight_version"] == "v3"
 
 
-def test_trainer_killed_mid_round(setup):
-    """The trainer dies after the round was agreed, mid-payload: vLLM's update fails within
-    timeout_seconds, says its weights are intact, and vLLM keeps serving the previous version.
-    A new trainer then joins and its rounds land."""
-    trainer, server = setup["trainer"], setup["server"]
-    http = server.http
+def _kill_mid_round(setup, after_broadcasts: int) -> tuple[httpx.Response, float]:
+    """The test drives vLLM's routes (pause, start, update) while the trainer sends slowly; the
+    trainer is SIGKILLed when it announces broadcast number `after_broadcasts`, 1 s before
+    issuing it (one broadcast per payload chunk; the header travels through the group's store). Returns vLLM's answer to the update and how long after the kill it came."""
+    trainer, http = setup["trainer"], setup["server"].http
     assert http.post("/pause", params={"mode": "wait"}).status_code == 200
     assert http.post("/start_weight_update").status_code == 200
     with ThreadPoolExecutor(max_workers=1) as pool:
         update = pool.submit(lambda: (http.post("/update_weights", json={"update_info": {}}), time.monotonic()))
-        trainer.send(cmd="send_slowly", seed=77, delay=0.2)
-        while trainer.next(timeout=60).get("broadcasts", 0) < 4:  # header, agreement, payload...
+        trainer.send(cmd="send_slowly", seed=77, delay=1.0)
+        while trainer.next(timeout=60).get("broadcasts", 0) < after_broadcasts:
             pass
         trainer.process.kill()
         killed = time.monotonic()
         response, answered = update.result(timeout=TIMEOUT_S + 60)
     assert response.status_code == 500
     assert answered - killed < TIMEOUT_S + 5, f"vLLM's update took {answered - killed:.1f}s to fail"
-    assert "weightsync update failed" in response.text and "intact" in response.text, response.text
-    assert http.post("/finish_weight_update").status_code >= 400  # vLLM ended the update itself
+    assert "weightsync update failed" in response.text, response.text
+    # vLLM ended the update on the worker that reported it; this closes it on the others
+    # (with tensor parallelism) and is refused.
+    assert http.post("/finish_weight_update").status_code >= 400
     assert http.post("/resume").status_code == 200
-    assert server.completions() == setup["expected"]["last"]
     assert http.get("/health").status_code == 200
+    return response, answered - killed
 
-    # A restarted trainer (same architecture) joins again and its rounds land.
-    trainer.stop()
-    fresh = Trainer(VLLM_PYTHON, setup["tmp"], setup["config"]["tied"], name="trainer2")
-    setup["trainer"] = fresh
-    fresh.ask(cmd="init", url=server.url, master_port=free_port(),
-              fields={"timeout_seconds": TIMEOUT_S, "init_timeout_seconds": 120})
+
+def _restart_trainer(setup, name: str) -> Trainer:
+    setup["trainer"].stop()
+    fresh = setup["trainer"] = Trainer(VLLM_PYTHON, setup["tmp"], setup["config"]["tied"], name=name)
+    fresh.ask(cmd="init", url=setup["server"].url, master_port=free_port(), fields=INIT_FIELDS)
+    return fresh
+
+
+def test_trainer_killed_mid_round(setup):
+    """The trainer dies mid-round. Killed before any tensor was complete, vLLM's update fails
+    within timeout_seconds, says its weights are intact, and vLLM serves the previous version.
+    Killed later, vLLM says its weights are not intact and still serves; a new trainer's full
+    round repairs them."""
+    server = setup["server"]
+    response, seconds = _kill_mid_round(setup, after_broadcasts=1)  # round agreed, no payload yet
+    print(f"\n[{setup['config']}] update failed {seconds:.2f}s after the kill", file=sys.stderr)
+    assert "keeps serving the previous weights, intact" in response.text, response.text
+    assert server.completions() == setup["expected"]["last"]
+
+    _restart_trainer(setup, "trainer2")
+    response, _ = _kill_mid_round(setup, after_broadcasts=3)  # chunk 1 went out 1 s ago: the embedding loaded
+    assert "weights are NOT intact" in response.text, response.text
+    assert len(server.completions()) == len(PROMPTS)  # still serving
+
+    fresh = _restart_trainer(setup, "trainer3")
     fresh.ask(cmd="round", seed=2024, version="v4")
     assert server.completions() == fresh.hf_greedy()

@@ -33,8 +33,8 @@ from vllm.model_executor.model_loader.mtp_validation import disable_mtp_complete
 from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
 from weightsync.errors import ManifestMismatch, TransferError
-from weightsync.protocol import InitInfo, Manifest, UpdateInfo, parse
-from weightsync.store import WeightStore
+from weightsync.landing import LoaderSink
+from weightsync.protocol import InitInfo, UpdateInfo, parse
 from weightsync.transports import Transport, get_transport
 
 from weightsync_vllm.checkpoint import CheckpointManifest, model_directory
@@ -55,6 +55,7 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         self._reloading = False
         self._loaded_this_round = 0
         self._failed_round = False
+        self._loader: LoaderSink | None = None
 
     # -- parsing: weightsync's pydantic models, errors naming the field ---------------------
     def parse_init_info(self, init_dict: dict[str, Any]) -> dict[str, Any]:
@@ -185,15 +186,25 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         return self.transport
 
     def _receive_and_load(self, transport: Transport, update_info: UpdateInfo) -> None:
-        """One weightsync round into a scratch store shaped from the trainer's header (every
-        receiver checks that manifest against the served checkpoint first), verified, then
-        handed to the model's loader in one batch, so fused groups (q/k/v, gate/up) stay whole."""
-        store = _CheckedScratch(self.checkpoint.mismatch)
-        transport.receive(store, update_info)
-        named = list(store.items())
-        with disable_mtp_completeness_check():
-            self._loaded_this_round += len(named)
-            self.model.load_weights(weights=named)
+        """One weightsync round into the model's loader (`weightsync.landing.LoaderSink`): every
+        receiver checks the trainer's manifest against the served checkpoint before any byte
+        moves; each tensor goes to `model.load_weights` once its bytes are in, fused groups
+        (q/k/v, gate/up) whole; with `atomic` in init_info, only once the whole round verified."""
+        sink = self._sink()
+        try:
+            transport.receive(sink, update_info)
+        finally:
+            self._loaded_this_round += sink.loaded_tensors
+
+    def _sink(self) -> LoaderSink:
+        if self._loader is None:
+            mapping = getattr(self.model, "packed_modules_mapping", None) or {}
+            self._loader = LoaderSink(self._load, self.checkpoint.mismatch, group_of=fused_group_key(mapping))
+        return self._loader
+
+    def _load(self, batch: list[tuple[str, torch.Tensor]]) -> None:
+        with disable_mtp_completeness_check():  # as vLLM's own engines: a partial set per call
+            self.model.load_weights(weights=batch)
 
     def _end_reload(self) -> None:
         """Finalize vLLM's layerwise reload: layers that got weights are processed, the others
@@ -234,6 +245,22 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
 _REASON_BYTES = 4096
 
 
+def fused_group_key(packed_modules_mapping: dict[str, list[str]]):
+    """The loader's group key from the model's own fusion table (vLLM's
+    `packed_modules_mapping`, e.g. {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}): the tensors of
+    modules vLLM fuses share a key ("model.layers.0.self_attn.qkv_proj"); any other tensor's
+    key is its own module, so staging holds no more than one fused parameter's inputs."""
+    fused_of = {member: fused for fused, members in packed_modules_mapping.items() for member in members}
+
+    def group_of(name: str) -> str:
+        module = name.rpartition(".")[0]
+        parent, _, leaf = module.rpartition(".")
+        fused = fused_of.get(leaf)
+        return f"{parent}.{fused}" if fused is not None else module
+
+    return group_of
+
+
 
 def _server_group():
     """(vLLM's CPU group over this server's workers, this worker's rank, their number), or None
@@ -255,16 +282,3 @@ def _encode(reason: str) -> torch.Tensor:
 
 def _decode(tensor: torch.Tensor) -> str:
     return bytes(tensor.numpy()).rstrip(b"\0").decode(errors="replace")
-
-
-class _CheckedScratch(WeightStore):
-    """An empty store that the round's header shapes (as a daemon's first round does), after
-    the served checkpoint accepted the trainer's manifest."""
-
-    def __init__(self, check) -> None:
-        super().__init__({})
-        self._adopt = True
-        self._check = check
-
-    def mismatch(self, manifest: Manifest) -> str | None:
-        return self._check(manifest) or super().mismatch(manifest)

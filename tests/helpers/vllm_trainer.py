@@ -126,10 +126,10 @@ def handle(command: dict, model: Qwen2ForCausalLM, trainer: VLLMTrainer | None) 
         group = trainer.sender.transport.group
         original, count = group.broadcast, [0]
 
-        def broadcast(tensor, src=0):
-            time.sleep(command["delay"])
+        def broadcast(tensor, src=0):  # says it is about to send, then waits `delay` first
             count[0] += 1
             reply({"broadcasts": count[0]})
+            time.sleep(command["delay"])
             return original(tensor, src)
 
         group.broadcast = broadcast
