@@ -4,8 +4,11 @@ The core library: the four-phase protocol's typed messages, packed transfer in b
 buffers, and pluggable transports. It has no Kubernetes and no HTTP in it.
 """
 
-from weightsync.errors import ManifestMismatch, PhaseError, ProtocolError, TransferError, WeightSyncError
+from weightsync.errors import (
+    ManifestMismatch, PhaseError, ProtocolError, SourceMismatch, TransferError, WeightSyncError,
+)
 from weightsync.protocol import InitInfo, Manifest, TensorSpec, UpdateInfo
+from weightsync.source import ModuleSource, WeightSource
 from weightsync.store import WeightStore
 from weightsync.trainer import WeightSender
 from weightsync.transports import SparsePatch, available, get_transport, register
@@ -22,7 +25,8 @@ def connect(name: str, namespace: str | None = None, **kwargs):
 
 
 __all__ = [
-    "connect", "InitInfo", "ManifestMismatch", "Manifest", "PhaseError", "ProtocolError", "SparsePatch",
-    "TensorSpec", "TransferError", "UpdateInfo", "WeightSender", "WeightStore", "WeightSyncError",
+    "connect", "InitInfo", "ManifestMismatch", "Manifest", "ModuleSource", "PhaseError", "ProtocolError",
+    "SourceMismatch", "SparsePatch", "TensorSpec", "TransferError", "UpdateInfo", "WeightSender", "WeightSource",
+    "WeightStore", "WeightSyncError",
     "available", "get_transport", "register",
 ]

@@ -20,6 +20,10 @@ fails (gloo notices the closed connection, at the latest the group's timeout); r
 stops materializing, sends the rest of the stream as zeros and fails the final agreement with
 the reason, so every receiver fails the round too (it never lands as good). If rank 0 dies, the
 receivers' transfer group and the other trainer ranks' trainer group fail the same way.
+
+The other ranks wait for "go" while the receivers check the header, so the trainer group's
+timeout (init_process_group's `timeout`) should be at least the transfer group's
+`timeout_seconds`; every wait here is bounded by one of the two.
 """
 
 from __future__ import annotations
