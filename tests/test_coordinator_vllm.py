@@ -3,7 +3,8 @@ daemon: world size from vLLM's /get_world_size, pause/resume with vLLM's modes, 
 from /weight_info, and after every round vLLM's greedy completions equal the trainer's HF
 greedy generation. Failed rounds degrade as client.py documents: vLLM has no abort, so a
 session a failed round left open is closed by the coordinator, and vLLM keeps serving the
-previous version. Runs in the vLLM venv (`make vllm-venv`); skipped where vLLM is not installed.
+previous version. The trainer and vLLM run with the vLLM venv's Python (found as
+tests/test_vllm_e2e.py finds it: skipped without it, failed under CI); this process coordinates.
 """
 
 from __future__ import annotations
@@ -16,19 +17,16 @@ import time
 import pytest
 import pytest_asyncio
 
-pytest.importorskip("vllm", reason="needs vLLM (the vLLM venv)")
-pytest.importorskip("transformers", reason="needs transformers (the vLLM venv)")
-
-from weightsync_operator.catchup import catch_up  # noqa: E402
-from weightsync_operator.client import Endpoint, VllmClient  # noqa: E402
-from weightsync_operator.coordinator import Coordinator, SyncSpec, Timeouts  # noqa: E402
-from weightsync_operator.demo import qwen2  # noqa: E402
-from weightsync_operator.demo.vllm_run import completions, reference  # noqa: E402
-from weightsync_operator.demo.vllm_server import VllmServer  # noqa: E402
-from weightsync_operator.local import LocalProcess, free_port  # noqa: E402
+from test_vllm_e2e import vllm_python  # noqa: F401 (the fixture: the vLLM venv's Python)
+from weightsync_operator.catchup import catch_up
+from weightsync_operator.client import Endpoint, VllmClient
+from weightsync_operator.coordinator import Coordinator, SyncSpec, Timeouts
+from weightsync_operator.demo import qwen2
+from weightsync_operator.demo.vllm_run import completions, reference, start_parties
+from weightsync_operator.demo.vllm_server import VllmServer
+from weightsync_operator.local import LocalProcess, free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
-TRAINER = "weightsync_operator.demo.qwen2_trainer"
 
 
 class Parties:
@@ -47,25 +45,18 @@ class Parties:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def parties(tmp_path_factory):
+async def parties(tmp_path_factory, vllm_python):
     work = tmp_path_factory.mktemp("vllm-coordinator")
-    model = str(qwen2.build(work / "model", seed=0))
-    started = await asyncio.gather(LocalProcess.start("trainer", TRAINER, ["--model", model, "--exit-on-stdin-eof"], 120),
-                                   VllmServer.start(model, free_port(), work / "vllm", 1, timeout=300),
-                                   return_exceptions=True)
+    model, trainer, server = await start_parties(work, vllm_python)
     try:
-        for failure in started:
-            if isinstance(failure, BaseException):
-                raise failure
-        yield Parties(model, *started)
+        yield Parties(model, trainer, server)
     finally:
-        await asyncio.gather(*(p.stop() for p in started if not isinstance(p, BaseException)),
-                             return_exceptions=True)
+        await asyncio.gather(trainer.stop(), server.stop(), return_exceptions=True)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def coordinator(parties, module_http):
-    spec = SyncSpec(master_port=free_port(), packed_buffer_size_bytes=1 << 18, transfer_timeout=3,
+    spec = SyncSpec(master_port=free_port(), packed_buffer_size_bytes=1 << 20, transfer_timeout=3,
                     pause_mode="keep", timeouts=Timeouts(request=5, init=60, start=5, update=30, finish=20))
     coordinator = Coordinator(parties.trainer.endpoint, [Endpoint("vllm", parties.server.url, kind="vllm")],
                               spec, module_http)
@@ -138,26 +129,18 @@ async def test_a_trainer_frozen_mid_update_fails_the_round_and_vllm_keeps_the_pr
 
 async def test_a_session_left_open_by_a_round_that_failed_elsewhere_is_closed_unlabelled(
         coordinator, parties, module_http):
-    """vLLM's start succeeded, the trainer's did not: vLLM's layerwise reload is open and vLLM
+    """vLLM's start succeeded, the trainer's was refused: vLLM's layerwise reload is open and vLLM
     has no abort. The coordinator closes it with an unlabelled finish: the layers that received
     nothing get their previous tensors back, and the next round starts cleanly."""
     before = await parties.served(module_http)
     version_before = await coordinator.targets[0].weight_version(5)
     await parties.train(module_http)
-    trainer_pid = parties.trainer.process.pid
-    real_start = coordinator.trainer.start
-
-    async def frozen_start(timeout):
-        os.kill(trainer_pid, signal.SIGSTOP)
-        return await real_start(timeout)
-
-    coordinator.trainer.start = frozen_start
-    try:
-        result = await coordinator.sync("6")
-    finally:
-        coordinator.trainer.start = real_start
-        os.kill(trainer_pid, signal.SIGCONT)
-    assert not result.ok and "trainer" in result.reason and "timed out" in result.reason
+    # The trainer is already in a round of its own, so it refuses the coordinator's start while
+    # vLLM accepts it.
+    busy = await module_http.post(parties.trainer.url + "/start_weight_update", json={})
+    assert busy.status_code == 200, busy.text
+    result = await coordinator.sync("6")
+    assert not result.ok and "trainer: start failed: HTTP 409" in result.reason, result.reason
     vllm = next(t for t in result.targets)
     assert vllm.ok and vllm.weight_version == version_before  # closed unlabelled: still the old version
     assert await parties.served(module_http) == before

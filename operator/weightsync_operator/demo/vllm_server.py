@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 import httpx
 
 PYTHON_ENV = "WEIGHTSYNC_VLLM_PYTHON"
+KV_BLOCK = 32  # tokens per KV cache block (vLLM's CPU default, 128, is longer than the demo's prompts)
 ENTRY = "vllm.entrypoints.launchers.api_server.entry"
 
 
@@ -35,19 +38,22 @@ def serve_args(model: str | Path, port: int, tensor_parallel: int = 1,
     return [
         "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
         "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4", "--enforce-eager",
+        "--block-size", str(KV_BLOCK),
         "--kv-cache-memory-bytes", str(64 << 20), "--skip-tokenizer-init", "--seed", "0",
         "--tensor-parallel-size", str(tensor_parallel),
         "--weight-transfer-config", json.dumps(weight_transfer or {"backend": "weightsync"}),
     ]
 
 
-def serve_env(work_dir: str | Path, tensor_parallel: int = 1) -> dict[str, str]:
-    """The weight-transfer routes exist only in dev mode; vLLM's side files stay in `work_dir`;
-    a TP-2 server on a 2-core machine binds one core per worker."""
+def serve_env(work_dir: str | Path, runtime_dir: str | Path, tensor_parallel: int = 1) -> dict[str, str]:
+    """The weight-transfer routes exist only in dev mode; vLLM's caches stay in `work_dir`, its
+    temporary files and sockets in `runtime_dir` (short: vLLM's ZeroMQ sockets live there, and a
+    Unix socket path may not exceed 107 bytes); a TP-2 server on a 2-core machine binds one core
+    per worker."""
     work_dir = Path(work_dir)
     env = {
         "VLLM_SERVER_DEV_MODE": "1",
-        "TMPDIR": str(work_dir), "VLLM_CACHE_ROOT": str(work_dir / "vllm-cache"),
+        "TMPDIR": str(runtime_dir), "VLLM_CACHE_ROOT": str(work_dir / "vllm-cache"),
         "TORCHINDUCTOR_CACHE_DIR": str(work_dir / "inductor-cache"),
         "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1",
     }
@@ -61,24 +67,27 @@ class VllmServer:
     url: str
     process: asyncio.subprocess.Process
     log_path: Path
+    runtime_dir: Path
     _log: object = field(default=None, repr=False)
 
     @classmethod
     async def start(cls, model: str | Path, port: int, work_dir: str | Path, tensor_parallel: int = 1,
-                    timeout: float = 300.0, weight_transfer: dict | None = None) -> "VllmServer":
-        """Start the server and return once `/health` answers 200; on a deadline or an early
-        exit, stop it and raise with the end of its log."""
+                    timeout: float = 300.0, weight_transfer: dict | None = None,
+                    python: str | None = None) -> "VllmServer":
+        """Start the server (with `python`, default `vllm_python()`) and return once `/health`
+        answers 200; on a deadline or an early exit, stop it and raise with the end of its log."""
         work_dir = Path(work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
         log_path = work_dir / f"vllm-{port}.log"
         log = open(log_path, "wb")
+        runtime_dir = Path(tempfile.mkdtemp(prefix="wsvllm-", dir="/tmp" if os.path.isdir("/tmp") else None))
         process = await asyncio.create_subprocess_exec(
-            vllm_python(), "-m", ENTRY, *serve_args(model, port, tensor_parallel, weight_transfer),
+            python or vllm_python(), "-m", ENTRY, *serve_args(model, port, tensor_parallel, weight_transfer),
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, **serve_env(work_dir, tensor_parallel)},
+            env={**os.environ, **serve_env(work_dir, runtime_dir, tensor_parallel)},
             start_new_session=True,  # its own process group: stop() reaches every fork
             preexec_fn=_terminate_with_parent)
-        server = cls(f"http://127.0.0.1:{port}", process, log_path, log)
+        server = cls(f"http://127.0.0.1:{port}", process, log_path, runtime_dir, log)
         try:
             await server._wait_healthy(timeout)
         except BaseException:
@@ -126,6 +135,7 @@ class VllmServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
 def _terminate_with_parent() -> None:
