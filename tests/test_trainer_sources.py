@@ -129,6 +129,22 @@ def test_rounds_are_bit_exact_and_the_trainer_holds_no_second_copy(ranks):
         print(f"\n[{ranks} rank(s)] model {model_bytes / 2**20:.1f} MiB; peak trainer memory over the send "
               f"(MiB, per rank): streamed rounds {mib}, whole-model list {baseline}", file=sys.stderr)
         assert listed[0]["peak_delta"] > 0.8 * model_bytes  # the measurement sees a full copy
+
+        # Refused by the receivers (a name they do not hold): every rank raises, nothing is
+        # materialized. Then a source that lies mid-iteration: every party fails naming the
+        # parameter, and the ranks are still in step (rank 0 finished the iteration with them).
+        refused, received = group.round("renamed")
+        assert all(not s["ok"] and s["error"].startswith("ManifestMismatch") and "renamed.weight" in s["error"]
+                   for s in refused), refused
+        assert all(not r["ok"] and "renamed.weight" in r["error"] for r in received), received
+        lied, received = group.round("lying")
+        sixth = "'blocks.0.out.weight'"  # parameter 5: embed, blocks.0's norm and qkv (weight, bias)
+        assert all(not s["ok"] and s["error"].startswith("SourceMismatch") and sixth in s["error"]
+                   for s in lied), lied
+        assert all(not r["ok"] and sixth in r["error"] for r in received), received
+        sent, received = group.round("source")
+        assert all(s["ok"] for s in sent) and all(r["ok"] for r in received), (sent, received)
+        assert [r["checksum"] for r in received] == [group.checksum()] * 2
         # Streamed: the staging buffers, the tensor being materialized (the largest is 6 MiB) and
         # the all-gather behind it. The first round also holds one-time allocations (the staging
         # buffers, FSDP2's lazy state), so it is left out.

@@ -9,10 +9,12 @@
                                       every parameter is a DTensor sharded by FSDP2's fully_shard
                                       over a gloo group of N ranks. Rank 0 joins the transfer group.
                                       Per stdin line:
-      {"cmd": "round", "form": "source"|"list", "pause_at": k|null}
+      {"cmd": "round", "form": "source"|"list"|"renamed"|"lying", "pause_at": k|null}
           step the weights (an in-place update of every local shard), then send them: "source"
           streams ModuleSource(model); "list" first materializes every full tensor into a list
-          (the baseline a streaming source avoids). Answers {"ok", "error", "peak_delta",
+          (the baseline a streaming source avoids); "renamed": a source whose first parameter is
+          named differently (in both channels: the receivers refuse the manifest); "lying": its
+          iteration yields parameter 5 one row short of what its metadata says. Answers {"ok", "error", "peak_delta",
           "seconds", "model_bytes", "round_id"}; `peak_delta`: the rise of this process's peak RSS
           (VmHWM, reset just before the send) over its RSS before it. With `pause_at` this rank
           stops before yielding parameter k, says {"paused": true}, and waits to be killed.
@@ -81,6 +83,35 @@ def reset_peak() -> None:
         refs.write("5")
 
 
+class Renamed:
+    """The model's source with its first parameter renamed, consistently in both channels."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def metadata(self):
+        first, *rest = self.source.metadata().tensors
+        return type(self.source.metadata())(tensors=(first.model_copy(update={"name": "renamed.weight"}), *rest))
+
+    def __iter__(self):
+        for index, (name, tensor) in enumerate(self.source):
+            yield ("renamed.weight" if index == 0 else name), tensor
+
+
+class Lying:
+    """The model's source, but its iteration yields parameter 5 one row short."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def metadata(self):
+        return self.source.metadata()
+
+    def __iter__(self):
+        for index, (name, tensor) in enumerate(self.source):
+            yield name, tensor[:-1] if index == 5 else tensor
+
+
 class Pausing:
     """A source that stops before yielding parameter `at`, says so, and waits to be killed."""
 
@@ -129,6 +160,9 @@ def trainer(args) -> None:
                 p.mul_(0.5).add_(0.25)
         if command["form"] == "list":
             weights = lambda: [(name, t.clone()) for name, t in ModuleSource(model)]  # noqa: E731
+        elif command["form"] in ("renamed", "lying"):
+            source = (Renamed if command["form"] == "renamed" else Lying)(ModuleSource(model))
+            weights = lambda: source  # noqa: E731
         else:
             source = ModuleSource(model)
             if command.get("pause_at") is not None:
