@@ -288,6 +288,15 @@ def test_checked_items_and_metadata_shapes():
         list(checked_items(manifest, [*named[:2], ("layers.0.bias", named[2][1].float()), named[3]]))
     assert TensorSpec.of("x", torch.zeros(2)) == Manifest.of([("x", torch.zeros(2))]).tensors[0]
 
+    # ModuleSource: metadata without materializing, in the wire dtype; iteration agrees with it.
+    module = _as_module(named)
+    cast = ModuleSource(module, dtype=torch.bfloat16)
+    assert [t.dtype for t in cast.metadata().tensors] == ["bfloat16"] * len(named)
+    got = list(checked_items(cast.metadata(), cast))
+    assert all(torch.equal(g, t.to(torch.bfloat16)) for g, (_, t) in zip(got, named))
+    plain = ModuleSource(module)
+    assert [t.data_ptr() for t in checked_items(plain.metadata(), plain)] == [t.data_ptr() for _, t in named]
+
 
 # -- a trainer rank killed mid-round ----------------------------------------------------------------
 
