@@ -1,7 +1,8 @@
 """What the served model's `load_weights` accepts: the checkpoint vLLM loaded at startup.
 
 The trainer's manifest is checked against the safetensors headers of the model directory the
-server was started with (names, shapes, dtypes; only the headers are read, never the data).
+server was started with (names, shapes, dtypes; only the headers are read, never the data, so
+no safetensors library is needed: the header is 8 bytes of length and a JSON object).
 These are exactly the Hugging Face names and full, unsharded shapes that vLLM's loader maps,
 fuses and shards at startup, so an update that matches them loads the same way.
 
@@ -13,12 +14,14 @@ or pays for, a conversion it did not ask for.
 
 from __future__ import annotations
 
+import json
 import os
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from weightsync.protocol import DTYPE_NAMES, Manifest
 
@@ -54,11 +57,9 @@ class CheckpointManifest:
                 "checks every update against the checkpoint's headers and needs a safetensors checkpoint")
         tensors: dict[str, CheckpointTensor] = {}
         for path in files:
-            with safe_open(str(path), framework="pt") as handle:
-                for name in handle.keys():
-                    piece = handle.get_slice(name)
-                    code = piece.get_dtype()
-                    tensors[name] = CheckpointTensor(_SAFETENSORS_DTYPES.get(code, code), tuple(piece.get_shape()))
+            for name, entry in read_header(path).items():
+                code = entry["dtype"]
+                tensors[name] = CheckpointTensor(_SAFETENSORS_DTYPES.get(code, code), tuple(entry["shape"]))
         served = DTYPE_NAMES.get(served_dtype) if served_dtype is not None else None
         return cls(tensors, served, str(directory))
 
@@ -83,6 +84,37 @@ class CheckpointManifest:
                 return (f"parameter {spec.name!r} comes as {spec.dtype} from the trainer; the served model "
                         f"takes {' or '.join(sorted(accepted))}")
         return None
+
+
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
+
+
+def read_header(path: str | os.PathLike) -> dict[str, dict]:
+    """A safetensors file's header: {name: {"dtype", "shape", "data_offsets"}} (the format: an
+    8-byte little-endian length, then that many bytes of JSON). Only these bytes are read."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if length > MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: a safetensors header of {length} bytes is not plausible")
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def fused_group_key(packed_modules_mapping: dict[str, list[str]]) -> Callable[[str], str]:
+    """The loader's group key from the model's own fusion table (vLLM's
+    `packed_modules_mapping`, e.g. {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}): the tensors of
+    modules vLLM fuses share a key ("model.layers.0.self_attn.qkv_proj"); any other tensor's
+    key is its own module, so staging holds no more than one fused parameter's inputs."""
+    fused_of = {member: fused for fused, members in packed_modules_mapping.items() for member in members}
+
+    def group_of(name: str) -> str:
+        module = name.rpartition(".")[0]
+        parent, _, leaf = module.rpartition(".")
+        fused = fused_of.get(leaf)
+        return f"{parent}.{fused}" if fused is not None else module
+
+    return group_of
 
 
 def model_directory(model: str, revision: str | None = None) -> str:

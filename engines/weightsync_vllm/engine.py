@@ -37,7 +37,7 @@ from weightsync.landing import LoaderSink
 from weightsync.protocol import InitInfo, UpdateInfo, parse
 from weightsync.transports import Transport, get_transport
 
-from weightsync_vllm.checkpoint import CheckpointManifest, model_directory
+from weightsync_vllm.checkpoint import CheckpointManifest, fused_group_key, model_directory
 
 logger = logging.getLogger(__name__)
 
@@ -243,23 +243,6 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
 
 
 _REASON_BYTES = 4096
-
-
-def fused_group_key(packed_modules_mapping: dict[str, list[str]]):
-    """The loader's group key from the model's own fusion table (vLLM's
-    `packed_modules_mapping`, e.g. {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}): the tensors of
-    modules vLLM fuses share a key ("model.layers.0.self_attn.qkv_proj"); any other tensor's
-    key is its own module, so staging holds no more than one fused parameter's inputs."""
-    fused_of = {member: fused for fused, members in packed_modules_mapping.items() for member in members}
-
-    def group_of(name: str) -> str:
-        module = name.rpartition(".")[0]
-        parent, _, leaf = module.rpartition(".")
-        fused = fused_of.get(leaf)
-        return f"{parent}.{fused}" if fused is not None else module
-
-    return group_of
-
 
 
 def _server_group():
