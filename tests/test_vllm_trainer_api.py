@@ -107,6 +107,12 @@ def test_vllm_trainer_api_with_two_fsdp2_ranks_drives_a_real_vllm_server(vllm_py
         assert repr(name) in lied[0]["error"].split("vLLM:", 1)[1]  # vLLM's own answer names it too
         assert "intact" in lied[0]["error"] and "NOT intact" not in lied[0]["error"]
         assert server.completions() == previous  # atomic: vLLM kept the last round's weights
+
+        assert server.http.post("/pause", params={"mode": "wait"}).status_code == 200
+        sent = everyone(cmd="round", seed=14)  # the next round lands
+        assert server.http.post("/resume").status_code == 200
+        assert all(a["ok"] for a in sent), sent
+        assert server.completions() == hf_greedy() != previous
     finally:
         for rank in ranks:
             rank.stop()

@@ -160,16 +160,30 @@ class WeightsyncTrainerEngine(TrainerWeightTransferEngine[WeightsyncTrainerInitI
             answer = pool.submit(self.client.update_weights, update_info)
             try:
                 self.last = self.sender.send_weights(self.source)
-            except WeightSyncError as error:  # the same kind (ManifestMismatch, SourceMismatch...), with vLLM's answer
-                raise type(error)(f"{error}; vLLM: {_answer(answer, self.init.timeout_seconds)}") from error
             except BaseException as error:
-                raise VLLMRoundError(f"{error}; vLLM: {_answer(answer, self.init.timeout_seconds)}") from error
+                reply = _answer(answer, self.init.timeout_seconds)
+                self._close_failed_session(answer)
+                if isinstance(error, WeightSyncError):  # the same kind (ManifestMismatch, SourceMismatch...)
+                    raise type(error)(f"{error}; vLLM: {reply}") from error
+                raise VLLMRoundError(f"{error}; vLLM: {reply}") from error
             problem = _answer(answer, self.init.timeout_seconds)
             if problem:
+                self._close_failed_session(answer)
                 raise VLLMRoundError(f"the round was sent but vLLM failed it: {problem}")
         finally:
             pool.shutdown(wait=False)  # an answer that never came must not hold the caller
         self.client.finish_weight_update(weight_version)
+
+    def _close_failed_session(self, answer) -> None:
+        """After a failed update, one finish (it answers an error): with tensor parallelism vLLM
+        0.32 reports the failure from one worker only, and the finish closes the others' update
+        session (see the README's "With vLLM"). Not while the update call is still out."""
+        if not answer.done():
+            return
+        try:
+            self.client.finish_weight_update()
+        except Exception:  # noqa: BLE001 - expected: vLLM already ended the failed update
+            pass
 
     def _abandon(self, error: BaseException) -> None:
         if self.sender.trainer_group is not None:
