@@ -300,22 +300,30 @@ def test_checked_items_and_metadata_shapes():
 
 # -- a trainer rank killed mid-round ----------------------------------------------------------------
 
-@pytest.mark.parametrize("victim", [1, 0], ids=["rank-1-killed", "rank-0-killed"])
-def test_a_trainer_rank_killed_mid_round_fails_every_party_within_the_timeout(victim):
+@pytest.mark.parametrize("victim,between", [(1, False), (0, False), (1, True)],
+                         ids=["rank-1-killed", "rank-0-killed", "rank-1-killed-between-rounds"])
+def test_a_trainer_rank_killed_mid_round_fails_every_party_within_the_timeout(victim, between):
     """Two FSDP2 ranks: after a good round, one rank stops mid-iteration (after 20 of 42
     parameters went through the collective) and is killed; every other party's round fails
-    within the timeout, and none of them lands the round as good."""
+    within the timeout, and none of them lands the round as good. (`between`: rank 1 is killed
+    before the round; rank 0 finds it gone when it tells the ranks to start.)"""
     group = Group(2, layers=4, width=128)
     try:
         sent, received = group.round("source")
         assert all(s["ok"] for s in sent) and all(r["ok"] for r in received), (sent, received)
+        if between:
+            group.trainers[victim].process.send_signal(signal.SIGKILL)
+            group.trainers[victim].process.wait(30)
+            killed = time.monotonic()
         for receiver in group.receivers:
             receiver.send(cmd="receive")
         for rank, trainer in enumerate(group.trainers):
-            trainer.send(cmd="round", form="source", pause_at=20 if rank == victim else None)
-        assert group.trainers[victim].next(60) == {"paused": True}
-        group.trainers[victim].process.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
+            if not (between and rank == victim):
+                trainer.send(cmd="round", form="source", pause_at=20 if rank == victim else None)
+        if not between:
+            assert group.trainers[victim].next(60) == {"paused": True}
+            group.trainers[victim].process.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
         survivors = [t for rank, t in enumerate(group.trainers) if rank != victim] + group.receivers
         answers = []
         for party in survivors:
@@ -324,10 +332,13 @@ def test_a_trainer_rank_killed_mid_round_fails_every_party_within_the_timeout(vi
         for answer, after in answers:
             assert not answer["ok"], answer
             assert after < TIMEOUT_S + 5, f"a party took {after:.1f}s to fail: {answer}"
-        if victim == 1:  # rank 0 lived: it failed the round with the reason, naming the parameter
+        if victim == 1 and not between:  # rank 0 lived: it failed the round naming the parameter
             assert "the source failed to materialize it" in answers[0][0]["error"]
             for answer, _ in answers[1:]:
                 assert "rank 0: parameter" in answer["error"], answer
+        if between:
+            for answer, _ in answers:
+                assert "the source could not start" in answer["error"], answer
         print(f"\n[rank {victim} killed] failed after (s): {[round(a, 2) for _, a in answers]}: "
               f"{[a['error'][:160] for a, _ in answers]}", file=sys.stderr)
     finally:

@@ -529,12 +529,15 @@ class CollectiveTransport(Transport):
         comes. After a disagreement the iteration is still driven to its end (discarding what it
         yields): on a sharded trainer every rank materializes each tensor together."""
         source, on_iterate = streamed
+        problem: tuple[str, type[TransferError]] | None = None
         if on_iterate is not None:
-            on_iterate()
+            try:
+                on_iterate()
+            except Exception as error:  # noqa: BLE001 - e.g. a sharded trainer's rank is gone
+                problem = (f"the source could not start: {type(error).__name__}: {error}", TransferError)
         iterator = iter(source)
         items = checked_items(manifest, iterator)
         held: dict[int, torch.Tensor] = {}
-        problem: tuple[str, type[TransferError]] | None = None
         ready = 0  # tensors materialized (or replaced by zeros) so far
 
         def materialize(upto: int) -> None:
