@@ -523,11 +523,13 @@ class CollectiveTransport(Transport):
         trainer holds the buffers plus the tensor(s) the current chunk spans.
 
         Returns why the source failed the round (its iteration disagreed with its metadata:
-        SourceMismatch, or raised: TransferError), naming the parameter; None if it did not. Either way every chunk is sent (what
-        the source could not give goes as zeros), so that the receivers complete the round and
-        learn the reason in the final agreement instead of waiting on a broadcast that never
-        comes. After a disagreement the iteration is still driven to its end (discarding what it
-        yields): on a sharded trainer every rank materializes each tensor together."""
+        SourceMismatch; or it raised: TransferError), naming the parameter; None if it did not.
+        Either way every chunk is sent (what the source could not give goes as zeros), so that
+        the receivers complete the round and learn the reason in the final agreement instead of
+        waiting on a broadcast that never comes (a receiver that lands in place then holds a
+        touched round, and says so; with `atomic` it holds none of it). After a disagreement the
+        iteration is still driven to its end, discarding what it yields: on a sharded trainer
+        every rank materializes each tensor together."""
         source, on_iterate = streamed
         problem: tuple[str, type[TransferError]] | None = None
         if on_iterate is not None:
