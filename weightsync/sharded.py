@@ -97,7 +97,9 @@ class TrainerGroup:
 
     def announce(self, message: dict) -> None:
         """Rank 0: broadcast one message to the other trainer ranks."""
-        data = json.dumps(message).encode()[: MESSAGE_BYTES]
+        data = json.dumps(message).encode()  # ASCII: non-ASCII text is escaped
+        if len(data) >= MESSAGE_BYTES:  # never cut JSON: the reason is cut in `_failure`
+            data = json.dumps(_failure(TransferError("the round's outcome was too long to tell"))).encode()
         block = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
         block[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         dist.broadcast(block.to(self.device), src=self._src, group=self.group)
@@ -115,7 +117,8 @@ class TrainerGroup:
 
 def _failure(error: BaseException) -> dict:
     kind = type(error).__name__ if isinstance(error, WeightSyncError) else "TransferError"
-    return {"error": {"type": kind, "message": str(error) or type(error).__name__}}
+    text = str(error) or type(error).__name__
+    return {"error": {"type": kind, "message": text if len(text) <= 4000 else text[:4000] + "..."}}
 
 
 def _raise(failure: dict) -> None:
