@@ -3,7 +3,9 @@ daemon: world size from vLLM's /get_world_size, pause/resume with vLLM's modes, 
 from /weight_info, and after every round vLLM's greedy completions equal the trainer's HF
 greedy generation. Failed rounds degrade as client.py documents: vLLM has no abort, so a
 session a failed round left open is closed by the coordinator, and vLLM keeps serving the
-previous version. The trainer and vLLM run with the vLLM venv's Python (found as
+previous version. Every test runs against a server of tensor parallel 1 and of 2 (two workers,
+two ranks, and vLLM 0.32's executor, which must never see a call every worker refuses). The
+trainer and vLLM run with the vLLM venv's Python (found as
 tests/test_vllm_e2e.py finds it: skipped without it, failed under CI); this process coordinates.
 """
 
@@ -30,8 +32,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
 
 
 class Parties:
-    def __init__(self, model: str, trainer: LocalProcess, server: VllmServer):
-        self.model, self.trainer, self.server = model, trainer, server
+    def __init__(self, model: str, trainer: LocalProcess, server: VllmServer, tensor_parallel: int):
+        self.model, self.trainer, self.server, self.tp = model, trainer, server, tensor_parallel
         self.prompts = qwen2.prompts()
 
     async def served(self, http) -> list[list[int]]:
@@ -44,12 +46,12 @@ class Parties:
         (await http.post(self.trainer.url + "/demo/train_step", timeout=120)).raise_for_status()
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def parties(tmp_path_factory, vllm_python):
-    work = tmp_path_factory.mktemp("vllm-coordinator")
-    model, trainer, server = await start_parties(work, vllm_python)
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=[1, 2], ids=["tp1", "tp2"])
+async def parties(request, tmp_path_factory, vllm_python):
+    work = tmp_path_factory.mktemp(f"vllm-coordinator-tp{request.param}")
+    model, trainer, server = await start_parties(work, vllm_python, tensor_parallel=request.param)
     try:
-        yield Parties(model, trainer, server)
+        yield Parties(model, trainer, server, request.param)
     finally:
         await asyncio.gather(trainer.stop(), server.stop(), return_exceptions=True)
 
@@ -61,7 +63,7 @@ async def coordinator(parties, module_http):
     coordinator = Coordinator(parties.trainer.endpoint, [Endpoint("vllm", parties.server.url, kind="vllm")],
                               spec, module_http)
     group = await coordinator.init()
-    assert (group.world_size, group.ranks) == (2, {"trainer": 0, "vllm": 1})
+    assert (group.world_size, group.ranks) == (1 + parties.tp, {"trainer": 0, "vllm": 1})  # a rank per worker
     assert isinstance(coordinator.targets[0], VllmClient)
     return coordinator
 
@@ -159,7 +161,7 @@ async def test_a_group_of_a_daemon_and_vllm_then_vllm_catches_up_from_the_daemon
     vllm = Endpoint("vllm", parties.server.url, kind="vllm")
     async with Coordinator(parties.trainer.endpoint, [daemon.endpoint, vllm], spec, module_http) as both:
         group = await both.init()
-        assert (group.world_size, group.ranks) == (3, {"trainer": 0, "daemon": 1, "vllm": 2})
+        assert (group.world_size, group.ranks) == (2 + parties.tp, {"trainer": 0, "daemon": 1, "vllm": 2})
         await parties.train(module_http)
         result = await both.sync("8")
         assert result.ok, result.reason

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable
 from datetime import datetime, timezone
 
-from weightsync_operator.client import PartyClient, PartyError
+from weightsync_operator.client import PartyClient, PartyError, Progress
 from weightsync_operator.coordinator import PartyOutcome, SyncResult, SyncSpec
 
 
@@ -44,7 +44,7 @@ async def catch_up(source: PartyClient, joiners: list[PartyClient], version: str
     result.parties = [PartyOutcome(source.name, "trainer", 0)]
     began = time.perf_counter()
     paused: list[PartyClient] = []
-    landed: set[str] = set()  # joiners whose whole update was received and verified
+    progress = {p.name: Progress.NOT_STARTED for p in joiners}  # what a failure must undo on each
     try:
         sizes = await asyncio.gather(*(_step(result, p, "get_world_size", p.world_size(t.request)) for p in joiners))
         ranks, offset = {}, 1
@@ -64,10 +64,12 @@ async def catch_up(source: PartyClient, joiners: list[PartyClient], version: str
                 await _step(result, party, "pause", party.pause(spec.pause_mode, t.request))
                 paused.append(party)
             await _step(result, party, "init", party.init({**info, "rank_offset": ranks[party.name]}, t.init))
+            progress[party.name] = Progress.STARTED
             await _step(result, party, "start", party.start(t.start))
             answer = await _step(result, party, "update", party.update({}, t.update))
-            landed.add(party.name)
+            progress[party.name] = Progress.LANDED
             finished = await _step(result, party, "finish", party.finish(version, t.finish))
+            progress[party.name] = Progress.FINISHED
             _outcome(result, party.name).weight_version = finished.get("weight_version")
             return answer
 
@@ -79,8 +81,8 @@ async def catch_up(source: PartyClient, joiners: list[PartyClient], version: str
         result.ok = True
     except _Failed as failed:
         result.reason = str(failed.error)
-        await asyncio.gather(*(p.abort(result.reason, t.request, version if p.name in landed else None)
-                               for p in joiners), return_exceptions=True)
+        await asyncio.gather(*(p.abort(result.reason, t.request, progress[p.name], version) for p in joiners),
+                             return_exceptions=True)
     finally:
         if paused:
             await asyncio.gather(*(p.resume(t.request) for p in paused), return_exceptions=True)

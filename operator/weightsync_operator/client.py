@@ -7,12 +7,17 @@ weight-transfer routes (init → start → update → finish, `/get_world_size`,
 (`PartyClient`). Where vLLM has no route for what a daemon offers, `VllmClient` degrades in a
 defined way rather than pretending:
 
-- abort: vLLM has none. A failed update already ends vLLM's update session on its own (the
-  worker clears its "update active" state when `update_weights` raises). A session that is still
-  open — the round failed elsewhere — is closed with `/finish_weight_update`: labelled with the
-  round's version if this server's whole update was received and verified (its weights then
-  are exactly that version), else unlabelled (vLLM's layerwise reload puts back the previous
-  tensors of every layer that received nothing, and the label stays the previous version's).
+- abort: vLLM has none. Once vLLM was asked to start the round and did not finish it, its
+  update session may be open (the round failed elsewhere; or its own start or update failed,
+  which the weightsync backend reports from vLLM's last worker only, leaving the other workers'
+  sessions open). The coordinator closes it with one `/finish_weight_update`: labelled with the
+  round's version if this server's whole update was received and verified (its weights then are
+  exactly that version), else unlabelled (vLLM's layerwise reload puts back the previous tensors
+  of every layer that received nothing, and the label stays the previous version's). Where the
+  session is already closed vLLM refuses that finish, harmlessly. It never sends that finish
+  otherwise (before the start, or after a finish that succeeded): a call vLLM 0.32 refuses on
+  every worker of a tensor-parallel server leaves its executor answering each later call with
+  the previous call's reply.
 - health: `/health` says whether the engine is alive and `/weight_info` its version; vLLM
   cannot say whether it still holds its place in the transfer group or whether a failed round
   left its weights partly updated (`in_group` and `weights_intact` are None: unknown). A
@@ -30,6 +35,7 @@ defined way rather than pretending:
 from __future__ import annotations
 
 import asyncio
+import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -55,6 +61,15 @@ class Endpoint:
     name: str
     url: str
     kind: EngineKind = "daemon"
+
+
+class Progress(enum.Enum):
+    """How far one party got in a round that failed: what ending it has to undo."""
+
+    NOT_STARTED = "not_started"  # the round ended before this party was asked to start
+    STARTED = "started"  # asked to start: an update session may be open on it
+    LANDED = "landed"  # its whole update was received and verified, not yet finished
+    FINISHED = "finished"  # its finish succeeded: nothing of the round is left open on it
 
 
 @dataclass(frozen=True)
@@ -161,9 +176,9 @@ class PartyClient(ABC):
         """Make the received weights live as `version`; the answer carries `weight_version`."""
 
     @abstractmethod
-    async def abort(self, reason: str, timeout: float, landed: str | None = None) -> dict:
-        """End a failed round on this party. `landed`: the round's version when this party's
-        whole update was received and verified, else None."""
+    async def abort(self, reason: str, timeout: float, progress: Progress, version: str) -> dict:
+        """End a failed round (labelled `version`) on this party, which got as far as
+        `progress`. An answer with `weight_version` says what the party serves afterwards."""
 
     @abstractmethod
     async def pause(self, mode: str, timeout: float) -> dict: ...
@@ -189,8 +204,9 @@ class DaemonClient(PartyClient):
     async def finish(self, version: str, timeout: float) -> dict:
         return await self.call("finish", "POST", "/finish_weight_update", timeout, {"weight_version": version})
 
-    async def abort(self, reason: str, timeout: float, landed: str | None = None) -> dict:
-        # The daemon knows itself whether its update landed (and then reports weights_intact).
+    async def abort(self, reason: str, timeout: float, progress: Progress, version: str) -> dict:
+        # An idempotent route; the daemon knows itself whether its update landed (and then
+        # reports weights_intact).
         return await self.call("abort", "POST", "/abort_weight_update", timeout, params={"reason": reason[:500]})
 
     async def pause(self, mode: str, timeout: float) -> dict:
@@ -231,15 +247,16 @@ class VllmClient(PartyClient):
         await self.call("finish", "POST", "/finish_weight_update", timeout, {"weight_version": version})
         return {"weight_version": await self.weight_version(timeout)}
 
-    async def abort(self, reason: str, timeout: float, landed: str | None = None) -> dict:
-        # No abort route: close a session the failed round left open (see the module docstring).
-        try:
-            await self.call("abort", "POST", "/finish_weight_update", timeout, {"weight_version": landed})
-        except PartyError as error:
-            if error.status is None:  # unreachable or timed out: nothing more to learn from it
-                raise
-            # Refused: no session was open (vLLM ended it when its update failed, or it finished).
-        # Either way, say which version it serves now.
+    async def abort(self, reason: str, timeout: float, progress: Progress, version: str) -> dict:
+        # No abort route: close a session the failed round may have left open (module docstring).
+        if progress in (Progress.STARTED, Progress.LANDED):
+            label = version if progress is Progress.LANDED else None
+            try:
+                await self.call("abort", "POST", "/finish_weight_update", timeout, {"weight_version": label})
+            except PartyError as error:
+                if error.status is None:  # unreachable or timed out: nothing more to learn from it
+                    raise
+                # Refused where vLLM already ended the session itself (its update failed).
         return {"weight_version": await self.weight_version(timeout)}
 
     async def pause(self, mode: str, timeout: float) -> dict:

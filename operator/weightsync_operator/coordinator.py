@@ -25,7 +25,7 @@ from typing import Literal
 import httpx
 
 from weightsync.transports import get_transport
-from weightsync_operator.client import Endpoint, PartyClient, PartyError, party_client
+from weightsync_operator.client import Endpoint, PartyClient, PartyError, Progress, party_client
 
 log = logging.getLogger("weightsync.coordinator")
 
@@ -202,20 +202,22 @@ class Coordinator:
         result.parties = [PartyOutcome(p.name, "trainer" if p is self.trainer else "target",
                                        self.group.ranks[p.name]) for p in self.parties]
         outcome = {o.name: o for o in result.parties}
-        landed: set[str] = set()  # parties whose whole update was received and verified
+        progress = {p.name: Progress.NOT_STARTED for p in self.parties}  # what a failure must undo
         began = time.perf_counter()
         pausing = self.spec.pause_mode != "none"
         try:
             if pausing:
                 await self._step(outcome, "pause", self.targets,
                                  lambda p: p.pause(self.spec.pause_mode, t.request))
+            progress.update({p.name: Progress.STARTED for p in self.parties})
             await self._step(outcome, "start", self.parties, lambda p: p.start(t.start))
             sent = time.perf_counter()
-            answers = await self._update(outcome, landed)
+            answers = await self._update(outcome, progress)
             result.transfer_seconds = time.perf_counter() - sent
             result.bytes = int(answers[0]["bytes"])
             result.checksum = answers[0].get("checksum") or answers[-1].get("checksum")
-            finished = await self._step(outcome, "finish", self.parties, lambda p: p.finish(version, t.finish))
+            finished = await self._step(outcome, "finish", self.parties, lambda p: p.finish(version, t.finish),
+                                        progress=progress, reached=Progress.FINISHED)
             for party, answer in zip(self.parties, finished):
                 outcome[party.name].weight_version = answer.get("weight_version")
             result.ok = True
@@ -224,8 +226,8 @@ class Coordinator:
             # Once payload may have moved, a collective may be half-done on some party: the group
             # cannot be trusted for another round, so the next sync re-initialises it.
             self.needs_init = failed.step in ("update", "finish")
-            aborted = await self._all(lambda p: p.abort(failed.reason, t.request,
-                                                        version if p.name in landed else None), self.parties)
+            aborted = await self._all(lambda p: p.abort(failed.reason, t.request, progress[p.name], version),
+                                      self.parties)
             for party, answer in zip(self.parties, aborted):
                 # A vLLM target says what its weights are once its session is closed.
                 if isinstance(answer, dict) and "weight_version" in answer:
@@ -237,19 +239,20 @@ class Coordinator:
         result.finished_at = _now()
         return result
 
-    async def _update(self, outcome: dict[str, PartyOutcome], landed: set[str]) -> list[dict]:
+    async def _update(self, outcome: dict[str, PartyOutcome], progress: dict[str, Progress]) -> list[dict]:
         """The update step. Collective transports (cpu, nccl): every party at once, the trainer
         sends while the targets receive. ipc/p2p: the targets read the trainer's memory, so the
         trainer answers first with the handles (`update_info`), which every target then gets;
         repeated while the trainer says `more` (bounded staging). Answers: trainer's, then targets'.
-        `landed` collects the targets whose last batch succeeded, also when the round fails."""
+        A party whose (last) batch succeeded is marked LANDED in `progress`, also when the round fails."""
         timeout = self.spec.timeouts.update
         try:
             relay = get_transport(self.spec.backend).needs_trainer_update_info
         except ValueError:  # a backend unknown here: the parties will say so themselves
             relay = False
         if not relay:
-            return await self._step(outcome, "update", self.parties, lambda p: p.update({}, timeout), landed=landed)
+            return await self._step(outcome, "update", self.parties, lambda p: p.update({}, timeout),
+                                    progress=progress, reached=Progress.LANDED)
         moved = 0
         while True:
             (sent,) = await self._step(outcome, "update", [self.trainer], lambda p: p.update({}, timeout))
@@ -258,20 +261,20 @@ class Coordinator:
                 raise _RoundFailed("update", f"{self.trainer.name}: its answer carries no update_info to relay")
             last = not sent.get("more")
             received = await self._step(outcome, "update", self.targets, lambda p: p.update(info, timeout),
-                                        landed=landed if last else None)
+                                        progress=progress if last else None, reached=Progress.LANDED)
             moved += int(sent.get("bytes", 0))
             if last:
                 return [{**sent, "bytes": moved}, *received]
 
     async def _step(self, outcome: dict[str, PartyOutcome], step: str, parties: list[PartyClient],
                     call: Callable[[PartyClient], Awaitable[dict]], strict: bool = True,
-                    landed: set[str] | None = None) -> list[dict]:
+                    progress: dict[str, Progress] | None = None, reached: Progress | None = None) -> list[dict]:
         """Run one step on every party concurrently; on any failure mark the failed parties and
-        (when strict) end the round, since a collective needs every member. `landed`, when
-        given, collects the parties whose call succeeded."""
+        (when strict) end the round, since a collective needs every member. With `progress`,
+        each party whose call succeeded has `reached` that point."""
         answers = await self._all(call, parties, grace=self.spec.timeouts.request if strict else None)
-        if landed is not None:
-            landed.update(p.name for p, a in zip(parties, answers) if not isinstance(a, PartyError))
+        if progress is not None and reached is not None:
+            progress.update({p.name: reached for p, a in zip(parties, answers) if not isinstance(a, PartyError)})
         failed = [a for a in answers if isinstance(a, PartyError)]
         for error in failed:
             party = outcome[error.party]
