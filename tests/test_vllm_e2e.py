@@ -255,6 +255,32 @@ def test_mismatched_manifest_is_refused(setup, kind):
     assert server.http.get("/weight_info").json()["weight_version"] == "v3"
 
 
+def test_a_stale_prefix_cache_would_show(setup):
+    """Why a round pauses with the prefix cache cleared: the control case. Paused without
+    clearing it, the long prompt reuses KV blocks computed with the old weights and its
+    completion differs from HF's; after vLLM's /reset_prefix_cache it matches again."""
+    trainer, server = setup["trainer"], setup["server"]
+    http = server.http
+    server.completions()  # the long prompt's first block is in the prefix cache now
+    assert http.post("/pause", params={"mode": "wait", "clear_cache": "false"}).status_code == 200
+    assert http.post("/start_weight_update").status_code == 200
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        update = pool.submit(http.post, "/update_weights", json={"update_info": {}})
+        trainer.send(cmd="send_slowly", seed=4242, delay=0.0)
+        while "sent" not in trainer.next(timeout=60):
+            pass
+        assert update.result(timeout=60).status_code == 200
+    assert http.post("/finish_weight_update", json={"weight_version": "v3b"}).status_code == 200
+    assert http.post("/resume").status_code == 200
+    expected = trainer.hf_greedy()
+    stale = server.completions()
+    assert stale[:-1] == expected[:-1]  # short prompts: nothing cached to reuse
+    assert stale[-1] != expected[-1], "the long prompt should have reused KV of the old weights"
+    assert http.post("/reset_prefix_cache").status_code == 200
+    assert server.completions() == expected
+    setup["expected"]["last"] = expected
+
+
 def _kill_mid_round(setup, after_broadcasts: int) -> tuple[httpx.Response, float]:
     """The test drives vLLM's routes (pause, start, update) while the trainer sends slowly; the
     trainer is SIGKILLed when it announces broadcast number `after_broadcasts`, 1 s before
