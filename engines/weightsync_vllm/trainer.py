@@ -120,6 +120,11 @@ class VLLMTrainer:
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str | None = None,
              pause_mode: str = "wait") -> RoundStats:
         """Send one full update into every server; see the module docstring for the steps."""
+        if self.sender.transport.needs_trainer_update_info:
+            # ipc/p2p receivers read the trainer's memory through handles its send returns; the
+            # engine takes them in update_info, but this helper does not route them (untested).
+            raise NotImplementedError(f"VLLMTrainer.push drives the collective transports (cpu, nccl), "
+                                      f"not {self.init.backend}")
         named = list(named_tensors)
         started = False
         try:
