@@ -224,6 +224,19 @@ def test_serves_the_trainers_checkpoint(setup):
     setup["expected"]["v0"] = expected
 
 
+@pytest.mark.parametrize("init_info, field", [
+    ({"backend": "cpu", "master_address": "127.0.0.1", "master_port": 1, "world_size": 0}, "init_info.world_size"),
+    ({"backend": "cpu", "master_address": "127.0.0.1", "master_port": 1, "world_size": 3, "packed": "maybe"},
+     "init_info.packed"),
+])
+def test_a_bad_init_info_is_refused_naming_the_field(setup, init_info, field):
+    """Refused by every worker, reported once, naming the field; the group already joined stays
+    (the rounds that follow use it), and every later call gets its own answer."""
+    response = setup["server"].http.post("/init_weight_transfer_engine", json={"init_info": init_info})
+    assert response.status_code == 500 and field in response.text, response.text
+    assert setup["server"].http.get("/get_world_size").json()["world_size"] == setup["config"]["tp"]
+
+
 def test_every_round_lands_in_vllm(setup):
     """Several rounds: after each, vLLM's greedy ids equal HF's on the trainer's new weights."""
     trainer, server = setup["trainer"], setup["server"]
