@@ -320,21 +320,27 @@ def _kill_mid_round(setup, after_broadcasts: int) -> tuple[httpx.Response, float
     return response, answered - killed
 
 
-def _restart_trainer(setup, name: str) -> Trainer:
+def _restart_trainer(setup, name: str, **fields) -> Trainer:
     setup["trainer"].stop()
     fresh = setup["trainer"] = Trainer(VLLM_PYTHON, setup["tmp"], setup["config"]["tied"], name=name)
-    fresh.ask(cmd="init", url=setup["server"].url, master_port=free_port(), fields=INIT_FIELDS)
+    fresh.ask(cmd="init", url=setup["server"].url, master_port=free_port(), fields={**INIT_FIELDS, **fields})
     return fresh
 
 
 def test_trainer_killed_mid_round(setup):
     """The trainer dies mid-round. Killed before any tensor was complete, vLLM's update fails
-    within timeout_seconds, says its weights are intact, and vLLM serves the previous version.
-    Killed later, vLLM says its weights are not intact and still serves; a new trainer's full
-    round repairs them."""
+    within timeout_seconds, says its weights are intact, and vLLM serves the previous version;
+    the same with `atomic` after a chunk landed (nothing loads before the round verified).
+    Killed later without `atomic`, vLLM says its weights are not intact and still serves; a new
+    trainer's full round repairs them."""
     server = setup["server"]
     response, seconds = _kill_mid_round(setup, after_broadcasts=1)  # round agreed, no payload yet
     print(f"\n[{setup['config']}] update failed {seconds:.2f}s after the kill", file=sys.stderr)
+    assert "keeps serving the previous weights, intact" in response.text, response.text
+    assert server.completions() == setup["expected"]["last"]
+
+    _restart_trainer(setup, "trainer-atomic", atomic=True)
+    response, _ = _kill_mid_round(setup, after_broadcasts=3)  # chunk 1 went out 1 s ago
     assert "keeps serving the previous weights, intact" in response.text, response.text
     assert server.completions() == setup["expected"]["last"]
 
