@@ -38,6 +38,7 @@ from weightsync.protocol import InitInfo, UpdateInfo, parse
 from weightsync.transports import Transport, get_transport
 
 from weightsync_vllm.checkpoint import CheckpointManifest, fused_group_key, model_directory
+from weightsync_vllm.metrics import WorkerMetrics, serve
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         self._loaded_this_round = 0
         self._failed_round = False
         self._loader: LoaderSink | None = None
+        # The daemon's metric families, served on this worker's own port (weightsync_vllm.metrics).
+        self.metrics = WorkerMetrics()
+        self.metrics.weights_bytes.set(sum(p.numel() * p.element_size() for p in model.parameters()))
+        serve(self.metrics, _local_rank(self.parallel_config.rank))
 
     # -- parsing: weightsync's pydantic models, errors naming the field ---------------------
     def parse_init_info(self, init_dict: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +79,8 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
 
     # -- the four phases ---------------------------------------------------------------------
     def init_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        self._outcome(lambda: self._init(parse(InitInfo, init_info, "init_info")))
+        with self.metrics.phase("init"):
+            self._outcome(lambda: self._init(parse(InitInfo, init_info, "init_info")))
 
     def _init(self, init_info: InitInfo) -> None:
         backend = init_info.backend or "cpu"
@@ -92,9 +98,11 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         device = torch.device("cpu") if backend == "cpu" else self.device
         self.transport = transport_cls.connect(init_info, rank, device)
         logger.info("weightsync: joined the %s group as rank %d of %d", backend, rank, init_info.world_size)
+        self.metrics.joined(backend)
 
     def start_weight_update(self) -> None:
-        self._outcome(self._start)
+        with self.metrics.phase("start"):
+            self._outcome(self._start)
 
     def _start(self) -> None:
         transport = self._transport()
@@ -102,12 +110,14 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         initialize_layerwise_reload(self.model)
         self._reloading = True
         self._loaded_this_round = 0
+        self.metrics.round_started()
         transport.begin_round()
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         # Parsed inside the round: vLLM ends its update session on any error, so a bad body
         # must end the reload too (the model's layers are waiting for weights).
-        self._outcome(lambda: self._round(lambda: self.parse_update_info(update_info)))
+        with self.metrics.phase("update"):
+            self._outcome(lambda: self._round(lambda: self.parse_update_info(update_info)))
         if self.device.type != "cpu":  # vLLM's default synchronizes; a CPU server has nothing to
             torch.accelerator.synchronize()
 
@@ -132,12 +142,14 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             # is nobody to agree with.
             self._failed_round = False
             return
-        self._outcome(self._finish)
+        with self.metrics.phase("finish"):
+            self._outcome(self._finish)
 
     def _finish(self) -> None:
         self._end_reload()
         self._transport().end_round()
         self.weights_intact = True
+        self.metrics.round_finished()
 
     def shutdown(self) -> None:
         if self.transport is not None:
@@ -162,6 +174,7 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             step()
         except BaseException as caught:  # reported below, once, by the last worker
             error = caught
+            self.metrics.call_failed(caught)
         group = _server_group()
         if group is None:
             if error is not None:
@@ -192,7 +205,7 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         (q/k/v, gate/up) whole; with `atomic` in init_info, only once the whole round verified."""
         sink = self._sink()
         try:
-            transport.receive(sink, update_info)
+            self.metrics.received(transport.receive(sink, update_info).payload_bytes)
         finally:
             self._loaded_this_round += sink.loaded_tensors
 
@@ -227,6 +240,7 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         finally:
             if touched:
                 self.weights_intact = False
+            self.metrics.round_failed(self.weights_intact)
             if self.transport is not None:
                 self.transport.end_round()
 
@@ -243,6 +257,16 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
 
 
 _REASON_BYTES = 4096
+
+
+def _local_rank(fallback: int) -> int:
+    """This worker's rank among the workers of its node (its pod): its metrics port's offset."""
+    from vllm.distributed.parallel_state import get_world_group
+
+    try:
+        return get_world_group().local_rank
+    except AssertionError:  # no world group yet: a single worker
+        return fallback
 
 
 def _server_group():
