@@ -242,8 +242,11 @@ class Trainer:
             raise RuntimeError(f"the trainer process exited (code {self.process.process.returncode})")
         return json.loads(line)
 
-    async def push(self, version: int, timeout: float = 90.0) -> dict:
-        return await self.command(timeout, cmd="push", version=version)
+    async def push(self, version: int, timeout: float = 90.0, hold: Path | None = None) -> dict:
+        """`hold`: the round waits after its first tensor until this file exists."""
+        if hold is None:
+            return await self.command(timeout, cmd="push", version=version)
+        return await self.command(timeout, cmd="push", version=version, hold=str(hold))
 
     async def wait_ready(self, timeout: float = 60.0) -> dict:
         return await self.command(timeout + 5, cmd="wait_ready", timeout=timeout)

@@ -9,6 +9,9 @@ that port), then serves one JSON command per stdin line, answering one JSON line
   {"cmd": "push", "version": 3}               → trains one step, pushes it: {"ok": true, "result": {...},
                                                 "checksum": "<sha256 of the pushed weights>"}
                                                 or {"ok": false, "error": "PushFailed", "reason": "..."}
+  {"cmd": "push", "version": 3, "hold": FILE}  → the same, but the round stops after its first tensor
+                                                until FILE exists (a round that stays in flight until
+                                                the test lets it go; at most --push-timeout)
 Closing stdin stops it.
 """
 
@@ -18,10 +21,13 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
+from pathlib import Path
 
 import torch
 
 import weightsync
+from weightsync.protocol import Manifest
 from weightsync.store import named_checksum
 from weightsync_operator.kube import KubeApi
 from weightsync_operator.trainer_client import PushFailed
@@ -39,6 +45,26 @@ def train_step(model: dict[str, torch.Tensor], step: int) -> None:
     generator = torch.Generator().manual_seed(1000 + step)
     for tensor in model.values():
         tensor.add_(torch.randn(tensor.shape, generator=generator), alpha=1e-3)
+
+
+class HeldSource:
+    """The model as a streaming source whose iteration waits, after its first tensor, until the
+    `release` file exists (bounded by `timeout`): the round is in flight for as long as a test
+    needs, whatever the machine's speed."""
+
+    def __init__(self, model: dict[str, torch.Tensor], release: Path, timeout: float):
+        self.model, self.release, self.timeout = model, release, timeout
+
+    def metadata(self) -> Manifest:
+        return Manifest.of(list(self.model.items()))
+
+    def __iter__(self):
+        for index, item in enumerate(self.model.items()):
+            yield item
+            if index == 0:
+                deadline = time.monotonic() + self.timeout
+                while not self.release.exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         elif command["cmd"] == "push":
             train_step(model, command["version"])
             try:
-                result = client.push(model.items(), command["version"], timeout=args.push_timeout)
+                weights = (HeldSource(model, Path(command["hold"]), args.push_timeout) if command.get("hold")
+                           else model.items())
+                result = client.push(weights, command["version"], timeout=args.push_timeout)
                 answer = {"ok": True, "result": dataclasses.asdict(result), "checksum": named_checksum(model.items())}
             except PushFailed as error:
                 answer = {"ok": False, "error": "PushFailed", "reason": error.reason}

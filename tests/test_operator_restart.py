@@ -62,10 +62,11 @@ async def update_calls(http: httpx.AsyncClient, url: str) -> int:
 async def test_operator_restarted_mid_sync_round_ends_and_next_version_succeeds(tmp_path, stop_signal):
     log = tmp_path / "operator.log"
     async with cluster(tmp_path) as c:
-        # 48 MB in 64 KiB chunks: a round of a second or more on 2 cores, long enough to stop the
-        # operator inside it.
+        # Version 2's round is held in flight (the trainer's source waits after its first tensor
+        # until `release` exists) until the operator was stopped, whatever the machine's speed.
+        release = tmp_path / "release-round-2"
         await c.create_weightsync(NS, NAME, spec(free_port(), packedBufferSizeBytes=1 << 16))
-        daemons, trainer = await asyncio.gather(start_daemons(2), Trainer.start(c, NS, NAME, "trainer-0", mbytes=48))
+        daemons, trainer = await asyncio.gather(start_daemons(2), Trainer.start(c, NS, NAME, "trainer-0", mbytes=8))
         urls = [d.url for d in daemons]
         try:
             async with operator_process(c.kubeconfig, log) as first, httpx.AsyncClient(timeout=10) as http:
@@ -79,7 +80,7 @@ async def test_operator_restarted_mid_sync_round_ends_and_next_version_succeeds(
                 assert before == [("1", v1["checksum"])] * 2
 
                 # Version 2 in flight: the status says Syncing and every target is in the round.
-                push = asyncio.create_task(trainer.push(2))
+                push = asyncio.create_task(trainer.push(2, hold=release))
 
                 async def in_flight():
                     if c.weightsync(NS, NAME)["status"].get("phase") != "Syncing":
@@ -94,6 +95,7 @@ async def test_operator_restarted_mid_sync_round_ends_and_next_version_succeeds(
                 assert not push.done(), "the round ended before the operator was stopped"
                 assert stopped_at["phase"] == "Syncing" and stopped_at["lastSync"]["version"] == 1, stopped_at
                 written_before_restart = len(c.statuses(NS, NAME))
+                release.touch()  # the round goes on (or has failed by its timeout) with no operator
 
                 # With no operator, no party hangs in the collective: every /update_weights call
                 # of round 2 returns (done, or failed by the transfer timeout) on its own.

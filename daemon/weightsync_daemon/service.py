@@ -28,6 +28,7 @@ import torch
 
 from weightsync.errors import IntegrityError, ManifestMismatch, PhaseError, ProtocolError, TransferError
 from weightsync.protocol import InitInfo, UpdateInfo
+from weightsync.source import WeightSource, is_source
 from weightsync.rendezvous import JoinCancelled, cancellable
 from weightsync.store import WeightStore, tensor_digest
 from weightsync.transports import RoundStats, Transport, default_device, get_transport
@@ -544,7 +545,7 @@ class SenderService(EngineService):
 
     role = "trainer"
 
-    def __init__(self, source: Callable[[], Iterable[tuple[str, torch.Tensor]]], **kwargs):
+    def __init__(self, source: Callable[[], WeightSource | Iterable[tuple[str, torch.Tensor]]], **kwargs):
         super().__init__(**kwargs)
         self.source = source
         self.version: str | None = None
@@ -560,7 +561,10 @@ class SenderService(EngineService):
             raise ProtocolError("init_info.rank_offset", "the trainer is rank 0")
 
     def _transfer(self, info: UpdateInfo) -> RoundStats:
-        return self.transport.send(self.source())
+        weights = self.source()
+        if is_source(weights):  # metadata + iteration: streamed, one tensor materialized at a time
+            return self.transport.send_source(weights)
+        return self.transport.send(weights)
 
     def checksums(self) -> dict[str, str]:
         return {name: tensor_digest(tensor) for name, tensor in self.source()}

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from weightsync.errors import PhaseError
+from weightsync.source import WeightSource, is_source
 from weightsync_daemon.auth import load_token
 from weightsync_daemon.server import EmbeddedServer, serve_embedded
 from weightsync_daemon.service import SenderService
@@ -61,7 +62,7 @@ class TrainerClient:
         self.name, self.namespace, self.pod_name = name, namespace, pod_name
         self.kube = kube
         self._server, self._service = server, service
-        self._tensors: list[tuple[str, torch.Tensor]] | None = None
+        self._tensors: WeightSource | list[tuple[str, torch.Tensor]] | None = None
         self._tensors_lock = threading.Lock()
         self._push_lock = threading.Lock()
 
@@ -74,7 +75,7 @@ class TrainerClient:
     def port(self) -> int:
         return self._server.port
 
-    def _source(self) -> list[tuple[str, torch.Tensor]]:
+    def _source(self) -> WeightSource | list[tuple[str, torch.Tensor]]:
         with self._tensors_lock:
             if self._tensors is None:
                 raise PhaseError("no push in progress: the trainer agent serves weights only during push()")
@@ -109,11 +110,17 @@ class TrainerClient:
             return False
         return rendezvous.get("trainerPod") == self.pod_name if self.pod_name else True
 
-    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
+    def push(self, named_tensors: WeightSource | Iterable[tuple[str, torch.Tensor]], version: int,
              timeout: float = 600.0) -> PushResult:
-        """Publish `named_tensors` as `version` to every target; block until the round ended."""
+        """Publish `named_tensors` as `version` to every target; block until the round ended.
+
+        `named_tensors`: (name, tensor) pairs, or a source (`metadata()` + iteration, e.g.
+        `weightsync.ModuleSource(model)`) that the round streams, one tensor materialized at a time."""
         version = int(version)
-        tensors = [(name, tensor.detach()) for name, tensor in named_tensors]
+        if is_source(named_tensors):
+            tensors = named_tensors
+        else:
+            tensors = [(name, tensor.detach()) for name, tensor in named_tensors]
         with self._push_lock:
             obj = self.kube.get(self.namespace, self.name)
             status = obj.get("status") or {}
