@@ -25,13 +25,18 @@ $(VLLM_VENV)/.installed: $(VLLM_LOCK) pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
-.PHONY: install demo test vllm-venv
+.PHONY: install demo demo-vllm test vllm-venv
 install: $(VENV)/.installed
 
 vllm-venv: $(VLLM_VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/weightsync demo
+
+# A trainer and a real vLLM server (CPU build, weightsync backend): the demo coordinates from
+# $(VENV); the trainer and vLLM run with the vLLM venv's python.
+demo-vllm: $(VENV)/.installed $(VLLM_VENV)/.installed
+	WEIGHTSYNC_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/weightsync demo --engine vllm
 
 test: $(VENV)/.installed $(VLLM_VENV)/.installed
 	WEIGHTSYNC_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/python -m pytest -q

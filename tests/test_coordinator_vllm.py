@@ -15,6 +15,7 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -44,6 +45,15 @@ class Parties:
 
     async def train(self, http) -> None:
         (await http.post(self.trainer.url + "/demo/train_step", timeout=120)).raise_for_status()
+
+
+async def freeze(pid: int, deadline: float = 5.0) -> None:
+    """SIGSTOP, and wait (bounded) until the kernel shows the process stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    until = time.monotonic() + deadline
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < until, f"process {pid} did not stop within {deadline}s"
+        await asyncio.sleep(0.01)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=[1, 2], ids=["tp1", "tp2"])
@@ -102,7 +112,7 @@ async def test_a_trainer_frozen_mid_update_fails_the_round_and_vllm_keeps_the_pr
     real_update = coordinator.trainer.update
 
     async def freeze_then_update(update_info, timeout):
-        os.kill(trainer_pid, signal.SIGSTOP)  # after every party started: vLLM waits for bytes
+        await freeze(trainer_pid)  # after every party started: vLLM waits for bytes
         return await real_update(update_info, timeout)
 
     coordinator.trainer.update = freeze_then_update

@@ -38,7 +38,7 @@ def trainer_router(model, lock: threading.Lock) -> APIRouter:
     def train():
         with lock:
             step["n"] += 1
-            loss = qwen2.train_step(model, step["n"])
+            loss = qwen2.train_step(model)
         return {"step": step["n"], "loss": loss}
 
     @router.post("/generate")
@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exit-on-stdin-eof", action="store_true", help="also stop when stdin ends")
     args = parser.parse_args(argv)
     stop = StopRequest(args.exit_on_stdin_eof)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the demo's output is its own lines
     if args.build:
         qwen2.build(args.model, args.seed, args.tie_word_embeddings)
     model = qwen2.load(args.model)
