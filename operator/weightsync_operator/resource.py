@@ -92,7 +92,10 @@ class WeightSyncSpec(_Model):
     trainer_selector: LabelSelector = Field(
         description="Selects the one trainer pod (it runs weightsync.connect and hosts the rendezvous).")
     target_selector: LabelSelector = Field(
-        description="Selects the inference pods whose daemons receive every version.")
+        description="Selects the inference pods that receive every version: weightsync daemons, or vLLM "
+                    "servers with the weightsync backend where the pod carries the annotation "
+                    "weightsync.dev/engine: vllm (driven through vLLM's own routes, one rank per vLLM "
+                    "worker; pauseMode none is refused for them). Both kinds may be selected together.")
     daemon_port: Port = Field(
         8200, description="Port of each pod's weightsync HTTP API, unless the pod's "
                           "weightsync.dev/daemon-port annotation or a container port named "
@@ -110,7 +113,7 @@ class WeightSyncSpec(_Model):
                        "it to publish (0: nothing published yet).")
     pause_mode: PauseMode = Field(
         "keep", description="How targets pause generation during a sync: abort, wait, keep (hold "
-                            "requests) or none (no pause).")
+                            "requests) or none (no pause; not for vLLM targets).")
     timeouts: StepTimeouts = Field(default_factory=StepTimeouts, json_schema_extra={"default": {}})
     verify: bool = Field(
         True, description="Checksum every round's byte stream; each target verifies it before the new "
