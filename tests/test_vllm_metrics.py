@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -192,3 +192,25 @@ def test_a_vllm_workers_scrape_moves_with_the_rounds(served):
     assert value(failed, "weightsync_weights_intact") == 1  # refused before any byte loaded
     assert value(failed, "weightsync_weight_version") == 7
     assert value(failed, "weightsync_received_bytes", "weightsync_received_bytes_total") == pushed["bytes"]
+
+
+def test_every_series_the_dashboard_and_alerts_read_is_exported_by_a_vllm_worker():
+    """The names the Grafana dashboard and the PrometheusRule query (weightsync_*), each one a
+    sample name of a vLLM worker's scrape: a vLLM target fills the same panels and alerts."""
+    import json
+    import re
+
+    from test_chart import find, render
+
+    root = Path(__file__).resolve().parent.parent
+    dashboard = json.loads((root / "charts" / "weightsync" / "dashboards" / "weightsync.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    rule = find(render({"metrics": {"prometheusRule": {"enabled": True}}}), "PrometheusRule")
+    exprs += [r["expr"] for group in rule["spec"]["groups"] for r in group["rules"]]
+    queried = {name for expr in exprs for name in re.findall(r"\bweightsync_[a-z_]+", expr)
+               if not name.startswith("weightsync_dev_")}  # the pods' labels, by the ServiceMonitor
+    assert {"weightsync_weights_intact", "weightsync_update_failures_total", "weightsync_weight_version"} <= queried
+    worker = vm.WorkerMetrics(vllm_url="http://127.0.0.1:9")
+    exported = {s.name for family in text_string_to_metric_families(generate_latest(worker.registry).decode())
+                for s in family.samples}
+    assert queried <= exported, f"not exported by a vLLM worker: {sorted(queried - exported)}"
