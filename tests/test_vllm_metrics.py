@@ -27,6 +27,7 @@ from weightsync_operator.local import free_port
 from weightsync_vllm import metrics as vm  # imports no vLLM
 
 SCRAPE_DEADLINE_S = 30.0
+API_KEY = "test-api-key"
 
 
 def families(text: str) -> dict[str, dict]:
@@ -129,6 +130,7 @@ def served(tmp_path_factory):
         with pytest.MonkeyPatch.context() as patch:  # the server's environment: os.environ + vLLM's
             patch.setenv(vm.PORT_ENV, str(metrics_port))
             patch.setenv(vm.VLLM_URL_ENV, f"http://127.0.0.1:{vllm_port}")
+            patch.setenv("VLLM_API_KEY", API_KEY)  # vLLM's --api-key, to see what it guards
             server = loop.run_until_complete(VllmServer.start(
                 trainer.model_dir, vllm_port, tmp / "server", python=VLLM_PYTHON, timeout=300))
         yield {"trainer": trainer, "server": server, "scrape_url": f"http://127.0.0.1:{metrics_port}/metrics"}
@@ -155,6 +157,22 @@ def scrape(url: str) -> dict[str, dict]:
 
 def value(scraped: dict, family: str, sample: str | None = None, **labels) -> float:
     return scraped[family]["samples"][(sample or family, tuple(sorted(labels.items())))]
+
+
+@pytest.mark.vllm
+def test_vllms_api_key_guards_v1_only_and_its_metrics_lack_the_workers(served):
+    """What the README says of vLLM 0.32: --api-key (here VLLM_API_KEY) guards /v1 but not the
+    weight-transfer routes, /health or /metrics (the round in the next test is posted without
+    a key); vLLM's own /metrics does not carry the workers' weightsync series, which is why the
+    backend serves them on a port of its own."""
+    url = served["server"].url
+    assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).status_code == 200
+    for route in ("/get_world_size", "/weight_info", "/is_paused", "/health", "/metrics"):
+        assert httpx.get(f"{url}{route}", timeout=10).status_code == 200, route
+    for route in ("/pause", "/resume"):  # a write, unauthenticated, accepted
+        assert httpx.post(f"{url}{route}", timeout=30).status_code == 200, route
+    assert "weightsync_" not in httpx.get(f"{url}/metrics", timeout=10).text
 
 
 @pytest.mark.vllm
