@@ -4,9 +4,9 @@ Without vLLM: the backend's metric families are the daemon's (names, types, help
 the chart's dashboard and alerts read vLLM targets unchanged; failure reasons and the version
 gauge follow the daemon's rules; the port is `$WEIGHTSYNC_METRICS_PORT + local rank`.
 
-With a real vLLM server (marker vllm; one TP-1 server, the tiny model of test_vllm_e2e): its
-worker's own metrics port is scraped before and after a round and after a refused round, and
-the counters and gauges moved as the round did.
+With a real vLLM server (marker vllm; one server of tensor parallel 2, the tiny model of
+test_vllm_e2e): each worker's own metrics port (base, base + 1) is scraped before and after a
+round and after a refused round, and the counters and gauges moved as the round did.
 """
 
 from __future__ import annotations
@@ -27,6 +27,22 @@ from weightsync_operator.local import free_port
 from weightsync_vllm import metrics as vm  # imports no vLLM
 
 SCRAPE_DEADLINE_S = 30.0
+TP = 2  # two workers: two metrics ports
+
+
+def _two_free_ports() -> int:
+    """A base port whose successor is free too (bounded tries)."""
+    import socket
+
+    for _ in range(50):
+        base = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("0.0.0.0", base + 1))
+            except OSError:
+                continue
+        return base
+    raise AssertionError("no two consecutive free ports found")
 API_KEY = "test-api-key"
 
 
@@ -109,8 +125,8 @@ def test_a_taken_port_fails_the_workers_start_naming_it(monkeypatch):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A trainer (tests/helpers/vllm_trainer.py) and one TP-1 vLLM server whose worker serves
-    its metrics on a port of its own, not yet joined."""
+    """A trainer (tests/helpers/vllm_trainer.py) and one TP-2 vLLM server whose workers serve
+    their metrics on ports of their own (base + local rank), not yet joined."""
     from test_vllm_e2e import Trainer, _vllm_python_ready
     from weightsync_operator.demo.vllm_server import VllmServer
 
@@ -122,7 +138,8 @@ def served(tmp_path_factory):
     from test_vllm_e2e import VLLM_PYTHON
 
     tmp = tmp_path_factory.mktemp("vllm-metrics")
-    vllm_port, metrics_port = free_port(), free_port()
+    vllm_port = free_port()
+    metrics_port = _two_free_ports()
     trainer = Trainer(VLLM_PYTHON, tmp, tied=False)
     loop = asyncio.new_event_loop()
     server = None
@@ -132,8 +149,10 @@ def served(tmp_path_factory):
             patch.setenv(vm.VLLM_URL_ENV, f"http://127.0.0.1:{vllm_port}")
             patch.setenv("VLLM_API_KEY", API_KEY)  # vLLM's --api-key, to see what it guards
             server = loop.run_until_complete(VllmServer.start(
-                trainer.model_dir, vllm_port, tmp / "server", python=VLLM_PYTHON, timeout=300))
-        yield {"trainer": trainer, "server": server, "scrape_url": f"http://127.0.0.1:{metrics_port}/metrics"}
+                trainer.model_dir, vllm_port, tmp / "server", tensor_parallel=TP, python=VLLM_PYTHON,
+                timeout=300))
+        yield {"trainer": trainer, "server": server,
+               "scrape_urls": [f"http://127.0.0.1:{metrics_port + rank}/metrics" for rank in range(TP)]}
     finally:
         trainer.stop()
         if server is not None:
@@ -177,40 +196,41 @@ def test_vllms_api_key_guards_v1_only_and_its_metrics_lack_the_workers(served):
 
 @pytest.mark.vllm
 def test_a_vllm_workers_scrape_moves_with_the_rounds(served):
-    trainer, url = served["trainer"], served["scrape_url"]
-    before = scrape(url)
-    assert value(before, "weightsync_weights_intact") == 1
-    assert value(before, "weightsync_info", role="receiver", backend="none") == 1
-    assert value(before, "weightsync_weights_bytes") > 0
-    for phase in vm.PHASES:
-        assert value(before, "weightsync_update_duration_seconds", "weightsync_update_duration_seconds_count",
-                     phase=phase) == 0
+    """Every worker counts what it received and applied (each TP rank receives the whole
+    stream, as a daemon per GPU would), so each is a receiver in the dashboard."""
+    trainer, urls = served["trainer"], served["scrape_urls"]
+    for before in map(scrape, urls):
+        assert value(before, "weightsync_weights_intact") == 1
+        assert value(before, "weightsync_info", role="receiver", backend="none") == 1
+        assert value(before, "weightsync_weights_bytes") > 0
+        for phase in vm.PHASES:
+            assert value(before, "weightsync_update_duration_seconds", "weightsync_update_duration_seconds_count",
+                         phase=phase) == 0
 
     from test_vllm_e2e import INIT_FIELDS
     joined = trainer.ask(cmd="init", url=served["server"].url, master_port=free_port(), fields=INIT_FIELDS)
-    assert joined["world_size"] == 2
+    assert joined["world_size"] == 1 + TP
     pushed = trainer.ask(cmd="round", seed=7, version="step-7")
-    after = scrape(url)
-    assert value(after, "weightsync_info", role="receiver", backend="cpu") == 1
-    assert value(after, "weightsync_received_bytes", "weightsync_received_bytes_total") == pushed["bytes"] > 0
-    assert value(after, "weightsync_updates", "weightsync_updates_total", outcome="success") == 1
-    assert value(after, "weightsync_weight_version") == 7  # vLLM's /weight_info says "step-7"
-    assert value(after, "weightsync_last_success_timestamp_seconds") > 0
-    assert value(after, "weightsync_paused") == 0
-    for phase in vm.PHASES:
-        assert value(after, "weightsync_update_duration_seconds", "weightsync_update_duration_seconds_count",
-                     phase=phase) >= 1, phase
+    for after in map(scrape, urls):
+        assert value(after, "weightsync_info", role="receiver", backend="cpu") == 1
+        assert value(after, "weightsync_received_bytes", "weightsync_received_bytes_total") == pushed["bytes"] > 0
+        assert value(after, "weightsync_updates", "weightsync_updates_total", outcome="success") == 1
+        assert value(after, "weightsync_weight_version") == 7  # vLLM's /weight_info says "step-7"
+        assert value(after, "weightsync_last_success_timestamp_seconds") > 0
+        assert value(after, "weightsync_paused") == 0
+        for phase in vm.PHASES:
+            assert value(after, "weightsync_update_duration_seconds", "weightsync_update_duration_seconds_count",
+                         phase=phase) >= 1, phase
 
     refused = trainer.ask(cmd="bad_round", kind="unknown_name")
     assert refused["refused"] is not None
-    failed = scrape(url)
-    assert value(failed, "weightsync_update_failures", "weightsync_update_failures_total",
-                 reason="manifest_mismatch") == 1
-    assert value(failed, "weightsync_updates", "weightsync_updates_total", outcome="failure") == 1
-    assert value(failed, "weightsync_weights_intact") == 1  # refused before any byte loaded
-    assert value(failed, "weightsync_weight_version") == 7
-    assert value(failed, "weightsync_received_bytes", "weightsync_received_bytes_total") == pushed["bytes"]
-
+    for failed in map(scrape, urls):  # every worker checked the manifest and refused it
+        assert value(failed, "weightsync_update_failures", "weightsync_update_failures_total",
+                     reason="manifest_mismatch") == 1
+        assert value(failed, "weightsync_updates", "weightsync_updates_total", outcome="failure") == 1
+        assert value(failed, "weightsync_weights_intact") == 1  # refused before any byte loaded
+        assert value(failed, "weightsync_weight_version") == 7
+        assert value(failed, "weightsync_received_bytes", "weightsync_received_bytes_total") == pushed["bytes"]
 
 def test_every_series_the_dashboard_and_alerts_read_is_exported_by_a_vllm_worker():
     """The names the Grafana dashboard and the PrometheusRule query (weightsync_*), each one a
