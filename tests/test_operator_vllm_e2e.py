@@ -6,10 +6,13 @@ emulated API server, kopf's real runtime over the operator's handlers, real vLLM
 What it shows (issue 16 items 1, 2, 4, 5): the operator drives pods annotated
 `weightsync.dev/engine: vllm` through vLLM's routes; three pushes each end `Succeeded` and every
 vLLM pod's greedy completions then equal the trainer's; a vLLM pod restarted between pushes
-rejoins holding no version (status `Stale`, Ready False: vLLM cannot be seeded by a peer) and the
-next round, which includes it, brings it to the current version; a vLLM pod killed mid-round
+rejoins on its checkpoint (version `default`, status `Stale`, Ready False: vLLM cannot be seeded by a peer) and the
+next round, which includes it, brings it to the current version; so does a vLLM process restarted
+inside an unchanged pod, noticed by the health re-check (its /weight_info lost the version); a vLLM pod killed mid-round
 fails that round within its timeouts naming the pod, the other keeps serving its previous weights
-(atomic), and the next push succeeds without it.
+(atomic), and the next push succeeds without it; a daemon pod joins (a mixed group takes the
+next version), and the killed pod, restarted, catches up to the current version from the daemon
+without a push.
 
 At most two vLLM servers run at once (the restart stops the old one first).
 """
@@ -30,7 +33,7 @@ import httpx
 import pytest
 import yaml
 
-from k8s_harness import ROOT, TESTS, cluster, free_port, operator, pod_status, until
+from k8s_harness import TESTS, cluster, free_port, operator, pod_status, start_daemons
 from test_readme import README, snippets
 from test_vllm_e2e import vllm_python  # noqa: F401 (the fixture: the vLLM venv's Python)
 from weightsync_operator.demo import qwen2
@@ -147,6 +150,7 @@ async def test_readme_vllm_flow_end_to_end(tmp_path, vllm_python):
     prompts = qwen2.prompts()
     bin_dir = kubectl_shim(tmp_path)
     servers: dict[str, VllmServer] = {}
+    daemons: dict[str, LocalProcess] = {}
     trainer: VllmTrainer | None = None
     async with cluster(tmp_path) as c, operator(c.url, recheck_interval=5) as runtime, \
             httpx.AsyncClient() as http:
@@ -184,15 +188,17 @@ async def test_readme_vllm_flow_end_to_end(tmp_path, vllm_python):
                 status = obj["status"]
                 assert (status["phase"], status["currentVersion"], status["lastSync"]["outcome"]) == \
                     ("Succeeded", version, "Succeeded"), status
-                assert status["readyTargets"] == f"{len(servers)}/{len(servers)}"
+                members = [*servers, *daemons]
+                assert status["readyTargets"] == f"{len(members)}/{len(members)}"
                 assert {t["pod"]: (t["state"], t["version"]) for t in status["targets"]} == \
-                    {name: ("Synced", str(version)) for name in servers}
+                    {name: ("Synced", str(version)) for name in members}
                 expected = await trainer.expected(prompts)
                 for name, got in (await served()).items():
                     assert got == expected, f"version {version}: {name} serves {got}, the trainer {expected}"
                 print(f"version {version}: Succeeded, {status['lastSync']['bytes']} bytes, round "
                       f"{status['lastSync']['totalSeconds']:.3f}s, push {time.monotonic() - t0:.2f}s; "
-                      f"{len(servers)} vLLM pod(s) equal the trainer's greedy completions")
+                      f"{len(servers)} vLLM pod(s) equal the trainer's greedy completions"
+                      + (f", {len(daemons)} daemon pod(s) Synced" if daemons else ""))
                 return expected
 
             initial = (await served())["qwen-vllm-0"]
@@ -200,7 +206,7 @@ async def test_readme_vllm_flow_end_to_end(tmp_path, vllm_python):
             assert first != initial  # the training step changed what is served
 
             # A vLLM pod restarted between pushes: a new process (here on a new port) with its
-            # checkpoint's weights. It rejoins holding no version; the next round includes it.
+            # checkpoint's weights. It rejoins on them (vLLM's version `default`); the next round includes it.
             await servers["qwen-vllm-1"].stop()
             t0 = time.monotonic()
             servers["qwen-vllm-1"] = await VllmServer.start(tmp_path / "model", free_port(), tmp_path / "vllm-1b",
@@ -211,11 +217,31 @@ async def test_readme_vllm_flow_end_to_end(tmp_path, vllm_python):
                                    and target(o, "qwen-vllm-1").get("state") == "Stale", 120,
                                    "the group re-formed with the restarted pod, Stale")
             assert target(obj, "qwen-vllm-0")["state"] == "Synced" and obj["status"]["readyTargets"] == "1/2"
-            assert target(obj, "qwen-vllm-1")["version"] != "1"
+            assert target(obj, "qwen-vllm-1")["version"] == "default"  # vLLM's label for its checkpoint
             ready_condition = next(x for x in obj["status"]["conditions"] if x["type"] == "Ready")
             assert ready_condition["status"] == "False"
             assert (await served())["qwen-vllm-1"] == initial  # its checkpoint, until the next round
             await push_and_check(2)  # back on the current version, with the round that includes it
+
+            # A vLLM process restarted inside an unchanged pod (a supervisor, no restartCount):
+            # nothing about the pod changes, and vLLM's /health cannot say it left the group. The
+            # health re-check sees /weight_info no longer on the version of its last round and
+            # re-forms the group. (No re-check runs while the server is down, as with a long
+            # --recheck-interval, so only that check can notice it.)
+            reconciler = runtime.existing(NS, NAME)
+            reconciler.recheck_interval = 3600
+            port = int(servers["qwen-vllm-0"].url.rsplit(":", 1)[1])
+            await servers["qwen-vllm-0"].stop()
+            servers["qwen-vllm-0"] = await VllmServer.start(tmp_path / "model", port, tmp_path / "vllm-0b",
+                                                            python=vllm_python)
+            reconciler.recheck_interval = 1
+            reconciler.wake.set()
+            await c.wait_for_event(NS, NAME, "PartyLost", "qwen-vllm-0 serves version default, not 2 (restarted?)", 30)
+            obj = await c.wait_for(NS, NAME, lambda o: o["status"].get("phase") == "Ready"
+                                   and target(o, "qwen-vllm-0").get("state") == "Stale", 60,
+                                   "the group re-formed with the restarted process, Stale")
+            assert target(obj, "qwen-vllm-1")["state"] == "Synced"
+            reconciler.recheck_interval = 5
             third = await push_and_check(3)
 
             # The README's inspection commands, as written.
@@ -256,10 +282,37 @@ async def test_readme_vllm_flow_end_to_end(tmp_path, vllm_python):
             del servers["qwen-vllm-1"]
             await c.set_pod_ready(NS, "qwen-vllm-1", False, restarts=1)
             await push_and_check(5)
+
+            # A mixed group: a weightsync daemon pod joins the vLLM pod (one receives through its
+            # daemon's routes, the other through vLLM's) and both take version 6.
+            (daemons["qwen-daemon-0"],) = await start_daemons(1, "qwen-daemon")
+            await c.create_pod(NS, "qwen-daemon-0", "inference", NAME, daemons["qwen-daemon-0"].url,
+                               rendezvous_port=free_port())
+            await c.wait_for(NS, NAME, lambda o: o["status"].get("phase") == "Ready"
+                             and target(o, "qwen-daemon-0").get("rank") is not None, 60, "the mixed group")
+            sixth = await push_and_check(6)
+
+            # The killed pod's container restarts: it rejoins on its checkpoint and catches up to
+            # version 6 from the daemon that holds it (vLLM cannot seed, a daemon can), no push.
+            t0 = time.monotonic()
+            servers["qwen-vllm-1"] = await VllmServer.start(tmp_path / "model", free_port(), tmp_path / "vllm-1c",
+                                                            python=vllm_python)
+            await c.restart_pod(NS, "qwen-vllm-1", servers["qwen-vllm-1"].url, restarts=2)
+            caught = await c.wait_for_event(NS, NAME, "CaughtUp", "qwen-vllm-1", 120)
+            obj = await c.wait_for(NS, NAME, lambda o: o["status"].get("phase") == "Ready"
+                                   and target(o, "qwen-vllm-1").get("state") == "Synced", 60,
+                                   "the restarted pod caught up and in the group")
+            assert target(obj, "qwen-vllm-1")["version"] == "6" and obj["status"]["readyTargets"] == "3/3"
+            assert obj["status"]["lastCatchUp"]["source"] == "qwen-daemon-0"
+            assert (await served())["qwen-vllm-1"] == sixth
+            print(f"qwen-vllm-1 back after {time.monotonic() - t0:.1f}s on version 6 from the daemon: "
+                  f"{caught['message']}")
+            await push_and_check(7)
         finally:
             if trainer is not None:
                 await trainer.process.stop()
-            await asyncio.gather(*(s.stop() for s in servers.values()), return_exceptions=True)
+            await asyncio.gather(*(s.stop() for s in [*servers.values(), *daemons.values()]),
+                                 return_exceptions=True)
 
 
 def assert_matches_sample(table: str, sample: str) -> None:

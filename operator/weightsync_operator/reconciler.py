@@ -267,7 +267,14 @@ class Reconciler:
                     self._problems[party.name] = ("Unreachable", str(answer))
                 continue
             if party.name in self._members:
+                known = self._versions.get(party.name)
                 self._versions[party.name] = answer.weight_version
+                # An engine that cannot say whether it is in the group (vLLM) but serves another
+                # version than its last round left it with was restarted (back on its checkpoint,
+                # its transfer engine gone): re-form now rather than fail the next round.
+                if answer.in_group is None and known is not None and answer.weight_version != known:
+                    lost.append(f"{party.name} serves version {answer.weight_version or 'none'}, not {known} "
+                                f"(restarted?)")
             if answer.in_group is False:  # None: the engine cannot say; a failed round will
                 lost.append(f"{party.name} is {answer.detail}, not ready in the group (restarted?)")
         if lost:
