@@ -5,7 +5,7 @@
 
 Everything is real except the API server: kmock's emulator (tests/k8s_emulator.py) serving the
 Kubernetes HTTP API with watch streams, kopf's runtime over the operator's handlers, daemon
-processes, and a trainer process that pushes each version with `weightsync.connect(...).push`.
+processes, and a trainer process that pushes each version with `weightsync_operator.trainer_client.connect(...).push`.
 
 A watch on the WeightSync (over HTTP, like any client) timestamps, per version v:
   bump      the first state with spec.version == v (the trainer's patch),

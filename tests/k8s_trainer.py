@@ -1,5 +1,5 @@
 """A real trainer process for the operator's tests and benchmark: it leads a WeightSync through
-`weightsync.connect` on the cpu transport and pushes versions when told to.
+`weightsync_operator.trainer_client.connect` on the cpu transport and pushes versions when told to.
 
     python -m k8s_trainer --name policy-sync --namespace rl --pod trainer-0 --kubeconfig FILE
 
@@ -26,11 +26,10 @@ from pathlib import Path
 
 import torch
 
-import weightsync
 from weightsync.protocol import Manifest
 from weightsync.store import named_checksum
 from weightsync_operator.kube import KubeApi
-from weightsync_operator.trainer_client import PushFailed
+from weightsync_operator.trainer_client import PushFailed, connect
 
 
 def build_model(mbytes: float, tensors: int = 8) -> dict[str, torch.Tensor]:
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = build_model(args.mbytes)
-    client = weightsync.connect(args.name, args.namespace, port=0, host="127.0.0.1", pod_name=args.pod,
+    client = connect(args.name, args.namespace, port=0, host="127.0.0.1", pod_name=args.pod,
                                 kube=KubeApi.from_environment(args.kubeconfig), wait=False)
     print(json.dumps({"url": client.url}), flush=True)
     for line in sys.stdin:

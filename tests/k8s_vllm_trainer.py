@@ -1,5 +1,5 @@
 """A real trainer for the operator's vLLM tests: the tiny Qwen2 model in Hugging Face
-transformers, led through `weightsync.connect` (the trainer pod's agent, rank 0) and published
+transformers, led through `weightsync_operator.trainer_client.connect` (the trainer pod's agent, rank 0) and published
 with `push` (bumps the WeightSync's spec.version and waits for the operator's round), plus HF's
 greedy generation on its current weights: what every vLLM pod must answer after a round.
 
@@ -45,16 +45,15 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    import weightsync
     from weightsync_operator.demo import qwen2
     from weightsync_operator.kube import KubeApi
-    from weightsync_operator.trainer_client import PushFailed
+    from weightsync_operator.trainer_client import PushFailed, connect
 
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
     qwen2.build(args.model)
     model = qwen2.load(args.model)
-    client = weightsync.connect(args.name, args.namespace, port=0, host="127.0.0.1", pod_name=args.pod,
+    client = connect(args.name, args.namespace, port=0, host="127.0.0.1", pod_name=args.pod,
                                 kube=KubeApi.from_environment(args.kubeconfig), wait=False)
     print(json.dumps({"url": client.url}), flush=True)
     for line in sys.stdin:

@@ -1,4 +1,4 @@
-"""The trainer client (`weightsync.connect`, `push`) against the emulated API server, without an
+"""The trainer client (`weightsync_operator.trainer_client.connect`, `push`) against the emulated API server, without an
 operator: what it serves and when, how it bumps the version, and how it reads the round's end
 from the status (the operator's side of that contract runs for real in test_operator_k8s.py)."""
 
@@ -7,17 +7,17 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
 import pytest
 import torch
 
-import weightsync
 from k8s_harness import cluster
 from weightsync.store import named_checksum
-from weightsync_operator.kube import KubeApi
-from weightsync_operator.trainer_client import PushFailed
+from weightsync_operator.kube import KubeApi, KubeError
+from weightsync_operator.trainer_client import PushFailed, connect
 
 pytestmark = [pytest.mark.k8s]
 
@@ -29,7 +29,7 @@ SPEC = {"backend": "cpu",
 
 def test_the_core_library_never_imports_kubernetes():
     code = ("import sys, weightsync; bad = {'kubernetes', 'kopf', 'weightsync_operator'} & set(sys.modules); "
-            "assert not bad, bad; assert callable(weightsync.connect)")
+            "assert not bad, bad; assert not hasattr(weightsync, 'connect')")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -42,12 +42,22 @@ async def test_connect_serves_the_agent_and_push_reads_the_rounds_end(tmp_path, 
     async with cluster(tmp_path) as c:
         monkeypatch.setenv("KUBECONFIG", str(c.kubeconfig))  # its context's namespace is "default"
 
-        # connect waits for the WeightSync to exist (the trainer pod may start first).
-        def connect():
-            return weightsync.connect(NAME, NS, port=0, host="127.0.0.1", pod_name="trainer-0",
-                                      kube=KubeApi.for_url(c.url), wait=False, timeout=30)
-        connecting = asyncio.create_task(asyncio.to_thread(connect))
-        await asyncio.sleep(1.0)
+        # connect waits for the WeightSync to exist (the trainer pod may start first): once the
+        # API server has answered its GET with 404, it is still waiting.
+        kube, missing = KubeApi.for_url(c.url), threading.Event()
+        real_get = kube.get
+
+        def observed_get(namespace: str, name: str) -> dict:
+            try:
+                return real_get(namespace, name)
+            except KubeError as error:
+                if error.status == 404:
+                    missing.set()
+                raise
+        kube.get = observed_get
+        connecting = asyncio.create_task(asyncio.to_thread(
+            connect, NAME, NS, port=0, host="127.0.0.1", pod_name="trainer-0", kube=kube, wait=False, timeout=30))
+        assert await asyncio.to_thread(missing.wait, 30), "connect never asked for the WeightSync"
         assert not connecting.done()
         await c.create_weightsync(NS, NAME, {**SPEC, "version": 4})
         client = await asyncio.wait_for(connecting, 30)
@@ -104,7 +114,7 @@ async def test_namespace_defaults_to_the_kubeconfig_context(tmp_path, monkeypatc
         await c.create_weightsync("default", NAME, SPEC)
         monkeypatch.setenv("KUBECONFIG", str(c.kubeconfig))
         monkeypatch.delenv("POD_NAMESPACE", raising=False)
-        client = await asyncio.to_thread(weightsync.connect, NAME, port=0, host="127.0.0.1", wait=False)
+        client = await asyncio.to_thread(connect, NAME, port=0, host="127.0.0.1", wait=False)
         try:
             assert client.namespace == "default"
             assert await asyncio.to_thread(client.rendezvous) is None

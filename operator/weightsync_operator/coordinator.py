@@ -24,7 +24,7 @@ from typing import Literal
 
 import httpx
 
-from weightsync.transports import get_transport
+from weightsync_operator.backends import relays_update_info
 from weightsync_operator.client import Endpoint, PartyClient, PartyError, Progress, party_client
 
 log = logging.getLogger("weightsync.coordinator")
@@ -246,11 +246,7 @@ class Coordinator:
         repeated while the trainer says `more` (bounded staging). Answers: trainer's, then targets'.
         A party whose (last) batch succeeded is marked LANDED in `progress`, also when the round fails."""
         timeout = self.spec.timeouts.update
-        try:
-            relay = get_transport(self.spec.backend).needs_trainer_update_info
-        except ValueError:  # a backend unknown here: the parties will say so themselves
-            relay = False
-        if not relay:
+        if not relays_update_info(self.spec.backend):  # torch-free: the coordinator never loads a transport
             return await self._step(outcome, "update", self.parties, lambda p: p.update({}, timeout),
                                     progress=progress, reached=Progress.LANDED)
         moved = 0

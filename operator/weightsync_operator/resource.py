@@ -90,7 +90,7 @@ class WeightSyncSpec(_Model):
 
     backend: Backend = Field("nccl", description="Transport: nccl, p2p or ipc on GPUs, cpu (gloo) anywhere.")
     trainer_selector: LabelSelector = Field(
-        description="Selects the one trainer pod (it runs weightsync.connect and hosts the rendezvous).")
+        description="Selects the one trainer pod (it runs weightsync_operator.trainer_client.connect and hosts the rendezvous).")
     target_selector: LabelSelector = Field(
         description="Selects the inference pods that receive every version: weightsync daemons, or vLLM "
                     "servers with the weightsync backend where the pod carries the annotation "

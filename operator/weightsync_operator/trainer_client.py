@@ -1,6 +1,8 @@
-"""The trainer's side on Kubernetes: `weightsync.connect(name, namespace=...)` and `push(...)`.
+"""The trainer's side on Kubernetes: `connect(name, namespace=...)` and `push(...)`.
 
-    sync = weightsync.connect("policy-sync", namespace="rl")      # in the trainer pod
+    from weightsync_operator.trainer_client import connect
+
+    sync = connect("policy-sync", namespace="rl")                 # in the trainer pod
     for step in range(...):
         train_step(model)
         sync.push(model.named_parameters(), version=step)          # returns once every target has it

@@ -1,0 +1,99 @@
+"""The arrows between the packages point one way (issue 17): the core (weightsync, with its
+transports) imports none of the outer packages; the daemon and the vLLM backend import the core
+and not each other; the operator sits on top; the coordinator never imports the data plane (nor
+torch). The contracts live in pyproject.toml's [tool.importlinter]; `lint-imports` checks them.
+
+The contracts are also run on a copy of the packages with one wrong import planted, to show they
+catch it (a contract that passes on anything would pass the first test too)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from weightsync.transports import available, get_transport
+from weightsync_operator.backends import RELAYED_BACKENDS, relays_update_info
+
+ROOT = Path(__file__).resolve().parent.parent
+# Where each package's source lives (pyproject.toml's package-dir).
+PACKAGES = {"weightsync": ROOT / "weightsync", "weightsync_daemon": ROOT / "daemon" / "weightsync_daemon",
+            "weightsync_operator": ROOT / "operator" / "weightsync_operator",
+            "weightsync_vllm": ROOT / "engines" / "weightsync_vllm"}
+
+
+def lint_imports(cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+    """`lint-imports` with the contracts of pyproject.toml in `cwd`, the packages found first in
+    `pythonpath` (where given)."""
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    script = Path(sys.executable).with_name("lint-imports")
+    command = [str(script)] if script.exists() else [shutil.which("lint-imports") or "lint-imports"]
+    return subprocess.run([*command, "--no-cache"], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_layers_hold():
+    run = lint_imports(ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "2 kept, 0 broken" in run.stdout
+
+
+def copy_tree(tmp_path: Path) -> Path:
+    """The four packages and the contracts, side by side in `tmp_path`, without caches."""
+    site = tmp_path / "src"
+    for name, source in PACKAGES.items():
+        shutil.copytree(source, site / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    return site
+
+
+def test_an_unchanged_copy_keeps_the_contracts(tmp_path):
+    """The control for the planted imports below: the copy itself is not what breaks them."""
+    site = copy_tree(tmp_path)
+    run = lint_imports(tmp_path, site)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize(("module", "planted", "broken"), [
+    # The core imports an outer package (what `weightsync.connect` did).
+    ("weightsync/protocol.py", "import weightsync_operator.trainer_client",
+     "weightsync.protocol -> weightsync_operator.trainer_client"),
+    ("weightsync/transports/base.py", "import weightsync_daemon.auth",
+     "weightsync.transports.base -> weightsync_daemon.auth"),
+    # The daemon imports the operator.
+    ("weightsync_daemon/service.py", "import weightsync_operator.kube",
+     "weightsync_daemon.service -> weightsync_operator.kube"),
+    # The daemon and the vLLM backend are independent of each other.
+    ("weightsync_vllm/engine.py", "import weightsync_daemon.auth",
+     "weightsync_vllm.engine -> weightsync_daemon.auth"),
+    # The coordinator imports the transport registry (what it did to read needs_trainer_update_info).
+    ("weightsync_operator/coordinator.py", "import weightsync.transports",
+     "weightsync_operator.coordinator -> weightsync.transports"),
+    ("weightsync_operator/client.py", "import torch", "weightsync_operator.client -> torch"),
+])
+def test_a_planted_wrong_import_breaks_a_contract(tmp_path, module, planted, broken):
+    site = copy_tree(tmp_path)
+    path = site / module
+    source = path.read_text()
+    # After the module docstring and `from __future__` (a statement that must come first).
+    anchor = "from __future__ import annotations\n"
+    assert anchor in source, f"{module} has no `{anchor.strip()}` to plant after"
+    path.write_text(source.replace(anchor, f"{anchor}{planted}\n", 1))
+    run = lint_imports(tmp_path, site)
+    assert run.returncode != 0, run.stdout
+    assert "1 kept, 1 broken" in run.stdout, run.stdout
+    assert broken in run.stdout, run.stdout
+
+
+@pytest.mark.parametrize("backend", available())
+def test_the_coordinators_relay_table_matches_the_transports(backend):
+    """The coordinator's torch-free table (weightsync_operator.backends) says for each built-in
+    transport what the transport class says: whether the targets need the trainer's update_info."""
+    assert relays_update_info(backend) == get_transport(backend).needs_trainer_update_info
+    assert RELAYED_BACKENDS <= set(available())
