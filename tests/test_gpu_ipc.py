@@ -13,7 +13,7 @@ import torch
 from gpu_helpers import Daemon, expected, need_gpus, relayed_round, weight_set
 from weightsync import SparsePatch, WeightSender
 from weightsync.store import named_checksum
-from weightsync.transports.cuda_ipc import gpu_uuid, merge_update_infos
+from weightsync.transports.cuda_ipc import gpu_uuid
 from weightsync_operator.local import free_port
 
 pytestmark = pytest.mark.gpu
@@ -140,14 +140,16 @@ def test_non_contiguous_sources_go_through_bounded_staging_in_batches(pair):
     assert extra <= 2 * BUFFER + (8 << 20), extra  # the staging area (+ a transposition temporary)
 
 
-def test_a_multi_gpu_trainer_merges_its_ranks_handles(pair):
+def test_a_receiver_picks_its_own_gpus_handles_among_several(pair):
+    """update_info.ipc_handles may carry several GPUs' handles (a trainer with several GPUs):
+    the receiver opens only those of the GPU it sits on."""
     backend, daemon, sender = pair
     named = weight_set(51, "cuda:0")
     sender.transport.begin_round()
     stats = sender.send_weights(named)
-    other = {**stats.update_info, "ipc_handles": {"GPU-another-rank": next(iter(stats.update_info["ipc_handles"].values()))}}
-    merged = merge_update_infos([stats.update_info, other])
-    assert set(merged["ipc_handles"]) == {gpu_uuid(0), "GPU-another-rank"}
+    own = stats.update_info["ipc_handles"]
+    assert set(own) == {gpu_uuid(0)}
+    merged = {**stats.update_info, "ipc_handles": {"GPU-another-rank": next(iter(own.values())), **own}}
     assert daemon.post("/start_weight_update").status_code == 200
     answer = daemon.post("/update_weights", {"update_info": merged})
     assert answer.status_code == 200, answer.text

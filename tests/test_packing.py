@@ -5,13 +5,14 @@ import torch
 
 from weightsync.integrity import StreamDigest
 from weightsync.layout import Layout
-from weightsync.packing import as_bytes, pack_chunk, unpack_chunk
+from weightsync.packing import as_bytes, pack_regions, unpack_regions
 from weightsync.protocol import Manifest
 from weightsync.store import WeightStore
 
 
 def _round_trip(tensors, buffer_size):
-    """Pack every tensor through buffers of `buffer_size` and unpack into fresh tensors."""
+    """Pack every tensor through buffers of `buffer_size` and unpack into fresh tensors, by the
+    regions the transports copy (`pack_regions`, `unpack_regions`)."""
     layout = Layout.of_sizes([as_bytes(t).numel() for t in tensors])
     sources = [as_bytes(t) for t in tensors]
     outs = [torch.empty(t.shape, dtype=t.dtype) for t in tensors]
@@ -20,7 +21,10 @@ def _round_trip(tensors, buffer_size):
     chunks = layout.chunks(buffer_size)
     for chunk in chunks:
         assert chunk.nbytes <= buffer_size
-        unpack_chunk(chunk, pack_chunk(chunk, sources, buffer), dests)
+        for region in pack_regions(chunk, sources, buffer):
+            region.dst.copy_(region.src)
+        for region in unpack_regions(chunk, buffer, dests):
+            region.dst.copy_(region.src)
     return outs, chunks
 
 

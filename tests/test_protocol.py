@@ -35,8 +35,10 @@ def test_update_info_accepts_vllm_bodies():
     ({"names": ["a", "a"], "dtype_names": ["int8", "int8"], "shapes": [[1], [1]]}, "update_info", "duplicate"),
     ({"names": ["a"], "dtype_names": ["int8"], "shapes": [[-1]]}, "update_info.shapes.0.0", "greater than"),
     ({"update_kind": "diagonal"}, "update_info.update_kind", "dense"),
-    ({"packed_num_buffers": 0}, "update_info.packed_num_buffers", "greater than"),
+    # vLLM's per-batch knobs that weightsync does not read are refused, not ignored.
+    ({"packed_num_buffers": 2}, "update_info.packed_num_buffers", "Extra inputs"),
     ({"packed_buffer_size_bytes": 1001}, "update_info.packed_buffer_size_bytes", ""),
+    ({"tensor_sizes": [4]}, "update_info.tensor_sizes", "Extra inputs"),
     ({"surprise": 1}, "update_info.surprise", "Extra inputs"),
 ])
 def test_update_info_errors_name_the_field(body, field, words):

@@ -16,7 +16,7 @@ from weightsync.errors import ProtocolError
 from weightsync.integrity import SAMPLE_STRIDE, SAMPLE_WINDOW, StreamDigest, sample_ranges
 from weightsync.layout import Layout, ramp_sizes
 from weightsync.packing import Region, RegionPlan, landed_regions, pack_regions, sampled_regions, unpack_regions
-from weightsync.transports.cuda_ipc import GpuHandles, content_key, merge_update_infos, parse_handles, rebind_device
+from weightsync.transports.cuda_ipc import GpuHandles, content_key, parse_handles, rebind_device
 from weightsync.transports.p2p import P2pTransport
 from weightsync_operator.client import Endpoint
 from weightsync_operator.coordinator import Coordinator, SyncSpec
@@ -116,15 +116,6 @@ def test_ipc_handles_are_validated_json_and_rebound_by_one_helper():
     assert GpuHandles.model_fields["format"].default == "weightsync-ipc/1"
     keyed = parse_handles({"GPU-a": _gpu_handles(key=content_key(3, handles.storages, handles.tensors))})["GPU-a"]
     assert keyed.key == content_key(3, keyed.storages, keyed.tensors) != content_key(0, keyed.storages, keyed.tensors)
-
-
-def test_a_multi_gpu_trainer_merges_every_ranks_handles():
-    body = {"names": ["w"], "dtype_names": ["float32"], "shapes": [[4]]}
-    merged = merge_update_infos([{**body, "ipc_handles": {"GPU-a": _gpu_handles()}},
-                                 {**body, "ipc_handles": {"GPU-b": _gpu_handles(device=1)}}])
-    assert set(merged["ipc_handles"]) == {"GPU-a", "GPU-b"}
-    with pytest.raises(ProtocolError, match="shapes"):
-        merge_update_infos([{**body, "ipc_handles": {}}, {**body, "shapes": [[5]], "ipc_handles": {}}])
 
 
 def test_the_coordinator_relays_the_trainers_handles_batch_by_batch():

@@ -108,15 +108,3 @@ def sampled_regions(flats: Sequence[torch.Tensor], offsets: Sequence[int]) -> li
     return [Region(flats[i][start:stop], None, offsets[i] + start)
             for i, start, stop in sample_ranges([t.numel() for t in flats], offsets)]
 
-
-def pack_chunk(chunk: Chunk, sources: Sequence[torch.Tensor], buffer: torch.Tensor) -> torch.Tensor:
-    """Fill `buffer` with the chunk's bytes from `sources` (flat uint8 views); return the used part."""
-    for region in pack_regions(chunk, sources, buffer):
-        region.dst.copy_(region.src, non_blocking=True)
-    return buffer[: chunk.nbytes]
-
-
-def unpack_chunk(chunk: Chunk, buffer: torch.Tensor, destinations: Sequence[torch.Tensor]) -> None:
-    """Scatter a received chunk's bytes into `destinations` (flat uint8 views)."""
-    for region in unpack_regions(chunk, buffer, destinations):
-        region.dst.copy_(region.src, non_blocking=True)

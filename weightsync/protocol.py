@@ -202,14 +202,15 @@ class UpdateInfo(_Strict):
     dtype_names: list[str] = []
     shapes: list[list[Annotated[int, Field(ge=0)]]] = []
     num_updates_list: list[Annotated[int, Field(ge=0)]] | None = None
-    # vLLM's knobs; only the values weightsync honours are accepted (see _require_packed).
+    # vLLM's knobs; only the values weightsync honours are accepted (see _require_packed). A
+    # receiver checks the trainer's buffer size against packed_buffer_size_bytes. vLLM's
+    # packed_num_buffers and ipc `tensor_sizes` are not fields (the trainer's round header sets
+    # the buffers, `ipc_handles` every tensor's place): a body carrying them is refused.
     packed: bool = True
     packed_buffer_size_bytes: BufferSize | None = None
-    packed_num_buffers: NumBuffers | None = None
     is_checkpoint_format: bool = True
     # Backend-specific payloads (ipc / p2p handles) travel as explicit JSON, never pickle.
     ipc_handles: list[dict] | dict | None = None
-    tensor_sizes: list[int] | None = None
 
     _always_packed = field_validator("packed")(lambda value: _require_packed(value))
     _checkpoint_format = field_validator("is_checkpoint_format")(lambda value: _require_checkpoint_format(value))

@@ -267,10 +267,6 @@ class CollectiveTransport(Transport):
         mark("exchange: gathered")
         return _decode_slots([row.numpy().tobytes() for row in rows], digest is not None)
 
-    def _agree(self, own_error: str | None) -> list[str]:
-        """All-gather every rank's verdict (None = agree); return the objections."""
-        return self._exchange(own_error).objections()
-
     def _chunks(self, sizes: tuple[int, ...], header: RoundHeader) -> tuple[Layout, list[Chunk]]:
         key = (sizes, header.alignment, header.buffer_size_bytes, self.ramp)
         if key not in self._layouts:

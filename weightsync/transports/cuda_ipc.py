@@ -7,8 +7,8 @@ Nothing is pickled: the handle bytes travel base64-encoded inside explicit, size
 validated by the pydantic models below before anything is opened.
 
 `update_info.ipc_handles` maps the physical GPU UUID of each trainer GPU to that GPU's
-`GpuHandles`; a trainer with several ranks merges theirs (`merge_update_infos`) and every
-receiver picks its own. The trainer's device index means nothing in the receiver's process:
+`GpuHandles`; a trainer with several GPUs may put each GPU's there, and every receiver picks
+its own. The trainer's device index means nothing in the receiver's process:
 `rebind_device` is the one place where it is replaced by the receiver's own index.
 """
 
@@ -119,24 +119,6 @@ def parse_handles(ipc_handles: object) -> dict[str, GpuHandles]:
             raise ProtocolError("update_info.ipc_handles", f"{uuid!r} is not a GPU UUID")
         out[uuid] = parse(GpuHandles, value, f"update_info.ipc_handles.{uuid}")
     return out
-
-
-def merge_update_infos(infos: list[dict]) -> dict:
-    """One update_info from every trainer rank's: the same manifest, every GPU's handles.
-
-    A multi-GPU trainer (each rank holding the full weights on its own GPU) merges its ranks'
-    update_info this way, so each receiver finds the handles of the GPU it sits on."""
-    if not infos:
-        raise ValueError("nothing to merge")
-    merged = dict(infos[0])
-    handles: dict = {}
-    for info in infos:
-        for key in ("names", "dtype_names", "shapes", "update_kind"):
-            if info.get(key) != merged.get(key):
-                raise ProtocolError(f"update_info.{key}", "trainer ranks disagree")
-        handles.update(info.get("ipc_handles") or {})
-    merged["ipc_handles"] = handles
-    return merged
 
 
 # -- GPUs by physical identity --------------------------------------------------------------
