@@ -17,7 +17,7 @@ from weightsync.integrity import SAMPLE_STRIDE, SAMPLE_WINDOW, StreamDigest, sam
 from weightsync.layout import Layout, ramp_sizes
 from weightsync.packing import Region, RegionPlan, landed_regions, pack_regions, sampled_regions, unpack_regions
 from weightsync.transports.cuda_ipc import GpuHandles, content_key, parse_handles, rebind_device
-from weightsync.transports.p2p import P2pTransport
+from weightsync.transports.p2p import P2pOptions, P2pTransport
 from weightsync_operator.client import Endpoint
 from weightsync_operator.coordinator import Coordinator, SyncSpec
 from weightsync_operator.demo.hardware import choose_backend
@@ -62,7 +62,8 @@ def test_one_checksum_whatever_path_moved_the_bytes(ramp):
     pulled = StreamDigest("cpu")
     dests = [torch.zeros_like(s) for s in sources]
     prepared = SimpleNamespace(sources=sources, destinations=dests, offsets=layout.offsets)
-    pieces, groups, small = P2pTransport._plan(None, prepared, True)  # copy engines + one small-tensor kernel
+    p2p = SimpleNamespace(options=P2pOptions())  # the transport's default options
+    pieces, groups, small = P2pTransport._plan(p2p, prepared, True)  # copy engines + one small-tensor kernel
     small.run(pulled)
     for dst, src in pieces:
         dst.copy_(src)

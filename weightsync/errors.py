@@ -14,6 +14,11 @@ class ProtocolError(WeightSyncError, ValueError):
         self.message = message
 
 
+class OptionMismatch(ProtocolError):
+    """The parties of a group joined with different transport options (init_info.options): init
+    fails on every party, naming the option and both values; no round ever runs on the group."""
+
+
 class ManifestMismatch(WeightSyncError):
     """The trainer's manifest disagrees with a receiver's weights; nothing was written."""
 

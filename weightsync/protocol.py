@@ -143,6 +143,13 @@ class InitInfo(_Strict):
     # round leaves the serving weights untouched even without pausing (costs one more copy).
     atomic: bool = False
     group_name: Annotated[str, Field(min_length=1, max_length=128)] = "weightsync"
+    # The transport's own options: every choice that changes what travels or how (e.g. nccl's
+    # packed/lead/control, ipc's verify). Each transport validates them with its own typed model
+    # (`Transport.options_model`, see weightsync.transports.options); every party of a group must
+    # join with the same values once defaults are filled in, else init fails on every party
+    # naming the option and both values. Kept as plain JSON here: the core knows no transport.
+    options: Annotated[dict[Annotated[str, Field(min_length=1, max_length=64)], bool | int | float | str | None],
+                       Field(max_length=32)] = {}
 
     _always_packed = field_validator("packed")(lambda value: _require_packed(value))
 
@@ -270,12 +277,8 @@ class RoundHeader(_Strict):
     num_buffers: NumBuffers
     alignment: Annotated[int, Field(ge=1, le=4096)]
     verify: bool = True
-    # Each chunk's tensor pieces move from where they live to where they belong, one collective
-    # call per piece in one NCCL group, instead of through a packed buffer (nccl only).
-    direct: bool = False
-    # The first chunk moves while the group agrees, into the receivers' scratch memory, and is
-    # placed only once the round is agreed (nccl only; see CollectiveTransport._lead_pieces).
-    lead: bool = False
+    # A transport's own header fields live with it, in a subclass (nccl's NcclRoundHeader); each
+    # transport decodes headers with its own model, strictly (an unknown field is refused).
 
 
 M = TypeVar("M", bound=BaseModel)

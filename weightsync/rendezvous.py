@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch.distributed as dist
 
-from weightsync.errors import TransferError
+from weightsync.errors import OptionMismatch, TransferError
 from weightsync.protocol import InitInfo
 
 POLL_SECONDS = 0.05  # how often a pending join looks at its cancel event
@@ -75,8 +76,13 @@ class _Deadline:
         self.left(what)
 
 
-def open_store(init: InitInfo, rank: int) -> dist.Store:
-    """Host (rank 0) or join the group's key-value store, prefixed by the group's name."""
+def open_store(init: InitInfo, rank: int, options: Mapping[str, object] | None = None) -> dist.Store:
+    """Host (rank 0) or join the group's key-value store, prefixed by the group's name.
+
+    `options`: this party's transport options with their defaults filled in (JSON values). Each
+    rank's join key carries them, so once everyone is here every rank compares every rank's with
+    the trainer's and, on a difference, fails naming the option and both values (see
+    `agree_options`): all parties see the same facts, so all of them refuse the group."""
     if init.master_address is None or init.master_port is None:
         raise TransferError("this transport needs master_address and master_port")
     deadline = _Deadline(init.init_timeout_seconds, rank)
@@ -99,8 +105,47 @@ def open_store(init: InitInfo, rank: int) -> dist.Store:
     prefixed = dist.PrefixStore(f"{init.group_name}/", store)
     if rank == 0:
         weakref.finalize(prefixed, _release_hosted, init.master_port)
-    _barrier(prefixed, rank, init.world_size, deadline)
+    joined = "1" if options is None else json.dumps(dict(options), sort_keys=True)
+    _barrier(prefixed, rank, init.world_size, deadline, joined)
+    if options is not None:
+        keys = [f"joined/{r}" for r in range(init.world_size)]
+        try:
+            rows = prefixed.multi_get(keys)
+        except Exception as error:  # the store raises when the trainer's server went away
+            raise TransferError(f"rank {rank}: the rendezvous store failed while comparing options: {error}") from error
+        agree_options([_decode_options(row) for row in rows])
     return prefixed
+
+
+def _decode_options(row: bytes) -> dict | None:
+    try:
+        value = json.loads(row)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def agree_options(by_rank: list[dict | None]) -> None:
+    """Raise OptionMismatch unless every rank's options equal the trainer's (rank 0's), naming
+    each differing option with the trainer's value and every other value held (None: a party
+    that carried no options, e.g. another weightsync version)."""
+    trainer = by_rank[0]
+    if trainer is None:
+        raise OptionMismatch("init_info.options", "the trainer (rank 0) joined without transport options")
+    problems: dict[str, list[str]] = {}
+    for rank, mine in enumerate(by_rank[1:], start=1):
+        if mine is None:
+            problems.setdefault("", []).append(f"rank {rank} carried none")
+            continue
+        for name in sorted(trainer.keys() | mine.keys()):
+            theirs, ours = trainer.get(name, "<absent>"), mine.get(name, "<absent>")
+            if theirs != ours:
+                problems.setdefault(name, []).append(
+                    f"rank {rank} has {json.dumps(ours)}, the trainer (rank 0) has {json.dumps(theirs)}")
+    if problems:
+        parts = [f"{name or 'options'}: {'; '.join(found)}" for name, found in problems.items()]
+        field = "init_info.options" + (f".{next(iter(problems))}" if next(iter(problems)) else "")
+        raise OptionMismatch(field, "every party must join with the same transport options: " + "; ".join(parts))
 
 
 def _resolve(host: str, port: int, deadline: _Deadline) -> str:
@@ -184,7 +229,7 @@ def _release_hosted(port: int) -> None:
                 del _HOSTED[port]
 
 
-def _barrier(store: dist.Store, rank: int, world_size: int, deadline: _Deadline) -> None:
+def _barrier(store: dist.Store, rank: int, world_size: int, deadline: _Deadline, joined: str = "1") -> None:
     """Wait (until the init deadline) until every rank has joined.
 
     Parties may arrive far apart (one still finishing a failed round); once all are here, the
@@ -193,7 +238,7 @@ def _barrier(store: dist.Store, rank: int, world_size: int, deadline: _Deadline)
     keys = [f"joined/{r}" for r in range(world_size)]
     what = "waiting for every rank to join"
     try:
-        store.set(f"joined/{rank}", "1")
+        store.set(f"joined/{rank}", joined)
         while not store.check(keys):
             try:
                 deadline.pause(what)

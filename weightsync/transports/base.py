@@ -16,6 +16,7 @@ import torch
 
 from weightsync.protocol import InitInfo, UpdateInfo, UpdateKind
 from weightsync.store import WeightStore
+from weightsync.transports.options import TransportOptions
 
 if TYPE_CHECKING:
     from weightsync.source import WeightSource
@@ -56,11 +57,14 @@ class Transport(ABC):
     # Whether the receiver needs something from the trainer's HTTP answer (IPC handles) before
     # it can receive; collective transports receive while the trainer sends.
     needs_trainer_update_info: bool = False
+    # The typed model of this transport's `init_info.options` (see weightsync.transports.options).
+    options_model: type[TransportOptions] = TransportOptions
 
     def __init__(self, init: InitInfo, rank: int, device: torch.device):
         self.init = init
         self.rank = rank
         self.device = device
+        self.options = self.options_model.of(init)  # fixed for the group's life: agreed at init
 
     @classmethod
     @abstractmethod

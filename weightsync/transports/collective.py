@@ -39,9 +39,11 @@ from weightsync.landing import (
 from weightsync.layout import DEFAULT_ALIGNMENT, Chunk, Layout
 from weightsync.packing import RegionPlan, as_bytes, landed_regions, pack_regions, unpack_regions
 from weightsync.protocol import Manifest, RoundHeader, TensorSpec, UpdateInfo, parse
+from weightsync.rendezvous import agree_options
 from weightsync.source import WeightSource, checked_items, manifest_of
 from weightsync.store import WeightStore
 from weightsync.transports.base import RoundStats, SparsePatch, Transport
+from weightsync.transports.options import TransportOptions
 
 VERDICT_BYTES = 1024  # room for one party's error message in an agreement step
 SLOT_BYTES = VERDICT_BYTES + DIGEST_BYTES  # one party's share of an agreement: message, checksum
@@ -142,12 +144,33 @@ def _decode_slots(rows: Sequence[bytes], with_digest: bool) -> Verdicts:
     return Verdicts(messages, digests)
 
 
+class CollectiveOptions(TransportOptions):
+    """Options of every collective transport (init_info.options)."""
+
+    # Chunk sizes ramp up at the start of the stream and down at its end, so that a pipelined
+    # transport fills and drains in small steps; off: every chunk is packed_buffer_size_bytes.
+    # It decides where each chunk ends, so both ends must agree (they do, at init).
+    ramp: bool = False
+
+
+def agree_options_over_group(group: Group, options: TransportOptions) -> None:
+    """For a group without a rendezvous store (nccl from a trainer-minted id): all-gather every
+    party's options over the group itself and compare them as `open_store` does."""
+    body = json.dumps(options.agreed(), sort_keys=True)
+    if len(body.encode()) >= VERDICT_BYTES:
+        raise TransferError(f"the transport options take {len(body)} bytes, more than an agreement slot holds")
+    slot = group.to_device(torch.frombuffer(bytearray(_encode_slot(body)), dtype=torch.uint8))
+    rows = group.gather_to_host(slot)
+    agree_options([json.loads(message) if message else None
+                   for message in _decode_slots([row.numpy().tobytes() for row in rows], False).messages])
+
+
 class CollectiveTransport(Transport):
     """A transport whose payload moves by broadcast over a `Group`."""
 
-    ramp = False  # ramped chunk sizes (pipelined GPU transports); both ends use the same class
-    supports_direct = False  # can move tensor pieces without packing (RoundHeader.direct)
-    supports_lead = False  # can move the first chunk while the group agrees (RoundHeader.lead)
+    options_model = CollectiveOptions
+    # How round headers decode, strictly: a transport with header fields of its own subclasses it.
+    header_model: type[RoundHeader] = RoundHeader
 
     def __init__(self, init, rank, device, group: Group):
         super().__init__(init, rank, device)
@@ -268,12 +291,13 @@ class CollectiveTransport(Transport):
         return _decode_slots([row.numpy().tobytes() for row in rows], digest is not None)
 
     def _chunks(self, sizes: tuple[int, ...], header: RoundHeader) -> tuple[Layout, list[Chunk]]:
-        key = (sizes, header.alignment, header.buffer_size_bytes, self.ramp)
+        ramp = self.options.ramp
+        key = (sizes, header.alignment, header.buffer_size_bytes, ramp)
         if key not in self._layouts:
             if len(self._layouts) > 8:
                 self._layouts.clear()
             layout = Layout.of_sizes(list(sizes), header.alignment)
-            self._layouts[key] = (layout, layout.chunks(header.buffer_size_bytes, ramp=self.ramp))
+            self._layouts[key] = (layout, layout.chunks(header.buffer_size_bytes, ramp=ramp))
         return self._layouts[key]
 
     # -- header ---------------------------------------------------------------------------
@@ -281,8 +305,8 @@ class CollectiveTransport(Transport):
         """The header's JSON; all but the round id is cached per manifest and plan. `lead`: the
         byte counts of the broadcasts that go ahead of the agreement (see `_lead_pieces`); a
         header sent by name carries them, so that a receiver not holding it can still take part."""
-        key = (id(header.manifest), header.update_kind, header.buffer_size_bytes, header.num_buffers,
-               header.alignment, header.verify, header.direct, header.lead)
+        key = (id(header.manifest), type(header),
+               *(value for name, value in header if name not in ("round_id", "manifest")))
         cached = self._header_json
         if cached is None or cached[0] != key or cached[2] is not header.manifest:
             full = header.model_dump_json().encode()
@@ -394,7 +418,7 @@ class CollectiveTransport(Transport):
             if isinstance(round_id, str) and 0 < len(round_id) <= 64 and \
                     {**raw, "round_id": cached.round_id} == cached_raw:
                 return cached.model_copy(update={"round_id": round_id})
-        header = parse(RoundHeader, raw, "header")
+        header = parse(self.header_model, raw, "header")
         self._header_cache = (raw, header)
         return header
 
@@ -460,7 +484,7 @@ class CollectiveTransport(Transport):
         started = time.perf_counter()
         mark("send: start")
         self.group.check_usable()
-        header = RoundHeader(
+        header = self.header_model(
             round_id=uuid.uuid4().hex,
             update_kind=kind,
             manifest=manifest,
@@ -468,8 +492,7 @@ class CollectiveTransport(Transport):
             num_buffers=self.init.packed_num_buffers,
             alignment=DEFAULT_ALIGNMENT,
             verify=self.init.verify,
-            direct=lendable and self._direct(),
-            lead=streamed is None and self._lead_ahead(),
+            **self._header_fields(lendable, streamed is not None),
         )
         sizes = tuple(s.numel() for s in flat_sources) if streamed is None else \
             tuple(spec.nbytes for spec in manifest.tensors)
@@ -509,7 +532,7 @@ class CollectiveTransport(Transport):
             raise TransferError("receivers did not apply the round: " + "; ".join(failures))
         return RoundStats(header.round_id, kind, len(manifest.tensors), layout.total_bytes,
                           len(chunks), time.perf_counter() - started, checksum=outcome.digests[0],
-                          direct=header.direct)
+                          direct=self._is_direct(header))
 
     def _send_streamed(self, chunks: Sequence[Chunk], layout: Layout, manifest: Manifest,
                        streamed: tuple[WeightSource, Callable | None], header: RoundHeader,
@@ -588,12 +611,15 @@ class CollectiveTransport(Transport):
             in_flight.popleft().wait()
         return problem
 
-    def _direct(self) -> bool:
-        """Whether lendable sources move straight from where they live (see RoundHeader.direct)."""
-        return False
+    def _header_fields(self, lendable: bool, streamed: bool) -> dict:
+        """The trainer's values of the transport's own header fields (`header_model`) for a round
+        whose sources are `lendable` (the caller's own contiguous tensors) or `streamed` (from a
+        source's iteration); none by default."""
+        return {}
 
-    def _lead_ahead(self) -> bool:
-        """Whether the first chunk moves while the group agrees (see RoundHeader.lead)."""
+    def _is_direct(self, header: RoundHeader) -> bool:
+        """Whether each tensor piece of this round moves on its own, from where it lives to where
+        it belongs, instead of through packed buffers (nccl's direct rounds); never by default."""
         return False
 
     def _lead_pieces(self, chunks: Sequence[Chunk], header: RoundHeader) -> list[int]:
@@ -713,7 +739,7 @@ class CollectiveTransport(Transport):
         checksum = outcome.digests[self.rank] if digest is not None else None
         return RoundStats(header.round_id, header.update_kind, len(header.manifest.tensors),
                           layout.total_bytes, len(chunks), time.perf_counter() - started,
-                          in_place=landing.in_place, checksum=checksum, direct=header.direct)
+                          in_place=landing.in_place, checksum=checksum, direct=self._is_direct(header))
 
     def _stream_sizes_of(self, header: RoundHeader) -> tuple[int, ...]:
         """The header's stream sizes; cached while headers carry the same manifest object (a
@@ -732,7 +758,7 @@ class CollectiveTransport(Transport):
         count = self.init.packed_num_buffers
         capacity = count * self.init.packed_buffer_size_bytes
         run_ends = loader.run_ends(header.manifest)
-        piecewise = header.direct  # each tensor piece is its own broadcast: placed on its own
+        piecewise = self._is_direct(header)  # each tensor piece is its own broadcast: placed on its own
         key = (id(chunks), capacity, id(header.manifest), tuple(run_ends), piecewise)
         plan = self._staging_plans.get(key)
         if plan is None:
@@ -816,10 +842,6 @@ class CollectiveTransport(Transport):
             return _first_difference(expected, header.manifest)
         if info.update_kind is not None and info.update_kind != header.update_kind:
             return f"update_kind is {info.update_kind} here but {header.update_kind} from the trainer"
-        if header.direct and not self.supports_direct:
-            return f"the trainer sends tensors directly, which the {self.name} transport does not do"
-        if header.lead and not self.supports_lead:
-            return f"the trainer sends a chunk ahead of the agreement, which the {self.name} transport does not do"
         want = info.packed_buffer_size_bytes or self.init.packed_buffer_size_bytes
         if header.buffer_size_bytes != want:
             return f"packed_buffer_size_bytes is {want} here but {header.buffer_size_bytes} from the trainer"

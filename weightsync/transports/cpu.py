@@ -16,7 +16,8 @@ from weightsync.errors import TransferError
 from weightsync.protocol import InitInfo
 from weightsync.rendezvous import open_store
 from weightsync.transports import register
-from weightsync.transports.collective import CollectiveTransport, Group, Pending
+from weightsync.transports.collective import CollectiveOptions, CollectiveTransport, Group, Pending
+from weightsync.transports.options import TransportOptions
 
 
 class _GlooWork(Pending):
@@ -32,12 +33,13 @@ class _GlooWork(Pending):
 
 
 class GlooGroup(Group):
-    def __init__(self, init: InitInfo, rank: int):
+    def __init__(self, init: InitInfo, rank: int, options: TransportOptions | None = None):
+        """`options`: this party's transport options, agreed with every party's at the join."""
         self.rank = rank
         self.world_size = init.world_size
         self.device = torch.device("cpu")
         self._timeout = datetime.timedelta(seconds=init.timeout_seconds)
-        self._store = open_store(init, rank)
+        self._store = open_store(init, rank, None if options is None else options.agreed())
         options = dist.ProcessGroupGloo._Options()
         options._timeout = self._timeout
         options._devices = [_gloo_device(init.master_address)]
@@ -84,13 +86,20 @@ def _gloo_device(master_address: str | None):
     return dist.ProcessGroupGloo.create_default_device()
 
 
+class CpuOptions(CollectiveOptions):
+    """The cpu transport's init_info.options: those of every collective transport (`ramp`, off
+    by default: gloo gains nothing from small first and last chunks)."""
+
+
 @register
 class CpuTransport(CollectiveTransport):
     name = "cpu"
+    options_model = CpuOptions
 
     @classmethod
     def connect(cls, init: InitInfo, rank: int, device: torch.device | None = None) -> "CpuTransport":
-        return cls(init, rank, torch.device("cpu"), GlooGroup(init, rank))
+        options = cls.options_model.of(init)  # refused before joining when invalid
+        return cls(init, rank, torch.device("cpu"), GlooGroup(init, rank, options))
 
     def close(self) -> None:
         self.group.close()

@@ -23,7 +23,8 @@ round checksum. The trainer keeps every lent tensor alive until the round ends.
   H200 a repeat round took 1.25-1.45x a plain copy that way, 1.12-1.15x with the sample). The sample
   catches what goes wrong on one GPU: bytes read from the wrong memory, a tensor rewritten
   during the round, a stale mapping.
-  WEIGHTSYNC_IPC_VERIFY=full checksums every byte; p2p always does (its copy crosses NVLink).
+  The option `verify: full` (init_info.options, agreed by every party; default
+  $WEIGHTSYNC_IPC_VERIFY, else sample) checksums every byte; p2p always does (its copy crosses NVLink).
 
 The rendezvous store (the trainer's TCPStore at master_address:master_port) is the only other
 channel: no NCCL, no collective; each receiver checks the manifest against its own weights.
@@ -31,15 +32,16 @@ channel: no NCCL, no collective; each receiver checks the manifest against its o
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from weightsync.errors import IntegrityError, ManifestMismatch, ProtocolError, TransferError
@@ -55,6 +57,7 @@ from weightsync.rendezvous import open_store
 from weightsync.store import WeightStore
 from weightsync.transports import register
 from weightsync.transports.base import RoundStats, SparsePatch, Transport
+from weightsync.transports.options import TransportOptions, env_default
 from weightsync.transports.cuda_ipc import (
     GpuHandles, Placement, StorageHandle, content_key, export_storage, gpu_uuid, open_storage,
     parse_handles, rebind_device,
@@ -116,16 +119,35 @@ class _Prepared:
     plans: dict = field(default_factory=dict)  # per full-checksum flag (the transport's _plan), "sample"
 
 
+def _verify_mode(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("sample", "full"):
+        raise ValueError("expected sample or full")
+    return value
+
+
+class IpcOptions(TransportOptions):
+    """The ipc transport's init_info.options; every party must join with the same values."""
+
+    # With init_info.verify, what the checksum covers: "sample", every tensor's ends and one
+    # 64 KiB window per 4 MiB (about 2% of a large set; see the module docstring), or "full",
+    # every byte. Default: $WEIGHTSYNC_IPC_VERIFY, else sample.
+    verify: Literal["sample", "full"] = Field(
+        default_factory=env_default("WEIGHTSYNC_IPC_VERIFY", _verify_mode, "sample"))
+    # GPU programs of the trainer's checksum; None: all it takes.
+    source_sum_programs: Annotated[int, Field(ge=1, le=65536)] | None = None
+
+
 @register
 class IpcTransport(Transport):
     name = "ipc"
     needs_trainer_update_info = True
-    source_sum_programs: int | None = None  # GPU programs of the trainer's checksum (None: all it takes)
-    sampled_checksum = True  # verify a sample of the stream (see the module docstring)
+    options_model = IpcOptions
+    sampled_checksum = True  # may verify a sample of the stream (see the module docstring)
 
     def __init__(self, init: InitInfo, rank: int, device: torch.device):
         super().__init__(init, rank, device)
-        self._store = open_store(init, rank)
+        self._store = open_store(init, rank, self.options.agreed())
         self._timeout = init.timeout_seconds
         self._side = torch.cuda.Stream(device)
         # trainer
@@ -331,7 +353,8 @@ class IpcTransport(Transport):
 
     def _sampled(self) -> bool:
         """Whether this trainer's checksum covers a sample (see the module docstring)."""
-        return self.init.verify and self.sampled_checksum and os.environ.get("WEIGHTSYNC_IPC_VERIFY") != "full"
+        # (p2p: never, and its options have no `verify`)
+        return self.init.verify and self.sampled_checksum and self.options.verify == "sample"
 
     def _digest_plan(self, views: list[torch.Tensor]) -> RegionPlan:
         """What the trainer checksums of the lent `views`: a sample of them, or all of them."""
@@ -354,7 +377,7 @@ class IpcTransport(Transport):
         if self._publish_queue is None:
             jobs: queue.SimpleQueue = queue.SimpleQueue()
             store, timeout, device, side = self._store, self._timeout, self.device, self._side
-            programs = self.source_sum_programs
+            programs = self.options.source_sum_programs
 
             def work() -> None:
                 while (job := jobs.get()) is not None:

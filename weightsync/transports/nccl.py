@@ -25,12 +25,13 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
-import os
 import time
 from collections.abc import Sequence
 from itertools import accumulate
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
 from weightsync.errors import TransferError
 from weightsync.integrity import StreamDigest
@@ -40,15 +41,66 @@ from weightsync.packing import Region, RegionPlan, landed_regions, pack_regions,
 from weightsync.protocol import InitInfo, RoundHeader
 from weightsync.rendezvous import open_store
 from weightsync.transports import collective, register
-from weightsync.transports.collective import LEAD_MAX_PIECES, CollectiveTransport, Group, Pending, mark
+from weightsync.transports.collective import (
+    LEAD_MAX_PIECES, CollectiveOptions, CollectiveTransport, Group, Pending, agree_options_over_group, mark,
+)
 from weightsync.transports.nccl_lib import Communicator, new_unique_id
+from weightsync.transports.options import env_default, flag
 from weightsync.transports.waits import wait_event_until
 
 _UNIQUE_ID_KEY = "nccl_unique_id"
-SIDE_PROGRAMS = 64  # see NcclTransport.pack_programs
-# The trainer's checksum of a direct round runs beside the whole transfer: this few programs read
-# the set in well under the transfer's time and leave the memory bandwidth to the broadcasts.
-SOURCE_SUM_PROGRAMS = int(os.environ.get("WEIGHTSYNC_SOURCE_SUM_PROGRAMS", 32))
+
+
+class NcclOptions(CollectiveOptions):
+    """The nccl transport's init_info.options; every party must join with the same values."""
+
+    # Chunk sizes ramp up and down, so the GPU pipeline fills and drains in small steps.
+    ramp: bool = True
+    # Always pack: never broadcast tensors from where they live (a direct round; contiguous
+    # tensors on the trainer's GPU are sent that way unless this is set). Default:
+    # $WEIGHTSYNC_NCCL_PACKED, else false.
+    packed: bool = Field(default_factory=env_default("WEIGHTSYNC_NCCL_PACKED", flag, False))
+    # Move the first chunk while the group agrees on the header, into the receivers' scratch
+    # memory (placed once agreed, dropped if refused), so the agreement's host round trips
+    # overlap the transfer. Default: $WEIGHTSYNC_NCCL_LEAD, else true.
+    lead: bool = Field(default_factory=env_default("WEIGHTSYNC_NCCL_LEAD", flag, True))
+    # Where the control steps (header, agreements) travel: "store", the rendezvous TCPStore, host
+    # to host (a fraction of a collective's launch and completion round trip); or "communicator",
+    # as collectives (for comparison; a group formed from nccl_unique_id_b64 has no store and
+    # always uses the communicator). Default: $WEIGHTSYNC_CONTROL (store, or nccl meaning
+    # communicator), else store.
+    control: Literal["store", "communicator"] = Field(
+        default_factory=env_default("WEIGHTSYNC_CONTROL", lambda raw: _control(raw), "store"))
+    # GPU programs that pack (trainer) or checksum/unpack (receiver) a chunk at once; None: one
+    # program per block. Fewer than the chunk's blocks leave memory bandwidth to the broadcast
+    # running beside them: on 2 x H200 a 15 GB round took 44.6 ms with 64 programs against
+    # 45.7-49 ms with one program per block (and 47.9 ms with 128).
+    pack_programs: Annotated[int, Field(ge=1, le=65536)] | None = 64
+    # GPU programs of the trainer's checksum of a direct round, which runs beside the whole
+    # transfer: this few read the set in well under the transfer's time and leave the memory
+    # bandwidth to the broadcasts.
+    source_sum_programs: Annotated[int, Field(ge=1, le=65536)] = 32
+    # (diagnosis) A blocking NCCL communicator instead of a non-blocking one.
+    blocking: bool = False
+
+
+def _control(raw: str) -> str:
+    """$WEIGHTSYNC_CONTROL's spellings: store, communicator, or nccl (the communicator)."""
+    value = {"nccl": "communicator"}.get(raw.strip().lower(), raw.strip().lower())
+    if value not in ("store", "communicator"):
+        raise ValueError("expected store, communicator or nccl")
+    return value
+
+
+class NcclRoundHeader(RoundHeader):
+    """The round header of the nccl transport: the core header plus how this round moves."""
+
+    # Each chunk's tensor pieces move from where they live to where they belong, one collective
+    # call per piece in one NCCL group, instead of through a packed buffer.
+    direct: bool = False
+    # The first chunk moves while the group agrees, into the receivers' scratch memory, and is
+    # placed only once the round is agreed (see NcclTransport._lead_pieces).
+    lead: bool = False
 
 
 def wait_event(event: torch.cuda.Event, comm: Communicator, what: str) -> None:
@@ -86,9 +138,11 @@ class _EventPending(Pending):
 class NcclGroup(Group):
     """Broadcast and all-gather over one NCCL communicator, on a dedicated high-priority stream."""
 
-    def __init__(self, init: InitInfo, rank: int, device: torch.device):
+    def __init__(self, init: InitInfo, rank: int, device: torch.device, options: NcclOptions | None = None):
         if device.type != "cuda":
             raise TransferError(f"the nccl transport needs a CUDA device, not {device}")
+        options = NcclOptions.of(init) if options is None else options
+        self._options = options
         self.rank, self.world_size = rank, init.world_size
         self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         self._store = None
@@ -96,12 +150,12 @@ class NcclGroup(Group):
             unique_id = self._unique_id(init, rank)
             # The control steps (header, agreements) go over the rendezvous store when there is one:
             # host to host, they cost a fraction of a collective's launch and completion round trip.
-            # (WEIGHTSYNC_CONTROL=nccl keeps them on the communicator, for comparison.)
-            use_store = self._store is not None and os.environ.get("WEIGHTSYNC_CONTROL") != "nccl"
+            # (options.control "communicator" keeps them on the communicator, for comparison.)
+            use_store = self._store is not None and options.control == "store"
             self.control_store = self._store if use_store else None
             if self._store is not None:  # from now on a control step waits at most the group's timeout
                 self._store.set_timeout(datetime.timedelta(seconds=init.timeout_seconds))
-            self.comm = Communicator(unique_id, rank, init.world_size, init.timeout_seconds)
+            self.comm = Communicator(unique_id, rank, init.world_size, init.timeout_seconds, options.blocking)
             # Collectives jump ahead of packing and checksum kernels when both wait for SMs.
             self.stream = torch.cuda.Stream(self.device, priority=-1)
             if init.nccl_unique_id_b64 is not None:
@@ -113,7 +167,7 @@ class NcclGroup(Group):
                 return base64.b64decode(init.nccl_unique_id_b64, validate=True)
             except (binascii.Error, ValueError):
                 raise TransferError("init_info.nccl_unique_id_b64 is not standard base64") from None
-        self._store = open_store(init, rank)
+        self._store = open_store(init, rank, self._options.agreed())
         if rank == 0:
             self._store.set(_UNIQUE_ID_KEY, base64.b64encode(new_unique_id()))
             return base64.b64decode(self._store.get(_UNIQUE_ID_KEY))
@@ -216,9 +270,8 @@ class _Streams:
 @register
 class NcclTransport(CollectiveTransport):
     name = "nccl"
-    ramp = True
-    supports_direct = True
-    supports_lead = True
+    options_model = NcclOptions
+    header_model = NcclRoundHeader
 
     def __init__(self, init, rank, device, group: NcclGroup):
         super().__init__(init, rank, device, group)
@@ -232,12 +285,7 @@ class NcclTransport(CollectiveTransport):
         self._lead: tuple[torch.Tensor, torch.cuda.Event] | None = None  # receiver: lead in scratch, landed
         self._lead_scratch = torch.empty(0, dtype=torch.uint8, device=device)
         self.gpu_trace: list[tuple[str, torch.cuda.Event]] = []  # see _gpu_mark
-        # GPU programs that pack (trainer) or checksum/unpack (receiver) a chunk at once. Fewer
-        # than the chunk's blocks leave memory bandwidth to the broadcast running beside them: on
-        # 2 x H200 a 15 GB round took 44.6 ms with 64 programs against 45.7-49 ms with one program
-        # per block (and 47.9 ms with 128). None: one program per block.
-        env = os.environ.get("WEIGHTSYNC_PACK_PROGRAMS")
-        self.pack_programs: int | None = (int(env) or None) if env else SIDE_PROGRAMS
+        self.pack_programs: int | None = self.options.pack_programs  # see NcclOptions.pack_programs
 
     @classmethod
     def connect(cls, init: InitInfo, rank: int, device: torch.device | None = None) -> "NcclTransport":
@@ -245,7 +293,16 @@ class NcclTransport(CollectiveTransport):
             raise TransferError("the nccl transport needs CUDA, and none is available here")
         if device is None or device.type != "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
-        transport = cls(init, rank, device, NcclGroup(init, rank, device))
+        options = cls.options_model.of(init)  # refused before joining when invalid
+        group = NcclGroup(init, rank, device, options)
+        if group._store is None:  # a trainer-minted id: no store, so the options travel as a collective
+            try:
+                with torch.cuda.device(group.device):
+                    agree_options_over_group(group, options)
+            except BaseException:
+                group.close()
+                raise
+        transport = cls(init, rank, device, group)
         warm_up(device)
         return transport
 
@@ -293,15 +350,15 @@ class NcclTransport(CollectiveTransport):
         return plans
 
     # -- trainer ------------------------------------------------------------------------------
-    def _direct(self) -> bool:
+    def _header_fields(self, lendable: bool, streamed: bool) -> dict:
         """Tensors that are contiguous on this GPU are broadcast from where they live: nothing is
-        packed, no staging buffer is needed (WEIGHTSYNC_NCCL_PACKED=1 packs anyway)."""
-        return os.environ.get("WEIGHTSYNC_NCCL_PACKED") != "1"
+        packed, no staging buffer is needed (options.packed packs anyway). The first chunk moves
+        while the group agrees, so the agreement's host round trips overlap the transfer instead
+        of preceding it (options.lead false waits instead; a streamed round never leads)."""
+        return {"direct": lendable and not self.options.packed, "lead": not streamed and self.options.lead}
 
-    def _lead_ahead(self) -> bool:
-        """The first chunk moves while the group agrees, so the agreement's host round trips
-        overlap the transfer instead of preceding it (WEIGHTSYNC_NCCL_LEAD=0 waits instead)."""
-        return os.environ.get("WEIGHTSYNC_NCCL_LEAD") != "0"
+    def _is_direct(self, header: NcclRoundHeader) -> bool:
+        return header.direct
 
     def _lead_pieces(self, chunks: Sequence[Chunk], header: RoundHeader) -> list[int]:
         """The first chunk: one broadcast when packed, one per tensor piece when direct (unless
@@ -358,7 +415,7 @@ class NcclTransport(CollectiveTransport):
         self._sending = (pieces, [stream], [part], None)
         self._send_lead(chunks, header)  # the bytes first, then the checksum beside them
         with torch.cuda.stream(stream):
-            plan.run(part, SOURCE_SUM_PROGRAMS)
+            plan.run(part, self.options.source_sum_programs)
 
     def _pack_plans(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader
                     ) -> list[RegionPlan]:

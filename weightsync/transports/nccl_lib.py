@@ -112,7 +112,8 @@ def _check(code: int, what: str) -> int:
 class Communicator:
     """One non-blocking NCCL communicator; every wait on it is bounded and ends in an abort."""
 
-    def __init__(self, unique_id: bytes, rank: int, world_size: int, timeout: float):
+    def __init__(self, unique_id: bytes, rank: int, world_size: int, timeout: float, blocking: bool = False):
+        """`blocking`: (diagnosis, the nccl option of that name) a blocking communicator."""
         if len(unique_id) != UNIQUE_ID_BYTES:
             raise TransferError(f"an NCCL unique id has {UNIQUE_ID_BYTES} bytes, not {len(unique_id)}")
         self.rank, self.world_size, self.timeout = rank, world_size, timeout
@@ -124,7 +125,7 @@ class Communicator:
         config = _Config(ctypes.sizeof(_Config), _CONFIG_MAGIC, _CONFIG_VERSION, 0,
                          _UNDEF_INT, _UNDEF_INT, _UNDEF_INT, None, _UNDEF_INT)
         lib = library()
-        if os.environ.get("WEIGHTSYNC_NCCL_BLOCKING") == "1":  # diagnosis: a blocking communicator
+        if blocking:  # diagnosis: a blocking communicator
             code = 4
         else:
             code = lib.ncclCommInitRankConfig(ctypes.byref(self._comm), world_size, uid, rank, ctypes.byref(config))

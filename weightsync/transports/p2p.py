@@ -7,22 +7,23 @@ into its own GPU's context, and pulls the bytes over NVLink with the GPU copy en
 for the transfer. A peer copy also moves more bytes per second than an NCCL broadcast between
 the same two GPUs.
 
-Copies go in groups of at most PIECE_BYTES, alternating over COPY_STREAMS copy streams (so one
+Copies go in groups of at most `piece_bytes`, alternating over `copy_streams` copy streams (so one
 copy's launch gap is covered by the other's transfer; tensors under SMALL_BYTES go in one batched
 kernel instead). Each group is checksummed on the receiver's GPU as soon as it landed, while later
 groups are still in flight; the groups halve in size towards the end of the round (down to
 TAIL_BYTES), so verifying adds only a small last group's checksum. The trainer checksums what it
-lends with few GPU programs (SOURCE_SUM_PROGRAMS), leaving its memory bandwidth to the copy
-engines that read it.
+lends with few GPU programs (`source_sum_programs`), leaving its memory bandwidth to the copy
+engines that read it. The three are init_info.options (`P2pOptions`), agreed by every party.
 
 In Kubernetes the receiving process must see both GPUs (the same pod, or a node-level daemon).
 """
 
 from __future__ import annotations
 
-import os
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
 from weightsync.errors import ProtocolError
 from weightsync.integrity import StreamDigest
@@ -32,20 +33,31 @@ from weightsync.packing import Region, RegionPlan
 from weightsync.transports import register
 from weightsync.transports.cuda_ipc import gpu_uuid, local_device_index
 from weightsync.transports.ipc import IpcTransport
+from weightsync.transports.options import TransportOptions
 
-# Tuning knobs (environment variables for measuring alternatives with benchmarks/transfer.py).
-PIECE_BYTES = int(os.environ.get("WEIGHTSYNC_P2P_PIECE_BYTES", 1 << 30))  # 2 x H200: 1 GiB copies match
-TAIL_BYTES = 128 << 20                                                  # one flat copy; 256 MiB lose 1%
+PIECE_BYTES = 1 << 30  # default of P2pOptions.piece_bytes; 2 x H200: 1 GiB copies match
+TAIL_BYTES = 128 << 20  # one flat copy; 256 MiB lose 1%
 SMALL_BYTES = 4 << 20
-COPY_STREAMS = int(os.environ.get("WEIGHTSYNC_P2P_STREAMS", 2))  # copies in flight at once
+
+
+class P2pOptions(TransportOptions):
+    """The p2p transport's init_info.options (every byte is always checksummed: it crosses
+    NVLink); every party must join with the same values."""
+
+    # GPU programs of the trainer's checksum of what it lends. A full-grid checksum on the
+    # trainer's GPU slowed the pull by 10%: the copy engines read there. On 2 x H200 (15 GB):
+    # 32 programs 1.059x a peer copy, 16 1.053x, 8 1.050x.
+    source_sum_programs: Annotated[int, Field(ge=1, le=65536)] = 8
+    # The largest group of peer copies checksummed together (groups halve towards the end).
+    piece_bytes: Annotated[int, Field(ge=TAIL_BYTES, le=1 << 40)] = PIECE_BYTES
+    # Copy streams the receiver alternates over (copies in flight at once).
+    copy_streams: Annotated[int, Field(ge=1, le=16)] = 2
 
 
 @register
 class P2pTransport(IpcTransport):
     name = "p2p"
-    # A full-grid checksum on the trainer's GPU slowed the pull by 10%: the copy engines read there.
-    # On 2 x H200 (15 GB): 32 programs 1.059x a peer copy, 16 1.053x, 8 1.050x.
-    source_sum_programs = int(os.environ.get("WEIGHTSYNC_SOURCE_SUM_PROGRAMS", 8))
+    options_model = P2pOptions
     sampled_checksum = False  # the bytes cross NVLink: every one is checked
 
     def __init__(self, *args, **kwargs):
@@ -78,7 +90,7 @@ class P2pTransport(IpcTransport):
                  if s.numel() >= SMALL_BYTES]
         small = [Region(s, d, o) for s, d, o in zip(prepared.sources, prepared.destinations, prepared.offsets)
                  if 0 < s.numel() < SMALL_BYTES]
-        pieces, groups = _piece_plan(*zip(*large), verify) if large else ([], [])
+        pieces, groups = _piece_plan(*zip(*large), verify, self.options.piece_bytes) if large else ([], [])
         return pieces, groups, RegionPlan(small, copy=True, digest=verify) if small else None
 
     def _pull(self, plan, digest: StreamDigest | None) -> torch.cuda.Event:
@@ -162,17 +174,17 @@ class P2pTransport(IpcTransport):
 
     def _copy_streams(self) -> list[torch.cuda.Stream]:
         if not self._copies:
-            self._copies = [torch.cuda.Stream(self.device) for _ in range(COPY_STREAMS)]
+            self._copies = [torch.cuda.Stream(self.device) for _ in range(self.options.copy_streams)]
         return self._copies
 
 
-def group_target(remaining: int) -> int:
-    """Bytes for the next group when `remaining` bytes are left: PIECE_BYTES, halving towards
-    the end of the round (never under TAIL_BYTES)."""
-    return min(PIECE_BYTES, max(TAIL_BYTES, remaining // 2))
+def group_target(remaining: int, piece_bytes: int | None = None) -> int:
+    """Bytes for the next group when `remaining` bytes are left: `piece_bytes` (default
+    PIECE_BYTES), halving towards the end of the round (never under TAIL_BYTES)."""
+    return min(PIECE_BYTES if piece_bytes is None else piece_bytes, max(TAIL_BYTES, remaining // 2))
 
 
-def _piece_plan(sources, destinations, offsets, verify: bool):
+def _piece_plan(sources, destinations, offsets, verify: bool, piece_bytes: int | None = None):
     """Cut the (source, destination) pairs, in stream order, into pieces that fill groups of
     `group_target` bytes; each group gets its checksum plan."""
     pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -180,13 +192,13 @@ def _piece_plan(sources, destinations, offsets, verify: bool):
     members: list[int] = []
     group_regions: list[Region] = []
     remaining = sum(src.numel() for src in sources)
-    room = group_target(remaining)
+    room = group_target(remaining, piece_bytes)
 
     def close_group():
         nonlocal members, group_regions, room
         if members:
             groups.append((members, RegionPlan(group_regions, copy=False) if verify else None))
-        members, group_regions, room = [], [], group_target(remaining)
+        members, group_regions, room = [], [], group_target(remaining, piece_bytes)
 
     for src, dst, offset in zip(sources, destinations, offsets):
         start = 0
