@@ -5,6 +5,7 @@ transports' option models are checked as models (their groups need GPUs)."""
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
 import socket
 import threading
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from weightsync import InitInfo, UpdateInfo, WeightStore
+from weightsync import InitInfo, UpdateInfo, WeightSender, WeightStore
 from weightsync.errors import OptionMismatch, ProtocolError
 from weightsync.protocol import RoundHeader, parse
 from weightsync.rendezvous import agree_options
@@ -271,3 +272,28 @@ def test_nccl_header_fields_live_with_nccl_and_decoding_stays_strict():
     assert "direct" not in RoundHeader.model_fields and "lead" not in RoundHeader.model_fields
     assert get_transport("cpu").header_model is RoundHeader
     assert get_transport("nccl").header_model is NcclRoundHeader
+
+
+@pytest.mark.asyncio
+async def test_a_daemon_refuses_a_group_whose_trainer_joined_with_other_options(spawn, http):
+    """Over HTTP, with a real daemon process: the daemon answers 422 naming the option and both
+    values, the trainer's init fails with the same facts, and the daemon joins the next group
+    whose options agree (it stayed usable)."""
+    daemon = await spawn("daemon-options")
+    base = _base(2)
+    trainer = asyncio.to_thread(WeightSender.init, {**base, "options": {"ramp": True}})
+    answer = http.post(daemon.url + "/init_weight_transfer_engine", json={"init_info": {**base, "rank_offset": 1}})
+    sent, answer = await asyncio.gather(trainer, answer, return_exceptions=True)
+    assert isinstance(sent, OptionMismatch) and "rank 1 has false, the trainer (rank 0) has true" in str(sent)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["field"] == "init_info.options.ramp"
+    assert "rank 1 has false, the trainer (rank 0) has true" in answer.json()["detail"]
+    base = {**_base(2), "options": {"ramp": True}}
+    trainer = asyncio.to_thread(WeightSender.init, base)
+    answer = http.post(daemon.url + "/init_weight_transfer_engine", json={"init_info": {**base, "rank_offset": 1}})
+    sender, answer = await asyncio.gather(trainer, answer)
+    try:
+        assert answer.status_code == 200, answer.text
+        assert sender.transport.options.ramp
+    finally:
+        sender.close()
