@@ -82,11 +82,13 @@ async def test_receiver_lost_mid_transfer(spawn, http, fault):
     await post_all(http, daemons, "/finish_weight_update", {"weight_version": 1})
     before = [await state(http, d) for d in survivors]
 
-    slowed(sender.transport.group, 0.03)
+    broadcasts = slowed(sender.transport.group, 0.03)
     await post_all(http, daemons, "/start_weight_update")
     receiving = asyncio.ensure_future(post_all(http, daemons, "/update_weights"))
     sending = asyncio.ensure_future(asyncio.to_thread(sender.send_weights, weights(2)))
-    await asyncio.sleep(0.4)  # a dozen chunks in
+    # A dozen chunks in (the round has some 64 at 16 KiB each): the plain receiver holds part of it.
+    assert await asyncio.to_thread(broadcasts.wait_for, 12, 30), "the round never got a dozen chunks in"
+    assert not sending.done()
     os.kill(victim.process.pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
     began = time.monotonic()
     try:

@@ -4,6 +4,7 @@
 import argparse
 import json
 import sys
+import threading
 import time
 
 import torch
@@ -16,18 +17,38 @@ def weights(seed: int) -> list[tuple[str, torch.Tensor]]:
     return [(f"layer{i}.weight", torch.randn(128, 128, generator=gen)) for i in range(16)]
 
 
-def slowed(group, delay: float):
-    """Wrap the group's broadcast: sleep before each one and report how many went out."""
+class Broadcasts:
+    """How many broadcasts went out, for a test to wait on (an event with a deadline, not a sleep)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = threading.Condition()
+
+    def went_out(self) -> int:
+        with self._changed:
+            self.count += 1
+            self._changed.notify_all()
+            return self.count
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        """Whether `count` broadcasts went out within `timeout` seconds."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.count >= count, timeout)
+
+
+def slowed(group, delay: float) -> Broadcasts:
+    """Wrap the group's broadcast: sleep before each one (so a test can act mid-round) and count
+    (and print, for a test driving this as a process) how many went out."""
     original = group.broadcast
-    count = {"n": 0}
+    broadcasts = Broadcasts()
 
     def broadcast(tensor, src=0):
         time.sleep(delay)
-        count["n"] += 1
-        print(json.dumps({"broadcasts": count["n"]}), flush=True)
+        print(json.dumps({"broadcasts": broadcasts.went_out()}), flush=True)
         return original(tensor, src)
 
     group.broadcast = broadcast
+    return broadcasts
 
 
 def main() -> None:
