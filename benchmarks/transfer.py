@@ -47,6 +47,17 @@ from weightsync.layout import parse_size  # noqa: E402
 
 GiB = 1 << 30
 TIMEOUT = 300.0  # every cross-process wait of the harness
+# The nccl options (init_info.options) each diagnostic method runs with; the others run with the
+# defaults. Paths are chosen only through options, never through the environment or a live
+# transport's state.
+NCCL_METHOD_OPTIONS: dict[str, dict] = {
+    "ws_packed": {"packed": True},  # as if the tensors were not contiguous
+    "ws_pack_full": {"pack_programs": None},
+    "ws_pack128": {"pack_programs": 128},
+    "ws_noramp": {"ramp": False},
+    "ws_blocking": {"blocking": True},
+    "ws_nccl_control": {"control": "communicator"},
+}
 
 
 # == the parameter set ==========================================================================
@@ -307,32 +318,36 @@ class Worker:
         if rank is None or rank >= n:
             return
         section = f"nccl{n}"
-        init = self._init("nccl", n, self.h.get(f"port/{section}"), rank)
+        a = self.args
+
+        def join(setup: str):
+            """Every party joins a group of its own for each set of nccl options (they are agreed
+            at init, so a method that needs other options needs another group)."""
+            init = self._init("nccl", n, self.h.get(f"port/{section}/{setup}"), rank,
+                              options=NCCL_METHOD_OPTIONS.get(setup, {}), group_name=f"bench-{section}-{setup}")
+            return init, get_transport("nccl").connect(init, rank, self.device)
+
         resident = mem_begin(self.device)  # the transport's own buffers count as its extra memory
-        transport = get_transport("nccl").connect(init, rank, self.device)
+        setup = "default"
+        init, transport = join(setup)
         group = transport.group
         tiny = torch.zeros(8, dtype=torch.uint8, device=self.device)
-        a = self.args
         methods = ["flat", "ws", "ws_nosum", "ws_packed"] + (["vllm"] if "vllm" in a.sections else []) + \
             (["ws_loader"] if "loader" in a.sections and n == 2 else [])
         if n == 2 and "diag" in a.sections:
             methods += ["chunks_flat", "ws_pack_full", "ws_pack128", "ws_noramp", "ws_blocking", "ws_nccl_control"]
-        verify_off = init.model_copy(update={"verify": False})
-        loader_init = init.model_copy(update={"packed_buffer_size_bytes": a.loader_buffer_size,
-                                              "packed_num_buffers": a.loader_buffers})
+        methods.sort(key=lambda m: m in NCCL_METHOD_OPTIONS)  # the default group's methods first: each group joins once
         try:
             for method in methods:
-                transport.init = loader_init if method == "ws_loader" else init
-                if method in ("ws_blocking", "ws_nccl_control"):  # the same round, another setup
-                    variable = "WEIGHTSYNC_NCCL_BLOCKING" if method == "ws_blocking" else "WEIGHTSYNC_CONTROL"
+                if NCCL_METHOD_OPTIONS.get(method, {}) != NCCL_METHOD_OPTIONS.get(setup, {}):
                     transport.close()
-                    os.environ[variable] = "1" if method == "ws_blocking" else "nccl"
-                    init = self._init("nccl", n, self.h.get(f"port/{section}{method[3]}"), rank)
-                    transport = get_transport("nccl").connect(init, rank, self.device)
+                    setup = method
+                    init, transport = join(setup)
                     group = transport.group
-                    os.environ.pop(variable)
-                transport.ramp = method != "ws_noramp"
-                transport.pack_programs = {"ws_pack_full": None, "ws_pack128": 128}.get(method, 64)
+                verify_off = init.model_copy(update={"verify": False})
+                loader_init = init.model_copy(update={"packed_buffer_size_bytes": a.loader_buffer_size,
+                                                      "packed_num_buffers": a.loader_buffers})
+                transport.init = loader_init if method == "ws_loader" else init
                 for rep in range(a.warmup + a.reps):
                     self.next_values(f"{section}/{method}/{rep}")
                     group.gather_to_host(tiny)  # start together
@@ -352,12 +367,7 @@ class Worker:
                             transport.init = verify_off if method == "ws_nosum" else \
                                 loader_init if method == "ws_loader" else init
                             settled = dict(group.comm.stats)
-                            if method == "ws_packed":  # as if the tensors were not contiguous
-                                os.environ["WEIGHTSYNC_NCCL_PACKED"] = "1"
-                            try:
-                                transport.send(list(zip(self.names, self.params)))
-                            finally:
-                                os.environ.pop("WEIGHTSYNC_NCCL_PACKED", None)
+                            transport.send(list(zip(self.names, self.params)))
                         ms = (time.perf_counter() - began) * 1e3
                         diag = _round_diagnosis(transport, group, settled, t_zero) if method.startswith("ws") else {}
                         self.h.record(section, method, rep, ms=ms, **diag)
@@ -448,6 +458,9 @@ class Worker:
         rank = 0 if trainer else 1
         init = self._init(backend, 2, h.get(f"port/{backend}"), rank)
         verify_off = init.model_copy(update={"verify": False})
+        # ipc's full checksum (not a sample) is an option, agreed at init: a group of its own.
+        full_init = self._init(backend, 2, h.get(f"port/{backend}/full"), rank, options={"verify": "full"},
+                               group_name=f"bench-{backend}-full")
         section = backend
         if trainer:  # the limit's source: one flat buffer, lent once
             h.put(f"{section}/flat", export_storage(self.flat.untyped_storage()).model_dump(mode="json"))
@@ -467,6 +480,17 @@ class Worker:
                 if method == "ws_first":
                     resident = mem_begin(self.device)  # the transport's own buffers count too
                     transport = get_transport(backend).connect(init, rank, self.device)
+                    setup = "default"
+                elif transport is not None and ("full" if method == "ws_full" else "default") != setup:
+                    transport.close()  # another set of options: a group of its own (ws_loader after
+                    if method == "ws_full":  # ws_full is back to the defaults, in a fresh group)
+                        setup, init = "full", full_init
+                    else:
+                        setup, init = "default", init.model_copy(update={
+                            "options": {}, "group_name": f"bench-{backend}-loader",
+                            "master_port": h.get(f"port/{backend}/loader")})
+                    transport = get_transport(backend).connect(init, rank, self.device)
+                    verify_off = init.model_copy(update={"verify": False})
                 for rep in range(reps):
                     key = f"{section}/{method}/{rep}"
                     self.next_values(key)
@@ -480,12 +504,7 @@ class Worker:
                         elif method.startswith("ws"):
                             transport.init = verify_off if method == "ws_nosum" else init
                             transport.begin_round()
-                            if method == "ws_full":  # ipc: a checksum of every byte, not a sample
-                                os.environ["WEIGHTSYNC_IPC_VERIFY"] = "full"
-                            try:
-                                stats = transport.send(list(zip(self.names, self.params)))
-                            finally:
-                                os.environ.pop("WEIGHTSYNC_IPC_VERIFY", None)
+                            stats = transport.send(list(zip(self.names, self.params)))
                             assert not stats.more
                             h.put(key + "/send_ms", stats.seconds * 1e3)
                             h.put(key + "/info", stats.update_info)
@@ -860,11 +879,11 @@ def coordinate(args) -> int:
     port = free_port()
     h = Harness(port, None, args)
     for n in args.fanout:
-        h.put(f"port/nccl{n}", free_port())
-        h.put(f"port/nccl{n}b", free_port())
-        h.put(f"port/nccl{n}n", free_port())
+        for setup in ("default", *NCCL_METHOD_OPTIONS):
+            h.put(f"port/nccl{n}/{setup}", free_port())
     for backend in ("p2p", "ipc"):
-        h.put(f"port/{backend}", free_port())
+        for suffix in ("", "/full", "/loader"):
+            h.put(f"port/{backend}{suffix}", free_port())
     roles = ["trainer"] + [f"recv{k}" for k in range(1, gpus)] + ["ipc"]
     argv = [sys.executable, str(Path(__file__).resolve()), "--port", str(port), "--gpus", str(gpus),
             "--fanout", ",".join(map(str, args.fanout)), "--reps", str(args.reps), "--warmup", str(args.warmup),

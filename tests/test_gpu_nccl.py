@@ -52,10 +52,10 @@ def test_dense_rounds_are_bit_exact_and_land_in_place(group):
         assert daemon.checksum() == expected(named)
 
 
-def test_packed_rounds_move_the_same_bytes_as_direct_ones(group, monkeypatch):
+def test_packed_rounds_move_the_same_bytes_as_direct_ones(group):
     """A non-contiguous tensor makes the trainer pack the round (the receiver follows the
-    header); so does WEIGHTSYNC_NCCL_PACKED=1. Either way the bytes and the checksum are the
-    direct round's."""
+    header); so does the init option `packed` (agreed by both parties). Either way the bytes and
+    the checksum are the direct round's."""
     daemon, sender = group
     named = weight_set(21, "cuda:0")
     direct, answer = collective_round(daemon, lambda: sender.send_weights(named), 21)
@@ -68,10 +68,16 @@ def test_packed_rounds_move_the_same_bytes_as_direct_ones(group, monkeypatch):
     assert answer.status_code == 200, answer.text
     assert not packed.direct and packed.checksum == direct.checksum
     assert daemon.checksum() == expected(named)
-    monkeypatch.setenv("WEIGHTSYNC_NCCL_PACKED", "1")
-    forced, answer = collective_round(daemon, lambda: sender.send_weights(named), 23)
-    assert answer.status_code == 200 and not forced.direct and forced.checksum == direct.checksum
-    assert daemon.checksum() == expected(named)
+    base = {"master_address": "127.0.0.1", "master_port": free_port(), "world_size": 2,
+            "packed_buffer_size_bytes": BUFFER, "packed_num_buffers": 2, "timeout_seconds": 60,
+            "options": {"packed": True}}
+    store = separate_tensors()
+    with in_process_pair(base) as (packing, receiver, pool):
+        got = pool.submit(receiver.receive, store, UpdateInfo())
+        forced = packing.send_weights(named)
+        assert got.result(timeout=120).checksum == forced.checksum
+    assert not forced.direct and forced.checksum == direct.checksum
+    assert store.checksum() == expected(named)
 
 
 def test_sparse_patches_apply(group):
@@ -148,13 +154,13 @@ def test_a_second_group_in_the_same_process_with_a_trainer_minted_id(group):
             assert store.checksum() == expected(named)
 
 
-def test_the_lead_chunk_moves_the_same_bytes_and_a_receiver_without_the_header_drains_it(monkeypatch):
+def test_the_lead_chunk_moves_the_same_bytes_and_a_receiver_without_the_header_drains_it():
     """The first chunk travels while the group agrees (into scratch, placed after the agreement):
-    the round equals one without it (WEIGHTSYNC_NCCL_LEAD=0), packed or direct. A receiver that
-    does not hold the header the trainer names still takes the lead chunk part, refuses the
+    the round equals one without it (the init option lead: false), packed or direct. A receiver
+    that does not hold the header the trainer names still takes the lead chunk part, refuses the
     round with its weights unchanged, and the next round (whole header) applies."""
     need_gpus(2)
-    base = {"master_address": "127.0.0.1", "master_port": free_port(), "world_size": 2,
+    base = {"master_address": "127.0.0.1", "world_size": 2,
             "packed_buffer_size_bytes": BUFFER, "packed_num_buffers": 2, "timeout_seconds": 30}
     store = separate_tensors()
 
@@ -169,19 +175,17 @@ def test_the_lead_chunk_moves_the_same_bytes_and_a_receiver_without_the_header_d
         except Exception as error:  # noqa: BLE001 - the test inspects it
             return sent, error
 
-    with in_process_pair(base) as (sender, receiver, pool):
-        named = weight_set(31, "cuda:0")
-        checksums = {}
-        for lead, packed in ((True, False), (False, False), (True, True), (False, True)):
-            monkeypatch.setenv("WEIGHTSYNC_NCCL_LEAD", "1" if lead else "0")
-            monkeypatch.setenv("WEIGHTSYNC_NCCL_PACKED", "1" if packed else "0")
+    named = weight_set(31, "cuda:0")
+    checksums = {}
+    for lead, packed in ((True, False), (False, False), (True, True), (False, True)):
+        options = {"lead": lead, "packed": packed}  # agreed by both parties at init: a group each
+        with in_process_pair({**base, "master_port": free_port(), "options": options}) as (sender, receiver, pool):
             sent, got = round_(named)
             assert got.checksum == sent.checksum and sent.direct != packed
             assert store.checksum() == expected(named)
             checksums[lead, packed] = sent.checksum
-        assert len(set(checksums.values())) == 1
-        monkeypatch.delenv("WEIGHTSYNC_NCCL_LEAD")
-        monkeypatch.delenv("WEIGHTSYNC_NCCL_PACKED")
+    assert len(set(checksums.values())) == 1
+    with in_process_pair({**base, "master_port": free_port()}) as (sender, receiver, pool):
         for seed in (32, 33):  # the second round names the header the first one agreed to
             sent, got = round_(weight_set(seed, "cuda:0"))
             assert got.checksum == sent.checksum
