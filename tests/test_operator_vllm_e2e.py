@@ -6,15 +6,16 @@ emulated API server, kopf's real runtime over the operator's handlers, real vLLM
 What it shows (issue 16 items 1, 2, 4, 5): the operator drives pods annotated
 `weightsync.dev/engine: vllm` through vLLM's routes; three pushes each end `Succeeded` and every
 vLLM pod's greedy completions then equal the trainer's; a vLLM pod restarted between pushes
-rejoins on its checkpoint (version `default`, status `Stale`, Ready False: vLLM cannot be seeded by a peer) and the
-next round, which includes it, brings it to the current version; so does a vLLM process restarted
-inside an unchanged pod, noticed by the health re-check (its /weight_info lost the version); a vLLM pod killed mid-round
-fails that round within its timeouts naming the pod, the other keeps serving its previous weights
-(atomic), and the next push succeeds without it; a daemon pod joins (a mixed group takes the
-next version), and the killed pod, restarted, catches up to the current version from the daemon
-without a push.
+rejoins on its checkpoint (version `default`, status `Stale`, Ready False: vLLM cannot be seeded
+by a peer) and the next round, which includes it, brings it to the current version; so does a
+vLLM process restarted inside an unchanged pod, noticed by the health re-check (its /weight_info
+lost the version); a vLLM pod killed mid-round fails that round within its timeouts naming the
+pod, the other keeps serving its previous weights (atomic), and the next push succeeds without
+it; a daemon pod joins (a mixed group takes the next version), and the killed pod, restarted,
+catches up to the current version from the daemon without a push; a vLLM pod that hangs
+mid-round (stopped, not dead) fails that round within its deadlines too.
 
-At most two vLLM servers run at once (the restart stops the old one first).
+At most two vLLM servers run at once (a restarted server's old process is stopped first).
 """
 
 from __future__ import annotations
@@ -307,7 +308,37 @@ async def test_readme_vllm_flow_end_to_end(tmp_path, vllm_python):
             assert (await served())["qwen-vllm-1"] == sixth
             print(f"qwen-vllm-1 back after {time.monotonic() - t0:.1f}s on version 6 from the daemon: "
                   f"{caught['message']}")
-            await push_and_check(7)
+            seventh = await push_and_check(7)
+
+            # A vLLM pod that hangs mid-round (SIGSTOP: alive, silent) instead of dying: every
+            # call to it has a deadline, so the round still ends, Failed, naming it, and the
+            # others keep serving version 7.
+            coordinator = runtime.existing(NS, NAME).coordinator
+            victim = next(t for t in coordinator.targets if t.name == "qwen-vllm-1")
+            real_update, hung = victim.update, servers["qwen-vllm-1"]
+
+            async def hang_then_update(update_info, timeout):
+                os.killpg(hung.process.pid, signal.SIGSTOP)
+                return await real_update(update_info, timeout)
+
+            victim.update = hang_then_update
+            t0 = time.monotonic()
+            try:
+                answer = await trainer.push(8)
+            finally:
+                os.killpg(hung.process.pid, signal.SIGKILL)  # never resumed: its session is broken
+            elapsed = time.monotonic() - t0
+            print(f"version 8 (qwen-vllm-1 hung): Failed after {elapsed:.1f}s: {answer.get('reason', '')[:300]}")
+            assert not answer["ok"] and "qwen-vllm-1" in answer["reason"], answer
+            # Bounded by its deadlines: the others' grace and the abort and resume calls to the
+            # silent pod (requestSeconds 10 each), the collectives' transferSeconds (5).
+            assert elapsed < 90
+            status = c.weightsync(NS, NAME)["status"]
+            assert status["phase"] == "Failed" and status["lastSync"]["outcome"] == "Failed"
+            assert status["currentVersion"] == 7
+            assert await completions(http, servers["qwen-vllm-0"].url, str(tmp_path / "model"), prompts) == seventh
+            daemon_health = (await http.get(daemons["qwen-daemon-0"].url + "/healthz")).json()
+            assert (daemon_health["weight_version"], daemon_health["weights_intact"]) == ("7", True), daemon_health
         finally:
             if trainer is not None:
                 await trainer.process.stop()
