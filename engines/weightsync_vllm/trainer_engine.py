@@ -35,7 +35,7 @@ This module imports vLLM; `weightsync` (the core) never does.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -64,7 +64,9 @@ class WeightsyncTrainerInitInfo(TrainerInitInfo):
     that fails mid-stream (a source contradicting its metadata, a trainer rank lost) leaves vLLM's
     weights intact; without it they load each tensor as it arrives and such a round leaves them
     partly updated (vLLM's answer says so). `process_group`: the trainer ranks' group for a sharded trainer (default: torch's
-    default group when it has more than one rank). `world_size`: 1 + every inference worker."""
+    default group when it has more than one rank). `world_size`: 1 + every inference worker.
+    `options`: the transport's options (weightsync's `init_info.options`), which the workers must
+    be given alike: a difference fails the init on every party naming the option."""
 
     backend: ClassVar[str] = ENGINE_NAME
 
@@ -79,6 +81,7 @@ class WeightsyncTrainerInitInfo(TrainerInitInfo):
     init_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     verify: bool = True
     atomic: bool = False
+    options: dict = field(default_factory=dict)
     process_group: Any = None
 
     def weightsync_init(self) -> InitInfo:
@@ -89,7 +92,7 @@ class WeightsyncTrainerInitInfo(TrainerInitInfo):
                         packed_buffer_size_bytes=self.packed_buffer_size_bytes,
                         packed_num_buffers=self.packed_num_buffers, timeout_seconds=self.timeout_seconds,
                         init_timeout_seconds=self.init_timeout_seconds, verify=self.verify,
-                        atomic=self.atomic)
+                        atomic=self.atomic, options=self.options)
 
 
 def _trainer_group(init_info: WeightsyncTrainerInitInfo):
