@@ -25,7 +25,7 @@ $(VLLM_VENV)/.installed: $(VLLM_LOCK) pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
-.PHONY: install demo demo-vllm test vllm-venv
+.PHONY: install demo demo-vllm test test-fast vllm-venv
 install: $(VENV)/.installed
 
 vllm-venv: $(VLLM_VENV)/.installed
@@ -40,3 +40,10 @@ demo-vllm: $(VENV)/.installed $(VLLM_VENV)/.installed
 
 test: $(VENV)/.installed $(VLLM_VENV)/.installed
 	WEIGHTSYNC_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/python -m pytest -q
+
+# The fast lane: unit tests, in this process only (no daemon, server, rendezvous, GPU, cluster,
+# chart or vLLM; markers in pyproject.toml, tests/conftest.py marks tests by the fixtures they
+# use); under a minute on 2 cores. `make test` (CI) runs these and every other lane.
+FAST_LANE = not (integration or gpu or k8s or chart or faults or vllm)
+test-fast: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -m "$(FAST_LANE)"

@@ -10,7 +10,18 @@ import torch
 from weightsync_operator.local import free_port
 
 
+# Fixtures that start party processes or a rendezvous (a gloo group, a TCP store): a test using
+# any of them is an integration test, outside the fast lane (`make test-fast`), marked here so
+# that a new test is placed by what it uses. Tests that start processes or servers otherwise
+# carry `pytest.mark.integration` themselves.
+INTEGRATION_FIXTURES = {"spawn", "module_spawn", "rendezvous_port"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the marks added here count
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

@@ -21,6 +21,7 @@ from weightsync.protocol import Manifest
 from weightsync_daemon import ReceiverService, cli_args
 from weightsync_daemon.auth import TOKEN_ENV
 
+pytestmark = pytest.mark.integration  # runs the CLI as a process, and embedded servers
 WEIGHTSYNC = str(Path(sys.executable).parent / "weightsync")
 
 

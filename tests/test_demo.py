@@ -4,6 +4,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.integration  # the demo: daemon processes and a trainer
+
 
 def test_demo_verifies_every_round():
     run = subprocess.run([sys.executable, "-m", "weightsync_operator.cli", "demo", "--rounds", "3", "--daemons", "2"],

@@ -24,6 +24,7 @@ from weightsync.protocol import Manifest, TensorSpec
 from weightsync.transports import get_transport
 from weightsync_operator.local import free_port
 
+pytestmark = pytest.mark.integration  # gloo groups of threads and a trainer process
 BUFFER, BUFFERS = 4096, 3  # 12 KiB of staging: several tensors are larger than one buffer
 HELPERS = pathlib.Path(__file__).parent / "helpers"
 

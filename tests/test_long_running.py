@@ -34,6 +34,7 @@ from weightsync_operator.client import Endpoint
 from weightsync_operator.coordinator import Coordinator, SyncSpec, Timeouts
 from weightsync_operator.local import free_port
 
+pytestmark = pytest.mark.integration  # daemons, trainer agents and the operator as processes
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TOKEN = "long-running-token-0123456789"

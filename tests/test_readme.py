@@ -124,6 +124,7 @@ def test_the_readme_has_the_blocks_this_test_knows_how_to_check():
     assert block.how == "run" and "WeightSender" in block.code and "serve_embedded" in block.code
 
 
+@pytest.mark.integration  # each snippet runs as a process (some serve HTTP)
 @pytest.mark.parametrize("snippet", [s for s in SNIPPETS if s.how == "run"], ids=lambda s: s.id)
 def test_runs_as_written(snippet, tmp_path):
     if snippet.language == "python":

@@ -111,6 +111,7 @@ def test_the_core_never_imports_the_vllm_plugin_or_vllm():
     assert {p: names for p, names in offenders.items() if names} == {}
 
 
+@pytest.mark.integration  # a fresh interpreter, to see what the import alone pulls in
 def test_the_plugin_package_and_its_trainer_side_import_no_vllm():
     """vLLM loads the entry point in every process, and a trainer uses weightsync_vllm.trainer
     without vLLM installed: neither may import vLLM (only the worker engine does)."""

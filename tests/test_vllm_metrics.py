@@ -111,6 +111,7 @@ def test_the_port_is_the_base_plus_the_local_rank(monkeypatch):
         vm.metrics_port(1)
 
 
+@pytest.mark.integration  # serves the metrics over HTTP
 def test_a_taken_port_fails_the_workers_start_naming_it(monkeypatch):
     port = free_port()
     monkeypatch.setenv(vm.PORT_ENV, str(port))
