@@ -36,13 +36,26 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import aiohttp
 import httpx
 
 EngineKind = Literal["daemon", "vllm"]
+
+# The connection pool party calls go through. aiohttp (already the operator's, through kopf) is
+# the one a round uses: a call costs the coordinator's event loop about a fifth of httpx's CPU
+# time, and a round makes about ten on a loop that also runs the operator (benchmarks/
+# operator_overhead.py). An httpx client is accepted too (callers' own clients, mock transports).
+PartyHttp = aiohttp.ClientSession | httpx.AsyncClient
+
+
+def party_session() -> aiohttp.ClientSession:
+    """A pool of keep-alive connections to parties, for the running event loop; close it after use."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))  # no cap: one per party
 
 
 class PartyError(Exception):
@@ -82,21 +95,22 @@ class PartyHealth:
     detail: str = ""  # the engine's own word for its state, for messages
 
 
-def _error_detail(response: httpx.Response) -> str:
+def _error_detail(content: bytes) -> str:
     """The message of an error answer: FastAPI's `detail`, vLLM's `error` (a string, or an
     object with a `message`), else the raw text."""
+    text = content.decode(errors="replace")
     try:
-        body = response.json()
+        body = json.loads(content)
     except ValueError:
-        return response.text
+        return text
     if not isinstance(body, dict):
-        return response.text
+        return text
     if "detail" in body:
         return str(body["detail"])
     error = body.get("error")
     if isinstance(error, dict):
         return str(error.get("message", error))
-    return str(error) if error is not None else response.text
+    return str(error) if error is not None else text
 
 
 class PartyClient(ABC):
@@ -104,10 +118,14 @@ class PartyClient(ABC):
 
     kind: ClassVar[EngineKind]
     can_seed: ClassVar[bool]  # can host a one-off group that sends its weights to late joiners
+    # May be asked to start the round while its pause is still in flight (the coordinator sends
+    # the update only once both answered): its start depends on its group phase alone.
+    starts_while_pausing: ClassVar[bool] = False
 
-    def __init__(self, endpoint: Endpoint, http: httpx.AsyncClient, token: str | None = None):
+    def __init__(self, endpoint: Endpoint, http: PartyHttp, token: str | None = None):
         self.endpoint = endpoint
         self._http = http
+        self._base = endpoint.url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     @property
@@ -117,26 +135,30 @@ class PartyClient(ABC):
     async def call(self, step: str, method: str, path: str, timeout: float,
                    body: dict | None = None, params: dict | None = None) -> dict[str, Any]:
         """One request with a hard deadline; any failure becomes a PartyError naming the party."""
-        url = self.endpoint.url.rstrip("/") + path
+        url = self._base + path
         try:
             async with asyncio.timeout(timeout):
-                response = await self._http.request(method, url, json=body, params=params,
-                                                    headers=self._headers, timeout=timeout)
-        except TimeoutError:
+                if isinstance(self._http, aiohttp.ClientSession):
+                    async with self._http.request(method, url, json=body, params=params, headers=self._headers,
+                                                  timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                        status, content = response.status, await response.read()
+                else:
+                    response = await self._http.request(method, url, json=body, params=params,
+                                                        headers=self._headers, timeout=timeout)
+                    status, content = response.status_code, response.content
+        except (TimeoutError, httpx.TimeoutException):
             raise PartyError(self.name, step, f"timed out after {timeout:g}s") from None
-        except httpx.TimeoutException:
-            raise PartyError(self.name, step, f"timed out after {timeout:g}s") from None
-        except httpx.HTTPError as error:
+        except (httpx.HTTPError, aiohttp.ClientError) as error:
             raise PartyError(self.name, step, f"unreachable: {error!r}") from None
-        if response.status_code >= 400:
-            raise PartyError(self.name, step, f"HTTP {response.status_code}: {_error_detail(response)}",
-                             response.status_code)
-        if not response.content:
+        if status >= 400:
+            raise PartyError(self.name, step, f"HTTP {status}: {_error_detail(content)}", status)
+        if not content:
             return {}
         try:
-            answer = response.json()
+            answer = json.loads(content)
         except ValueError:
-            raise PartyError(self.name, step, f"answered something that is not JSON: {response.text[:200]!r}") from None
+            raise PartyError(self.name, step, f"answered something that is not JSON: "
+                                              f"{content[:200].decode(errors='replace')!r}") from None
         return answer if isinstance(answer, dict) else {"answer": answer}
 
     # -- the routes both kinds share (vLLM's weight-transfer API) -----------------------------
@@ -200,6 +222,7 @@ class DaemonClient(PartyClient):
 
     kind = "daemon"
     can_seed = True
+    starts_while_pausing = True  # the daemon's pause takes no part in its phases (service.py)
 
     async def finish(self, version: str, timeout: float) -> dict:
         return await self.call("finish", "POST", "/finish_weight_update", timeout, {"weight_version": version})
@@ -234,8 +257,9 @@ class VllmClient(PartyClient):
 
     kind = "vllm"
     can_seed = False
+    starts_while_pausing = False  # one call at a time: vLLM's executor serialises its workers' RPCs
 
-    def __init__(self, endpoint: Endpoint, http: httpx.AsyncClient, token: str | None = None):
+    def __init__(self, endpoint: Endpoint, http: PartyHttp, token: str | None = None):
         super().__init__(endpoint, http, token)
         # vLLM answers a failed weight-transfer call (an exception in its worker) with a 500 and
         # then drops the connection: a kept-alive connection would fail the next call with a
@@ -274,7 +298,7 @@ class VllmClient(PartyClient):
 _CLIENTS: dict[str, type[PartyClient]] = {"daemon": DaemonClient, "vllm": VllmClient}
 
 
-def party_client(endpoint: Endpoint, http: httpx.AsyncClient, token: str | None = None) -> PartyClient:
+def party_client(endpoint: Endpoint, http: PartyHttp, token: str | None = None) -> PartyClient:
     """The client for what serves at `endpoint`."""
     try:
         cls = _CLIENTS[endpoint.kind]

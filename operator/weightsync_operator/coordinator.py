@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
 
-import httpx
-
 from weightsync_operator.backends import relays_update_info
-from weightsync_operator.client import Endpoint, PartyClient, PartyError, Progress, party_client
+from weightsync_operator.client import (Endpoint, PartyClient, PartyError, PartyHttp, Progress, party_client,
+                                        party_session)
 
 log = logging.getLogger("weightsync.coordinator")
 
@@ -114,7 +113,7 @@ def _now() -> str:
 
 class Coordinator:
     def __init__(self, trainer: Endpoint, targets: list[Endpoint], spec: SyncSpec,
-                 http: httpx.AsyncClient | None = None, token: str | None = None):
+                 http: PartyHttp | None = None, token: str | None = None):
         if not targets:
             raise ValueError("a group needs at least one target")
         if trainer.kind != "daemon":
@@ -125,7 +124,7 @@ class Coordinator:
                              f"layerwise reload empties the layers it loads, so it must not serve during an update")
         self.spec = spec
         self._own_http = http is None
-        self._http = http or httpx.AsyncClient()
+        self._http = http or party_session()
         self.trainer = party_client(trainer, self._http, token)
         self.targets = [party_client(t, self._http, token) for t in targets]
         self.group: GroupInfo | None = None
@@ -133,7 +132,7 @@ class Coordinator:
 
     async def close(self) -> None:
         if self._own_http:
-            await self._http.aclose()
+            await self._http.close()
 
     async def __aenter__(self) -> "Coordinator":
         return self
@@ -205,19 +204,21 @@ class Coordinator:
         progress = {p.name: Progress.NOT_STARTED for p in self.parties}  # what a failure must undo
         began = time.perf_counter()
         pausing = self.spec.pause_mode != "none"
+        resumed: set[str] = set()  # targets already resumed by their own finish → resume pipeline
         try:
-            if pausing:
-                await self._step(outcome, "pause", self.targets,
-                                 lambda p: p.pause(self.spec.pause_mode, t.request))
-            progress.update({p.name: Progress.STARTED for p in self.parties})
-            await self._step(outcome, "start", self.parties, lambda p: p.start(t.start))
+            # Each party goes from its pause straight to its start; the update waits for all of
+            # them (a collective needs every member, and no target may receive while serving).
+            await self._pipeline(outcome, self.parties, lambda p, at: self._prepare(p, at, progress, pausing))
             sent = time.perf_counter()
             answers = await self._update(outcome, progress)
             result.transfer_seconds = time.perf_counter() - sent
             result.bytes = int(answers[0]["bytes"])
             result.checksum = answers[0].get("checksum") or answers[-1].get("checksum")
-            finished = await self._step(outcome, "finish", self.parties, lambda p: p.finish(version, t.finish),
-                                        progress=progress, reached=Progress.FINISHED)
+            # Each party goes from its finish straight to its resume: a target that finished
+            # serves the new version whatever the others do (a failed round never undoes it).
+            finished = await self._pipeline(
+                outcome, self.parties,
+                lambda p, at: self._finish_and_resume(p, at, version, progress, pausing, outcome, resumed))
             for party, answer in zip(self.parties, finished):
                 outcome[party.name].weight_version = answer.get("weight_version")
             result.ok = True
@@ -233,11 +234,75 @@ class Coordinator:
                 if isinstance(answer, dict) and "weight_version" in answer:
                     outcome[party.name].weight_version = answer["weight_version"]
         finally:
-            if pausing:  # every target, also those whose pause failed half-way: resume is idempotent
-                await self._step(outcome, "resume", self.targets, lambda p: p.resume(t.request), strict=False)
+            # Every target not resumed yet, also those whose pause failed half-way: resume is idempotent.
+            pending = [p for p in self.targets if p.name not in resumed]
+            if pausing and pending:
+                await self._step(outcome, "resume", pending, lambda p: p.resume(t.request), strict=False)
         result.total_seconds = time.perf_counter() - began
         result.finished_at = _now()
         return result
+
+    async def _prepare(self, party: PartyClient, at: dict[str, str], progress: dict[str, Progress],
+                       pausing: bool) -> dict:
+        """One party's way into the round: its pause (targets), then its start. A daemon's start
+        needs only its group phase, not the pause, so both go at once; vLLM gets one call at a
+        time (see client.py). Either way the update is sent only once every party is through."""
+        t = self.spec.timeouts
+        if not pausing or party is self.trainer:
+            at[party.name], progress[party.name] = "start", Progress.STARTED
+            return await party.start(t.start)
+        at[party.name] = "pause"
+        if not party.starts_while_pausing:
+            await party.pause(self.spec.pause_mode, t.request)
+            at[party.name], progress[party.name] = "start", Progress.STARTED
+            return await party.start(t.start)
+        progress[party.name] = Progress.STARTED
+        paused, started = await asyncio.gather(party.pause(self.spec.pause_mode, t.request), party.start(t.start),
+                                               return_exceptions=True)
+        for step, answer in (("pause", paused), ("start", started)):
+            if isinstance(answer, BaseException):
+                at[party.name] = step
+                raise answer
+        return started
+
+    async def _finish_and_resume(self, party: PartyClient, at: dict[str, str], version: str,
+                                 progress: dict[str, Progress], pausing: bool,
+                                 outcome: dict[str, PartyOutcome], resumed: set[str]) -> dict:
+        """One party's way out of the round: its finish, then (a paused target) its resume. A
+        failed resume does not fail the round (the weights are live); it is recorded."""
+        t = self.spec.timeouts
+        at[party.name] = "finish"
+        answer = await party.finish(version, t.finish)
+        progress[party.name] = Progress.FINISHED
+        if pausing and party is not self.trainer:
+            resumed.add(party.name)
+            try:
+                await party.resume(t.request)
+            except PartyError as error:
+                self._record(outcome, "resume", [error])
+        return answer
+
+    async def _pipeline(self, outcome: dict[str, PartyOutcome], parties: list[PartyClient],
+                        chain: Callable[[PartyClient, dict[str, str]], Awaitable[dict]]) -> list[dict]:
+        """Run each party's chain of steps concurrently, every party at its own pace; any failure
+        ends the round once the others had their grace (a collective needs every member). `chain`
+        notes in its second argument the step each party is in, which names a failure."""
+        at: dict[str, str] = {}
+        answers = await self._all(lambda p: chain(p, at), parties, grace=self.spec.timeouts.request)
+        failed = [a for a in answers if isinstance(a, PartyError)]
+        for error in failed:
+            self._record(outcome, at.get(error.party, "call"), [error])
+        if failed:
+            step = next(at.get(e.party, "call") for e in failed)
+            raise _RoundFailed(step, "; ".join(str(e) for e in failed))
+        return answers
+
+    @staticmethod
+    def _record(outcome: dict[str, PartyOutcome], step: str, failed: list[PartyError]) -> None:
+        for error in failed:
+            party = outcome[error.party]
+            if party.ok:  # keep the first failure of each party
+                party.ok, party.step, party.reason = False, step, error.reason
 
     async def _update(self, outcome: dict[str, PartyOutcome], progress: dict[str, Progress]) -> list[dict]:
         """The update step. Collective transports (cpu, nccl): every party at once, the trainer
@@ -272,10 +337,7 @@ class Coordinator:
         if progress is not None and reached is not None:
             progress.update({p.name: reached for p, a in zip(parties, answers) if not isinstance(a, PartyError)})
         failed = [a for a in answers if isinstance(a, PartyError)]
-        for error in failed:
-            party = outcome[error.party]
-            if party.ok:  # keep the first failure of each party
-                party.ok, party.step, party.reason = False, step, error.reason
+        self._record(outcome, step, failed)
         if failed and strict:
             raise _RoundFailed(step, "; ".join(str(e) for e in failed))
         return answers

@@ -1,13 +1,15 @@
 """What one operator process shares across WeightSyncs: the Kubernetes client that writes status,
-the HTTP client that talks to daemons, the daemons' bearer token, and one Reconciler each."""
+the connection pool that talks to the parties (daemons, vLLM servers), their bearer token, and one
+Reconciler each."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-import httpx
+import aiohttp
 import kopf
 
+from weightsync_operator.client import party_session
 from weightsync_operator.kube import AsyncStatusWriter, KubeApi
 from weightsync_operator.reconciler import Reconciler
 
@@ -18,14 +20,14 @@ class Runtime:
         self.status_writer = AsyncStatusWriter.sharing_credentials_with(kube)
         self.token = token
         self.recheck_interval = recheck_interval
-        self._http: httpx.AsyncClient | None = None
+        self._http: aiohttp.ClientSession | None = None
         self._reconcilers: dict[tuple[str, str], Reconciler] = {}
 
     @property
-    def http(self) -> httpx.AsyncClient:
-        # Made in the operator's event loop, on first use; keep-alive connections to every daemon.
+    def http(self) -> aiohttp.ClientSession:
+        # Made in the operator's event loop, on first use; keep-alive connections to every party.
         if self._http is None:
-            self._http = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+            self._http = party_session()
         return self._http
 
     def reconciler(self, namespace: str, name: str, body: Mapping) -> Reconciler:
@@ -58,5 +60,5 @@ class Runtime:
     async def close(self) -> None:
         await self.status_writer.close()
         if self._http is not None:
-            await self._http.aclose()
+            await self._http.close()
             self._http = None
