@@ -2,8 +2,12 @@
 the kopf operator and the local demo both run this same coordinator.
 
 A sync round: pause targets → start everyone → update (the trainer sends while every target
-receives) → finish with the version → resume. Every step has its own timeout; a failed round is
-aborted on every party, targets are resumed, and the result says which party failed and why.
+receives) → finish with the version → resume. Each party moves at its own pace from its pause
+to its start and from its finish to its resume; the only barriers are where the protocol needs
+one: the update is sent once every party started (a collective needs every member, and no
+target may receive while it serves), and finishing waits for every update to have landed. Every
+step has its own timeout; a failed round is aborted on every party, targets are resumed, and
+the result says which party failed and why.
 
 Targets are weightsync daemons or vLLM servers (`Endpoint.kind`); each is driven through its
 kind's client (`client.py`), which also says how what vLLM lacks (abort, seed, a group phase in
@@ -275,11 +279,11 @@ class Coordinator:
         answer = await party.finish(version, t.finish)
         progress[party.name] = Progress.FINISHED
         if pausing and party is not self.trainer:
-            resumed.add(party.name)
             try:
                 await party.resume(t.request)
             except PartyError as error:
                 self._record(outcome, "resume", [error])
+            resumed.add(party.name)  # not when given up on mid-resume: the round's end resumes it
         return answer
 
     async def _pipeline(self, outcome: dict[str, PartyOutcome], parties: list[PartyClient],
