@@ -1,7 +1,7 @@
 """vLLM pods on Kubernetes, end to end: the README's vLLM kubectl flow run as written against the
 emulated API server, kopf's real runtime over the operator's handlers, real vLLM CPU servers
 (weightsync backend, tiny float32 Qwen2, TP 1) as the target pods' processes, and a real trainer
-(`weightsync.connect` + `push`, tests/k8s_vllm_trainer.py) holding the HF model.
+(`weightsync_operator.trainer_client.connect` + `push`, tests/k8s_vllm_trainer.py) holding the HF model.
 
 What it shows (issue 16 items 1, 2, 4, 5): the operator drives pods annotated
 `weightsync.dev/engine: vllm` through vLLM's routes; three pushes each end `Succeeded` and every

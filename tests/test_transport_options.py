@@ -66,6 +66,7 @@ def _close(results: list[object]) -> None:
             result.close()
 
 
+@pytest.mark.integration  # gloo groups joined over a rendezvous
 def test_a_mismatched_option_fails_init_on_every_party_naming_it_and_both_values():
     """The trainer and rank 1 ramp, rank 2 does not: all three refuse the group at init (never a
     timeout or a corrupted round later), each naming the option, the rank and both values."""
@@ -122,6 +123,7 @@ def _round(trainer, receiver, named):
     return sent
 
 
+@pytest.mark.integration  # gloo groups joined over a rendezvous
 def test_ramp_changes_where_chunks_end_and_nothing_else():
     """`ramp` (cpu default off): the first chunks grow from a quarter buffer and the last ones
     shrink; the bytes and the checksum are the same either way."""
@@ -143,6 +145,7 @@ def test_ramp_changes_where_chunks_end_and_nothing_else():
     assert stats[True].checksum == stats[False].checksum
 
 
+@pytest.mark.integration  # gloo groups joined over a rendezvous
 def test_a_group_without_a_store_agrees_its_options_over_the_group_itself():
     """(nccl from a trainer-minted id has no store) the options travel as an all-gather over the
     group: both parties of a gloo group compare them the same way and refuse a difference."""
