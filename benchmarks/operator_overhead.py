@@ -36,7 +36,7 @@ for extra in (REPO / "tests", REPO, REPO / "daemon", REPO / "operator"):
 from k8s_harness import Trainer, cluster, free_port, operator, start_daemons  # noqa: E402
 
 NS, NAME = "bench", "policy-sync"
-TARGET_MS = 50.0
+TARGET_MS = 10.0  # issue 16 item 6: the median, on a 2-core CPU machine
 
 
 class Timeline:
