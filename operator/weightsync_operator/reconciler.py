@@ -26,11 +26,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 
-import httpx
 import kopf
 
 from weightsync_operator.catchup import catch_up
-from weightsync_operator.client import PartyClient, PartyError
+from weightsync_operator.client import PartyClient, PartyError, PartyHttp
 from weightsync_operator.conditions import get_condition, set_condition
 from weightsync_operator.coordinator import Coordinator, InitError, SyncResult, SyncSpec, Timeouts
 from weightsync_operator.pods import PodRef, select
@@ -48,7 +47,7 @@ ANNOUNCE_SYNCING_AFTER = 0.25  # seconds into a round before the status says Syn
 
 
 class Reconciler:
-    def __init__(self, namespace: str, name: str, http: httpx.AsyncClient, write_status: StatusWriter,
+    def __init__(self, namespace: str, name: str, http: PartyHttp, write_status: StatusWriter,
                  emit: EventSink, token: str | None = None, recheck_interval: float = 30.0):
         self.namespace, self.name = namespace, name
         self.lock = asyncio.Lock()
