@@ -22,6 +22,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from weightsync.errors import IntegrityError, ManifestMismatch, ProtocolError, TransferError
+from weightsync.metrics import PHASES
 from weightsync_daemon.metrics import DaemonMetrics, numeric_version
 from weightsync_operator.local import free_port
 from weightsync_vllm import metrics as vm  # imports no vLLM
@@ -204,7 +205,7 @@ def test_a_vllm_workers_scrape_moves_with_the_rounds(served):
         assert value(before, "weightsync_weights_intact") == 1
         assert value(before, "weightsync_info", role="receiver", backend="none") == 1
         assert value(before, "weightsync_weights_bytes") > 0
-        for phase in vm.PHASES:
+        for phase in PHASES:
             assert value(before, "weightsync_update_duration_seconds", "weightsync_update_duration_seconds_count",
                          phase=phase) == 0
 
@@ -219,7 +220,7 @@ def test_a_vllm_workers_scrape_moves_with_the_rounds(served):
         assert value(after, "weightsync_weight_version") == 7  # vLLM's /weight_info says "step-7"
         assert value(after, "weightsync_last_success_timestamp_seconds") > 0
         assert value(after, "weightsync_paused") == 0
-        for phase in vm.PHASES:
+        for phase in PHASES:
             assert value(after, "weightsync_update_duration_seconds", "weightsync_update_duration_seconds_count",
                          phase=phase) >= 1, phase
 

@@ -26,13 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
-from weightsync.errors import IntegrityError, ManifestMismatch, PhaseError, ProtocolError, TransferError
+from weightsync.errors import ManifestMismatch, PhaseError, ProtocolError, TransferError
+from weightsync.metrics import failure_reason, numeric_version
 from weightsync.protocol import InitInfo, UpdateInfo
-from weightsync.source import WeightSource, is_source
 from weightsync.rendezvous import JoinCancelled, cancellable
+from weightsync.source import WeightSource, is_source
 from weightsync.store import WeightStore, tensor_digest
 from weightsync.transports import RoundStats, Transport, default_device, get_transport
-from weightsync_daemon.metrics import DaemonMetrics, numeric_version
+from weightsync_daemon.metrics import DaemonMetrics
 
 log = logging.getLogger("weightsync.daemon")
 
@@ -45,21 +46,6 @@ class Phase(enum.StrEnum):
     READY = "ready"
     UPDATING = "updating"
 
-
-def failure_reason(error: BaseException) -> str:
-    """The bounded metric label for an error."""
-    match error:
-        case IntegrityError():
-            return "integrity"
-        case ManifestMismatch():
-            return "manifest_mismatch"
-        case TransferError():
-            return "transfer_error"
-        case ProtocolError():
-            return "bad_request"
-        case PhaseError():
-            return "conflict"
-    return "internal"
 
 
 @dataclass

@@ -6,8 +6,7 @@ Why the same families: the chart's Grafana dashboard and PrometheusRule read
 `weightsync_weight_version`, `weightsync_update_failures_total{reason}`,
 `weightsync_weights_intact`, ... with the daemon's names, types and labels; a vLLM target must
 show up in them unchanged (tests/test_vllm_metrics.py compares the families with the daemon's).
-The definitions are repeated here rather than imported because importing `weightsync_daemon`
-would pull the daemon's web app into every vLLM worker.
+The definitions are the core's (weightsync.metrics), as the daemon's are.
 
 Why a port of its own rather than vLLM's `/metrics`: vLLM 0.32 serves `/metrics` from the API
 server process's registry; the workers' registries reach it only in prometheus_client's
@@ -32,9 +31,13 @@ import os
 import time
 
 import httpx
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import start_http_server
 
-from weightsync.errors import IntegrityError, ManifestMismatch, ProtocolError, TransferError
+from weightsync import metrics as weightsync_metrics
+from weightsync.errors import ProtocolError
+from weightsync.metrics import FAILURE_REASONS, WeightsyncMetrics, trailing_number
+
+__all__ = ["FAILURE_REASONS", "WorkerMetrics", "failure_reason", "metrics_port", "serve", "trailing_number"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,84 +46,21 @@ VLLM_URL_ENV = "WEIGHTSYNC_VLLM_URL"
 DEFAULT_VLLM_URL = "http://127.0.0.1:8000"
 VERSION_READ_SECONDS = 1.0  # a scrape never waits longer than this on vLLM's /weight_info
 
-# The daemon's (daemon/weightsync_daemon/metrics.py): the dashboard and alerts depend on them.
-PHASES = ("init", "start", "update", "finish")
-FAILURE_REASONS = ("manifest_mismatch", "integrity", "transfer_error", "bad_request", "conflict", "internal")
-DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-MAX_GAUGE_DIGITS = 15  # a float gauge holds integers this long exactly
-
-
 def failure_reason(error: BaseException) -> str:
-    """The bounded `reason` label of an error raised in a worker: of the first error in its
-    `raise ... from` chain that says more than "internal" (the engine re-raises a round's
-    error as the message vLLM answers with, caused by the transport's)."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        match current:
-            case IntegrityError():
-                return "integrity"
-            case ManifestMismatch():
-                return "manifest_mismatch"
-            case TransferError():
-                return "transfer_error"
-            case ProtocolError() | ValueError():
-                return "bad_request"  # a body or init_info that names the bad field
-        current = current.__cause__
-    return "internal"
+    """The `reason` label of an error raised in a worker: the engine refuses a bad init_info
+    field with a ValueError naming it, so that is the caller's input too."""
+    return weightsync_metrics.failure_reason(error, bad_request=(ProtocolError, ValueError))
 
 
-def trailing_number(label: str | None) -> int | None:
-    """The number a version label ends in ("step-42" → 42), or None (none, or too long)."""
-    label = label or ""
-    start = len(label)
-    while start > 0 and "0" <= label[start - 1] <= "9":
-        start -= 1
-    digits = label[start:]
-    if not digits or len(digits.lstrip("0")) > MAX_GAUGE_DIGITS:
-        return None
-    return int(digits)
-
-
-class WorkerMetrics:
+class WorkerMetrics(WeightsyncMetrics):
     """One vLLM worker's weightsync metrics, in a registry of their own."""
 
     def __init__(self, vllm_url: str | None = None) -> None:
-        self.registry = r = CollectorRegistry()
+        super().__init__()
         self.vllm_url = (vllm_url or os.environ.get(VLLM_URL_ENV) or DEFAULT_VLLM_URL).rstrip("/")
         self.rounds_finished = 0
-        self.phase_seconds = Histogram(
-            "weightsync_update_duration_seconds", "Time spent in each protocol phase.",
-            ["phase"], buckets=DURATION_BUCKETS, registry=r)
-        self.received_bytes = Counter(
-            "weightsync_received_bytes", "Payload bytes received from the trainer.", registry=r)
-        self.sent_bytes = Counter(
-            "weightsync_sent_bytes", "Payload bytes sent to receivers (trainer role).", registry=r)
-        self.weight_version = Gauge(
-            "weightsync_weight_version", "Numeric weight version now live (the label's trailing number).",
-            registry=r)
         self.weight_version.set_function(self._served_version)
-        self.updates = Counter("weightsync_updates", "Weight updates by outcome.", ["outcome"], registry=r)
-        self.failures = Counter(
-            "weightsync_update_failures", "Failed protocol calls by reason.", ["reason"], registry=r)
-        self.last_success = Gauge(
-            "weightsync_last_success_timestamp_seconds", "Unix time of the last applied update.", registry=r)
-        self.paused = Gauge("weightsync_paused", "1 while generation is paused for a sync.", registry=r)
-        self.weights_bytes = Gauge("weightsync_weights_bytes", "Bytes of weights held.", registry=r)
-        self.weights_intact = Gauge(
-            "weightsync_weights_intact",
-            "0 while the weights hold part of a failed round (non-atomic receive), else 1.", registry=r)
-        self.weights_intact.set(1)
-        self.info = Gauge("weightsync_info", "Constant 1, labelled with the daemon's role and backend.",
-                          ["role", "backend"], registry=r)
         self._set_backend("none")
-        for phase in PHASES:
-            self.phase_seconds.labels(phase=phase)
-        for outcome in ("success", "failure"):
-            self.updates.labels(outcome=outcome)
-        for reason in FAILURE_REASONS:
-            self.failures.labels(reason=reason)
 
     # -- events the engine reports ---------------------------------------------------------
     def phase(self, name: str):
@@ -153,8 +93,7 @@ class WorkerMetrics:
 
     # -- internals -------------------------------------------------------------------------
     def _set_backend(self, backend: str) -> None:
-        self.info.clear()
-        self.info.labels(role="receiver", backend=backend).set(1)
+        self.set_info("receiver", backend)
 
     def _served_version(self) -> float:
         try:
