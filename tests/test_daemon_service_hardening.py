@@ -66,6 +66,17 @@ async def wait_for(event: threading.Event, timeout: float) -> None:
     assert await asyncio.to_thread(event.wait, timeout), "the event did not happen in time"
 
 
+async def round_held_midway(http, daemon, sender: WeightSender):
+    """Round 2 started on `daemon`, its /update_weights in flight and the trainer held midway
+    through sending `weights(2)`: (the hold, the update request, the send)."""
+    held = Held(sender)
+    assert (await http.post(daemon.url + "/start_weight_update")).status_code == 200
+    update = asyncio.ensure_future(http.post(daemon.url + "/update_weights", json={}))
+    sending = asyncio.ensure_future(asyncio.to_thread(sender.send_weights, weights(2)))
+    await wait_for(held.midway, 20)
+    return held, update, sending
+
+
 async def joined(http, daemons, world: int, headers=None, **extra):
     """A trainer (this process) and `daemons` in a fresh group."""
     port = free_port()
@@ -105,11 +116,7 @@ async def test_200_concurrent_updates_mid_round_get_409_and_the_round_completes(
         sender = await joined(http, [daemon], 2)
         await full_round(http, [daemon], sender, weights(1), 1)
 
-        held = Held(sender)
-        assert (await http.post(daemon.url + "/start_weight_update")).status_code == 200
-        update = asyncio.ensure_future(http.post(daemon.url + "/update_weights", json={}))
-        sending = asyncio.ensure_future(asyncio.to_thread(sender.send_weights, weights(2)))
-        await wait_for(held.midway, 20)
+        held, update, sending = await round_held_midway(http, daemon, sender)
 
         async def duplicate(i: int):
             began = time.monotonic()
@@ -144,11 +151,7 @@ async def test_a_close_whose_client_gave_up_does_not_run(spawn, http):
     sender = await joined(http, [daemon], 2)
     await full_round(http, [daemon], sender, weights(1), 1)
 
-    held = Held(sender)
-    assert (await http.post(daemon.url + "/start_weight_update")).status_code == 200
-    update = asyncio.ensure_future(http.post(daemon.url + "/update_weights", json={}))
-    sending = asyncio.ensure_future(asyncio.to_thread(sender.send_weights, weights(2)))
-    await wait_for(held.midway, 20)
+    held, update, sending = await round_held_midway(http, daemon, sender)
     with pytest.raises(httpx.ReadTimeout):  # close waits for the update in flight; its client does not
         await http.post(daemon.url + "/close_weight_transfer_engine", timeout=0.5)
     assert not sending.done()
@@ -166,11 +169,7 @@ async def test_abort_during_an_update_in_flight_answers_at_once(spawn, http):
     daemon = await spawn("daemon")
     sender = await joined(http, [daemon], 2)
     await full_round(http, [daemon], sender, weights(1), 1)
-    held = Held(sender)
-    assert (await http.post(daemon.url + "/start_weight_update")).status_code == 200
-    update = asyncio.ensure_future(http.post(daemon.url + "/update_weights", json={}))
-    sending = asyncio.ensure_future(asyncio.to_thread(sender.send_weights, weights(2)))
-    await wait_for(held.midway, 20)
+    held, update, sending = await round_held_midway(http, daemon, sender)
     began = time.monotonic()
     abort = await http.post(daemon.url + "/abort_weight_update?reason=gave%20up", timeout=5)
     assert time.monotonic() - began < 2 and not sending.done()
