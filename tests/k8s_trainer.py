@@ -78,26 +78,40 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     model = build_model(args.mbytes)
     client = connect(args.name, args.namespace, port=0, host="127.0.0.1", pod_name=args.pod,
-                                kube=KubeApi.from_environment(args.kubeconfig), wait=False)
+                     kube=KubeApi.from_environment(args.kubeconfig), wait=False)
+
+    def push(command: dict) -> dict:
+        train_step(model, command["version"])
+        weights = (HeldSource(model, Path(command["hold"]), args.push_timeout) if command.get("hold")
+                   else model.items())
+        result = client.push(weights, command["version"], timeout=args.push_timeout)
+        return result, {"checksum": named_checksum(model.items())}
+
+    serve_commands(client, push)
+
+
+def serve_commands(client, push, **more) -> None:
+    """The stdin protocol of the module docstring, for a trainer `client` (trainer_client.connect):
+    prints its URL line, then answers each command line until stdin closes. `push(command)` trains
+    and pushes one version: (the PushResult, more fields for the answer); `more`: further
+    commands by name, each answering its fields."""
     print(json.dumps({"url": client.url}), flush=True)
     for line in sys.stdin:
         command = json.loads(line)
         if command["cmd"] == "wait_ready":
             answer = {"ok": True, "rendezvous": client.wait_ready(command.get("timeout", 60.0))}
         elif command["cmd"] == "push":
-            train_step(model, command["version"])
             try:
-                weights = (HeldSource(model, Path(command["hold"]), args.push_timeout) if command.get("hold")
-                           else model.items())
-                result = client.push(weights, command["version"], timeout=args.push_timeout)
-                answer = {"ok": True, "result": dataclasses.asdict(result), "checksum": named_checksum(model.items())}
+                result, fields = push(command)
+                answer = {"ok": True, "result": dataclasses.asdict(result), **fields}
             except PushFailed as error:
                 answer = {"ok": False, "error": "PushFailed", "reason": error.reason}
+        elif command["cmd"] in more:
+            answer = {"ok": True, **more[command["cmd"]](command)}
         else:
             answer = {"ok": False, "error": f"unknown command {command['cmd']!r}"}
         print(json.dumps(answer), flush=True)
     client.close()
-
 
 if __name__ == "__main__":
     main()

@@ -22,8 +22,6 @@ Closing stdin stops it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
 
@@ -47,33 +45,25 @@ def main(argv: list[str] | None = None) -> None:
 
     from weightsync_operator.demo import qwen2
     from weightsync_operator.kube import KubeApi
-    from weightsync_operator.trainer_client import PushFailed, connect
+    from weightsync_operator.trainer_client import connect
+
+    from k8s_trainer import serve_commands  # the same stdin protocol
 
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
     qwen2.build(args.model)
     model = qwen2.load(args.model)
     client = connect(args.name, args.namespace, port=0, host="127.0.0.1", pod_name=args.pod,
-                                kube=KubeApi.from_environment(args.kubeconfig), wait=False)
-    print(json.dumps({"url": client.url}), flush=True)
-    for line in sys.stdin:
-        command = json.loads(line)
-        if command["cmd"] == "wait_ready":
-            answer = {"ok": True, "rendezvous": client.wait_ready(command.get("timeout", 60.0))}
-        elif command["cmd"] == "push":
-            qwen2.train_step(model)
-            try:
-                result = client.push(model.named_parameters(), command["version"], timeout=args.push_timeout)
-                answer = {"ok": True, "result": dataclasses.asdict(result)}
-            except PushFailed as error:
-                answer = {"ok": False, "error": "PushFailed", "reason": error.reason}
-        elif command["cmd"] == "generate":
-            answer = {"ok": True, "completions": [qwen2.greedy(model, p, command["max_tokens"])
-                                                  for p in command["prompts"]]}
-        else:
-            answer = {"ok": False, "error": f"unknown command {command['cmd']!r}"}
-        print(json.dumps(answer), flush=True)
-    client.close()
+                     kube=KubeApi.from_environment(args.kubeconfig), wait=False)
+
+    def push(command: dict):
+        qwen2.train_step(model)
+        return client.push(model.named_parameters(), command["version"], timeout=args.push_timeout), {}
+
+    def generate(command: dict) -> dict:
+        return {"completions": [qwen2.greedy(model, p, command["max_tokens"]) for p in command["prompts"]]}
+
+    serve_commands(client, push, generate=generate)
 
 
 if __name__ == "__main__":
