@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 import kopf
 
 from weightsync_operator.catchup import catch_up
-from weightsync_operator.client import PartyClient, PartyError, PartyHttp
+from weightsync_operator.client import PartyClient, PartyHttp
 from weightsync_operator.conditions import get_condition, set_condition
 from weightsync_operator.coordinator import Coordinator, InitError, SyncResult, SyncSpec, Timeouts
 from weightsync_operator.pods import PodRef, select
