@@ -105,9 +105,9 @@ def test_a_tensor_rewritten_during_the_round_fails_verification(pair):
     stats = sender.send_weights(named)
     handles = next(iter(stats.update_info["ipc_handles"].values()))
     assert handles["sampled"] == (backend == "ipc")
-    published, deadline = [f"ipc-digest/{handles['round_id']}"], time.monotonic() + 30
-    while not sender.transport._store.check(published):  # (a blocking get would hold the store's
-        assert time.monotonic() < deadline               # client from the thread that publishes)
+    deadline = time.monotonic() + 30
+    while not sender.transport.digests.has(handles["round_id"]):  # (a blocking get would hold the
+        assert time.monotonic() < deadline  # store's client from the thread that publishes)
         time.sleep(0.01)
     with torch.no_grad():
         named[3][1].view(-1)[:4] += 1  # the 4 MB tensor's first values

@@ -17,7 +17,8 @@ from weightsync.integrity import SAMPLE_STRIDE, SAMPLE_WINDOW, StreamDigest, sam
 from weightsync.layout import Layout, ramp_sizes
 from weightsync.packing import Region, RegionPlan, landed_regions, pack_regions, sampled_regions, unpack_regions
 from weightsync.transports.cuda_ipc import GpuHandles, content_key, parse_handles, rebind_device
-from weightsync.transports.p2p import P2pOptions, P2pTransport
+from weightsync.transports.lending.header import HandleExporter, HandleReader, RoundFlags
+from weightsync.transports.p2p import P2pOptions, PeerCopy
 from weightsync_operator.client import Endpoint
 from weightsync_operator.coordinator import Coordinator, SyncSpec
 from weightsync_operator.demo.hardware import choose_backend
@@ -62,13 +63,13 @@ def test_one_checksum_whatever_path_moved_the_bytes(ramp):
     pulled = StreamDigest("cpu")
     dests = [torch.zeros_like(s) for s in sources]
     prepared = SimpleNamespace(sources=sources, destinations=dests, offsets=layout.offsets)
-    p2p = SimpleNamespace(options=P2pOptions())  # the transport's default options
-    pieces, groups, small = P2pTransport._plan(p2p, prepared, True)  # copy engines + one small-tensor kernel
-    small.run(pulled)
-    for dst, src in pieces:
+    p2p = PeerCopy(torch.device("cpu"), None, P2pOptions())  # the transport's default options
+    plan = p2p.copy_plan(prepared, True)  # copy engines + one small-tensor kernel
+    plan.small.run(pulled)
+    for dst, src in plan.pieces:
         dst.copy_(src)
-    for _, plan in groups:
-        plan.run(pulled)
+    for group in plan.groups:
+        group.checksum.run(pulled)
 
     assert all(torch.equal(a, b) for a, b in zip(outs, sources))
     assert all(torch.equal(a, b) for a, b in zip(dests, sources))
@@ -117,6 +118,32 @@ def test_ipc_handles_are_validated_json_and_rebound_by_one_helper():
     assert GpuHandles.model_fields["format"].default == "weightsync-ipc/1"
     keyed = parse_handles({"GPU-a": _gpu_handles(key=content_key(3, handles.storages, handles.tensors))})["GPU-a"]
     assert keyed.key == content_key(3, keyed.storages, keyed.tensors) != content_key(0, keyed.storages, keyed.tensors)
+
+
+
+def test_a_receiver_validates_a_handles_body_once_and_only_the_round_flags_change_after():
+    """The receiver's HandleReader: a repeat round's body (same storages and placements, new
+    round flags) reuses what was validated, with the new flags; a changed placement is validated
+    again and bumps the version (the receiver then plans the round afresh); the trainer's
+    HandleExporter.compose puts exactly these flags on a cached body."""
+    reader = HandleReader("ipc", torch.device("cuda", 1))
+    pick = lambda uuids: "GPU-a"  # noqa: E731 - the copy strategy's choice
+    first = reader.read({"GPU-a": _gpu_handles()}, pick)
+    assert first.device == 1 and reader.version == 1  # rebound to the receiver's device
+    body = {"update_kind": "dense", "ipc_handles": {"GPU-a": _gpu_handles()}}
+    flags = RoundFlags("r2-0", more=True, verify=True, sampled=True)
+    composed = HandleExporter.compose(body, flags)
+    assert composed["ipc_handles"]["GPU-a"] == {**_gpu_handles(), "round_id": "r2-0", "more": True, "verify": True,
+                                                "sampled": True} and composed["update_kind"] == "dense"
+    again = reader.read(composed["ipc_handles"], pick)
+    assert reader.version == 1 and RoundFlags.of(again) == flags and again.storages == first.storages
+    moved = reader.read({"GPU-a": _gpu_handles(tensors=[{"storage": 0, "offset": 0, "nbytes": 4096}])}, pick)
+    assert reader.version == 2 and moved.tensors[0].nbytes == 4096
+    with pytest.raises(ProtocolError, match=r"ipc_handles\.GPU-a\.format"):
+        reader.read({"GPU-a": _gpu_handles(format="pickle")}, pick)
+    with pytest.raises(ProtocolError, match="the ipc transport needs the trainer's handles"):
+        reader.read({}, pick)
+    assert reader.version == 2
 
 
 def test_the_coordinator_relays_the_trainers_handles_batch_by_batch():
@@ -187,12 +214,13 @@ def test_p2p_groups_cover_the_stream_once_and_shrink_towards_its_end(monkeypatch
     sources = [torch.arange(n, dtype=torch.uint8) for n in (3 << 20, 5, 1 << 20, 700_001)]
     dests = [torch.zeros_like(s) for s in sources]
     offsets = Layout.of_sizes([s.numel() for s in sources]).offsets
-    pieces, groups = p2p._piece_plan(sources, dests, offsets, verify=False)
-    for dst, src in pieces:
+    plan = p2p.piece_plan(sources, dests, offsets, verify=False)
+    for dst, src in plan.pieces:
         dst.copy_(src)
     assert all(torch.equal(a, b) for a, b in zip(dests, sources))
-    assert sum(src.numel() for _, src in pieces) == sum(s.numel() for s in sources)
-    sizes = [sum(pieces[i][1].numel() for i in members) for members, _ in groups]
+    assert sum(piece.src.numel() for piece in plan.pieces) == sum(s.numel() for s in sources)
+    assert all(group.checksum is None for group in plan.groups)
+    sizes = [sum(plan.pieces[i].src.numel() for i in group.members) for group in plan.groups]
     assert max(sizes) <= 1 << 20 and sizes[0] == 1 << 20
     assert sizes[-1] <= 128 << 10 and sizes[-3:] == sorted(sizes[-3:], reverse=True)
 

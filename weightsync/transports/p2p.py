@@ -16,11 +16,15 @@ lends with few GPU programs (`source_sum_programs`), leaving its memory bandwidt
 engines that read it. The three are init_info.options (`P2pOptions`), agreed by every party.
 
 In Kubernetes the receiving process must see both GPUs (the same pod, or a node-level daemon).
+
+Everything else is ipc's protocol (`weightsync.transports.lending`): p2p adds its options, its
+`PeerCopy` strategy, which the receiver composes, and a checksum of every byte.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import dataclass, replace
+from typing import Annotated, NamedTuple
 
 import torch
 from pydantic import Field
@@ -30,9 +34,11 @@ from weightsync.integrity import StreamDigest
 from weightsync.landing import LoaderSink, StagedLoad, StagingPlan
 from weightsync.layout import Layout
 from weightsync.packing import Region, RegionPlan
+from weightsync.protocol import InitInfo
 from weightsync.transports import register
 from weightsync.transports.cuda_ipc import gpu_uuid, local_device_index
-from weightsync.transports.ipc import IpcTransport
+from weightsync.transports.lending.receiver import CopyStrategy, Landed, RoundPlan
+from weightsync.transports.lending.transport import LendingTransport
 from weightsync.transports.options import TransportOptions
 
 PIECE_BYTES = 1 << 30  # default of P2pOptions.piece_bytes; 2 x H200: 1 GiB copies match
@@ -54,25 +60,57 @@ class P2pOptions(TransportOptions):
     copy_streams: Annotated[int, Field(ge=1, le=16)] = 2
 
 
-@register
-class P2pTransport(IpcTransport):
-    name = "p2p"
-    options_model = P2pOptions
-    sampled_checksum = False  # the bytes cross NVLink: every one is checked
+class Piece(NamedTuple):
+    """One copy-engine copy: `src`, a slice of the trainer's memory, into `dst`."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    dst: torch.Tensor
+    src: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PieceGroup:
+    """Pieces copied on one stream and checksummed together once they all landed."""
+
+    members: list[int]  # indexes into the plan's pieces
+    checksum: RegionPlan | None  # of what landed; None when the round is not fully checksummed
+
+
+@dataclass(frozen=True)
+class PeerCopyPlan:
+    """A round's pull: copy-engine pieces in checksummed groups, and the small tensors' kernel."""
+
+    pieces: list[Piece]
+    groups: list[PieceGroup]
+    small: RegionPlan | None = None  # tensors under SMALL_BYTES: one batched copy-and-checksum kernel
+
+
+@dataclass(frozen=True)
+class StagedPull:
+    """A loader round's plan: the local staging it was built for, the staged load, and each
+    chunk's copies from the trainer's memory into that staging."""
+
+    area: torch.Tensor
+    staged: StagedLoad
+    pieces: list[list[Piece]]
+
+
+class PeerCopy(CopyStrategy):
+    """p2p's way to move bytes: the trainer's memory is on a peer GPU, so the copy engines pull
+    it over NVLink in groups on alternating copy streams, each group checksummed on this GPU as
+    soon as it landed; a loader gets the bytes through bounded local staging (reading the peer
+    once), never views of the peer's memory."""
+
+    def __init__(self, device: torch.device, side: torch.cuda.Stream | None, options: P2pOptions) -> None:
+        self._device = device
+        self._check = side  # the checksums run here
+        self._options = options
         self._copies: list[torch.cuda.Stream] = []
         self._area: torch.Tensor | None = None  # a loader round's staging
 
-    def close(self) -> None:
-        self._area = None
-        super().close()
-
-    def _choose_gpu(self, uuids: list[str]) -> str:
+    def choose_gpu(self, uuids: list[str]) -> str:
         """The trainer GPU to pull from: one this process can see (prefer its own, then the
         first visible peer)."""
-        own = gpu_uuid(self.device.index)
+        own = gpu_uuid(self._device.index)
         if own in uuids:
             return own
         for uuid in uuids:
@@ -82,100 +120,116 @@ class P2pTransport(IpcTransport):
                             f"none of the trainer's GPUs {uuids} is visible to this process; "
                             "p2p needs the trainer's GPU visible here (same pod or a node-level daemon)")
 
-    def _plan(self, prepared, verify: bool):
-        """p2p: copy-engine pieces, grouped, each group with its checksum of what landed; tensors
+    def copy_plan(self, plan: RoundPlan, checksum: bool) -> PeerCopyPlan:
+        """Copy-engine pieces, grouped, each group with its checksum of what landed; tensors
         under SMALL_BYTES go in one batched kernel instead (a copy engine's fixed cost per copy
         would exceed their transfer time)."""
-        large = [(s, d, o) for s, d, o in zip(prepared.sources, prepared.destinations, prepared.offsets)
+        large = [(s, d, o) for s, d, o in zip(plan.sources, plan.destinations, plan.offsets)
                  if s.numel() >= SMALL_BYTES]
-        small = [Region(s, d, o) for s, d, o in zip(prepared.sources, prepared.destinations, prepared.offsets)
+        small = [Region(s, d, o) for s, d, o in zip(plan.sources, plan.destinations, plan.offsets)
                  if 0 < s.numel() < SMALL_BYTES]
-        pieces, groups = _piece_plan(*zip(*large), verify, self.options.piece_bytes) if large else ([], [])
-        return pieces, groups, RegionPlan(small, copy=True, digest=verify) if small else None
+        pulled = piece_plan(*zip(*large), checksum, self._options.piece_bytes) if large else PeerCopyPlan([], [])
+        return replace(pulled, small=RegionPlan(small, copy=True, digest=checksum) if small else None)
 
-    def _pull(self, plan, digest: StreamDigest | None) -> torch.cuda.Event:
-        pieces, groups, small = plan
-        current = torch.cuda.current_stream(self.device)
+    def pull(self, copy_plan: PeerCopyPlan, digest: StreamDigest | None) -> torch.cuda.Event:
+        current = torch.cuda.current_stream(self._device)
         copy_streams = self._copy_streams()
         for stream in copy_streams:
             stream.wait_stream(current)
-        check = self._side
+        check = self._check
         check.wait_stream(current)
-        if small is not None:
+        if copy_plan.small is not None:
             with torch.cuda.stream(check):
-                small.run(digest)
-        for number, (members, checksum) in enumerate(groups):
+                copy_plan.small.run(digest)
+        pieces = copy_plan.pieces
+        for number, group in enumerate(copy_plan.groups):
             stream = copy_streams[number % len(copy_streams)]
             with torch.cuda.stream(stream):
-                for index in members:
+                for index in group.members:
                     dst, src = pieces[index]
                     dst.copy_(src, non_blocking=True)
                 landed = torch.cuda.Event()
                 landed.record(stream)
             check.wait_event(landed)
-            if checksum is not None and digest is not None:
+            if group.checksum is not None and digest is not None:
                 with torch.cuda.stream(check):
-                    checksum.run(digest)
+                    group.checksum.run(digest)
         done = torch.cuda.Event()
         done.record(check)
         return done
 
-    def _load_lent(self, prepared, loader: LoaderSink, digest: StreamDigest | None, full: bool):
-        """p2p: the bytes cross NVLink once, with the copy engines, into bounded local staging
+    def load(self, plan: RoundPlan, loader: LoaderSink, digest: StreamDigest | None, full: bool,
+             init: InitInfo) -> Landed:
+        """The bytes cross NVLink once, with the copy engines, into bounded local staging
         (`landing.StagingPlan`, packed_num_buffers x packed_buffer_size_bytes), where each chunk is
         checksummed and its completed groups handed to the loader while the next chunks are still
         being pulled. (Handing the loader views of the peer's memory would read every byte over
         NVLink twice: once by the loader's copies, once by the checksum.) The host never waits
         here: each step is ordered behind the last on the GPU, and the caller waits, bounded, for
         the returned event."""
-        staged, pieces = self._staged_plan(prepared, loader, full and digest is not None)
-        current = torch.cuda.current_stream(self.device)
+        pull = self._staged_pull(plan, loader, full and digest is not None, init)
+        current = torch.cuda.current_stream(self._device)
         copies = self._copy_streams()
 
         def post(number: int) -> torch.cuda.Event:
             stream = copies[number % len(copies)]
             stream.wait_stream(current)  # the staging bytes it overwrites were checksummed and loaded
             with torch.cuda.stream(stream):
-                for dst, src in pieces[number]:
+                for dst, src in pull.pieces[number]:
                     dst.copy_(src, non_blocking=True)
             landed = torch.cuda.Event()
             landed.record(stream)
             return landed
 
-        failure = staged.run(post, current.wait_event, loader, digest if full else None,
-                             self.init.packed_num_buffers)
+        failure = pull.staged.run(post, current.wait_event, loader, digest if full else None, init.packed_num_buffers)
         done = torch.cuda.Event()
         done.record(current)
-        return failure, done, full
+        return Landed(failure, done, full)
 
-    def _staged_plan(self, prepared, loader: LoaderSink, verify: bool):
+    def _staged_pull(self, plan: RoundPlan, loader: LoaderSink, verify: bool, init: InitInfo) -> StagedPull:
         """The round's staged load and each chunk's (staging, peer) copies, built once per plan."""
-        cached = prepared.plans.get(("staged", verify))
-        if cached is not None and cached[0] is self._area:
-            return cached[1], cached[2]
-        manifest = prepared.landing.manifest
-        layout = Layout.of_sizes(prepared.sizes)
-        capacity = self.init.packed_num_buffers * self.init.packed_buffer_size_bytes
+        cached = plan.loads.get(verify)
+        if cached is not None and cached.area is self._area:
+            return cached
+        manifest = plan.landing.manifest
+        layout = Layout.of_sizes(plan.sizes)
+        capacity = init.packed_num_buffers * init.packed_buffer_size_bytes
         # The receiver cuts the round itself: chunks of a quarter of the staging at most, so that
         # a fused group and the chunks in flight around it fit (1 GiB x 2: 512 MiB chunks); each
         # piece is its own copy, so each tensor has its own place (a piecewise plan).
-        size = max(min(self.init.packed_buffer_size_bytes, capacity // 4) // 256 * 256, 256)
+        size = max(min(init.packed_buffer_size_bytes, capacity // 4) // 256 * 256, 256)
         chunks = layout.chunks(size, ramp=True)
-        plan = StagingPlan.build(layout, chunks, capacity, manifest.names, loader.run_ends(manifest), piecewise=True)
+        staging = StagingPlan.build(layout, chunks, capacity, manifest.names, loader.run_ends(manifest),
+                                    piecewise=True)
         if self._area is None or self._area.numel() != capacity:
             self._area = None  # free the old one before allocating
-            self._area = torch.empty(capacity, dtype=torch.uint8, device=self.device)
+            self._area = torch.empty(capacity, dtype=torch.uint8, device=self._device)
         loader.staging_bytes = self._area.numel()
-        staged = StagedLoad(plan, self._area, manifest, chunks, layout, verify)
-        pieces = [[(dst, prepared.sources[s.index][s.start : s.stop])
+        staged = StagedLoad(staging, self._area, manifest, chunks, layout, verify)
+        pieces = [[Piece(dst, plan.sources[s.index][s.start : s.stop])
                    for dst, s in zip(staged.pieces[c.number], [s for s in c.segments if s.nbytes])] for c in chunks]
-        prepared.plans[("staged", verify)] = (self._area, staged, pieces, chunks)
-        return staged, pieces
+        pull = plan.loads[verify] = StagedPull(self._area, staged, pieces)
+        return pull
 
     def _copy_streams(self) -> list[torch.cuda.Stream]:
         if not self._copies:
-            self._copies = [torch.cuda.Stream(self.device) for _ in range(self.options.copy_streams)]
+            self._copies = [torch.cuda.Stream(self._device) for _ in range(self._options.copy_streams)]
         return self._copies
+
+    def close(self) -> None:
+        self._area = None
+
+
+@register
+class P2pTransport(LendingTransport):
+    """p2p: trainer and receiver on different GPUs of the host (see the module docstring)."""
+
+    name = "p2p"
+    options_model = P2pOptions
+    # coverage(): LendingTransport's, every byte (the copy crosses NVLink)
+
+    def copy_strategy(self, side: torch.cuda.Stream) -> CopyStrategy:
+        return PeerCopy(self.device, side, self.options)
 
 
 def group_target(remaining: int, piece_bytes: int | None = None) -> int:
@@ -184,11 +238,11 @@ def group_target(remaining: int, piece_bytes: int | None = None) -> int:
     return min(PIECE_BYTES if piece_bytes is None else piece_bytes, max(TAIL_BYTES, remaining // 2))
 
 
-def _piece_plan(sources, destinations, offsets, verify: bool, piece_bytes: int | None = None):
+def piece_plan(sources, destinations, offsets, verify: bool, piece_bytes: int | None = None) -> PeerCopyPlan:
     """Cut the (source, destination) pairs, in stream order, into pieces that fill groups of
-    `group_target` bytes; each group gets its checksum plan."""
-    pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
-    groups = []
+    `group_target` bytes; each group gets its checksum plan when `verify`."""
+    pieces: list[Piece] = []
+    groups: list[PieceGroup] = []
     members: list[int] = []
     group_regions: list[Region] = []
     remaining = sum(src.numel() for src in sources)
@@ -197,14 +251,14 @@ def _piece_plan(sources, destinations, offsets, verify: bool, piece_bytes: int |
     def close_group():
         nonlocal members, group_regions, room
         if members:
-            groups.append((members, RegionPlan(group_regions, copy=False) if verify else None))
+            groups.append(PieceGroup(members, RegionPlan(group_regions, copy=False) if verify else None))
         members, group_regions, room = [], [], group_target(remaining, piece_bytes)
 
     for src, dst, offset in zip(sources, destinations, offsets):
         start = 0
         while start < src.numel():
             stop = min(start + room, src.numel())
-            pieces.append((dst[start:stop], src[start:stop]))
+            pieces.append(Piece(dst[start:stop], src[start:stop]))
             members.append(len(pieces) - 1)
             group_regions.append(Region(dst[start:stop], None, offset + start))
             room -= stop - start
@@ -213,4 +267,4 @@ def _piece_plan(sources, destinations, offsets, verify: bool, piece_bytes: int |
             if room <= 0:
                 close_group()
     close_group()
-    return pieces, groups
+    return PeerCopyPlan(pieces, groups)

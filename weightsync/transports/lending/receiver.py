@@ -1,0 +1,251 @@
+"""The receiver side of a lent round: open the trainer's handles, land the bytes, verify."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from weightsync.errors import IntegrityError, ManifestMismatch, ProtocolError, TransferError
+from weightsync.integrity import DIGEST_BYTES, StreamDigest, format_digest
+from weightsync.landing import (
+    Landing, LoaderSink, Shadow, Sink, check_indices, choose_landing, shaped_views, sink_verdict, stream_sizes,
+)
+from weightsync.layout import Layout
+from weightsync.packing import RegionPlan
+from weightsync.protocol import InitInfo, Manifest, UpdateInfo
+from weightsync.store import WeightStore
+from weightsync.transports.base import RoundStats
+from weightsync.transports.cuda_ipc import GpuHandles, open_storage
+from weightsync.transports.lending.checksums import Coverage, DigestBoard
+from weightsync.transports.lending.header import HandleReader, ManifestReader
+from weightsync.transports.waits import wait_event_until
+
+
+@dataclass(frozen=True)
+class PlanKey:
+    """What a receiver's plan was made for; a dense round with the same key reuses it."""
+
+    handles_version: int  # HandleReader.version
+    manifest_version: int  # ManifestReader.version
+    kind: str
+    sink: int  # id() of the sink
+    sink_tensors: int  # a WeightStore's len() (0 for a loader)
+    atomic: bool
+
+
+@dataclass
+class RoundPlan:
+    """A receiver's plan for a round: validated once, reused while handles, manifest and sink
+    stay. The caches at the end belong to whoever fills them: `copies` and `loads` to the
+    receiver's `CopyStrategy`, `sample` to the receiver's verification."""
+
+    key: PlanKey
+    sizes: list[int]
+    sources: list[torch.Tensor]  # flat views of the trainer's bytes, one per stream tensor
+    destinations: list[torch.Tensor]
+    offsets: tuple[int, ...]
+    landing: Landing
+    views: list[tuple[str, torch.Tensor]]  # a loader round: (name, shaped view of the trainer's bytes)
+    copies: dict[bool, object] = field(default_factory=dict)  # strategy's copy plan, by full checksum
+    loads: dict[bool, object] = field(default_factory=dict)  # strategy's loader plan, by full checksum
+    sample: RegionPlan | None = None  # the sampled checksum of what was written (or handed over)
+
+
+@dataclass(frozen=True)
+class Landed:
+    """What a strategy's load into a loader left: the loader's failure (None: it took every
+    tensor), the event that marks the end on the GPU, and whether the checksum is complete."""
+
+    failure: str | None
+    done: torch.cuda.Event
+    covered: bool
+
+
+class CopyStrategy(ABC):
+    """How a receiver moves the trainer's bytes: which trainer GPU it reads from, the copy into
+    the weights (with its checksum), and the hand-over to an engine's loader. The receiver owns
+    the round (plan, verification, commit); a strategy only moves bytes, on its own streams."""
+
+    @abstractmethod
+    def choose_gpu(self, uuids: list[str]) -> str:
+        """The UUID of the trainer GPU (one of `uuids`) whose handles this receiver opens."""
+
+    @abstractmethod
+    def copy_plan(self, plan: RoundPlan, checksum: bool) -> object:
+        """The copy of `plan`'s sources into its destinations (checksumming what it reads when
+        `checksum`); built once per plan, cached in `plan.copies`."""
+
+    @abstractmethod
+    def pull(self, copy_plan: object, digest: StreamDigest | None) -> torch.cuda.Event:
+        """Run a `copy_plan`, behind the current stream; the event marks its end."""
+
+    @abstractmethod
+    def load(self, plan: RoundPlan, loader: LoaderSink, digest: StreamDigest | None, full: bool,
+             init: InitInfo) -> Landed:
+        """Hand the trainer's bytes to `loader` (with a full checksum into `digest` when `full`)."""
+
+    def close(self) -> None:
+        """Free what the strategy holds."""
+
+
+class OpenedStorages:
+    """The trainer's storages this receiver mapped: each opened once, kept while the trainer
+    lends it, released when a round no longer names it."""
+
+    def __init__(self) -> None:
+        self._opened: dict[tuple[str, int, int], torch.Tensor] = {}
+
+    def sources(self, handles: GpuHandles) -> list[torch.Tensor]:
+        """Flat views of the trainer's bytes, one per stream tensor."""
+        used = {}
+        flats = []
+        for storage in handles.storages:
+            key = (storage.handle, storage.offset_bytes, storage.size_bytes)
+            flat = self._opened.get(key)
+            if flat is None:
+                try:
+                    flat = open_storage(storage, handles.device)
+                except Exception as error:  # noqa: BLE001 - CUDA reports a bad or foreign handle
+                    raise TransferError(f"cannot open the trainer's IPC handle: {error}") from error
+            used[key] = flat
+            flats.append(flat)
+        self._opened = used  # storages the trainer stopped lending are released here
+        return [flats[p.storage][p.offset : p.offset + p.nbytes] for p in handles.tensors]
+
+    def clear(self) -> None:
+        self._opened.clear()
+
+
+class IpcReceiver:
+    """Receiver side of an ipc or p2p group: take one round of the trainer's lent bytes into a
+    sink (a `WeightStore` or a `LoaderSink`, see `weightsync.landing`).
+
+    Everything is checked before the first byte moves (handles against the manifest, manifest
+    against the sink); the bytes then move with the `CopyStrategy`, the checksum of what was
+    written (all of it, or the trainer's `Coverage.SAMPLE`) is compared with the trainer's
+    value on the `DigestBoard`, and only then is anything committed."""
+
+    def __init__(self, transport: str, init: InitInfo, device: torch.device, board: DigestBoard,
+                 side: torch.cuda.Stream, copier: CopyStrategy):
+        self.init = init
+        self.device = device
+        self._timeout = init.timeout_seconds
+        self._board = board
+        self._side = side  # checksums (and ipc's copy) run here
+        self._copier = copier
+        self._handles = HandleReader(transport, device)
+        self._manifests = ManifestReader(transport)
+        self._storages = OpenedStorages()
+        self._plan: RoundPlan | None = None
+        self._shadow = Shadow()
+        self._digest_host = torch.empty(DIGEST_BYTES, dtype=torch.uint8, pin_memory=True)
+
+    def receive(self, sink: Sink, info: UpdateInfo) -> RoundStats:
+        """Copy (or hand to the loader) the trainer's lent bytes, verify them, then commit."""
+        started = time.perf_counter()
+        handles = self._handles.read(info.ipc_handles, self._copier.choose_gpu)
+        manifest = self._manifests.read(info)
+        kind = info.update_kind or "dense"
+        loader = sink if isinstance(sink, LoaderSink) else None
+        if loader is not None:
+            loader.begin_round()
+        key = PlanKey(self._handles.version, self._manifests.version, kind, id(sink),
+                      len(sink) if loader is None else 0, self.init.atomic)
+        plan = self._plan
+        if plan is None or plan.key != key or kind != "dense":
+            self._plan = None  # release what the last plan held first
+            plan = self._prepare(key, handles, manifest, kind, sink)
+            if kind == "dense":
+                self._plan = plan
+        landing = plan.landing
+        verify, sampled = handles.verify, handles.verify and handles.sampled
+        digest = StreamDigest(self.device) if verify else None
+        try:
+            full = verify and not sampled  # the copy checksums everything it reads
+            failure = None
+            if landing.staged:
+                landed = self._copier.load(plan, loader, digest, full, self.init)
+                failure, done, covered = landed.failure, landed.done, landed.covered
+            else:
+                if full not in plan.copies:
+                    plan.copies[full] = self._copier.copy_plan(plan, full)
+                done = self._copier.pull(plan.copies[full], digest if full else None)
+                covered = full
+            checksum = None
+            sent: str | TransferError | None = None
+            if digest is not None:
+                # While the copy runs: the trainer's value (its store round trip off the critical
+                # path); behind the copy (on the stream `done` is recorded on): the sample's
+                # checksum, and the copy of ours to host memory.
+                try:
+                    sent = self._board.fetch(handles.round_id)
+                except TransferError as error:
+                    sent = error  # raised once the copy is over: it reads the trainer's memory
+                with torch.cuda.stream(self._side):
+                    self._side.wait_event(done)
+                    if not covered:
+                        if plan.sample is None:  # what was written (or handed over)
+                            read = plan.sources if landing.staged else plan.destinations
+                            plan.sample = Coverage.SAMPLE.plan(read, plan.offsets)
+                        plan.sample.run(digest)
+                    self._digest_host.copy_(digest.as_bytes(), non_blocking=True)
+                    done.record(self._side)
+            wait_event_until(done, time.monotonic() + self._timeout, "copying from the trainer")
+            if failure is not None:
+                raise TransferError(f"round not applied: {failure}")
+            if isinstance(sent, TransferError):
+                raise sent
+            if digest is not None:
+                checksum = format_digest(self._digest_host.numpy().tobytes())
+                if sent != checksum:
+                    raise IntegrityError(f"round not applied: checksum mismatch: received {checksum}, "
+                                         f"trainer sent {sent}")
+            if landing.scratch is not None:
+                problem = check_indices(manifest, landing.scratch, sink)
+                if problem:
+                    raise TransferError(f"round not applied: {problem}")
+        except TransferError as error:
+            error.weights_touched = landing.touched()
+            raise
+        landing.commit(sink)
+        if kind != "dense" or self.init.atomic or loader is not None:
+            torch.cuda.current_stream(self.device).synchronize()
+        return RoundStats(handles.round_id, kind, len(manifest.tensors), sum(plan.sizes), 0,
+                          time.perf_counter() - started, in_place=landing.writes_live and loader is None,
+                          checksum=checksum)
+
+    def _prepare(self, key: PlanKey, handles: GpuHandles, manifest: Manifest, kind: str, sink: Sink) -> RoundPlan:
+        """Check the round against the manifest and the weights, open what is not open yet, and
+        line up sources and destinations. Nothing is copied before all of this passed."""
+        sizes = stream_sizes(kind, manifest)
+        if len(handles.tensors) != len(sizes):
+            raise ProtocolError("update_info.ipc_handles",
+                                f"{len(handles.tensors)} placements for {len(sizes)} stream tensors")
+        for i, (placement, size) in enumerate(zip(handles.tensors, sizes)):
+            if placement.nbytes != size:
+                raise ProtocolError(f"update_info.ipc_handles.tensors.{i}",
+                                    f"{placement.nbytes} bytes where the manifest needs {size}")
+        if kind == "dense" and isinstance(sink, WeightStore):
+            sink.adopt(manifest, self.device)
+        problem = sink_verdict(kind, manifest, sink)
+        if problem:
+            raise ManifestMismatch(problem)
+        sources = self._storages.sources(handles)
+        landing = choose_landing(kind, manifest, sink, None, self.device, self.init.atomic, self._shadow,
+                                 flat_target=False)
+        destinations = landing.destinations or []
+        for dst in destinations:
+            if dst.device != self.device:
+                raise TransferError(f"the weights live on {dst.device}, the transport on {self.device}")
+        offsets = Layout.of_sizes(sizes).offsets
+        views = shaped_views(manifest, sources) if landing.staged else []
+        return RoundPlan(key, sizes, sources, destinations, offsets, landing, views)
+
+    def close(self) -> None:
+        self._storages.clear()
+        self._plan = None
+        self._shadow.clear()
+        self._copier.close()
