@@ -43,7 +43,7 @@ for extra in (REPO, REPO / "daemon", REPO / "operator", REPO / "benchmarks"):
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from weightsync.layout import parse_size  # noqa: E402
+from weightsync.limits import parse_size  # noqa: E402
 
 GiB = 1 << 30
 TIMEOUT = 300.0  # every cross-process wait of the harness
@@ -312,7 +312,8 @@ class Worker:
 
     def nccl_section(self, n: int) -> None:
         from weightsync.protocol import UpdateInfo
-        from weightsync.transports import collective, get_transport
+        from weightsync.transports import get_transport
+        from weightsync.transports.collective import trace
 
         rank = self.index if self.role != "ipc" else None
         if rank is None or rank >= n:
@@ -351,7 +352,7 @@ class Worker:
                 for rep in range(a.warmup + a.reps):
                     self.next_values(f"{section}/{method}/{rep}")
                     group.gather_to_host(tiny)  # start together
-                    collective.TRACE = [] if "diag" in a.sections and method.startswith("ws") else None
+                    trace.TRACE = [] if "diag" in a.sections and method.startswith("ws") else None
                     t_zero = time.monotonic()
                     if rank == 0:
                         began = time.perf_counter()
@@ -609,10 +610,10 @@ def _round_diagnosis(transport, group, settled: dict, t_zero: float) -> dict:
 
 def _trace(t_zero: float) -> list:
     """The round's recorded steps as (label, ms since the shared start), then stop recording."""
-    from weightsync.transports import collective
+    from weightsync.transports.collective import trace
 
-    steps = [(label, round((at - t_zero) * 1e3, 3)) for label, at in (collective.TRACE or [])]
-    collective.TRACE = None
+    steps = [(label, round((at - t_zero) * 1e3, 3)) for label, at in (trace.TRACE or [])]
+    trace.TRACE = None
     return steps
 
 

@@ -16,8 +16,11 @@ COPY pyproject.toml README.md ./
 COPY weightsync ./weightsync
 COPY daemon ./daemon
 COPY operator ./operator
-# The base image's torch satisfies the dependency, so pip keeps it (and its CUDA build).
-RUN pip install . && cd / && rm -rf /src
+COPY engines ./engines
+COPY cli ./cli
+# weightsync[daemon]: the daemon and the data plane, no Kubernetes client. The base image's torch
+# satisfies the dependency, so pip keeps it (and its CUDA build).
+RUN pip install ".[daemon]" && cd / && rm -rf /src
 
 # A numeric UID, so that the kubelet can verify runAsNonRoot (the chart runs as 10001 too).
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin weightsync

@@ -9,18 +9,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# torch is a dependency of the package, but the operator never touches a GPU: the CPU wheel
-# keeps the image small (the default wheel bundles CUDA libraries).
-ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
-
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY weightsync ./weightsync
 COPY daemon ./daemon
 COPY operator ./operator
-RUN pip install . && cd / && rm -rf /src
+COPY engines ./engines
+COPY cli ./cli
+# weightsync[operator]: the control plane only. The operator never touches a tensor, and its
+# image has no PyTorch (tests/test_packaging.py resolves the extra and runs the command without it).
+RUN pip install ".[operator]" && cd / && rm -rf /src
 
 # A numeric UID, so that the kubelet can verify runAsNonRoot (the chart runs as 10001 too).
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin weightsync

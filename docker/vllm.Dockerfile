@@ -19,6 +19,7 @@ COPY weightsync ./weightsync
 COPY daemon ./daemon
 COPY operator ./operator
 COPY engines ./engines
+COPY cli ./cli
 RUN python3 -m pip install ".[vllm]" && cd / && rm -rf /src
 
 # VLLM_SERVER_DEV_MODE=1: vLLM registers its weight-transfer routes (/init_weight_transfer_engine,

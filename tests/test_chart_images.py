@@ -41,7 +41,7 @@ def test_image_runs_as_the_chart_user_and_installs_the_package(component):
     uid = int(users[-1].split(":")[0])
     assert uid != 0 and uid == VALUES[component]["podSecurityContext"]["runAsUser"]
     runs = " ".join(value for kind, value in steps if kind == "RUN")
-    assert "pip install ." in runs
+    assert f'pip install ".[{component}]"' in runs, "each image installs the extra of its component"
     (cmd,) = [json.loads(value) for kind, value in steps if kind == "CMD"]
     assert cmd[:2] == ["weightsync", component]
     for source in copied_sources(IMAGES[component]):
@@ -54,9 +54,13 @@ def test_daemon_image_starts_from_a_cuda_pytorch_base():
     assert ("EXPOSE", "8200") in instructions(IMAGES["daemon"])
 
 
-def test_operator_image_takes_the_cpu_torch_wheel():
+def test_operator_image_installs_no_torch():
+    """The operator never touches a tensor: its image installs `weightsync[operator]` (which
+    tests/test_packaging.py resolves without PyTorch) on plain Python, and nothing else."""
+    parser = DockerfileParser(path=str(IMAGES["operator"]))
+    assert parser.baseimage.startswith("python:")
     runs = [value for kind, value in instructions(IMAGES["operator"]) if kind == "RUN"]
-    assert any("torch==${TORCH_VERSION}" in r and "TORCH_INDEX_URL" in r for r in runs)
+    assert not any("torch" in r for r in runs), runs
 
 
 def test_the_copied_files_build_the_package_with_the_weightsync_command(tmp_path):
@@ -78,6 +82,7 @@ def test_the_copied_files_build_the_package_with_the_weightsync_command(tmp_path
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    for module in ("weightsync/__init__.py", "weightsync_daemon/server.py", "weightsync_operator/cli.py"):
+    for module in ("weightsync/__init__.py", "weightsync_daemon/server.py", "weightsync_operator/operator_cli.py",
+                   "weightsync_cli/main.py"):
         assert module in names
-    assert "weightsync = weightsync_operator.cli:main" in entry_points
+    assert "weightsync = weightsync_cli.main:main" in entry_points

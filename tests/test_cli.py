@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from weightsync import cli_args
 from weightsync.protocol import Manifest
-from weightsync_daemon import ReceiverService, cli_args
-from weightsync_daemon.auth import TOKEN_ENV
+from weightsync.tokens import TOKEN_ENV
+from weightsync_daemon import ReceiverService, arg_types
 
 pytestmark = pytest.mark.integration  # runs the CLI as a process, and embedded servers
 WEIGHTSYNC = str(Path(sys.executable).parent / "weightsync")
@@ -121,7 +122,7 @@ def test_daemon_help_shows_the_defaults_and_a_manifest_that_parses(tmp_path):
     example = done.stdout[done.stdout.index('{"tensors"'):]
     example = example[:example.index("\n  ]}") + 5]
     (tmp_path / "manifest.json").write_text(example)
-    manifest = cli_args.manifest_file(str(tmp_path / "manifest.json"))
+    manifest = arg_types.manifest_file(str(tmp_path / "manifest.json"))
     assert isinstance(manifest, Manifest) and len(manifest.tensors) == 3
     for dtype in ("bfloat16", "float32", "float8_e4m3fn"):
         assert dtype in done.stdout

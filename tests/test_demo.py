@@ -10,7 +10,7 @@ pytestmark = pytest.mark.integration  # the demo: daemon processes and a trainer
 
 
 def test_demo_verifies_every_round():
-    run = subprocess.run([sys.executable, "-m", "weightsync_operator.cli", "demo", "--rounds", "3", "--daemons", "2"],
+    run = subprocess.run([sys.executable, "-m", "weightsync_cli", "demo", "--rounds", "3", "--daemons", "2"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+([\d,]+)\s+([\d.]+)\s+([\d.]+)\s+yes$", run.stdout, re.M)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.vllm
 
 
 def test_the_vllm_demo_verifies_every_round(tmp_path, vllm_python):
-    run = subprocess.run([sys.executable, "-m", "weightsync_operator.cli", "demo", "--engine", "vllm",
+    run = subprocess.run([sys.executable, "-m", "weightsync_cli", "demo", "--engine", "vllm",
                           "--rounds", "3"],
                          capture_output=True, text=True, timeout=540, cwd=tmp_path,
                          env={**os.environ, "WEIGHTSYNC_VLLM_PYTHON": vllm_python, "TMPDIR": str(tmp_path)})
@@ -32,7 +32,7 @@ def test_the_vllm_demo_verifies_every_round(tmp_path, vllm_python):
 
 
 def test_without_vllm_the_demo_says_what_is_missing_in_one_line(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "weightsync_operator.cli", "demo", "--engine", "vllm"],
+    run = subprocess.run([sys.executable, "-m", "weightsync_cli", "demo", "--engine", "vllm"],
                          capture_output=True, text=True, timeout=120,
                          env={**os.environ, "WEIGHTSYNC_VLLM_PYTHON": str(tmp_path / "no-python")})
     assert run.returncode == 2
@@ -43,7 +43,7 @@ def test_without_vllm_the_demo_says_what_is_missing_in_one_line(tmp_path):
 
 
 def test_the_vllm_demo_refuses_another_transport_in_one_line():
-    run = subprocess.run([sys.executable, "-m", "weightsync_operator.cli", "demo", "--engine", "vllm",
+    run = subprocess.run([sys.executable, "-m", "weightsync_cli", "demo", "--engine", "vllm",
                           "--backend", "nccl"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [

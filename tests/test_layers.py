@@ -1,7 +1,9 @@
 """The arrows between the packages point one way (issue 17): the core (weightsync, with its
 transports) imports none of the outer packages; the daemon and the vLLM backend import the core
-and not each other; the operator sits on top; the coordinator never imports the data plane (nor
-torch); GPU pods' packages import no Kubernetes; only the vLLM backend imports vLLM. The contracts
+and not each other; the operator sits above them and the `weightsync` command (weightsync_cli) on
+top; the coordinator never imports the data plane (nor torch); the operator's runtime imports no
+PyTorch, daemon or data plane (its image has none: tests/test_packaging.py); GPU pods' packages
+import no Kubernetes; only the vLLM backend imports vLLM. The contracts
 live in pyproject.toml's [tool.importlinter]; `lint-imports` checks them.
 
 The contracts are also run on a copy of the packages with one wrong import planted, to show they
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Where each package's source lives (pyproject.toml's package-dir).
 PACKAGES = {"weightsync": ROOT / "weightsync", "weightsync_daemon": ROOT / "daemon" / "weightsync_daemon",
             "weightsync_operator": ROOT / "operator" / "weightsync_operator",
-            "weightsync_vllm": ROOT / "engines" / "weightsync_vllm"}
+            "weightsync_vllm": ROOT / "engines" / "weightsync_vllm", "weightsync_cli": ROOT / "cli" / "weightsync_cli"}
 
 
 def lint_imports(cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
@@ -47,11 +49,11 @@ def test_the_layers_hold(capsys):
     status = check(config_filename=str(ROOT / "pyproject.toml"), no_cache=True, no_logo=True)
     out = capsys.readouterr().out
     assert status == 0, out
-    assert "4 kept, 0 broken" in out
+    assert "5 kept, 0 broken" in out
 
 
 def copy_tree(tmp_path: Path) -> Path:
-    """The four packages and the contracts, side by side in `tmp_path`, without caches."""
+    """The five packages and the contracts, side by side in `tmp_path`, without caches."""
     site = tmp_path / "src"
     for name, source in PACKAGES.items():
         shutil.copytree(source, site / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -84,6 +86,15 @@ def test_an_unchanged_copy_keeps_the_contracts(tmp_path):
     ("weightsync_operator/coordinator.py", "import weightsync.transports",
      "weightsync_operator.coordinator -> weightsync.transports"),
     ("weightsync_operator/client.py", "import torch", "weightsync_operator.client -> torch"),
+    # The operator's runtime needs the torch-dependent protocol (what its CRD models did) or the
+    # daemon package (what its command did for the token): its image would need PyTorch.
+    ("weightsync_operator/resource.py", "import weightsync.protocol",
+     "weightsync_operator.resource -> weightsync.protocol"),
+    ("weightsync_operator/operator_cli.py", "import weightsync_daemon.auth",
+     "weightsync_operator.operator_cli -> weightsync_daemon.auth"),
+    ("weightsync_operator/kube.py", "import numpy", "weightsync_operator.kube -> numpy"),
+    # The core imports the command (which sits above every layer).
+    ("weightsync/cli_args.py", "import weightsync_cli.main", "weightsync.cli_args -> weightsync_cli.main"),
     # A GPU pod's packages import Kubernetes; the daemon imports vLLM.
     ("weightsync_daemon/server.py", "import kubernetes", "weightsync_daemon.server -> kubernetes"),
     ("weightsync_daemon/service.py", "import vllm", "weightsync_daemon.service -> vllm"),

@@ -29,7 +29,7 @@ from dockerfile_parse import DockerfileParser
 
 from weightsync import WeightSender
 from weightsync.store import named_checksum
-from weightsync_daemon.auth import TOKEN_ENV
+from weightsync.tokens import TOKEN_ENV
 from weightsync_operator.client import Endpoint
 from weightsync_operator.coordinator import Coordinator, SyncSpec, Timeouts
 from weightsync_operator.local import free_port

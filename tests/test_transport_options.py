@@ -218,10 +218,12 @@ def test_an_environment_variable_only_sets_a_default_which_is_agreed(monkeypatch
 
 def test_no_weightsync_variable_is_read_except_as_an_option_default():
     """Scan weightsync/: the environment is read in one place (options.env_default's factory)
-    and by the NCCL library lookup (which libnccl this process loads: nothing a peer sees).
+    by the NCCL library lookup (which libnccl this process loads: nothing a peer sees) and by the
+    bearer token's lookup (a secret: it authenticates HTTP calls, never changes the wire).
     Every env_default names a WEIGHTSYNC_* variable and is the default_factory of a field of a
     TransportOptions model; each of those is covered by ENV_DEFAULTS above."""
-    allowed_reads = {("weightsync/transports/options.py", "factory"), ("weightsync/transports/nccl_lib.py", "library")}
+    allowed_reads = {("weightsync/transports/options.py", "factory"), ("weightsync/transports/nccl_lib.py", "library"),
+                     ("weightsync/tokens.py", "load_token")}
     reads, defaults = set(), set()
     for path in sorted((ROOT / "weightsync").rglob("*.py")):
         rel = str(path.relative_to(ROOT))

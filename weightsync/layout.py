@@ -20,16 +20,6 @@ RAMP_STEPS = 2  # a ramped stream starts with chunks of 1/4 and 1/2 of a buffer 
 RAMP_MIN_BYTES = 1 << 20  # costs a collective call; never smaller than this)
 
 
-def parse_size(text: str) -> int:
-    """Bytes from a command-line size: '1048576', '512KiB', '64MiB', '1GiB'."""
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
-    lowered = text.strip().lower()
-    for suffix, factor in units.items():
-        if lowered.endswith(suffix):
-            return int(float(lowered[: -len(suffix)]) * factor)
-    return int(lowered)
-
-
 def align_up(value: int, alignment: int) -> int:
     return (value + alignment - 1) // alignment * alignment
 

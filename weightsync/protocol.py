@@ -14,12 +14,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from weightsync.errors import ProtocolError
+from weightsync.limits import DEFAULT_BUFFER_SIZE_BYTES, DEFAULT_NUM_BUFFERS, BufferSize, NumBuffers
 
-DEFAULT_BUFFER_SIZE_BYTES = 1 << 30  # 1 GiB, as vLLM
-DEFAULT_NUM_BUFFERS = 2
-MAX_NUM_BUFFERS = 16
-MIN_BUFFER_SIZE_BYTES = 1 << 10
-MAX_BUFFER_SIZE_BYTES = 1 << 36
 DEFAULT_TIMEOUT_SECONDS = 120.0
 
 # The dtypes a manifest may name; names match torch attribute names (as vLLM's dtype_names).
@@ -108,10 +104,6 @@ class Manifest(_Strict):
     @classmethod
     def of(cls, named_tensors: list[tuple[str, torch.Tensor]]) -> "Manifest":
         return cls(tensors=tuple(TensorSpec.of(n, t) for n, t in named_tensors))
-
-
-BufferSize = Annotated[int, Field(ge=MIN_BUFFER_SIZE_BYTES, le=MAX_BUFFER_SIZE_BYTES, multiple_of=8)]
-NumBuffers = Annotated[int, Field(ge=1, le=MAX_NUM_BUFFERS)]
 
 
 class InitInfo(_Strict):

@@ -9,25 +9,12 @@ declares the scheme in the OpenAPI document and guards extra routers' GET routes
 from __future__ import annotations
 
 import hmac
-import os
-from pathlib import Path
 
 from fastapi import HTTPException, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-TOKEN_ENV = "WEIGHTSYNC_AUTH_TOKEN"
 SCHEME = HTTPBearer(auto_error=False, scheme_name="bearerAuth",
                     description="The shared token (--token-file or $WEIGHTSYNC_AUTH_TOKEN).")
-
-
-def load_token(token_file: Path | None = None) -> str | None:
-    """The token from `token_file` (e.g. a mounted Secret) or $WEIGHTSYNC_AUTH_TOKEN, or None."""
-    if token_file is not None:
-        token = token_file.read_text().strip()
-        if not token:
-            raise ValueError(f"token file {token_file} is empty")
-        return token
-    return os.environ.get(TOKEN_ENV) or None
 
 
 class BearerAuth:

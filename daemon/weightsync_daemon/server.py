@@ -11,12 +11,13 @@ import time
 
 import uvicorn
 
+from weightsync import cli_args
 from weightsync.protocol import DTYPES
 from weightsync.store import WeightStore
+from weightsync.tokens import TOKEN_ENV, load_token
 from weightsync.transports import available
-from weightsync_daemon import cli_args
+from weightsync_daemon import arg_types
 from weightsync_daemon.app import create_app
-from weightsync_daemon.auth import TOKEN_ENV, load_token
 from weightsync_daemon.guard import (
     DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_HEADER_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES, header_deadline_protocol,
 )
@@ -110,9 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
     parser.add_argument("--port", type=cli_args.port, default=8200, help="HTTP port (0: any free port)")
     parser.add_argument("--backend", default="cpu", choices=available(), help="transport")
-    parser.add_argument("--device", type=cli_args.device, default=None,
+    parser.add_argument("--device", type=arg_types.device, default=None,
                         help="torch device for the weights (none: the backend's, e.g. cuda for nccl)")
-    parser.add_argument("--manifest", type=cli_args.manifest_file, default=None, metavar="FILE",
+    parser.add_argument("--manifest", type=arg_types.manifest_file, default=None, metavar="FILE",
                         help="JSON manifest to shape the weights up front (format below; none: the "
                              "first update's)")
     parser.add_argument("--token-file", type=cli_args.token_file, default=None, metavar="FILE",

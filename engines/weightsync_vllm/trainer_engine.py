@@ -43,11 +43,11 @@ import torch.distributed as dist
 from vllm.distributed.weight_transfer.base import TrainerInitInfo, TrainerWeightTransferEngine
 
 from weightsync.errors import WeightSyncError
-from weightsync.protocol import DEFAULT_BUFFER_SIZE_BYTES, DEFAULT_NUM_BUFFERS, DEFAULT_TIMEOUT_SECONDS, InitInfo
+from weightsync.limits import DEFAULT_BUFFER_SIZE_BYTES, DEFAULT_NUM_BUFFERS
+from weightsync.protocol import DEFAULT_TIMEOUT_SECONDS, InitInfo
 from weightsync.source import manifest_of
 from weightsync.trainer import WeightSender
 from weightsync.transports import RoundStats
-
 from weightsync_vllm import ENGINE_NAME, register
 
 

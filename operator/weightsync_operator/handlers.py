@@ -22,7 +22,7 @@ import logging
 
 import kopf
 
-from weightsync_daemon.auth import load_token
+from weightsync.tokens import load_token
 from weightsync_operator.kube import KubeApi
 from weightsync_operator.pods import pod_ref
 from weightsync_operator.resource import GROUP, PLURAL, VERSION

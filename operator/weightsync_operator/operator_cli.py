@@ -14,8 +14,8 @@ import argparse
 import logging
 import secrets
 
-from weightsync_daemon import cli_args
-from weightsync_daemon.auth import TOKEN_ENV, load_token
+from weightsync import cli_args
+from weightsync.tokens import TOKEN_ENV, load_token
 
 log = logging.getLogger("weightsync.operator")
 

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
-from weightsync.protocol import MAX_BUFFER_SIZE_BYTES, MAX_NUM_BUFFERS, MIN_BUFFER_SIZE_BYTES
+from weightsync.limits import MAX_BUFFER_SIZE_BYTES, MAX_NUM_BUFFERS, MIN_BUFFER_SIZE_BYTES
 
 GROUP = "weightsync.dev"
 VERSION = "v1alpha1"

@@ -29,7 +29,7 @@ import torch
 
 from weightsync.errors import PhaseError
 from weightsync.source import WeightSource, is_source
-from weightsync_daemon.auth import load_token
+from weightsync.tokens import load_token
 from weightsync_daemon.server import EmbeddedServer, serve_embedded
 from weightsync_daemon.service import SenderService
 from weightsync_operator.kube import KubeApi, KubeError

@@ -16,8 +16,8 @@ import torch
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from weightsync_daemon import cli_args
-from weightsync_daemon.auth import load_token
+from weightsync import cli_args
+from weightsync.tokens import load_token
 from weightsync_daemon.lifecycle import DEFAULT_GRACE_SECONDS, StopRequest, serve_until_stopped
 from weightsync_daemon.server import serve_embedded
 from weightsync_daemon.service import SenderService

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from weightsync_daemon.auth import TOKEN_ENV
+from weightsync.tokens import TOKEN_ENV
 from weightsync_operator.coordinator import Coordinator, SyncResult, SyncSpec, Timeouts
 from weightsync_operator.demo.hardware import place
 from weightsync_operator.local import LocalProcess, free_port, stop_all

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from weightsync_daemon.auth import TOKEN_ENV
+from weightsync.tokens import TOKEN_ENV
 from weightsync_operator.client import Endpoint
 from weightsync_operator.coordinator import Coordinator, SyncResult, SyncSpec, Timeouts
 from weightsync_operator.demo import qwen2

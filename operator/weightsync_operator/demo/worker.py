@@ -12,9 +12,10 @@ import threading
 import torch
 from fastapi import APIRouter
 
+from weightsync import cli_args
 from weightsync.store import WeightStore
-from weightsync_daemon.auth import load_token
-from weightsync_daemon import cli_args
+from weightsync.tokens import load_token
+from weightsync_daemon import arg_types
 from weightsync_daemon.lifecycle import DEFAULT_GRACE_SECONDS, StopRequest, serve_until_stopped
 from weightsync_daemon.server import serve_embedded
 from weightsync_daemon.service import ReceiverService, SenderService
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--role", choices=["trainer", "inference"], required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="cpu")
-    parser.add_argument("--device", type=cli_args.device, default=None)
+    parser.add_argument("--device", type=arg_types.device, default=None)
     parser.add_argument("--shutdown-grace", type=cli_args.seconds, default=DEFAULT_GRACE_SECONDS)
     parser.add_argument("--exit-on-stdin-eof", action="store_true", help="also stop when stdin ends")
     args = parser.parse_args(argv)

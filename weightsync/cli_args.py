@@ -2,24 +2,25 @@
 
 A bad argument must read as one line naming it, exit status 2, never a traceback: each type
 here checks its value while argparse parses (raising ArgumentTypeError with the reason), and
-`Parser.error` prints that one line. Limits come from the protocol's own models, so the command
-line and the HTTP API refuse the same values.
+`Parser.error` prints that one line. Limits come from the protocol's own (`weightsync.limits`),
+so the command line and the HTTP API refuse the same values.
+
+Torch-free: the operator's command parses with these too, and its image has no PyTorch. Types
+that need torch or the protocol's models (a device, a manifest file) are the daemon's
+(`weightsync_daemon.arg_types`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import NoReturn
 from urllib.parse import urlsplit
 
 import pydantic
-import torch
 
-from weightsync.layout import parse_size
-from weightsync.protocol import BufferSize, Manifest, NumBuffers
+from weightsync.limits import BufferSize, NumBuffers, parse_size
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -45,7 +46,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
-def _first_problem(error: pydantic.ValidationError) -> str:
+def first_problem(error: pydantic.ValidationError) -> str:
     problem = error.errors()[0]
     where = ".".join(str(p) for p in problem.get("loc", ()))
     return f"{where}: {problem['msg']}" if where else problem["msg"]
@@ -55,7 +56,7 @@ def _checked(annotation, value, what: str):
     try:
         return pydantic.TypeAdapter(annotation).validate_python(value)
     except pydantic.ValidationError as error:
-        raise argparse.ArgumentTypeError(f"{what} {value!r}: {_first_problem(error)}") from None
+        raise argparse.ArgumentTypeError(f"{what} {value!r}: {first_problem(error)}") from None
 
 
 def port(text: str) -> int:
@@ -121,16 +122,7 @@ def num_buffers(text: str) -> int:
     return _checked(NumBuffers, positive_int(text), "number of buffers")
 
 
-def device(text: str) -> str:
-    """A torch device string ('cpu', 'cuda', 'cuda:0')."""
-    try:
-        torch.device(text)
-    except (RuntimeError, ValueError) as error:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device ({error})") from None
-    return text
-
-
-def _readable_text(text: str, what: str) -> tuple[Path, str]:
+def readable_text(text: str, what: str) -> tuple[Path, str]:
     path = Path(text)
     try:
         return path, path.read_text()
@@ -144,21 +136,10 @@ def _readable_text(text: str, what: str) -> tuple[Path, str]:
 
 def token_file(text: str) -> Path:
     """A file holding the bearer token: it must exist and hold a non-empty token."""
-    path, content = _readable_text(text, "token file")
+    path, content = readable_text(text, "token file")
     if not content.strip():
         raise argparse.ArgumentTypeError(f"token file {text} is empty")
     return path
-
-
-def manifest_file(text: str) -> Manifest:
-    """A JSON manifest (see `weightsync daemon --help`), parsed and validated."""
-    _, content = _readable_text(text, "manifest")
-    try:
-        return Manifest.model_validate(json.loads(content))
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"manifest {text} is not JSON ({error})") from None
-    except pydantic.ValidationError as error:
-        raise argparse.ArgumentTypeError(f"manifest {text}: {_first_problem(error)}") from None
 
 
 def http_url(text: str) -> str:
