@@ -149,9 +149,10 @@ def group(port: int, sinks: list, receivers_init: dict | None = None, **extra):
 
 def staging_held(transport) -> int:
     """Bytes of staging the receiver transport holds (every buffer it allocated)."""
-    flat = transport._staging_flat
+    staging = transport.receiver.staging
+    flat = staging.flat
     return (flat.numel() if flat is not None else 0) + sum(
-        b.numel() for b in transport._buffers if flat is None or b.untyped_storage().data_ptr() != flat.data_ptr())
+        b.numel() for b in staging.buffers if flat is None or b.untyped_storage().data_ptr() != flat.data_ptr())
 
 
 def count_in_flight(transport, loader: Recorder) -> list[int]:
@@ -208,7 +209,7 @@ def test_every_tensor_is_loaded_once_bit_exact_in_order_with_groups_whole_and_st
             for transport, loader in zip(receivers.transports, loaders):
                 assert staging_held(transport) <= bound
                 assert loader.sink.staging_bytes <= bound
-                assert {ptr for ptr, _ in loader.storages} == {transport._staging_flat.untyped_storage().data_ptr()}
+                assert {ptr for ptr, _ in loader.storages} == {transport.receiver.staging.flat.untyped_storage().data_ptr()}
             # loading overlaps receiving: loads ran while later chunks were on their way (this tight
             # staging makes the chunks after a moved prefix wait: test_piecewise_staging... for 7B)
             assert sum(open_ > 0 for open_ in in_flight) >= 2, in_flight
@@ -324,14 +325,15 @@ def test_atomic_loads_nothing_before_the_round_verified():
     verified: list[bool] = [False, False]
     try:
         for i, transport in enumerate(receivers.transports):
-            exchange = transport._exchange
+            agreement = transport.receiver.agreement
+            exchange = agreement.exchange
 
             def after_verdicts(*args, _i=i, _exchange=exchange):
                 outcome = _exchange(*args)
                 verified[_i] = True
                 return outcome
 
-            transport._exchange = after_verdicts
+            agreement.exchange = after_verdicts
             load = loaders[i].load
             loaders[i].sink.load = lambda batch, _i=i, _load=load: (
                 pytest.fail("loaded before the round verified") if not verified[_i] else _load(batch))

@@ -29,13 +29,14 @@ def test_a_repeated_header_is_named_and_an_unknown_name_is_refused(rendezvous_po
 
     def receiver():
         transport = get_transport("cpu").connect(InitInfo(**base, rank_offset=1), 1)
-        parse = transport._header_from_bytes
-        transport._header_from_bytes = lambda data: (seen.append(data), parse(data))[1]
+        headers = transport.receiver.headers
+        parse = headers.decode
+        headers.decode = lambda data: (seen.append(data), parse(data))[1]
         ready.set()
         try:
             for number in range(rounds):
                 if number == 2:
-                    transport._header_bytes = None  # as if this receiver never saw the last header
+                    headers.forget()  # as if this receiver never saw the last header
                 try:
                     outcomes.append(transport.receive(store, UpdateInfo()))
                 except Exception as error:  # noqa: BLE001 - the test inspects it

@@ -1,7 +1,9 @@
 """The cpu transport: the collective round over a gloo process group of its own.
 
 It runs wherever torch runs, so the whole product (daemon, coordinator, operator, demo) is
-exercised on machines without a GPU; the GPU transports reuse the same round.
+exercised on machines without a GPU; the GPU transports reuse the same round. It is the
+collective round (`weightsync.transports.collective`) with its defaults: the core header and
+the packed data paths, over a `GlooGroup`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class _GlooWork(Pending):
 
 
 class GlooGroup(Group):
+    """Broadcast and all-gather over a gloo process group of its own (never the default group)."""
+
     def __init__(self, init: InitInfo, rank: int, options: TransportOptions | None = None):
         """`options`: this party's transport options, agreed with every party's at the join."""
         self.rank = rank
@@ -93,6 +97,8 @@ class CpuOptions(CollectiveOptions):
 
 @register
 class CpuTransport(CollectiveTransport):
+    """The collective round over gloo, with the core rules and the packed paths."""
+
     name = "cpu"
     options_model = CpuOptions
 
@@ -100,8 +106,3 @@ class CpuTransport(CollectiveTransport):
     def connect(cls, init: InitInfo, rank: int, device: torch.device | None = None) -> "CpuTransport":
         options = cls.options_model.of(init)  # refused before joining when invalid
         return cls(init, rank, torch.device("cpu"), GlooGroup(init, rank, options))
-
-    def close(self) -> None:
-        self.group.close()
-        self._buffers.clear()
-        self._staging_flat = None
