@@ -47,16 +47,19 @@ async def cleanup(memo: kopf.Memo, **_) -> None:
     await memo.runtime.close()
 
 
-def weightsync_pods(namespace: str, body: kopf.Body, **_) -> dict:
+# The three handlers below are coroutines although they never wait: kopf runs a plain function in
+# a worker thread, a hop (and GIL handover) on every watch event, including the version bump that
+# starts a sync round; a coroutine runs on the event loop at once.
+async def weightsync_pods(namespace: str, body: kopf.Body, **_) -> dict:
     """Index: namespace → summaries of its pods."""
     return {namespace: pod_ref(body)}
 
 
-def pod_changed(namespace: str, memo: kopf.Memo, **_) -> None:
+async def pod_changed(namespace: str, memo: kopf.Memo, **_) -> None:
     memo.runtime.wake_namespace(namespace)
 
 
-def weightsync_changed(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, **_) -> None:
+async def weightsync_changed(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, **_) -> None:
     """Wake the loop when the spec changed (the operator's own status writes do not count)."""
     reconciler = memo.runtime.existing(namespace, name)
     generation = body.get("metadata", {}).get("generation")
