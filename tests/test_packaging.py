@@ -1,6 +1,7 @@
 """Who installs what (issue 17): the packaging extras give each kind of process only what it
-imports. The operator image installs `weightsync[operator]` and must get no PyTorch; GPU pods
-(`weightsync[daemon]`, `weightsync[vllm]`) must get no Kubernetes client or kopf.
+imports. The operator image installs `weightsync[operator]` and must get no PyTorch; inference
+pods (`weightsync[daemon]`, `weightsync[vllm]`) must get no Kubernetes client or kopf; a trainer
+(`weightsync[trainer]`) gets the Kubernetes client, to bump its WeightSync's version, but no kopf.
 
 pip resolves the extras for real (`pip install --dry-run --report`, through the configured
 index), and the operator's command runs in a process where PyTorch, FastAPI and uvicorn cannot
@@ -47,6 +48,13 @@ def test_the_daemon_extra_installs_no_kubernetes_client(tmp_path):
     names = resolved("daemon", tmp_path)
     assert {"torch", "fastapi", "uvicorn", "prometheus-client"} <= names, sorted(names)
     assert not names & KUBERNETES, f"a GPU pod would install {sorted(names & KUBERNETES)}"
+
+
+@pytest.mark.integration  # pip resolves through the package index
+def test_the_trainer_extra_installs_the_kubernetes_client_but_no_kopf(tmp_path):
+    names = resolved("trainer", tmp_path)
+    assert {"torch", "fastapi", "kubernetes"} <= names, sorted(names)
+    assert "kopf" not in names
 
 
 def test_the_vllm_extra_adds_no_kubernetes_client():
