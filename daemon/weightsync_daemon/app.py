@@ -29,7 +29,7 @@ from weightsync_daemon.guard import (
 )
 from weightsync_daemon.models import (
     Checksums, Comparison, ErrorBody, FinishRequest, FinishResult, Health, InitRequest, IsPaused, Message,
-    PauseStatus, StartRequest, UpdateRequest, UpdateResult, WeightCheckRequest, WeightInfo, WorldSize,
+    PauseStatus, StartRequest, StartResult, UpdateRequest, UpdateResult, WeightCheckRequest, WeightInfo, WorldSize,
 )
 from weightsync_daemon.service import ClientGone, EngineService
 
@@ -37,6 +37,7 @@ from weightsync_daemon.service import ClientGone, EngineService
 # failure of the transfer itself, which is not the caller's fault (503).
 _STATUS = {ProtocolError: 422, ManifestMismatch: 422, PhaseError: 409, TransferError: 503}
 _UNION_LABELS = frozenset({"str", "int", "bool", "float", "none", "dict[str,any]"})
+PauseMode = Literal["abort", "wait", "keep"]
 LONGEST_JSON_INT = 64  # digits; a longer JSON number stays text, so its field refuses it by name
 
 
@@ -50,6 +51,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     what = {400: "the body is not JSON", 401: "no valid bearer token", 408: "the body did not arrive in time (body_timeout_seconds)",
             409: "not allowed in this phase, or another call is in progress",
             413: "the body is larger than max_body_bytes", 422: "a field is invalid; `field` names it",
+            500: "the engine's pause hook failed (`field` is `pause`); nothing else happened",
             503: "the transfer failed (a peer, a timeout, the bytes)"}
     return {status: {"model": ErrorBody, "description": what[status]} for status in statuses}
 
@@ -88,6 +90,17 @@ class _Route(APIRoute):
             return await handler(_Request(request.scope, request.receive))
 
         return bounded
+
+
+class PauseFailed(Exception):
+    """The engine's pause hook failed during a start that was asked to pause first."""
+
+
+async def _paused(service: EngineService, mode: str) -> None:
+    try:
+        await service.pause(mode)
+    except Exception as error:
+        raise PauseFailed(f"pause failed, the round was not started: {type(error).__name__}: {error}") from error
 
 
 @asynccontextmanager
@@ -149,6 +162,10 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
         return _error_response(error.status_code, str(error.detail),
                                "body" if error.status_code in (400, 408, 413) else None, error.headers)
 
+    @app.exception_handler(PauseFailed)
+    async def _pause_failed(_: Request, error: PauseFailed):
+        return _error_response(500, str(error), "pause")
+
     for kind, status in _STATUS.items():
         def handler(_: Request, error: Exception, status=status):
             return _error_response(status, str(error), getattr(error, "field", None))
@@ -164,11 +181,18 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
         async with _watch_client(request) as gone:
             return Message(message=await service.init(body.init_info, gone))
 
-    @app.post("/start_weight_update", dependencies=guarded, response_model=Message,
-              responses=_errors(*body_errors, 409))
-    async def start_weight_update(request: Request, body: StartRequest | None = None):
+    @app.post("/start_weight_update", dependencies=guarded, response_model=StartResult,
+              response_model_exclude_unset=True, responses=_errors(*body_errors, 409, 500))
+    async def start_weight_update(request: Request, body: StartRequest | None = None,
+                                  pause: PauseMode | None = Query(None, description=(
+                                      "weightsync's extension: pause the engine first, as /pause does, in the "
+                                      "same call (the answer then says paused: true). 500 with field `pause` "
+                                      "if the pause failed; the round was not started then."))):
         await _still_there(request, "start_weight_update")
-        return Message(message=await service.start())
+        if pause is None:
+            return StartResult(message=await service.start())
+        await _paused(service, pause)
+        return StartResult(message=await service.start(), paused=True)
 
     @app.post("/update_weights", dependencies=guarded, response_model=UpdateResult,
               responses=_errors(*body_errors, 409, 503))
@@ -186,14 +210,25 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
                             update_info=stats.update_info, more=stats.more)
 
     @app.post("/finish_weight_update", dependencies=guarded, response_model=FinishResult,
-              responses=_errors(*body_errors, 409))
-    async def finish_weight_update(request: Request, body: FinishRequest | None = None):
+              response_model_exclude_unset=True, responses=_errors(*body_errors, 409))
+    async def finish_weight_update(request: Request, body: FinishRequest | None = None,
+                                   resume: bool = Query(False, description=(
+                                       "weightsync's extension: once finished, resume the engine, as /resume "
+                                       "does, in the same call. The answer says resumed: true, or false with "
+                                       "resume_error; the round is finished either way."))):
         """Make the round's weights live under `weight_version`. 409 when no update landed in
         the round (use abort), so a label never moves without its bytes."""
         await _still_there(request, "finish_weight_update")
         version = await service.finish(None if body is None or body.weight_version is None
                                        else str(body.weight_version))
-        return FinishResult(message="weight update finished", weight_version=version)
+        if not resume:
+            return FinishResult(message="weight update finished", weight_version=version)
+        try:
+            await service.resume()
+        except Exception as error:  # the weights are live: the finish stands, the answer says why
+            return FinishResult(message="weight update finished", weight_version=version, resumed=False,
+                                resume_error=f"{type(error).__name__}: {error}")
+        return FinishResult(message="weight update finished", weight_version=version, resumed=True)
 
     @app.post("/abort_weight_update", dependencies=guarded, response_model=Message,
               responses=_errors(*need_token, 422))
@@ -221,7 +256,7 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
                             seconds=stats.seconds, num_tensors=stats.num_tensors, checksum=stats.checksum)
 
     @app.post("/pause", dependencies=guarded, response_model=PauseStatus, responses=_errors(*need_token, 422))
-    async def pause(mode: Literal["abort", "wait", "keep"] = "abort"):
+    async def pause(mode: PauseMode = "abort"):
         await service.pause(mode)
         return PauseStatus(status="paused")
 

@@ -73,6 +73,12 @@ class Message(BaseModel):
     message: str
 
 
+class StartResult(BaseModel):
+    message: str
+    # Only with `?pause=<mode>` (weightsync's extension): the engine was paused before the start.
+    paused: bool | None = None
+
+
 class UpdateResult(BaseModel):
     message: str
     round_id: str
@@ -90,6 +96,10 @@ class UpdateResult(BaseModel):
 class FinishResult(BaseModel):
     message: str
     weight_version: str | None
+    # Only with `?resume=true` (weightsync's extension): whether the engine serves again. The
+    # round is finished either way; a failed resume says why here.
+    resumed: bool | None = None
+    resume_error: str | None = None
 
 
 class Health(BaseModel):

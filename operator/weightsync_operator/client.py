@@ -61,9 +61,10 @@ def party_session() -> aiohttp.ClientSession:
 class PartyError(Exception):
     """A call to a party failed: it answered with an error, timed out, or could not be reached."""
 
-    def __init__(self, party: str, step: str, reason: str, status: int | None = None):
+    def __init__(self, party: str, step: str, reason: str, status: int | None = None, field: str | None = None):
         super().__init__(f"{party}: {step} failed: {reason}")
         self.party, self.step, self.reason, self.status = party, step, reason, status
+        self.field = field  # what the party's error answer names as at fault (a daemon's `field`)
 
 
 @dataclass(frozen=True)
@@ -95,22 +96,23 @@ class PartyHealth:
     detail: str = ""  # the engine's own word for its state, for messages
 
 
-def _error_detail(content: bytes) -> str:
+def _error_detail(content: bytes) -> tuple[str, str | None]:
     """The message of an error answer: FastAPI's `detail`, vLLM's `error` (a string, or an
-    object with a `message`), else the raw text."""
+    object with a `message`), else the raw text; and the field at fault, where a daemon names one."""
     text = content.decode(errors="replace")
     try:
         body = json.loads(content)
     except ValueError:
-        return text
+        return text, None
     if not isinstance(body, dict):
-        return text
+        return text, None
     if "detail" in body:
-        return str(body["detail"])
+        field = body.get("field")
+        return str(body["detail"]), field if isinstance(field, str) else None
     error = body.get("error")
     if isinstance(error, dict):
-        return str(error.get("message", error))
-    return str(error) if error is not None else text
+        return str(error.get("message", error)), None
+    return (str(error) if error is not None else text), None
 
 
 class PartyClient(ABC):
@@ -121,6 +123,9 @@ class PartyClient(ABC):
     # May be asked to start the round while its pause is still in flight (the coordinator sends
     # the update only once both answered): its start depends on its group phase alone.
     starts_while_pausing: ClassVar[bool] = False
+    # Takes its pause with its start, and its resume with its finish, in one call each
+    # (`start(timeout, pause=mode)`, `finish(version, timeout, resume=True)`).
+    combines_steps: ClassVar[bool] = False
 
     def __init__(self, endpoint: Endpoint, http: PartyHttp, token: str | None = None):
         self.endpoint = endpoint
@@ -151,7 +156,8 @@ class PartyClient(ABC):
         except (httpx.HTTPError, aiohttp.ClientError) as error:
             raise PartyError(self.name, step, f"unreachable: {error!r}") from None
         if status >= 400:
-            raise PartyError(self.name, step, f"HTTP {status}: {_error_detail(content)}", status)
+            detail, field = _error_detail(content)
+            raise PartyError(self.name, step, f"HTTP {status}: {detail}", status, field)
         if not content:
             return {}
         try:
@@ -223,9 +229,29 @@ class DaemonClient(PartyClient):
     kind = "daemon"
     can_seed = True
     starts_while_pausing = True  # the daemon's pause takes no part in its phases (service.py)
+    combines_steps = True  # its routes' `pause` and `resume` parameters (weightsync's extension)
 
-    async def finish(self, version: str, timeout: float) -> dict:
-        return await self.call("finish", "POST", "/finish_weight_update", timeout, {"weight_version": version})
+    async def start(self, timeout: float, pause: str | None = None) -> dict:
+        """Start the round; with `pause`, pause the engine first in the same call. The answer
+        says `paused: true` when it did (a daemon without that parameter ignores it: the caller
+        then pauses it with its own call). A failure of the pause, or no answer at all, is the
+        pause's failure (the first step of the call that is not confirmed)."""
+        if pause is None:
+            return await self.call("start", "POST", "/start_weight_update", timeout, {})
+        try:
+            return await self.call("start", "POST", "/start_weight_update", timeout, {}, params={"pause": pause})
+        except PartyError as error:
+            if error.status is None or error.field == "pause":
+                raise PartyError(self.name, "pause", error.reason, error.status, error.field) from None
+            raise
+
+    async def finish(self, version: str, timeout: float, resume: bool = False) -> dict:
+        """Make the round live as `version`; with `resume`, resume the engine in the same call.
+        The answer then has `resumed` (false: `resume_error` says why; the round is finished
+        either way); without it, the daemon did not know the parameter."""
+        params = {"resume": "true"} if resume else None
+        return await self.call("finish", "POST", "/finish_weight_update", timeout, {"weight_version": version},
+                               params=params)
 
     async def abort(self, reason: str, timeout: float, progress: Progress, version: str) -> dict:
         # An idempotent route; the daemon knows itself whether its update landed (and then

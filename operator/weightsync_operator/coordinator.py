@@ -3,11 +3,12 @@ the kopf operator and the local demo both run this same coordinator.
 
 A sync round: pause targets → start everyone → update (the trainer sends while every target
 receives) → finish with the version → resume. Each party moves at its own pace from its pause
-to its start and from its finish to its resume; the only barriers are where the protocol needs
-one: the update is sent once every party started (a collective needs every member, and no
-target may receive while it serves), and finishing waits for every update to have landed. Every
-step has its own timeout; a failed round is aborted on every party, targets are resumed, and
-the result says which party failed and why.
+to its start and from its finish to its resume (a daemon takes each pair in one call: fewer
+requests, and no round trip between a finish and its resume); the only barriers are where the
+protocol needs one: the update is sent once every party started (a collective needs every
+member, and no target may receive while it serves), and finishing waits for every update to
+have landed. Every step has its own timeout; a failed round is aborted on every party, targets
+are resumed, and the result says which party failed and why.
 
 Targets are weightsync daemons or vLLM servers (`Endpoint.kind`); each is driven through its
 kind's client (`client.py`), which also says how what vLLM lacks (abort, seed, a group phase in
@@ -248,14 +249,25 @@ class Coordinator:
 
     async def _prepare(self, party: PartyClient, at: dict[str, str], progress: dict[str, Progress],
                        pausing: bool) -> dict:
-        """One party's way into the round: its pause (targets), then its start. A daemon's start
-        needs only its group phase, not the pause, so both go at once; vLLM gets one call at a
-        time (see client.py). Either way the update is sent only once every party is through."""
+        """One party's way into the round: its pause (targets), then its start. A daemon takes
+        both in one call (its start needs only its group phase, not the pause); vLLM gets one
+        call at a time (see client.py). Either way the update is sent only once every party is
+        through."""
         t = self.spec.timeouts
         if not pausing or party is self.trainer:
             at[party.name], progress[party.name] = "start", Progress.STARTED
             return await party.start(t.start)
         at[party.name] = "pause"
+        if party.combines_steps:
+            progress[party.name] = Progress.STARTED
+            try:
+                answer = await party.start(max(t.start, t.request), pause=self.spec.pause_mode)
+            except PartyError as error:
+                at[party.name] = error.step  # its pause, unless the party said its start failed
+                raise
+            if answer.get("paused") is not True:  # it did not know the parameter: pause it now
+                await party.pause(self.spec.pause_mode, t.request)
+            return answer
         if not party.starts_while_pausing:
             await party.pause(self.spec.pause_mode, t.request)
             at[party.name], progress[party.name] = "start", Progress.STARTED
@@ -272,17 +284,26 @@ class Coordinator:
     async def _finish_and_resume(self, party: PartyClient, at: dict[str, str], version: str,
                                  progress: dict[str, Progress], pausing: bool,
                                  outcome: dict[str, PartyOutcome], resumed: set[str]) -> dict:
-        """One party's way out of the round: its finish, then (a paused target) its resume. A
-        failed resume does not fail the round (the weights are live); it is recorded."""
+        """One party's way out of the round: its finish, then (a paused target) its resume, in
+        one call where the party takes both at once (a daemon). A failed resume does not fail
+        the round (the weights are live); it is recorded."""
         t = self.spec.timeouts
         at[party.name] = "finish"
-        answer = await party.finish(version, t.finish)
+        resuming = pausing and party is not self.trainer
+        if resuming and party.combines_steps:
+            answer = await party.finish(version, max(t.finish, t.request), resume=True)
+        else:
+            answer = await party.finish(version, t.finish)
         progress[party.name] = Progress.FINISHED
-        if pausing and party is not self.trainer:
-            try:
-                await party.resume(t.request)
-            except PartyError as error:
-                self._record(outcome, "resume", [error])
+        if resuming:
+            if answer.get("resumed") is False:
+                self._record(outcome, "resume", [PartyError(party.name, "resume",
+                                                            str(answer.get("resume_error") or "failed"))])
+            elif answer.get("resumed") is not True:  # separately (vLLM; a daemon without the parameter)
+                try:
+                    await party.resume(t.request)
+                except PartyError as error:
+                    self._record(outcome, "resume", [error])
             resumed.add(party.name)  # not when given up on mid-resume: the round's end resumes it
         return answer
 
