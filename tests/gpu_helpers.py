@@ -19,6 +19,16 @@ from weightsync.store import named_checksum
 STARTUP_SECONDS = 120
 
 
+def wait_for_published_digest(sender, update_info: dict, timeout: float = 30.0) -> None:
+    """Until the trainer (ipc/p2p) has published its checksum of what it lent this round: polled,
+    since a blocking get would hold the store's client away from the thread that publishes."""
+    round_id = next(iter(update_info["ipc_handles"].values()))["round_id"]
+    deadline = time.monotonic() + timeout
+    while not sender.transport.digests.has(round_id):
+        assert time.monotonic() < deadline, f"round {round_id}: no checksum published in {timeout} s"
+        time.sleep(0.01)
+
+
 def need_gpus(count: int) -> None:
     if not torch.cuda.is_available() or torch.cuda.device_count() < count:
         pytest.skip(f"needs {count} CUDA GPU(s)")

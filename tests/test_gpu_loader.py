@@ -12,13 +12,12 @@ import pathlib
 import select
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from gpu_helpers import need_gpus
+from gpu_helpers import need_gpus, wait_for_published_digest
 from weightsync import WeightSender
 from weightsync_operator.local import free_port
 
@@ -155,7 +154,7 @@ def test_a_tensor_rewritten_mid_round_fails_verification_with_the_weights_touche
     named = values(5, "cuda:0")
     sender.transport.begin_round()
     stats = sender.send_weights(named)
-    time.sleep(0.5)  # the trainer's checksum of what it lent is published
+    wait_for_published_digest(sender, stats.update_info)
     with torch.no_grad():
         named[-1][1].add_(1)
     torch.cuda.synchronize()
