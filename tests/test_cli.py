@@ -62,6 +62,7 @@ BAD = [  # (argv with {file} placeholders, what the one line must name)
     (["daemon", "--backend", "rdma"], "--backend.*invalid choice"),
     (["daemon", "--log-level", "loud"], "--log-level"),
     (["daemon", "--shutdown-grace", "-3"], "--shutdown-grace"),
+    (["daemon", "--cpu-threads", "0"], "--cpu-threads.*at least 1"),
     (["daemon", "--max-body-bytes", "0"], "--max-body-bytes.*more than 0"),
     (["daemon", "--body-timeout", "0"], "--body-timeout"),
     (["daemon", "--header-timeout", "soon"], "--header-timeout"),
