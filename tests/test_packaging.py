@@ -117,6 +117,18 @@ print("operator ok without", BLOCKED)
 
 
 @pytest.mark.integration  # a fresh interpreter
+def test_a_command_whose_extra_is_not_installed_says_which_to_install():
+    """`weightsync daemon` where only `weightsync[operator]` is installed (no FastAPI, no torch)."""
+    run = run_without(DATA_PLANE, """
+from weightsync_cli.main import main
+main(["daemon", "--help"])
+""")
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "weightsync daemon: error: needs" in run.stderr and "pip install 'weightsync[daemon]'" in run.stderr
+
+
+@pytest.mark.integration  # a fresh interpreter
 def test_a_missing_pytorch_is_named_with_the_extra_that_brings_it():
     run = run_without({"torch"}, """
 import weightsync
