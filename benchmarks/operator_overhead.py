@@ -2,10 +2,15 @@
 
     python benchmarks/operator_overhead.py              # 20 measured rounds after 3 warm-up rounds
     python benchmarks/operator_overhead.py --rounds 50 --mbytes 16 --daemons 4
+    WEIGHTSYNC_VLLM_PYTHON=.venv-vllm/bin/python python benchmarks/operator_overhead.py --engine vllm
 
 Everything is real except the API server: kmock's emulator (tests/k8s_emulator.py) serving the
 Kubernetes HTTP API with watch streams, kopf's runtime over the operator's handlers, daemon
 processes, and a trainer process that pushes each version with `weightsync_operator.trainer_client.connect(...).push`.
+With `--engine vllm` the target is one real vLLM CPU server (weightsync backend, TP 1, the tiny
+float32 Qwen2) in a pod annotated `weightsync.dev/engine: vllm`, and the trainer is
+tests/k8s_vllm_trainer.py holding the HF model, both started as tests/test_operator_vllm_e2e.py
+starts them, with the vLLM venv's Python ($WEIGHTSYNC_VLLM_PYTHON).
 
 A watch on the WeightSync (over HTTP, like any client) timestamps, per version v:
   bump      the first state with spec.version == v (the trainer's patch),
@@ -14,18 +19,25 @@ overhead = (done - bump) - lastSync.seconds, where lastSync.seconds is the data 
 update step: the weights in flight) as the coordinator measured it. The same watch delay is in
 both timestamps, so it cancels out. The overhead splits into the protocol's control steps
 (lastSync.totalSeconds - lastSync.seconds: pause, start, finish, resume over HTTP) and the rest
-(the operator noticing the bump and writing the status, through the API server).
+(the operator noticing the bump and writing the status, through the API server). With vLLM, the
+operator's /pause calls are timed too (around its client's real call, in this process): vLLM's
+own pause handler sleeps 20 ms before it answers, a floor no operator can remove. The 10 ms
+target is for daemon targets; for vLLM the figure is printed without a verdict.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,10 +45,12 @@ for extra in (REPO / "tests", REPO, REPO / "daemon", REPO / "operator"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-from k8s_harness import Trainer, cluster, free_port, operator, start_daemons  # noqa: E402
+from k8s_harness import Cluster, Trainer, cluster, free_port, operator, start_daemons  # noqa: E402
 
 NS, NAME = "bench", "policy-sync"
-TARGET_MS = 10.0  # issue 16 item 6: the median, on a 2-core CPU machine
+TARGET_MS = 10.0  # issue 16 item 6: the median, on a 2-core CPU machine, for daemon targets
+SELECTORS = {"trainerSelector": {"matchLabels": {"weightsync.dev/role": "trainer"}},
+             "targetSelector": {"matchLabels": {"weightsync.dev/role": "inference"}}}
 
 
 class Timeline:
@@ -61,47 +75,126 @@ class Timeline:
                     self.done[last["version"]] = (now, last)
 
 
+@dataclass
+class Group:
+    """A formed group, ready for pushes: its WeightSync, its targets in words, the trainer's push."""
+
+    namespace: str
+    name: str
+    targets: str
+    push: Callable[[int], Awaitable[dict]]
+
+
+class PauseCalls:
+    """The operator's /pause calls to vLLM targets, timed around the real client method (the
+    operator runs in this process): seconds per call, in call order."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    @contextlib.contextmanager
+    def timing(self) -> Iterator[PauseCalls]:
+        from weightsync_operator.client import VllmClient
+
+        real = VllmClient.pause
+
+        async def timed(client, mode: str, timeout: float) -> dict:
+            began = time.perf_counter()
+            try:
+                return await real(client, mode, timeout)
+            finally:
+                self.seconds.append(time.perf_counter() - began)
+
+        VllmClient.pause = timed
+        try:
+            yield self
+        finally:
+            VllmClient.pause = real
+
+
+@contextlib.asynccontextmanager
+async def daemon_group(c: Cluster, mbytes: float, daemons: int) -> AsyncIterator[Group]:
+    await c.create_weightsync(NS, NAME, {
+        "backend": "cpu", "rendezvousPort": free_port(), "packedBufferSizeBytes": 1 << 22, **SELECTORS,
+        "pauseMode": "keep", "timeouts": {"transferSeconds": 30, "updateSeconds": 60}})
+    processes, trainer = await asyncio.gather(start_daemons(daemons),
+                                              Trainer.start(c, NS, NAME, "trainer-0", mbytes=mbytes))
+    try:
+        await c.create_pod(NS, "trainer-0", "trainer", NAME, trainer.url)
+        for d in processes:
+            await c.create_pod(NS, d.name, "inference", NAME, d.url)
+        await c.wait_for(NS, NAME, lambda o: o.get("status", {}).get("readyTargets") == f"{daemons}/{daemons}"
+                         and o["status"]["phase"] == "Ready", 120, "the group")
+        assert (await trainer.wait_ready())["ok"]
+        yield Group(NS, NAME, f"{daemons} daemons", trainer.push)
+    finally:
+        await trainer.stop()
+        await asyncio.gather(*(d.stop() for d in processes))
+
+
+@contextlib.asynccontextmanager
+async def vllm_group(c: Cluster, work: Path, python: str) -> AsyncIterator[Group]:
+    """The trainer (it builds the checkpoint) and one vLLM server on it, as the operator's vLLM
+    end-to-end test starts them, with that test's settings for this machine."""
+    from test_operator_vllm_e2e import LOCAL_SPEC, VllmTrainer, create_pod
+    from test_operator_vllm_e2e import NAME as VLLM_NAME
+    from test_operator_vllm_e2e import NS as VLLM_NS
+    from weightsync_operator.demo.vllm_server import VllmServer
+    from weightsync_operator.pods import ENGINE_ANNOTATION
+
+    await c.create_weightsync(VLLM_NS, VLLM_NAME, {**LOCAL_SPEC, "rendezvousPort": free_port(), **SELECTORS,
+                                                   "pauseMode": "keep"})
+    trainer = await VllmTrainer.start(python, c.kubeconfig, work / "model", "qwen-trainer-0")
+    server = None
+    try:
+        server = await VllmServer.start(work / "model", free_port(), work / "vllm-0", python=python)
+        vllm_pod = {"labels": {"weightsync.dev/role": "inference", "weightsync.dev/sync": VLLM_NAME},
+                    "annotations": {ENGINE_ANNOTATION: "vllm"}}
+        await create_pod(c, "qwen-vllm-0", vllm_pod, "inference", int(server.url.rsplit(":", 1)[1]))
+        await create_pod(c, "qwen-trainer-0", None, "trainer", int(trainer.process.url.rsplit(":", 1)[1]))
+        await c.wait_for(VLLM_NS, VLLM_NAME, lambda o: o.get("status", {}).get("readyTargets") == "1/1"
+                         and o["status"]["phase"] == "Ready", 180, "the group")
+        ready = await trainer.command(120, cmd="wait_ready", timeout=100)
+        assert ready["ok"], ready
+        yield Group(VLLM_NS, VLLM_NAME, "1 vLLM CPU server (TP 1, tiny Qwen2)", trainer.push)
+    finally:
+        await trainer.process.stop()
+        if server is not None:
+            await server.stop()
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def run(rounds: int, warmup: int, mbytes: float, daemons: int) -> int:
-    with tempfile.TemporaryDirectory() as workdir:
+async def run(engine: str, rounds: int, warmup: int, mbytes: float, daemons: int, python: str | None) -> int:
+    pauses = PauseCalls()
+    pause_ms: list[float] = []  # per measured round: the /pause calls made during its push
+    with tempfile.TemporaryDirectory() as workdir, pauses.timing():
         async with cluster(Path(workdir)) as c, operator(c.url, recheck_interval=3600):
-            await c.create_weightsync(NS, NAME, {
-                "backend": "cpu", "rendezvousPort": free_port(), "packedBufferSizeBytes": 1 << 22,
-                "trainerSelector": {"matchLabels": {"weightsync.dev/role": "trainer"}},
-                "targetSelector": {"matchLabels": {"weightsync.dev/role": "inference"}},
-                "pauseMode": "keep", "timeouts": {"transferSeconds": 30, "updateSeconds": 60}})
-            processes, trainer = await asyncio.gather(start_daemons(daemons),
-                                                      Trainer.start(c, NS, NAME, "trainer-0", mbytes=mbytes))
-            timeline = Timeline()
-            follower = asyncio.create_task(timeline.follow(
-                c.session, f"/apis/weightsync.dev/v1alpha1/namespaces/{NS}/weightsyncs"))
-            try:
-                await c.create_pod(NS, "trainer-0", "trainer", NAME, trainer.url)
-                for d in processes:
-                    await c.create_pod(NS, d.name, "inference", NAME, d.url)
-                await c.wait_for(NS, NAME, lambda o: o.get("status", {}).get("readyTargets") == f"{daemons}/{daemons}"
-                                 and o["status"]["phase"] == "Ready", 120, "the group")
-                assert (await trainer.wait_ready())["ok"]
-                push_walls = []
-                for version in range(1, warmup + rounds + 1):
-                    began = time.perf_counter()
-                    answer = await trainer.push(version)
-                    if not answer["ok"]:
-                        print(f"version {version} failed: {answer}", file=sys.stderr)
-                        return 1
-                    if version > warmup:
-                        push_walls.append(time.perf_counter() - began)
-                deadline = time.monotonic() + 10
-                while len(timeline.done) < warmup + rounds and time.monotonic() < deadline:
-                    await asyncio.sleep(0.01)
-            finally:
-                follower.cancel()
-                await trainer.stop()
-                await asyncio.gather(*(d.stop() for d in processes))
+            formed = (daemon_group(c, mbytes, daemons) if engine == "daemon"
+                      else vllm_group(c, Path(workdir), python))
+            async with formed as group:
+                timeline = Timeline()
+                follower = asyncio.create_task(timeline.follow(
+                    c.session, f"/apis/weightsync.dev/v1alpha1/namespaces/{group.namespace}/weightsyncs"))
+                try:
+                    push_walls = []
+                    for version in range(1, warmup + rounds + 1):
+                        began, paused_before = time.perf_counter(), len(pauses.seconds)
+                        answer = await group.push(version)
+                        if not answer["ok"]:
+                            print(f"version {version} failed: {answer}", file=sys.stderr)
+                            return 1
+                        if version > warmup:
+                            push_walls.append(time.perf_counter() - began)
+                            pause_ms.append(sum(pauses.seconds[paused_before:]) * 1e3)
+                    deadline = time.monotonic() + 10
+                    while len(timeline.done) < warmup + rounds and time.monotonic() < deadline:
+                        await asyncio.sleep(0.01)
+                finally:
+                    follower.cancel()
 
     measured = range(warmup + 1, warmup + rounds + 1)
     overhead, control, operator_api, data_plane, total = [], [], [], [], []
@@ -118,16 +211,23 @@ async def run(rounds: int, warmup: int, mbytes: float, daemons: int) -> int:
         return (f"{name:<38} {statistics.median(values):8.1f} {percentile(values, 0.9):8.1f} "
                 f"{min(values):8.1f} {max(values):8.1f}")
 
-    print(f"operator overhead per sync: {rounds} rounds (after {warmup} warm-up), {daemons} daemons, "
+    print(f"operator overhead per sync: {rounds} rounds (after {warmup} warm-up), {group.targets}, "
           f"{payload / 1e6:.1f} MB per round, cpu transport, emulated API server")
     print(f"{'ms':<38} {'median':>8} {'p90':>8} {'min':>8} {'max':>8}")
     print(row("bump -> Succeeded (end to end)", total))
     print(row("  data plane (update step)", data_plane))
     print(row("overhead = end to end - data plane", overhead))
     print(row("  protocol control steps over HTTP", control))
+    if engine == "vllm":
+        print(row("    of which vLLM's /pause call", pause_ms))
     print(row("  operator + API server (the rest)", operator_api))
     print(row("trainer push() wall time", [w * 1e3 for w in push_walls]))
     median = statistics.median(overhead)
+    if engine == "vllm":
+        print(f"\nmedian operator overhead {median:.1f} ms with a vLLM target, of which its /pause call "
+              f"{statistics.median(pause_ms):.1f} ms (vLLM sleeps 20 ms in it before answering); "
+              f"the {TARGET_MS:g} ms target is for daemon targets: no verdict")
+        return 0
     verdict = "meets" if median <= TARGET_MS else "MISSES"
     print(f"\nmedian operator overhead {median:.1f} ms: {verdict} the {TARGET_MS:g} ms target")
     return 0 if median <= TARGET_MS else 1
@@ -135,12 +235,19 @@ async def run(rounds: int, warmup: int, mbytes: float, daemons: int) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=["daemon", "vllm"], default="daemon")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--mbytes", type=float, default=4.0, help="model size per round (MB)")
-    parser.add_argument("--daemons", type=int, default=2)
+    parser.add_argument("--mbytes", type=float, default=4.0, help="model size per round (MB; daemon engine)")
+    parser.add_argument("--daemons", type=int, default=2, help="daemon engine only")
     args = parser.parse_args()
-    return asyncio.run(run(args.rounds, args.warmup, args.mbytes, args.daemons))
+    python = None
+    if args.engine == "vllm":
+        python = os.environ.get("WEIGHTSYNC_VLLM_PYTHON")
+        if not python:
+            parser.error("--engine vllm needs WEIGHTSYNC_VLLM_PYTHON: the Python of a venv with vLLM's CPU build "
+                         "(e.g. .venv-vllm/bin/python)")
+    return asyncio.run(run(args.engine, args.rounds, args.warmup, args.mbytes, args.daemons, python))
 
 
 if __name__ == "__main__":
