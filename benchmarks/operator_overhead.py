@@ -9,8 +9,8 @@ Kubernetes HTTP API with watch streams, kopf's runtime over the operator's handl
 processes, and a trainer process that pushes each version with `weightsync_operator.trainer_client.connect(...).push`.
 With `--engine vllm` the target is one real vLLM CPU server (weightsync backend, TP 1, the tiny
 float32 Qwen2) in a pod annotated `weightsync.dev/engine: vllm`, and the trainer is
-tests/k8s_vllm_trainer.py holding the HF model, both started as tests/test_operator_vllm_e2e.py
-starts them, with the vLLM venv's Python ($WEIGHTSYNC_VLLM_PYTHON).
+tests/k8s_vllm_trainer.py holding the HF model (tests/k8s_harness.VllmTrainer), both run with the
+vLLM venv's Python ($WEIGHTSYNC_VLLM_PYTHON).
 
 A watch on the WeightSync (over HTTP, like any client) timestamps, per version v:
   bump      the first state with spec.version == v (the trainer's patch),
@@ -45,12 +45,14 @@ for extra in (REPO / "tests", REPO, REPO / "daemon", REPO / "operator"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-from k8s_harness import Cluster, Trainer, cluster, free_port, operator, start_daemons  # noqa: E402
+from k8s_harness import Cluster, Trainer, VllmTrainer, cluster, free_port, operator, start_daemons  # noqa: E402
 
 NS, NAME = "bench", "policy-sync"
 TARGET_MS = 10.0  # issue 16 item 6: the median, on a 2-core CPU machine, for daemon targets
-SELECTORS = {"trainerSelector": {"matchLabels": {"weightsync.dev/role": "trainer"}},
-             "targetSelector": {"matchLabels": {"weightsync.dev/role": "inference"}}}
+# The WeightSync of both modes (each adds a free rendezvous port and its buffer size).
+SPEC = {"backend": "cpu", "pauseMode": "keep", "timeouts": {"transferSeconds": 30, "updateSeconds": 60},
+        "trainerSelector": {"matchLabels": {"weightsync.dev/role": "trainer"}},
+        "targetSelector": {"matchLabels": {"weightsync.dev/role": "inference"}}}
 
 
 class Timeline:
@@ -114,9 +116,7 @@ class PauseCalls:
 
 @contextlib.asynccontextmanager
 async def daemon_group(c: Cluster, mbytes: float, daemons: int) -> AsyncIterator[Group]:
-    await c.create_weightsync(NS, NAME, {
-        "backend": "cpu", "rendezvousPort": free_port(), "packedBufferSizeBytes": 1 << 22, **SELECTORS,
-        "pauseMode": "keep", "timeouts": {"transferSeconds": 30, "updateSeconds": 60}})
+    await c.create_weightsync(NS, NAME, {**SPEC, "rendezvousPort": free_port(), "packedBufferSizeBytes": 1 << 22})
     processes, trainer = await asyncio.gather(start_daemons(daemons),
                                               Trainer.start(c, NS, NAME, "trainer-0", mbytes=mbytes))
     try:
@@ -134,31 +134,23 @@ async def daemon_group(c: Cluster, mbytes: float, daemons: int) -> AsyncIterator
 
 @contextlib.asynccontextmanager
 async def vllm_group(c: Cluster, work: Path, python: str) -> AsyncIterator[Group]:
-    """The trainer (it builds the checkpoint) and one vLLM server on it, as the operator's vLLM
-    end-to-end test starts them, with that test's settings for this machine."""
-    from test_operator_vllm_e2e import LOCAL_SPEC, VllmTrainer, create_pod
-    from test_operator_vllm_e2e import NAME as VLLM_NAME
-    from test_operator_vllm_e2e import NS as VLLM_NS
+    """The trainer (it builds the checkpoint) and one vLLM server on it, in a pod marked as vLLM's."""
     from weightsync_operator.demo.vllm_server import VllmServer
     from weightsync_operator.pods import ENGINE_ANNOTATION
 
-    await c.create_weightsync(VLLM_NS, VLLM_NAME, {**LOCAL_SPEC, "rendezvousPort": free_port(), **SELECTORS,
-                                                   "pauseMode": "keep"})
-    trainer = await VllmTrainer.start(python, c.kubeconfig, work / "model", "qwen-trainer-0")
+    await c.create_weightsync(NS, NAME, {**SPEC, "rendezvousPort": free_port(), "packedBufferSizeBytes": 1 << 20})
+    trainer = await VllmTrainer.start(python, c.kubeconfig, work / "model", "trainer-0", NS, NAME)
     server = None
     try:
         server = await VllmServer.start(work / "model", free_port(), work / "vllm-0", python=python)
-        vllm_pod = {"labels": {"weightsync.dev/role": "inference", "weightsync.dev/sync": VLLM_NAME},
-                    "annotations": {ENGINE_ANNOTATION: "vllm"}}
-        await create_pod(c, "qwen-vllm-0", vllm_pod, "inference", int(server.url.rsplit(":", 1)[1]))
-        await create_pod(c, "qwen-trainer-0", None, "trainer", int(trainer.process.url.rsplit(":", 1)[1]))
-        await c.wait_for(VLLM_NS, VLLM_NAME, lambda o: o.get("status", {}).get("readyTargets") == "1/1"
+        await c.create_pod(NS, "vllm-0", "inference", NAME, server.url, annotations={ENGINE_ANNOTATION: "vllm"})
+        await c.create_pod(NS, "trainer-0", "trainer", NAME, trainer.url)
+        await c.wait_for(NS, NAME, lambda o: o.get("status", {}).get("readyTargets") == "1/1"
                          and o["status"]["phase"] == "Ready", 180, "the group")
-        ready = await trainer.command(120, cmd="wait_ready", timeout=100)
-        assert ready["ok"], ready
-        yield Group(VLLM_NS, VLLM_NAME, "1 vLLM CPU server (TP 1, tiny Qwen2)", trainer.push)
+        assert (await trainer.wait_ready())["ok"]
+        yield Group(NS, NAME, "1 vLLM CPU server (TP 1, tiny Qwen2)", trainer.push)
     finally:
-        await trainer.process.stop()
+        await trainer.stop()
         if server is not None:
             await server.stop()
 

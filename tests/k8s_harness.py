@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import sysconfig
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -119,9 +120,11 @@ class Cluster:
 
     # -- pods -----------------------------------------------------------------------------
     async def create_pod(self, namespace: str, name: str, role: str, sync: str, url: str,
-                         rendezvous_port: int | None = None, ready: bool = True, restarts: int = 0) -> dict:
-        """A scheduled, running pod whose daemon is the local process at `url`."""
-        annotations = {DAEMON_PORT_ANNOTATION: url.rsplit(":", 1)[1]}
+                         rendezvous_port: int | None = None, ready: bool = True, restarts: int = 0,
+                         annotations: dict[str, str] | None = None) -> dict:
+        """A scheduled, running pod whose daemon (or vLLM server) is the local process at `url`;
+        `annotations` add to the port's (e.g. `weightsync.dev/engine: vllm`)."""
+        annotations = {**(annotations or {}), DAEMON_PORT_ANNOTATION: url.rsplit(":", 1)[1]}
         if rendezvous_port is not None:
             annotations[RENDEZVOUS_PORT_ANNOTATION] = str(rendezvous_port)
         body = {
@@ -253,6 +256,35 @@ class Trainer:
 
     async def stop(self) -> None:
         await self.process.stop()
+
+
+class VllmTrainer(Trainer):
+    """tests/k8s_vllm_trainer.py (the HF model; it builds the checkpoint the vLLM servers load),
+    run with the vLLM venv's Python, driven through its stdin like `Trainer`."""
+
+    @classmethod
+    async def start(cls, python: str, kubeconfig: Path, model: Path, pod: str, namespace: str,
+                    name: str) -> "VllmTrainer":
+        env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+               # this venv's `kubernetes` package, for the trainer's client (not in vLLM's lock)
+               "WEIGHTSYNC_KUBE_SITE": sysconfig.get_paths()["purelib"],
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        process = await LocalProcess.start(pod, "k8s_vllm_trainer", [
+            "--name", name, "--namespace", namespace, "--pod", pod, "--kubeconfig", str(kubeconfig),
+            "--model", str(model), "--push-timeout", "150"], timeout=180, env=env, python=python)
+        return cls(process)
+
+    async def push(self, version: int, timeout: float = 170.0, hold: Path | None = None) -> dict:
+        return await super().push(version, timeout, hold)
+
+    async def wait_ready(self, timeout: float = 100.0) -> dict:
+        return await super().wait_ready(timeout)
+
+    async def expected(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        """The trainer model's greedy completions of `prompts` (HF's generate)."""
+        answer = await self.command(120, cmd="generate", prompts=prompts, max_tokens=max_tokens)
+        assert answer["ok"], answer
+        return answer["completions"]
 
 
 async def checksums(http, urls: list[str]) -> list[tuple[str | None, str]]:

@@ -21,12 +21,10 @@ At most two vLLM servers run at once (a restarted server's old process is stoppe
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
 import stat
-import sysconfig
 import time
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import httpx
 import pytest
 import yaml
 
-from k8s_harness import TESTS, cluster, free_port, operator, pod_status, start_daemons
+from k8s_harness import VllmTrainer, cluster, free_port, operator, pod_status, start_daemons
 from test_readme import README, snippets
 from test_vllm_e2e import vllm_python  # noqa: F401 (the fixture: the vLLM venv's Python)
 from weightsync_operator.demo import qwen2
@@ -93,40 +91,6 @@ async def run_block(block: str, kubeconfig: Path, bin_dir: Path, timeout: float 
     return out.decode()
 
 
-class VllmTrainer:
-    """tests/k8s_vllm_trainer.py, run with the vLLM venv's Python, spoken to in JSON lines."""
-
-    def __init__(self, process: LocalProcess):
-        self.process = process
-
-    @classmethod
-    async def start(cls, python: str, kubeconfig: Path, model: Path, pod: str) -> "VllmTrainer":
-        env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-               "WEIGHTSYNC_KUBE_SITE": sysconfig.get_paths()["purelib"],
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        process = await LocalProcess.start(pod, "k8s_vllm_trainer", [
-            "--name", NAME, "--namespace", NS, "--pod", pod, "--kubeconfig", str(kubeconfig),
-            "--model", str(model), "--push-timeout", "150"], timeout=180, env=env, python=python)
-        return cls(process)
-
-    async def command(self, deadline: float, **command) -> dict:
-        stdin, stdout = self.process.process.stdin, self.process.process.stdout
-        stdin.write(json.dumps(command).encode() + b"\n")
-        await stdin.drain()
-        line = await asyncio.wait_for(stdout.readline(), deadline)
-        if not line:
-            raise RuntimeError(f"the trainer exited (code {self.process.process.returncode})")
-        return json.loads(line)
-
-    async def push(self, version: int) -> dict:
-        return await self.command(170, cmd="push", version=version)
-
-    async def expected(self, prompts: list[list[int]]) -> list[list[int]]:
-        answer = await self.command(120, cmd="generate", prompts=prompts, max_tokens=MAX_TOKENS)
-        assert answer["ok"], answer
-        return answer["completions"]
-
-
 async def create_pod(c, name: str, metadata: dict | None, role: str, port: int, restarts: int = 0) -> None:
     """A running pod whose process listens on 127.0.0.1:`port`: a vLLM pod takes the README's
     metadata as written, but its port (every server here shares one address)."""
@@ -162,7 +126,7 @@ async def test_readme_vllm_flow_end_to_end(tmp_path, vllm_python):
             await c.wait_for(NS, NAME, lambda o: (o.get("status") or {}).get("phase") == "Pending", 30, "Pending")
 
             began = time.monotonic()
-            trainer = await VllmTrainer.start(vllm_python, c.kubeconfig, tmp_path / "model", "qwen-trainer-0")
+            trainer = await VllmTrainer.start(vllm_python, c.kubeconfig, tmp_path / "model", "qwen-trainer-0", NS, NAME)
             started = await asyncio.gather(*(VllmServer.start(tmp_path / "model", free_port(), tmp_path / name,
                                                               python=vllm_python)
                                              for name in ("vllm-0", "vllm-1")))
@@ -193,7 +157,7 @@ async def test_readme_vllm_flow_end_to_end(tmp_path, vllm_python):
                 assert status["readyTargets"] == f"{len(members)}/{len(members)}"
                 assert {t["pod"]: (t["state"], t["version"]) for t in status["targets"]} == \
                     {name: ("Synced", str(version)) for name in members}
-                expected = await trainer.expected(prompts)
+                expected = await trainer.expected(prompts, MAX_TOKENS)
                 for name, got in (await served()).items():
                     assert got == expected, f"version {version}: {name} serves {got}, the trainer {expected}"
                 print(f"version {version}: Succeeded, {status['lastSync']['bytes']} bytes, round "
