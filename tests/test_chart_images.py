@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -63,12 +64,17 @@ def test_operator_image_installs_no_torch():
     assert not any("torch" in r for r in runs), runs
 
 
-def test_the_copied_files_build_the_package_with_the_weightsync_command(tmp_path):
-    """What `pip install .` does in the image, from a context holding only what the Dockerfiles COPY."""
-    sources = set(copied_sources(IMAGES["operator"]))
-    assert sources == set(copied_sources(IMAGES["daemon"]))
+@dataclass
+class BuiltWheel:
+    names: list[str]  # the files it installs
+    entry_points: str  # its entry_points.txt
+    metadata: str  # its METADATA
+
+
+def wheel_from_copies(dockerfile: Path, tmp_path: Path) -> BuiltWheel:
+    """What `pip install` builds in the image, from a context holding only what `dockerfile` COPYs."""
     context = tmp_path / "context"
-    for source in sources:
+    for source in copied_sources(dockerfile):
         origin = ROOT / source
         if origin.is_dir():
             shutil.copytree(origin, context / source, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -81,7 +87,18 @@ def test_the_copied_files_build_the_package_with_the_weightsync_command(tmp_path
     (wheel,) = (tmp_path / "dist").glob("weightsync-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-        entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+
+        def read(suffix: str) -> str:
+            return next(archive.read(n).decode() for n in names if n.endswith(suffix))
+
+        return BuiltWheel(names, read("entry_points.txt"), read("METADATA"))
+
+
+def test_the_copied_files_build_the_package_with_the_weightsync_command(tmp_path):
+    """What `pip install .` does in the image, from a context holding only what the Dockerfiles COPY."""
+    assert set(copied_sources(IMAGES["operator"])) == set(copied_sources(IMAGES["daemon"]))
+    wheel = wheel_from_copies(IMAGES["operator"], tmp_path)
+    names, entry_points = wheel.names, wheel.entry_points
     for module in ("weightsync/__init__.py", "weightsync_daemon/server.py", "weightsync_operator/operator_cli.py",
                    "weightsync_cli/main.py"):
         assert module in names

@@ -11,11 +11,7 @@ port."""
 from __future__ import annotations
 
 import json
-import shlex
-import shutil
 import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import kubernetes_validate
@@ -24,6 +20,8 @@ import yaml
 from dockerfile_parse import DockerfileParser
 
 from test_chart import FULL, NAMESPACE, find, render, validate_all
+from test_chart_images import copied_sources, wheel_from_copies
+from test_chart_images import instructions as image_instructions
 from weightsync_operator.pods import pod_ref
 
 pytestmark = pytest.mark.chart
@@ -196,8 +194,7 @@ def test_the_example_is_a_valid_vllm_target_of_the_example_weightsync():
 # -- the image -----------------------------------------------------------------------------
 
 def instructions() -> list[tuple[str, str]]:
-    return [(i["instruction"], i["value"]) for i in DockerfileParser(path=str(DOCKERFILE)).structure
-            if i["instruction"] != "COMMENT"]
+    return image_instructions(DOCKERFILE)
 
 
 def _dockerfile_uid() -> int:
@@ -221,35 +218,15 @@ def test_the_image_is_vllms_serving_image_plus_the_backend():
     assert _dockerfile_uid() not in (0,)
     exposed = {p for kind, value in instructions() if kind == "EXPOSE" for p in value.split()}
     assert {str(VLLM_PORT), "8200"} <= exposed
-    for kind, value in instructions():
-        if kind == "COPY":
-            for source in shlex.split(value)[:-1]:
-                assert (ROOT / source).exists(), f"vllm.Dockerfile copies {source}, which does not exist"
+    for source in copied_sources(DOCKERFILE):
+        assert (ROOT / source).exists(), f"vllm.Dockerfile copies {source}, which does not exist"
 
 
 def test_the_copied_files_build_the_backend_with_its_vllm_entry_point(tmp_path):
     """What `pip install ".[vllm]"` installs, built from only what the Dockerfile COPYs: the
     backend's modules and the entry point vLLM loads plugins by."""
-    context = tmp_path / "context"
-    for kind, value in instructions():
-        if kind != "COPY":
-            continue
-        for source in shlex.split(value)[:-1]:
-            origin = ROOT / source
-            if origin.is_dir():
-                shutil.copytree(origin, context / source,
-                                ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-            else:
-                (context / source).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(origin, context / source)
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "dist"), str(context)], capture_output=True, text=True, timeout=240)
-    assert build.returncode == 0, build.stderr
-    (wheel,) = (tmp_path / "dist").glob("weightsync-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        names = archive.namelist()
-        entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-        metadata = next(archive.read(n).decode() for n in names if n.endswith("METADATA"))
+    wheel = wheel_from_copies(DOCKERFILE, tmp_path)
+    names, entry_points, metadata = wheel.names, wheel.entry_points, wheel.metadata
     for module in ("weightsync_vllm/__init__.py", "weightsync_vllm/engine.py", "weightsync_vllm/metrics.py"):
         assert module in names
     assert "[vllm.general_plugins]" in entry_points and "weightsync = weightsync_vllm:register" in entry_points
