@@ -120,11 +120,9 @@ class PartyClient(ABC):
 
     kind: ClassVar[EngineKind]
     can_seed: ClassVar[bool]  # can host a one-off group that sends its weights to late joiners
-    # May be asked to start the round while its pause is still in flight (the coordinator sends
-    # the update only once both answered): its start depends on its group phase alone.
-    starts_while_pausing: ClassVar[bool] = False
     # Takes its pause with its start, and its resume with its finish, in one call each
-    # (`start(timeout, pause=mode)`, `finish(version, timeout, resume=True)`).
+    # (`start(timeout, pause=mode)`, `finish(version, timeout, resume=True)`); otherwise each is
+    # its own call, one at a time.
     combines_steps: ClassVar[bool] = False
 
     def __init__(self, endpoint: Endpoint, http: PartyHttp, token: str | None = None):
@@ -228,7 +226,6 @@ class DaemonClient(PartyClient):
 
     kind = "daemon"
     can_seed = True
-    starts_while_pausing = True  # the daemon's pause takes no part in its phases (service.py)
     combines_steps = True  # its routes' `pause` and `resume` parameters (weightsync's extension)
 
     async def start(self, timeout: float, pause: str | None = None) -> dict:
@@ -283,7 +280,8 @@ class VllmClient(PartyClient):
 
     kind = "vllm"
     can_seed = False
-    starts_while_pausing = False  # one call at a time: vLLM's executor serialises its workers' RPCs
+    # combines_steps stays False: one call at a time, since vLLM's executor serialises its
+    # workers' RPCs.
 
     def __init__(self, endpoint: Endpoint, http: PartyHttp, token: str | None = None):
         super().__init__(endpoint, http, token)

@@ -268,18 +268,9 @@ class Coordinator:
             if answer.get("paused") is not True:  # it did not know the parameter: pause it now
                 await party.pause(self.spec.pause_mode, t.request)
             return answer
-        if not party.starts_while_pausing:
-            await party.pause(self.spec.pause_mode, t.request)
-            at[party.name], progress[party.name] = "start", Progress.STARTED
-            return await party.start(t.start)
-        progress[party.name] = Progress.STARTED
-        paused, started = await asyncio.gather(party.pause(self.spec.pause_mode, t.request), party.start(t.start),
-                                               return_exceptions=True)
-        for step, answer in (("pause", paused), ("start", started)):
-            if isinstance(answer, BaseException):
-                at[party.name] = step
-                raise answer
-        return started
+        await party.pause(self.spec.pause_mode, t.request)
+        at[party.name], progress[party.name] = "start", Progress.STARTED
+        return await party.start(t.start)
 
     async def _finish_and_resume(self, party: PartyClient, at: dict[str, str], version: str,
                                  progress: dict[str, Progress], pausing: bool,
