@@ -5,16 +5,14 @@ how many of them a round holds at once."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from gpu_helpers import Daemon, collective_round, expected, need_gpus, relayed_round
-from weightsync import WeightSender
+from gpu_helpers import collective_round, expected, joined_pair, need_gpus, relayed_round
+from helpers.lying_source import Lying
 from weightsync.errors import SourceMismatch
 from weightsync.source import ModuleSource
-from weightsync_operator.local import free_port
 
 pytestmark = pytest.mark.gpu
 BUFFER = 1 << 20
@@ -29,27 +27,12 @@ def _model(seed: int) -> torch.nn.Module:
     return model
 
 
-class Lying(ModuleSource):
-    def __iter__(self):
-        for index, (name, tensor) in enumerate(super().__iter__()):
-            yield name, tensor[:-1] if index == 5 else tensor
-
-
 @pytest.fixture(params=["nccl", "ipc"])
 def pair(request):
     backend = request.param
     need_gpus(2 if backend == "nccl" else 1)
-    daemon = Daemon(backend, "cuda:1" if backend == "nccl" else "cuda:0")
-    base = {"master_address": "127.0.0.1", "master_port": free_port(), "world_size": 2,
-            "packed_buffer_size_bytes": BUFFER, "packed_num_buffers": 3, "timeout_seconds": 60}
-    with ThreadPoolExecutor(1) as pool:
-        trainer = pool.submit(WeightSender.init, {**base, "backend": backend}, device="cuda:0")
-        answer = daemon.post("/init_weight_transfer_engine", {"init_info": {**base, "rank_offset": 1}})
-        sender = trainer.result(timeout=120)
-    assert answer.status_code == 200, answer.text
-    yield backend, daemon, sender
-    sender.close()
-    daemon.stop()
+    with joined_pair(backend, "cuda:1" if backend == "nccl" else "cuda:0", BUFFER, 3) as (daemon, sender):
+        yield backend, daemon, sender
 
 
 def _round(backend, daemon, sender, source, version):
@@ -85,7 +68,7 @@ def test_a_source_lands_bit_exact_and_nccl_streams_it(pair):
 def test_a_source_contradicting_its_metadata_is_refused_by_name(pair):
     backend, daemon, sender = pair
     model = _model(7)
-    sent, answers = _round(backend, daemon, sender, Lying(model, dtype=torch.bfloat16), 7)
+    sent, answers = _round(backend, daemon, sender, Lying(ModuleSource(model, dtype=torch.bfloat16), 5, lambda tensor: tensor[:-1]), 7)
     assert isinstance(sent, SourceMismatch) and "'w5'" in str(sent), sent
     if backend == "nccl":  # the receiver took part in the round and names the parameter too
         assert answers[0].status_code >= 400 and "'w5'" in answers[0].text, answers[0].text

@@ -40,26 +40,13 @@ from weightsync.store import named_checksum
 from weightsync_vllm.trainer_engine import WeightsyncTrainerInitInfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lying_source import Lying  # noqa: E402
 from vllm_trainer import build_model, greedy, randomize  # noqa: E402 - the e2e test's model
 
 
 def reply(**message) -> None:
     sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
-
-
-class Lying:
-    """The model's source, but its iteration yields the 4th parameter with one column less."""
-
-    def __init__(self, source):
-        self.source = source
-
-    def metadata(self):
-        return self.source.metadata()
-
-    def __iter__(self):
-        for index, (name, tensor) in enumerate(self.source):
-            yield name, tensor[..., :-1] if index == 3 else tensor
 
 
 class FourMethods:
@@ -145,7 +132,7 @@ def main() -> None:
                 reply(ok=True, seconds=time.monotonic() - started, tensors=engine.last.num_tensors,
                       checksum=named_checksum(oracle.named_parameters()) if args.rank == 0 else None)
             elif cmd == "lying_round":
-                honest, engine.source = engine.source, Lying(engine.source)
+                honest, engine.source = engine.source, Lying(engine.source, 3, lambda tensor: tensor[..., :-1])  # a column short
                 try:
                     engine.send_weights()
                     reply(ok=True)
