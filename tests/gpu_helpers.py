@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -14,7 +15,9 @@ import httpx
 import pytest
 import torch
 
+from weightsync import WeightSender
 from weightsync.store import named_checksum
+from weightsync_operator.local import free_port
 
 STARTUP_SECONDS = 120
 
@@ -88,6 +91,25 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+
+
+@contextlib.contextmanager
+def joined_pair(backend: str, daemon_device: str, buffer_size: int, num_buffers: int):
+    """A daemon on `daemon_device` and the trainer's WeightSender on cuda:0, joined as one group of
+    two: (daemon, sender), both stopped afterwards."""
+    daemon = Daemon(backend, daemon_device)
+    base = {"master_address": "127.0.0.1", "master_port": free_port(), "world_size": 2,
+            "packed_buffer_size_bytes": buffer_size, "packed_num_buffers": num_buffers, "timeout_seconds": 60}
+    with ThreadPoolExecutor(1) as pool:  # joining waits for every party: both at once
+        trainer = pool.submit(WeightSender.init, {**base, "backend": backend}, device="cuda:0")
+        answer = daemon.post("/init_weight_transfer_engine", {"init_info": {**base, "rank_offset": 1}})
+        sender = trainer.result(timeout=120)
+    assert answer.status_code == 200, answer.text
+    try:
+        yield daemon, sender
+    finally:
+        sender.close()
+        daemon.stop()
 
 
 def collective_round(daemon: Daemon, send, version, update_info: dict | None = None):

@@ -4,13 +4,14 @@ reads the trainer's memory through the CUDA IPC handles of the trainer's update_
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from gpu_helpers import Daemon, expected, need_gpus, relayed_round, wait_for_published_digest, weight_set
-from weightsync import SparsePatch, WeightSender
+from gpu_helpers import (
+    expected, joined_pair, need_gpus, relayed_round, wait_for_published_digest, weight_set,
+)
+from weightsync import SparsePatch
 from weightsync.store import named_checksum
 from weightsync.transports.cuda_ipc import gpu_uuid
 from weightsync_operator.local import free_port
@@ -24,17 +25,8 @@ def pair(request):
     """(backend, daemon, sender): ipc on cuda:0 with its trainer; p2p on cuda:1, trainer on cuda:0."""
     backend = request.param
     need_gpus(1 if backend == "ipc" else 2)
-    daemon = Daemon(backend, "cuda:0" if backend == "ipc" else "cuda:1")
-    base = {"master_address": "127.0.0.1", "master_port": free_port(), "world_size": 2,
-            "packed_buffer_size_bytes": BUFFER, "packed_num_buffers": 2, "timeout_seconds": 60}
-    with ThreadPoolExecutor(1) as pool:  # joining waits for every party: both at once
-        trainer = pool.submit(WeightSender.init, {**base, "backend": backend}, device="cuda:0")
-        answer = daemon.post("/init_weight_transfer_engine", {"init_info": {**base, "rank_offset": 1}})
-        sender = trainer.result(timeout=120)
-    assert answer.status_code == 200, answer.text
-    yield backend, daemon, sender
-    sender.close()
-    daemon.stop()
+    with joined_pair(backend, "cuda:0" if backend == "ipc" else "cuda:1", BUFFER, 2) as (daemon, sender):
+        yield backend, daemon, sender
 
 
 def test_dense_rounds_are_bit_exact_and_handles_are_opened_once(pair):

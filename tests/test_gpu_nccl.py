@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from gpu_helpers import Daemon, collective_round, expected, need_gpus, weight_set
+from gpu_helpers import collective_round, expected, joined_pair, need_gpus, weight_set
 from weightsync import InitInfo, ManifestMismatch, SparsePatch, TransferError, UpdateInfo, WeightSender, WeightStore
 from weightsync.store import named_checksum
 from weightsync.transports import get_transport
@@ -27,17 +27,8 @@ BUFFER = 1 << 20  # small buffers: the 4 MB tensor spans several, the ramp has s
 @pytest.fixture(scope="module")
 def group():
     need_gpus(2)
-    daemon = Daemon("nccl", "cuda:1")
-    base = {"master_address": "127.0.0.1", "master_port": free_port(), "world_size": 2,
-            "packed_buffer_size_bytes": BUFFER, "packed_num_buffers": 3, "timeout_seconds": 60}
-    with ThreadPoolExecutor(1) as pool:
-        trainer = pool.submit(WeightSender.init, {**base, "backend": "nccl"}, device="cuda:0")
-        answer = daemon.post("/init_weight_transfer_engine", {"init_info": {**base, "rank_offset": 1}})
-        sender = trainer.result(timeout=120)
-    assert answer.status_code == 200, answer.text
-    yield daemon, sender
-    sender.close()
-    daemon.stop()
+    with joined_pair("nccl", "cuda:1", BUFFER, 3) as (daemon, sender):
+        yield daemon, sender
 
 
 def test_dense_rounds_are_bit_exact_and_land_in_place(group):
