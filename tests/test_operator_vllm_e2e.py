@@ -104,6 +104,19 @@ async def create_pod(c, name: str, metadata: dict | None, role: str, port: int, 
         "status": pod_status(True, restarts)})
 
 
+def signal_before_its_update(runtime, pod: str, server: VllmServer, sig: signal.Signals) -> None:
+    """Send `sig` to `pod`'s vLLM server the moment the coordinator next asks it to receive, after
+    every party started (its update session is open, the trainer about to send)."""
+    victim = next(t for t in runtime.existing(NS, NAME).coordinator.targets if t.name == pod)
+    real_update = victim.update
+
+    async def signal_then_update(update_info, timeout):
+        os.killpg(server.process.pid, sig)
+        return await real_update(update_info, timeout)
+
+    victim.update = signal_then_update
+
+
 def target(obj: dict, pod: str) -> dict:
     return next((t for t in (obj.get("status") or {}).get("targets") or [] if t["pod"] == pod), {})
 
@@ -215,15 +228,8 @@ async def test_readme_vllm_flow_end_to_end(tmp_path, vllm_python):
 
             # A vLLM pod killed mid-round: the moment the coordinator asks it to receive, after
             # every party started (its update session is open, the trainer about to send).
-            coordinator = runtime.existing(NS, NAME).coordinator
-            victim = next(t for t in coordinator.targets if t.name == "qwen-vllm-1")
-            real_update, killed = victim.update, servers["qwen-vllm-1"]
-
-            async def die_then_update(update_info, timeout):
-                os.killpg(killed.process.pid, signal.SIGKILL)
-                return await real_update(update_info, timeout)
-
-            victim.update = die_then_update
+            killed = servers["qwen-vllm-1"]
+            signal_before_its_update(runtime, "qwen-vllm-1", killed, signal.SIGKILL)
             t0 = time.monotonic()
             answer = await trainer.push(4)
             elapsed = time.monotonic() - t0
@@ -277,15 +283,8 @@ async def test_readme_vllm_flow_end_to_end(tmp_path, vllm_python):
             # A vLLM pod that hangs mid-round (SIGSTOP: alive, silent) instead of dying: every
             # call to it has a deadline, so the round still ends, Failed, naming it, and the
             # others keep serving version 7.
-            coordinator = runtime.existing(NS, NAME).coordinator
-            victim = next(t for t in coordinator.targets if t.name == "qwen-vllm-1")
-            real_update, hung = victim.update, servers["qwen-vllm-1"]
-
-            async def hang_then_update(update_info, timeout):
-                os.killpg(hung.process.pid, signal.SIGSTOP)
-                return await real_update(update_info, timeout)
-
-            victim.update = hang_then_update
+            hung = servers["qwen-vllm-1"]
+            signal_before_its_update(runtime, "qwen-vllm-1", hung, signal.SIGSTOP)
             t0 = time.monotonic()
             try:
                 answer = await trainer.push(8)
