@@ -1,4 +1,4 @@
-"""vLLM pods on Kubernetes, end to end: the README's vLLM kubectl flow run as written against the
+"""vLLM pods on Kubernetes, end to end: docs/kubernetes.md's vLLM kubectl flow run as written against the
 emulated API server, kopf's real runtime over the operator's handlers, real vLLM CPU servers
 (weightsync backend, tiny float32 Qwen2, TP 1) as the target pods' processes, and a real trainer
 (`weightsync_operator.trainer_client.connect` + `push`, tests/k8s_vllm_trainer.py) holding the HF model.
@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from k8s_harness import VllmTrainer, cluster, free_port, operator, pod_status, start_daemons
-from test_readme import README, snippets
+from test_readme import DOCS, page_snippets
 from test_vllm_e2e import vllm_python  # noqa: F401 (the fixture: the vLLM venv's Python)
 from weightsync_operator.demo import qwen2
 from weightsync_operator.demo.vllm_run import MAX_TOKENS, completions
@@ -46,7 +46,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.k8s,
 
 NS, NAME = "rl", "qwen-policy"
 TEST_ID = "tests/test_operator_vllm_e2e.py::test_readme_vllm_flow_end_to_end"
-# This machine's settings on top of the README's WeightSync: the cpu transport, free ports, and
+# This machine's settings on top of docs/kubernetes.md's WeightSync: the cpu transport, free ports, and
 # timeouts short enough that a dead pod fails the round in seconds.
 LOCAL_SPEC = {"backend": "cpu", "rendezvousPort": None, "packedBufferSizeBytes": 1 << 20,
               "timeouts": {"requestSeconds": 10, "initSeconds": 60, "startSeconds": 20, "updateSeconds": 40,
@@ -54,21 +54,21 @@ LOCAL_SPEC = {"backend": "cpu", "rendezvousPort": None, "packedBufferSizeBytes":
 
 
 def readme_blocks() -> dict[str, str]:
-    """The README's blocks that this test runs, by language: the pod metadata (yaml), the
+    """docs/kubernetes.md's blocks that this test runs, by language: the pod metadata (yaml), the
     commands (sh, in order) and the sample output (text)."""
-    blocks = [s for s in snippets(README.read_text()) if s.kind == "covered" and s.argument.startswith(TEST_ID)]
+    blocks = [s for s in page_snippets(DOCS / "kubernetes.md") if s.kind == "covered" and s.argument.startswith(TEST_ID)]
     by_language: dict[str, list[str]] = {}
     for block in blocks:
         by_language.setdefault(block.language or "text", []).append(block.code)
     assert sorted(by_language) == ["sh", "text", "yaml"] and len(by_language["sh"]) == 2, \
-        f"README's vLLM flow: expected a yaml, two sh and a text block covered by {TEST_ID}"
+        f"docs/kubernetes.md's vLLM flow: expected a yaml, two sh and a text block covered by {TEST_ID}"
     return by_language
 
 
 def kubectl_shim(directory: Path) -> Path:
     """A `kubectl` first on PATH that runs the real one, adding --validate=false to `apply`:
     the emulated API server serves no OpenAPI document, which kubectl's client-side validation
-    downloads. Every command of the README runs otherwise exactly as written."""
+    downloads. Every command of the page runs otherwise exactly as written."""
     real = shutil.which("kubectl")
     shim = directory / "kubectl"
     shim.write_text(f'#!/bin/sh\nif [ "$1" = apply ]; then exec {real} "$@" --validate=false; fi\nexec {real} "$@"\n')
@@ -77,7 +77,7 @@ def kubectl_shim(directory: Path) -> Path:
 
 
 async def run_block(block: str, kubeconfig: Path, bin_dir: Path, timeout: float = 60.0) -> str:
-    """A README sh block as written, with bash -euo pipefail."""
+    """A docs sh block as written, with bash -euo pipefail."""
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     process = await asyncio.create_subprocess_exec("bash", "-euo", "pipefail", "-c", block, env=env,
                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -86,13 +86,13 @@ async def run_block(block: str, kubeconfig: Path, bin_dir: Path, timeout: float 
     except TimeoutError:
         process.kill()
         await process.wait()
-        raise AssertionError(f"the README block timed out:\n{block}") from None
-    assert process.returncode == 0, f"the README block failed ({process.returncode}):\n{block}\n{err.decode()}"
+        raise AssertionError(f"the docs block timed out:\n{block}") from None
+    assert process.returncode == 0, f"the docs block failed ({process.returncode}):\n{block}\n{err.decode()}"
     return out.decode()
 
 
 async def create_pod(c, name: str, metadata: dict | None, role: str, port: int, restarts: int = 0) -> None:
-    """A running pod whose process listens on 127.0.0.1:`port`: a vLLM pod takes the README's
+    """A running pod whose process listens on 127.0.0.1:`port`: a vLLM pod takes the page's
     metadata as written, but its port (every server here shares one address)."""
     if metadata is None:
         metadata = {"labels": {"weightsync.dev/role": role, "weightsync.dev/sync": NAME}, "annotations": {}}
@@ -133,7 +133,7 @@ async def test_readme_vllm_flow_end_to_end(tmp_path, vllm_python):
     async with cluster(tmp_path) as c, operator(c.url, recheck_interval=5) as runtime, \
             httpx.AsyncClient() as http:
         try:
-            # The README's WeightSync, applied as written; then this machine's transport and ports.
+            # The page's WeightSync, applied as written; then this machine's transport and ports.
             assert "created" in await run_block(blocks["sh"][0], c.kubeconfig, bin_dir)
             await c.patch_weightsync(NS, NAME, {"spec": {**LOCAL_SPEC, "rendezvousPort": free_port()}})
             await c.wait_for(NS, NAME, lambda o: (o.get("status") or {}).get("phase") == "Pending", 30, "Pending")
@@ -222,7 +222,7 @@ async def test_readme_vllm_flow_end_to_end(tmp_path, vllm_python):
             reconciler.recheck_interval = 5
             third = await push_and_check(3)
 
-            # The README's inspection commands, as written.
+            # The page's inspection commands, as written.
             table = await run_block(blocks["sh"][1], c.kubeconfig, bin_dir)
             assert_matches_sample(table, blocks["text"][0])
 
@@ -310,10 +310,10 @@ async def test_readme_vllm_flow_end_to_end(tmp_path, vllm_python):
 
 
 def assert_matches_sample(table: str, sample: str) -> None:
-    """The README's sample output and what its commands printed: the same header, the same row
+    """The page's sample output and what its commands printed: the same header, the same row
     cells but the measured ones (GB/s, duration, age), the same targets' lines."""
     got, want = table.strip().splitlines(), sample.strip().splitlines()
-    assert len(got) == len(want), f"README sample:\n{sample}\nkubectl printed:\n{table}"
+    assert len(got) == len(want), f"docs sample:\n{sample}\nkubectl printed:\n{table}"
     assert got[0].split() == want[0].split()
     assert got[1].split()[:4] == want[1].split()[:4]
     assert [float(x) > 0 for x in got[1].split()[4:6]] == [True, True]

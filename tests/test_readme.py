@@ -1,6 +1,7 @@
-"""Every fenced code block in README.md is a test: run as written, or tied to what tests it.
+"""Every fenced code block in README.md and in docs/*.md is a test: run as written, or tied to
+what tests it. The README is the front page: it links every page under docs/ and stays short.
 
-Convention for README authors. The line right before a block's opening fence (blank lines
+Convention for README and docs authors. The line right before a block's opening fence (blank lines
 between are allowed) may be an HTML comment, invisible on GitHub, that says how the block is
 tested:
 
@@ -36,6 +37,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+# Every page the README links; each is checked like the README. A new page joins by being linked.
+PAGES = (README, *sorted(DOCS.glob("*.md")))
+# The front page: what a newcomer needs in five minutes; the manual lives in docs/.
+README_MAX_LINES = 250
 TIMEOUT_SECONDS = 180
 
 FENCE = re.compile(r"^(```+|~~~+)\s*([\w+-]*)")
@@ -45,6 +51,7 @@ KINDS = ("run", "helm-render", "covered", "skip")
 
 @dataclass(frozen=True)
 class Snippet:
+    page: str  # relative to the repository root
     line: int  # of the opening fence, 1-based
     language: str
     code: str
@@ -53,14 +60,14 @@ class Snippet:
 
     @property
     def id(self) -> str:
-        return f"README.md:{self.line}:{self.language or 'text'}"
+        return f"{self.page}:{self.line}:{self.language or 'text'}"
 
     @property
     def how(self) -> str:
         return self.kind or ("run" if self.language == "python" else "unannotated")
 
 
-def snippets(text: str) -> list[Snippet]:
+def snippets(text: str, page: str = "README.md") -> list[Snippet]:
     found, lines, i = [], text.splitlines(), 0
     while i < len(lines):
         opening = FENCE.match(lines[i])
@@ -69,16 +76,20 @@ def snippets(text: str) -> list[Snippet]:
             continue
         fence, language = opening.group(1), opening.group(2).lower()
         end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith(fence)), None)
-        assert end is not None, f"README.md:{i + 1}: a code block that never closes"
+        assert end is not None, f"{page}:{i + 1}: a code block that never closes"
         before = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
         annotation = ANNOTATION.match(before)
         kind, argument = (annotation.group(1), annotation.group(2)) if annotation else (None, "")
-        found.append(Snippet(i + 1, language, "\n".join(lines[i + 1:end]) + "\n", kind, argument))
+        found.append(Snippet(page, i + 1, language, "\n".join(lines[i + 1:end]) + "\n", kind, argument))
         i = end + 1
     return found
 
 
-SNIPPETS = snippets(README.read_text())
+def page_snippets(path: Path) -> list[Snippet]:
+    return snippets(path.read_text(), str(path.relative_to(ROOT)))
+
+
+SNIPPETS = [s for path in PAGES for s in page_snippets(path)]
 
 
 def run(argv: list[str], what: Snippet) -> subprocess.CompletedProcess:
@@ -111,8 +122,32 @@ def helm_values(command: str) -> dict:
     return values
 
 
-def test_the_readme_has_the_blocks_this_test_knows_how_to_check():
-    assert len(SNIPPETS) >= 10
+def test_the_readme_is_a_front_page_linking_every_docs_page():
+    text = README.read_text()
+    lines = len(text.splitlines())
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; keep it a front page, move the rest to docs/"
+    sections = re.findall(r"^## (.+)$", text, re.M)
+    for needed in ("Quick start", "Install", "Using the library", "With vLLM", "On Kubernetes", "Documentation"):
+        assert needed in sections, f"README.md has no section {needed!r} (it has {sections})"
+    quick_start = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "make demo " in quick_start and "make test " in quick_start, "the quick start's two commands"
+    for page in ("vllm", "kubernetes", "http-api", "operations", "performance"):
+        assert (DOCS / f"{page}.md").is_file(), f"docs/{page}.md is missing"
+    unlinked = [p.name for p in PAGES[1:] if f"](docs/{p.name})" not in text]
+    assert not unlinked, f"README.md does not link {unlinked}"
+
+
+def test_every_relative_link_of_the_pages_resolves():
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            if not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, f"links to nothing: {broken}"
+
+
+def test_the_pages_have_the_blocks_this_test_knows_how_to_check():
+    assert len(SNIPPETS) >= 30
     unknown = [f"{s.id}: snippet kind {s.kind!r}" for s in SNIPPETS if s.kind is not None and s.kind not in KINDS]
     assert not unknown, f"{unknown}; use one of {KINDS}"
     unannotated = [s.id for s in SNIPPETS if s.how == "unannotated"]

@@ -1,6 +1,6 @@
 """Trainer-side API: join the transfer group as rank 0, then send weights each round.
 
-Three forms (see the README's trainer section):
+Three forms (see docs/library.md, "Trainers"):
 - one process, plain tensors: `send_weights(model.named_parameters())`;
 - one process or many, a source (`weightsync.source`): metadata first, then one materialized
   tensor at a time, so a round holds no second copy of the model (`send_weights(ModuleSource(model))`);

@@ -13,7 +13,7 @@ server process's registry; the workers' registries reach it only in prometheus_c
 multiprocess mode, which vLLM turns on only for several API servers (and then every gauge needs
 an aggregation mode and the directory a wipe per run). And vLLM's HTTP port also carries the
 unauthenticated weight routes, so a Prometheus admitted to it could also rewrite the weights
-(README, "vLLM: what --api-key protects"). So each worker serves its own registry on
+(docs/vllm.md, "Security: what vLLM's --api-key protects"). So each worker serves its own registry on
 `$WEIGHTSYNC_METRICS_PORT + its local rank` (8200, 8201, ... in a TP-2 pod); unset, no port
 is opened (the metrics are still kept, e.g. for tests in the same process).
 

@@ -180,7 +180,7 @@ class WeightsyncTrainerEngine(TrainerWeightTransferEngine[WeightsyncTrainerInitI
     def _close_failed_session(self, answer) -> None:
         """After a failed update, one finish (it answers an error): with tensor parallelism vLLM
         0.32 reports the failure from one worker only, and the finish closes the others' update
-        session (see the README's "With vLLM"). Not while the update call is still out."""
+        session (see docs/vllm.md). Not while the update call is still out."""
         if not answer.done():
             return
         try:
