@@ -88,10 +88,11 @@ def _side_files_env(tmp: Path) -> dict[str, str]:
 class Trainer:
     """The trainer process, spoken to in JSON lines."""
 
-    def __init__(self, python: str, tmp: Path, tied: bool, name: str = "trainer"):
+    def __init__(self, python: str, tmp: Path, tied: bool, name: str = "trainer", arch: str = "qwen2"):
         self.log = open(tmp / f"{name}.log", "w")
         self.process = subprocess.Popen(
-            [python, str(TRAINER), "--model-dir", str(tmp / f"{name}-model"), *(["--tied"] if tied else [])],
+            [python, str(TRAINER), "--model-dir", str(tmp / f"{name}-model"), *(["--tied"] if tied else []),
+             "--arch", arch],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
             env=_side_files_env(tmp), cwd=ROOT)
         self.lines: queue.Queue[dict] = queue.Queue()

@@ -38,6 +38,7 @@ from weightsync.protocol import InitInfo, UpdateInfo, parse
 from weightsync.transports import Transport, get_transport
 
 from weightsync_vllm.checkpoint import CheckpointManifest, fused_group_key, model_directory
+from weightsync_vllm.layers import LoadTargets, learn_load_targets, repack_experts
 from weightsync_vllm.metrics import WorkerMetrics, serve
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         super().__init__(config, vllm_config, device, model)
         self.transport: Transport | None = None
         self.checkpoint: CheckpointManifest | None = None
+        self.targets: LoadTargets | None = None  # the served layers each checkpoint tensor loads into
+        self._loaded_names: set[str] = set()  # checkpoint tensors loaded in this reload
         self.weights_intact = True  # False while the model holds part of a failed round
         self._reloading = False
         self._loaded_this_round = 0
@@ -94,6 +97,8 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         if self.checkpoint is None:
             directory = model_directory(self.model_config.model, self.model_config.revision)
             self.checkpoint = CheckpointManifest.from_dir(directory, self.model_config.dtype)
+        if self.targets is None:
+            self.targets = learn_load_targets(self.model, self.checkpoint, self._load_all)
         self.shutdown()  # a re-init (e.g. after the trainer restarted) replaces the old group
         device = torch.device("cpu") if backend == "cpu" else self.device
         self.transport = transport_cls.connect(init_info, rank, device)
@@ -110,6 +115,7 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         initialize_layerwise_reload(self.model)
         self._reloading = True
         self._loaded_this_round = 0
+        self._loaded_names = set()
         self.metrics.round_started()
         transport.begin_round()
 
@@ -212,21 +218,39 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
     def _sink(self) -> LoaderSink:
         if self._loader is None:
             mapping = getattr(self.model, "packed_modules_mapping", None) or {}
-            self._loader = LoaderSink(self._load, self.checkpoint.mismatch, group_of=fused_group_key(mapping))
+            group_of = self.targets.group_key(fused_group_key(mapping))
+            self._loader = LoaderSink(self._load, self._mismatch, group_of=group_of)
         return self._loader
 
+    def _mismatch(self, manifest) -> str | None:
+        """Why the served model cannot load this update: a tensor its checkpoint does not have
+        (or not in that shape or dtype), or a layer the update would leave half loaded."""
+        return self.checkpoint.mismatch(manifest) or self.targets.split(manifest)
+
     def _load(self, batch: list[tuple[str, torch.Tensor]]) -> None:
+        """Hand one batch to vLLM. vLLM keeps the tensors of a layer until all of them arrived
+        and rebuilds it then; the views handed here point into staging that later chunks
+        reuse, so a tensor whose layer is not complete after this batch goes as a copy."""
+        self._loaded_names.update(name for name, _ in batch)
+        self._load_all(self.targets.outliving(batch, self._loaded_names))
+
+    def _load_all(self, weights) -> None:
         with disable_mtp_completeness_check():  # as vLLM's own engines: a partial set per call
-            self.model.load_weights(weights=batch)
+            self.model.load_weights(weights=weights)
 
     def _end_reload(self) -> None:
         """Finalize vLLM's layerwise reload: layers that got weights are processed, the others
-        get their previous tensors back. A tied lm_head on CPU keeps a packed copy of the
-        embedding, which is rebuilt from the (shared, now updated) weight."""
+        get their previous tensors back. Then what vLLM leaves undone on an update: reloaded
+        mixture-of-experts layers are repacked (`weightsync_vllm.layers.repack_experts`), and a
+        tied lm_head on CPU, which keeps a packed copy of the embedding, is rebuilt from the
+        (shared, now updated) weight."""
         if not self._reloading:
             return
         self._reloading = False
         finalize_layerwise_reload(self.model, self.model_config)
+        repacked = repack_experts(self.model, self.targets.touched(self._loaded_names))
+        if repacked:
+            logger.info("weightsync: repacked the experts of %d reloaded layer(s), e.g. %s", len(repacked), repacked[0])
         lm_head = getattr(self.model, "lm_head", None)
         tied = getattr(getattr(self.model, "config", None), "tie_word_embeddings", False)
         method = getattr(lm_head, "quant_method", None)

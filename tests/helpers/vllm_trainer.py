@@ -1,13 +1,19 @@
-"""The trainer of the vLLM end-to-end test, run with the vLLM venv's python.
+"""The trainer of the vLLM end-to-end tests, run with the vLLM venv's python.
 
-It builds a tiny Qwen2-architecture model with Hugging Face transformers (no hub), saves it as
-the checkpoint the vLLM server starts from, and then follows commands, one JSON object per line
-on stdin, answering one JSON object per line on stdout:
+It builds a tiny Qwen2-architecture model (or, with `--arch qwen3_moe`, a Qwen3 mixture of
+experts: 8 experts, top 2) with Hugging Face transformers (no hub), saves it as the checkpoint
+the vLLM server starts from, and then follows commands, one JSON object per line on stdin,
+answering one JSON object per line on stdout:
 
   {"cmd": "init", "url": ..., "master_port": ..., "fields": {...}}   join the server's workers
   {"cmd": "generate", "prompts": [[ids]...], "max_tokens": n}        HF greedy continuation ids
   {"cmd": "round", "seed": k, "version": "v1"}                       new weights, pushed to vLLM
   {"cmd": "bad_round", "kind": "unknown_name"|"wrong_shape"|"wrong_dtype"}  a manifest vLLM must refuse
+  {"cmd": "subset", "seed": k, "params": regex, "only": regex|null, "version": "v2"}
+        new values for the model's parameters whose names match `params`, pushed as checkpoint
+        tensors (`weightsync_vllm.hf.CheckpointSource`), of which only those matching `only` when
+        given; answers {"refused": reason|null, "sent": [names]}. A refused push puts the
+        trainer's previous values back (vLLM keeps serving them).
   {"cmd": "send_slowly", "seed": k, "delay": s}                      new weights, sent broadcast by
                                                                      broadcast (the test drives the
                                                                      HTTP routes and kills this process)
@@ -17,35 +23,44 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import traceback
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+from weightsync_vllm.hf import CheckpointSource
 from weightsync_vllm.trainer import VLLMTrainer
 
+SHARED = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              rms_norm_eps=1e-6, rope_theta=10000.0, torch_dtype="float32", bos_token_id=1, eos_token_id=2)
 
-def build_model(tied: bool, seed: int) -> Qwen2ForCausalLM:
-    config = Qwen2Config(
-        vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=tied, rms_norm_eps=1e-6, rope_theta=10000.0, torch_dtype="float32",
-        bos_token_id=1, eos_token_id=2,
-    )
+
+def build_model(tied: bool, seed: int, arch: str = "qwen2") -> torch.nn.Module:
+    if arch == "qwen3_moe":  # head_dim 32: the CPU attention backend's least
+        config = Qwen3MoeConfig(**SHARED, tie_word_embeddings=tied, head_dim=32, num_experts=8,
+                                num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)
+        model_cls = Qwen3MoeForCausalLM
+    else:
+        config, model_cls = Qwen2Config(**SHARED, tie_word_embeddings=tied), Qwen2ForCausalLM
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(torch.float32).eval()
+    model = model_cls(config).to(torch.float32).eval()
     randomize(model, seed)
     return model
 
 
 @torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """New weights, spread wide enough that greedy decoding has clear winners (no near-ties
-    that float32 rounding in two different engines could split differently)."""
+def randomize(model: torch.nn.Module, seed: int, only: list[str] | None = None) -> None:
+    """New weights (for the parameters named in `only`, else all), spread wide enough that greedy
+    decoding has clear winners (no near-ties that float32 rounding in two different engines
+    could split differently)."""
     gen = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
+        if only is not None and name not in only:
+            continue
         noise = torch.randn(param.shape, generator=gen)
         if "norm" in name:
             param.copy_(1.0 + 0.1 * noise)
@@ -56,7 +71,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 @torch.no_grad()
-def greedy(model: Qwen2ForCausalLM, prompt: list[int], max_tokens: int) -> list[int]:
+def greedy(model: torch.nn.Module, prompt: list[int], max_tokens: int) -> list[int]:
     """Greedy continuation that never stops early (as vLLM with ignore_eos)."""
     ids = torch.tensor([prompt])
     out: list[int] = []
@@ -73,9 +88,10 @@ def main() -> None:
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--tied", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arch", choices=["qwen2", "qwen3_moe"], default="qwen2")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = build_model(args.tied, args.seed)
+    model = build_model(args.tied, args.seed, args.arch)
     model.save_pretrained(args.model_dir, safe_serialization=True)
     names = [name for name, _ in model.named_parameters()]
     reply({"ready": True, "names": names})
@@ -93,7 +109,7 @@ def main() -> None:
 STATE: dict = {}
 
 
-def handle(command: dict, model: Qwen2ForCausalLM, trainer: VLLMTrainer | None) -> dict:
+def handle(command: dict, model: torch.nn.Module, trainer: VLLMTrainer | None) -> dict:
     cmd = command["cmd"]
     if cmd == "init":
         STATE["trainer"] = VLLMTrainer.connect([command["url"]], master_address="127.0.0.1",
@@ -105,8 +121,12 @@ def handle(command: dict, model: Qwen2ForCausalLM, trainer: VLLMTrainer | None) 
     if cmd == "round":
         randomize(model, command["seed"])
         started = time.monotonic()
-        stats = trainer.push(model.named_parameters(), version=command["version"])
+        # transformers 5 lists a mixture of experts' experts fused: sent under the checkpoint's names
+        weights = CheckpointSource(model) if model.config.model_type == "qwen3_moe" else model.named_parameters()
+        stats = trainer.push(weights, version=command["version"])
         return {"seconds": time.monotonic() - started, "tensors": stats.num_tensors, "bytes": stats.payload_bytes}
+    if cmd == "subset":
+        return push_subset(model, trainer, command)
     if cmd == "bad_round":
         named = [(n, p.detach().clone()) for n, p in model.named_parameters()]
         name, tensor = named[3]
@@ -136,6 +156,24 @@ def handle(command: dict, model: Qwen2ForCausalLM, trainer: VLLMTrainer | None) 
         trainer.sender.send_weights(model.named_parameters())
         return {"sent": True}
     raise ValueError(f"unknown command {cmd!r}")
+
+
+def push_subset(model: torch.nn.Module, trainer: VLLMTrainer, command: dict) -> dict:
+    """New values for some parameters, pushed as checkpoint tensors (all of them or those
+    matching `only`); a refused push restores the previous values."""
+    params = [name for name, _ in model.named_parameters() if re.search(command["params"], name)]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    randomize(model, command["seed"], params)
+    sent = [(name, tensor) for name, tensor in CheckpointSource(model, names=params)
+            if command.get("only") is None or re.search(command["only"], name)]
+    try:
+        trainer.push(sent, version=command["version"])
+    except Exception as error:  # the test reads the reason
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(before[name])
+        return {"refused": str(error), "sent": [name for name, _ in sent]}
+    return {"refused": None, "sent": [name for name, _ in sent]}
 
 
 def reply(message: dict) -> None:

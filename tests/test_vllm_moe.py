@@ -1,0 +1,83 @@
+"""A mixture-of-experts model in a real vLLM server (the CPU build), tensor parallel 1 and 2.
+
+A tiny Qwen3-MoE (8 experts, top 2; tests/helpers/vllm_trainer.py --arch qwen3_moe) is built
+locally and served by vLLM with the weightsync backend. transformers 5 lists its experts as
+fused 3-D parameters; the trainer sends them under the checkpoint's per-expert names through
+`weightsync_vllm.hf.CheckpointSource`. After every round that lands, vLLM's greedy completions
+must equal HF's on the trainer's weights, token for token: full rounds, and a layer's experts
+alone. A round that would leave a layer half loaded (one expert's tensors, or one expert's
+down_proj, without the rest of its layer) is refused by name before any byte moves, and vLLM
+keeps serving what it served. One server per configuration serves every test.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from test_vllm_e2e import INIT_FIELDS, Server, Trainer, vllm_python  # noqa: F401 (the fixture)
+from weightsync_operator.local import free_port
+
+pytestmark = pytest.mark.vllm
+
+LAYER0_EXPERTS = r"^model\.layers\.0\.mlp\.experts\."
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def moe(request, vllm_python, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"vllm-moe-tp{request.param}")
+    trainer = Trainer(vllm_python, tmp, tied=False, arch="qwen3_moe")
+    server = None
+    try:
+        server = Server(vllm_python, tmp, trainer.model_dir, request.param)
+        print(f"\n[moe tp{request.param}] vLLM healthy after {server.start_seconds:.1f}s", file=sys.stderr)
+        trainer.ask(cmd="init", url=server.url, master_port=free_port(), fields=INIT_FIELDS)
+        yield trainer, server
+    finally:
+        trainer.stop()
+        if server is not None:
+            server.stop()
+
+
+def test_full_rounds_of_a_mixture_of_experts_land_exactly(moe):
+    """Before the repair, a round with expert weights left vLLM serving them unpacked on CPU:
+    its greedy tokens differed from HF's even for the values it already served."""
+    trainer, server = moe
+    assert server.completions() == trainer.hf_greedy()  # the checkpoint vLLM started from
+    expected = trainer.hf_greedy()
+    pushed = trainer.ask(cmd="round", seed=0, version="same")  # the values vLLM serves already
+    assert pushed["tensors"] == 69  # per-expert checkpoint names, not transformers' fused ones
+    assert server.completions() == expected, "the same values, pushed again"
+    for version in ("m1", "m2"):
+        trainer.ask(cmd="round", seed=hash(version) % 10_000, version=version)
+        assert server.completions() == trainer.hf_greedy(), version
+        assert server.http.get("/weight_info").json()["weight_version"] == version
+
+
+def test_a_layers_experts_alone_land_exactly(moe):
+    trainer, server = moe
+    before = trainer.hf_greedy()
+    answer = trainer.ask(cmd="subset", seed=31, params=LAYER0_EXPERTS, only=None, version="experts-0")
+    assert answer["refused"] is None, answer["refused"]
+    assert len(answer["sent"]) == 8 * 3  # gate, up and down of every expert of layer 0
+    expected = trainer.hf_greedy()
+    assert expected != before, "new experts should change the greedy output"
+    assert server.completions() == expected
+
+
+@pytest.mark.parametrize("only, missing", [
+    (r"\.experts\.3\.", "model.layers.0.mlp.experts.0."),  # one expert's gate, up and down
+    (r"\.experts\.5\.down_proj", "model.layers.0.mlp.experts.0."),  # one expert's down_proj
+], ids=["one-expert", "one-down-proj"])
+def test_a_subset_that_splits_the_experts_of_a_layer_is_refused_by_name(moe, only, missing):
+    trainer, server = moe
+    expected = trainer.hf_greedy()
+    version = server.http.get("/weight_info").json()["weight_version"]
+    answer = trainer.ask(cmd="subset", seed=47, params=LAYER0_EXPERTS, only=only, version="split")
+    refused = answer["refused"]
+    assert refused is not None, "vLLM accepted a round that leaves a layer half loaded"
+    assert answer["sent"][0] in refused and "model.layers.0.mlp.experts" in refused, refused
+    assert missing in refused and "intact (nothing of this round was loaded)" in refused, refused
+    assert server.http.get("/weight_info").json()["weight_version"] == version
+    assert server.completions() == expected
