@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -353,3 +354,69 @@ def test_trainer_killed_mid_round(setup):
     fresh = _restart_trainer(setup, "trainer3")
     fresh.ask(cmd="round", seed=2024, version="v4")
     assert server.completions() == fresh.hf_greedy()
+
+
+# -- partial rounds (issue 21): a layer whole lands, a layer split is refused by name ------------
+@pytest.mark.parametrize("params", [
+    r"^model\.layers\.0\.self_attn\.[qkv]_proj\.",  # q, k and v (weights and biases) together
+    r"^model\.layers\.1\.mlp\.",  # a layer's MLP
+    r"^model\.layers\.0\.input_layernorm\.",  # a norm
+    r"^model\.embed_tokens\.",  # the embedding (with tied embeddings, the lm_head too)
+], ids=["qkv", "mlp", "norm", "embedding"])
+def test_a_partial_round_of_whole_layers_lands_exactly(setup, params):
+    """Only those parameters change; vLLM's greedy ids equal HF's on the trainer's weights."""
+    trainer, server = setup["trainer"], setup["server"]
+    answer = trainer.ask(cmd="subset", seed=len(params), params=params, only=None, version=f"part-{params[-8:]}")
+    assert answer["refused"] is None, answer["refused"]
+    assert answer["sent"] and all(re.search(params, name) for name in answer["sent"])
+    assert server.completions() == trainer.hf_greedy()
+    assert server.http.get("/weight_info").json()["weight_version"] == f"part-{params[-8:]}"
+
+
+@pytest.mark.parametrize("params, missing", [
+    (r"^model\.layers\.0\.self_attn\.q_proj\.", "model.layers.0.self_attn.k_proj.weight"),
+    (r"^model\.layers\.1\.mlp\.gate_proj\.", "model.layers.1.mlp.up_proj.weight"),
+    (r"^model\.layers\.0\.self_attn\.[kv]_proj\.", "model.layers.0.self_attn.q_proj.weight"),
+], ids=["q-alone", "gate-alone", "kv-without-q"])
+def test_a_partial_round_that_splits_a_fused_layer_is_refused_by_name(setup, params, missing):
+    """Before: accepted, and vLLM served garbage (all-zero tokens, NaN logprobs). Now refused
+    before any byte moves, naming a tensor sent, vLLM's layer and a tensor missing; vLLM keeps
+    serving what it served, with its label."""
+    trainer, server = setup["trainer"], setup["server"]
+    expected = trainer.hf_greedy()
+    version = server.http.get("/weight_info").json()["weight_version"]
+    answer = trainer.ask(cmd="subset", seed=99, params=params, only=None, version="split")
+    refused = answer["refused"]
+    assert refused is not None, "vLLM accepted a round that splits a layer it fuses"
+    assert answer["sent"][0] in refused and missing in refused, refused
+    assert "intact (nothing of this round was loaded)" in refused, refused
+    assert server.http.get("/weight_info").json()["weight_version"] == version
+    assert server.completions() == expected
+
+
+def test_a_refusal_on_the_trainers_side_costs_nothing(setup):
+    """A tensor listed twice is refused before any call to vLLM (before: after the whole
+    timeout_seconds, with vLLM's `gloo collective failed` and a dead group); the next round
+    lands on the same group at once."""
+    trainer, server = setup["trainer"], setup["server"]
+    version = server.http.get("/weight_info").json()["weight_version"]
+    answer = trainer.ask(cmd="duplicate_round", timeout=TIMEOUT_S + 60)
+    assert answer["refused"] is not None and answer["name"] in answer["refused"], answer
+    assert "appears twice" in answer["refused"], answer["refused"]
+    assert answer["seconds"] < 1.0, f"the refusal took {answer['seconds']:.2f}s"
+    assert server.http.get("/weight_info").json()["weight_version"] == version
+    assert server.http.get("/is_paused").json()["is_paused"] is False
+    trainer.ask(cmd="round", seed=555, version="after-refusal")
+    assert server.completions() == trainer.hf_greedy()
+
+
+def test_push_streams_a_source(setup):
+    """`VLLMTrainer.push` takes a source one tensor at a time, as `send_source` does (before, it
+    listed the source first: every tensor materialized at once)."""
+    trainer, server = setup["trainer"], setup["server"]
+    answer = trainer.ask(cmd="stream_round", seed=808, version="streamed")
+    print(f"\n[{setup['config']}] streamed push: at most {answer['peak_alive']} of {answer['tensors']} "
+          f"materialized tensors alive at once; peak RSS +{answer['peak_delta'] / 2**20:.1f} MiB", file=sys.stderr)
+    assert answer["peak_alive"] <= 2 < answer["tensors"], answer
+    assert server.completions() == trainer.hf_greedy()
+    assert server.http.get("/weight_info").json()["weight_version"] == "streamed"

@@ -318,132 +318,258 @@ class StagingPlan:
         p2p's copies), so a chunk need not be contiguous in the area: then each tensor may get
         its own place (no prefix is ever moved), or the chunk one place, whichever plan fits and
         makes fewer receives wait for the previous chunk's load."""
+        ring, refusal = _attempt(lambda: cls._build(layout, chunks, capacity, names, run_ends, False))
         if not piecewise:
-            return cls._build(layout, chunks, capacity, names, run_ends, False)
-        plans, errors = [], []
-        for mode in (True, False):
-            try:
-                plans.append(cls._build(layout, chunks, capacity, names, run_ends, mode))
-            except TransferError as error:
-                errors.append(error)
+            if ring is None:
+                raise refusal
+            return ring
+        pieces, _ = _attempt(lambda: cls._build(layout, chunks, capacity, names, run_ends, True))
+        plans = [plan for plan in (pieces, ring) if plan is not None]
         if not plans:
-            raise errors[0]
+            raise refusal  # the contiguous plan's refusal states the rule
         return min(plans, key=lambda plan: sum(after >= j - 1 for j, after in enumerate(plan.after)))
 
     @classmethod
     def _build(cls, layout: Layout, chunks: Sequence[Chunk], capacity: int, names: Sequence[str],
                run_ends: Sequence[int], piecewise: bool) -> "StagingPlan":
-        count = len(layout.sizes)
-        bound = (f"the {capacity} bytes of loader staging (packed_num_buffers x packed_buffer_size_bytes); "
-                 "raise them or load this tensor some other way")
-        last_chunk = [-1] * count
-        for chunk in chunks:
-            for s in chunk.segments:
-                last_chunk[s.index] = chunk.number
-        for i in range(count):  # an empty tensor is complete once the one before it is
-            if last_chunk[i] < 0:
-                last_chunk[i] = last_chunk[i - 1] if i else (0 if chunks else -1)
-        ready = [last_chunk[run_ends[i]] for i in range(count)]  # loaded after this chunk
-        batches: list[list[int]] = [[] for _ in chunks] + [[]]  # the last: tensors without bytes, at the end
-        for i in range(count):
-            batches[ready[i]].append(i)  # ready -1 (a round of empty tensors only): the last
-        positions: list[int] = []
-        after: list[int] = []
-        carries: dict[int, Carry] = {}
-        places = [0] * count
-        live: list[list] = []  # [lo, hi, free_after, tensor]: area bytes needed until that chunk's completion
-        peak = 0
-        floor = -1  # every chunk from here on is received after this chunk's completion
+        spans = TensorSpans.of(layout, chunks, run_ends)
+        bound = _Bound(capacity, names, run_ends, layout)
+        if piecewise:
+            return _piecewise_plan(layout, chunks, spans, bound)
+        return _ring_plan(layout, chunks, spans, bound)
 
-        def blocking(lo: int, hi: int, skip=None) -> list:
-            return [p for p in live if p[0] < hi and lo < p[1] and p is not skip]
 
-        def refuse_group(piece) -> TransferError:
-            return TransferError(f"parameter {names[piece[3]]!r} and its fused group (loaded together up to "
-                                 f"{names[run_ends[piece[3]]]!r}) do not fit in {bound}")
+def _attempt(build: Callable[[], StagingPlan]) -> tuple[StagingPlan | None, TransferError | None]:
+    try:
+        return build(), None
+    except TransferError as error:
+        return None, error
 
-        def align(value: int) -> int:
-            return -(-value // layout.alignment) * layout.alignment
 
-        cursor = 0
-        for chunk in chunks if piecewise else ():
-            j = chunk.number
-            fresh: list[list] = []
-            need = -1
-            for s in chunk.segments:
-                if s.start:
-                    continue
-                # a tensor begins: its place, next to the last one if that is free soon enough,
-                # else where the bytes it overwrites are free soonest (never what chunk j completes)
-                size = layout.sizes[s.index]
-                if size > capacity:
-                    raise TransferError(f"parameter {names[s.index]!r} ({size} bytes) does not fit in {bound}")
-                best = None
-                for start in [cursor, 0] + [align(p[1]) for p in live + fresh]:
-                    if start + size > capacity:
-                        continue
-                    over = [p[2] for p in live + fresh if p[0] < start + size and start < p[1]]
-                    wait = max(over, default=-1)
-                    if wait < j and (best is None or wait < best[0]):
-                        best = (wait, start)
-                    if best is not None and best[0] <= floor:
-                        break  # free for every later chunk already: take the first such place
-                if best is None:
-                    blocker = max((p for p in live + fresh if p[2] >= j), key=lambda p: p[1] - p[0])
-                    raise refuse_group(blocker)
-                need = max(need, best[0])
-                places[s.index] = best[1]
-                fresh.append([best[1], best[1] + size, ready[s.index], s.index])
-                cursor = min(align(best[1] + size), capacity)
-            floor = max(floor, need)
-            positions.append(-1)
-            after.append(need)
-            live += fresh
-            peak = max([peak] + [hi for _, hi, _, _ in fresh])
-            live = [p for p in live if p[2] > floor]
-        for chunk in chunks if not piecewise else ():
-            j, n = chunk.number, chunk.nbytes
-            if n > capacity:
-                raise TransferError(f"a chunk of {n} bytes exceeds {bound}")
-            first = chunk.segments[0] if chunk.segments else None
-            carried = first.start if first is not None and first.start > 0 else 0
-            pos = 0 if j == 0 else positions[-1] + chunks[j - 1].nbytes
-            moved = None
-            if pos + n > capacity:  # wrap to the area's start, moving the spanning tensor's prefix there
-                source = pos - carried
-                if carried + n > capacity or (carried and (source == 0 or carried > CARRY_MAX_STEPS * source)):
-                    index = first.index
-                    raise TransferError(f"parameter {names[index]!r} ({layout.sizes[index]} bytes) does not fit, "
-                                        f"with the chunk that completes it, in {bound}")
-                pos = carried
-                if carried:
-                    carries[j - 1] = Carry(j, source, carried)  # run when chunk j-1 completed
-                    for piece in live:  # the old bytes are needed only until they moved
-                        if piece[3] == first.index:
-                            piece[2] = j - 1
-                    # the move's destination must be free by then
-                    stuck = [p for p in blocking(0, carried) if p[2] >= j]
-                    if stuck:
-                        raise refuse_group(stuck[0])
-                    moved = [0, carried, ready[first.index], first.index]
-                    places[first.index] = 0
-            pieces = blocking(pos, pos + n)
-            need = max([p[2] for p in pieces], default=-1)
-            if need >= j:
-                raise refuse_group(next(p for p in pieces if p[2] == need))
-            floor = max(floor, need)
-            positions.append(pos)
-            after.append(need)
-            if moved is not None:
-                live.append(moved)
-            for s in chunk.segments:
-                if s.nbytes:
-                    live.append([pos + s.chunk_offset, pos + s.chunk_offset + s.nbytes, ready[s.index], s.index])
-                    if s.start == 0:
-                        places[s.index] = pos + s.chunk_offset
-            peak = max(peak, pos + n)
-            live = [p for p in live if p[2] > floor]  # the rest is free for every later chunk
-        return cls(capacity, positions, after, carries, batches, places, peak)
+# -- the records a plan is worked out over ---------------------------------------------------------
+@dataclass(frozen=True)
+class TensorSpans:
+    """Per tensor of a loader round: the chunk after which it is handed over (`ready`: the last
+    chunk of its fused group; -1 for a round of empty tensors only), and the batches of tensor
+    indices handed over after each chunk (the last batch: at the end)."""
+
+    ready: list[int]
+    batches: list[list[int]]
+
+    @classmethod
+    def of(cls, layout: Layout, chunks: Sequence[Chunk], run_ends: Sequence[int]) -> "TensorSpans":
+        last = _last_chunks(len(layout.sizes), chunks)
+        ready = [last[end] for end in run_ends]
+        batches: list[list[int]] = [[] for _ in chunks] + [[]]
+        for index, chunk in enumerate(ready):
+            batches[chunk].append(index)  # -1: the last batch
+        return cls(ready, batches)
+
+
+def _last_chunks(count: int, chunks: Sequence[Chunk]) -> list[int]:
+    """The chunk that completes each tensor; an empty tensor is complete with the one before it."""
+    last = [-1] * count
+    for chunk in chunks:
+        for segment in chunk.segments:
+            last[segment.index] = chunk.number
+    for index in range(count):
+        if last[index] < 0:
+            last[index] = last[index - 1] if index else (0 if chunks else -1)
+    return last
+
+
+@dataclass(frozen=True)
+class _Bound:
+    """The staging bound, and the refusals that name what does not fit in it."""
+
+    capacity: int
+    names: Sequence[str]
+    run_ends: Sequence[int]
+    layout: Layout
+
+    @property
+    def text(self) -> str:
+        return (f"the {self.capacity} bytes of loader staging (packed_num_buffers x packed_buffer_size_bytes); "
+                "raise them or load this tensor some other way")
+
+    def group(self, first: int, need: int, chunk: int) -> TransferError:
+        """The fused group that begins with tensor `first`, from its first byte to the end of
+        `chunk` (the chunk being received), needs `need` bytes at once."""
+        return TransferError(
+            f"parameter {self.names[first]!r} and its fused group (loaded together up to "
+            f"{self.names[self.run_ends[first]]!r}) need {need} bytes of staging at once, from the group's "
+            f"first byte to the end of stream chunk {chunk} (a fused group is held from its first byte "
+            f"until the chunk that completes it is in): that does not fit in {self.text}")
+
+    def tensor(self, index: int) -> TransferError:
+        return TransferError(f"parameter {self.names[index]!r} ({self.layout.sizes[index]} bytes) "
+                             f"does not fit in {self.text}")
+
+    def chunk(self, nbytes: int) -> TransferError:
+        return TransferError(f"a chunk of {nbytes} bytes exceeds {self.text}")
+
+
+@dataclass
+class _Held:
+    """Area bytes [lo, hi) of tensor `index`, needed until chunk `until` completed."""
+
+    lo: int
+    hi: int
+    until: int
+    index: int
+
+    def overlaps(self, lo: int, hi: int) -> bool:
+        return self.lo < hi and lo < self.hi
+
+
+def _latest(held: Sequence[_Held], lo: int, hi: int) -> int:
+    """The last chunk whose completion frees area [lo, hi) (-1: free now)."""
+    return max((piece.until for piece in held if piece.overlaps(lo, hi)), default=-1)
+
+
+# -- contiguous staging: a ring that moves the bytes still held to its start -----------------------
+@dataclass
+class _Ring:
+    """Chunks land one after the other in the area, each contiguous; where the next one does not
+    fit before the area's end, the stream bytes still held (those of the fused group still
+    loading) move to the area's start and the chunk lands right after them. Area offset =
+    stream offset - `shift`, so every tensor keeps its stream alignment and stays contiguous.
+
+    Rule (exact up to alignment padding): for every chunk, the stream bytes from the first byte
+    of the fused group still loading when it begins (aligned down) to the chunk's end fit in
+    the area; nothing else is held when a chunk is received, so any plan needs that much."""
+
+    layout: Layout
+    spans: TensorSpans
+    bound: _Bound
+    shift: int = 0
+    held: list[_Held] = field(default_factory=list)
+    floor: int = -1  # every chunk from here on is received after this chunk completed
+    first_live: int = 0  # the first tensor that may still be held
+
+    def live_from(self, chunk: Chunk) -> int | None:
+        """The first tensor whose bytes precede `chunk` and are still held when it begins."""
+        ready, offsets, sizes = self.spans.ready, self.layout.offsets, self.layout.sizes
+        while self.first_live < len(ready) and ready[self.first_live] < chunk.number:
+            self.first_live += 1
+        index = self.first_live
+        while index < len(ready) and not sizes[index] and offsets[index] < chunk.start:
+            index += 1  # an empty tensor holds no bytes
+        return index if index < len(ready) and offsets[index] < chunk.start else None
+
+    def place(self, chunk: Chunk, previous_end: int) -> tuple[int, Carry | None]:
+        """Chunk's area offset, and the move that must run before it is received (or None)."""
+        if chunk.nbytes > self.bound.capacity:
+            raise self.bound.chunk(chunk.nbytes)
+        pos = chunk.start - self.shift
+        if chunk.number and pos == previous_end and pos + chunk.nbytes <= self.bound.capacity:
+            return pos, None
+        live = self.live_from(chunk)
+        base = self.layout.offsets[live] if live is not None else _align_down(chunk.start, self.layout.alignment)
+        if chunk.stop - base > self.bound.capacity:
+            raise self.bound.group(live if live is not None else chunk.segments[0].index,
+                                   chunk.stop - base, chunk.number)
+        carry = None
+        if live is not None and base - self.shift != 0:
+            carry = Carry(chunk.number, base - self.shift, chunk.start - base)
+            self.held = [_Held(p.lo - (base - self.shift), p.hi - (base - self.shift), p.until, p.index)
+                         for p in self.held if p.until >= chunk.number and p.lo >= base - self.shift]
+        self.shift = base
+        return chunk.start - base, carry
+
+    def receive(self, chunk: Chunk, pos: int, carry: Carry | None) -> int:
+        """Take chunk's bytes at `pos`; returns the chunk it waits for."""
+        after = _latest(self.held, pos, pos + chunk.nbytes)
+        if carry is not None:
+            after = max(after, chunk.number - 1)  # the move runs once the chunk before completed
+        self.floor = max(self.floor, after)
+        ready = self.spans.ready
+        self.held = [p for p in self.held if p.until > self.floor]
+        self.held += [_Held(pos + s.chunk_offset, pos + s.chunk_offset + s.nbytes, ready[s.index], s.index)
+                      for s in chunk.segments if s.nbytes]
+        return after
+
+
+def _ring_plan(layout: Layout, chunks: Sequence[Chunk], spans: TensorSpans, bound: _Bound) -> StagingPlan:
+    ring = _Ring(layout, spans, bound)
+    positions: list[int] = []
+    after: list[int] = []
+    carries: dict[int, Carry] = {}
+    shifts: list[int] = []
+    end = 0
+    for chunk in chunks:
+        pos, carry = ring.place(chunk, end)
+        if carry is not None:
+            carries[chunk.number - 1] = carry  # run when the chunk before completed
+        after.append(ring.receive(chunk, pos, carry))
+        positions.append(pos)
+        shifts.append(ring.shift)
+        end = pos + chunk.nbytes
+    places = [_handover_place(layout, spans, shifts, index, bound.capacity) for index in range(len(layout.sizes))]
+    peak = max((p + c.nbytes for p, c in zip(positions, chunks)), default=0)
+    return StagingPlan(bound.capacity, positions, after, carries, spans.batches, places, peak)
+
+
+def _handover_place(layout: Layout, spans: TensorSpans, shifts: Sequence[int], index: int, capacity: int) -> int:
+    """Where tensor `index` sits in the area when it is handed over (after its ready chunk)."""
+    ready = spans.ready[index]
+    if not layout.sizes[index] or ready < 0:
+        return 0
+    return min(layout.offsets[index] - shifts[ready], capacity)
+
+
+def _align_down(value: int, alignment: int) -> int:
+    return value // alignment * alignment
+
+
+# -- piecewise staging: each tensor its own place --------------------------------------------------
+def _piecewise_plan(layout: Layout, chunks: Sequence[Chunk], spans: TensorSpans, bound: _Bound) -> StagingPlan:
+    """Where each piece is received on its own, every tensor gets a place of its own as it
+    begins: next to the last one if that is free soon enough, else where the bytes it overwrites
+    are free soonest (never bytes the same chunk completes). No bytes are ever moved."""
+    places = [0] * len(layout.sizes)
+    after: list[int] = []
+    held: list[_Held] = []
+    floor, cursor, peak = -1, 0, 0
+    for chunk in chunks:
+        fresh: list[_Held] = []
+        need = -1
+        for segment in chunk.segments:
+            if segment.start:
+                continue  # a tensor's later pieces follow its first
+            wait, start = _tensor_place(layout, bound, segment.index, chunk.number, held + fresh, cursor, floor)
+            need = max(need, wait)
+            places[segment.index] = start
+            fresh.append(_Held(start, start + layout.sizes[segment.index], spans.ready[segment.index], segment.index))
+            cursor = min(-(-(start + layout.sizes[segment.index]) // layout.alignment) * layout.alignment,
+                         bound.capacity)
+        floor = max(floor, need)
+        after.append(need)
+        peak = max([peak] + [piece.hi for piece in fresh])
+        held = [piece for piece in held + fresh if piece.until > floor]
+    return StagingPlan(bound.capacity, [-1] * len(chunks), after, {}, spans.batches, places, peak)
+
+
+def _tensor_place(layout: Layout, bound: _Bound, index: int, chunk: int, held: Sequence[_Held], cursor: int,
+                  floor: int) -> tuple[int, int]:
+    """(the chunk to wait for, the area offset) of tensor `index`, which begins in `chunk`."""
+    size = layout.sizes[index]
+    if size > bound.capacity:
+        raise bound.tensor(index)
+    best: tuple[int, int] | None = None
+    align = layout.alignment
+    for start in [cursor, 0] + [-(-piece.hi // align) * align for piece in held]:
+        if start + size > bound.capacity:
+            continue
+        wait = _latest(held, start, start + size)
+        if wait < chunk and (best is None or wait < best[0]):
+            best = (wait, start)
+        if best is not None and best[0] <= floor:
+            break  # free for every later chunk already: take the first such place
+    if best is None:
+        blocker = max((p for p in held if p.until >= chunk), key=lambda p: p.hi - p.lo)
+        raise bound.group(blocker.index, blocker.hi - blocker.lo, chunk)
+    return best
 
 
 class StagedLoad:

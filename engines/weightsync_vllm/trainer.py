@@ -19,12 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 import httpx
 import torch
+from pydantic import ValidationError
 
-from weightsync.errors import WeightSyncError
-from weightsync.protocol import InitInfo
+from weightsync.errors import ProtocolError, WeightSyncError
+from weightsync.protocol import InitInfo, Manifest
+from weightsync.source import WeightSource, is_source, manifest_of
 from weightsync.trainer import WeightSender
 from weightsync.transports import RoundStats
 
@@ -117,15 +120,22 @@ class VLLMTrainer:
                 future.result(timeout=init.init_timeout_seconds + 30)
         return cls(sender, endpoints, init)
 
-    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str | None = None,
+    def push(self, weights: WeightSource | Iterable[tuple[str, torch.Tensor]], version: str | None = None,
              pause_mode: str = "wait") -> RoundStats:
-        """Send one full update into every server; see the module docstring for the steps."""
+        """Send one update into every server; see the module docstring for the steps.
+
+        `weights`: (name, tensor) pairs, or a source (`weightsync.source`, e.g.
+        `ModuleSource(model, dtype=torch.bfloat16)` or `weightsync_vllm.hf.CheckpointSource`),
+        which streams as `WeightSender.send_weights` does: one tensor materialized at a time.
+        What the trainer can refuse alone (a name listed twice, the source's metadata) is
+        refused before the first call to any server, which leaves the servers and the group as
+        they were."""
         if self.sender.transport.needs_trainer_update_info:
             # ipc/p2p receivers read the trainer's memory through handles its send returns; the
             # engine takes them in update_info, but this helper does not route them (untested).
             raise NotImplementedError(f"VLLMTrainer.push drives the collective transports (cpu, nccl), "
                                       f"not {self.init.backend}")
-        named = list(named_tensors)
+        checked = _checked(weights)
         started = False
         try:
             for endpoint in self.endpoints:
@@ -137,7 +147,7 @@ class VLLMTrainer:
                 # An empty update_info takes the manifest from the trainer's round header.
                 futures = [pool.submit(endpoint.update, {}) for endpoint in self.endpoints]
                 try:
-                    stats = self.sender.send_weights(named)
+                    stats = self.sender.send_weights(checked)
                 except BaseException as error:
                     answers = _answers(futures, self.init.timeout_seconds)
                     raise VLLMUpdateError(f"{error}; vLLM answered: {answers}", answers) from error
@@ -181,6 +191,39 @@ class VLLMTrainer:
         self.sender.close()
         for endpoint in self.endpoints:
             endpoint.close()
+
+
+@dataclass(frozen=True)
+class _CheckedSource:
+    """A source whose metadata `push` read and validated before calling any server; the round
+    takes that manifest instead of reading the metadata again."""
+
+    source: WeightSource
+    manifest: Manifest
+
+    def metadata(self) -> Manifest:
+        return self.manifest
+
+    def __iter__(self):
+        return iter(self.source)
+
+
+def _checked(weights: WeightSource | Iterable[tuple[str, torch.Tensor]]) -> _CheckedSource | list:
+    """The round's weights with their manifest validated (ProtocolError naming the parameter):
+    a source stays a source (it streams); pairs are resident already, so they are listed."""
+    if is_source(weights):
+        return _CheckedSource(weights, _validated(lambda: manifest_of(weights)))
+    named = list(weights)
+    _validated(lambda: Manifest.of(named))
+    return named
+
+
+def _validated(build) -> Manifest:
+    try:
+        return build()
+    except ValidationError as error:
+        message = error.errors()[0]["msg"]
+        raise ProtocolError("weights", message.removeprefix("Value error, ")) from None
 
 
 def _answers(futures, timeout: float) -> list[str]:

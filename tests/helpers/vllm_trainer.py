@@ -14,6 +14,11 @@ answering one JSON object per line on stdout:
         tensors (`weightsync_vllm.hf.CheckpointSource`), of which only those matching `only` when
         given; answers {"refused": reason|null, "sent": [names]}. A refused push puts the
         trainer's previous values back (vLLM keeps serving them).
+  {"cmd": "duplicate_round"}                                         a push listing one tensor twice:
+        answers {"refused": reason|null, "seconds": how long push took to raise}
+  {"cmd": "stream_round", "seed": k, "version": "v5"}                new weights pushed as a source
+        that counts its tensors alive: answers {"peak_alive", "tensors", "peak_delta"} (the rise of
+        this process's peak RSS, VmHWM reset before the push, over its RSS before it)
   {"cmd": "send_slowly", "seed": k, "delay": s}                      new weights, sent broadcast by
                                                                      broadcast (the test drives the
                                                                      HTTP routes and kills this process)
@@ -27,10 +32,13 @@ import re
 import sys
 import time
 import traceback
+import weakref
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+from source_party import reset_peak, vm_kib  # this directory: the sources tests' measure of memory
+from weightsync.source import ModuleSource
 from weightsync_vllm.hf import CheckpointSource
 from weightsync_vllm.trainer import VLLMTrainer
 
@@ -127,6 +135,22 @@ def handle(command: dict, model: torch.nn.Module, trainer: VLLMTrainer | None) -
         return {"seconds": time.monotonic() - started, "tensors": stats.num_tensors, "bytes": stats.payload_bytes}
     if cmd == "subset":
         return push_subset(model, trainer, command)
+    if cmd == "duplicate_round":
+        named = list(model.named_parameters())
+        started = time.monotonic()
+        try:
+            trainer.push(named + [named[3]], version="twice")
+        except Exception as error:
+            return {"refused": str(error), "seconds": time.monotonic() - started, "name": named[3][0]}
+        return {"refused": None, "seconds": time.monotonic() - started}
+    if cmd == "stream_round":
+        randomize(model, command["seed"])
+        source = CountingSource(model)
+        before = vm_kib("VmRSS")
+        reset_peak()
+        stats = trainer.push(source, version=command["version"])
+        return {"peak_alive": source.peak, "tensors": stats.num_tensors,
+                "peak_delta": (vm_kib("VmHWM") - before) * 1024}
     if cmd == "bad_round":
         named = [(n, p.detach().clone()) for n, p in model.named_parameters()]
         name, tensor = named[3]
@@ -156,6 +180,30 @@ def handle(command: dict, model: torch.nn.Module, trainer: VLLMTrainer | None) -
         trainer.sender.send_weights(model.named_parameters())
         return {"sent": True}
     raise ValueError(f"unknown command {cmd!r}")
+
+
+class CountingSource:
+    """A module's parameters as a source that materializes each one (a copy, as a cast or a
+    gather would) and counts how many of its copies are alive at once."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.inner = ModuleSource(model)
+        self.alive = self.peak = 0
+
+    def metadata(self):
+        return self.inner.metadata()
+
+    def __iter__(self):
+        for name, tensor in self.inner:
+            copy = tensor.clone()
+            self.alive += 1
+            self.peak = max(self.peak, self.alive)
+            weakref.finalize(copy, self._freed)
+            yield name, copy
+            del copy
+
+    def _freed(self) -> None:
+        self.alive -= 1
 
 
 def push_subset(model: torch.nn.Module, trainer: VLLMTrainer, command: dict) -> dict:
