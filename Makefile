@@ -25,10 +25,27 @@ $(VLLM_VENV)/.installed: $(VLLM_LOCK) pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
-.PHONY: install demo demo-vllm test test-fast vllm-venv
+# vLLM's GPU build (0.33) cannot run without a GPU, but its weight-transfer modules import beside
+# torch's CPU wheel: the contract tests (tests/test_vllm_contract.py) check the backend against
+# vLLM 0.33's own classes and routes from this venv (its wheel with --no-deps, and the few
+# packages those imports need, pinned in VLLM033_LOCK; about 1.8 GB, under two minutes).
+VLLM033_VENV ?= .venv-vllm033
+VLLM033_LOCK ?= engines/vllm-0.33-contract.lock
+
+$(VLLM033_VENV)/.installed: $(VLLM033_LOCK) pyproject.toml
+	$(PYTHON) -m venv $(VLLM033_VENV)
+	$(VLLM033_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM033_VENV)/bin/python -m pip install -q "torch==2.13.0"
+	$(VLLM033_VENV)/bin/python -m pip install -q --no-deps -r $(VLLM033_LOCK)
+	$(VLLM033_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+.PHONY: install demo demo-vllm test test-fast vllm-venv vllm033-venv
 install: $(VENV)/.installed
 
 vllm-venv: $(VLLM_VENV)/.installed
+
+vllm033-venv: $(VLLM033_VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/weightsync demo
@@ -38,8 +55,9 @@ demo: $(VENV)/.installed
 demo-vllm: $(VENV)/.installed $(VLLM_VENV)/.installed
 	WEIGHTSYNC_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/weightsync demo --engine vllm
 
-test: $(VENV)/.installed $(VLLM_VENV)/.installed
-	WEIGHTSYNC_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/python -m pytest -q
+test: $(VENV)/.installed $(VLLM_VENV)/.installed $(VLLM033_VENV)/.installed
+	WEIGHTSYNC_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python \
+	WEIGHTSYNC_VLLM033_PYTHON=$(abspath $(VLLM033_VENV))/bin/python $(VENV)/bin/python -m pytest -q
 
 # The fast lane: unit tests, in this process only (no daemon, server, rendezvous, GPU, cluster,
 # chart or vLLM; markers in pyproject.toml, tests/conftest.py marks tests by the fixtures they

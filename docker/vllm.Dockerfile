@@ -3,9 +3,9 @@
 # backend inside vLLM, so a WeightSync drives the server through vLLM's own routes (no daemon).
 # Build from the repository root:
 #   docker build -f docker/vllm.Dockerfile -t ghcr.io/weightsync/weightsync-vllm:0.1.0 .
-# The backend follows vLLM 0.32's interfaces (pyproject: vllm>=0.32,<0.33); the base image's vLLM
-# satisfies the extra, so pip keeps it (and its CUDA build of torch).
-ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
+# The backend follows vLLM 0.32's and 0.33's interfaces (pyproject: vllm>=0.32,<0.34); the base
+# image's vLLM satisfies the extra, so pip keeps it (and its CUDA build of torch).
+ARG VLLM_IMAGE=vllm/vllm-openai:v0.33.0
 FROM ${VLLM_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -208,7 +208,7 @@ def _env() -> dict[str, str]:
 
 def test_the_image_is_vllms_serving_image_plus_the_backend():
     parser = DockerfileParser(path=str(DOCKERFILE))
-    assert parser.baseimage.startswith("vllm/vllm-openai:v0.32")
+    assert parser.baseimage.startswith("vllm/vllm-openai:v0.33")
     runs = " ".join(value for kind, value in instructions() if kind == "RUN")
     assert 'pip install ".[vllm]"' in runs
     env = _env()
@@ -235,8 +235,9 @@ def test_the_copied_files_build_the_backend_with_its_vllm_entry_point(tmp_path):
 
 @pytest.mark.vllm
 def test_the_serve_command_parses_with_vllms_own_parser():
-    """The image's entrypoint plus the example's args, parsed by vLLM 0.32's `vllm serve` parser
-    (in the vLLM venv): the weightsync backend, the port the example names "weightsync", and
+    """The image's entrypoint plus the example's args, parsed by vLLM's `vllm serve` parser (the
+    CPU build's 0.32 in the vLLM venv; 0.33 moved it to vllm.entrypoints.common.cli_args): the
+    weightsync backend, the port the example names "weightsync", and
     the tensor-parallel size that matches the example's metrics ports."""
     from test_vllm_e2e import VLLM_PYTHON, _vllm_python_ready
 
@@ -248,7 +249,10 @@ def test_the_serve_command_parses_with_vllms_own_parser():
     container = example_pod()["spec"]["containers"][0]
     argv = entrypoint[2:] + container["args"]
     probe = ("import json, sys\n"
-             "from vllm.entrypoints.launchers.cli_args import make_arg_parser\n"
+             "try:\n"
+             "    from vllm.entrypoints.common.cli_args import make_arg_parser\n"
+             "except ImportError:  # vLLM 0.32\n"
+             "    from vllm.entrypoints.launchers.cli_args import make_arg_parser\n"
              "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
              "a = make_arg_parser(FlexibleArgumentParser()).parse_args(json.loads(sys.argv[1]))\n"
              "print(json.dumps({'port': a.port, 'host': a.host, 'model': a.model,\n"

@@ -12,9 +12,12 @@ model. A source separates what a round needs to know up front from what it needs
   order). The payload streams from it: a streaming transport holds the chunks in flight plus
   the tensor being materialized, never the whole model.
 
-This matches the shape of vLLM's trainer-side `WeightSource` (`metadata()` of objects with
+This matches the shape of vLLM 0.32's trainer-side `WeightSource` (`metadata()` of objects with
 `name`, `dtype`, `shape`; `__iter__`), so a vLLM source can be passed as it is: `metadata()`
 may return a `Manifest` or any sequence of such objects (dtype as `torch.dtype` or its name).
+vLLM 0.33 made `metadata` a cached property and replaced iteration by `iter_full()` (full
+tensors) and `iter_local()` (this rank's shards); `adapt` presents such a source as the two
+channels above (`FullPassSource`), reading `iter_full()`, so either release's sources work.
 
 A source whose iteration disagrees with its metadata (name, order, count, dtype or shape) fails
 the round with `SourceMismatch` naming the parameter (`checked_items`).
@@ -85,12 +88,41 @@ class TensorsSource:
             yield name, _materialize(tensor.detach())
 
 
+class FullPassSource:
+    """A vLLM 0.33 `WeightSource` (`metadata` a property, `iter_full()` the full tensors) as a
+    weightsync source. Duck-typed, so the core never imports vLLM; a source whose `iter_full`
+    skips parameters this rank does not own fails the round like any source contradicting its
+    metadata (vLLM's `ParamMeta.owners`: whoever calls this must own every parameter)."""
+
+    def __init__(self, source: object):
+        self.source = source
+
+    def metadata(self) -> Sequence:
+        return self.source.metadata
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self.source.iter_full())
+
+
+def _is_full_pass(obj: object) -> bool:
+    """vLLM 0.33's source shape: `iter_full()` and a `metadata` that is not a method."""
+    return callable(getattr(type(obj), "iter_full", None)) and hasattr(type(obj), "metadata") \
+        and not callable(getattr(type(obj), "metadata"))
+
+
+def adapt(obj: object) -> object:
+    """`obj` as weightsync reads a source: a vLLM 0.33 source wrapped in `FullPassSource`,
+    anything else (a weightsync or vLLM 0.32 source, or pairs) as it is."""
+    return FullPassSource(obj) if _is_full_pass(obj) else obj
+
+
 def is_source(obj: object) -> bool:
     """Whether `obj` has both channels (a weightsync or vLLM source), not just pairs."""
     return callable(getattr(obj, "metadata", None)) and hasattr(obj, "__iter__")
 
 
 def as_source(obj: WeightSource | Iterable[tuple[str, torch.Tensor]]) -> WeightSource:
+    obj = adapt(obj)
     return obj if is_source(obj) else TensorsSource(obj)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 
 from weightsync.protocol import InitInfo, parse
-from weightsync.source import WeightSource, as_source, is_source
+from weightsync.source import WeightSource, adapt, as_source, is_source
 from weightsync.transports import RoundStats, SparsePatch, Transport, default_device, get_transport
 
 
@@ -66,6 +66,7 @@ class WeightSender:
         `ModuleSource(model)`), which streams: one tensor materialized at a time. A source whose
         iteration disagrees with its metadata fails the round (SourceMismatch naming the
         parameter) on every party. On a sharded trainer every rank calls this each round."""
+        weights = adapt(weights)  # a vLLM 0.33 source reads through its iter_full()
         with torch.no_grad():
             if self.trainer_group is not None:
                 from weightsync.sharded import send_sharded

@@ -25,15 +25,21 @@ around `send_weights`.
 Every trainer rank calls `trainer_init` and `send_weights`. Rank 0 (`init_info.rank`) joins the
 transfer group and drives the client; with more than one trainer rank (torch.distributed
 initialized, or `process_group` given), the others materialize the source with it and return
-or raise the round's outcome (`weightsync.sharded`). The source is vLLM's `WeightSource`
-(`metadata()` + iteration), used by weightsync as it is: it streams (cpu, nccl transports), one
-tensor materialized at a time.
+or raise the round's outcome (`weightsync.sharded`). The source is vLLM's `WeightSource`, used
+by weightsync as it is: 0.32's (`metadata()` + iteration) and 0.33's (`metadata` property +
+`iter_full()`, read through `weightsync.source.adapt`); it streams (cpu, nccl transports), one
+tensor materialized at a time. A 0.33 source may declare owners per parameter: every trainer rank
+materializes every parameter with the others here, so each must be owned by every trainer rank
+(refused at init otherwise, naming the parameter). The same module serves vLLM 0.32 and 0.33:
+what differs is chosen by what the installed vLLM offers (`_BASE_TAKES_RANK`), never by its
+version string.
 
 This module imports vLLM; `weightsync` (the core) never does.
 """
 
 from __future__ import annotations
 
+import inspect
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -45,10 +51,14 @@ from vllm.distributed.weight_transfer.base import TrainerInitInfo, TrainerWeight
 from weightsync.errors import WeightSyncError
 from weightsync.limits import DEFAULT_BUFFER_SIZE_BYTES, DEFAULT_NUM_BUFFERS
 from weightsync.protocol import DEFAULT_TIMEOUT_SECONDS, InitInfo
-from weightsync.source import manifest_of
+from weightsync.source import adapt, manifest_of
 from weightsync.trainer import WeightSender
 from weightsync.transports import RoundStats
 from weightsync_vllm import ENGINE_NAME, register
+
+
+# vLLM 0.33's TrainerWeightTransferEngine.__init__ takes the trainer rank; 0.32's does not.
+_BASE_TAKES_RANK = "rank" in inspect.signature(TrainerWeightTransferEngine.__init__).parameters
 
 
 class VLLMRoundError(WeightSyncError):
@@ -117,8 +127,13 @@ class WeightsyncTrainerEngine(TrainerWeightTransferEngine[WeightsyncTrainerInitI
 
     init_info_cls = WeightsyncTrainerInitInfo
 
-    def __init__(self, *, client, source, is_sender: bool, sender: WeightSender, init: InitInfo) -> None:
-        super().__init__(client=client, source=source, is_sender=is_sender)
+    def __init__(self, *, client, source, is_sender: bool, sender: WeightSender, init: InitInfo,
+                 rank: int = 0) -> None:
+        if _BASE_TAKES_RANK:
+            super().__init__(client=client, source=source, is_sender=is_sender, rank=rank)
+        else:
+            super().__init__(client=client, source=source, is_sender=is_sender)
+            self.rank = rank
         self.sender = sender
         self.init = init
         self.last: RoundStats | None = None
@@ -129,9 +144,10 @@ class WeightsyncTrainerEngine(TrainerWeightTransferEngine[WeightsyncTrainerInitI
             raise ValueError("the weightsync trainer engine sends full updates: it needs a WeightSource")
         init = init_info.weightsync_init()
         trainer = _trainer_group(init_info)
+        _check_owners(source, trainer.size if trainer else 1)
         if not init_info.is_sender:
             return cls(client=client, source=source, is_sender=False, init=init,
-                       sender=WeightSender(None, trainer))
+                       sender=WeightSender(None, trainer), rank=init_info.rank)
         # The workers wait inside init_weight_transfer_engine for the group to form: call it
         # while this process hosts the rendezvous, and surface its answer either way.
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -142,7 +158,7 @@ class WeightsyncTrainerEngine(TrainerWeightTransferEngine[WeightsyncTrainerInitI
                 raise VLLMRoundError(f"joining vLLM's workers failed: {error}; vLLM: "
                                      f"{_answer(answer, init.init_timeout_seconds)}") from error
             answer.result(timeout=init.init_timeout_seconds + 30)
-        return cls(client=client, source=source, is_sender=True, sender=sender, init=init)
+        return cls(client=client, source=source, is_sender=True, sender=sender, init=init, rank=init_info.rank)
 
     def send_weights(self, weight_version: str | None = None) -> None:
         """One round on every trainer rank: on rank 0 `start_weight_update`, `update_weights`
@@ -150,7 +166,7 @@ class WeightsyncTrainerEngine(TrainerWeightTransferEngine[WeightsyncTrainerInitI
         if not self.is_sender:
             self.last = self.sender.send_weights(self.source)
             return
-        manifest = manifest_of(self.source)
+        manifest = manifest_of(adapt(self.source))
         update_info = {"names": manifest.names, "dtype_names": [t.dtype for t in manifest.tensors],
                        "shapes": [list(t.shape) for t in manifest.tensors]}
         try:
@@ -196,6 +212,22 @@ class WeightsyncTrainerEngine(TrainerWeightTransferEngine[WeightsyncTrainerInitI
 
     def shutdown(self) -> None:
         self.sender.close()
+
+
+def _check_owners(source, trainer_ranks: int) -> None:
+    """Refuse a vLLM 0.33 source with a parameter some trainer rank does not own: weightsync's
+    trainer ranks materialize every parameter together (rank 0 sends it), so a rank that skips
+    one would take the next parameter's collective for it. Identical metadata on every rank, so
+    every rank refuses alike, before anything joins."""
+    metadata = getattr(source, "metadata", None)
+    if metadata is None or callable(metadata):  # vLLM 0.32's or weightsync's shape: no owners
+        return
+    for meta in metadata:
+        owners = getattr(meta, "owners", None)
+        if owners is not None and set(range(trainer_ranks)) - set(owners):
+            raise ValueError(f"source metadata: parameter {meta.name!r} is owned by trainer ranks "
+                             f"{list(owners)}; weightsync's trainer engine needs every parameter owned "
+                             f"by all {trainer_ranks} trainer rank(s) (rank 0 sends each one whole)")
 
 
 def _answer(future, timeout: float) -> str:
