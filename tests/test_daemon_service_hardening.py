@@ -17,95 +17,12 @@ from weightsync import WeightSender
 from weightsync.store import named_checksum
 from weightsync_operator.local import free_port
 
+from helpers.daemon_rounds import (
+    AUTH, HOLD, TIMEOUT, TOKEN, full_round, init_info, joined, manifest, refused_round, round_held_midway, state,
+    wait_for, weights,
+)
+
 pytestmark = pytest.mark.faults
-TIMEOUT = 20.0  # the group's collective timeout
-HOLD = 12.0  # the longest a test holds the trainer mid-round
-TOKEN = "hardening-token-0123456789"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def weights(seed: int) -> list[tuple[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [(f"layer{i}.weight", torch.randn(128, 128, generator=gen)) for i in range(16)]
-
-
-def manifest(named) -> dict:
-    return {"names": [n for n, _ in named], "dtype_names": ["float32"] * len(named),
-            "shapes": [list(t.shape) for _, t in named]}
-
-
-def init_info(port: int, world: int, **extra) -> dict:
-    return {"master_address": "127.0.0.1", "master_port": port, "world_size": world, "timeout_seconds": TIMEOUT,
-            "packed_buffer_size_bytes": 16384, "packed_num_buffers": 2, "group_name": f"g{port}", **extra}
-
-
-class Held:
-    """Holds the trainer mid-round: after `after` chunks its next broadcast waits until `release()`
-    (at most HOLD seconds, under the group's timeout), so the receivers' /update_weights is
-    surely in flight meanwhile; `midway` is set once it holds."""
-
-    def __init__(self, sender: WeightSender, after: int = 4):
-        self.group = sender.transport.group
-        self.original, self.after = self.group.broadcast, after
-        self.count, self.midway, self._released = 0, threading.Event(), threading.Event()
-        self.group.broadcast = self._broadcast
-
-    def _broadcast(self, tensor, src=0):
-        self.count += 1
-        if self.count == self.after:
-            self.midway.set()
-            self._released.wait(HOLD)
-        return self.original(tensor, src)
-
-    def release(self) -> None:
-        self._released.set()
-        self.group.broadcast = self.original
-
-
-async def wait_for(event: threading.Event, timeout: float) -> None:
-    assert await asyncio.to_thread(event.wait, timeout), "the event did not happen in time"
-
-
-async def round_held_midway(http, daemon, sender: WeightSender):
-    """Round 2 started on `daemon`, its /update_weights in flight and the trainer held midway
-    through sending `weights(2)`: (the hold, the update request, the send)."""
-    held = Held(sender)
-    assert (await http.post(daemon.url + "/start_weight_update")).status_code == 200
-    update = asyncio.ensure_future(http.post(daemon.url + "/update_weights", json={}))
-    sending = asyncio.ensure_future(asyncio.to_thread(sender.send_weights, weights(2)))
-    await wait_for(held.midway, 20)
-    return held, update, sending
-
-
-async def joined(http, daemons, world: int, headers=None, **extra):
-    """A trainer (this process) and `daemons` in a fresh group."""
-    port = free_port()
-    sender, *answers = await asyncio.gather(
-        asyncio.to_thread(WeightSender.init, init_info(port, world, **extra)),
-        *(http.post(d.url + "/init_weight_transfer_engine", headers=headers,
-                    json={"init_info": init_info(port, world, rank_offset=i + 1, **extra)})
-          for i, d in enumerate(daemons)))
-    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
-    return sender
-
-
-async def full_round(http, daemons, sender, named, version, bodies=None, headers=None):
-    for d in daemons:
-        assert (await http.post(d.url + "/start_weight_update", headers=headers)).status_code == 200
-    _, *updates = await asyncio.gather(
-        asyncio.to_thread(sender.send_weights, named),
-        *(http.post(d.url + "/update_weights", headers=headers, json=(bodies[i] if bodies else {}))
-          for i, d in enumerate(daemons)))
-    assert all(u.status_code == 200 for u in updates), [u.text for u in updates]
-    for d in daemons:
-        done = await http.post(d.url + "/finish_weight_update", headers=headers, json={"weight_version": version})
-        assert done.status_code == 200, done.text
-
-
-async def state(http, daemon, headers=None) -> tuple[str, dict]:
-    checksum = (await http.post(daemon.url + "/weight_checker", headers=headers,
-                                json={"action": "checksum"})).json()["checksum"]
-    return checksum, (await http.get(daemon.url + "/healthz")).json()
 
 
 # -- item 2: no request waits without bound, none runs after its client left -------------------
@@ -437,7 +354,7 @@ async def test_every_answer_matches_the_openapi_document(spawn, http):
             jsonschema.Draft202012Validator({**schema, "components": spec["components"]}).validate(answer.json())
         else:
             assert answer.headers["content-type"].startswith("text/plain") and "text/plain" in content
-    assert {200, 400, 401, 409, 413, 422, 503} <= seen, seen
+    assert {200, 401, 409, 413, 422, 503} <= seen, seen  # a body that is not JSON: 422 naming `body`
 
 
 # -- item 7: vLLM's bodies, accepted with vLLM's meaning or refused by name ---------------------
@@ -475,22 +392,29 @@ async def test_vllm_fields_are_honoured_or_refused_by_name(spawn, http):
     refused = await http.post(daemon.url + "/start_weight_update", json={"is_checkpoint_format": False})
     assert refused.status_code == 422 and refused.json()["field"] == "is_checkpoint_format"
     assert (await http.post(daemon.url + "/start_weight_update", json={"is_checkpoint_format": True})).status_code == 200
+    assert (await http.post(daemon.url + "/abort_weight_update")).status_code == 200
+    # A refused update body is the daemon's verdict on the round the trainer sends (issue 24 item 1).
     for key in ("packed", "is_checkpoint_format"):
-        refused = await http.post(daemon.url + "/update_weights", json={"update_info": {key: False}})
+        refused, trainer_error = await refused_round(http, daemon, lambda: sender.send_weights(weights(9)),
+                                                     {"update_info": {key: False}})
         assert refused.status_code == 422 and refused.json()["field"] == f"update_info.{key}", refused.text
-    assert await state(http, daemon) == (before[0], {**before[1], "phase": "updating"})
+        assert f"update_info.{key}" in str(trainer_error)
+    checksum, health = await state(http, daemon)
+    assert checksum == before[0] and (health["phase"], health["weights_intact"]) == ("ready", True)
 
     # vLLM's sparse body: num_updates_list with each patched parameter's own shape.
     from weightsync.transports import SparsePatch
 
     indices, values = torch.tensor([0, 5, 16383]), torch.tensor([1.0, 2.0, 3.0])
+    patches = [SparsePatch("layer3.weight", indices, values)]
     vllm_sparse = {"update_kind": "sparse_flat", "names": ["layer3.weight"], "dtype_names": ["float32"],
                    "shapes": [[128, 128]], "num_updates_list": [3]}
-    wrong_shape = await http.post(daemon.url + "/update_weights",
-                                  json={"update_info": {**vllm_sparse, "shapes": [[64, 256]]}})
+    wrong_shape, _ = await refused_round(http, daemon, lambda: sender.send_sparse(patches),
+                                         {"update_info": {**vllm_sparse, "shapes": [[64, 256]]}})
     assert wrong_shape.status_code == 422 and wrong_shape.json()["field"] == "update_info.shapes"
+    assert (await http.post(daemon.url + "/start_weight_update")).status_code == 200
     _, answer = await asyncio.gather(
-        asyncio.to_thread(sender.send_sparse, [SparsePatch("layer3.weight", indices, values)]),
+        asyncio.to_thread(sender.send_sparse, patches),
         http.post(daemon.url + "/update_weights", json={"update_info": vllm_sparse}))
     assert answer.status_code == 200, answer.text
     assert (await http.post(daemon.url + "/finish_weight_update", json={"weight_version": 2})).status_code == 200

@@ -7,38 +7,63 @@ trainers written for vLLM can drive a weightsync daemon unchanged.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import functools
 import math
-from typing import Annotated, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from weightsync.errors import ProtocolError
-from weightsync.limits import DEFAULT_BUFFER_SIZE_BYTES, DEFAULT_NUM_BUFFERS, BufferSize, NumBuffers
+from weightsync.limits import (
+    DEFAULT_BUFFER_SIZE_BYTES, DEFAULT_NUM_BUFFERS, BufferSize, NumBuffers, Printable, StrictBufferSize, StrictNumBuffers,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_TIMEOUT_SECONDS = 120.0
+NCCL_UNIQUE_ID_BYTES = 128  # sizeof(ncclUniqueId)
 
-# The dtypes a manifest may name; names match torch attribute names (as vLLM's dtype_names).
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
+# A caller's numbers and flags are what JSON says they are: "2" is no world size, true no port.
+StrictCount = Annotated[int, Strict(), Field(ge=0)]
+StrictFlag = Annotated[bool, Strict()]
+Seconds = Annotated[float, Strict(), Field(gt=0, le=3600)]  # a JSON integer is accepted as seconds
+
+# The dtypes a manifest may name, with their sizes in bytes; names match torch attribute names
+# (as vLLM's dtype_names). Held as names, so that the wire models import without PyTorch (the
+# daemon validates large bodies in a torch-free child process; the operator has no PyTorch).
+DTYPE_SIZES: dict[str, int] = {
+    "float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1,
+    "int8": 1, "uint8": 1, "int16": 2, "int32": 4, "int64": 8, "bool": 1,
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+
+@functools.cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {name: getattr(torch, name) for name in DTYPE_SIZES}
+
+
+@functools.cache
+def _dtype_names() -> dict[torch.dtype, str]:
+    return {dtype: name for name, dtype in _torch_dtypes().items()}
+
+
+def __getattr__(name: str) -> object:
+    """`DTYPES` (name -> torch.dtype) and `DTYPE_NAMES` (torch.dtype -> name) import PyTorch on first use."""
+    if name == "DTYPES":
+        return _torch_dtypes()
+    if name == "DTYPE_NAMES":
+        return _dtype_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     try:
-        return DTYPE_NAMES[dtype]
+        return _dtype_names()[dtype]
     except KeyError:
         raise ProtocolError("dtype_names", f"unsupported dtype {dtype}") from None
 
@@ -57,13 +82,13 @@ class TensorSpec(_Strict):
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, value: str) -> str:
-        if value not in DTYPES:
-            raise ValueError(f"unknown dtype {value!r}; expected one of {sorted(DTYPES)}")
+        if value not in DTYPE_SIZES:
+            raise ValueError(f"unknown dtype {value!r}; expected one of {sorted(DTYPE_SIZES)}")
         return value
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return _torch_dtypes()[self.dtype]
 
     @property
     def numel(self) -> int:
@@ -71,7 +96,7 @@ class TensorSpec(_Strict):
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.torch_dtype.itemsize
+        return self.numel * DTYPE_SIZES[self.dtype]
 
     @classmethod
     def of(cls, name: str, tensor: torch.Tensor) -> "TensorSpec":
@@ -115,26 +140,27 @@ class InitInfo(_Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backend: str | None = None
-    master_address: Annotated[str, Field(min_length=1, max_length=253)] | None = None
-    master_port: Annotated[int, Field(ge=1, le=65535)] | None = None
-    rank_offset: Annotated[int, Field(ge=0)] = 0
-    world_size: Annotated[int, Field(ge=1, le=65536)]
-    nccl_unique_id_b64: str | None = None
+    backend: Annotated[str, Strict(), Field(min_length=1, max_length=32), Printable] | None = None
+    master_address: Annotated[str, Strict(), Field(min_length=1, max_length=253), Printable] | None = None
+    master_port: Annotated[int, Strict(), Field(ge=1, le=65535)] | None = None
+    rank_offset: StrictCount = 0
+    world_size: Annotated[int, Strict(), Field(ge=1, le=65536)]
+    # NCCL's own rendezvous: the trainer's ncclUniqueId, standard base64 (only the nccl backend).
+    nccl_unique_id_b64: Annotated[str, Strict(), Field(max_length=256)] | None = None
     # vLLM 0.33's place for the packing knobs (see UpdateInfo.packed for what `packed` means).
-    packed: bool = True
-    packed_buffer_size_bytes: BufferSize = DEFAULT_BUFFER_SIZE_BYTES
-    packed_num_buffers: NumBuffers = DEFAULT_NUM_BUFFERS
+    packed: StrictFlag = True
+    packed_buffer_size_bytes: StrictBufferSize = DEFAULT_BUFFER_SIZE_BYTES
+    packed_num_buffers: StrictNumBuffers = DEFAULT_NUM_BUFFERS
     # How long a collective may wait for a peer (a lost peer fails the round after this)...
-    timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = DEFAULT_TIMEOUT_SECONDS
+    timeout_seconds: Seconds = DEFAULT_TIMEOUT_SECONDS
     # ...and how long joining may wait for every party to arrive.
-    init_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = DEFAULT_TIMEOUT_SECONDS
+    init_timeout_seconds: Seconds = DEFAULT_TIMEOUT_SECONDS
     # Trainer: checksum every round's stream; receivers verify it before committing.
-    verify: bool = True
+    verify: StrictFlag = True
     # Receiver: land each round in a second copy and switch it in only once verified, so a failed
     # round leaves the serving weights untouched even without pausing (costs one more copy).
-    atomic: bool = False
-    group_name: Annotated[str, Field(min_length=1, max_length=128)] = "weightsync"
+    atomic: StrictFlag = False
+    group_name: Annotated[str, Strict(), Field(min_length=1, max_length=128), Printable] = "weightsync"
     # The transport's own options: every choice that changes what travels or how (e.g. nccl's
     # packed/lead/control, ipc's verify). Each transport validates them with its own typed model
     # (`Transport.options_model`, see weightsync.transports.options); every party of a group must
@@ -144,6 +170,19 @@ class InitInfo(_Strict):
                        Field(max_length=32)] = {}
 
     _always_packed = field_validator("packed")(lambda value: _require_packed(value))
+
+    @field_validator("nccl_unique_id_b64")
+    @classmethod
+    def _unique_id(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            size = len(base64.b64decode(value, validate=True))
+        except (binascii.Error, ValueError):
+            raise ValueError("is not standard base64") from None
+        if size != NCCL_UNIQUE_ID_BYTES:
+            raise ValueError(f"decodes to {size} bytes; an NCCL unique id has {NCCL_UNIQUE_ID_BYTES}")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -197,17 +236,17 @@ class UpdateInfo(_Strict):
     """
 
     update_kind: UpdateKind | None = None  # None: whatever the trainer's header says
-    names: list[Annotated[str, Field(min_length=1, max_length=1024)]] = []
-    dtype_names: list[str] = []
-    shapes: list[list[Annotated[int, Field(ge=0)]]] = []
-    num_updates_list: list[Annotated[int, Field(ge=0)]] | None = None
+    names: list[Annotated[str, Strict(), Field(min_length=1, max_length=1024)]] = []
+    dtype_names: list[Annotated[str, Strict()]] = []
+    shapes: list[list[StrictCount]] = []
+    num_updates_list: list[StrictCount] | None = None
     # vLLM's knobs; only the values weightsync honours are accepted (see _require_packed). A
     # receiver checks the trainer's buffer size against packed_buffer_size_bytes. vLLM's
     # packed_num_buffers and ipc `tensor_sizes` are not fields (the trainer's round header sets
     # the buffers, `ipc_handles` every tensor's place): a body carrying them is refused.
-    packed: bool = True
-    packed_buffer_size_bytes: BufferSize | None = None
-    is_checkpoint_format: bool = True
+    packed: StrictFlag = True
+    packed_buffer_size_bytes: StrictBufferSize | None = None
+    is_checkpoint_format: StrictFlag = True
     # Backend-specific payloads (ipc / p2p handles) travel as explicit JSON, never pickle.
     ipc_handles: list[dict] | dict | None = None
 
@@ -227,8 +266,8 @@ class UpdateInfo(_Strict):
         if len(self.shapes) != n:
             raise ValueError(f"shapes has {len(self.shapes)} entries but names has {n}")
         for i, dtype in enumerate(self.dtype_names):
-            if dtype not in DTYPES:
-                raise ValueError(f"dtype_names[{i}] is {dtype!r}; expected one of {sorted(DTYPES)}")
+            if dtype not in DTYPE_SIZES:
+                raise ValueError(f"dtype_names[{i}] is {dtype!r}; expected one of {sorted(DTYPE_SIZES)}")
         if len(set(self.names)) != n:
             raise ValueError("names contains a duplicate")
         return self

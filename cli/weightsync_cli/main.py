@@ -36,3 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         commands.add_parser(name, help=f"{summary} (see `weightsync {name} --help`)", add_help=False)
     parser.parse_args(argv)  # --help, or the error naming what is missing or unknown
     return 2
+
+
+if __name__ == "__main__":  # `python -m weightsync_cli.main ...` runs the command too
+    sys.exit(main())

@@ -9,21 +9,24 @@ progress), 422 (the field at fault), 503 (the transfer itself failed).
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from weightsync.errors import ManifestMismatch, PhaseError, ProtocolError, TransferError
+from weightsync.limits import printable
 from weightsync.store import combine_digests
 from weightsync_daemon.auth import BearerAuth
+from weightsync_daemon.bodies import BodyParser
 from weightsync_daemon.guard import (
     DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES, RequestGuard, error_body,
 )
@@ -31,14 +34,15 @@ from weightsync_daemon.models import (
     Checksums, Comparison, ErrorBody, FinishRequest, FinishResult, Health, InitRequest, IsPaused, Message,
     PauseStatus, StartRequest, StartResult, UpdateRequest, UpdateResult, WeightCheckRequest, WeightInfo, WorldSize,
 )
-from weightsync_daemon.service import ClientGone, EngineService
+from weightsync_daemon.service import Busy, ClientGone, EngineService
 
 # Each error kind maps to one status: the caller's input (422), the protocol's order (409), or a
 # failure of the transfer itself, which is not the caller's fault (503).
 _STATUS = {ProtocolError: 422, ManifestMismatch: 422, PhaseError: 409, TransferError: 503}
-_UNION_LABELS = frozenset({"str", "int", "bool", "float", "none", "dict[str,any]"})
 PauseMode = Literal["abort", "wait", "keep"]
-LONGEST_JSON_INT = 64  # digits; a longer JSON number stays text, so its field refuses it by name
+HIDDEN_FAILURE = "hidden: send the bearer token to read it"
+_BODY_MODELS = (InitRequest, StartRequest, UpdateRequest, FinishRequest, WeightCheckRequest)
+M = TypeVar("M", bound=BaseModel)
 
 
 def _error_response(status: int, message: str, field: str | None = None,
@@ -48,48 +52,37 @@ def _error_response(status: int, message: str, field: str | None = None,
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for these error statuses, all with the one error body."""
-    what = {400: "the body is not JSON", 401: "no valid bearer token", 408: "the body did not arrive in time (body_timeout_seconds)",
+    what = {400: "the Content-Length header is not a byte count", 401: "no valid bearer token", 408: "the body did not arrive in time (body_timeout_seconds)",
             409: "not allowed in this phase, or another call is in progress",
-            413: "the body is larger than max_body_bytes", 422: "a field is invalid; `field` names it",
+            413: "the body is larger than max_body_bytes",
+            422: "a field is invalid, or the body is not JSON; `field` names it (`body`: the body as a whole)",
             500: "the engine's pause hook failed (`field` is `pause`); nothing else happened",
             503: "the transfer failed (a peer, a timeout, the bytes)"}
     return {status: {"model": ErrorBody, "description": what[status]} for status in statuses}
 
 
 def _first_validation_problem(error: RequestValidationError) -> tuple[str, str]:
+    """A query parameter's problem (bodies are validated by `_body`): its name, and a message."""
     problem = error.errors()[0]
-    if problem.get("type") == "json_invalid":
-        return "body", f"body: not valid JSON ({problem.get('ctx', {}).get('error', 'decode error')})"
-    loc = [str(p) for p in problem.get("loc", ()) if p != "body"]
-    # pydantic names the union member it tried; those labels are noise to a caller.
-    loc = [p for p in loc if p not in _UNION_LABELS and not p.startswith(("list[", "UpdateInfo", "function-", "constrained-"))]
-    field = ".".join(loc) or "body"
+    field = ".".join(str(p) for p in problem.get("loc", ())) or "query"
     return field, f"{field}: {problem.get('msg', 'invalid')}"
 
 
-def _bounded_int(digits: str) -> int | str:
-    # Python's int() refuses more than 4,300 digits (a 500 that used to apply a half-done finish);
-    # a number this long is no valid value of any field, so it stays text and fails validation.
-    return int(digits) if len(digits) <= LONGEST_JSON_INT else digits
+def _request_body(model: type[BaseModel], required: bool) -> dict[str, Any]:
+    """A route's `openapi_extra` declaring its JSON body (bodies are read by `_body`, not FastAPI)."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": schema}}}}
 
 
-class _Request(Request):
-    async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            self._json = json.loads(await self.body(), parse_int=_bounded_int)
-        return self._json
-
-
-class _Route(APIRoute):
-    """Parses JSON bodies with `_bounded_int`."""
-
-    def get_route_handler(self):
-        handler = super().get_route_handler()
-
-        async def bounded(request: Request) -> Response:
-            return await handler(_Request(request.scope, request.receive))
-
-        return bounded
+async def _body(request: Request, model: type[M], required: bool = True) -> M | None:
+    """The request's body validated as `model` by the app's `BodyParser` (off the event loop when
+    large); None for an absent body where it is optional. ProtocolError (422) names the field."""
+    raw = await request.body()
+    if not raw.strip():
+        if required:
+            raise ProtocolError("body", f"a JSON body ({model.__name__}) is required")
+        return None
+    return await request.app.state.bodies.parse(model, raw)
 
 
 class PauseFailed(Exception):
@@ -139,22 +132,40 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
     guarded = [Depends(auth)] if auth.enabled else []
     need_token = (401,) if auth.enabled else ()
 
+    bodies = BodyParser()
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        yield
-        await service.shutdown()
+        try:
+            yield
+        finally:
+            bodies.close()
+            await service.shutdown()
 
     app = FastAPI(title="weightsync daemon", version="0.1.0", lifespan=lifespan,
                   description="Weight-transfer protocol endpoints, compatible with vLLM's.")
-    app.router.route_class = _Route
     app.state.service = service
+    app.state.bodies = bodies
     app.add_middleware(RequestGuard, auth=auth, max_body_bytes=max_body_bytes,
                        body_timeout_seconds=body_timeout_seconds)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, error: RequestValidationError):
+    async def _invalid(_: Request, error: RequestValidationError):  # query parameters
         field, message = _first_validation_problem(error)
         return _error_response(422, message, field)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, plus the body models that `_body` validates."""
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, description=app.description,
+                                   routes=app.routes)
+            _, defs = models_json_schema([(m, "validation") for m in _BODY_MODELS],
+                                         ref_template="#/components/schemas/{model}")
+            document.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, error: StarletteHTTPException):
@@ -174,20 +185,23 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
     body_errors = (400, *need_token, 408, 413, 422)
 
     @app.post("/init_weight_transfer_engine", dependencies=guarded, response_model=Message,
-              responses=_errors(*body_errors, 409, 503))
-    async def init_weight_transfer_engine(body: InitRequest, request: Request):
+              responses=_errors(*body_errors, 409, 503), openapi_extra=_request_body(InitRequest, True))
+    async def init_weight_transfer_engine(request: Request):
         """Join the transfer group. Answers within init_info.init_timeout_seconds; an abort or a
         close meanwhile cancels it (409), as does its client disconnecting."""
+        body = await _body(request, InitRequest)
         async with _watch_client(request) as gone:
             return Message(message=await service.init(body.init_info, gone))
 
     @app.post("/start_weight_update", dependencies=guarded, response_model=StartResult,
-              response_model_exclude_unset=True, responses=_errors(*body_errors, 409, 500))
-    async def start_weight_update(request: Request, body: StartRequest | None = None,
+              response_model_exclude_unset=True, responses=_errors(*body_errors, 409, 500),
+              openapi_extra=_request_body(StartRequest, False))
+    async def start_weight_update(request: Request,
                                   pause: PauseMode | None = Query(None, description=(
                                       "weightsync's extension: pause the engine first, as /pause does, in the "
                                       "same call (the answer then says paused: true). 500 with field `pause` "
                                       "if the pause failed; the round was not started then."))):
+        await _body(request, StartRequest, required=False)
         await _still_there(request, "start_weight_update")
         if pause is None:
             return StartResult(message=await service.start())
@@ -195,13 +209,21 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
         return StartResult(message=await service.start(), paused=True)
 
     @app.post("/update_weights", dependencies=guarded, response_model=UpdateResult,
-              responses=_errors(*body_errors, 409, 503))
-    async def update_weights(request: Request, body: UpdateRequest | None = None):
+              responses=_errors(*body_errors, 409, 503), openapi_extra=_request_body(UpdateRequest, False))
+    async def update_weights(request: Request):
         """One update batch. While another call is served (e.g. this round's update), answers
-        409 at once: a retry never queues behind, or disturbs, the round in flight."""
-        info = (body or UpdateRequest()).update_info
-        if isinstance(info, list):
-            info = service.own_update_info(info)
+        409 at once: a retry never queues behind, or disturbs, the round in flight. A body refused
+        during a round (422) is this party's verdict on it: every party of the round fails it at
+        once, naming the field, and the group stays ready for the next round (`service.refuse`)."""
+        if service.call_in_progress:  # refused before its body is even parsed
+            raise Busy(f"busy: {service.describe_call()}; update_weights was refused, retry once it ends")
+        try:
+            body = await _body(request, UpdateRequest, required=False)
+            info = (body or UpdateRequest()).update_info
+            if isinstance(info, list):
+                info = service.own_update_info(info)
+        except ProtocolError as refusal:
+            await service.refuse(refusal)
         await _still_there(request, "update_weights")
         stats = await service.update(info)
         return UpdateResult(message="weights updated" if service.role == "receiver" else "weights sent",
@@ -210,17 +232,18 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
                             update_info=stats.update_info, more=stats.more)
 
     @app.post("/finish_weight_update", dependencies=guarded, response_model=FinishResult,
-              response_model_exclude_unset=True, responses=_errors(*body_errors, 409))
-    async def finish_weight_update(request: Request, body: FinishRequest | None = None,
+              response_model_exclude_unset=True, responses=_errors(*body_errors, 409),
+              openapi_extra=_request_body(FinishRequest, False))
+    async def finish_weight_update(request: Request,
                                    resume: bool = Query(False, description=(
                                        "weightsync's extension: once finished, resume the engine, as /resume "
                                        "does, in the same call. The answer says resumed: true, or false with "
                                        "resume_error; the round is finished either way."))):
         """Make the round's weights live under `weight_version`. 409 when no update landed in
         the round (use abort), so a label never moves without its bytes."""
+        body = await _body(request, FinishRequest, required=False)
         await _still_there(request, "finish_weight_update")
-        version = await service.finish(None if body is None or body.weight_version is None
-                                       else str(body.weight_version))
+        version = await service.finish(None if body is None else body.weight_version)
         if not resume:
             return FinishResult(message="weight update finished", weight_version=version)
         try:
@@ -233,25 +256,31 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
     @app.post("/abort_weight_update", dependencies=guarded, response_model=Message,
               responses=_errors(*need_token, 422))
     async def abort_weight_update(reason: str = Query("coordinator gave up", max_length=512)):
-        """End the round (or cancel a pending init) at once; never waits."""
+        """End the round (or cancel a pending init or seed) at once; never waits."""
+        try:
+            printable(reason)
+        except ValueError as error:
+            raise ProtocolError("reason", str(error)) from None
         return Message(message=await service.abort(reason))
 
     @app.post("/close_weight_transfer_engine", dependencies=guarded, response_model=Message,
               responses=_errors(*need_token, 409))
     async def close_weight_transfer_engine(request: Request):
-        """Leave the group. Cancels a pending init; waits (bounded) for an update in flight,
-        and does nothing if its client left meanwhile."""
+        """Leave the group. Cancels a pending init or seed; waits (bounded) for an update in
+        flight, and does nothing if its client left meanwhile."""
         async with _watch_client(request) as gone:
             return Message(message=await service.close(gone))
 
     @app.post("/seed_weights", dependencies=guarded, response_model=UpdateResult,
-              responses=_errors(*body_errors, 409, 503))
-    async def seed_weights(body: InitRequest, request: Request):
-        """Send this receiver's weights, once, to late joiners of a one-off group it hosts."""
+              responses=_errors(*body_errors, 409, 503), openapi_extra=_request_body(InitRequest, True))
+    async def seed_weights(request: Request):
+        """Send this receiver's weights, once, to late joiners of a one-off group it hosts. While
+        it waits for them, an abort or a close cancels it (409), as does its client leaving."""
         if not hasattr(service, "seed"):
             raise PhaseError(f"a {service.role} does not seed peers")
-        await _still_there(request, "seed_weights")
-        stats = await service.seed(body.init_info)
+        body = await _body(request, InitRequest)
+        async with _watch_client(request) as gone:
+            stats = await service.seed(body.init_info, gone)
         return UpdateResult(message="weights sent", round_id=stats.round_id, bytes=stats.payload_bytes,
                             seconds=stats.seconds, num_tensors=stats.num_tensors, checksum=stats.checksum)
 
@@ -280,11 +309,16 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
         return WeightInfo(weight_version=service.weight_version)
 
     @app.get("/healthz", response_model=Health)
-    async def healthz():
+    async def healthz(request: Request):
+        """Alive and ready, to anyone (probes); how the last round failed (peers' addresses,
+        parameter names) only to a caller with the token, and always to the log."""
         store = getattr(service, "store", None)
+        failure = service.last_failure
+        if failure is not None and not auth.allows(request.headers.get("authorization", "")):
+            failure = HIDDEN_FAILURE
         return Health(role=service.role, backend=service.backend, phase=service.phase.value,
                       weight_version=service.weight_version, paused=service.paused,
-                      weights_intact=service.weights_intact, last_failure=service.last_failure,
+                      weights_intact=service.weights_intact, last_failure=failure,
                       num_parameters=len(store) if store is not None else 0)
 
     @app.get("/metrics", response_class=Response, responses={200: {
@@ -294,8 +328,9 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/weight_checker", dependencies=guarded, response_model=Checksums | Comparison,
-              responses=_errors(*body_errors))
-    async def weight_checker(body: WeightCheckRequest):
+              responses=_errors(*body_errors), openapi_extra=_request_body(WeightCheckRequest, False))
+    async def weight_checker(request: Request):
+        body = await _body(request, WeightCheckRequest, required=False) or WeightCheckRequest()
         sums = await asyncio.to_thread(service.checksums)
         if body.action == "checksum":
             return Checksums(checksums=sums, checksum=combine_digests(sums), weight_version=service.weight_version)

@@ -21,7 +21,8 @@ class BearerAuth:
     """The token check; as a FastAPI dependency: 401 unless `Authorization: Bearer <token>`."""
 
     def __init__(self, token: str | None):
-        self._token = token.encode() if token else None
+        # Tokens are visible ASCII (weightsync.tokens.clean_token): their bytes are their characters.
+        self._token = token.encode("ascii") if token else None
 
     @property
     def enabled(self) -> bool:
@@ -32,8 +33,10 @@ class BearerAuth:
         if self._token is None:
             return True
         scheme, _, presented = authorization.partition(" ")
+        # Servers read header bytes as Latin-1, so encoding back gives the bytes the client sent.
         # compare_digest takes the same time wherever the strings differ: no timing oracle.
-        return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), self._token)
+        sent = presented.strip().encode("latin-1", errors="replace")
+        return scheme.lower() == "bearer" and hmac.compare_digest(sent, self._token)
 
     async def __call__(self, credentials: HTTPAuthorizationCredentials | None = Security(SCHEME)) -> None:
         if self._token is None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
+from weightsync.limits import MAX_LABEL_LENGTH, Label
 from weightsync.protocol import InitInfo, UpdateInfo, _require_checkpoint_format
 
 # A version label is echoed by /healthz and /weight_info and parsed for the version gauge: short.
-MAX_VERSION_LENGTH = 256
+MAX_VERSION_LENGTH = MAX_LABEL_LENGTH
 
 
 class ErrorBody(BaseModel):
@@ -33,7 +34,7 @@ class StartRequest(BaseModel):
     """vLLM 0.32 sends is_checkpoint_format here (0.33 sends no body)."""
 
     model_config = ConfigDict(extra="forbid")
-    is_checkpoint_format: bool = True
+    is_checkpoint_format: Annotated[bool, Strict()] = True
 
     _checkpoint_format = field_validator("is_checkpoint_format")(lambda value: _require_checkpoint_format(value))
 
@@ -49,16 +50,18 @@ class UpdateRequest(BaseModel):
 
 class FinishRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    weight_version: Annotated[str, Field(min_length=1, max_length=MAX_VERSION_LENGTH)] | int | None = Field(
-        default=None, description=f"label of the weights now live (at most {MAX_VERSION_LENGTH} characters; "
-                                  "a number is taken as its decimal label)")
+    weight_version: Label | None = Field(
+        default=None, description=f"label of the weights now live: 1 to {MAX_VERSION_LENGTH} printable "
+                                  "characters; an integer is taken as its decimal label")
 
     @field_validator("weight_version", mode="before")
     @classmethod
     def _number_as_label(cls, value: object) -> object:
+        # The one conversion: a JSON integer becomes its decimal text, then obeys the label's
+        # rules (length, printable). The bound is checked first: str() of a huge int is slow.
         if isinstance(value, int) and not isinstance(value, bool):
             if abs(value) >= 10 ** MAX_VERSION_LENGTH:
-                raise ValueError(f"weight_version is longer than {MAX_VERSION_LENGTH} characters")
+                raise ValueError(f"is longer than {MAX_VERSION_LENGTH} characters")
             return str(value)
         return value
 

@@ -15,7 +15,7 @@ import uvicorn
 from weightsync import cli_args
 from weightsync.protocol import DTYPES
 from weightsync.store import WeightStore
-from weightsync.tokens import TOKEN_ENV, load_token
+from weightsync.tokens import TOKEN_ENV, TokenError, load_token
 from weightsync.transports import available
 from weightsync_daemon import arg_types
 from weightsync_daemon.app import create_app
@@ -149,12 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop = StopRequest(args.exit_on_stdin_eof)  # before the server starts: no SIGTERM is lost
     torch.set_num_threads(args.cpu_threads)
+    try:
+        token = load_token(args.token_file)
+    except TokenError as error:
+        cli_args.fail("weightsync daemon", str(error))
     service = ReceiverService(backend=args.backend, device=args.device)
     if args.manifest is not None:
         service.store = WeightStore.from_manifest(args.manifest, service.device)
     try:
         server = serve_embedded(service, args.host, args.port, args.log_level,
-                                header_timeout_seconds=args.header_timeout, token=load_token(args.token_file),
+                                header_timeout_seconds=args.header_timeout, token=token,
                                 max_body_bytes=args.max_body_bytes, body_timeout_seconds=args.body_timeout)
     except RuntimeError as error:  # e.g. the port is taken (uvicorn logged why just before)
         cli_args.fail("weightsync daemon", f"cannot serve on {args.host}:{args.port}: {error}")

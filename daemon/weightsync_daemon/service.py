@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from typing import NoReturn
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -138,6 +139,7 @@ class EngineService:
         self._gate = _Gate()
         self._join_cancel: threading.Event | None = None  # set: the pending init gives up
         self._join_cancel_reason = ""
+        self._joining = "init"  # the call whose join `_join_cancel` cancels (init or seed)
         self._abort_requested: str | None = None  # an abort that came while an update was in flight
         self._rounds = 0
 
@@ -146,6 +148,10 @@ class EngineService:
     def call_in_progress(self) -> bool:
         """Whether a protocol call (e.g. an update moving bytes) is being served right now."""
         return self._gate.holder is not None
+
+    def describe_call(self) -> str:
+        """The call in progress and for how long, for a 409 that names it."""
+        return self._gate.describe()
 
     @property
     def world_size(self) -> int:
@@ -189,6 +195,7 @@ class EngineService:
                     raise ProtocolError("init_info.backend",
                                         f"this daemon runs the {self.backend} backend, not {backend}")
                 self._check_rank(info)
+                self._check_rendezvous(info, backend)
                 left = info.init_timeout_seconds - (time.monotonic() - began)
                 if left <= 0:
                     raise TransferError(f"init_timeout_seconds ({info.init_timeout_seconds:g}s) passed "
@@ -211,15 +218,19 @@ class EngineService:
             self._fail(error)
             raise
 
-    async def _join(self, cls: type[Transport], info: InitInfo, gone: asyncio.Event | None) -> Transport:
-        """`cls.connect` on the worker thread, cancellable: `_cancel_join` (abort, close), `gone`
-        or a cancelled caller make the join give up within a poll interval."""
+    async def _join(self, cls: type[Transport], info: InitInfo, gone: asyncio.Event | None,
+                    rank: int | None = None, what: str = "init") -> Transport:
+        """`cls.connect` on the worker thread as `rank` (this party's own by default), cancellable:
+        `_cancel_join` (abort, close), `gone` or a cancelled caller make the join give up within a
+        poll interval. `what` names the call that joins (init, seed) in the 409 that says so."""
         cancel = self._join_cancel = threading.Event()
         self._join_cancel_reason = ""
+        self._joining = what
+        rank = self._own_rank(info) if rank is None else rank
 
         def connect() -> Transport:
             with cancellable(cancel):
-                return cls.connect(info, self._own_rank(info), self.device)
+                return cls.connect(info, rank, self.device)
 
         future = asyncio.get_running_loop().run_in_executor(self._worker, connect)
         try:
@@ -233,7 +244,7 @@ class EngineService:
                     self._cancel_join("its client disconnected")
             return await asyncio.shield(future)
         except JoinCancelled:
-            raise PhaseError(f"init of group {info.group_name} was cancelled: {self._join_cancel_reason}") from None
+            raise PhaseError(f"{what} of group {info.group_name} was cancelled: {self._join_cancel_reason}") from None
         except asyncio.CancelledError:
             cancel.set()  # the caller gave up: a group joined after all is left again
             future.add_done_callback(self._leave_late_join)
@@ -246,7 +257,7 @@ class EngineService:
             self._worker.submit(future.result().close)
 
     def _cancel_join(self, reason: str) -> bool:
-        """Make a pending init give up (it answers 409 naming `reason`); whether one was pending."""
+        """Make a pending init or seed give up (it answers 409 naming `reason`); whether one was pending."""
         if self._join_cancel is None or self._join_cancel.is_set():
             return False
         self._join_cancel_reason = reason
@@ -255,6 +266,15 @@ class EngineService:
 
     def _own_rank(self, info: InitInfo) -> int:
         return info.rank_offset
+
+    @staticmethod
+    def _check_rendezvous(info: InitInfo, backend: str) -> None:
+        """A caller's error found before joining (422), not 503 seconds later: the rendezvous
+        must be one the backend joins by."""
+        if info.nccl_unique_id_b64 is not None and not get_transport(backend).joins_by_unique_id:
+            raise ProtocolError("init_info.nccl_unique_id_b64",
+                                f"the {backend} backend joins over master_address/master_port; an NCCL "
+                                "unique id is only for the nccl backend")
 
     def _check_rank(self, info: InitInfo) -> None:
         if info.rank_offset == 0:
@@ -308,7 +328,10 @@ class EngineService:
         try:
             async with self._gate.hold(f"an update of round {number}"):
                 self._require(Phase.UPDATING)
-                self._check_body(info)
+                try:
+                    self._check_body(info)
+                except ProtocolError as refusal:
+                    await self._refuse_in_round(refusal)
                 try:
                     with self._timed("update"):
                         stats = await self._in_worker(self._transfer, info)
@@ -329,6 +352,40 @@ class EngineService:
         except Exception as error:
             self._fail(error)
             raise
+
+    async def refuse(self, refusal: ProtocolError) -> NoReturn:
+        """An /update_weights whose body this party refused (422, naming the field): during a
+        round, the refusal is this party's verdict on it. It takes the round's place in the
+        transfer only to object (`Transport.refuse_round`), so the trainer and every other party
+        fail the round at once naming the field, instead of waiting `timeout_seconds` for a party
+        that never comes, and the group runs the next round without a re-init. Outside a round,
+        or while another call is served (that call is this party's part in the round), it is a
+        plain 422. Raises `refusal` either way."""
+        number = self.round.number if self.round is not None else self._rounds
+        try:
+            async with self._gate.hold(f"a refused update of round {number}"):
+                if self.phase == Phase.UPDATING:
+                    await self._refuse_in_round(refusal)
+        except Busy:
+            pass
+        except ProtocolError as raised:
+            if raised is not refusal:
+                raise
+        self._fail(refusal)
+        raise refusal
+
+    async def _refuse_in_round(self, refusal: ProtocolError) -> NoReturn:
+        """With the gate held, in a round: object in the transfer (bounded by the group's
+        timeout), end the round here (nothing landed: the weights are as they were), raise."""
+        if self.transport is not None:
+            try:
+                await self._in_worker(self.transport.refuse_round, f"update_weights refused: {refusal}")
+            except ManifestMismatch:
+                pass  # the expected end: every party saw the objection
+            except TransferError as error:  # the group failed meanwhile (e.g. no trainer came)
+                log.warning("a refused update could not reach the round's other parties: %s", error)
+        self._end_round(f"refused: {refusal}")
+        raise refusal
 
     def _end_if_aborted(self) -> None:
         """An abort arrived while the update ran: the round ends now that the update returned."""
@@ -366,7 +423,7 @@ class EngineService:
         Never waits: a pending init is cancelled, and a round whose update is in flight ends as
         soon as that update returns (bounded by the group's timeout)."""
         if self._cancel_join(f"aborted: {reason}"):
-            return "pending init cancelled"
+            return f"pending {self._joining} cancelled"
         if self.phase != Phase.UPDATING:
             return "no round in progress"
         if self._gate.holder is not None:
@@ -497,10 +554,12 @@ class ReceiverService(EngineService):
     def weight_version(self) -> str | None:
         return self.store.version
 
-    async def seed(self, info: InitInfo) -> RoundStats:
+    async def seed(self, info: InitInfo, gone: asyncio.Event | None = None) -> RoundStats:
         """Send this daemon's weights to late joiners: host a one-off group as its rank 0, send
-        once, leave it. Its own group is left alone; refused (409) during a round here."""
-        async with self._gate.hold("seed_weights"):
+        once, leave it. Its own group is left alone; refused (409) during a round here. While it
+        waits for the joiners (up to init_timeout_seconds), abort, close and `gone` (its client
+        left) cancel it, as they cancel a pending init."""
+        async with self._gate.hold("seed_weights", gone=gone):
             try:
                 if self.phase == Phase.UPDATING:
                     raise PhaseError("a round is in progress here")
@@ -510,15 +569,16 @@ class ReceiverService(EngineService):
                     raise ProtocolError("init_info.backend", f"this daemon runs the {self.backend} backend")
                 if info.rank_offset != 0:
                     raise ProtocolError("init_info.rank_offset", "the seeding daemon is rank 0")
-                stats = await self._in_worker(self._seed, info)
+                self._check_rendezvous(info, self.backend)
+                transport = await self._join(get_transport(self.backend), info, gone, rank=0, what="seed")
+                stats = await self._in_worker(self._seed, transport)
                 self.metrics.sent_bytes.inc(stats.payload_bytes)
                 return stats
             except Exception as error:
                 self._fail(error)
                 raise
 
-    def _seed(self, info: InitInfo) -> RoundStats:
-        transport = get_transport(self.backend).connect(info, 0, self.device)
+    def _seed(self, transport: Transport) -> RoundStats:
         try:
             with self.store.lock:
                 return transport.send(list(self.store.items()))

@@ -15,7 +15,7 @@ import logging
 import secrets
 
 from weightsync import cli_args
-from weightsync.tokens import TOKEN_ENV, load_token
+from weightsync.tokens import TOKEN_ENV, TokenError, load_token
 
 log = logging.getLogger("weightsync.operator")
 
@@ -69,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         kube = KubeApi.from_environment()
     except ConfigException as error:  # no service account and no usable kubeconfig
         cli_args.fail("weightsync operator", f"no Kubernetes credentials: {error}")
-    runtime = Runtime(kube, token=load_token(args.token_file), recheck_interval=args.recheck_interval)
+    try:
+        token = load_token(args.token_file)
+    except TokenError as error:
+        cli_args.fail("weightsync operator", str(error))
+    runtime = Runtime(kube, token=token, recheck_interval=args.recheck_interval)
     kopf.run(registry=kopf.get_default_registry(), clusterwide=clusterwide, namespaces=args.namespace,
              standalone=True if args.standalone else None, peering_name=args.peering, priority=priority,
              liveness_endpoint=args.liveness, memo=kopf.Memo(runtime=runtime))

@@ -57,6 +57,9 @@ class Transport(ABC):
     # Whether the receiver needs something from the trainer's HTTP answer (IPC handles) before
     # it can receive; collective transports receive while the trainer sends.
     needs_trainer_update_info: bool = False
+    # Whether the group may form from a trainer-minted NCCL unique id (init_info.nccl_unique_id_b64)
+    # instead of the rendezvous at master_address/master_port.
+    joins_by_unique_id: bool = False
     # The typed model of this transport's `init_info.options` (see weightsync.transports.options).
     options_model: type[TransportOptions] = TransportOptions
 
@@ -91,6 +94,15 @@ class Transport(ABC):
             on_iterate()
         _, named = resident(source)
         return self.send(named)
+
+    def refuse_round(self, reason: str) -> None:
+        """Refuse the round in progress, naming `reason` (e.g. a receiver's /update_weights body
+        failed validation): where the round is a collective that needs every party (cpu, nccl),
+        this party still takes its place in the round's first agreement, only to object, so every
+        party ends the round at once with the reason, no collective is left half-joined, and the
+        next round runs on the same group. Raises ManifestMismatch naming every objection.
+        This default is for transports whose receivers take no part in the trainer's transfer
+        (ipc, p2p: they read the trainer's memory): nothing waits on this party, nothing to do."""
 
     def send_sparse(self, patches: Iterable[SparsePatch]) -> RoundStats:
         raise NotImplementedError(f"the {self.name} transport does not support sparse updates")

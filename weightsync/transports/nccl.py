@@ -130,6 +130,7 @@ class NcclTransport(CollectiveTransport):
 
     name = "nccl"
     options_model = NcclOptions
+    joins_by_unique_id = True
     header_model = NcclRoundRules.header_model
 
     def __init__(self, init: InitInfo, rank: int, device: torch.device, group: NcclGroup):

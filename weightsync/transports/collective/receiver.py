@@ -86,14 +86,8 @@ class CollectiveReceiver:
                 self.staging.get(init.packed_num_buffers)
         header = self.headers.receive()
         if isinstance(header, UnknownHeader):
-            problem = ("the trainer named a round header this receiver does not hold; "
-                       "it sends the whole header next round")
-            path.lead(header.lead_pieces, None, None, loader_round)  # take part in what moves ahead, drop it
-            try:
-                self.agreement.collect(self.agreement.post(problem, gpu_done=False))
-            finally:
-                path.abandon()
-            raise ManifestMismatch(problem)
+            self._object(header, "the trainer named a round header this receiver does not hold; "
+                                 "it sends the whole header next round", loader_round)
         layout, chunks = self._chunking.of(self._stream_sizes_of(header), header)
         path.lead(self._rules.lead_pieces(chunks, header), chunks[0] if chunks else None, header, loader_round)
         staged = None
@@ -152,6 +146,28 @@ class CollectiveReceiver:
         return RoundStats(header.round_id, header.update_kind, len(header.manifest.tensors),
                           layout.total_bytes, len(chunks), time.perf_counter() - started,
                           in_place=landing.in_place, checksum=checksum, direct=self._rules.is_direct(header))
+
+    def refuse(self, reason: str) -> None:
+        """Take part in the trainer's next round only to refuse it (this party refused its
+        /update_weights body): receive the header, take part in what moves ahead of the agreement
+        and drop it, post `reason`; every party then raises ManifestMismatch naming it, and the
+        group stays in step for the next round. Nothing lands anywhere."""
+        self._party.group.check_usable()
+        self._object(self.headers.receive(), reason, loader_round=False)
+
+    def _object(self, header: RoundHeader | UnknownHeader, problem: str, loader_round: bool) -> None:
+        """Post `problem` as this receiver's verdict on `header`'s round, after taking part in the
+        broadcasts that move ahead of the agreement; raises ManifestMismatch naming every objection."""
+        if isinstance(header, UnknownHeader):
+            lead = header.lead_pieces
+        else:
+            lead = self._rules.lead_pieces(self._chunking.of(self._stream_sizes_of(header), header)[1], header)
+        self.path.lead(lead, None, None, loader_round)
+        try:
+            objections = self.agreement.collect(self.agreement.post(problem, gpu_done=False)).objections()
+        finally:
+            self.path.abandon()
+        raise ManifestMismatch("; ".join(objections) or problem)
 
     def _stream_sizes_of(self, header: RoundHeader) -> tuple[int, ...]:
         """The header's stream sizes; cached while headers carry the same manifest object (a

@@ -118,6 +118,32 @@ class CollectiveSender:
         views, lendable = self._byte_views(sources)
         return self._send_round(Manifest(tensors=tuple(specs)), views, "sparse_flat", lendable)
 
+    def refuse(self, reason: str) -> None:
+        """Take the round's place only to refuse it (the trainer refused its own input, e.g. a
+        body or a source that fails validation): send a header with no tensors, so that every
+        receiver waiting in this round takes part in its first agreement, and post `reason`
+        there. Every party raises ManifestMismatch naming it; the group stays in step."""
+        self._party.group.check_usable()
+        header = self._header(Manifest(tensors=()), "dense", lendable=False, streamed=True)
+        entry = self.headers.send(header, [])
+        ticket = self.agreement.post(reason, gpu_done=False, with_entry=entry)
+        objections = self.agreement.collect(ticket).objections()
+        self.headers.refused()
+        raise ManifestMismatch("; ".join(objections) or reason)
+
+    def _header(self, manifest: Manifest, kind: str, lendable: bool, streamed: bool) -> RoundHeader:
+        init = self._party.init
+        return self._rules.header_model(
+            round_id=uuid.uuid4().hex,
+            update_kind=kind,
+            manifest=manifest,
+            buffer_size_bytes=init.packed_buffer_size_bytes,
+            num_buffers=init.packed_num_buffers,
+            alignment=DEFAULT_ALIGNMENT,
+            verify=init.verify,
+            **self._rules.header_fields(lendable, streamed),
+        )
+
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self._party.device, non_blocking=True)
 
@@ -134,20 +160,11 @@ class CollectiveSender:
         `views_cached`: they are the cached views of a repeated round. `streamed` instead: sizes
         from the manifest, payload from the source's iteration (packed, nothing moves ahead of
         the agreement)."""
-        party, group, init = self._party, self._party.group, self._party.init
+        party, group = self._party, self._party.group
         started = time.perf_counter()
         mark("send: start")
         group.check_usable()
-        header = self._rules.header_model(
-            round_id=uuid.uuid4().hex,
-            update_kind=kind,
-            manifest=manifest,
-            buffer_size_bytes=init.packed_buffer_size_bytes,
-            num_buffers=init.packed_num_buffers,
-            alignment=DEFAULT_ALIGNMENT,
-            verify=init.verify,
-            **self._rules.header_fields(lendable, streamed is not None),
-        )
+        header = self._header(manifest, kind, lendable, streamed is not None)
         sizes = tuple(s.numel() for s in flat_sources) if streamed is None else \
             tuple(spec.nbytes for spec in manifest.tensors)
         layout, chunks = self._chunking.of(sizes, header)

@@ -121,6 +121,11 @@ class CollectiveTransport(Transport):
             raise TransferError("rank 0 is the trainer of this group: it sends, it does not receive")
         return self.receiver.receive(sink, info)
 
+    def refuse_round(self, reason: str) -> None:
+        """Take this round's place only to object (`CollectiveSender.refuse`,
+        `CollectiveReceiver.refuse`): every party raises ManifestMismatch naming `reason`."""
+        self._side().refuse(reason)
+
     def close(self) -> None:
         self.group.close()  # aborting cancels any collective still queued
         self._side().close()
