@@ -286,6 +286,19 @@ class UpdateInfo(_Strict):
             )
         )
 
+    def difference(self, sent: Manifest) -> str | None:
+        """Where this body's manifest and `sent` (the trainer's) disagree, naming the first
+        parameter that differs; None when they agree. Compared list by list, without building
+        this body's `manifest` (100,000 specs cost about half a second to build)."""
+        if len(self.names) != len(sent.tensors):
+            return f"update_info names {len(self.names)} parameters; the trainer sends {len(sent.tensors)}"
+        shapes = self.shapes if self.num_updates_list is None else [[nnz] for nnz in self.num_updates_list]
+        for name, dtype, shape, spec in zip(self.names, self.dtype_names, shapes, sent.tensors):
+            if name != spec.name or dtype != spec.dtype or tuple(shape) != spec.shape:
+                return (f"parameter {spec.name!r}: update_info says {name!r} {dtype}{list(shape)}, "
+                        f"the trainer sends {spec.dtype}{list(spec.shape)}")
+        return None
+
     @property
     def patched_shapes(self) -> dict[str, tuple[int, ...]]:
         """vLLM's sparse spelling: each patched parameter's own shape, by name (else empty)."""

@@ -8,6 +8,7 @@ import logging
 import textwrap
 import threading
 import time
+from urllib.parse import parse_qsl, urlencode
 
 import torch
 import uvicorn
@@ -26,6 +27,25 @@ from weightsync_daemon.lifecycle import DEFAULT_GRACE_SECONDS, StopRequest, serv
 from weightsync_daemon.service import EngineService, ReceiverService
 
 
+# Query parameters the API takes; any other parameter's value is redacted from the access log (a
+# client that puts its token in the URL must not have it written to a log).
+LOGGED_QUERY_PARAMETERS = frozenset({"mode", "pause", "resume", "reason", "include_dp"})
+
+
+class QueryRedaction(logging.Filter):
+    """Rewrites uvicorn's access-log line so that only the API's own query parameters keep their
+    values: `?token=s3cret` is logged as `?token=REDACTED`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and "?" in args[2]:
+            path, _, query = args[2].partition("?")
+            kept = [(key, value if key in LOGGED_QUERY_PARAMETERS else "REDACTED")
+                    for key, value in parse_qsl(query, keep_blank_values=True)]
+            record.args = (*args[:2], f"{path}?{urlencode(kept)}", *args[3:])
+        return True
+
+
 class EmbeddedServer:
     """Runs uvicorn on a background thread of the current process, e.g. beside a model that
     serves, so received weights land directly in that model's parameters."""
@@ -36,6 +56,9 @@ class EmbeddedServer:
         # size and pace are the app's (create_app's max_body_bytes, body_timeout_seconds).
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                                 http=header_deadline_protocol(header_timeout_seconds))
+        access = logging.getLogger("uvicorn.access")
+        if not any(isinstance(f, QueryRedaction) for f in access.filters):
+            access.addFilter(QueryRedaction())
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="weightsync-http", daemon=True)
 
@@ -147,12 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run a standalone daemon until SIGTERM/SIGINT; print one JSON line with its URL once it listens."""
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    stop = StopRequest(args.exit_on_stdin_eof)  # before the server starts: no SIGTERM is lost
-    torch.set_num_threads(args.cpu_threads)
-    try:
+    try:  # before any thread starts: exiting then is clean
         token = load_token(args.token_file)
     except TokenError as error:
         cli_args.fail("weightsync daemon", str(error))
+    stop = StopRequest(args.exit_on_stdin_eof)  # before the server starts: no SIGTERM is lost
+    torch.set_num_threads(args.cpu_threads)
     service = ReceiverService(backend=args.backend, device=args.device)
     if args.manifest is not None:
         service.store = WeightStore.from_manifest(args.manifest, service.device)

@@ -213,9 +213,10 @@ class CollectiveReceiver:
         return failure
 
     def _check_header(self, header: RoundHeader, store: Sink, info: UpdateInfo) -> str | None:
-        expected = info.manifest
-        if expected is not None and expected != header.manifest:
-            return _first_difference(expected, header.manifest)
+        if info.names:
+            difference = info.difference(header.manifest)
+            if difference is not None:
+                return difference
         if info.update_kind is not None and info.update_kind != header.update_kind:
             return f"update_kind is {info.update_kind} here but {header.update_kind} from the trainer"
         want = info.packed_buffer_size_bytes or self._party.init.packed_buffer_size_bytes
@@ -236,12 +237,3 @@ class CollectiveReceiver:
         self.path.close()
         self.staging.clear()
         self._shadow.clear()
-
-
-def _first_difference(expected: Manifest, sent: Manifest) -> str:
-    """Name the first parameter where the HTTP body's manifest and the trainer's disagree."""
-    for mine, theirs in zip(expected.tensors, sent.tensors):
-        if mine != theirs:
-            return (f"parameter {theirs.name!r}: update_info says {mine.name!r} {mine.dtype}"
-                    f"{list(mine.shape)}, the trainer sends {theirs.dtype}{list(theirs.shape)}")
-    return f"update_info names {len(expected.tensors)} parameters; the trainer sends {len(sent.tensors)}"
