@@ -22,7 +22,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -198,6 +200,24 @@ class Server:
                 self.process.wait(timeout=30)
         self.http.close()
         self.log.close()
+
+
+@contextmanager
+def joined(python: str, tmp: Path, tp: int, server_options: dict | None = None,
+           **trainer_options) -> Iterator[tuple[Trainer, Server]]:
+    """A trainer and a vLLM server (tensor parallel `tp`) on the trainer's checkpoint, joined in
+    one weightsync group; both are stopped on the way out (a test module's fixture holds them)."""
+    trainer = Trainer(python, tmp, **trainer_options)
+    server = None
+    try:
+        server = Server(python, tmp, trainer.model_dir, tp, **(server_options or {}))
+        print(f"\n[{tmp.name}] vLLM healthy after {server.start_seconds:.1f}s", file=sys.stderr)
+        trainer.ask(cmd="init", url=server.url, master_port=free_port(), fields=INIT_FIELDS)
+        yield trainer, server
+    finally:
+        trainer.stop()
+        if server is not None:
+            server.stop()
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS), ids=list(CONFIGS))

@@ -12,12 +12,9 @@ keeps serving what it served. One server per configuration serves every test.
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
-from test_vllm_e2e import INIT_FIELDS, Server, Trainer, vllm_python  # noqa: F401 (the fixture)
-from weightsync_operator.local import free_port
+from test_vllm_e2e import joined, vllm_python  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.vllm
 
@@ -27,17 +24,8 @@ LAYER0_EXPERTS = r"^model\.layers\.0\.mlp\.experts\."
 @pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
 def moe(request, vllm_python, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"vllm-moe-tp{request.param}")
-    trainer = Trainer(vllm_python, tmp, tied=False, arch="qwen3_moe")
-    server = None
-    try:
-        server = Server(vllm_python, tmp, trainer.model_dir, request.param)
-        print(f"\n[moe tp{request.param}] vLLM healthy after {server.start_seconds:.1f}s", file=sys.stderr)
-        trainer.ask(cmd="init", url=server.url, master_port=free_port(), fields=INIT_FIELDS)
-        yield trainer, server
-    finally:
-        trainer.stop()
-        if server is not None:
-            server.stop()
+    with joined(vllm_python, tmp, request.param, tied=False, arch="qwen3_moe") as pair:
+        yield pair
 
 
 def test_full_rounds_of_a_mixture_of_experts_land_exactly(moe):
