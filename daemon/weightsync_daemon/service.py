@@ -442,6 +442,7 @@ class EngineService:
             self.transport.end_round()
         self.phase = Phase.READY
         self.last_failure = failure
+        log.warning("round failed: %s", failure)  # /healthz shows it only to callers with the token
         self.metrics.updates.labels(outcome="failure").inc()
 
     async def pause(self, mode: str) -> None:
