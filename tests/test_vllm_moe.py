@@ -69,3 +69,13 @@ def test_a_subset_that_splits_the_experts_of_a_layer_is_refused_by_name(moe, onl
     assert missing in refused and "intact (nothing of this round was loaded)" in refused, refused
     assert server.http.get("/weight_info").json()["weight_version"] == version
     assert server.completions() == expected
+
+
+def test_transformers_fused_experts_pushed_as_listed_are_refused_naming_the_conversion(moe):
+    """transformers 5's `named_parameters()` lists the experts fused; the checkpoint (and so
+    vLLM) has them per expert: refused before any byte moves, saying what to push instead."""
+    trainer, server = moe
+    refused = trainer.ask(cmd="bad_round", kind="as_listed")["refused"]
+    assert refused is not None and "mlp.experts.gate_up_proj" in refused, refused
+    assert "CheckpointSource" in refused and "intact (nothing of this round was loaded)" in refused, refused
+    assert server.completions() == trainer.hf_greedy()

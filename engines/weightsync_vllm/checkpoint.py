@@ -75,7 +75,7 @@ class CheckpointManifest:
             have = self.tensors.get(spec.name)
             if have is None:
                 return (f"parameter {spec.name!r} is not in the served model's checkpoint ({self.source}); "
-                        "vLLM's load_weights would not know it")
+                        f"vLLM's load_weights would not know it{self._split_hint(spec.name)}")
             if tuple(spec.shape) != have.shape:
                 return (f"parameter {spec.name!r} has shape {list(have.shape)} in the served model's checkpoint "
                         f"but {list(spec.shape)} from the trainer")
@@ -84,6 +84,18 @@ class CheckpointManifest:
                 return (f"parameter {spec.name!r} comes as {spec.dtype} from the trainer; the served model "
                         f"takes {' or '.join(sorted(accepted))}")
         return None
+
+    def _split_hint(self, name: str) -> str:
+        """Where the checkpoint holds per-expert tensors under a name the trainer sent fused
+        (transformers 5's `mlp.experts.gate_up_proj`), say how to send them."""
+        module = name.rpartition(".")[0] + "."
+        example = next((have for have in self.tensors if have.startswith(module)
+                        and have[len(module):].partition(".")[0].isdigit()), None)
+        if example is None:
+            return ""
+        return (f" (the checkpoint holds it per expert, e.g. {example!r}: push "
+                "weightsync_vllm.hf.CheckpointSource(model), which sends transformers' fused experts "
+                "under the checkpoint's names)")
 
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header

@@ -8,7 +8,7 @@ answering one JSON object per line on stdout:
   {"cmd": "init", "url": ..., "master_port": ..., "fields": {...}}   join the server's workers
   {"cmd": "generate", "prompts": [[ids]...], "max_tokens": n}        HF greedy continuation ids
   {"cmd": "round", "seed": k, "version": "v1"}                       new weights, pushed to vLLM
-  {"cmd": "bad_round", "kind": "unknown_name"|"wrong_shape"|"wrong_dtype"}  a manifest vLLM must refuse
+  {"cmd": "bad_round", "kind": "unknown_name"|"wrong_shape"|"wrong_dtype"|"as_listed"}  a manifest vLLM must refuse
   {"cmd": "subset", "seed": k, "params": regex, "only": regex|null, "version": "v2"}
         new values for the model's parameters whose names match `params`, pushed as checkpoint
         tensors (`weightsync_vllm.hf.CheckpointSource`), of which only those matching `only` when
@@ -154,7 +154,9 @@ def handle(command: dict, model: torch.nn.Module, trainer: VLLMTrainer | None) -
     if cmd == "bad_round":
         named = [(n, p.detach().clone()) for n, p in model.named_parameters()]
         name, tensor = named[3]
-        if command["kind"] == "unknown_name":
+        if command["kind"] == "as_listed":  # transformers' own names (a MoE's experts fused)
+            pass
+        elif command["kind"] == "unknown_name":
             named[3] = (name.replace("layers.0", "layers.7"), tensor)
         elif command["kind"] == "wrong_shape":
             named[3] = (name, tensor[..., :-1].contiguous())
