@@ -17,15 +17,19 @@ the commit rules (`Landing`), and the bounded staging of a loader round (`Stagin
 Staging for a loader (collective transports, and p2p): the chunks a round is cut into land in
 one area of `packed_num_buffers x packed_buffer_size_bytes` bytes (the same memory the packed
 path stages in), placed one after the other so that every tensor's bytes are contiguous in it;
-when the next chunk does not fit before the area's end, it goes to the start, and the bytes of a
-tensor that spans that point (at most one) are moved there first. Where each tensor piece is
-received on its own (nccl's direct rounds, p2p's copies) each tensor may instead get its own place
-(`StagingPlan.build(piecewise=True)` takes whichever plan lets more loads overlap receives,
-Qwen2-7B's 408 MB MLP groups fit the default 1 GiB x 2 that way). A tensor's bytes stay until
-its group was loaded; a chunk is received only once the bytes it would overwrite were loaded.
-The plan is worked out before the round's payload moves (it depends only on the layout, the
-chunk sizes and the group keys): a round whose tensor or fused group does not fit that bound is
-refused at the start, naming the tensor and the bound. Nothing is ever allocated beyond it.
+when the next chunk does not fit before the area's end, the bytes still held (those of the fused
+group still loading) are moved to the area's start and the chunk lands right after them. Where
+each tensor piece is received on its own (nccl's direct rounds, p2p's copies) each tensor may
+instead get its own place (`StagingPlan.build(piecewise=True)` takes whichever plan lets more
+loads overlap receives). A tensor's bytes stay until its group was loaded; a chunk is received
+only once the bytes it would overwrite were loaded. The plan is worked out before the round's
+payload moves (it depends only on the layout, the chunk sizes and the group keys).
+
+The rule, exact up to alignment padding: when a chunk is received, the stream bytes from the
+first byte of the fused group still loading (begun before the chunk, not yet complete; aligned
+down) to the chunk's end must fit in the area, since all of them are held then. Every layout
+within it is staged; one beyond it is refused at the start, naming the group, the bytes it needs
+and the bound. Nothing is ever allocated beyond the area.
 
 An atomic round into a loader stages the whole round (one buffer of the stream's size, kept
 while the manifest stays the same: the memory cost of the set once more), verifies it, and only
