@@ -461,18 +461,17 @@ class _Ring:
             index += 1  # an empty tensor holds no bytes
         return index if index < len(ready) and offsets[index] < chunk.start else None
 
-    def place(self, chunk: Chunk, previous_end: int) -> tuple[int, Carry | None]:
-        """Chunk's area offset, and the move that must run before it is received (or None)."""
-        if chunk.nbytes > self.bound.capacity:
-            raise self.bound.chunk(chunk.nbytes)
+    def place(self, chunk: Chunk) -> tuple[int, Carry | None]:
+        """Chunk's area offset (right after the chunk before, unless it wraps to the area's
+        start), and the move that must run before it is received (or None)."""
         pos = chunk.start - self.shift
-        if chunk.number and pos == previous_end and pos + chunk.nbytes <= self.bound.capacity:
+        if chunk.number and pos + chunk.nbytes <= self.bound.capacity:
             return pos, None
         live = self.live_from(chunk)
         base = self.layout.offsets[live] if live is not None else _align_down(chunk.start, self.layout.alignment)
         if chunk.stop - base > self.bound.capacity:
-            raise self.bound.group(live if live is not None else chunk.segments[0].index,
-                                   chunk.stop - base, chunk.number)
+            raise self.bound.group(live, chunk.stop - base, chunk.number) if live is not None \
+                else self.bound.chunk(chunk.stop - base)
         carry = None
         if live is not None and base - self.shift != 0:
             carry = Carry(chunk.number, base - self.shift, chunk.start - base)
@@ -500,15 +499,13 @@ def _ring_plan(layout: Layout, chunks: Sequence[Chunk], spans: TensorSpans, boun
     after: list[int] = []
     carries: dict[int, Carry] = {}
     shifts: list[int] = []
-    end = 0
     for chunk in chunks:
-        pos, carry = ring.place(chunk, end)
+        pos, carry = ring.place(chunk)
         if carry is not None:
             carries[chunk.number - 1] = carry  # run when the chunk before completed
         after.append(ring.receive(chunk, pos, carry))
         positions.append(pos)
         shifts.append(ring.shift)
-        end = pos + chunk.nbytes
     places = [_handover_place(layout, spans, shifts, index, bound.capacity) for index in range(len(layout.sizes))]
     peak = max((p + c.nbytes for p, c in zip(positions, chunks)), default=0)
     return StagingPlan(bound.capacity, positions, after, carries, spans.batches, places, peak)
