@@ -120,3 +120,63 @@ def test_the_plugin_package_and_its_trainer_side_import_no_vllm():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+class _FusedAttention(torch.nn.Module):
+    """q, k and v load into one parameter through its `weight_loader`, as vLLM's qkv_proj."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(2, 6, bias=False)
+        self.qkv.weight.weight_loader = self.load_shard
+
+    @staticmethod
+    def load_shard(param, loaded, shard: int) -> None:
+        param.data[2 * shard : 2 * shard + 2].copy_(loaded)
+
+
+def test_the_dry_run_learns_each_tensors_layer_refuses_a_split_and_restores_every_loader(tmp_path):
+    """`weightsync_vllm.layers` over a model whose `load_weights` routes names the way vLLM's do:
+    the dry run (meta tensors) records the layer each checkpoint tensor reaches, loads nothing,
+    and puts every loader back; a partial update is refused naming the layer and what is missing;
+    a tensor whose layer stays incomplete after a batch is handed over as a copy."""
+    from weightsync_vllm.layers import learn_load_targets
+
+    model = torch.nn.Module()
+    model.attn, model.norm = _FusedAttention(), torch.nn.LayerNorm(2)
+    shards = {"attn.q_proj.weight": 0, "attn.k_proj.weight": 1, "attn.v_proj.weight": 2}
+
+    def load_weights(weights):
+        params = dict(model.named_parameters())
+        for name, tensor in weights:
+            if name in shards:
+                param = model.attn.qkv.weight
+                param.weight_loader(param, tensor, shards[name])
+            else:
+                param = params[name]
+                getattr(param, "weight_loader", lambda p, t: p.data.copy_(t))(param, tensor)
+
+    _write_safetensors(tmp_path / "model.safetensors", {
+        **{name: ("F32", [2, 2]) for name in shards}, "norm.weight": ("F32", [2]), "norm.bias": ("F32", [2])})
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    loader = model.attn.qkv.weight.weight_loader
+    targets = learn_load_targets(model, CheckpointManifest.from_dir(tmp_path), load_weights)
+
+    assert {name: targets.layers_of[name] for name in shards} == {name: ("attn.qkv",) for name in shards}
+    assert targets.layers_of["norm.weight"] == targets.layers_of["norm.bias"] == ("norm",)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())  # nothing loaded
+    assert model.attn.qkv.weight.weight_loader is loader and not hasattr(model.norm.weight, "weight_loader")
+
+    def manifest(*names: str) -> Manifest:
+        return Manifest(tensors=tuple(TensorSpec(name=n, dtype="float32", shape=(2, 2)) for n in names))
+
+    refusal = targets.split(manifest("attn.k_proj.weight", "attn.v_proj.weight"))
+    assert "'attn.k_proj.weight' loads into vLLM's layer 'attn.qkv'" in refusal
+    assert "'attn.q_proj.weight'" in refusal and "'attn.v_proj.weight'" not in refusal.split("built from")[1]
+    assert targets.split(manifest(*shards)) is None and targets.split(manifest()) is None
+
+    q, k = torch.ones(2, 2), torch.zeros(2, 2)
+    early = targets.outliving([("attn.q_proj.weight", q)], {"attn.q_proj.weight"})
+    assert early[0][1] is not q and torch.equal(early[0][1], q)  # vLLM keeps it past the staging
+    last = targets.outliving([("attn.k_proj.weight", k)], set(shards))
+    assert last[0][1] is k  # its layer is complete with this batch
