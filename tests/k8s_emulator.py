@@ -13,7 +13,11 @@ API server:
   columns), and rejects custom objects that do not satisfy its `openAPIV3Schema` (HTTP 422),
   including fields the real server would silently prune;
 - answers what kubectl asks for: list `kind`s, server-side printing (`as=Table`, with the CRD's
-  printer columns), and JSON watch streams.
+  printer columns, and the real server's columns for pods), and JSON watch streams;
+- merges a strategic merge patch's `status.conditions` by `type`, as the API server does for pods.
+
+It also stands in for the kubelet in one respect: a pod with `readinessGates` is Ready only while
+its containers are ready and every gate's condition is True (recomputed on every write).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ import kmock
 from kmock._internal import dicts as kmock_dicts
 
 CRD_RESOURCE = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+POD_RESOURCE = kmock.resource("", "v1", "pods")
+STRATEGIC_MERGE = "application/strategic-merge-patch+json"
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 _CREATE, _UPDATE, _DELETE = kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE
 
@@ -94,6 +100,56 @@ def _json_path(obj: Any, path: str) -> Any:
             return None
         obj = obj[part]
     return obj
+
+
+def _strategic_merge(old: dict, patch: dict) -> dict:
+    """A strategic merge patch as the API server applies it to a pod's status: a merge patch,
+    except that `status.conditions` entries merge by `type` instead of replacing the list."""
+    conditions = (patch.get("status") or {}).get("conditions")
+    if conditions is None:
+        return dict(kmock_dicts.merge_patch_dict(old, patch))
+    rest = {**patch, "status": {k: v for k, v in patch["status"].items() if k != "conditions"}}
+    new = copy.deepcopy(dict(kmock_dicts.merge_patch_dict(old, rest)))
+    merged = {c.get("type"): c for c in (new.get("status") or {}).get("conditions") or []}
+    for condition in conditions:
+        merged[condition.get("type")] = {**merged.get(condition.get("type"), {}), **condition}
+    new.setdefault("status", {})["conditions"] = list(merged.values())
+    return new
+
+
+def _kubelet_readiness(pod: dict) -> None:
+    """The kubelet's rule for a pod with readiness gates: Ready = containers ready and every gate's
+    condition True."""
+    gates = [g.get("conditionType") for g in (pod.get("spec") or {}).get("readinessGates") or []]
+    status = pod.get("status") or {}
+    if not gates or not status:
+        return
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    containers = status.get("containerStatuses") or []
+    ready = bool(containers) and all(c.get("ready") for c in containers) and all(
+        (conditions.get(g) or {}).get("status") == "True" for g in gates)
+    for kind, value in (("ContainersReady", bool(containers) and all(c.get("ready") for c in containers)),
+                        ("Ready", ready)):
+        conditions[kind] = {**conditions.get(kind, {}), "type": kind, "status": "True" if value else "False"}
+    status["conditions"] = list(conditions.values())
+
+
+def _pod_row(pod: dict) -> list[Any]:
+    """The real API server's printer columns for a pod (kubectl's READY, RESTARTS, READINESS GATES)."""
+    status, spec = pod.get("status") or {}, pod.get("spec") or {}
+    containers = status.get("containerStatuses") or []
+    conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    gates = [g.get("conditionType") for g in spec.get("readinessGates") or []]
+    return [f"{sum(bool(c.get('ready')) for c in containers)}/{len(spec.get('containers') or [])}",
+            status.get("phase", "Pending"), sum(int(c.get("restartCount", 0)) for c in containers),
+            _human_age(pod.get("metadata", {}).get("creationTimestamp")), status.get("podIP") or "<none>",
+            spec.get("nodeName") or "<none>", "<none>",
+            f"{sum(conditions.get(g) == 'True' for g in gates)}/{len(gates)}" if gates else "<none>"]
+
+
+POD_COLUMNS = [("Ready", "string", 0), ("Status", "string", 0), ("Restarts", "string", 0), ("Age", "string", 0),
+               ("IP", "string", 1), ("Node", "string", 1), ("Nominated Node", "string", 1),
+               ("Readiness Gates", "string", 1)]
 
 
 def _human_age(timestamp: str | None) -> str | None:
@@ -247,6 +303,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         self._tombstones.pop(key, None)
         if resource == CRD_RESOURCE:
             self._install(obj)
+        if resource == POD_RESOURCE:
+            _kubelet_readiness(obj)
         self._check(resource, obj)
         if key in self.objects:
             self.objects[key].create(obj)
@@ -262,6 +320,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 new = jsonpatch.apply_patch(old, patch, in_place=False)
             except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as error:
                 raise kmock.KubernetesError(422, "Invalid", f"JSON patch failed: {error}") from None
+        elif isinstance(patch, dict) and STRATEGIC_MERGE in request.headers.get("Content-Type", ""):
+            new = _strategic_merge(old, patch)
         elif isinstance(patch, dict):
             new = dict(kmock_dicts.merge_patch_dict(old, patch))
         else:
@@ -279,6 +339,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             if field in old.get("metadata", {}):
                 meta[field] = old["metadata"][field]
         meta["resourceVersion"] = str(next(self._counter))
+        if resource == POD_RESOURCE:
+            _kubelet_readiness(new)
         generation = old.get("metadata", {}).get("generation", 1)
         meta["generation"] = generation + 1 if new.get("spec") != old.get("spec") else generation
         self._check(resource, new)
@@ -372,6 +434,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     async def _serve_version(self, request: kmock.Request):
         answer = await super()._serve_version(request)
+        if not request.resource.group:  # the core group's is "v1" (kmock writes "/v1", which
+            answer["groupVersion"] = request.resource.version  # kubectl skips: pods became PodMetrics)
         for entry in answer["resources"]:  # subresources have no short names of their own
             if "/" in entry["name"]:
                 entry["shortNames"], entry["categories"] = [], []
@@ -386,6 +450,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         return f"{resource.group}/{resource.version}" if resource.group else resource.version
 
     def _table(self, resource, objects: list[dict]) -> dict:
+        if resource == POD_RESOURCE:
+            return self._pod_table(objects)
         columns = self._kind(resource).columns or [
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
         definitions = [{"name": "Name", "type": "string", "format": "name", "description": "", "priority": 0}]
@@ -400,6 +466,17 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 cells.append(_human_age(value) if column["type"] == "date" else value)
             rows.append({"cells": cells, "object": {
                 "kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj.get("metadata", {})}})
+        return {"kind": "Table", "apiVersion": "meta.k8s.io/v1",
+                "metadata": {"resourceVersion": str(next(self._counter))},
+                "columnDefinitions": definitions, "rows": rows}
+
+    def _pod_table(self, pods: list[dict]) -> dict:
+        definitions = [{"name": "Name", "type": "string", "format": "name", "description": "", "priority": 0}]
+        definitions += [{"name": name, "type": kind, "format": "", "description": "", "priority": priority}
+                        for name, kind, priority in POD_COLUMNS]
+        rows = [{"cells": [pod.get("metadata", {}).get("name"), *_pod_row(pod)], "object": {
+            "kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": pod.get("metadata", {})}}
+            for pod in pods]
         return {"kind": "Table", "apiVersion": "meta.k8s.io/v1",
                 "metadata": {"resourceVersion": str(next(self._counter))},
                 "columnDefinitions": definitions, "rows": rows}

@@ -7,6 +7,7 @@ whose IP and `weightsync.dev/daemon-port` annotation point at those processes on
 from __future__ import annotations
 
 import asyncio
+import inspect
 import contextlib
 import json
 import os
@@ -21,11 +22,11 @@ import kmock
 import kopf
 import yaml
 
-from k8s_emulator import ClusterEmulator
+from k8s_emulator import POD_RESOURCE, STRATEGIC_MERGE, ClusterEmulator
 from weightsync_operator import handlers
 from weightsync_operator.kube import KubeApi
 from weightsync_operator.local import LocalProcess, free_port
-from weightsync_operator.pods import DAEMON_PORT_ANNOTATION, RENDEZVOUS_PORT_ANNOTATION
+from weightsync_operator.pods import DAEMON_PORT_ANNOTATION, RENDEZVOUS_PORT_ANNOTATION, SYNCED_CONDITION
 from weightsync_operator.resource import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from weightsync_operator.runtime import Runtime
 
@@ -121,9 +122,10 @@ class Cluster:
     # -- pods -----------------------------------------------------------------------------
     async def create_pod(self, namespace: str, name: str, role: str, sync: str, url: str,
                          rendezvous_port: int | None = None, ready: bool = True, restarts: int = 0,
-                         annotations: dict[str, str] | None = None) -> dict:
+                         annotations: dict[str, str] | None = None, gated: bool = False) -> dict:
         """A scheduled, running pod whose daemon (or vLLM server) is the local process at `url`;
-        `annotations` add to the port's (e.g. `weightsync.dev/engine: vllm`)."""
+        `annotations` add to the port's (e.g. `weightsync.dev/engine: vllm`); `gated`: it carries
+        the readiness gate `weightsync.dev/synced`."""
         annotations = {**(annotations or {}), DAEMON_PORT_ANNOTATION: url.rsplit(":", 1)[1]}
         if rendezvous_port is not None:
             annotations[RENDEZVOUS_PORT_ANNOTATION] = str(rendezvous_port)
@@ -131,22 +133,30 @@ class Cluster:
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace, "annotations": annotations,
                          "labels": {"weightsync.dev/role": role, "weightsync.dev/sync": sync}},
-            "spec": {"containers": [{"name": "main", "image": f"weightsync/{role}"}]},
+            "spec": {"containers": [{"name": "main", "image": f"weightsync/{role}"}],
+                     **({"readinessGates": [{"conditionType": SYNCED_CONDITION}]} if gated else {})},
             "status": pod_status(ready, restarts),
         }
         return await self.request("POST", f"/api/v1/namespaces/{namespace}/pods", body)
+
+    def pod(self, namespace: str, name: str) -> dict | None:
+        return self.emulator.get(POD_RESOURCE, namespace, name)
+
+    def pod_history(self, namespace: str, name: str) -> list[dict]:
+        return self.emulator.history(POD_RESOURCE, namespace, name)
 
     async def restart_pod(self, namespace: str, name: str, url: str, restarts: int) -> None:
         """The kubelet restarted the pod's container: a new process (here: a new port)."""
         path = f"/api/v1/namespaces/{namespace}/pods/{name}"
         await self.request("PATCH", path, {"metadata": {"annotations": {DAEMON_PORT_ANNOTATION: url.rsplit(":", 1)[1]}}},
                            "application/merge-patch+json")
-        await self.request("PATCH", path + "/status", {"status": pod_status(True, restarts)},
-                           "application/merge-patch+json")
+        await self.request("PATCH", path + "/status", {"status": pod_status(True, restarts)}, STRATEGIC_MERGE)
 
     async def set_pod_ready(self, namespace: str, name: str, ready: bool, restarts: int = 0) -> None:
+        """As the kubelet reports it: its own conditions and container statuses change, conditions
+        set by others (a readiness gate's) stay."""
         await self.request("PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}/status",
-                           {"status": pod_status(ready, restarts)}, "application/merge-patch+json")
+                           {"status": pod_status(ready, restarts)}, STRATEGIC_MERGE)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -155,7 +165,8 @@ class Cluster:
 
 def pod_status(ready: bool, restarts: int) -> dict:
     return {"phase": "Running", "podIP": "127.0.0.1",
-            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"},
+                           {"type": "ContainersReady", "status": "True" if ready else "False"}],
             "containerStatuses": [{"name": "main", "ready": ready, "restartCount": restarts}]}
 
 
@@ -302,10 +313,13 @@ __all__ = ["Cluster", "Trainer", "checksums", "cluster", "free_port", "operator"
 
 
 async def until(predicate, timeout: float, what: str, interval: float = 0.02):
-    """Poll an async predicate until it returns something truthy; fail after `timeout` seconds."""
+    """Poll a predicate (a coroutine function, or a plain one) until it returns something truthy;
+    fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        value = await predicate()
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         assert time.monotonic() < deadline, f"timed out after {timeout:g}s waiting for {what}"

@@ -287,6 +287,7 @@ def grants(rules: list[dict]) -> set[tuple[str, str, str]]:
 NAMESPACED = ({("weightsync.dev", "weightsyncs", v) for v in ("list", "watch", "patch")}
               | {("weightsync.dev", "weightsyncs/status", "patch")}
               | {("", "pods", v) for v in ("list", "watch")}
+              | {("", "pods/status", "patch")}
               | {("", "events", "create")})
 DISCOVERY = ({("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
              | {("", "namespaces", v) for v in ("list", "watch")})
@@ -316,6 +317,7 @@ def test_rbac_is_namespaced_when_namespaces_are_listed():
 KUBE_API_VERBS = {"get": {("weightsync.dev", "weightsyncs", "get")},
                   "patch_spec": {("weightsync.dev", "weightsyncs", "patch")},
                   "replace_status": {("weightsync.dev", "weightsyncs/status", "patch")},
+                  "patch_pod_condition": {("", "pods/status", "patch")},
                   "watch": {("weightsync.dev", "weightsyncs", v) for v in ("list", "watch")}}
 OPERATOR_CODE = ROOT / "operator" / "weightsync_operator"
 
@@ -435,6 +437,21 @@ def test_sidecar_example_is_a_valid_inference_target():
     claims = {c["name"] for c in pod["spec"]["resourceClaims"]}
     assert all({c["name"] for c in c_["resources"]["claims"]} == claims
                for c_ in [sidecar, *pod["spec"]["containers"]])
+
+
+def test_inference_pods_carry_the_synced_readiness_gate():
+    """The chart's daemons, the sidecar example and the vLLM example are Ready (in their Service)
+    only while the operator says they serve the current version."""
+    from weightsync_operator.pods import SYNCED_CONDITION
+
+    gate = [{"conditionType": SYNCED_CONDITION}]
+    daemons = render({"daemon": {"enabled": True, "syncName": "policy"}})
+    assert pod_spec(daemons, f"{FULL}-daemon")["readinessGates"] == gate
+    sidecar = find(list(yaml.safe_load_all(SIDECAR.read_text())), "Deployment")
+    assert sidecar["spec"]["template"]["spec"]["readinessGates"] == gate
+    vllm = find(list(yaml.safe_load_all((ROOT / "examples" / "vllm-inference.yaml").read_text())), "Deployment")
+    kubernetes_validate.validate(vllm, "1.34", strict=True)
+    assert vllm["spec"]["template"]["spec"]["readinessGates"] == gate
 
 
 # -- monitoring ---------------------------------------------------------------------------

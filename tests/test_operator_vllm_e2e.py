@@ -32,14 +32,14 @@ import httpx
 import pytest
 import yaml
 
-from k8s_harness import VllmTrainer, cluster, free_port, operator, pod_status, start_daemons
+from k8s_harness import VllmTrainer, cluster, free_port, operator, pod_status, start_daemons, until
 from test_readme import DOCS, page_snippets
 from test_vllm_e2e import vllm_python  # noqa: F401 (the fixture: the vLLM venv's Python)
 from weightsync_operator.demo import qwen2
 from weightsync_operator.demo.vllm_run import MAX_TOKENS, completions
 from weightsync_operator.demo.vllm_server import VllmServer
 from weightsync_operator.local import LocalProcess
-from weightsync_operator.pods import DAEMON_PORT_ANNOTATION, ENGINE_ANNOTATION
+from weightsync_operator.pods import DAEMON_PORT_ANNOTATION, ENGINE_ANNOTATION, SYNCED_CONDITION
 
 pytestmark = [pytest.mark.vllm, pytest.mark.k8s,
               pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl")]
@@ -91,17 +91,24 @@ async def run_block(block: str, kubeconfig: Path, bin_dir: Path, timeout: float 
     return out.decode()
 
 
-async def create_pod(c, name: str, metadata: dict | None, role: str, port: int, restarts: int = 0) -> None:
+async def create_pod(c, name: str, template: dict | None, role: str, port: int, restarts: int = 0) -> None:
     """A running pod whose process listens on 127.0.0.1:`port`: a vLLM pod takes the page's
-    metadata as written, but its port (every server here shares one address)."""
-    if metadata is None:
-        metadata = {"labels": {"weightsync.dev/role": role, "weightsync.dev/sync": NAME}, "annotations": {}}
+    metadata and readiness gate as written, but its port (every server here shares one address)."""
+    if template is None:
+        template = {"metadata": {"labels": {"weightsync.dev/role": role, "weightsync.dev/sync": NAME}}}
+    metadata = template["metadata"]
     annotations = {**metadata.get("annotations", {}), DAEMON_PORT_ANNOTATION: str(port)}
     await c.request("POST", f"/api/v1/namespaces/{NS}/pods", {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": NS, "labels": metadata["labels"], "annotations": annotations},
-        "spec": {"containers": [{"name": "main", "image": f"weightsync/{role}"}]},
+        "spec": {"containers": [{"name": "main", "image": f"weightsync/{role}"}], **template.get("spec", {})},
         "status": pod_status(True, restarts)})
+
+
+def gate(c, pod: str) -> tuple[str | None, str | None]:
+    """(the pod's weightsync.dev/synced condition, its Ready condition), as the API server holds them."""
+    conditions = {x["type"]: x["status"] for x in (c.pod(NS, pod) or {}).get("status", {}).get("conditions", [])}
+    return conditions.get(SYNCED_CONDITION), conditions.get("Ready")
 
 
 def signal_before_its_update(runtime, pod: str, server: VllmServer, sig: signal.Signals) -> None:
@@ -123,8 +130,9 @@ def target(obj: dict, pod: str) -> dict:
 
 async def test_readme_vllm_flow_end_to_end(tmp_path, vllm_python):
     blocks = readme_blocks()
-    pod_template = yaml.safe_load(blocks["yaml"][0])["metadata"]
-    assert pod_template["annotations"][ENGINE_ANNOTATION] == "vllm"
+    pod_template = yaml.safe_load(blocks["yaml"][0])
+    assert pod_template["metadata"]["annotations"][ENGINE_ANNOTATION] == "vllm"
+    assert pod_template["spec"]["readinessGates"] == [{"conditionType": SYNCED_CONDITION}]
     prompts = qwen2.prompts()
     bin_dir = kubectl_shim(tmp_path)
     servers: dict[str, VllmServer] = {}
@@ -198,8 +206,12 @@ async def test_readme_vllm_flow_end_to_end(tmp_path, vllm_python):
             assert target(obj, "qwen-vllm-1")["version"] == "default"  # vLLM's label for its checkpoint
             ready_condition = next(x for x in obj["status"]["conditions"] if x["type"] == "Ready")
             assert ready_condition["status"] == "False"
+            # Its readiness gate holds it out of its Service while it serves its checkpoint.
+            await until(lambda: gate(c, "qwen-vllm-1") == ("False", "False"), 10, "qwen-vllm-1 not Ready")
+            assert gate(c, "qwen-vllm-0") == ("True", "True")
             assert (await served())["qwen-vllm-1"] == initial  # its checkpoint, until the next round
             await push_and_check(2)  # back on the current version, with the round that includes it
+            await until(lambda: gate(c, "qwen-vllm-1") == ("True", "True"), 10, "qwen-vllm-1 Ready again")
 
             # A vLLM process restarted inside an unchanged pod (a supervisor, no restartCount):
             # nothing about the pod changes, and vLLM's /health cannot say it left the group. The
@@ -219,8 +231,11 @@ async def test_readme_vllm_flow_end_to_end(tmp_path, vllm_python):
                                    and target(o, "qwen-vllm-0").get("state") == "Stale", 60,
                                    "the group re-formed with the restarted process, Stale")
             assert target(obj, "qwen-vllm-1")["state"] == "Synced"
+            # Restarted inside its pod: nothing about the pod changed, yet its gate goes False.
+            await until(lambda: gate(c, "qwen-vllm-0") == ("False", "False"), 10, "qwen-vllm-0 not Ready")
             reconciler.recheck_interval = 5
             third = await push_and_check(3)
+            await until(lambda: gate(c, "qwen-vllm-0") == ("True", "True"), 10, "qwen-vllm-0 Ready again")
 
             # The page's inspection commands, as written.
             table = await run_block(blocks["sh"][1], c.kubeconfig, bin_dir)

@@ -7,6 +7,12 @@ Where a pod's weightsync API listens: the `weightsync.dev/daemon-port` annotatio
 container port named `weightsync`, else the WeightSync's `spec.daemonPort` (8200). The annotation
 lets several pods share one address (tests, host networking) with a port each.
 
+Readiness: a pod may carry the readiness gate `weightsync.dev/synced` (`spec.readinessGates`).
+Kubernetes then counts it Ready, and a Service sends it traffic, only while the operator holds that
+condition True: while the pod serves its WeightSync's current version (see reconciler.py). Such a
+pod is a candidate for a group once its containers are ready (`ContainersReady`), since its own
+`Ready` waits for the group. A pod without the gate behaves as before: a candidate once Ready.
+
 What serves there: a weightsync daemon, unless the `weightsync.dev/engine` annotation says
 `vllm` (a vLLM server with the weightsync backend, whose own routes the coordinator then uses;
 see client.py). Any other value leaves the pod out of every group: a typo must not make the
@@ -28,6 +34,7 @@ RENDEZVOUS_PORT_ANNOTATION = "weightsync.dev/rendezvous-port"
 ENGINE_ANNOTATION = "weightsync.dev/engine"
 ENGINE_KINDS: tuple[str, ...] = get_args(EngineKind)
 PORT_NAME = "weightsync"
+SYNCED_CONDITION = "weightsync.dev/synced"  # the readiness gate's condition type
 
 
 @dataclass(frozen=True)
@@ -39,10 +46,16 @@ class PodRef:
     ready: bool
     deleting: bool
     restarts: int
-    labels: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+    # Compared (kopf's index keeps a pod's summary until one that differs replaces it: a relabelled
+    # pod must read as changed), not hashed (a dict).
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     daemon_port: int | None = None  # from the pod itself; None: the WeightSync's default
     rendezvous_port: int | None = None
     engine: str = "daemon"  # what serves at the port (ENGINE_KINDS; anything else: unusable)
+    # The readiness gate: None when the pod has none; else what its condition says now (None:
+    # not set yet, which Kubernetes reads as False).
+    gated: bool = False
+    synced: bool | None = None
 
     @property
     def usable(self) -> bool:
@@ -63,9 +76,12 @@ def pod_ref(body: Mapping) -> PodRef:
     """Summarise a Pod object (a dict as the API serves it)."""
     meta, spec, status = body.get("metadata", {}), body.get("spec", {}), body.get("status", {})
     annotations = meta.get("annotations") or {}
-    conditions = status.get("conditions") or []
-    ready = status.get("phase") == "Running" and any(
-        c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    gated = any(g.get("conditionType") == SYNCED_CONDITION for g in spec.get("readinessGates") or [])
+    # A gated pod is Ready only once synced: until then, its containers being ready is enough.
+    ready = status.get("phase") == "Running" and (
+        conditions.get("Ready") == "True" or (gated and conditions.get("ContainersReady") == "True"))
+    synced = {"True": True, "False": False}.get(conditions.get(SYNCED_CONDITION)) if gated else None
     restarts = sum(int(c.get("restartCount", 0)) for c in status.get("containerStatuses") or [])
     return PodRef(
         namespace=meta.get("namespace", ""), name=meta.get("name", ""), uid=meta.get("uid", ""),
@@ -74,6 +90,7 @@ def pod_ref(body: Mapping) -> PodRef:
         daemon_port=_port(annotations.get(DAEMON_PORT_ANNOTATION)) or _named_port(spec, PORT_NAME),
         rendezvous_port=_port(annotations.get(RENDEZVOUS_PORT_ANNOTATION)),
         engine=str(annotations.get(ENGINE_ANNOTATION) or "daemon").strip().lower(),
+        gated=gated, synced=synced,
     )
 
 

@@ -10,7 +10,10 @@ A pass (under this WeightSync's lock, so passes never overlap):
      (failure: `kopf.TemporaryError`, retried with backoff or as soon as something changes);
   4. if `spec.version` is ahead of the last attempted version: run one sync round;
   5. every `recheck_interval`, ask every party's /healthz whether the group still stands.
-Each step writes the status (phase, conditions, per-target state) and a Kubernetes Event.
+Each step writes the status (phase, conditions, per-target state) and a Kubernetes Event, and
+holds the `weightsync.dev/synced` condition of each target pod that carries that readiness gate
+to its state: True only while it serves the current version (Synced), False while it is Joining,
+Stale, Failed, restarted, or no longer a member, so that a Service routes only to synced pods.
 
 A round that failed is not retried for the same version: the trainer's tensors move on once its
 push returns, so a retry could send a half-updated model under the old label. The next version, or
@@ -22,6 +25,7 @@ trainer still waits in its push with exactly those tensors, so a new operator ru
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -32,7 +36,7 @@ from weightsync_operator.catchup import catch_up
 from weightsync_operator.client import PartyClient, PartyHttp
 from weightsync_operator.conditions import get_condition, set_condition
 from weightsync_operator.coordinator import Coordinator, InitError, SyncResult, SyncSpec, Timeouts
-from weightsync_operator.pods import PodRef, select
+from weightsync_operator.pods import SYNCED_CONDITION, PodRef, matches, select
 from weightsync_operator.resource import (
     Phase, Rendezvous, SyncFigures, TargetStatus, WeightSyncSpec, WeightSyncSpecError, WeightSyncStatus,
     parse_spec, parse_status,
@@ -42,13 +46,15 @@ log = logging.getLogger("weightsync.operator")
 
 StatusWriter = Callable[[dict], Awaitable[None]]
 EventSink = Callable[[str, str, str], None]  # (type Normal|Warning, reason, message)
+PodConditionSetter = Callable[[str, dict], Awaitable[None]]  # (pod name, condition)
 MAX_BACKOFF = 30.0
 ANNOUNCE_SYNCING_AFTER = 0.25  # seconds into a round before the status says Syncing
 
 
 class Reconciler:
     def __init__(self, namespace: str, name: str, http: PartyHttp, write_status: StatusWriter,
-                 emit: EventSink, token: str | None = None, recheck_interval: float = 30.0):
+                 emit: EventSink, token: str | None = None, recheck_interval: float = 30.0,
+                 set_pod_condition: PodConditionSetter | None = None):
         self.namespace, self.name = namespace, name
         self.lock = asyncio.Lock()
         self.wake = asyncio.Event()  # set when something this WeightSync depends on changed
@@ -69,6 +75,9 @@ class Reconciler:
         self._failures = 0
         self._retry_at = 0.0
         self._last_check = 0.0
+        self._set_pod_condition = set_pod_condition
+        self._gated: set[str] = set()  # target pods that carry the readiness gate
+        self._gates: dict[str, bool] = {}  # pod → its synced condition, as last seen or set
 
     # -- the pass ---------------------------------------------------------------------------
     async def reconcile(self, body: Mapping, pods: Iterable[PodRef]) -> float | None:
@@ -90,6 +99,9 @@ class Reconciler:
             trainers = select(pods, spec.trainer_selector)
             trainer_names = {p.name for p in trainers}
             targets = [p for p in select(pods, spec.target_selector) if p.name not in trainer_names]
+            gated = [p for p in pods if p.gated and p.name not in trainer_names and matches(spec.target_selector, p.labels)]
+            self._gated = {p.name for p in gated}
+            self._gates.update({p.name: bool(p.synced) for p in gated})  # the API's view (None: unset, False)
             if len(trainers) != 1 or not targets:
                 await self._wait_for_pods(spec, trainers, targets, generation)
                 return None  # pod events wake us
@@ -386,12 +398,48 @@ class Reconciler:
         return out
 
     async def _flush(self) -> None:
-        """Write the status if it changed since the last write."""
+        """Write the status if it changed since the last write, then the target pods' gates."""
         status = self.status.to_k8s()
-        if status == self._written:
+        if status != self._written:
+            await self._write(status)
+            self._written = status
+        await self._hold_gates()
+
+    async def _hold_gates(self) -> None:
+        """Set each gated target pod's `weightsync.dev/synced` to its state (True: Synced) where
+        it differs from what the pod says; a pod that left the selection goes False."""
+        if self._set_pod_condition is None:
             return
-        await self._write(status)
-        self._written = status
+        states = {t.pod: t for t in self.status.targets or []}
+        changes: dict[str, tuple[bool, str, str]] = {}
+        for name in self._gated | self._gates.keys():
+            target = states.get(name) if name in self._gated else None
+            if target is None:
+                want = (False, "NotInGroup", "not a member of the group")
+            elif target.state == "Synced":
+                want = (True, "Synced", f"serves version {target.version or 'of the group'}")
+            else:
+                want = (False, target.state, target.reason or target.state)
+            if self._gates.get(name, False) != want[0]:
+                changes[name] = want
+        if not changes:
+            return
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        answers = await asyncio.gather(*(self._set_pod_condition(name, {
+            "type": SYNCED_CONDITION, "status": "True" if value else "False", "reason": reason,
+            "message": message[:256], "lastTransitionTime": now}) for name, (value, reason, message) in changes.items()),
+            return_exceptions=True)
+        for name, answer in zip(changes, answers):
+            if not isinstance(answer, BaseException):
+                self._gates[name] = changes[name][0]
+            elif getattr(answer, "status", None) == 404:  # the pod is gone: nothing to hold
+                self._gates.pop(name, None)
+            else:
+                log.warning("%s/%s: could not set %s on pod %s: %s", self.namespace, self.name,
+                            SYNCED_CONDITION, name, answer)
+        for name in self._gates.keys() - self._gated:  # left the selection and now False: forget
+            if not self._gates[name]:
+                del self._gates[name]
 
     # -- helpers ------------------------------------------------------------------------------
     def _attempted(self) -> int:

@@ -50,8 +50,8 @@ class AsyncStatusWriter:
                                                trust_env=False)
         return self._http
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json-patch+json", "Accept": "application/json"}
+    def _headers(self, content_type: str) -> dict[str, str]:
+        headers = {"Content-Type": content_type, "Accept": "application/json"}
         for setting in self._config.auth_settings().values():
             if setting["in"] == "header" and setting["value"]:
                 headers[setting["key"]] = setting["value"]
@@ -59,12 +59,23 @@ class AsyncStatusWriter:
 
     async def replace_status(self, namespace: str, name: str, status: dict) -> dict:
         """Replace the whole status (a JSON patch of /status), so fields left out are really gone."""
-        what = f"write status of weightsync {namespace}/{name}"
-        url = f"{self._config.host.rstrip('/')}/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
-        body = json.dumps([{"op": "add", "path": "/status", "value": status}])
+        url = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
+        body = [{"op": "add", "path": "/status", "value": status}]
+        return await self._patch(url, body, "application/json-patch+json", f"write status of weightsync {namespace}/{name}")
+
+    async def patch_pod_condition(self, namespace: str, name: str, condition: dict) -> dict:
+        """Set one condition of a pod's status (a strategic merge patch: the API server merges
+        conditions by type, so the kubelet's own are left alone)."""
+        url = f"/api/v1/namespaces/{namespace}/pods/{name}/status"
+        body = {"status": {"conditions": [condition]}}
+        return await self._patch(url, body, "application/strategic-merge-patch+json",
+                                 f"set condition {condition['type']} of pod {namespace}/{name}")
+
+    async def _patch(self, path: str, body: object, content_type: str, what: str) -> dict:
+        url = f"{self._config.host.rstrip('/')}{path}"
         http = self._client()
         try:
-            async with http.patch(url, data=body, headers=self._headers(), ssl=self._ssl,
+            async with http.patch(url, data=json.dumps(body), headers=self._headers(content_type), ssl=self._ssl,
                                   proxy=self._config.proxy or None) as response:
                 code, content = response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError) as error:
@@ -110,11 +121,14 @@ class Runtime:
             async def write_status(status: dict) -> None:
                 await kube.replace_status(namespace, name, status)
 
+            async def set_pod_condition(pod: str, condition: dict) -> None:
+                await kube.patch_pod_condition(namespace, pod, condition)
+
             def emit(type: str, reason: str, message: str) -> None:
                 kopf.event(body, type=type, reason=reason, message=message[:1024])
 
             self._reconcilers[key] = Reconciler(namespace, name, self.http, write_status, emit, self.token,
-                                                self.recheck_interval)
+                                                self.recheck_interval, set_pod_condition)
         return self._reconcilers[key]
 
     def existing(self, namespace: str, name: str) -> Reconciler | None:

@@ -1,0 +1,98 @@
+"""The fleet on Kubernetes (issue 25): traffic only to pods that serve the current version. kopf's
+real runtime against the emulated API server, real daemon processes and a real trainer process,
+and the real kubectl reading the pods as the API server prints them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+
+import pytest
+
+from k8s_harness import Trainer, cluster, free_port, operator, start_daemons, until
+from test_operator_k8s import NAME, NS, spec
+from weightsync_operator.pods import SYNCED_CONDITION
+
+pytestmark = [pytest.mark.k8s, pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl")]
+
+
+def conditions(pod: dict | None) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in ((pod or {}).get("status") or {}).get("conditions") or []}
+
+
+async def kubectl_pods(kubeconfig, namespace: str) -> dict[str, dict[str, str]]:
+    """`kubectl get pods -o wide`, as columns by pod name."""
+    process = await asyncio.create_subprocess_exec(
+        "kubectl", "get", "pods", "-n", namespace, "-o", "wide", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "KUBECONFIG": str(kubeconfig)})
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    header, *rows = out.decode().splitlines()
+    starts = [header.index(column) for column in ("NAME", "READY", "STATUS", "RESTARTS", "READINESS GATES")]
+    print(out.decode())
+    return {row[:starts[1]].strip(): {"READY": row[starts[1]:starts[2]].strip(),
+                                      "READINESS GATES": row[starts[4]:].strip()} for row in rows}
+
+
+async def test_only_pods_on_the_current_version_are_ready(tmp_path):
+    """Two gated daemon pods and one without the gate: gates 0/1 until the group holds the
+    current version, 1/1 once it does; a restarted pod goes 0/1 (Ready False) until it caught up
+    from its peer, then 1/1 again. The pod without the gate is left alone."""
+    async with cluster(tmp_path) as c, operator(c.url, recheck_interval=0.5):
+        await c.create_weightsync(NS, NAME, spec(free_port()))
+        daemons, trainer = await asyncio.gather(start_daemons(4), Trainer.start(c, NS, NAME, "trainer-0"))
+        try:
+            await c.create_pod(NS, "trainer-0", "trainer", NAME, trainer.url)
+            gated, plain = daemons[:2], daemons[2]
+            for d in gated:
+                await c.create_pod(NS, d.name, "inference", NAME, d.url, gated=True)
+            await c.create_pod(NS, plain.name, "inference", NAME, plain.url)
+            pods = await kubectl_pods(c.kubeconfig, NS)
+            assert [pods[d.name]["READINESS GATES"] for d in gated] == ["0/1", "0/1"]
+            assert pods[plain.name]["READINESS GATES"] == "<none>" and pods[plain.name]["READY"] == "1/1"
+            assert all(conditions(c.pod(NS, d.name))["Ready"] == "False" for d in gated)
+
+            await c.wait_for(NS, NAME, lambda o: (o.get("status") or {}).get("readyTargets") == "3/3", 60,
+                             "the group formed with all three targets")
+            assert (await trainer.wait_ready())["ok"]
+            answer = await trainer.push(1)
+            assert answer["ok"], answer
+            await until(lambda: all(conditions(c.pod(NS, d.name)).get(SYNCED_CONDITION) == "True" for d in gated),
+                        30, "both gates True")
+            pods = await kubectl_pods(c.kubeconfig, NS)
+            assert [pods[d.name]["READINESS GATES"] for d in gated] == ["1/1", "1/1"]
+            assert all(conditions(c.pod(NS, d.name))["Ready"] == "True" for d in gated)
+            assert SYNCED_CONDITION not in conditions(c.pod(NS, plain.name))
+
+            # The container of a gated pod restarts: the kubelet reports it restarted and not yet
+            # ready (its readiness probe pending). Its gate goes False, so that once the probe
+            # passes the pod stays out of its Service; it is Ready again only once it caught up
+            # from a peer (a new daemon process, with no weights).
+            restarted = gated[0]
+            spare = daemons[3]
+            await c.set_pod_ready(NS, restarted.name, False, restarts=1)
+            await until(lambda: conditions(c.pod(NS, restarted.name)).get(SYNCED_CONDITION) == "False", 30,
+                        "the restarted pod's gate False")
+            await c.restart_pod(NS, restarted.name, spare.url, restarts=1)  # the probe passed
+            history = [conditions(p) for p in c.pod_history(NS, restarted.name)
+                       if p["status"]["containerStatuses"][0]["restartCount"] == 1]
+            assert all(h.get("Ready") == "False" for h in history), history
+            obj = await c.wait_for(NS, NAME, lambda o: o["status"].get("readyTargets") == "3/3"
+                                   and o["status"].get("phase") == "Ready", 60, "the restarted pod caught up")
+            await until(lambda: conditions(c.pod(NS, restarted.name)).get(SYNCED_CONDITION) == "True", 30,
+                        "the restarted pod's gate True again")
+            assert conditions(c.pod(NS, restarted.name))["Ready"] == "True"
+            assert {t["pod"]: t["version"] for t in obj["status"]["targets"]}[restarted.name] == "1"
+            pods = await kubectl_pods(c.kubeconfig, NS)
+            assert pods[restarted.name]["READINESS GATES"] == "1/1"
+
+            # A gated pod that leaves the selection (relabelled) is no member any more: gate False.
+            await c.request("PATCH", f"/api/v1/namespaces/{NS}/pods/{gated[1].name}",
+                            {"metadata": {"labels": {"weightsync.dev/sync": "elsewhere"}}},
+                            "application/merge-patch+json")
+            await until(lambda: conditions(c.pod(NS, gated[1].name)).get(SYNCED_CONDITION) == "False", 30,
+                        "the relabelled pod's gate False")
+        finally:
+            await trainer.stop()
+            await asyncio.gather(*(d.stop() for d in daemons))
