@@ -217,8 +217,8 @@ def _experts_kernel_left_stale(layer: torch.nn.Module | None):
     reload, or None: only the unquantized method skips it (once its kernel exists), and only a
     kernel that overrides the base no-op has anything to redo."""
     method = getattr(layer, "quant_method", None)
-    if method is None or type(method).__name__ != "UnquantizedFusedMoEMethod":
-        return None
+    if not any(klass.__name__ == "UnquantizedFusedMoEMethod" for klass in type(method).__mro__):
+        return None  # fp8 and the other quantized methods rebuild their kernel on every call
     kernel = getattr(method, "moe_kernel", None)
     experts = getattr(kernel, "fused_experts", None)
     if experts is None:
