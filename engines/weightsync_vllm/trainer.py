@@ -8,18 +8,28 @@ with `weightsync.WeightSender` as rank 0. It does not import vLLM.
                                   master_port=29700, backend="cpu")
     trainer.push(model.named_parameters(), version="step-10")
 
-One push is vLLM's round: `/pause` (new requests wait; the prefix cache is cleared) →
-`/start_weight_update` → `/update_weights` on every server while the sender sends →
-`/finish_weight_update` (with the version) → `/resume`. A failed round raises `VLLMUpdateError`
-carrying each server's answer, which says whether its weights are intact; the servers are
-resumed either way.
+One push is vLLM's round: `/pause?mode=<pause_mode>` → `/start_weight_update` →
+`/update_weights` on every server while the sender sends → `/finish_weight_update` (with the
+version) → `/resume`. A failed round raises `VLLMUpdateError` carrying each server's answer,
+which says whether its weights are intact; the servers are resumed either way.
+
+`pause_mode` (see docs/vllm.md, "Pause modes", for what a client sees in each, measured):
+`keep` (the default) freezes the generations in flight and continues them on the new weights
+once resumed, so a push never waits on the longest rollout; `abort` ends them (finish reason
+`abort`); `wait` lets them finish on the old weights first, so the push waits for the longest.
+In `keep` the frozen requests' KV cache, computed with the old weights, is dropped before the
+resume (`/reset_prefix_cache?reset_running_requests=true`: vLLM 0.33 ignores `/pause`'s
+`clear_cache` in this mode), so they recompute it with the new ones.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import httpx
 import torch
@@ -30,6 +40,10 @@ from weightsync.protocol import InitInfo, Manifest
 from weightsync.source import WeightSource, is_source, manifest_of
 from weightsync.trainer import WeightSender
 from weightsync.transports import RoundStats
+
+
+PauseMode = Literal["keep", "abort", "wait"]
+DEFAULT_PAUSE_MODE: PauseMode = "keep"
 
 
 class VLLMUpdateError(WeightSyncError):
@@ -53,8 +67,8 @@ class VLLMEndpoint:
     def _call(self, method: str, path: str, **kwargs) -> dict:
         response = self.http.request(method, path, **kwargs)
         if response.status_code >= 400:
-            raise VLLMUpdateError(f"{self.url}{path}: HTTP {response.status_code}: {response.text[:2000]}",
-                                  [response.text])
+            reason = vllm_reason(response.text)
+            raise VLLMUpdateError(f"{self.url}{path}: HTTP {response.status_code}: {reason}", [reason])
         return response.json() if response.content else {}
 
     def world_size(self) -> int:
@@ -63,7 +77,7 @@ class VLLMEndpoint:
     def init(self, init_info: dict) -> None:
         self._call("POST", "/init_weight_transfer_engine", json={"init_info": init_info})
 
-    def pause(self, mode: str = "wait") -> None:
+    def pause(self, mode: PauseMode = DEFAULT_PAUSE_MODE) -> None:
         self._call("POST", "/pause", params={"mode": mode, "clear_cache": "true"})
 
     def resume(self) -> None:
@@ -78,8 +92,14 @@ class VLLMEndpoint:
     def finish(self, version: str | None = None) -> None:
         self._call("POST", "/finish_weight_update", json={"weight_version": version} if version else None)
 
-    def reset_prefix_cache(self) -> None:
-        self._call("POST", "/reset_prefix_cache")
+    def reset_prefix_cache(self, running: bool = False) -> None:
+        """Drop the prefix cache; with `running`, the KV cache of the requests in flight too (they
+        are preempted and recompute it): vLLM answers 200 either way, with success false when
+        blocks were still held."""
+        answer = self._call("POST", "/reset_prefix_cache",
+                            params={"reset_running_requests": "true"} if running else None)
+        if answer.get("success") is False:
+            raise VLLMUpdateError(f"{self.url}/reset_prefix_cache: vLLM could not drop its KV cache", [str(answer)])
 
     def weight_version(self) -> str:
         return self._call("GET", "/weight_info")["weight_version"]
@@ -121,7 +141,7 @@ class VLLMTrainer:
         return cls(sender, endpoints, init)
 
     def push(self, weights: WeightSource | Iterable[tuple[str, torch.Tensor]], version: str | None = None,
-             pause_mode: str = "wait") -> RoundStats:
+             pause_mode: PauseMode = DEFAULT_PAUSE_MODE) -> RoundStats:
         """Send one update into every server; see the module docstring for the steps.
 
         `weights`: (name, tensor) pairs, or a source (`weightsync.source`, e.g.
@@ -129,7 +149,9 @@ class VLLMTrainer:
         which streams as `WeightSender.send_weights` does: one tensor materialized at a time.
         What the trainer can refuse alone (a name listed twice, the source's metadata) is
         refused before the first call to any server, which leaves the servers and the group as
-        they were."""
+        they were. `pause_mode`: what happens to the generations in flight (module docstring)."""
+        if pause_mode not in get_args(PauseMode):
+            raise ProtocolError("pause_mode", f"{pause_mode!r} is not one of {', '.join(get_args(PauseMode))}")
         if self.sender.transport.needs_trainer_update_info:
             # ipc/p2p receivers read the trainer's memory through handles its send returns; the
             # engine takes them in update_info, but this helper does not route them (untested).
@@ -150,18 +172,19 @@ class VLLMTrainer:
                     stats = self.sender.send_weights(checked)
                 except BaseException as error:
                     answers = _answers(futures, self.init.timeout_seconds)
-                    raise VLLMUpdateError(f"{error}; vLLM answered: {answers}", answers) from error
+                    raise VLLMUpdateError(_round_failure(error, answers), answers) from error
                 answers = _answers(futures, self.init.timeout_seconds)
                 if any(answers):
-                    raise VLLMUpdateError(f"the round was sent but a server failed: {answers}", answers)
+                    said = " | ".join(a for a in answers if a)
+                    raise VLLMUpdateError(f"the round was sent but a server failed: {said}", answers)
             for endpoint in self.endpoints:
                 endpoint.finish(version)
         except BaseException:
             if started:
                 self.close_sessions()
-            self._resume(quiet=True)  # the round's error is the one to report
+            self._resume(pause_mode, quiet=True)  # the round's error is the one to report
             raise
-        self._resume(quiet=False)
+        self._resume(pause_mode, quiet=False)
         return stats
 
     def close_sessions(self) -> None:
@@ -176,14 +199,19 @@ class VLLMTrainer:
             except Exception:
                 pass
 
-    def _resume(self, quiet: bool) -> None:
-        """Resume every server (each is tried even when one fails)."""
+    def _resume(self, pause_mode: PauseMode, quiet: bool) -> None:
+        """Resume every server (each is tried even when one fails); after `keep`, first drop the
+        frozen requests' KV cache, so that they continue on the new weights throughout."""
         failures = []
         for endpoint in self.endpoints:
-            try:
-                endpoint.resume()
-            except Exception as error:
-                failures.append(str(error))
+            steps = [endpoint.resume]
+            if pause_mode == "keep":
+                steps.insert(0, lambda: endpoint.reset_prefix_cache(running=True))
+            for step in steps:  # a failed reset still resumes: a server must not stay paused
+                try:
+                    step()
+                except Exception as error:
+                    failures.append(str(error))
         if failures and not quiet:
             raise VLLMUpdateError(f"the round landed but resuming failed: {failures}", failures)
 
@@ -224,6 +252,42 @@ def _validated(build) -> Manifest:
     except ValidationError as error:
         message = error.errors()[0]["msg"]
         raise ProtocolError("weights", message.removeprefix("Value error, ")) from None
+
+
+# How vLLM 0.32 and 0.33 wrap a worker's exception on its way to an HTTP answer: the engine core
+# ("Call to update_weights method failed: ...") around the executor ("Worker failed with error
+# '...', please check the stack trace above for the root cause"), in the JSON error body.
+_WRAPPERS = (re.compile(r"^Call to \w+ method failed: (.*)$", re.S),
+             re.compile(r"^Worker failed with error '(.*)', please check the stack trace above for the root cause\.?$",
+                        re.S))
+
+
+def vllm_reason(body: str) -> str:
+    """The worker's own reason in a vLLM error answer, without vLLM's wrappers (the trainer gets
+    it once, not inside ~1 KB of JSON and advice about a stack trace it cannot see)."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return body.strip()[:2000]
+    message = payload
+    for key in ("error", "message", "detail"):  # {"error": {"message": ...}} or {"error": "..."}
+        if isinstance(message, dict) and key in message:
+            message = message[key]
+    message = message if isinstance(message, str) else json.dumps(message)
+    for wrapper in _WRAPPERS:
+        unwrapped = wrapper.match(message.strip())
+        message = unwrapped.group(1) if unwrapped else message
+    return message.strip()[:2000]
+
+
+def _round_failure(error: BaseException, answers: list[str]) -> str:
+    """One message for a round that failed on the trainer's side: the servers' answers, and the
+    trainer's error only where no answer already says it (a refused manifest is refused on
+    every party with the same reason)."""
+    said = [a for a in answers if a]
+    if said and all("weightsync update" in a for a in said):  # the workers' account: reason and state
+        return "vLLM did not take the round: " + " | ".join(said)
+    return f"{error}; vLLM answered: " + (" | ".join(said) or "nothing (every update call succeeded)")
 
 
 def _answers(futures, timeout: float) -> list[str]:

@@ -275,8 +275,13 @@ class DaemonClient(PartyClient):
 
 
 class VllmClient(PartyClient):
-    """A vLLM server (0.32, `VLLM_SERVER_DEV_MODE=1`) with the weightsync weight-transfer
-    backend; see the module docstring for what it lacks and how that degrades."""
+    """A vLLM server (0.32 or 0.33, `VLLM_SERVER_DEV_MODE=1`) with the weightsync weight-transfer
+    backend; see the module docstring for what it lacks and how that degrades.
+
+    After a `keep` pause the frozen requests' KV cache, computed with the old weights, is dropped
+    before the resume (`/reset_prefix_cache?reset_running_requests=true`), so they continue on the
+    new weights throughout: vLLM 0.32 drops it at the pause already, 0.33 ignores `/pause`'s
+    `clear_cache` in that mode."""
 
     kind = "vllm"
     can_seed = False
@@ -289,6 +294,7 @@ class VllmClient(PartyClient):
         # then drops the connection: a kept-alive connection would fail the next call with a
         # ReadError. One connection per call (a handful per round) avoids reusing a dead one.
         self._headers["Connection"] = "close"
+        self._paused_mode: str | None = None
 
     async def finish(self, version: str, timeout: float) -> dict:
         # vLLM answers only {"message"}; the version it now serves comes from /weight_info.
@@ -308,7 +314,22 @@ class VllmClient(PartyClient):
         return {"weight_version": await self.weight_version(timeout)}
 
     async def pause(self, mode: str, timeout: float) -> dict:
+        self._paused_mode = mode
         return await self.call("pause", "POST", "/pause", timeout, params={"mode": mode, "clear_cache": "true"})
+
+    async def resume(self, timeout: float) -> dict:
+        kept, self._paused_mode = self._paused_mode == "keep", None
+        dropped: PartyError | None = None
+        if kept:
+            try:
+                await self.call("resume", "POST", "/reset_prefix_cache", timeout,
+                                params={"reset_running_requests": "true"})
+            except PartyError as error:  # resume anyway: a server must not stay paused
+                dropped = error
+        answer = await super().resume(timeout)
+        if dropped is not None:
+            raise dropped
+        return answer
 
     async def health(self, timeout: float) -> PartyHealth:
         await self.call("health", "GET", "/health", timeout)  # 200 alive; 503 the engine died

@@ -32,7 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 BACKEND = ROOT / "engines" / "weightsync_vllm"
 # The callers of vLLM's HTTP routes: (file, the class that calls them, or None for the module).
-ROUTE_CALLERS = ((BACKEND / "trainer.py", None), (ROOT / "operator" / "weightsync_operator" / "client.py", "VllmClient"))
+ROUTE_CALLERS = ((BACKEND / "trainer.py", None),
+                 (ROOT / "operator" / "weightsync_operator" / "client.py", "VllmClient"))
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE")
 
 
@@ -253,7 +254,9 @@ def _route_calls(path: Path, class_name: str | None) -> list[tuple[str, str, set
         route = next((s for s in literals if s.startswith("/")), None)
         if method and route:
             query = next((k.value for k in node.keywords if k.arg == "params"), None)
-            keys = {k.value for k in query.keys if isinstance(k, ast.Constant)} if isinstance(query, ast.Dict) else set()
+            keys = set()
+            if isinstance(query, ast.Dict):
+                keys = {k.value for k in query.keys if isinstance(k, ast.Constant)}
             calls.append((method, route, keys))
     return calls
 

@@ -7,7 +7,7 @@ answering one JSON object per line on stdout:
 
   {"cmd": "init", "url": ..., "master_port": ..., "fields": {...}}   join the server's workers
   {"cmd": "generate", "prompts": [[ids]...], "max_tokens": n}        HF greedy continuation ids
-  {"cmd": "round", "seed": k, "version": "v1"}                       new weights, pushed to vLLM
+  {"cmd": "round", "seed": k, "version": "v1"[, "pause_mode": m]}    new weights, pushed to vLLM
   {"cmd": "bad_round", "kind": "unknown_name"|"wrong_shape"|"wrong_dtype"|"as_listed"}  a manifest vLLM must refuse
   {"cmd": "subset", "seed": k, "params": regex, "only": regex|null, "version": "v2"}
         new values for the model's parameters whose names match `params`, pushed as checkpoint
@@ -47,13 +47,15 @@ SHARED = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidde
               rms_norm_eps=1e-6, rope_theta=10000.0, torch_dtype="float32", bos_token_id=1, eos_token_id=2)
 
 
-def build_model(tied: bool, seed: int, arch: str = "qwen2") -> torch.nn.Module:
+def build_model(tied: bool, seed: int, arch: str = "qwen2", max_positions: int = 256,
+                layers: int = 2) -> torch.nn.Module:
+    shared = {**SHARED, "max_position_embeddings": max_positions, "num_hidden_layers": layers}
     if arch == "qwen3_moe":  # head_dim 32: the CPU attention backend's least
-        config = Qwen3MoeConfig(**SHARED, tie_word_embeddings=tied, head_dim=32, num_experts=8,
+        config = Qwen3MoeConfig(**shared, tie_word_embeddings=tied, head_dim=32, num_experts=8,
                                 num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)
         model_cls = Qwen3MoeForCausalLM
     else:
-        config, model_cls = Qwen2Config(**SHARED, tie_word_embeddings=tied), Qwen2ForCausalLM
+        config, model_cls = Qwen2Config(**shared, tie_word_embeddings=tied), Qwen2ForCausalLM
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.float32).eval()
     randomize(model, seed)
@@ -97,9 +99,11 @@ def main() -> None:
     parser.add_argument("--tied", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arch", choices=["qwen2", "qwen3_moe"], default="qwen2")
+    parser.add_argument("--max-positions", type=int, default=256, help="the model's longest sequence")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers (more: slower generation)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = build_model(args.tied, args.seed, args.arch)
+    model = build_model(args.tied, args.seed, args.arch, args.max_positions, args.layers)
     model.save_pretrained(args.model_dir, safe_serialization=True)
     names = [name for name, _ in model.named_parameters()]
     reply({"ready": True, "names": names})
@@ -131,7 +135,8 @@ def handle(command: dict, model: torch.nn.Module, trainer: VLLMTrainer | None) -
         started = time.monotonic()
         # transformers 5 lists a mixture of experts' experts fused: sent under the checkpoint's names
         weights = CheckpointSource(model) if model.config.model_type == "qwen3_moe" else model.named_parameters()
-        stats = trainer.push(weights, version=command["version"])
+        mode = {"pause_mode": command["pause_mode"]} if "pause_mode" in command else {}  # else push's default
+        stats = trainer.push(weights, version=command["version"], **mode)
         return {"seconds": time.monotonic() - started, "tensors": stats.num_tensors, "bytes": stats.payload_bytes}
     if cmd == "subset":
         return push_subset(model, trainer, command)
