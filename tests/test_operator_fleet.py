@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
+
+import httpx
 
 import pytest
 
-from k8s_harness import Trainer, cluster, free_port, operator, start_daemons, until
+from k8s_harness import Trainer, checksums, cluster, free_port, operator, start_daemons, until
 from test_operator_k8s import NAME, NS, spec
 from weightsync_operator.pods import SYNCED_CONDITION
 
@@ -93,6 +96,94 @@ async def test_only_pods_on_the_current_version_are_ready(tmp_path):
                             "application/merge-patch+json")
             await until(lambda: conditions(c.pod(NS, gated[1].name)).get(SYNCED_CONDITION) == "False", 30,
                         "the relabelled pod's gate False")
+        finally:
+            await trainer.stop()
+            await asyncio.gather(*(d.stop() for d in daemons))
+
+
+def kill_before_its_update(runtime, pod: str, kill) -> dict:
+    """Call `kill()` the moment the coordinator next asks `pod` to receive (every party started,
+    the trainer about to send): a replica that dies mid-round. Returns {"at": monotonic time}."""
+    killed: dict = {}
+    victim = next(t for t in runtime.existing(NS, NAME).coordinator.targets if t.name == pod)
+    real_update = victim.update
+
+    async def kill_then_update(update_info, timeout):
+        killed["at"] = time.monotonic()
+        kill()
+        return await real_update(update_info, timeout)
+
+    victim.update = kill_then_update
+    return killed
+
+
+def target_states(obj: dict) -> dict[str, tuple[str, str | None]]:
+    return {t["pod"]: (t["state"], t.get("version")) for t in obj["status"]["targets"]}
+
+
+async def test_one_lost_replica_never_fails_the_rest(tmp_path):
+    """failurePolicy.maxFailed 1, six daemon pods: one killed mid-round, the version still goes live
+    on the other five (the group formed again without it, the version sent again); it is Stale and
+    unready, then, restarted, catches up from a peer; strict (maxFailed 0) fails the round as before."""
+    async with cluster(tmp_path) as c, operator(c.url, recheck_interval=0.5) as runtime:
+        await c.create_weightsync(NS, NAME, spec(free_port(), failurePolicy={"maxFailed": 1}))
+        daemons, trainer = await asyncio.gather(start_daemons(7), Trainer.start(c, NS, NAME, "trainer-0"))
+        members, spare = daemons[:6], daemons[6]
+        try:
+            await c.create_pod(NS, "trainer-0", "trainer", NAME, trainer.url)
+            for d in members:
+                await c.create_pod(NS, d.name, "inference", NAME, d.url, gated=True)
+            await c.wait_for(NS, NAME, lambda o: (o.get("status") or {}).get("readyTargets") == "6/6", 90,
+                             "the group with six targets")
+            assert (await trainer.wait_ready())["ok"]
+            assert (await trainer.push(1))["ok"]
+
+            victim = members[2]
+            killed = kill_before_its_update(runtime, victim.name, victim.kill)
+            answer = await trainer.push(2)
+            survived = time.monotonic() - killed["at"]
+            assert answer["ok"], answer
+            obj = c.weightsync(NS, NAME)
+            print(f"version 2: {victim.name} killed mid-round; live on the other five {survived:.2f}s after the "
+                  f"kill: {obj['status']['message']}")
+            states = target_states(obj)
+            assert states.pop(victim.name)[0] == "Stale"
+            assert set(states.values()) == {("Synced", "2")}
+            assert obj["status"]["phase"] == "Succeeded" and obj["status"]["readyTargets"] == "5/6"
+            degraded = next(x for x in obj["status"]["conditions"] if x["type"] == "Degraded")
+            assert degraded["status"] == "True" and degraded["reason"] == "TargetsLeftOut"
+            assert victim.name in degraded["message"]
+            await c.wait_for_event(NS, NAME, "TargetsLeftOut", victim.name, 10)
+            async with httpx.AsyncClient() as http:
+                sums = await checksums(http, [d.url for d in members if d is not victim])
+            assert sums == [("2", answer["checksum"])] * 5
+            await until(lambda: conditions(c.pod(NS, victim.name)).get(SYNCED_CONDITION) == "False", 10,
+                        "the lost pod unready")
+
+            # Its container restarts (a new process, no weights): it rejoins and catches up from a peer.
+            began = time.monotonic()
+            await c.restart_pod(NS, victim.name, spare.url, restarts=1)
+            obj = await c.wait_for(NS, NAME, lambda o: o["status"].get("readyTargets") == "6/6", 60,
+                                   "the restarted pod caught up")
+            print(f"{victim.name} restarted and caught up in {time.monotonic() - began:.2f}s from "
+                  f"{obj['status']['lastCatchUp']['source']}")
+            assert next(x for x in obj["status"]["conditions"] if x["type"] == "Degraded")["status"] == "False"
+            await until(lambda: conditions(c.pod(NS, victim.name)).get(SYNCED_CONDITION) == "True", 10,
+                        "the restarted pod ready")
+            assert (await trainer.push(3))["ok"]
+            async with httpx.AsyncClient() as http:
+                sums = await checksums(http, [d.url for d in [*members[:2], spare, *members[3:]]])
+            assert len({s for s in sums}) == 1 and sums[0][0] == "3"
+
+            # Strict: the same loss fails the round for everyone, as before.
+            await c.patch_weightsync(NS, NAME, {"spec": {"failurePolicy": {"maxFailed": 0}}})
+            await c.wait_for(NS, NAME, lambda o: o["status"].get("phase") in ("Ready", "Succeeded")
+                             and o["status"].get("observedGeneration") == o["metadata"]["generation"], 30,
+                             "the strict spec seen")
+            second = members[4]
+            kill_before_its_update(runtime, second.name, second.kill)
+            answer = await trainer.push(4)
+            assert not answer["ok"] and second.name in answer["reason"], answer
         finally:
             await trainer.stop()
             await asyncio.gather(*(d.stop() for d in daemons))

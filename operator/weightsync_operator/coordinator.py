@@ -10,6 +10,13 @@ member, and no target may receive while it serves), and finishing waits for ever
 have landed. Every step has its own timeout; a failed round is aborted on every party, targets
 are resumed, and the result says which party failed and why.
 
+A round may tolerate lost targets (`sync(version, max_failed=k)`): when it fails and at most k
+targets no longer answer (dead, or hung), the group is formed again without them and the same
+version sent again at once, while the trainer still serves its tensors; the result names the
+targets left out (`SyncResult.left_out`). A collective aborts for every member when one dies, so
+the survivors' round has to be sent again on a group of their own. With k = 0 (strict) a round
+fails as a whole, as before.
+
 Targets are weightsync daemons or vLLM servers (`Endpoint.kind`); each is driven through its
 kind's client (`client.py`), which also says how what vLLM lacks (abort, seed, a group phase in
 its health) degrades. A vLLM server with tensor parallelism takes one rank per worker: its
@@ -96,6 +103,10 @@ class SyncResult:
     reason: str | None = None
     checksum: str | None = None  # the round's stream checksum, verified by every target
     parties: list[PartyOutcome] = field(default_factory=list)
+    # Targets lost during the round (max_failed > 0) and why; the round was sent again without
+    # them, and `ok` says whether that round went live on the others.
+    left_out: dict[str, str] = field(default_factory=dict)
+    attempts: int = 1
 
     @property
     def gbps(self) -> float:
@@ -191,7 +202,45 @@ class Coordinator:
         }
 
     # -- one round ----------------------------------------------------------------------------
-    async def sync(self, version: str | int) -> SyncResult:
+    async def sync(self, version: str | int, max_failed: int = 0) -> SyncResult:
+        """One round of `version` on every target. With `max_failed` > 0 a failed round whose
+        lost targets (`lost_targets`) number at most `max_failed` goes again without them, on a
+        group formed afresh, until it lands on the rest or the budget is spent."""
+        began = time.perf_counter()
+        result = await self._sync_once(version)
+        left_out: dict[str, str] = {}
+        while not result.ok and max_failed > len(left_out):
+            lost = await self.lost_targets(result)
+            if not lost or len(left_out) + len(lost) > max_failed or len(lost) >= len(self.targets):
+                break
+            left_out.update(lost)
+            log.warning("version %s: leaving out %s and sending it again", version, ", ".join(lost))
+            self.targets = [t for t in self.targets if t.name not in lost]
+            try:
+                await self.init()
+            except InitError as error:
+                result.reason = f"{result.reason}; re-forming the group without {', '.join(lost)} failed: {error}"
+                break
+            retry = await self._sync_once(version)
+            retry.parties += [p for p in result.parties if p.name in left_out and p.name not in
+                              {q.name for q in retry.parties}]
+            retry.attempts = result.attempts + 1
+            retry.started_at = result.started_at
+            result = retry
+        result.left_out = left_out
+        result.total_seconds = time.perf_counter() - began
+        return result
+
+    async def lost_targets(self, result: SyncResult) -> dict[str, str]:
+        """Targets of a failed round that no longer answer their health check (dead or hung),
+        with their own failure; the trainer is never among them (a round without it is none)."""
+        timeout = self.spec.timeouts.request
+        answers = await self._all(lambda p: p.health(timeout), self.targets)
+        reasons = {o.name: f"{o.step}: {o.reason}" for o in result.parties if not o.ok}
+        return {party.name: reasons.get(party.name) or str(answer)
+                for party, answer in zip(self.targets, answers) if isinstance(answer, PartyError)}
+
+    async def _sync_once(self, version: str | int) -> SyncResult:
         if self.group is None:
             raise RuntimeError("init() the group before syncing")
         version = str(version)

@@ -15,6 +15,14 @@ holds the `weightsync.dev/synced` condition of each target pod that carries that
 to its state: True only while it serves the current version (Synced), False while it is Joining,
 Stale, Failed, restarted, or no longer a member, so that a Service routes only to synced pods.
 
+With `spec.failurePolicy.maxFailed` = k > 0, one lost replica never fails the rest: a group is
+formed without targets that do not answer (at most k), and a round that loses at most k targets
+goes live on the others (the coordinator forms the group again without them and sends the same
+version again while the trainer still waits in its push). The targets left out are Stale (their
+readiness gate False) and the Degraded condition names them; once one answers again (its pod
+restarted, or the health re-check reaches it) the group is formed again with it and it catches up
+from a peer that holds the version, or with the next round.
+
 A round that failed is not retried for the same version: the trainer's tensors move on once its
 push returns, so a retry could send a half-updated model under the old label. The next version, or
 a re-formed group with a catch-up, is the way forward. A round that was never concluded (the
@@ -33,7 +41,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 import kopf
 
 from weightsync_operator.catchup import catch_up
-from weightsync_operator.client import PartyClient, PartyHttp
+from weightsync_operator.client import PartyClient, PartyHttp, party_client
 from weightsync_operator.conditions import get_condition, set_condition
 from weightsync_operator.coordinator import Coordinator, InitError, SyncResult, SyncSpec, Timeouts
 from weightsync_operator.pods import SYNCED_CONDITION, PodRef, matches, select
@@ -70,6 +78,7 @@ class Reconciler:
         self._members: dict[str, PodRef] = {}
         self._versions: dict[str, str | None] = {}  # target → the version its daemon reports
         self._problems: dict[str, tuple[str, str]] = {}  # target → (state, reason) of the last step
+        self._left_out: dict[str, str] = {}  # members outside the formed group (failurePolicy), and why
         self._failed_with: tuple | None = None
         self._spec_invalid = False
         self._failures = 0
@@ -135,9 +144,13 @@ class Reconciler:
         await self._leave("the group is re-formed")
         self._members = {p.name: p for p in targets}
         self._problems = {}
+        self._left_out = await self._unreachable(spec, targets, sync_spec.timeouts.request)
+        for name, reason in self._left_out.items():
+            self._problems[name] = ("Unreachable", reason)
+        members = [t for t in targets if t.name not in self._left_out]
         try:
             coordinator = Coordinator(trainer.endpoint(spec.daemon_port),
-                                      [t.endpoint(spec.daemon_port) for t in targets], sync_spec, self._http,
+                                      [t.endpoint(spec.daemon_port) for t in members], sync_spec, self._http,
                                       self._token)
         except ValueError as error:  # members the spec cannot drive (vLLM targets with pauseMode none)
             message = f"cannot form the group: {error}"
@@ -175,9 +188,11 @@ class Reconciler:
         rendezvous = Rendezvous(trainer_pod=trainer.name, trainer_endpoint=coordinator.trainer.endpoint.url,
                                 master_address=group.master_address, master_port=group.master_port,
                                 world_size=group.world_size, group_name=group.name, backend=spec.backend)
-        message = f"group formed: trainer {trainer.name}, {len(targets)} target(s), world size {group.world_size}"
-        self._update(spec, generation, phase="Ready", progressing=None, degraded=None, message=message,
-                     rendezvous=rendezvous)
+        message = f"group formed: trainer {trainer.name}, {len(members)} target(s), world size {group.world_size}"
+        if self._left_out:
+            message += "; left out (failurePolicy): " + ", ".join(self._left_out)
+        self._update(spec, generation, phase="Ready", progressing=None, degraded=self._left_out_condition(),
+                     message=message, rendezvous=rendezvous)
         await self._flush()
         self._emit("Normal", "GroupFormed", message)
 
@@ -224,6 +239,27 @@ class Reconciler:
             await asyncio.gather(*(t.close(sync_spec.timeouts.init + timeout) for t in stale),
                                  return_exceptions=True)
 
+    async def _unreachable(self, spec: WeightSyncSpec, targets: list[PodRef], timeout: float) -> dict[str, str]:
+        """With a failure budget (failurePolicy.maxFailed): the targets that do not answer their
+        health check, if leaving them out keeps the group within the budget and not empty; else
+        none (the group is formed with every target, and fails as a whole if one is gone)."""
+        budget = spec.failure_policy.max_failed
+        if budget == 0:
+            return {}
+        clients = [party_client(t.endpoint(spec.daemon_port), self._http, self._token) for t in targets]
+        answers = await asyncio.gather(*(c.health(timeout) for c in clients), return_exceptions=True)
+        silent = {t.name: str(a) for t, a in zip(targets, answers) if isinstance(a, BaseException)}
+        if len(silent) > budget or len(silent) >= len(targets):
+            return {}
+        return silent
+
+    def _left_out_condition(self) -> tuple[str, str] | None:
+        """The Degraded condition while members are outside the group (None: every one is in)."""
+        if not self._left_out:
+            return None
+        return ("TargetsLeftOut", "outside the group until they answer again (failurePolicy): "
+                + "; ".join(f"{name}: {reason}" for name, reason in self._left_out.items()))
+
     async def _sync(self, spec: WeightSyncSpec, generation: int | None) -> None:
         version = spec.version
         self._update(spec, generation, phase="Syncing", progressing=("Syncing", f"syncing version {version}"),
@@ -239,8 +275,9 @@ class Reconciler:
             await self._flush()
 
         announcement = asyncio.ensure_future(announce())
+        budget = max(0, spec.failure_policy.max_failed - len(self._left_out))
         try:
-            result = await self.coordinator.sync(str(version))
+            result = await self.coordinator.sync(str(version), max_failed=budget)
         finally:
             if not announcing:
                 announcement.cancel()
@@ -249,13 +286,22 @@ class Reconciler:
         trainer = self.coordinator.trainer.name
         figures = _figures(result, version, trainer, [t.name for t in self.coordinator.targets])
         self.status = self.status.model_copy(update={"last_sync": figures})
+        for name, reason in result.left_out.items():  # lost mid-round; the rest went on without them
+            self._left_out[name] = f"lost in version {version}: {reason}"
+            self._problems[name] = ("Stale", f"left out of version {version}: {reason}")
         if result.ok:
             self.status = self.status.model_copy(update={"current_version": version})
             message = (f"version {version} live on {len(self.coordinator.targets)} target(s): {result.bytes} bytes "
                        f"in {result.transfer_seconds:.3f}s ({figures.gbps:.3f} GB/s)")
-            self._update(spec, generation, phase="Succeeded", progressing=None, degraded=None, message=message)
+            if result.left_out:
+                message += (f"; {', '.join(result.left_out)} lost mid-round and left out "
+                            f"(sent {result.attempts} times, {result.total_seconds:.2f}s in all)")
+            self._update(spec, generation, phase="Succeeded", progressing=None,
+                         degraded=self._left_out_condition(), message=message)
             await self._flush()
             self._emit("Normal", "Synced", message)
+            if result.left_out:
+                self._emit("Warning", "TargetsLeftOut", message)
         else:
             self._broken = True  # a failed collective can leave the group unusable: re-form it
             message = f"version {version} failed: {result.reason}"
@@ -288,6 +334,9 @@ class Reconciler:
                                 f"(restarted?)")
             if answer.in_group is False:  # None: the engine cannot say; a failed round will
                 lost.append(f"{party.name} is {answer.detail}, not ready in the group (restarted?)")
+        back = await self._answering_again(spec, timeout)
+        if back:
+            lost.append(f"{', '.join(back)} answer(s) again: re-forming the group with them")
         if lost:
             self._broken = True
             message = "re-forming the group: " + "; ".join(lost)
@@ -296,6 +345,13 @@ class Reconciler:
         else:
             self._update(spec, generation)
         await self._flush()
+
+    async def _answering_again(self, spec: WeightSyncSpec, timeout: float) -> list[str]:
+        """Members left out of the group that answer their health check again."""
+        out = [self._members[name] for name in self._left_out if name in self._members]
+        clients = [party_client(p.endpoint(spec.daemon_port), self._http, self._token) for p in out]
+        answers = await asyncio.gather(*(c.health(timeout) for c in clients), return_exceptions=True)
+        return [p.name for p, answer in zip(out, answers) if not isinstance(answer, BaseException)]
 
     async def _wait_for_pods(self, spec: WeightSyncSpec, trainers: list[PodRef], targets: list[PodRef],
                              generation: int | None) -> None:

@@ -85,6 +85,17 @@ class StepTimeouts(_Model):
                           "parties report their own failure first.")
 
 
+class FailurePolicy(_Model):
+    """How many targets may fail a round without failing it for the others."""
+
+    max_failed: Annotated[int, Field(ge=0, le=4096)] = Field(
+        0, description="Targets that may be lost (dead or hung) in a round while the round still goes live on the "
+                       "others: the group is formed again without them and the version sent again, within the "
+                       "round's deadlines; they are marked Stale (a readiness gate keeps them out of their "
+                       "Service) and catch up once back. 0 (strict): a round fails for every target as soon as one "
+                       "fails.")
+
+
 class WeightSyncSpec(_Model):
     """What the user declares: who sends, who receives, how, and which version should be live."""
 
@@ -122,6 +133,7 @@ class WeightSyncSpec(_Model):
         False, description="Targets receive into a second copy of their weights and switch to it only "
                            "once the round verified, so a failed round leaves them untouched (and able to "
                            "seed late joiners); costs one more copy of the weights per target.")
+    failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, json_schema_extra={"default": {}})
 
     @model_validator(mode="after")
     def _transfer_below_update(self) -> "WeightSyncSpec":
