@@ -208,7 +208,10 @@ async def test_readme_vllm_flow_end_to_end(tmp_path, vllm_python):
             assert ready_condition["status"] == "False"
             # Its readiness gate holds it out of its Service while it serves its checkpoint.
             await until(lambda: gate(c, "qwen-vllm-1") == ("False", "False"), 10, "qwen-vllm-1 not Ready")
-            assert gate(c, "qwen-vllm-0") == ("True", "True")
+            await until(lambda: gate(c, "qwen-vllm-0") == ("True", "True"), 10, "qwen-vllm-0 still Ready")
+            # ... and it never went unready while the group re-formed around the other pod.
+            assert all({x["type"]: x["status"] for x in p["status"]["conditions"]}.get(SYNCED_CONDITION) != "False"
+                       for p in c.pod_history(NS, "qwen-vllm-0"))
             assert (await served())["qwen-vllm-1"] == initial  # its checkpoint, until the next round
             await push_and_check(2)  # back on the current version, with the round that includes it
             await until(lambda: gate(c, "qwen-vllm-1") == ("True", "True"), 10, "qwen-vllm-1 Ready again")

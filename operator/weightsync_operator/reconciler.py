@@ -467,12 +467,16 @@ class Reconciler:
         if self._set_pod_condition is None:
             return
         states = {t.pod: t for t in self.status.targets or []}
+        current = self.status.current_version
         changes: dict[str, tuple[bool, str, str]] = {}
         for name in self._gated | self._gates.keys():
             target = states.get(name) if name in self._gated else None
             if target is None:
                 want = (False, "NotInGroup", "not a member of the group")
-            elif target.state == "Synced":
+            elif target.state == "Synced" or (target.state == "Joining" and current is not None
+                                              and target.version == str(current)):
+                # A member still on the current version keeps serving while the group re-forms
+                # around another pod: the fleet does not go unready because one pod restarted.
                 want = (True, "Synced", f"serves version {target.version or 'of the group'}")
             else:
                 want = (False, target.state, target.reason or target.state)
