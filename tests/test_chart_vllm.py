@@ -11,7 +11,6 @@ port."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import kubernetes_validate
@@ -240,6 +239,7 @@ def test_the_serve_command_parses_with_vllms_own_parser():
     weightsync backend, the port the example names "weightsync", and
     the tensor-parallel size that matches the example's metrics ports."""
     from test_vllm_e2e import VLLM_PYTHON, _vllm_python_ready
+    from test_vllm_serve_command import vllm_serve_flags
 
     problem = _vllm_python_ready()
     if problem is not None:
@@ -248,19 +248,7 @@ def test_the_serve_command_parses_with_vllms_own_parser():
     assert entrypoint[:2] == ["vllm", "serve"]
     container = example_pod()["spec"]["containers"][0]
     argv = entrypoint[2:] + container["args"]
-    probe = ("import json, sys\n"
-             "try:\n"
-             "    from vllm.entrypoints.common.cli_args import make_arg_parser\n"
-             "except ImportError:  # vLLM 0.32\n"
-             "    from vllm.entrypoints.launchers.cli_args import make_arg_parser\n"
-             "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
-             "a = make_arg_parser(FlexibleArgumentParser()).parse_args(json.loads(sys.argv[1]))\n"
-             "print(json.dumps({'port': a.port, 'host': a.host, 'model': a.model,\n"
-             "                  'backend': a.weight_transfer_config.backend, 'tp': a.tensor_parallel_size}))\n")
-    parsed = subprocess.run([VLLM_PYTHON, "-c", probe, json.dumps(argv)], capture_output=True, text=True,
-                            timeout=180, cwd=ROOT)
-    assert parsed.returncode == 0, parsed.stderr[-2000:]
-    got = json.loads(parsed.stdout.strip().splitlines()[-1])
+    got = vllm_serve_flags(VLLM_PYTHON, argv)
     assert got["backend"] == "weightsync" and got["host"] == "0.0.0.0"
     assert got["port"] == VLLM_PORT
     metrics_ports = [p for p in container["ports"] if p["name"] != "weightsync"]

@@ -28,8 +28,7 @@ from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 import httpx
 import pytest
 
-from test_vllm_e2e import INIT_FIELDS, Server, Trainer, vllm_python  # noqa: F401 - fixture
-from weightsync_operator.local import free_port
+from test_vllm_e2e import Server, joined, vllm_python  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.vllm
 
@@ -47,17 +46,9 @@ SEEDS = {"abort": 11, "wait": 12, "keep": 13, "default": 14}  # each push brings
 
 @pytest.fixture(scope="module")
 def setup(vllm_python, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("vllm-pause")
-    trainer = Trainer(vllm_python, tmp, tied=False, max_positions=MAX_LEN, layers=LAYERS)
-    server = None
-    try:
-        server = Server(vllm_python, tmp, trainer.model_dir, tp=1, max_model_len=MAX_LEN)
-        trainer.ask(cmd="init", url=server.url, master_port=free_port(), fields=INIT_FIELDS)
-        yield trainer, server
-    finally:
-        trainer.stop()
-        if server is not None:
-            server.stop()
+    with joined(vllm_python, tmp_path_factory.mktemp("vllm-pause"), 1, {"max_model_len": MAX_LEN},
+                tied=False, max_positions=MAX_LEN, layers=LAYERS) as pair:
+        yield pair
 
 
 def complete(server: Server, prompt: list[int], max_tokens: int) -> tuple[dict, float]:

@@ -105,7 +105,15 @@ def test_the_cpu_serve_command_runs_as_written(vllm_python, tmp_path, block):
 def test_the_gpu_serve_command_parses_with_vllms_parser(vllm_python, block):
     (command,) = [c for c in block.replace("\\\n", " ").splitlines() if "vllm serve" in c]
     words = shlex.split(command)
-    argv = words[words.index("serve") + 1:]
+    got = vllm_serve_flags(vllm_python, words[words.index("serve") + 1:])
+    assert got["backend"] == "weightsync", got
+    assert "VLLM_SERVER_DEV_MODE=1" in block, "without it vLLM has no weight-transfer routes"
+
+
+def vllm_serve_flags(python: str, argv: list[str]) -> dict:
+    """What vLLM's own `vllm serve` parser makes of `argv` (run with `python`, a vLLM venv's):
+    port, host, model, the weight-transfer backend and the tensor-parallel size. 0.33 moved the
+    parser from vllm.entrypoints.launchers.cli_args to vllm.entrypoints.common.cli_args."""
     probe = ("import json, sys\n"
              "try:\n"
              "    from vllm.entrypoints.common.cli_args import make_arg_parser\n"
@@ -113,11 +121,9 @@ def test_the_gpu_serve_command_parses_with_vllms_parser(vllm_python, block):
              "    from vllm.entrypoints.launchers.cli_args import make_arg_parser\n"
              "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
              "a = make_arg_parser(FlexibleArgumentParser()).parse_args(json.loads(sys.argv[1]))\n"
-             "print(json.dumps({'backend': a.weight_transfer_config.backend,\n"
-             "                  'model': getattr(a, 'model_tag', None) or a.model}))\n")
-    parsed = subprocess.run([vllm_python, "-c", probe, json.dumps(argv)], capture_output=True, text=True,
+             "print(json.dumps({'port': a.port, 'host': a.host, 'model': getattr(a, 'model_tag', None) or a.model,\n"
+             "                  'backend': a.weight_transfer_config.backend, 'tp': a.tensor_parallel_size}))\n")
+    parsed = subprocess.run([python, "-c", probe, json.dumps(argv)], capture_output=True, text=True,
                             timeout=180, cwd=ROOT)
     assert parsed.returncode == 0, parsed.stderr[-2000:]
-    got = json.loads(parsed.stdout.strip().splitlines()[-1])
-    assert got["backend"] == "weightsync", got
-    assert "VLLM_SERVER_DEV_MODE=1" in block, "without it vLLM has no weight-transfer routes"
+    return json.loads(parsed.stdout.strip().splitlines()[-1])
