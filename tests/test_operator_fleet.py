@@ -7,14 +7,16 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import time
 
 import httpx
 
 import pytest
 
-from k8s_harness import Trainer, checksums, cluster, free_port, operator, start_daemons, until
+from k8s_harness import Trainer, VllmTrainer, checksums, cluster, free_port, operator, start_daemons, until
 from test_operator_k8s import NAME, NS, spec
+from test_vllm_e2e import vllm_python  # noqa: F401 (the fixture: the vLLM venv's Python)
 from weightsync_operator.pods import SYNCED_CONDITION
 
 pytestmark = [pytest.mark.k8s, pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl")]
@@ -186,4 +188,69 @@ async def test_one_lost_replica_never_fails_the_rest(tmp_path):
             assert not answer["ok"] and second.name in answer["reason"], answer
         finally:
             await trainer.stop()
+            await asyncio.gather(*(d.stop() for d in daemons))
+
+
+@pytest.mark.vllm
+async def test_a_lost_daemon_and_a_lost_vllm_server_never_fail_the_rest(tmp_path, vllm_python):
+    """failurePolicy.maxFailed 2, six daemon pods and a real vLLM server (TP 1, tiny Qwen2) fed by the
+    HF trainer: a daemon and the vLLM server killed in the same round; the version goes live on the
+    other five daemons; both come back and catch up from a daemon peer (vLLM too: a daemon seeds it),
+    after which vLLM's greedy completions equal the trainer's."""
+    from weightsync_operator.demo import qwen2
+    from weightsync_operator.demo.vllm_run import MAX_TOKENS, completions
+    from weightsync_operator.demo.vllm_server import VllmServer
+    from weightsync_operator.pods import ENGINE_ANNOTATION
+
+    timeouts = {"requestSeconds": 10, "initSeconds": 60, "startSeconds": 20, "updateSeconds": 40,
+                "finishSeconds": 30, "transferSeconds": 5}
+    model = tmp_path / "model"
+    prompts = qwen2.prompts()
+    async with cluster(tmp_path) as c, operator(c.url, recheck_interval=1) as runtime, httpx.AsyncClient() as http:
+        await c.create_weightsync(NS, NAME, spec(free_port(), failurePolicy={"maxFailed": 2}, atomic=True,
+                                                 timeouts=timeouts))
+        trainer = await VllmTrainer.start(vllm_python, c.kubeconfig, model, "trainer-0", NS, NAME)
+        daemons, server = await asyncio.gather(
+            start_daemons(7), VllmServer.start(model, free_port(), tmp_path / "vllm-a", python=vllm_python))
+        members, spare = daemons[:6], daemons[6]
+        try:
+            await c.create_pod(NS, "trainer-0", "trainer", NAME, trainer.url)
+            await c.create_pod(NS, "vllm-0", "inference", NAME, server.url, gated=True,
+                               annotations={ENGINE_ANNOTATION: "vllm"})
+            for d in members:
+                await c.create_pod(NS, d.name, "inference", NAME, d.url, gated=True)
+            assert (await trainer.wait_ready())["ok"]
+            assert (await trainer.push(1))["ok"]
+            await c.wait_for(NS, NAME, lambda o: o["status"].get("readyTargets") == "7/7", 30, "all seven on version 1")
+
+            victim = members[3]
+            killed = kill_before_its_update(runtime, victim.name, victim.kill)
+            kill_before_its_update(runtime, "vllm-0", lambda: os.killpg(server.process.pid, signal.SIGKILL))
+            answer = await trainer.push(2)
+            survived = time.monotonic() - killed["at"]
+            assert answer["ok"], answer
+            obj = c.weightsync(NS, NAME)
+            print(f"version 2: {victim.name} and vllm-0 killed mid-round; live on the other five {survived:.2f}s "
+                  f"after the kill: {obj['status']['message']}")
+            states = target_states(obj)
+            assert states.pop(victim.name)[0] == "Stale" and states.pop("vllm-0")[0] == "Stale"
+            assert set(states.values()) == {("Synced", "2")} and obj["status"]["readyTargets"] == "5/7"
+            expected = await trainer.expected(prompts, MAX_TOKENS)
+
+            # Both come back (new processes) and catch up to version 2 from a daemon peer, no push.
+            began = time.monotonic()
+            await server.stop()
+            server = await VllmServer.start(model, free_port(), tmp_path / "vllm-b", python=vllm_python)
+            await c.restart_pod(NS, "vllm-0", server.url, restarts=1)
+            await c.restart_pod(NS, victim.name, spare.url, restarts=1)
+            obj = await c.wait_for(NS, NAME, lambda o: o["status"].get("readyTargets") == "7/7", 120,
+                                   "both caught up")
+            print(f"both back on version 2 {time.monotonic() - began:.1f}s after their restart "
+                  f"(vLLM start included), from {obj['status']['lastCatchUp']['source']}")
+            assert set(target_states(obj).values()) == {("Synced", "2")}
+            assert await completions(http, server.url, str(model), prompts) == expected
+            await until(lambda: conditions(c.pod(NS, "vllm-0")).get(SYNCED_CONDITION) == "True", 10, "vllm-0 ready")
+        finally:
+            await trainer.stop()
+            await server.stop()
             await asyncio.gather(*(d.stop() for d in daemons))
