@@ -16,6 +16,9 @@ API server:
   printer columns, and the real server's columns for pods), and JSON watch streams;
 - merges a strategic merge patch's `status.conditions` by `type`, as the API server does for pods.
 
+It counts the requests it serves by verb and resource (`requests`, e.g. `("PATCH",
+"weightsyncs/status")`), so that a test or benchmark can say how many API calls a round costs.
+
 It also stands in for the kubelet in one respect: a pod with `readinessGates` is Ready only while
 its containers are ready and every gate's condition is True (recomputed on every write).
 """
@@ -23,6 +26,7 @@ its containers are ready and every gate's condition is True (recomputed on every
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import datetime
 import functools
@@ -152,6 +156,12 @@ POD_COLUMNS = [("Ready", "string", 0), ("Status", "string", 0), ("Restarts", "st
                ("Readiness Gates", "string", 1)]
 
 
+def _counted_path(request: kmock.Request) -> str:
+    """What a request is counted under: its resource's plural and subresource (`pods/status`)."""
+    plural = request.resource.plural if request.resource is not None and request.resource.plural else "-"
+    return f"{plural}/{request.subresource}" if request.subresource else plural
+
+
 def _human_age(timestamp: str | None) -> str | None:
     if not timestamp:
         return None
@@ -181,6 +191,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     _counter: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
     _kinds: dict[Any, _Kind] = attrs.field(factory=dict, init=False)
     _tombstones: dict[tuple, dict] = attrs.field(factory=dict, init=False)  # deleted: their last state
+    # (HTTP method, "plural[/subresource]") -> requests served; discovery and the like as "-"
+    requests: collections.Counter = attrs.field(factory=collections.Counter, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -210,6 +222,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     # -- requests: objects served directly, the rest (discovery) through kmock's reactions ---
     async def _handle(self, request: kmock.Request):
+        self.requests[(request.method, _counted_path(request))] += 1
         if request.resource is None or not request.resource.plural or request.action not in self._serving:
             return await super(kmock.KubernetesEmulator, self)._handle(request)
         # kmock would match each request against every reaction it knows (milliseconds per

@@ -7,8 +7,9 @@ whose IP and `weightsync.dev/daemon-port` annotation point at those processes on
 from __future__ import annotations
 
 import asyncio
-import inspect
 import contextlib
+import dataclasses
+import inspect
 import json
 import os
 import sysconfig
@@ -215,18 +216,70 @@ async def operator(url: str, recheck_interval: float = 30.0) -> AsyncIterator[Ru
         runtime.kube.close()
 
 
-async def start_daemons(count: int, prefix: str = "infer", timeout: float = 60.0) -> list[LocalProcess]:
-    """`count` standalone daemon processes on the cpu transport, started at once."""
-    started = await asyncio.gather(*(
-        LocalProcess.start(f"{prefix}-{i}", "weightsync_daemon",
-                           ["--host", "127.0.0.1", "--port", "0", "--backend", "cpu",
-                            "--exit-on-stdin-eof"], timeout)
-        for i in range(count)), return_exceptions=True)
-    failures = [s for s in started if isinstance(s, BaseException)]
-    if failures:
-        await asyncio.gather(*(s.stop() for s in started if isinstance(s, LocalProcess)))
-        raise failures[0]
-    return list(started)
+async def start_daemons(count: int, prefix: str = "infer", timeout: float = 60.0,
+                        batch: int | None = None) -> list[LocalProcess]:
+    """`count` standalone daemon processes on the cpu transport. With `batch`, at most that many
+    start at a time, each batch within `timeout`: tens of processes importing torch at once on
+    two cores would otherwise all miss a deadline that one of them meets easily."""
+    started: list[LocalProcess] = []
+    size = batch or max(count, 1)
+    for first in range(0, count, size):
+        names = [f"{prefix}-{i}" for i in range(first, min(first + size, count))]
+        answers = await asyncio.gather(*(
+            LocalProcess.start(name, "weightsync_daemon",
+                               ["--host", "127.0.0.1", "--port", "0", "--backend", "cpu", "--exit-on-stdin-eof"],
+                               timeout)
+            for name in names), return_exceptions=True)
+        started += [a for a in answers if isinstance(a, LocalProcess)]
+        failures = [a for a in answers if isinstance(a, BaseException)]
+        if failures:
+            await asyncio.gather(*(s.stop() for s in started))
+            raise failures[0]
+    return started
+
+
+@dataclasses.dataclass
+class Fleet:
+    """One WeightSync with a trainer process and `len(daemons)` daemon targets, its group Ready."""
+
+    namespace: str
+    name: str
+    trainer: "Trainer"
+    daemons: list[LocalProcess]
+
+
+def fleet_spec(name: str, rendezvous_port: int, **overrides) -> dict:
+    """A cpu-transport WeightSync selecting the pods labelled with its own name (several may
+    share a namespace)."""
+    return {"backend": "cpu", "pauseMode": "keep", "rendezvousPort": rendezvous_port,
+            "packedBufferSizeBytes": 1 << 22,
+            "timeouts": {"transferSeconds": 30, "updateSeconds": 60, "initSeconds": 120},
+            "trainerSelector": {"matchLabels": {"weightsync.dev/role": "trainer", "weightsync.dev/sync": name}},
+            "targetSelector": {"matchLabels": {"weightsync.dev/role": "inference", "weightsync.dev/sync": name}},
+            **overrides}
+
+
+@contextlib.asynccontextmanager
+async def daemon_fleet(c: Cluster, namespace: str, name: str, targets: int, mbytes: float = 4.0,
+                       batch: int = 8, ready_timeout: float = 180.0) -> AsyncIterator[Fleet]:
+    """A WeightSync over `targets` daemon pods (each with the readiness gate) and a trainer pod,
+    all real processes, started `batch` daemons at a time; yields once the group is Ready and
+    the trainer knows it. Everything stops when the block ends."""
+    await c.create_weightsync(namespace, name, fleet_spec(name, free_port()))
+    trainer = await Trainer.start(c, namespace, name, f"{name}-trainer", mbytes=mbytes)
+    daemons: list[LocalProcess] = []
+    try:
+        daemons = await start_daemons(targets, prefix=f"{name}-infer", timeout=120.0, batch=batch)
+        await c.create_pod(namespace, f"{name}-trainer", "trainer", name, trainer.url)
+        for d in daemons:
+            await c.create_pod(namespace, d.name, "inference", name, d.url, gated=True)
+        await c.wait_for(namespace, name, lambda o: o.get("status", {}).get("readyTargets") == f"{targets}/{targets}"
+                         and o["status"]["phase"] == "Ready", ready_timeout, f"{name}'s group of {targets}")
+        assert (await trainer.wait_ready())["ok"]
+        yield Fleet(namespace, name, trainer, daemons)
+    finally:
+        await trainer.stop()
+        await asyncio.gather(*(d.stop() for d in daemons))
 
 
 class Trainer:
@@ -309,7 +362,8 @@ async def checksums(http, urls: list[str]) -> list[tuple[str | None, str]]:
     return answers
 
 
-__all__ = ["Cluster", "Trainer", "checksums", "cluster", "free_port", "operator", "start_daemons"]
+__all__ = ["Cluster", "Fleet", "Trainer", "checksums", "cluster", "daemon_fleet", "fleet_spec", "free_port",
+           "operator", "start_daemons"]
 
 
 async def until(predicate, timeout: float, what: str, interval: float = 0.02):
