@@ -13,7 +13,7 @@ import json
 import pytest
 
 from weightsync.errors import ProtocolError
-from weightsync_vllm.trainer import DEFAULT_PAUSE_MODE, VLLMTrainer, _round_failure, vllm_reason
+from weightsync_vllm.trainer import DEFAULT_PAUSE_MODE, VLLMTrainer, round_failure, vllm_reason
 
 REASON = ("weightsync update refused: parameter 'model.layers.0.self_attn.k_proj.weight' has shape [64, 128] "
           "in the served model's checkpoint but [64, 127] from the trainer; vLLM keeps serving the previous "
@@ -32,14 +32,14 @@ def test_the_workers_reason_is_taken_out_of_vllms_wrappers():
 def test_a_refused_round_says_its_reason_once():
     """The trainer's own error (the same refusal) is dropped where vLLM's answers say it."""
     trainer_error = ProtocolError("manifest", REASON.split(": ", 1)[1].split(";")[0])
-    message = _round_failure(trainer_error, [f"http://vllm-0:8000/update_weights: HTTP 500: {REASON}"])
+    message = round_failure(trainer_error, [f"http://vllm-0:8000/update_weights: HTTP 500: {REASON}"])
     assert message.count("has shape [64, 128]") == 1 and "stack trace" not in message, message
     assert "http://vllm-0:8000" in message and "intact" in message
 
 
 def test_a_trainer_failure_vllm_does_not_explain_keeps_both():
     answers = ["", "http://vllm-1:8000/update_weights: HTTP 500: boom"]
-    message = _round_failure(TimeoutError("the group timed out"), answers)
+    message = round_failure(TimeoutError("the group timed out"), answers)
     assert "the group timed out" in message and "boom" in message
 
 

@@ -172,7 +172,7 @@ class VLLMTrainer:
                     stats = self.sender.send_weights(checked)
                 except BaseException as error:
                     answers = _answers(futures, self.init.timeout_seconds)
-                    raise VLLMUpdateError(_round_failure(error, answers), answers) from error
+                    raise VLLMUpdateError(round_failure(error, answers), answers) from error
                 answers = _answers(futures, self.init.timeout_seconds)
                 if any(answers):
                     said = " | ".join(a for a in answers if a)
@@ -280,7 +280,7 @@ def vllm_reason(body: str) -> str:
     return message.strip()[:2000]
 
 
-def _round_failure(error: BaseException, answers: list[str]) -> str:
+def round_failure(error: BaseException, answers: list[str]) -> str:
     """One message for a round that failed on the trainer's side: the servers' answers, and the
     trainer's error only where no answer already says it (a refused manifest is refused on
     every party with the same reason)."""

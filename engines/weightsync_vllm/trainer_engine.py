@@ -55,6 +55,7 @@ from weightsync.source import adapt, manifest_of
 from weightsync.trainer import WeightSender
 from weightsync.transports import RoundStats
 from weightsync_vllm import ENGINE_NAME, register
+from weightsync_vllm.trainer import round_failure, vllm_reason
 
 
 # vLLM 0.33's TrainerWeightTransferEngine.__init__ takes the trainer rank; 0.32's does not.
@@ -182,9 +183,10 @@ class WeightsyncTrainerEngine(TrainerWeightTransferEngine[WeightsyncTrainerInitI
             except BaseException as error:
                 reply = _answer(answer, self.init.timeout_seconds)
                 self._close_failed_session(answer)
+                message = round_failure(error, [reply])  # the reason once, where vLLM's answer says it
                 if isinstance(error, WeightSyncError):  # the same kind (ManifestMismatch, SourceMismatch...)
-                    raise type(error)(f"{error}; vLLM: {reply}") from error
-                raise VLLMRoundError(f"{error}; vLLM: {reply}") from error
+                    raise type(error)(message) from error
+                raise VLLMRoundError(message) from error
             problem = _answer(answer, self.init.timeout_seconds)
             if problem:
                 self._close_failed_session(answer)
@@ -239,7 +241,7 @@ def _answer(future, timeout: float) -> str:
         return f"no answer within {timeout + 30:g}s"
     except Exception as error:  # noqa: BLE001 - HTTP errors carry vLLM's message
         body = getattr(getattr(error, "response", None), "text", "")
-        return f"{type(error).__name__}: {error} {body[:2000]}".strip()
+        return f"{type(error).__name__}: {error}: {vllm_reason(body)}" if body else f"{type(error).__name__}: {error}"
 
 
 register()  # importing the init info class is enough for vLLM's trainer factory to find the engine
