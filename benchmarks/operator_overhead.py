@@ -3,6 +3,8 @@
     python benchmarks/operator_overhead.py              # 20 measured rounds after 3 warm-up rounds
     python benchmarks/operator_overhead.py --rounds 50 --mbytes 16 --daemons 4
     WEIGHTSYNC_VLLM_PYTHON=.venv-vllm/bin/python python benchmarks/operator_overhead.py --engine vllm
+    python benchmarks/operator_overhead.py --targets 2,8,32      # the cost at fleet size (operator_fleet.py)
+    python benchmarks/operator_overhead.py --concurrent 10       # ten WeightSyncs of 4 targets bumped at once
 
 Everything is real except the API server: kmock's emulator (tests/k8s_emulator.py) serving the
 Kubernetes HTTP API with watch streams, kopf's runtime over the operator's handlers, daemon
@@ -225,6 +227,28 @@ async def run(engine: str, rounds: int, warmup: int, mbytes: float, daemons: int
     return 0 if median <= TARGET_MS else 1
 
 
+def target_counts(text: str) -> list[int]:
+    counts = [int(part) for part in text.split(",") if part.strip()]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("a comma-separated list of target counts, e.g. 2,8,32")
+    return counts
+
+
+async def fleet(args: argparse.Namespace) -> int:
+    """The fleet-size runs (issue 25 item 3): by target count, then many WeightSyncs at once."""
+    import operator_fleet
+
+    code = 0
+    with tempfile.TemporaryDirectory() as workdir:
+        if args.targets:
+            code |= await operator_fleet.run_targets(Path(workdir), args.targets, args.rounds, args.warmup,
+                                                     args.mbytes)
+        if args.concurrent:
+            code |= await operator_fleet.run_concurrent(Path(workdir), args.concurrent, args.concurrent_targets,
+                                                        args.rounds, args.warmup, args.mbytes)
+    return code
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", choices=["daemon", "vllm"], default="daemon")
@@ -232,7 +256,14 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--mbytes", type=float, default=4.0, help="model size per round (MB; daemon engine)")
     parser.add_argument("--daemons", type=int, default=2, help="daemon engine only")
+    parser.add_argument("--targets", type=target_counts, default=None, metavar="N,N,...",
+                        help="the cost at fleet size: one run per count of daemon targets (operator_fleet.py)")
+    parser.add_argument("--concurrent", type=int, default=0, metavar="N",
+                        help="N WeightSyncs bumped at once, each against its time alone (operator_fleet.py)")
+    parser.add_argument("--concurrent-targets", type=int, default=4, help="daemon targets per WeightSync")
     args = parser.parse_args()
+    if args.targets or args.concurrent:
+        return asyncio.run(fleet(args))
     python = None
     if args.engine == "vllm":
         python = os.environ.get("WEIGHTSYNC_VLLM_PYTHON")

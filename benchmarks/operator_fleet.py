@@ -1,0 +1,339 @@
+"""The operator's cost at fleet size (issue 25 item 3): `operator_overhead.py --targets 2,8,32`
+and `--concurrent 10`. Kept apart from operator_overhead.py's single-group run, which it reuses.
+
+Per target count, one WeightSync over that many real daemon processes (gated pods) and a trainer
+process; per measured round it takes:
+  own part        bump -> Succeeded minus lastSync.totalSeconds: the operator noticing the bump and
+                  writing the status, through the API server;
+  coordinator CPU the operator's event-loop thread's CPU while Coordinator.sync runs (the operator
+                  and the emulated API server share that thread; the API server is idle then);
+  control steps   lastSync.totalSeconds - lastSync.seconds (pause+start, finish+resume), beside
+                  the slowest single call of each step (every party is called at once, so the two
+                  should match: the difference is the coordinator's own wait);
+  daemon CPU/call the CPU of each daemon's HTTP thread (its event loop) over the measured rounds
+                  divided by the calls it served (from /proc: 10 ms ticks, summed over every daemon
+                  and round); the thread is found by serving a burst of /healthz first;
+  API requests    what the emulated API server served during the round (status writes, events,
+                  patches), by verb and resource.
+
+`--concurrent N` forms N WeightSyncs of `--concurrent-targets` daemons each, times each one's
+rounds alone (one after the other), then bumps all of them at once, and prints each one's median
+bump -> Succeeded together over alone (the issue's bound: 1.5x).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from k8s_harness import Cluster, Fleet, cluster, daemon_fleet, operator
+
+NS = "bench"
+CONCURRENT_BOUND = 1.5  # issue 25 item 3: each WeightSync within 1.5x of its time alone
+HEALTHZ_BURST = 100  # calls that find each daemon's HTTP thread (at 10 ms ticks, ~10 ticks of CPU)
+CLOCK_TICK = 0.01  # seconds per /proc tick (USER_HZ is 100 on Linux)
+
+
+# -- what is measured in this process ---------------------------------------------------------
+class PartyCalls:
+    """Every call the coordinator makes to a party (the operator runs in this process), timed
+    around the real client method: (party, step, seconds), in call order."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, str, float]] = []
+
+    @contextlib.contextmanager
+    def timing(self) -> Iterator["PartyCalls"]:
+        from weightsync_operator.client import PartyClient
+
+        real = PartyClient.call
+
+        async def timed(client, step, method, path, timeout, body=None, params=None):
+            began = time.perf_counter()
+            try:
+                return await real(client, step, method, path, timeout, body, params)
+            finally:
+                self.calls.append((client.name, step, time.perf_counter() - began))
+
+        PartyClient.call = timed
+        try:
+            yield self
+        finally:
+            PartyClient.call = real
+
+
+class SyncCpu:
+    """The event-loop thread's CPU seconds while each Coordinator.sync runs, in call order."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    @contextlib.contextmanager
+    def timing(self) -> Iterator["SyncCpu"]:
+        from weightsync_operator.coordinator import Coordinator
+
+        real = Coordinator.sync
+
+        async def timed(coordinator, version, max_failed=0):
+            began = time.thread_time()
+            try:
+                return await real(coordinator, version, max_failed)
+            finally:
+                self.seconds.append(time.thread_time() - began)
+
+        Coordinator.sync = timed
+        try:
+            yield self
+        finally:
+            Coordinator.sync = real
+
+
+class Timeline:
+    """When each WeightSync's version was bumped and when it succeeded, from one watch of the
+    namespace over the API's HTTP (the same watch delay is in both stamps)."""
+
+    def __init__(self):
+        self.bump: dict[tuple[str, int], float] = {}
+        self.done: dict[tuple[str, int], tuple[float, dict]] = {}
+
+    async def follow(self, session: aiohttp.ClientSession, path: str) -> None:
+        async with session.get(path, params={"watch": "true"}, timeout=None) as response:
+            async for line in response.content:
+                now = time.perf_counter()
+                if line.strip():
+                    self._see(json.loads(line)["object"], now)
+
+    def _see(self, obj: dict, now: float) -> None:
+        name = obj["metadata"]["name"]
+        self.bump.setdefault((name, obj.get("spec", {}).get("version", 0)), now)
+        last = (obj.get("status") or {}).get("lastSync") or {}
+        if last.get("outcome") == "Succeeded":
+            self.done.setdefault((name, last["version"]), (now, last))
+
+    async def wait_done(self, keys: list[tuple[str, int]], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while any(k not in self.done for k in keys):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no Succeeded status seen for {[k for k in keys if k not in self.done]}")
+            await asyncio.sleep(0.005)
+
+    def seconds(self, name: str, version: int) -> float:
+        """bump -> Succeeded of one round."""
+        return self.done[(name, version)][0] - self.bump[(name, version)]
+
+
+# -- the daemons' CPU, from /proc -------------------------------------------------------------
+def thread_ticks(pid: int) -> dict[int, int]:
+    """CPU clock ticks (user + system) of each thread of a process."""
+    ticks = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            ticks[int(task.name)] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+async def http_thread(session: aiohttp.ClientSession, url: str, pid: int) -> int:
+    """The daemon thread that serves HTTP: the one whose CPU a burst of /healthz calls moves most."""
+    before = thread_ticks(pid)
+    for _ in range(HEALTHZ_BURST):
+        async with session.get(url + "/healthz") as response:
+            await response.read()
+    after = thread_ticks(pid)
+    return max(after, key=lambda tid: after[tid] - before.get(tid, 0))
+
+
+@dataclass
+class DaemonCpu:
+    """The daemons' HTTP threads (found once) and their ticks at the start of a measurement."""
+
+    threads: dict[int, int]  # pid -> tid
+    start: dict[int, int] = field(default_factory=dict)
+    process_start: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    async def find(cls, fleet: Fleet) -> "DaemonCpu":
+        async with aiohttp.ClientSession() as session:
+            tids = await asyncio.gather(*(http_thread(session, d.url, d.process.pid) for d in fleet.daemons))
+        return cls({d.process.pid: tid for d, tid in zip(fleet.daemons, tids)})
+
+    def mark(self) -> None:
+        self.start = {pid: thread_ticks(pid).get(tid, 0) for pid, tid in self.threads.items()}
+        self.process_start = {pid: sum(thread_ticks(pid).values()) for pid in self.threads}
+
+    def seconds(self) -> tuple[float, float]:
+        """(HTTP threads' CPU, whole processes' CPU) since `mark`, summed over the daemons."""
+        http = sum(thread_ticks(pid).get(tid, 0) - self.start[pid] for pid, tid in self.threads.items())
+        whole = sum(sum(thread_ticks(pid).values()) - self.process_start[pid] for pid in self.threads)
+        return http * CLOCK_TICK, whole * CLOCK_TICK
+
+
+# -- one target count -------------------------------------------------------------------------
+@dataclass
+class FleetRow:
+    targets: int
+    e2e: list[float] = field(default_factory=list)
+    data_plane: list[float] = field(default_factory=list)
+    own: list[float] = field(default_factory=list)
+    control: list[float] = field(default_factory=list)
+    slowest: list[float] = field(default_factory=list)
+    coordinator_cpu: list[float] = field(default_factory=list)
+    requests: list[collections.Counter] = field(default_factory=list)
+    daemon_cpu_per_call: float = 0.0
+    daemon_cpu_per_round: float = 0.0
+
+
+def writes(requests: collections.Counter) -> collections.Counter:
+    """The requests that change something: status writes, events, patches."""
+    return collections.Counter({k: n for k, n in requests.items() if k[0] in ("POST", "PATCH", "PUT", "DELETE")})
+
+
+async def measured_round(c: Cluster, fleet: Fleet, timeline: Timeline, calls: PartyCalls, cpu: SyncCpu,
+                         version: int, row: FleetRow | None) -> None:
+    """One push of `version`, recorded into `row` (None: a warm-up round)."""
+    requests, called, synced = collections.Counter(c.emulator.requests), len(calls.calls), len(cpu.seconds)
+    answer = await fleet.trainer.push(version)
+    if not answer["ok"]:
+        raise RuntimeError(f"{fleet.name} version {version} failed: {answer}")
+    await timeline.wait_done([(fleet.name, version)])
+    await c.wait_for_event(fleet.namespace, fleet.name, "Synced", f"version {version} live", timeout=30)
+    if row is None:
+        return
+    last = timeline.done[(fleet.name, version)][1]
+    round_calls = calls.calls[called:]
+    row.e2e.append(timeline.seconds(fleet.name, version))
+    row.data_plane.append(last["seconds"])
+    row.own.append(row.e2e[-1] - last["totalSeconds"])
+    row.control.append(last["totalSeconds"] - last["seconds"])
+    row.slowest.append(sum(max((s for _, step, s in round_calls if step == wanted), default=0.0)
+                           for wanted in ("start", "finish")))  # a daemon's pause rides on its start
+    row.coordinator_cpu.append(sum(cpu.seconds[synced:]))
+    row.requests.append(writes(collections.Counter(c.emulator.requests) - requests))
+
+
+async def measure_targets(workdir: Path, targets: int, rounds: int, warmup: int, mbytes: float) -> FleetRow:
+    """A fresh cluster and operator with one WeightSync of `targets` daemons; `rounds` measured."""
+    row, calls, cpu = FleetRow(targets), PartyCalls(), SyncCpu()
+    async with cluster(workdir) as c, operator(c.url, recheck_interval=3600), \
+            daemon_fleet(c, NS, f"fleet-{targets}", targets, mbytes) as fleet:
+        timeline = Timeline()
+        follower = asyncio.create_task(timeline.follow(c.session, f"/apis/weightsync.dev/v1alpha1/namespaces/{NS}/weightsyncs"))
+        daemons = await DaemonCpu.find(fleet)
+        names = {d.name for d in fleet.daemons}
+        try:
+            with calls.timing(), cpu.timing():
+                for version in range(1, warmup + 1):
+                    await measured_round(c, fleet, timeline, calls, cpu, version, None)
+                daemons.mark()
+                first_call = len(calls.calls)
+                for version in range(warmup + 1, warmup + rounds + 1):
+                    await measured_round(c, fleet, timeline, calls, cpu, version, row)
+                http_seconds, whole = daemons.seconds()
+                served = sum(1 for party, _, _ in calls.calls[first_call:] if party in names)
+        finally:
+            follower.cancel()
+    row.daemon_cpu_per_call = http_seconds / max(served, 1)
+    row.daemon_cpu_per_round = whole / rounds / targets
+    return row
+
+
+def ms(values: list[float]) -> str:
+    return f"{statistics.median(values) * 1e3:8.1f}"
+
+
+def requests_text(requests: list[collections.Counter]) -> str:
+    """Median count per kind of write, e.g. `status 1, events 1, bump 1, pods 0`."""
+    kinds = {"status": ("PATCH", "weightsyncs/status"), "events": ("POST", "events"),
+             "bump": ("PATCH", "weightsyncs"), "pods": ("PATCH", "pods/status")}
+    parts = [f"{label} {statistics.median(r.get(key, 0) for r in requests):g}" for label, key in kinds.items()]
+    other = statistics.median(sum(n for k, n in r.items() if k not in kinds.values()) for r in requests)
+    return ", ".join(parts + ([f"other {other:g}"] if other else []))
+
+
+def print_rows(rows: list[FleetRow], rounds: int, warmup: int, mbytes: float) -> None:
+    print(f"operator cost at fleet size: {rounds} rounds per target count (after {warmup} warm-up), "
+          f"{mbytes:g} MB per round, cpu transport, gated daemon pods, emulated API server; medians, ms")
+    print(f"{'targets':>7} {'e2e':>8} {'data':>8} {'own':>8} {'coordCPU':>8} {'control':>8} {'slowest':>8} "
+          f"{'dCPU/call':>9} {'dCPU/rnd':>8}  API writes per round")
+    for r in rows:
+        print(f"{r.targets:>7} {ms(r.e2e)} {ms(r.data_plane)} {ms(r.own)} {ms(r.coordinator_cpu)} {ms(r.control)} "
+              f"{ms(r.slowest)} {r.daemon_cpu_per_call * 1e3:9.2f} {r.daemon_cpu_per_round * 1e3:8.1f}  "
+              f"{requests_text(r.requests)}")
+    base = rows[0]
+    print(f"\nratios against {base.targets} targets (same run):")
+    for r in rows[1:]:
+        print(f"  {r.targets} targets: own part x{statistics.median(r.own) / statistics.median(base.own):.2f}, "
+              f"coordinator CPU x{statistics.median(r.coordinator_cpu) / statistics.median(base.coordinator_cpu):.2f}, "
+              f"control steps x{statistics.median(r.control) / statistics.median(base.control):.2f}, "
+              f"daemon CPU per call x{r.daemon_cpu_per_call / base.daemon_cpu_per_call:.2f}, "
+              f"API writes per round {statistics.median(sum(q.values()) for q in r.requests):g} "
+              f"(was {statistics.median(sum(q.values()) for q in base.requests):g})")
+
+
+async def run_targets(workdir: Path, counts: list[int], rounds: int, warmup: int, mbytes: float) -> int:
+    rows = [await measure_targets(workdir, n, rounds, warmup, mbytes) for n in counts]
+    print_rows(rows, rounds, warmup, mbytes)
+    return 0
+
+
+# -- many WeightSyncs at once -----------------------------------------------------------------
+async def run_concurrent(workdir: Path, count: int, targets: int, rounds: int, warmup: int, mbytes: float) -> int:
+    """`count` WeightSyncs of `targets` daemons: each one's rounds alone, then all bumped at once."""
+    names = [f"job-{i}" for i in range(count)]
+    async with cluster(workdir) as c, operator(c.url, recheck_interval=3600), contextlib.AsyncExitStack() as stack:
+        fleets = []
+        for name in names:  # one at a time: each fleet's processes start before the next one's
+            fleets.append(await stack.enter_async_context(daemon_fleet(c, NS, name, targets, mbytes)))
+        timeline = Timeline()
+        follower = asyncio.create_task(timeline.follow(c.session, f"/apis/weightsync.dev/v1alpha1/namespaces/{NS}/weightsyncs"))
+        try:
+            alone, together, version = {n: [] for n in names}, {n: [] for n in names}, 0
+            for phase in ("alone", "together"):
+                for i in range(warmup + rounds):
+                    version += 1
+                    if phase == "alone":
+                        for fleet in fleets:
+                            await push_all(timeline, [fleet], version)
+                    else:
+                        await push_all(timeline, fleets, version)
+                    if i >= warmup:
+                        for name in names:
+                            (alone if phase == "alone" else together)[name].append(timeline.seconds(name, version))
+        finally:
+            follower.cancel()
+    return print_concurrent(alone, together, count, targets, rounds, mbytes)
+
+
+async def push_all(timeline: Timeline, fleets: list[Fleet], version: int) -> None:
+    """Push `version` on every fleet at once; all must succeed."""
+    answers = await asyncio.gather(*(f.trainer.push(version) for f in fleets))
+    failed = [(f.name, a) for f, a in zip(fleets, answers) if not a["ok"]]
+    if failed:
+        raise RuntimeError(f"version {version} failed: {failed}")
+    await timeline.wait_done([(f.name, version) for f in fleets])
+
+
+def print_concurrent(alone: dict[str, list[float]], together: dict[str, list[float]], count: int, targets: int,
+                     rounds: int, mbytes: float) -> int:
+    print(f"\n{count} WeightSyncs of {targets} daemon targets each, {mbytes:g} MB per round, {rounds} rounds "
+          f"alone (one WeightSync at a time) then {rounds} with all bumped at once; bump -> Succeeded, median ms")
+    print(f"{'WeightSync':<10} {'alone':>8} {'at once':>8} {'ratio':>6}")
+    ratios = []
+    for name in alone:
+        ratio = statistics.median(together[name]) / statistics.median(alone[name])
+        ratios.append(ratio)
+        print(f"{name:<10} {ms(alone[name])} {ms(together[name])} {ratio:6.2f}")
+    worst = max(ratios)
+    verdict = "within" if worst <= CONCURRENT_BOUND else "OUTSIDE"
+    print(f"all {count * rounds * 2} rounds succeeded; worst ratio {worst:.2f}: {verdict} the "
+          f"{CONCURRENT_BOUND:g}x bound")
+    return 0 if worst <= CONCURRENT_BOUND else 1
