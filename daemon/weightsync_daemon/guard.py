@@ -117,14 +117,77 @@ DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0
 
 
 def header_deadline_protocol(seconds: float = DEFAULT_HEADER_TIMEOUT_SECONDS) -> type:
-    """uvicorn's h11 protocol, closing a connection whose request headers are not complete
+    """uvicorn's HTTP protocol, closing a connection whose request headers are not complete
     `seconds` after it opened (or after its previous response): uvicorn itself waits for them
-    forever, so a client sending a byte a second would hold a connection open indefinitely."""
+    forever, so a client sending a byte a second would hold a connection open indefinitely.
+
+    httptools' C parser where it is installed (the daemon extra installs it), else h11: every
+    control call of a round costs each daemon its HTTP parsing, and with tens of daemons sharing a
+    node's cores that CPU is the round's control time (httptools: about a quarter less CPU per
+    call, benchmarks/operator_overhead.py --targets)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # httptools is not installed
+        return _h11_deadline_protocol(seconds)
+
+    class HttpToolsDeadlineProtocol(_HeaderDeadline, HttpToolsProtocol):
+        header_seconds = seconds
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_headers()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm_headers()
+            super().connection_lost(exc)
+
+        def on_headers_complete(self) -> None:
+            self._disarm_headers()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_headers()  # the next request's headers get the same time
+
+        def _awaiting_headers(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete  # no request in flight
+
+    return HttpToolsDeadlineProtocol
+
+
+class _HeaderDeadline:
+    """The headers' timer, for either protocol: armed when a connection opens and after each
+    response, disarmed once a request's headers are in; when it fires while the protocol still
+    awaits headers (`_awaiting_headers`), the connection is closed."""
+
+    header_seconds: float
+    _headers_timer = None
+
+    def _arm_headers(self) -> None:
+        self._disarm_headers()
+        self._headers_timer = self.loop.call_later(self.header_seconds, self._headers_late)
+
+    def _disarm_headers(self) -> None:
+        if self._headers_timer is not None:
+            self._headers_timer.cancel()
+            self._headers_timer = None
+
+    def _headers_late(self) -> None:
+        self._headers_timer = None
+        if self._awaiting_headers() and not self.transport.is_closing():
+            self.transport.close()
+
+    def _awaiting_headers(self) -> bool:
+        raise NotImplementedError
+
+
+def _h11_deadline_protocol(seconds: float) -> type:
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeaderDeadlineProtocol(H11Protocol):
-        _headers_timer = None
+    class HeaderDeadlineProtocol(_HeaderDeadline, H11Protocol):
+        header_seconds = seconds
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -144,18 +207,7 @@ def header_deadline_protocol(seconds: float = DEFAULT_HEADER_TIMEOUT_SECONDS) ->
             if not self.transport.is_closing():
                 self._arm_headers()  # the next request's headers get the same time
 
-        def _arm_headers(self) -> None:
-            self._disarm_headers()
-            self._headers_timer = self.loop.call_later(seconds, self._headers_late)
-
-        def _disarm_headers(self) -> None:
-            if self._headers_timer is not None:
-                self._headers_timer.cancel()
-                self._headers_timer = None
-
-        def _headers_late(self) -> None:
-            self._headers_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                self.transport.close()
+        def _awaiting_headers(self) -> bool:
+            return self.conn.their_state is h11.IDLE
 
     return HeaderDeadlineProtocol
