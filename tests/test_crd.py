@@ -83,12 +83,15 @@ def test_the_schema_is_structural_and_complete():
     for path, node in _walk(SCHEMA):
         if not isinstance(node, dict):
             continue
-        assert not {"$ref", "anyOf", "oneOf", "allOf", "$defs", "nullable"} & set(node), path
+        if node.get("x-kubernetes-int-or-string"):  # Kubernetes' IntOrString, its one allowed anyOf
+            assert "type" not in node and sorted(m["type"] for m in node["anyOf"]) == ["integer", "string"], path
+        else:
+            assert not {"$ref", "anyOf", "oneOf", "allOf", "$defs", "nullable"} & set(node), path
         assert not node.get("x-kubernetes-preserve-unknown-fields"), path  # a complete schema
         if "properties" in node:
             assert node.get("type") == "object" and "additionalProperties" not in node, path
             for name, sub in node["properties"].items():
-                assert "type" in sub, f"{path}.properties.{name} has no type"
+                assert "type" in sub or sub.get("x-kubernetes-int-or-string"), f"{path}.properties.{name} has no type"
     conditions = SCHEMA["properties"]["status"]["properties"]["conditions"]
     assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == ["type"]
     item = conditions["items"]
@@ -135,6 +138,13 @@ AGREED = [
     ({"backend": "cpu", "version": 7, "pauseMode": "none", "verify": False, "atomic": True}, True),
     ({"targetSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["a"]}]}}, True),
     ({"timeouts": {"updateSeconds": 900, "transferSeconds": 120}}, True),
+    ({"failurePolicy": {"maxFailed": 2}, "strategy": {"type": "Waves", "maxUnavailable": 3}}, True),
+    ({"strategy": {"type": "Waves", "maxUnavailable": "25%"}}, True),
+    ({"strategy": {"type": "Waves", "maxUnavailable": "0%"}}, False),
+    ({"strategy": {"type": "Waves", "maxUnavailable": 0}}, False),
+    ({"strategy": {"type": "Waves", "maxUnavailable": "three"}}, False),
+    ({"strategy": {"type": "Canary"}}, False),
+    ({"failurePolicy": {"maxFailed": -1}}, False),
     ({"backend": "tpu"}, False),
     ({"daemonPort": 0}, False),
     ({"rendezvousPort": 70000}, False),
@@ -208,3 +218,11 @@ def test_the_schema_catches_what_a_server_would_prune_or_reject():
     problems = " ".join(schema_problems(resource(MINIMAL_SPEC, bad_status), SCHEMA))
     for expected in ("phase", "conditions.0.status", "conditions.0.reason", "status.extra"):
         assert expected in problems, expected
+
+
+@pytest.mark.parametrize("strategy, targets, size", [
+    ({}, 6, 6), ({"type": "Waves"}, 6, 1), ({"type": "Waves", "maxUnavailable": 4}, 3, 3),
+    ({"type": "Waves", "maxUnavailable": "34%"}, 6, 2), ({"type": "Waves", "maxUnavailable": "10%"}, 6, 1),
+    ({"type": "Waves", "maxUnavailable": "100%"}, 32, 32)])
+def test_a_wave_holds_max_unavailable_targets_at_least_one(strategy, targets, size):
+    assert parse_spec({**MINIMAL_SPEC, "strategy": strategy}).strategy.wave_size(targets) == size

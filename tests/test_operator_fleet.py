@@ -254,3 +254,50 @@ async def test_a_lost_daemon_and_a_lost_vllm_server_never_fail_the_rest(tmp_path
             await trainer.stop()
             await server.stop()
             await asyncio.gather(*(d.stop() for d in daemons))
+
+
+async def test_waves_keep_all_but_max_unavailable_targets_serving(tmp_path):
+    """strategy Waves, maxUnavailable 34% of six daemon pods (two): no more than two daemons are
+    ever paused at once (each daemon's /is_paused polled throughout the push); the first wave gets
+    the version from the trainer, later ones from a daemon of an earlier wave; the status names
+    each wave as it starts; every daemon ends bit-exact on the version."""
+    async with cluster(tmp_path) as c, operator(c.url, recheck_interval=0.5), httpx.AsyncClient() as http:
+        await c.create_weightsync(NS, NAME, spec(free_port(), strategy={"type": "Waves", "maxUnavailable": "34%"}))
+        daemons, trainer = await asyncio.gather(start_daemons(6), Trainer.start(c, NS, NAME, "trainer-0"))
+        try:
+            await c.create_pod(NS, "trainer-0", "trainer", NAME, trainer.url)
+            for d in daemons:
+                await c.create_pod(NS, d.name, "inference", NAME, d.url, rendezvous_port=free_port())
+            await c.wait_for(NS, NAME, lambda o: (o.get("status") or {}).get("readyTargets") == "6/6", 90,
+                             "the group with six targets")
+            assert (await trainer.wait_ready())["ok"]
+            for version in (1, 2):
+                most_paused, stop = 0, asyncio.Event()
+
+                async def watch_pauses() -> None:
+                    nonlocal most_paused
+                    while not stop.is_set():
+                        answers = await asyncio.gather(*(http.get(d.url + "/is_paused") for d in daemons))
+                        most_paused = max(most_paused, sum(a.json()["is_paused"] for a in answers))
+                        await asyncio.sleep(0.005)
+
+                watcher = asyncio.ensure_future(watch_pauses())
+                answer = await trainer.push(version)
+                stop.set()
+                await watcher
+                assert answer["ok"], answer
+                obj = c.weightsync(NS, NAME)
+                print(f"version {version}: at most {most_paused} of 6 paused at once; {obj['status']['message']}")
+                assert 1 <= most_paused <= 2
+                assert set(target_states(obj).values()) == {("Synced", str(version))}
+                waves = [cond["message"] for s in c.statuses(NS, NAME) for cond in s.get("conditions") or []
+                         if cond["type"] == "Progressing" and cond["reason"] == "RollingOut"
+                         and cond["message"].startswith(f"version {version}:")]
+                assert [m.split(" (")[0] for m in dict.fromkeys(waves)] == \
+                    [f"version {version}: wave {n} of 3" for n in (1, 2, 3)], waves
+                assert waves[0].endswith("from trainer-0") and "from infer-" in waves[-1]
+                sums = await checksums(http, [d.url for d in daemons])
+                assert sums == [(str(version), answer["checksum"])] * 6
+        finally:
+            await trainer.stop()
+            await asyncio.gather(*(d.stop() for d in daemons))

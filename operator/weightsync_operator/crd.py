@@ -44,9 +44,12 @@ def _convert(node: Any, defs: dict[str, Any]) -> Any:
         node = {**_convert(inner, defs), **node}
     if "anyOf" in node:  # Optional[X] is X: absent fields are simply left out, never null
         members = [m for m in node.pop("anyOf") if m.get("type") != "null"]
-        if len(members) != 1:
+        if sorted(m.get("type") for m in members) == ["integer", "string"]:  # Kubernetes' IntOrString
+            node = {"x-kubernetes-int-or-string": True, "anyOf": [_convert(m, defs) for m in members], **node}
+        elif len(members) != 1:
             raise ValueError(f"not expressible as a structural schema: {members}")
-        node = {**_convert(members[0], defs), **node}
+        else:
+            node = {**_convert(members[0], defs), **node}
     if node.get("default", 0) is None:
         del node["default"]
     if node.get("additionalProperties") is False:  # extra="forbid"; Kubernetes prunes unknown fields

@@ -49,6 +49,7 @@ from weightsync_operator.resource import (
     Phase, Rendezvous, SyncFigures, TargetStatus, WeightSyncSpec, WeightSyncSpecError, WeightSyncStatus,
     parse_spec, parse_status,
 )
+from weightsync_operator.waves import Fleet, roll_out
 
 log = logging.getLogger("weightsync.operator")
 
@@ -116,7 +117,7 @@ class Reconciler:
                 return None  # pod events wake us
             trainer = trainers[0]
             sync_spec = self._sync_spec(spec, trainer)
-            fingerprint = (sync_spec, trainer.identity(spec.daemon_port),
+            fingerprint = (sync_spec, (spec.strategy.type, spec.strategy.max_unavailable), trainer.identity(spec.daemon_port),
                            tuple(t.identity(spec.daemon_port) for t in targets))
             if self.coordinator is None or self._broken or fingerprint != self._formed_with:
                 wait = self._retry_at - time.monotonic()
@@ -239,6 +240,29 @@ class Reconciler:
             await asyncio.gather(*(t.close(sync_spec.timeouts.init + timeout) for t in stale),
                                  return_exceptions=True)
 
+    async def _roll_out(self, spec: WeightSyncSpec, generation: int | None, version: str, budget: int) -> SyncResult:
+        """The round: every target at once (strategy AllAtOnce), or a wave at a time (Waves),
+        the status's Progressing condition saying which wave is under way."""
+        coordinator = self.coordinator
+        size = spec.strategy.wave_size(len(coordinator.targets))
+        if size >= len(coordinator.targets):
+            return await coordinator.sync(version, max_failed=budget)
+
+        def seeds_from(name: str) -> tuple[str, int]:
+            pod = self._members[name]
+            return pod.ip, pod.rendezvous_port or spec.rendezvous_port
+
+        async def started(number: int, of: int, targets: list[str], source: str) -> None:
+            text = f"version {version}: wave {number} of {of} ({', '.join(targets)}) from {source}"
+            self._update(spec, generation, progressing=("RollingOut", text), message=text)
+            await self._flush()
+
+        fleet = Fleet(coordinator.trainer.endpoint, [t.endpoint for t in coordinator.targets], seeds_from,
+                      coordinator.spec, self._http, self._token)
+        # Each wave forms a group of its own (the whole group is only for health checks and
+        # catch-ups from now on); a change of strategy re-forms the whole group (fingerprint).
+        return await roll_out(fleet, version, size, budget, started)
+
     async def _unreachable(self, spec: WeightSyncSpec, targets: list[PodRef], timeout: float) -> dict[str, str]:
         """With a failure budget (failurePolicy.maxFailed): the targets that do not answer their
         health check, if leaving them out keeps the group within the budget and not empty; else
@@ -277,7 +301,7 @@ class Reconciler:
         announcement = asyncio.ensure_future(announce())
         budget = max(0, spec.failure_policy.max_failed - len(self._left_out))
         try:
-            result = await self.coordinator.sync(str(version), max_failed=budget)
+            result = await self._roll_out(spec, generation, str(version), budget)
         finally:
             if not announcing:
                 announcement.cancel()
@@ -293,6 +317,8 @@ class Reconciler:
             self.status = self.status.model_copy(update={"current_version": version})
             message = (f"version {version} live on {len(self.coordinator.targets)} target(s): {result.bytes} bytes "
                        f"in {result.transfer_seconds:.3f}s ({figures.gbps:.3f} GB/s)")
+            if spec.strategy.type == "Waves":
+                message += f", in waves of {spec.strategy.wave_size(len(self.coordinator.targets))}"
             if result.left_out:
                 message += (f"; {', '.join(result.left_out)} lost mid-round and left out "
                             f"(sent {result.attempts} times, {result.total_seconds:.2f}s in all)")

@@ -96,6 +96,29 @@ class FailurePolicy(_Model):
                        "fails.")
 
 
+class RolloutStrategy(_Model):
+    """How a new version reaches the targets: all at once, or a wave at a time."""
+
+    type: Literal["AllAtOnce", "Waves"] = Field(
+        "AllAtOnce", description="AllAtOnce: every target is paused and updated in one round (on-policy RL: "
+                                 "no request is served by an old version once the push returns). Waves: at "
+                                 "most maxUnavailable targets are paused and updated at a time, later waves "
+                                 "catching up from already updated peers where one can send (a daemon), so "
+                                 "serving capacity never drops below the rest (asynchronous RL, which "
+                                 "tolerates a few requests on the previous version).")
+    max_unavailable: Annotated[int, Field(ge=1, le=4096)] | Annotated[str, Field(pattern=r"^([1-9][0-9]?|100)%$")] = Field(
+        1, description="Waves: targets paused at once, a count or a percentage of the targets (rounded down, at "
+                       "least one).")
+
+    def wave_size(self, targets: int) -> int:
+        """Targets per wave among `targets` (AllAtOnce: all of them)."""
+        if self.type == "AllAtOnce":
+            return targets
+        if isinstance(self.max_unavailable, str):
+            return max(1, targets * int(self.max_unavailable[:-1]) // 100)
+        return min(targets, self.max_unavailable)
+
+
 class WeightSyncSpec(_Model):
     """What the user declares: who sends, who receives, how, and which version should be live."""
 
@@ -134,6 +157,7 @@ class WeightSyncSpec(_Model):
                            "once the round verified, so a failed round leaves them untouched (and able to "
                            "seed late joiners); costs one more copy of the weights per target.")
     failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, json_schema_extra={"default": {}})
+    strategy: RolloutStrategy = Field(default_factory=RolloutStrategy, json_schema_extra={"default": {}})
 
     @model_validator(mode="after")
     def _transfer_below_update(self) -> "WeightSyncSpec":
