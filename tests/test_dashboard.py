@@ -155,6 +155,9 @@ def test_dashboard_answers_the_questions_it_is_for():
     assert "weightsync_weight_version" in _panel("Weight version per party")["targets"][0]["expr"]
     failures = _panel("Failures by reason")["targets"][0]["expr"]
     assert selected(failures)[1] == {"reason"} and "weightsync_update_failures_total" in failures
+    fleet = [t["expr"] for t in _panel("Targets synced and stale, per WeightSync")["targets"]]
+    assert [" == on (" in fleet[0], " < on (" in fleet[1]] == [True, True]
+    assert all(e.startswith("count by (namespace, weightsync_dev_sync) (") and 'role!="trainer"' in e for e in fleet)
     since = _panel("Since last successful sync")
     assert since["fieldConfig"]["defaults"]["unit"] == "s"
     assert "weightsync_last_success_timestamp_seconds" in since["targets"][0]["expr"]
@@ -166,7 +169,9 @@ def test_alerts_cover_failures_skew_staleness_down_daemons_and_partial_weights()
     rules, _ = render_rules()
     by_name = {r["alert"]: r for r in rules}
     assert set(by_name) == {"WeightSyncSyncsFailing", "WeightSyncVersionSkew", "WeightSyncNoRecentSuccess",
-                            "WeightSyncDaemonDown", "WeightSyncPartialWeights"}
+                            "WeightSyncDaemonDown", "WeightSyncPartialWeights", "WeightSyncTargetStale"}
+    assert 'weightsync_dev_role!="trainer"' in by_name["WeightSyncTargetStale"]["expr"]
+    assert by_name["WeightSyncTargetStale"]["for"] == "15m"
     for rule in rules:
         assert rule["labels"]["severity"] and rule["annotations"]["summary"] and rule["annotations"]["description"]
     assert 'outcome="failure"' in by_name["WeightSyncSyncsFailing"]["expr"]
@@ -183,7 +188,8 @@ def test_alert_thresholds_and_labels_come_from_values():
         "versionSkew": {"maxVersions": 2, "for": "15m", "severity": "info"},
         "noRecentSuccess": {"minutes": 45, "severity": "critical"},
         "daemonDown": {"for": "1m", "severity": "warning"},
-        "partialWeights": {"for": "2m", "severity": "warning"}})
+        "partialWeights": {"for": "2m", "severity": "warning"},
+        "targetStale": {"for": "30m", "severity": "critical"}})
     by_name = {r["alert"]: r for r in rules}
     assert "[30m]" in by_name["WeightSyncSyncsFailing"]["expr"]
     assert by_name["WeightSyncSyncsFailing"]["labels"] == {"severity": "critical", "team": "rl"}
@@ -192,6 +198,8 @@ def test_alert_thresholds_and_labels_come_from_values():
     assert by_name["WeightSyncDaemonDown"]["for"] == "1m"
     assert by_name["WeightSyncPartialWeights"]["for"] == "2m"
     assert by_name["WeightSyncPartialWeights"]["labels"]["severity"] == "warning"
+    assert by_name["WeightSyncTargetStale"]["for"] == "30m"
+    assert by_name["WeightSyncTargetStale"]["labels"]["severity"] == "critical"
     assert all(r["labels"]["team"] == "rl" for r in rules)
     assert all("{{ $labels." in r["annotations"]["description"] for r in rules)  # Prometheus templates survive Helm
 

@@ -73,6 +73,22 @@ def test_alerts_fire_when_they_should_and_only_then(tmp_path):
                        {"namespace": "ml", "weightsync_dev_sync": "policy", "severity": "warning"}),
                 expect("WeightSyncVersionSkew", "28m")],
         },
+        {  # d1 stays behind (left out of the rounds) from minute 2 to 24, d0 only for 5 minutes
+            # (a wave that took a while); the trainer is never a stale target: firing for d1 alone
+            "interval": "1m",
+            "input_series": [
+                {"series": f'weightsync_weight_version{{{SERIES}, pod="trainer", weightsync_dev_role="trainer"}}',
+                 "values": "5 5 6x30"},
+                {"series": f'weightsync_weight_version{{{SERIES}, pod="d0", weightsync_dev_role="inference"}}',
+                 "values": "5 5 5x5 6x25"},
+                {"series": f'weightsync_weight_version{{{SERIES}, pod="d1", weightsync_dev_role="inference"}}',
+                 "values": "5 5 5x22 6x10"}],
+            "alert_rule_test": [
+                expect("WeightSyncTargetStale", "10m"),
+                expect("WeightSyncTargetStale", "20m",
+                       {**d1, "weightsync_dev_role": "inference", "severity": "warning"}),
+                expect("WeightSyncTargetStale", "30m")],
+        },
         {  # the last success at t=60s; nothing after: firing once 30 minutes (+ for 2m) have passed.
             # A party that never synced (timestamp 0) is no reason by itself.
             "interval": "1m",
