@@ -7,7 +7,7 @@ wheel: `make vllm033-venv` installs its wheel without dependencies (engines/vllm
 tests/helpers/vllm_contract.py runs in each release's venv (0.32: the CPU build the real-server
 tests use; 0.33: that contract venv) and reports each check; each test here asserts one:
 the trainer engine sends two bit-exact rounds of vLLM's own `ModuleSource` through vLLM's own
-trainer factory; a parameter some trainer rank does not own is refused by name; the worker
+trainer factory; `VLLMTrainer.push` reads that source's manifest and stream; a parameter some trainer rank does not own is refused by name; the worker
 engine's overrides match vLLM's base class; every vLLM import of the backend resolves; every
 route the trainer and the operator call exists with the query parameters they send.
 """
@@ -29,7 +29,8 @@ RELEASES = {
     "0.33": (os.environ.get("WEIGHTSYNC_VLLM033_PYTHON", str(ROOT / ".venv-vllm033" / "bin" / "python")),
              "make vllm033-venv"),
 }
-CHECKS = ["check_trainer_engine_sends_vllms_module_source", "check_a_parameter_a_trainer_rank_does_not_own_is_refused",
+CHECKS = ["check_trainer_engine_sends_vllms_module_source", "check_vllm_trainer_push_takes_vllms_module_source",
+          "check_a_parameter_a_trainer_rank_does_not_own_is_refused",
           "check_worker_engine_overrides_match_vllms_base", "check_the_backends_vllm_imports_resolve",
           "check_the_routes_the_backend_calls_exist"]
 

@@ -37,7 +37,7 @@ from pydantic import ValidationError
 
 from weightsync.errors import ProtocolError, WeightSyncError
 from weightsync.protocol import InitInfo, Manifest
-from weightsync.source import WeightSource, is_source, manifest_of
+from weightsync.source import WeightSource, adapt, is_source, manifest_of
 from weightsync.trainer import WeightSender
 from weightsync.transports import RoundStats
 
@@ -238,7 +238,9 @@ class _CheckedSource:
 
 def _checked(weights: WeightSource | Iterable[tuple[str, torch.Tensor]]) -> _CheckedSource | list:
     """The round's weights with their manifest validated (ProtocolError naming the parameter):
-    a source stays a source (it streams); pairs are resident already, so they are listed."""
+    a source stays a source (it streams); pairs are resident already, so they are listed. A
+    vLLM 0.33 source reads through its `iter_full()` (`weightsync.source.adapt`)."""
+    weights = adapt(weights)
     if is_source(weights):
         return _CheckedSource(weights, _validated(lambda: manifest_of(weights)))
     named = list(weights)

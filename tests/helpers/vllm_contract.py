@@ -111,6 +111,24 @@ def check_trainer_engine_sends_vllms_module_source() -> str:
     return f"2 rounds of {len(list(trained.parameters()))} tensors bit-exact; calls {client.calls}"
 
 
+def check_vllm_trainer_push_takes_vllms_module_source() -> str:
+    """What VLLMTrainer.push reads of vLLM's own ModuleSource before calling any server: the
+    manifest from its metadata, and a stream of its tensors in that order."""
+    import torch
+    from vllm.distributed.weight_transfer.base import ModuleSource
+
+    from weightsync_vllm.trainer import _checked
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    checked = _checked(ModuleSource(model))
+    names = [n for n, _ in model.named_parameters()]
+    assert checked.manifest.names == names, checked.manifest.names
+    streamed = list(checked)
+    assert [n for n, _ in streamed] == names
+    assert all(torch.equal(t, p) for (_, t), p in zip(streamed, model.parameters()))
+    return f"manifest and stream of {len(names)} tensors"
+
+
 def check_a_parameter_a_trainer_rank_does_not_own_is_refused() -> str:
     import vllm.distributed.weight_transfer.base as base
 
@@ -279,7 +297,8 @@ def check_the_routes_the_backend_calls_exist() -> str:
     return f"{len(called)} routes: {sorted(called)}"
 
 
-CHECKS = [check_trainer_engine_sends_vllms_module_source, check_a_parameter_a_trainer_rank_does_not_own_is_refused,
+CHECKS = [check_trainer_engine_sends_vllms_module_source, check_vllm_trainer_push_takes_vllms_module_source,
+          check_a_parameter_a_trainer_rank_does_not_own_is_refused,
           check_worker_engine_overrides_match_vllms_base, check_the_backends_vllm_imports_resolve,
           check_the_routes_the_backend_calls_exist]
 
