@@ -12,6 +12,7 @@ API server:
 - installs a CustomResourceDefinition when one is created (discovery, short names, printer
   columns), and rejects custom objects that do not satisfy its `openAPIV3Schema` (HTTP 422),
   including fields the real server would silently prune;
+- lists objects in the order of their keys (namespace, then name), as etcd returns them;
 - answers what kubectl asks for: list `kind`s, server-side printing (`as=Table`, with the CRD's
   printer columns, and the real server's columns for pods), and JSON watch streams;
 - merges a strategic merge patch's `status.conditions` by `type`, as the API server does for pods.
@@ -386,8 +387,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     # -- reads: what kubectl needs --------------------------------------------------------
     async def _serve_list(self, request: kmock.Request):
         answer = await super()._serve_list(request)
-        answer["items"] = [o for o in answer["items"] if self._selected(
-            request, o.get("metadata", {}).get("namespace"), o.get("metadata", {}).get("name"))]
+        answer["items"] = sorted((o for o in answer["items"] if self._selected(
+            request, o.get("metadata", {}).get("namespace"), o.get("metadata", {}).get("name"))),
+            key=lambda o: (o.get("metadata", {}).get("namespace") or "", o.get("metadata", {}).get("name") or ""))
         kind = self._kind(request.resource).kind
         answer["metadata"]["resourceVersion"] = str(next(self._counter))
         if self._wants_table(request):

@@ -11,6 +11,7 @@ import signal
 import time
 
 import httpx
+import yaml
 
 import pytest
 
@@ -22,20 +23,50 @@ from weightsync_operator.pods import SYNCED_CONDITION
 pytestmark = [pytest.mark.k8s, pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl")]
 
 
+README_TEST = "tests/test_operator_fleet.py::test_one_lost_replica_never_fails_the_rest"
+
+
+def readme_fleet() -> tuple[dict, dict, str]:
+    """The README's fleet blocks: the WeightSync's fields, the pods' spec, the sample output."""
+    from test_readme import README, snippets
+
+    blocks = [s for s in snippets(README.read_text()) if s.kind == "covered" and s.argument.startswith(README_TEST)]
+    (config,) = [b for b in blocks if b.language == "yaml"]
+    (sample,) = [b for b in blocks if b.language == ""]
+    weightsync, pod = yaml.safe_load_all(config.code)
+    return weightsync["spec"], pod["spec"], sample.code
+
+
+def assert_same_lines(printed: str, sample: str) -> None:
+    """kubectl's tables and the README's sample: the same lines and cells, but the measured ones
+    (GB/s, duration) and the ages."""
+    got, want = [line.split() for line in printed.strip().splitlines()], \
+        [line.split() for line in sample.strip().splitlines()]
+    assert len(got) == len(want), f"README:\n{sample}\nkubectl:\n{printed}"
+    assert got[0] == want[0] and got[1][:4] == want[1][:4] and float(got[1][4]) > 0 and float(got[1][5]) > 0
+    age = want[2].index("AGE")
+    assert [row[:age] + row[age + 1:] for row in got[2:]] == [row[:age] + row[age + 1:] for row in want[2:]], printed
+
+
+async def kubectl(kubeconfig, *args: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        "kubectl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)})
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    return out.decode()
+
+
 def conditions(pod: dict | None) -> dict[str, str]:
     return {c["type"]: c["status"] for c in ((pod or {}).get("status") or {}).get("conditions") or []}
 
 
 async def kubectl_pods(kubeconfig, namespace: str) -> dict[str, dict[str, str]]:
     """`kubectl get pods -o wide`, as columns by pod name."""
-    process = await asyncio.create_subprocess_exec(
-        "kubectl", "get", "pods", "-n", namespace, "-o", "wide", stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env={**os.environ, "KUBECONFIG": str(kubeconfig)})
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, err.decode()
-    header, *rows = out.decode().splitlines()
+    out = await kubectl(kubeconfig, "get", "pods", "-n", namespace, "-o", "wide")
+    header, *rows = out.splitlines()
     starts = [header.index(column) for column in ("NAME", "READY", "STATUS", "RESTARTS", "READINESS GATES")]
-    print(out.decode())
+    print(out)
     return {row[:starts[1]].strip(): {"READY": row[starts[1]:starts[2]].strip(),
                                       "READINESS GATES": row[starts[4]:].strip()} for row in rows}
 
@@ -127,8 +158,11 @@ async def test_one_lost_replica_never_fails_the_rest(tmp_path):
     """failurePolicy.maxFailed 1, six daemon pods: one killed mid-round, the version still goes live
     on the other five (the group formed again without it, the version sent again); it is Stale and
     unready, then, restarted, catches up from a peer; strict (maxFailed 0) fails the round as before."""
+    fields, pod_spec, sample = readme_fleet()
+    assert fields["failurePolicy"] == {"maxFailed": 1} and pod_spec["readinessGates"] == [
+        {"conditionType": SYNCED_CONDITION}]
     async with cluster(tmp_path) as c, operator(c.url, recheck_interval=0.5) as runtime:
-        await c.create_weightsync(NS, NAME, spec(free_port(), failurePolicy={"maxFailed": 1}))
+        await c.create_weightsync(NS, NAME, spec(free_port(), **fields))
         daemons, trainer = await asyncio.gather(start_daemons(7), Trainer.start(c, NS, NAME, "trainer-0"))
         members, spare = daemons[:6], daemons[6]
         try:
@@ -161,6 +195,10 @@ async def test_one_lost_replica_never_fails_the_rest(tmp_path):
             assert sums == [("2", answer["checksum"])] * 5
             await until(lambda: conditions(c.pod(NS, victim.name)).get(SYNCED_CONDITION) == "False", 10,
                         "the lost pod unready")
+            printed = await kubectl(c.kubeconfig, "get", "wsync", "-n", NS) + \
+                await kubectl(c.kubeconfig, "get", "pods", "-n", NS, "-o", "wide")
+            print(printed)
+            assert_same_lines(printed, sample)
 
             # Its container restarts (a new process, no weights): it rejoins and catches up from a peer.
             began = time.monotonic()
