@@ -297,9 +297,13 @@ async def run_concurrent(workdir: Path, count: int, targets: int, rounds: int, w
         follower = asyncio.create_task(timeline.follow(c.session, f"/apis/weightsync.dev/v1alpha1/namespaces/{NS}/weightsyncs"))
         try:
             phases: dict[str, list[int]] = {"alone": [], "at once": []}  # measured versions
+            # phase -> (CPU of the event loop the operator and the emulated API server share, wall seconds)
+            loop: dict[str, tuple[float, float]] = {}
             version = 0
             for phase, versions in phases.items():
                 for i in range(warmup + rounds):
+                    if i == warmup:
+                        cpu_began, wall_began = time.thread_time(), time.perf_counter()
                     version += 1
                     if phase == "alone":
                         for fleet in fleets:
@@ -308,9 +312,10 @@ async def run_concurrent(workdir: Path, count: int, targets: int, rounds: int, w
                         await push_all(timeline, fleets, version)
                     if i >= warmup:
                         versions.append(version)
+                loop[phase] = (time.thread_time() - cpu_began, time.perf_counter() - wall_began)
         finally:
             follower.cancel()
-    return print_concurrent(timeline, names, phases, targets, rounds, mbytes)
+    return print_concurrent(timeline, names, phases, loop, targets, rounds, mbytes)
 
 
 async def push_all(timeline: Timeline, fleets: list[Fleet], version: int) -> None:
@@ -335,8 +340,8 @@ def split(timeline: Timeline, names: list[str], versions: list[int]) -> dict[str
     return out
 
 
-def print_concurrent(timeline: Timeline, names: list[str], phases: dict[str, list[int]], targets: int,
-                     rounds: int, mbytes: float) -> int:
+def print_concurrent(timeline: Timeline, names: list[str], phases: dict[str, list[int]],
+                     loop: dict[str, tuple[float, float]], targets: int, rounds: int, mbytes: float) -> int:
     alone, together = phases["alone"], phases["at once"]
     print(f"\n{len(names)} WeightSyncs of {targets} daemon targets each, {mbytes:g} MB per round, {rounds} rounds "
           f"alone (one WeightSync at a time) then {rounds} with all bumped at once; bump -> Succeeded, median ms")
@@ -346,10 +351,12 @@ def print_concurrent(timeline: Timeline, names: list[str], phases: dict[str, lis
         a, t = (statistics.median(timeline.seconds(name, v) for v in vs) for vs in (alone, together))
         ratios.append(t / a)
         print(f"{name:<10} {a * 1e3:8.1f} {t * 1e3:8.1f} {t / a:6.2f}")
-    print(f"{'all, ms':<10} {'e2e':>8} {'data':>8} {'control':>8} {'own':>8}")
+    print(f"{'all, ms':<10} {'e2e':>8} {'data':>8} {'control':>8} {'own':>8}   the event loop of the operator and the emulated API server")
     for phase, versions in phases.items():
         parts = split(timeline, names, versions)
-        print(f"{phase:<10} " + " ".join(ms(parts[k]) for k in ("e2e", "data", "control", "own")))
+        cpu, wall = loop[phase]
+        print(f"{phase:<10} " + " ".join(ms(parts[k]) for k in ("e2e", "data", "control", "own"))
+              + f"   {cpu / rounds * 1e3:.1f} ms CPU per round of all {len(names)}, busy {cpu / wall:.0%} of the time")
     serial = sum(statistics.median(timeline.seconds(n, v) for v in alone) for n in names)
     spans = [max(timeline.done[(n, v)][0] for n in names) - min(timeline.bump[(n, v)] for n in names)
              for v in together]
