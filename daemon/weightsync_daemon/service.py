@@ -31,7 +31,7 @@ from weightsync.errors import ManifestMismatch, PhaseError, ProtocolError, Trans
 from weightsync.metrics import failure_reason, numeric_version
 from weightsync.protocol import InitInfo, UpdateInfo
 from weightsync.rendezvous import JoinCancelled, cancellable
-from weightsync.source import WeightSource, is_source
+from weightsync.source import WeightSource, adapt, is_source
 from weightsync.store import WeightStore, tensor_digest
 from weightsync.transports import RoundStats, Transport, default_device, get_transport
 from weightsync_daemon.metrics import DaemonMetrics
@@ -608,7 +608,7 @@ class SenderService(EngineService):
             raise ProtocolError("init_info.rank_offset", "the trainer is rank 0")
 
     def _transfer(self, info: UpdateInfo) -> RoundStats:
-        weights = self.source()
+        weights = adapt(self.source())  # a vLLM 0.33 WeightSource reads as a weightsync source
         if is_source(weights):  # metadata + iteration: streamed, one tensor materialized at a time
             return self.transport.send_source(weights)
         return self.transport.send(weights)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from weightsync.errors import PhaseError
-from weightsync.source import WeightSource, is_source
+from weightsync.source import WeightSource, adapt, is_source
 from weightsync.tokens import load_token
 from weightsync_daemon.server import EmbeddedServer, serve_embedded
 from weightsync_daemon.service import SenderService
@@ -117,8 +117,10 @@ class TrainerClient:
         """Publish `named_tensors` as `version` to every target; block until the round ended.
 
         `named_tensors`: (name, tensor) pairs, or a source (`metadata()` + iteration, e.g.
-        `weightsync.ModuleSource(model)`) that the round streams, one tensor materialized at a time."""
+        `weightsync.ModuleSource(model)`, or vLLM's own, 0.32's or 0.33's) that the round streams,
+        one tensor materialized at a time."""
         version = int(version)
+        named_tensors = adapt(named_tensors)  # a vLLM 0.33 WeightSource reads as a weightsync source
         if is_source(named_tensors):
             tensors = named_tensors
         else:
