@@ -154,6 +154,23 @@ def target_states(obj: dict) -> dict[str, tuple[str, str | None]]:
     return {t["pod"]: (t["state"], t.get("version")) for t in obj["status"]["targets"]}
 
 
+async def push_losing(c, trainer, runtime, version: int, kills: dict) -> dict:
+    """Push `version` while the targets in `kills` (pod → a kill) die the moment they are asked to
+    receive; the push must succeed on the others, the killed ones Stale. Returns the WeightSync."""
+    killed = [kill_before_its_update(runtime, pod, kill) for pod, kill in kills.items()]
+    answer = await trainer.push(version)
+    survived = time.monotonic() - killed[0]["at"]
+    assert answer["ok"], answer
+    obj = c.weightsync(NS, NAME)
+    print(f"version {version}: {', '.join(kills)} killed mid-round; live on the others {survived:.2f}s after the "
+          f"kill: {obj['status']['message']}")
+    states = target_states(obj)
+    assert [states.pop(pod)[0] for pod in kills] == ["Stale"] * len(kills)
+    assert set(states.values()) == {("Synced", str(version))}
+    obj["answer"] = answer
+    return obj
+
+
 async def test_one_lost_replica_never_fails_the_rest(tmp_path):
     """failurePolicy.maxFailed 1, six daemon pods: one killed mid-round, the version still goes live
     on the other five (the group formed again without it, the version sent again); it is Stale and
@@ -175,16 +192,8 @@ async def test_one_lost_replica_never_fails_the_rest(tmp_path):
             assert (await trainer.push(1))["ok"]
 
             victim = members[2]
-            killed = kill_before_its_update(runtime, victim.name, victim.kill)
-            answer = await trainer.push(2)
-            survived = time.monotonic() - killed["at"]
-            assert answer["ok"], answer
-            obj = c.weightsync(NS, NAME)
-            print(f"version 2: {victim.name} killed mid-round; live on the other five {survived:.2f}s after the "
-                  f"kill: {obj['status']['message']}")
-            states = target_states(obj)
-            assert states.pop(victim.name)[0] == "Stale"
-            assert set(states.values()) == {("Synced", "2")}
+            obj = await push_losing(c, trainer, runtime, 2, {victim.name: victim.kill})
+            answer = obj.pop("answer")
             assert obj["status"]["phase"] == "Succeeded" and obj["status"]["readyTargets"] == "5/6"
             degraded = next(x for x in obj["status"]["conditions"] if x["type"] == "Degraded")
             assert degraded["status"] == "True" and degraded["reason"] == "TargetsLeftOut"
@@ -262,17 +271,9 @@ async def test_a_lost_daemon_and_a_lost_vllm_server_never_fail_the_rest(tmp_path
             await c.wait_for(NS, NAME, lambda o: o["status"].get("readyTargets") == "7/7", 30, "all seven on version 1")
 
             victim = members[3]
-            killed = kill_before_its_update(runtime, victim.name, victim.kill)
-            kill_before_its_update(runtime, "vllm-0", lambda: os.killpg(server.process.pid, signal.SIGKILL))
-            answer = await trainer.push(2)
-            survived = time.monotonic() - killed["at"]
-            assert answer["ok"], answer
-            obj = c.weightsync(NS, NAME)
-            print(f"version 2: {victim.name} and vllm-0 killed mid-round; live on the other five {survived:.2f}s "
-                  f"after the kill: {obj['status']['message']}")
-            states = target_states(obj)
-            assert states.pop(victim.name)[0] == "Stale" and states.pop("vllm-0")[0] == "Stale"
-            assert set(states.values()) == {("Synced", "2")} and obj["status"]["readyTargets"] == "5/7"
+            obj = await push_losing(c, trainer, runtime, 2, {
+                victim.name: victim.kill, "vllm-0": lambda: os.killpg(server.process.pid, signal.SIGKILL)})
+            assert obj["status"]["readyTargets"] == "5/7"
             expected = await trainer.expected(prompts, MAX_TOKENS)
 
             # Both come back (new processes) and catch up to version 2 from a daemon peer, no push.
