@@ -401,7 +401,7 @@ async def test_large_bodies_leave_healthz_answering_at_once(daemon_process, http
         assert {a.status_code for a in answers} == {409}, {a.text[:200] for a in answers}
     settled = time.monotonic() + 10
     after = rss_mib(daemon.process.pid)
-    while after > started + 64 and time.monotonic() < settled:  # freed pages go back ~2 s after
+    while after > started + 96 and time.monotonic() < settled:  # freed pages go back ~2 s after
         await asyncio.sleep(0.2)
         after = rss_mib(daemon.process.pid)
     latencies.sort()
@@ -409,7 +409,9 @@ async def test_large_bodies_leave_healthz_answering_at_once(daemon_process, http
           f"{statistics.median(latencies) * 1e3:.1f} ms, p90 {latencies[int(len(latencies) * 0.9)] * 1e3:.1f} ms, "
           f"max {latencies[-1] * 1e3:.1f} ms; RSS {started:.0f} MiB at start, {peak:.0f} at the peak, {after:.0f} after")
     assert statistics.median(latencies) < 0.1 and latencies[int(len(latencies) * 0.9)] < 0.1, latencies[-5:]
-    assert after < started + 64, f"RSS {after:.0f} MiB after the bursts, {started:.0f} at start"
+    # On main the RSS settled 170 MiB above its start after such bursts; here it is what Python's
+    # partly used pools keep (47 MiB measured), with headroom for another allocator's habits.
+    assert after < started + 128, f"RSS {after:.0f} MiB after the bursts, {started:.0f} at start"
 
 
 # -- item 7: small ones -------------------------------------------------------------------------------
