@@ -133,22 +133,9 @@ def header_deadline_protocol(seconds: float = DEFAULT_HEADER_TIMEOUT_SECONDS) ->
     class HttpToolsDeadlineProtocol(_HeaderDeadline, HttpToolsProtocol):
         header_seconds = seconds
 
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self._arm_headers()
-
-        def connection_lost(self, exc) -> None:
-            self._disarm_headers()
-            super().connection_lost(exc)
-
         def on_headers_complete(self) -> None:
             self._disarm_headers()
             super().on_headers_complete()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm_headers()  # the next request's headers get the same time
 
         def _awaiting_headers(self) -> bool:
             return self.cycle is None or self.cycle.response_complete  # no request in flight
@@ -157,12 +144,26 @@ def header_deadline_protocol(seconds: float = DEFAULT_HEADER_TIMEOUT_SECONDS) ->
 
 
 class _HeaderDeadline:
-    """The headers' timer, for either protocol: armed when a connection opens and after each
-    response, disarmed once a request's headers are in; when it fires while the protocol still
-    awaits headers (`_awaiting_headers`), the connection is closed."""
+    """The headers' timer, for either protocol (it comes before the protocol in the bases):
+    armed when a connection opens and after each response, disarmed once a request's headers are
+    in (each protocol's own hook); when it fires while the protocol still awaits headers
+    (`_awaiting_headers`), the connection is closed."""
 
     header_seconds: float
     _headers_timer = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_headers()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm_headers()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_headers()  # the next request's headers get the same time
 
     def _arm_headers(self) -> None:
         self._disarm_headers()
@@ -189,23 +190,10 @@ def _h11_deadline_protocol(seconds: float) -> type:
     class HeaderDeadlineProtocol(_HeaderDeadline, H11Protocol):
         header_seconds = seconds
 
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self._arm_headers()
-
-        def connection_lost(self, exc) -> None:
-            self._disarm_headers()
-            super().connection_lost(exc)
-
         def handle_events(self) -> None:
             super().handle_events()
             if self.conn.their_state is not h11.IDLE:  # the request's headers are in
                 self._disarm_headers()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm_headers()  # the next request's headers get the same time
 
         def _awaiting_headers(self) -> bool:
             return self.conn.their_state is h11.IDLE
