@@ -10,29 +10,35 @@ import torch
 from weightsync.transports.base import RoundStats, SparsePatch, Transport
 
 _REGISTRY: dict[str, type[Transport]] = {}
-# Built-in transports, imported on first use so that a CPU-only install never touches CUDA.
-_BUILTIN_MODULES = {
-    "cpu": "weightsync.transports.cpu",
-    "nccl": "weightsync.transports.nccl",
-    "ipc": "weightsync.transports.ipc",
-    "p2p": "weightsync.transports.p2p",
+# The built-in transports, in one place: each loaded from its module on first use, so that a
+# CPU-only install never touches CUDA. Others join with `register`.
+BUILTINS: dict[str, tuple[str, str]] = {
+    "cpu": ("weightsync.transports.cpu", "CpuTransport"),
+    "nccl": ("weightsync.transports.nccl", "NcclTransport"),
+    "ipc": ("weightsync.transports.ipc", "IpcTransport"),
+    "p2p": ("weightsync.transports.p2p", "P2pTransport"),
 }
 
 
 def register(cls: type[Transport]) -> type[Transport]:
-    """Class decorator: make a transport available under `cls.name`."""
+    """Class decorator for a transport outside weightsync: make it available under `cls.name`."""
     if not cls.name:
         raise ValueError(f"{cls.__qualname__} has no name")
+    if cls.name in BUILTINS:
+        raise ValueError(f"{cls.name!r} is a built-in transport's name")
     _REGISTRY[cls.name] = cls
     return cls
 
 
 def get_transport(name: str) -> type[Transport]:
-    if name not in _REGISTRY and name in _BUILTIN_MODULES:
+    """The transport class registered as `name`; a built-in one is imported on first use. A
+    built-in transport that fails to import says so, with the import's error chained."""
+    if name not in _REGISTRY and name in BUILTINS:
+        module, attribute = BUILTINS[name]
         try:
-            importlib.import_module(_BUILTIN_MODULES[name])
-        except ModuleNotFoundError:
-            pass
+            _REGISTRY[name] = getattr(importlib.import_module(module), attribute)
+        except ImportError as error:
+            raise ValueError(f"the {name} backend could not be loaded: {type(error).__name__}: {error}") from error
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -49,7 +55,7 @@ def default_device(backend: str) -> torch.device:
 def available() -> list[str]:
     """Names of the transports that can be loaded here."""
     names = set(_REGISTRY)
-    for name, module in _BUILTIN_MODULES.items():
+    for name, (module, _) in BUILTINS.items():
         if importlib.util.find_spec(module) is not None:
             names.add(name)
     return sorted(names)

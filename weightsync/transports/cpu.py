@@ -17,7 +17,6 @@ import torch.distributed as dist
 from weightsync.errors import TransferError
 from weightsync.protocol import InitInfo
 from weightsync.rendezvous import open_store
-from weightsync.transports import register
 from weightsync.transports.collective import CollectiveOptions, CollectiveTransport, Group, Pending
 from weightsync.transports.options import TransportOptions
 
@@ -95,7 +94,6 @@ class CpuOptions(CollectiveOptions):
     by default: gloo gains nothing from small first and last chunks)."""
 
 
-@register
 class CpuTransport(CollectiveTransport):
     """The collective round over gloo, with the core rules and the packed paths."""
 

@@ -45,7 +45,6 @@ from weightsync.integrity import StreamDigest
 from weightsync.landing import LoaderSink
 from weightsync.packing import Region, RegionPlan
 from weightsync.protocol import InitInfo
-from weightsync.transports import register
 from weightsync.transports.cuda_ipc import gpu_uuid
 from weightsync.transports.lending.checksums import Coverage
 from weightsync.transports.lending.receiver import CopyStrategy, Landed, RoundPlan
@@ -121,7 +120,6 @@ class LocalCopy(CopyStrategy):
         return Landed(failure, done, full)
 
 
-@register
 class IpcTransport(LendingTransport):
     """ipc: trainer and receiver on the same GPU (see the module docstring)."""
 

@@ -30,7 +30,6 @@ from weightsync.errors import TransferError
 from weightsync.kernels import warm_up
 from weightsync.layout import Chunk
 from weightsync.protocol import InitInfo, RoundHeader
-from weightsync.transports import register
 from weightsync.transports.collective import (
     LEAD_MAX_PIECES, CollectiveOptions, CollectiveTransport, RoundRules, agree_options_over_group,
 )
@@ -124,7 +123,6 @@ class NcclRoundRules(RoundRules):
         return pieces if len(pieces) <= LEAD_MAX_PIECES else []
 
 
-@register
 class NcclTransport(CollectiveTransport):
     """The collective round over an `NcclGroup`, with the nccl rules and the pipelined GPU paths."""
 

@@ -35,7 +35,6 @@ from weightsync.landing import LoaderSink, StagedLoad, StagingPlan
 from weightsync.layout import Layout
 from weightsync.packing import Region, RegionPlan
 from weightsync.protocol import InitInfo
-from weightsync.transports import register
 from weightsync.transports.cuda_ipc import gpu_uuid, local_device_index
 from weightsync.transports.lending.receiver import CopyStrategy, Landed, RoundPlan
 from weightsync.transports.lending.transport import LendingTransport
@@ -220,7 +219,6 @@ class PeerCopy(CopyStrategy):
         self._area = None
 
 
-@register
 class P2pTransport(LendingTransport):
     """p2p: trainer and receiver on different GPUs of the host (see the module docstring)."""
 
