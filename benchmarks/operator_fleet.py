@@ -29,7 +29,7 @@ import contextlib
 import json
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,31 +44,39 @@ CLOCK_TICK = 0.01  # seconds per /proc tick (USER_HZ is 100 on Linux)
 
 
 # -- what is measured in this process ---------------------------------------------------------
+@contextlib.contextmanager
+def measured(owner: type, method: str, clock: Callable[[], float],
+             record: Callable[[tuple, float], None]) -> Iterator[None]:
+    """Patch the coroutine method `owner.method` (the operator runs in this process) so that each
+    call is measured on `clock` and handed to `record(args, elapsed)`; the real one is put back."""
+    real = getattr(owner, method)
+
+    async def timed(*args, **kwargs):
+        began = clock()
+        try:
+            return await real(*args, **kwargs)
+        finally:
+            record(args, clock() - began)
+
+    setattr(owner, method, timed)
+    try:
+        yield
+    finally:
+        setattr(owner, method, real)
+
+
 class PartyCalls:
-    """Every call the coordinator makes to a party (the operator runs in this process), timed
-    around the real client method: (party, step, seconds), in call order."""
+    """Every call the coordinator makes to a party, timed around the real client method:
+    (party, step, seconds), in call order."""
 
     def __init__(self):
         self.calls: list[tuple[str, str, float]] = []
 
-    @contextlib.contextmanager
-    def timing(self) -> Iterator["PartyCalls"]:
+    def timing(self) -> contextlib.AbstractContextManager:
         from weightsync_operator.client import PartyClient
 
-        real = PartyClient.call
-
-        async def timed(client, step, method, path, timeout, body=None, params=None):
-            began = time.perf_counter()
-            try:
-                return await real(client, step, method, path, timeout, body, params)
-            finally:
-                self.calls.append((client.name, step, time.perf_counter() - began))
-
-        PartyClient.call = timed
-        try:
-            yield self
-        finally:
-            PartyClient.call = real
+        return measured(PartyClient, "call", time.perf_counter,
+                        lambda args, seconds: self.calls.append((args[0].name, args[1], seconds)))
 
 
 class SyncCpu:
@@ -77,24 +85,10 @@ class SyncCpu:
     def __init__(self):
         self.seconds: list[float] = []
 
-    @contextlib.contextmanager
-    def timing(self) -> Iterator["SyncCpu"]:
+    def timing(self) -> contextlib.AbstractContextManager:
         from weightsync_operator.coordinator import Coordinator
 
-        real = Coordinator.sync
-
-        async def timed(coordinator, version, max_failed=0):
-            began = time.thread_time()
-            try:
-                return await real(coordinator, version, max_failed)
-            finally:
-                self.seconds.append(time.thread_time() - began)
-
-        Coordinator.sync = timed
-        try:
-            yield self
-        finally:
-            Coordinator.sync = real
+        return measured(Coordinator, "sync", time.thread_time, lambda _, seconds: self.seconds.append(seconds))
 
 
 class Timeline:
@@ -269,7 +263,8 @@ def print_rows(rows: list[FleetRow], rounds: int, warmup: int, mbytes: float) ->
               f"{ms(r.slowest)} {r.daemon_cpu_per_call * 1e3:9.2f} {r.daemon_cpu_per_round * 1e3:8.1f}  "
               f"{requests_text(r.requests)}")
     base = rows[0]
-    print(f"\nratios against {base.targets} targets (same run):")
+    if len(rows) > 1:
+        print(f"\nratios against {base.targets} targets (same run):")
     for r in rows[1:]:
         print(f"  {r.targets} targets: own part x{statistics.median(r.own) / statistics.median(base.own):.2f}, "
               f"coordinator CPU x{statistics.median(r.coordinator_cpu) / statistics.median(base.coordinator_cpu):.2f}, "

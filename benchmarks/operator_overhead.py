@@ -38,7 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,24 +96,11 @@ class PauseCalls:
     def __init__(self):
         self.seconds: list[float] = []
 
-    @contextlib.contextmanager
-    def timing(self) -> Iterator[PauseCalls]:
+    def timing(self) -> contextlib.AbstractContextManager:
+        from operator_fleet import measured
         from weightsync_operator.client import VllmClient
 
-        real = VllmClient.pause
-
-        async def timed(client, mode: str, timeout: float) -> dict:
-            began = time.perf_counter()
-            try:
-                return await real(client, mode, timeout)
-            finally:
-                self.seconds.append(time.perf_counter() - began)
-
-        VllmClient.pause = timed
-        try:
-            yield self
-        finally:
-            VllmClient.pause = real
+        return measured(VllmClient, "pause", time.perf_counter, lambda _, seconds: self.seconds.append(seconds))
 
 
 @contextlib.asynccontextmanager
