@@ -49,7 +49,7 @@ def test_the_layers_hold(capsys):
     status = check(config_filename=str(ROOT / "pyproject.toml"), no_cache=True, no_logo=True)
     out = capsys.readouterr().out
     assert status == 0, out
-    assert "6 kept, 0 broken" in out
+    assert "7 kept, 0 broken" in out
 
 
 def copy_tree(tmp_path: Path) -> Path:
@@ -101,6 +101,12 @@ def test_an_unchanged_copy_keeps_the_contracts(tmp_path):
     # A GPU pod's packages import Kubernetes; the daemon imports vLLM.
     ("weightsync_daemon/server.py", "import kubernetes", "weightsync_daemon.server -> kubernetes"),
     ("weightsync_daemon/service.py", "import vllm", "weightsync_daemon.service -> vllm"),
+    # The nccl group reads the transport module (the import circle issue 27 removed).
+    ("weightsync/transports/nccl_group.py", "import weightsync.transports.nccl",
+     "weightsync.transports.nccl_group -> weightsync.transports.nccl"),
+    # A shared round imports a transport built on it.
+    ("weightsync/transports/collective/receiver.py", "import weightsync.transports.cpu",
+     "weightsync.transports.collective.receiver -> weightsync.transports.cpu"),
 ])
 def test_a_planted_wrong_import_breaks_a_contract(tmp_path, module, planted, broken):
     site = copy_tree(tmp_path)

@@ -14,8 +14,6 @@ import binascii
 import datetime
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
 import torch
 
 from weightsync.errors import TransferError
@@ -23,10 +21,8 @@ from weightsync.protocol import InitInfo
 from weightsync.rendezvous import open_store
 from weightsync.transports.collective import Group, Pending, mark
 from weightsync.transports.nccl_lib import Communicator, new_unique_id
+from weightsync.transports.nccl_options import NcclOptions
 from weightsync.transports.waits import wait_event_until
-
-if TYPE_CHECKING:
-    from weightsync.transports.nccl import NcclOptions
 
 UNIQUE_ID_KEY = "nccl_unique_id"
 
