@@ -126,8 +126,10 @@ def test_a_push_with_a_long_generation_in_flight(setup, mode):
         assert answered <= push_returned, "wait holds the push until the generation finished"
     else:
         assert reason == "length" and len(tokens) == LONG
-        assert push_returned < answered, "keep does not hold the push for the generation"
-        assert head < LONG, "the generation went on on the new weights (it differs from the old weights')"
+        # The generation went on on the new weights: the push did not wait for it to end (had it,
+        # every token would be the old weights'). Whether the push returned before the generation
+        # did depends on the machine's load, so it is printed above, not asserted.
+        assert head < LONG, "keep held the push for the generation: every token is the old weights'"
         # The tail is the new weights' greedy continuation of the generation's own head: its KV
         # cache was recomputed with the new weights, not kept from the old ones.
         new_tail = complete(server, PROMPT + tokens[:head], LONG - head)[0]["token_ids"]
