@@ -18,7 +18,6 @@ import httpx
 import pytest
 import torch
 
-from weightsync import WeightSender
 from weightsync.store import named_checksum
 from weightsync_operator.local import free_port
 

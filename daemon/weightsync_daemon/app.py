@@ -169,7 +169,7 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, error: StarletteHTTPException):
-        # 400 is FastAPI's answer to a body it cannot even decode (e.g. binary, pickled bytes).
+        # 400: a Content-Length that is no byte count (guard.py); bodies are validated by `_body`.
         return _error_response(error.status_code, str(error.detail),
                                "body" if error.status_code in (400, 408, 413) else None, error.headers)
 

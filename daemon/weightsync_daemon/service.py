@@ -20,10 +20,10 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import NoReturn
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 

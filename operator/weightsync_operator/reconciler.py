@@ -270,12 +270,16 @@ class Reconciler:
         budget = spec.failure_policy.max_failed
         if budget == 0:
             return {}
-        clients = [party_client(t.endpoint(spec.daemon_port), self._http, self._token) for t in targets]
-        answers = await asyncio.gather(*(c.health(timeout) for c in clients), return_exceptions=True)
-        silent = {t.name: str(a) for t, a in zip(targets, answers) if isinstance(a, BaseException)}
+        silent = await self._silent(spec, targets, timeout)
         if len(silent) > budget or len(silent) >= len(targets):
             return {}
         return silent
+
+    async def _silent(self, spec: WeightSyncSpec, pods: list[PodRef], timeout: float) -> dict[str, str]:
+        """The pods among `pods` whose party does not answer its health check, and why."""
+        clients = [party_client(p.endpoint(spec.daemon_port), self._http, self._token) for p in pods]
+        answers = await asyncio.gather(*(c.health(timeout) for c in clients), return_exceptions=True)
+        return {p.name: str(a) for p, a in zip(pods, answers) if isinstance(a, BaseException)}
 
     def _left_out_condition(self) -> tuple[str, str] | None:
         """The Degraded condition while members are outside the group (None: every one is in)."""
@@ -375,9 +379,8 @@ class Reconciler:
     async def _answering_again(self, spec: WeightSyncSpec, timeout: float) -> list[str]:
         """Members left out of the group that answer their health check again."""
         out = [self._members[name] for name in self._left_out if name in self._members]
-        clients = [party_client(p.endpoint(spec.daemon_port), self._http, self._token) for p in out]
-        answers = await asyncio.gather(*(c.health(timeout) for c in clients), return_exceptions=True)
-        return [p.name for p, answer in zip(out, answers) if not isinstance(answer, BaseException)]
+        silent = await self._silent(spec, out, timeout)
+        return [p.name for p in out if p.name not in silent]
 
     async def _wait_for_pods(self, spec: WeightSyncSpec, trainers: list[PodRef], targets: list[PodRef],
                              generation: int | None) -> None:
