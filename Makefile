@@ -8,7 +8,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q "$(TORCH)"
-	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	$(VENV)/bin/python -m pip install -q -e '.[test,dev]'
 	touch $@
 
 # The vLLM end-to-end tests (marker `vllm`) run vLLM's CPU build from a venv of its own: vLLM
@@ -40,7 +40,7 @@ $(VLLM033_VENV)/.installed: $(VLLM033_LOCK) pyproject.toml
 	$(VLLM033_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
-.PHONY: install demo demo-vllm test test-fast vllm-venv vllm033-venv
+.PHONY: install demo demo-vllm lint test test-fast vllm-venv vllm033-venv
 install: $(VENV)/.installed
 
 vllm-venv: $(VLLM_VENV)/.installed
@@ -55,7 +55,17 @@ demo: $(VENV)/.installed
 demo-vllm: $(VENV)/.installed $(VLLM_VENV)/.installed
 	WEIGHTSYNC_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/weightsync demo --engine vllm
 
-test: $(VENV)/.installed $(VLLM_VENV)/.installed $(VLLM033_VENV)/.installed
+# The checkers (configured in pyproject.toml), each a step of its own: ruff (E, W, F, B; its
+# complexity rule C901 is the function-size step's, which counts it the same way), mypy --strict
+# over every package, and tools/function_sizes.py, which prints the ten most complex functions
+# and fails on one more complex than 15 or longer than 60 lines. `make test` runs it first.
+LINT_PATHS = weightsync engines daemon operator cli benchmarks tests tools
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check --extend-ignore C901 $(LINT_PATHS)
+	$(VENV)/bin/mypy
+	$(VENV)/bin/python tools/function_sizes.py
+
+test: lint $(VENV)/.installed $(VLLM_VENV)/.installed $(VLLM033_VENV)/.installed
 	WEIGHTSYNC_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python \
 	WEIGHTSYNC_VLLM033_PYTHON=$(abspath $(VLLM033_VENV))/bin/python $(VENV)/bin/python -m pytest -q
 
