@@ -37,9 +37,10 @@ PROMPT = [5, 6, 7, 8, 9]
 # (about 0.1 s) lands in the middle and a client reads the stream as it goes (the 2-layer model
 # made 1,500 tokens in 3 s, which a busy API server delivered in bursts). MAX_LEN positions.
 LAYERS = 16
-LONG = 600
+LONG = 1000
 MAX_LEN = 1024
 LEAD = 40  # tokens the client has read before the push starts
+ATTEMPTS = 5  # generations started until one has its first LEAD tokens out early enough
 DEADLINE_S = 300.0
 SEEDS = {"abort": 11, "wait": 12, "keep": 13, "default": 14}  # each push brings new weights
 
@@ -99,17 +100,33 @@ def test_a_push_with_a_long_generation_in_flight(setup, mode):
     on the longest rollout unless it asks to)."""
     trainer, server = setup
     # The references are vLLM's own greedy completions (exact, and no second engine's rounding).
-    old = complete(server, PROMPT, LONG)[0]["token_ids"]
-    rollout = Rollout(server, PROMPT, LONG)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        started = time.monotonic()
-        streaming = pool.submit(rollout)
-        assert rollout.lead.wait(DEADLINE_S), f"fewer than {LEAD} tokens within {DEADLINE_S}s"
-        push_started = time.monotonic()
-        asked = {} if mode == "default" else {"pause_mode": mode}
-        pushed = trainer.ask(timeout=DEADLINE_S, cmd="round", seed=SEEDS[mode], version=f"pause-{mode}", **asked)
-        push_returned = time.monotonic()
-        answered = streaming.result(timeout=DEADLINE_S)
+    asked_at = time.monotonic()
+    old_choice, old_answered = complete(server, PROMPT, LONG)
+    old, generation_s = old_choice["token_ids"], old_answered - asked_at
+    # The new weights are made before the generation starts: on a busy machine making them took
+    # seconds, and the generation could end before the push paused the server.
+    trainer.ask(timeout=DEADLINE_S, cmd="randomize", seed=SEEDS[mode])
+    for _ in range(ATTEMPTS):
+        rollout = Rollout(server, PROMPT, LONG)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            started = time.monotonic()
+            streaming = pool.submit(rollout)
+            assert rollout.lead.wait(DEADLINE_S), f"fewer than {LEAD} tokens within {DEADLINE_S}s"
+            push_started = time.monotonic()
+            if push_started - started > generation_s / 2:
+                # A starved API server delivered the first tokens late: the engine may be done
+                # already, and a push now would test nothing. Let it finish and start again.
+                streaming.result(timeout=DEADLINE_S)
+                print(f"\n[{mode}] the first {LEAD} tokens came {push_started - started:.2f}s into a "
+                      f"{generation_s:.2f}s generation: started again", file=sys.stderr)
+                continue
+            asked = {} if mode == "default" else {"pause_mode": mode}
+            pushed = trainer.ask(timeout=DEADLINE_S, cmd="round", version=f"pause-{mode}", **asked)
+            push_returned = time.monotonic()
+            answered = streaming.result(timeout=DEADLINE_S)
+            break
+    else:
+        pytest.fail(f"in {ATTEMPTS} generations the first {LEAD} tokens never came within half of one")
     tokens, reason = rollout.tokens, rollout.finish_reason
     head = common_prefix(tokens, old)
     print(f"\n[{mode}] push {push_returned - push_started:.2f}s (its round {pushed['seconds']:.2f}s), started "

@@ -8,6 +8,8 @@ answering one JSON object per line on stdout:
   {"cmd": "init", "url": ..., "master_port": ..., "fields": {...}}   join the server's workers
   {"cmd": "generate", "prompts": [[ids]...], "max_tokens": n}        HF greedy continuation ids
   {"cmd": "round", "seed": k, "version": "v1"[, "pause_mode": m]}    new weights, pushed to vLLM
+        (without "seed": the weights as they are, e.g. after "randomize")
+  {"cmd": "randomize", "seed": k}                                    new weights, not pushed
   {"cmd": "bad_round", "kind": "unknown_name"|"wrong_shape"|"wrong_dtype"|"as_listed"}  a manifest vLLM must refuse
   {"cmd": "subset", "seed": k, "params": regex, "only": regex|null, "version": "v2"}
         new values for the model's parameters whose names match `params`, pushed as checkpoint
@@ -130,8 +132,12 @@ def handle(command: dict, model: torch.nn.Module, trainer: VLLMTrainer | None) -
         return {"world_size": STATE["trainer"].init.world_size}
     if cmd == "generate":
         return {"tokens": [greedy(model, p, command["max_tokens"]) for p in command["prompts"]]}
-    if cmd == "round":
+    if cmd == "randomize":
         randomize(model, command["seed"])
+        return {}
+    if cmd == "round":
+        if "seed" in command:
+            randomize(model, command["seed"])
         started = time.monotonic()
         # transformers 5 lists a mixture of experts' experts fused: sent under the checkpoint's names
         weights = CheckpointSource(model) if model.config.model_type == "qwen3_moe" else model.named_parameters()
