@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -32,6 +33,57 @@ class Region:
     position: int
 
 
+class _Row(NamedTuple):
+    """One region as the kernel's block table reads it (`kernels.block_table`): the addresses of
+    its source and destination (0: none), its whole 8-byte words, and its stream position in words."""
+
+    src: int
+    dst: int
+    words: int
+    word_position: int
+
+
+def _kernel_fits(region: Region, device: torch.device) -> bool:
+    """Whether the batched kernel can take `region`: it reads and writes whole 8-byte words, so
+    every address and the stream position must be 8-byte aligned, all on the plan's device."""
+    src, dst = region.src, region.dst
+    return (src.data_ptr() % 8 == 0 and region.position % 8 == 0
+            and (dst is None or (dst.data_ptr() % 8 == 0 and dst.device == src.device))
+            and src.device == device)
+
+
+def _split_by_path(regions: Sequence[Region], device: torch.device, copy: bool) -> tuple[list[Region], list[Region]]:
+    """The regions the kernel takes and those copied the plain way (a checksum-only plan drops
+    each destination). Checked here, once per plan, so `run` never meets a mismatched copy."""
+    kernel = triton_usable(device)
+    usable: list[Region] = []
+    slow: list[Region] = []
+    for region in regions:
+        dst = region.dst if copy else None
+        if copy and (dst is None or dst.numel() != region.src.numel()):
+            raise ValueError("a copied region needs a destination of the same size")
+        placed = Region(region.src, dst, region.position)
+        (usable if kernel and _kernel_fits(placed, device) else slow).append(placed)
+    return usable, slow
+
+
+def _kernel_rows(usable: Sequence[Region], aligned: bool) -> tuple[list[tuple[int, int, int, int]], list[Region]]:
+    """The kernel's rows for `usable` regions, and the tails it leaves to the plain way: a
+    partial last word, or with `aligned` (16-byte accesses) an odd last word."""
+    rows: list[tuple[int, int, int, int]] = []
+    tails: list[Region] = []
+    for region in usable:
+        src, dst = region.src, region.dst
+        words = src.numel() // 8
+        if aligned:
+            words -= words % 2  # even word counts too; an odd last word goes the plain way
+        rows.append(_Row(src.data_ptr(), dst.data_ptr() if dst is not None else 0, words, region.position // 8))
+        cut = words * 8
+        if cut != src.numel():
+            tails.append(Region(src[cut:], dst[cut:] if dst is not None else None, region.position + cut))
+    return rows, tails
+
+
 class RegionPlan:
     """Copy and/or checksum a fixed list of regions in as few launches as possible."""
 
@@ -40,33 +92,13 @@ class RegionPlan:
         self.regions = tuple(regions)  # keeps every region's memory alive while the plan lives
         self.nbytes = sum(r.src.numel() for r in self.regions)
         device = self.regions[0].src.device if self.regions else torch.device("cpu")
-        kernel = triton_usable(device)
-        usable: list[Region] = []
-        self._slow: list[Region] = []
-        for region in self.regions:
-            src, dst = region.src, region.dst if copy else None
-            if copy and (dst is None or dst.numel() != src.numel()):
-                raise ValueError("a copied region needs a destination of the same size")
-            aligned = (src.data_ptr() % 8 == 0 and region.position % 8 == 0
-                       and (dst is None or (dst.data_ptr() % 8 == 0 and dst.device == src.device)))
-            if kernel and aligned and src.device == device:
-                usable.append(Region(src, dst, region.position))
-            else:
-                self._slow.append(Region(src, dst, region.position))
+        usable, self._slow = _split_by_path(self.regions, device, copy)
         # 16-byte accesses when every region starts 16-byte aligned (the usual case: allocations are).
         self._aligned = all(r.src.data_ptr() % 16 == 0 and (r.dst is None or r.dst.data_ptr() % 16 == 0)
                             for r in usable)
-        fast: list[tuple[int, int, int, int]] = []
-        for region in usable:
-            src, dst = region.src, region.dst
-            words = src.numel() // 8
-            if self._aligned:
-                words -= words % 2  # even word counts too; an odd last word goes the plain way
-            fast.append((src.data_ptr(), dst.data_ptr() if dst is not None else 0, words, region.position // 8))
-            if words * 8 != src.numel():  # the rest (a partial or odd last word) goes the plain way
-                cut = words * 8
-                self._slow.append(Region(src[cut:], dst[cut:] if dst is not None else None, region.position + cut))
-        self._table = block_table(fast, device, self._aligned) if fast else None
+        rows, tails = _kernel_rows(usable, self._aligned)
+        self._slow.extend(tails)
+        self._table = block_table(rows, device, self._aligned) if rows else None
 
     def run(self, digest: StreamDigest | None = None, programs: int | None = None) -> None:
         """Enqueue the copies (and the checksum) on the current stream; `programs` caps how many
