@@ -18,6 +18,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,10 +32,19 @@ LEAD_MAX_PIECES = 64  # a round moves ahead of its agreement only a first chunk 
 HEADER_BLOCK = 64 << 10  # the header's first broadcast; longer headers take one more
 MAX_HEADER_BYTES = 1 << 28
 _PREFIX = b'{"round_id":"'
+_REPEAT_OF = b'","repeat_of":"'  # what follows the round id in a header sent by name
 
 
 def fingerprint(body: bytes) -> str:
     return hashlib.blake2b(body, digest_size=16).hexdigest()
+
+
+def _json(data: bytes) -> Any:
+    """The header's JSON; TransferError when it is none."""
+    try:
+        return json.loads(data)
+    except ValueError as error:
+        raise TransferError(f"round header is not JSON: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -181,37 +191,46 @@ class HeaderDecoder:
         every receiver agreed to it) is that one with a new round id; `UnknownHeader` when this
         receiver does not hold it."""
         end = data.find(b'"', len(_PREFIX)) if data.startswith(_PREFIX) else -1
-        held = self._held
-        if end > len(_PREFIX) and data[end:].startswith(b'","repeat_of":"') and len(data) <= 4096:
-            try:
-                raw = json.loads(data)
-            except ValueError as error:
-                raise TransferError(f"round header is not JSON: {error}") from None
-            round_id, repeat_of, lead = raw.get("round_id"), raw.get("repeat_of"), raw.get("lead_pieces", [])
-            if not (isinstance(round_id, str) and round_id.isalnum() and len(round_id) <= 64):
-                raise TransferError("round header: round_id must be 1-64 letters or digits")
-            if not (isinstance(lead, list) and len(lead) <= LEAD_MAX_PIECES
-                    and all(type(n) is int and n > 0 for n in lead)):
-                raise TransferError(f"round header: lead_pieces must be a list of at most {LEAD_MAX_PIECES} "
-                                    "positive byte counts")
-            if held is None or repeat_of != held.fingerprint:
-                return UnknownHeader(lead)
+        if end > len(_PREFIX) and data[end:].startswith(_REPEAT_OF) and len(data) <= 4096:
+            return self._by_name(data)
+        reused = self._same_body(data, end) if end > len(_PREFIX) else None
+        if reused is not None:
             mark("header: parsed")
-            return held.header.model_copy(update={"round_id": round_id})
-        if end > len(_PREFIX) and held is not None and data[end:] == held.body:
-            round_id = data[len(_PREFIX) : end].decode("ascii", errors="replace")
-            if round_id.isalnum() and len(round_id) <= 64:
-                mark("header: parsed")
-                return held.header.model_copy(update={"round_id": round_id})
-        try:
-            raw = json.loads(data)
-        except ValueError as error:
-            raise TransferError(f"round header is not JSON: {error}") from None
-        header = self._parse(raw)
+            return reused
+        header = self._parse(_json(data))
         if end > len(_PREFIX):
             self._held = _Held(data[end:], header, fingerprint(data[end:]))
         mark("header: parsed")
         return header
+
+    def _by_name(self, data: bytes) -> RoundHeader | UnknownHeader:
+        """A header sent by name (`HeaderEncoder.encode`): the held one under the new round id,
+        or `UnknownHeader` (with the lead pieces to take part in) when this receiver holds
+        another one or none."""
+        raw = _json(data)
+        round_id, repeat_of, lead = raw.get("round_id"), raw.get("repeat_of"), raw.get("lead_pieces", [])
+        if not (isinstance(round_id, str) and round_id.isalnum() and len(round_id) <= 64):
+            raise TransferError("round header: round_id must be 1-64 letters or digits")
+        if not (isinstance(lead, list) and len(lead) <= LEAD_MAX_PIECES
+                and all(type(n) is int and n > 0 for n in lead)):
+            raise TransferError(f"round header: lead_pieces must be a list of at most {LEAD_MAX_PIECES} "
+                                "positive byte counts")
+        held = self._held
+        if held is None or repeat_of != held.fingerprint:
+            return UnknownHeader(lead)
+        mark("header: parsed")
+        return held.header.model_copy(update={"round_id": round_id})
+
+    def _same_body(self, data: bytes, end: int) -> RoundHeader | None:
+        """The held header under this one's round id, when the bytes after the round id (from
+        `end`) are the held ones and the round id is valid; None: parse it whole."""
+        held = self._held
+        if held is None or data[end:] != held.body:
+            return None
+        round_id = data[len(_PREFIX) : end].decode("ascii", errors="replace")
+        if not (round_id.isalnum() and len(round_id) <= 64):
+            return None
+        return held.header.model_copy(update={"round_id": round_id})
 
     def _parse(self, raw: object) -> RoundHeader:
         """Validate a header; a header equal to the last one but for its round id is reused
