@@ -26,7 +26,7 @@ $(VLLM_VENV)/.installed: $(VLLM_LOCK) pyproject.toml
 	touch $@
 
 # vLLM's GPU build (0.33) cannot run without a GPU, but its weight-transfer modules import beside
-# torch's CPU wheel: the contract tests (tests/test_vllm_contract.py) check the backend against
+# torch's CPU wheel: the contract tests (tests/engines/test_vllm_contract.py) check the backend against
 # vLLM 0.33's own classes and routes from this venv (its wheel with --no-deps, and the few
 # packages those imports need, pinned in VLLM033_LOCK; about 1.8 GB, under two minutes).
 VLLM033_VENV ?= .venv-vllm033

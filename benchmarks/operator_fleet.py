@@ -35,7 +35,7 @@ from pathlib import Path
 
 import aiohttp
 
-from k8s_harness import Cluster, Fleet, cluster, daemon_fleet, operator
+from helpers.k8s_harness import Cluster, Fleet, cluster, daemon_fleet, operator
 
 NS = "bench"
 CONCURRENT_BOUND = 1.5  # issue 25 item 3: each WeightSync within 1.5x of its time alone
@@ -158,7 +158,7 @@ class DaemonCpu:
     async def find(cls, fleet: Fleet) -> "DaemonCpu":
         async with aiohttp.ClientSession() as session:
             tids = await asyncio.gather(*(http_thread(session, d.url, d.process.pid) for d in fleet.daemons))
-        return cls({d.process.pid: tid for d, tid in zip(fleet.daemons, tids)})
+        return cls({d.process.pid: tid for d, tid in zip(fleet.daemons, tids, strict=True)})
 
     def mark(self) -> None:
         self.start = {pid: thread_ticks(pid).get(tid, 0) for pid, tid in self.threads.items()}
@@ -220,7 +220,8 @@ async def measure_targets(workdir: Path, targets: int, rounds: int, warmup: int,
     async with cluster(workdir) as c, operator(c.url, recheck_interval=3600), \
             daemon_fleet(c, NS, f"fleet-{targets}", targets, mbytes) as fleet:
         timeline = Timeline()
-        follower = asyncio.create_task(timeline.follow(c.session, f"/apis/weightsync.dev/v1alpha1/namespaces/{NS}/weightsyncs"))
+        follower = asyncio.create_task(
+            timeline.follow(c.session, f"/apis/weightsync.dev/v1alpha1/namespaces/{NS}/weightsyncs"))
         daemons = await DaemonCpu.find(fleet)
         names = {d.name for d in fleet.daemons}
         try:
@@ -289,7 +290,8 @@ async def run_concurrent(workdir: Path, count: int, targets: int, rounds: int, w
         for name in names:  # one at a time: each fleet's processes start before the next one's
             fleets.append(await stack.enter_async_context(daemon_fleet(c, NS, name, targets, mbytes)))
         timeline = Timeline()
-        follower = asyncio.create_task(timeline.follow(c.session, f"/apis/weightsync.dev/v1alpha1/namespaces/{NS}/weightsyncs"))
+        follower = asyncio.create_task(
+            timeline.follow(c.session, f"/apis/weightsync.dev/v1alpha1/namespaces/{NS}/weightsyncs"))
         try:
             phases: dict[str, list[int]] = {"alone": [], "at once": []}  # measured versions
             # phase -> (CPU of the event loop the operator and the emulated API server share, wall seconds)
@@ -316,7 +318,7 @@ async def run_concurrent(workdir: Path, count: int, targets: int, rounds: int, w
 async def push_all(timeline: Timeline, fleets: list[Fleet], version: int) -> None:
     """Push `version` on every fleet at once; all must succeed."""
     answers = await asyncio.gather(*(f.trainer.push(version) for f in fleets))
-    failed = [(f.name, a) for f, a in zip(fleets, answers) if not a["ok"]]
+    failed = [(f.name, a) for f, a in zip(fleets, answers, strict=True) if not a["ok"]]
     if failed:
         raise RuntimeError(f"version {version} failed: {failed}")
     await timeline.wait_done([(f.name, version) for f in fleets])
@@ -346,7 +348,8 @@ def print_concurrent(timeline: Timeline, names: list[str], phases: dict[str, lis
         a, t = (statistics.median(timeline.seconds(name, v) for v in vs) for vs in (alone, together))
         ratios.append(t / a)
         print(f"{name:<10} {a * 1e3:8.1f} {t * 1e3:8.1f} {t / a:6.2f}")
-    print(f"{'all, ms':<10} {'e2e':>8} {'data':>8} {'control':>8} {'own':>8}   the event loop of the operator and the emulated API server")
+    print(f"{'all, ms':<10} {'e2e':>8} {'data':>8} {'control':>8} {'own':>8}   "
+          "the event loop of the operator and the emulated API server")
     for phase, versions in phases.items():
         parts = split(timeline, names, versions)
         cpu, wall = loop[phase]

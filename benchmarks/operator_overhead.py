@@ -6,12 +6,12 @@
     python benchmarks/operator_overhead.py --targets 2,8,32      # the cost at fleet size (operator_fleet.py)
     python benchmarks/operator_overhead.py --concurrent 10       # ten WeightSyncs of 4 targets bumped at once
 
-Everything is real except the API server: kmock's emulator (tests/k8s_emulator.py) serving the
+Everything is real except the API server: kmock's emulator (tests/helpers/k8s_emulator.py) serving the
 Kubernetes HTTP API with watch streams, kopf's runtime over the operator's handlers, daemon
 processes, and a trainer process that pushes each version with `weightsync_operator.trainer_client.connect(...).push`.
 With `--engine vllm` the target is one real vLLM CPU server (weightsync backend, TP 1, the tiny
 float32 Qwen2) in a pod annotated `weightsync.dev/engine: vllm`, and the trainer is
-tests/k8s_vllm_trainer.py holding the HF model (tests/k8s_harness.VllmTrainer), both run with the
+tests/helpers/k8s_vllm_trainer.py holding the HF model (tests/helpers/k8s_harness.VllmTrainer), both run with the
 vLLM venv's Python ($WEIGHTSYNC_VLLM_PYTHON).
 
 A watch on the WeightSync (over HTTP, like any client) timestamps, per version v:
@@ -47,7 +47,7 @@ for extra in (REPO / "tests", REPO, REPO / "daemon", REPO / "operator"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-from k8s_harness import Cluster, Trainer, VllmTrainer, cluster, free_port, operator, start_daemons  # noqa: E402
+from helpers.k8s_harness import Cluster, Trainer, VllmTrainer, cluster, free_port, operator, start_daemons  # noqa: E402
 
 NS, NAME = "bench", "policy-sync"
 TARGET_MS = 10.0  # issue 16 item 6: the median, on a 2-core CPU machine, for daemon targets

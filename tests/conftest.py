@@ -1,6 +1,11 @@
-"""Shared fixtures: real local daemon processes and a free rendezvous port."""
+"""Fixtures shared by every folder: real local daemon processes, a free rendezvous port, the vLLM
+venv's python; and the marks that place a test in its lane. Each folder holds one layer's tests
+(core, daemon, engines, control_plane, chart, project); what several tests share that is not a
+fixture lives in tests/helpers (on the path: pyproject's pytest `pythonpath`)."""
 
 from __future__ import annotations
+
+import os
 
 import httpx
 import pytest
@@ -28,6 +33,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    """The vLLM venv's python (helpers/vllm_server.py): the tests that need it skip without it,
+    except under CI, where they fail."""
+    from helpers.vllm_server import VLLM_PYTHON, vllm_python_problem
+
+    problem = vllm_python_problem()
+    if problem is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the vLLM tests: {problem}")
+        pytest.skip(problem)
+    return VLLM_PYTHON
 
 
 @pytest.fixture(scope="module")

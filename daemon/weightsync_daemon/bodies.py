@@ -112,7 +112,7 @@ class BodyParser:
     allocator keeps freed pages mapped for reuse: after two bursts of ten 6 MB bodies a daemon's
     RSS stayed 72 MiB above its start (241 -> 313 MiB) although nothing held them; handing the
     free pages back (`malloc_trim`) brought it to 47 MiB above (288 MiB), the rest being
-    Python's own partly used pools (tests/test_daemon_holes.py prints the figures). So
+    Python's own partly used pools (tests/daemon/test_daemon_holes.py prints the figures). So
     `RELEASE_DELAY_SECONDS` after the last large body, the free pages go back to the system."""
 
     def __init__(self, small_body_bytes: int = SMALL_BODY_BYTES):

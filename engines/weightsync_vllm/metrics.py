@@ -5,7 +5,7 @@ Why the same families: the chart's Grafana dashboard and PrometheusRule read
 `weightsync_update_duration_seconds`, `weightsync_received_bytes_total`,
 `weightsync_weight_version`, `weightsync_update_failures_total{reason}`,
 `weightsync_weights_intact`, ... with the daemon's names, types and labels; a vLLM target must
-show up in them unchanged (tests/test_vllm_metrics.py compares the families with the daemon's).
+show up in them unchanged (tests/engines/test_vllm_metrics.py compares the families with the daemon's).
 The definitions are the core's (weightsync.metrics), as the daemon's are.
 
 Why a port of its own rather than vLLM's `/metrics`: vLLM 0.32 serves `/metrics` from the API

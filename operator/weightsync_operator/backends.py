@@ -5,7 +5,7 @@ pulls torch and the GPU code, which the operator's image need not carry). The on
 transport it needs is whether the targets must first get something from the trainer's answer
 (ipc/p2p: the trainer answers `update` with IPC handles, relayed to every target) or receive
 while the trainer sends (cpu, nccl: every party's `update` at once). This table says so;
-tests/test_layers.py checks it against each built-in transport's `needs_trainer_update_info`.
+tests/project/test_layers.py checks it against each built-in transport's `needs_trainer_update_info`.
 """
 
 from __future__ import annotations

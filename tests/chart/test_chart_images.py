@@ -6,32 +6,19 @@ chart runs ends up in the image."""
 from __future__ import annotations
 
 import json
-import shlex
-import shutil
-import subprocess
-import sys
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
+from helpers.images import copied_sources, instructions, wheel_from_copies
+
 pytestmark = pytest.mark.chart
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VALUES = yaml.safe_load((ROOT / "charts" / "weightsync" / "values.yaml").read_text())
 IMAGES = {"operator": ROOT / "docker" / "operator.Dockerfile", "daemon": ROOT / "docker" / "daemon.Dockerfile"}
-
-
-def instructions(path: Path) -> list[tuple[str, str]]:
-    return [(i["instruction"], i["value"]) for i in DockerfileParser(path=str(path)).structure
-            if i["instruction"] != "COMMENT"]
-
-
-def copied_sources(path: Path) -> list[str]:
-    return [src for kind, value in instructions(path) if kind == "COPY" for src in shlex.split(value)[:-1]]
 
 
 @pytest.mark.parametrize("component", IMAGES)
@@ -57,41 +44,11 @@ def test_daemon_image_starts_from_a_cuda_pytorch_base():
 
 def test_operator_image_installs_no_torch():
     """The operator never touches a tensor: its image installs `weightsync[operator]` (which
-    tests/test_packaging.py resolves without PyTorch) on plain Python, and nothing else."""
+    tests/project/test_packaging.py resolves without PyTorch) on plain Python, and nothing else."""
     parser = DockerfileParser(path=str(IMAGES["operator"]))
     assert parser.baseimage.startswith("python:")
     runs = [value for kind, value in instructions(IMAGES["operator"]) if kind == "RUN"]
     assert not any("torch" in r for r in runs), runs
-
-
-@dataclass
-class BuiltWheel:
-    names: list[str]  # the files it installs
-    entry_points: str  # its entry_points.txt
-    metadata: str  # its METADATA
-
-
-def wheel_from_copies(dockerfile: Path, tmp_path: Path) -> BuiltWheel:
-    """What `pip install` builds in the image, from a context holding only what `dockerfile` COPYs."""
-    context = tmp_path / "context"
-    for source in copied_sources(dockerfile):
-        origin = ROOT / source
-        if origin.is_dir():
-            shutil.copytree(origin, context / source, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            (context / source).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(origin, context / source)
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "dist"), str(context)], capture_output=True, text=True, timeout=240)
-    assert build.returncode == 0, build.stderr
-    (wheel,) = (tmp_path / "dist").glob("weightsync-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        names = archive.namelist()
-
-        def read(suffix: str) -> str:
-            return next(archive.read(n).decode() for n in names if n.endswith(suffix))
-
-        return BuiltWheel(names, read("entry_points.txt"), read("METADATA"))
 
 
 def test_the_copied_files_build_the_package_with_the_weightsync_command(tmp_path):

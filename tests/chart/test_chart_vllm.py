@@ -18,14 +18,14 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from test_chart import FULL, NAMESPACE, find, render, validate_all
-from test_chart_images import copied_sources, wheel_from_copies
-from test_chart_images import instructions as image_instructions
+from helpers.chart import FULL, NAMESPACE, find, render, validate_all
+from helpers.images import copied_sources, wheel_from_copies
+from helpers.images import instructions as image_instructions
 from weightsync_operator.pods import pod_ref
 
 pytestmark = pytest.mark.chart
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "vllm-inference.yaml"
 WEIGHTSYNC = ROOT / "examples" / "weightsync.yaml"
 TRAINER_POD = ROOT / "examples" / "trainer-pod.yaml"
@@ -233,22 +233,18 @@ def test_the_copied_files_build_the_backend_with_its_vllm_entry_point(tmp_path):
 
 
 @pytest.mark.vllm
-def test_the_serve_command_parses_with_vllms_own_parser():
+def test_the_serve_command_parses_with_vllms_own_parser(vllm_python):
     """The image's entrypoint plus the example's args, parsed by vLLM's `vllm serve` parser (the
     CPU build's 0.32 in the vLLM venv; 0.33 moved it to vllm.entrypoints.common.cli_args): the
     weightsync backend, the port the example names "weightsync", and
     the tensor-parallel size that matches the example's metrics ports."""
-    from test_vllm_e2e import VLLM_PYTHON, _vllm_python_ready
-    from test_vllm_serve_command import vllm_serve_flags
+    from helpers.vllm_server import vllm_serve_flags
 
-    problem = _vllm_python_ready()
-    if problem is not None:
-        pytest.skip(problem)
     (entrypoint,) = [json.loads(value) for kind, value in instructions() if kind == "ENTRYPOINT"]
     assert entrypoint[:2] == ["vllm", "serve"]
     container = example_pod()["spec"]["containers"][0]
     argv = entrypoint[2:] + container["args"]
-    got = vllm_serve_flags(VLLM_PYTHON, argv)
+    got = vllm_serve_flags(vllm_python, argv)
     assert got["backend"] == "weightsync" and got["host"] == "0.0.0.0"
     assert got["port"] == VLLM_PORT
     metrics_ports = [p for p in container["ports"] if p["name"] != "weightsync"]

@@ -23,7 +23,7 @@ from weightsync_operator.coordinator import Coordinator, SyncSpec, Timeouts
 
 pytestmark = pytest.mark.chart
 
-CHART = Path(__file__).resolve().parents[1] / "charts" / "weightsync"
+CHART = Path(__file__).resolve().parents[2] / "charts" / "weightsync"
 DASHBOARD = json.loads((CHART / "dashboards" / "weightsync.json").read_text())
 TOKEN = "dashboard-test-token"
 # Grafana's built-in variables, as Grafana substitutes them before the query reaches Prometheus.

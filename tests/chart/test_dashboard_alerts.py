@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.chart,
               pytest.mark.skipif(shutil.which("promtool") is None,
                                  reason="promtool is not installed (Debian: apt-get install prometheus)")]
 
-CHART = Path(__file__).resolve().parents[1] / "charts" / "weightsync"
+CHART = Path(__file__).resolve().parents[2] / "charts" / "weightsync"
 SERIES = 'job="weightsync", namespace="ml", weightsync_dev_sync="policy"'
 
 
@@ -94,8 +94,8 @@ def test_alerts_fire_when_they_should_and_only_then(tmp_path):
             "interval": "1m",
             "input_series": [
                 {"series": f'weightsync_last_success_timestamp_seconds{{{SERIES}, pod="d0"}}', "values": "0 60x45"},
-                {"series": f'weightsync_last_success_timestamp_seconds{{job="weightsync", namespace="ml", '
-                           f'weightsync_dev_sync="fresh", pod="x"}}', "values": "0x45"}],
+                {"series": 'weightsync_last_success_timestamp_seconds{job="weightsync", namespace="ml", '
+                           'weightsync_dev_sync="fresh", pod="x"}', "values": "0x45"}],
             "alert_rule_test": [
                 expect("WeightSyncNoRecentSuccess", "20m"),
                 expect("WeightSyncNoRecentSuccess", "32m"),

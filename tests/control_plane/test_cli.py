@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from weightsync import cli_args
 from weightsync.protocol import Manifest
 from weightsync.tokens import TOKEN_ENV
 from weightsync_daemon import ReceiverService, arg_types

@@ -1,7 +1,7 @@
 """Each party moves through a round at its own pace; the barriers are only where the protocol needs
 them. The parties are emulated at the HTTP level (httpx's MockTransport) so that one of them can
 hold an answer until another party's call arrives: that only completes if the coordinator does
-not wait for every party at that step (tests/test_coordinator.py runs real daemons)."""
+not wait for every party at that step (tests/control_plane/test_coordinator.py runs real daemons)."""
 
 from __future__ import annotations
 

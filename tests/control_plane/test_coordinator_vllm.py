@@ -6,7 +6,7 @@ session a failed round left open is closed by the coordinator, and vLLM keeps se
 previous version. Every test runs against a server of tensor parallel 1 and of 2 (two workers,
 two ranks, and vLLM 0.32's executor, which must never see a call every worker refuses). The
 trainer and vLLM run with the vLLM venv's Python (found as
-tests/test_vllm_e2e.py finds it: skipped without it, failed under CI); this process coordinates.
+tests/engines/test_vllm_e2e.py finds it: skipped without it, failed under CI); this process coordinates.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from test_vllm_e2e import vllm_python  # noqa: F401 (the fixture: the vLLM venv's Python)
 from weightsync_operator.catchup import catch_up
 from weightsync_operator.client import Endpoint, VllmClient
 from weightsync_operator.coordinator import Coordinator, SyncSpec, Timeouts

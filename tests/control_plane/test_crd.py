@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from k8s_emulator import schema_problems
+from helpers.k8s_emulator import schema_problems
 from weightsync_operator.crd import PRINTER_COLUMNS, build_crd, main as crd_main
 from weightsync_operator.resource import (
     Condition, Rendezvous, SyncFigures, TargetStatus, WeightSyncSpec, WeightSyncSpecError, WeightSyncStatus,
     parse_spec,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "weightsync.dev_weightsyncs.yaml"
 CRD = yaml.safe_load(CRD_FILE.read_text())
 VERSION = CRD["spec"]["versions"][0]

@@ -1,7 +1,7 @@
 """`weightsync demo --engine vllm` end to end as a user runs it: a real vLLM server (CPU build,
 weightsync backend) and a trainer, every round's greedy completions equal (tensor parallelism:
-tests/test_coordinator_vllm.py). The trainer and vLLM run with the vLLM venv's Python (found
-as tests/test_vllm_e2e.py finds it: skipped without it, failed under CI). About a minute: most
+tests/control_plane/test_coordinator_vllm.py). The trainer and vLLM run with the vLLM venv's Python (found
+as tests/engines/test_vllm_e2e.py finds it: skipped without it, failed under CI). About a minute: most
 of it is vLLM starting."""
 
 import os
@@ -11,7 +11,6 @@ import sys
 
 import pytest
 
-from test_vllm_e2e import vllm_python  # noqa: F401 (the fixture: the vLLM venv's Python)
 
 pytestmark = pytest.mark.vllm
 

@@ -35,7 +35,7 @@ from weightsync_operator.coordinator import Coordinator, SyncSpec, Timeouts
 from weightsync_operator.local import free_port
 
 pytestmark = pytest.mark.integration  # daemons, trainer agents and the operator as processes
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TOKEN = "long-running-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -53,7 +53,7 @@ def dockerfile_cmd(name: str) -> list[str]:
 
 
 def chart_container(values: dict, deployment: str) -> list[str]:
-    from test_chart import FULL, pod_spec, render
+    from helpers.chart import FULL, pod_spec, render
 
     container = pod_spec(render(values), f"{FULL}-{deployment}")["containers"][0]
     return container["command"] + container["args"]
@@ -323,8 +323,7 @@ async def test_a_started_round_that_nothing_drives_is_not_waited_for(tmp_path):
 
 @pytest.mark.k8s
 async def test_operator_runs_without_a_terminal_syncs_and_stops_on_sigterm(tmp_path):
-    from k8s_harness import Trainer, cluster, start_daemons
-    from test_operator_k8s import NAME, NS, spec
+    from helpers.k8s_harness import NAME, NS, Trainer, cluster, spec, start_daemons
 
     argv = runnable_here(chart_container({}, "operator"), free_port(), "--liveness")
     liveness = next(a.partition("=")[2] for a in argv if a.startswith("--liveness="))

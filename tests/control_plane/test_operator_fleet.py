@@ -15,20 +15,18 @@ import yaml
 
 import pytest
 
-from k8s_harness import Trainer, VllmTrainer, checksums, cluster, free_port, operator, start_daemons, until
-from test_operator_k8s import NAME, NS, spec
-from test_vllm_e2e import vllm_python  # noqa: F401 (the fixture: the vLLM venv's Python)
+from helpers.k8s_harness import NAME, NS, Trainer, VllmTrainer, checksums, cluster, free_port, operator, spec, start_daemons, until
 from weightsync_operator.pods import SYNCED_CONDITION
 
 pytestmark = [pytest.mark.k8s, pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl")]
 
 
-README_TEST = "tests/test_operator_fleet.py::test_one_lost_replica_never_fails_the_rest"
+README_TEST = "tests/control_plane/test_operator_fleet.py::test_one_lost_replica_never_fails_the_rest"
 
 
 def readme_fleet() -> tuple[dict, dict, str]:
     """The README's fleet blocks: the WeightSync's fields, the pods' spec, the sample output."""
-    from test_readme import README, snippets
+    from helpers.snippets import README, snippets
 
     blocks = [s for s in snippets(README.read_text()) if s.kind == "covered" and s.argument.startswith(README_TEST)]
     (config,) = [b for b in blocks if b.language == "yaml"]

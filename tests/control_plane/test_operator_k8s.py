@@ -10,28 +10,13 @@ import re
 import httpx
 import pytest
 
-from k8s_emulator import schema_problems
-from k8s_harness import Trainer, checksums, cluster, free_port, operator, start_daemons
+from helpers.k8s_emulator import schema_problems
+from helpers.k8s_harness import NAME, NS, Trainer, checksums, cluster, free_port, operator, spec, start_daemons
 from weightsync_operator.crd import build_crd
 
 pytestmark = [pytest.mark.k8s]
 
-NS, NAME = "rl", "policy-sync"
 SCHEMA = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-
-
-def spec(rendezvous_port: int, **overrides) -> dict:
-    return {
-        "backend": "cpu",
-        "trainerSelector": {"matchLabels": {"weightsync.dev/role": "trainer", "weightsync.dev/sync": NAME}},
-        "targetSelector": {"matchLabels": {"weightsync.dev/role": "inference", "weightsync.dev/sync": NAME}},
-        "rendezvousPort": rendezvous_port,
-        "packedBufferSizeBytes": 1 << 20,
-        "pauseMode": "keep",
-        "timeouts": {"requestSeconds": 5, "initSeconds": 20, "startSeconds": 10, "updateSeconds": 30,
-                     "finishSeconds": 10, "transferSeconds": 5},
-        **overrides,
-    }
 
 
 def condition(obj: dict, type_: str) -> dict:

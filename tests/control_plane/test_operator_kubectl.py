@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from k8s_harness import ROOT, Trainer, cluster, free_port, start_daemons, until
+from helpers.k8s_harness import ROOT, Trainer, cluster, free_port, start_daemons, until
 
 pytestmark = [pytest.mark.k8s, pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl")]
 

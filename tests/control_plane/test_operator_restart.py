@@ -24,8 +24,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from k8s_harness import Trainer, checksums, cluster, free_port, start_daemons, until
-from test_operator_k8s import NAME, NS, spec
+from helpers.k8s_harness import NAME, NS, Trainer, checksums, cluster, free_port, spec, start_daemons, until
 
 pytestmark = [pytest.mark.k8s, pytest.mark.faults]
 

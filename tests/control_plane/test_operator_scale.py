@@ -14,7 +14,7 @@ import contextlib
 import httpx
 import pytest
 
-from k8s_harness import Cluster, Fleet, checksums, cluster, daemon_fleet, operator, until
+from helpers.k8s_harness import Cluster, Fleet, checksums, cluster, daemon_fleet, operator, until
 from weightsync_operator.pods import SYNCED_CONDITION
 
 pytestmark = [pytest.mark.k8s]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from k8s_harness import cluster, free_port, operator
+from helpers.k8s_harness import cluster, free_port, operator
 from weightsync_operator.pods import DAEMON_PORT_ANNOTATION, ENGINE_ANNOTATION
 
 pytestmark = [pytest.mark.k8s]

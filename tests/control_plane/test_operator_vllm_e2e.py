@@ -1,7 +1,7 @@
 """vLLM pods on Kubernetes, end to end: docs/kubernetes.md's vLLM kubectl flow run as written against the
 emulated API server, kopf's real runtime over the operator's handlers, real vLLM CPU servers
 (weightsync backend, tiny float32 Qwen2, TP 1) as the target pods' processes, and a real trainer
-(`weightsync_operator.trainer_client.connect` + `push`, tests/k8s_vllm_trainer.py) holding the HF model.
+(`weightsync_operator.trainer_client.connect` + `push`, tests/helpers/k8s_vllm_trainer.py) holding the HF model.
 
 What it shows (issue 16 items 1, 2, 4, 5): the operator drives pods annotated
 `weightsync.dev/engine: vllm` through vLLM's routes; three pushes each end `Succeeded` and every
@@ -32,9 +32,8 @@ import httpx
 import pytest
 import yaml
 
-from k8s_harness import VllmTrainer, cluster, free_port, operator, pod_status, start_daemons, until
-from test_readme import DOCS, page_snippets
-from test_vllm_e2e import vllm_python  # noqa: F401 (the fixture: the vLLM venv's Python)
+from helpers.k8s_harness import VllmTrainer, cluster, free_port, operator, pod_status, start_daemons, until
+from helpers.snippets import DOCS, page_snippets
 from weightsync_operator.demo import qwen2
 from weightsync_operator.demo.vllm_run import MAX_TOKENS, completions
 from weightsync_operator.demo.vllm_server import VllmServer
@@ -45,7 +44,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.k8s,
               pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl")]
 
 NS, NAME = "rl", "qwen-policy"
-TEST_ID = "tests/test_operator_vllm_e2e.py::test_readme_vllm_flow_end_to_end"
+TEST_ID = "tests/control_plane/test_operator_vllm_e2e.py::test_readme_vllm_flow_end_to_end"
 # This machine's settings on top of docs/kubernetes.md's WeightSync: the cpu transport, free ports, and
 # timeouts short enough that a dead pod fails the round in seconds.
 LOCAL_SPEC = {"backend": "cpu", "rendezvousPort": None, "packedBufferSizeBytes": 1 << 20,

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from k8s_harness import cluster
+from helpers.k8s_harness import cluster
 from weightsync.store import named_checksum
 from weightsync_operator.kube import KubeApi, KubeError
 from weightsync_operator.trainer_client import PushFailed, connect

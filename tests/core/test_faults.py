@@ -11,16 +11,15 @@ import sys
 import time
 
 import pytest
-import torch
 
 from weightsync import TransferError, WeightSender
 from weightsync.store import named_checksum
 from weightsync_operator.local import free_port
 
 pytestmark = pytest.mark.faults
-HELPERS = pathlib.Path(__file__).parent / "helpers"
-sys.path.insert(0, str(HELPERS))
-from slow_trainer import slowed, weights  # noqa: E402
+from helpers.slow_trainer import slowed, weights
+
+HELPERS = pathlib.Path(__file__).resolve().parents[1] / "helpers"
 
 TIMEOUT = 4.0  # the group's collective timeout: how long a survivor may wait for a lost peer
 

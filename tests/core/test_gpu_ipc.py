@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import torch
 
-from gpu_helpers import (
+from helpers.gpu import (
     expected, joined_pair, need_gpus, relayed_round, wait_for_published_digest, weight_set,
 )
 from weightsync import SparsePatch

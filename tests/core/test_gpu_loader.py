@@ -17,15 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from gpu_helpers import need_gpus, wait_for_published_digest
+from helpers.gpu import need_gpus, wait_for_published_digest
 from weightsync import WeightSender
 from weightsync_operator.local import free_port
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-from vllm_shaped import tensors_digest  # noqa: E402
+from benchmarks.vllm_shaped import tensors_digest
 
 pytestmark = pytest.mark.gpu
-HELPER = pathlib.Path(__file__).parent / "helpers" / "loader_receiver.py"
+HELPER = pathlib.Path(__file__).resolve().parents[1] / "helpers" / "loader_receiver.py"
 BUFFER, BUFFERS = 256 << 10, 8
 WAIT = 180
 

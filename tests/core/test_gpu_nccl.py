@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from gpu_helpers import collective_round, expected, joined_pair, need_gpus, weight_set
+from helpers.gpu import collective_round, expected, joined_pair, need_gpus, weight_set
 from weightsync import InitInfo, ManifestMismatch, SparsePatch, TransferError, UpdateInfo, WeightSender, WeightStore
 from weightsync.store import named_checksum
 from weightsync.transports import get_transport

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpu_helpers import collective_round, expected, joined_pair, need_gpus, relayed_round
+from helpers.gpu import collective_round, expected, joined_pair, need_gpus, relayed_round
 from helpers.lying_source import Lying
 from weightsync.errors import SourceMismatch
 from weightsync.source import ModuleSource

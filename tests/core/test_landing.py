@@ -26,7 +26,7 @@ from weightsync_operator.local import free_port
 
 pytestmark = pytest.mark.integration  # gloo groups of threads and a trainer process
 BUFFER, BUFFERS = 4096, 3  # 12 KiB of staging: several tensors are larger than one buffer
-HELPERS = pathlib.Path(__file__).parent / "helpers"
+HELPERS = pathlib.Path(__file__).resolve().parents[1] / "helpers"
 
 
 def model(seed: int) -> list[tuple[str, torch.Tensor]]:
@@ -566,8 +566,7 @@ def fused_key(name: str) -> str:
 def test_piecewise_staging_takes_a_7b_layout_at_the_default_buffers_and_bounds_what_it_refuses():
     """nccl's direct rounds place each tensor on its own: Qwen2-7B's shapes (fused MLP groups of
     408 MB) stage in 1 GiB x 2, and contiguously too; a tensor over the bound is named."""
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-    from transfer import qwen2_shapes
+    from benchmarks.transfer import qwen2_shapes
 
     manifest = Manifest(tensors=tuple(TensorSpec(name=n, dtype="bfloat16", shape=s) for n, s in qwen2_shapes()))
     layout = Layout.of_manifest(manifest)

@@ -9,7 +9,7 @@ import pytest
 from weightsync.errors import ProtocolError
 from weightsync.protocol import InitInfo, Manifest, RoundHeader, TensorSpec, UpdateInfo, parse
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_init_info_json_round_trip():

@@ -28,7 +28,7 @@ from weightsync.store import named_checksum
 from weightsync_operator.local import free_port
 
 pytestmark = pytest.mark.integration  # trainer and receiver processes
-HELPER = Path(__file__).resolve().parent / "helpers" / "source_party.py"
+HELPER = Path(__file__).resolve().parents[1] / "helpers" / "source_party.py"
 TIMEOUT_S = 20.0  # the transfer group's and the trainer group's timeout
 BUFFER = 1 << 20
 

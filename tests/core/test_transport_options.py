@@ -26,7 +26,7 @@ from weightsync.transports.nccl import NcclOptions, NcclRoundHeader
 from weightsync.transports.options import TransportOptions
 from weightsync.transports.p2p import P2pOptions
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 
 

@@ -24,7 +24,7 @@ from weightsync_operator.local import free_port
 from helpers.daemon_rounds import TIMEOUT, full_round, init_info, joined, manifest, refused_round, state, weights
 
 pytestmark = pytest.mark.faults
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICK = 5.0  # a refusal reaches the trainer well within this (the group's timeout is TIMEOUT)
 
 
@@ -262,7 +262,7 @@ def test_the_charts_secret_reaches_the_daemon_as_the_token(daemon_process, tmp_p
     """The chart's path end to end: a Secret made with `kubectl create secret --from-file` (the
     file ends in a newline), the daemon Deployment's env and command as the chart renders them,
     the Secret's value as the kubelet would put it in the variable."""
-    from test_chart import render
+    from helpers.chart import render
 
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")

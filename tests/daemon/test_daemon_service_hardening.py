@@ -5,7 +5,6 @@ items 2-7). Each test names the item it covers."""
 import asyncio
 import json
 import socket
-import threading
 import time
 
 import httpx
@@ -13,13 +12,12 @@ import jsonschema
 import pytest
 import torch
 
-from weightsync import WeightSender
 from weightsync.store import named_checksum
 from weightsync_operator.local import free_port
 
 from helpers.daemon_rounds import (
-    AUTH, HOLD, TIMEOUT, TOKEN, full_round, init_info, joined, manifest, refused_round, round_held_midway, state,
-    wait_for, weights,
+    AUTH, TOKEN, full_round, init_info, joined, manifest, refused_round, round_held_midway, state,
+    weights,
 )
 
 pytestmark = pytest.mark.faults

@@ -1,7 +1,7 @@
 """The vLLM backend's parts that need no vLLM: the manifest check against a safetensors
 checkpoint, the loader's fused-group key, and the dependency direction (the core never imports
 the plugin; the plugin's package and trainer side import no vLLM). The real server is
-tests/test_vllm_e2e.py."""
+tests/engines/test_vllm_e2e.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from weightsync.protocol import Manifest, TensorSpec
 from weightsync_vllm.checkpoint import CheckpointManifest, fused_group_key
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HELPER = ROOT / "tests" / "helpers" / "vllm_contract.py"
 # Each release: the python of its venv, who builds it, and the version it must report.
 RELEASES = {

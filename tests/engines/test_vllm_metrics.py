@@ -12,7 +12,6 @@ round and after a refused round, and the counters and gauges moved as the round 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 
@@ -126,23 +125,16 @@ def test_a_taken_port_fails_the_workers_start_naming_it(monkeypatch):
 # -- against a real vLLM server ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, vllm_python):
     """A trainer (tests/helpers/vllm_trainer.py) and one TP-2 vLLM server whose workers serve
     their metrics on ports of their own (base + local rank), not yet joined."""
-    from test_vllm_e2e import Trainer, _vllm_python_ready
+    from helpers.vllm_server import Trainer
     from weightsync_operator.demo.vllm_server import VllmServer
-
-    problem = _vllm_python_ready()
-    if problem is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the vLLM tests: {problem}")
-        pytest.skip(problem)
-    from test_vllm_e2e import VLLM_PYTHON
 
     tmp = tmp_path_factory.mktemp("vllm-metrics")
     vllm_port = free_port()
     metrics_port = _two_free_ports()
-    trainer = Trainer(VLLM_PYTHON, tmp, tied=False)
+    trainer = Trainer(vllm_python, tmp, tied=False)
     loop = asyncio.new_event_loop()
     server = None
     try:
@@ -151,7 +143,7 @@ def served(tmp_path_factory):
             patch.setenv(vm.VLLM_URL_ENV, f"http://127.0.0.1:{vllm_port}")
             patch.setenv("VLLM_API_KEY", API_KEY)  # vLLM's --api-key, to see what it guards
             server = loop.run_until_complete(VllmServer.start(
-                trainer.model_dir, vllm_port, tmp / "server", tensor_parallel=TP, python=VLLM_PYTHON,
+                trainer.model_dir, vllm_port, tmp / "server", tensor_parallel=TP, python=vllm_python,
                 timeout=300))
         yield {"trainer": trainer, "server": server,
                "scrape_urls": [f"http://127.0.0.1:{metrics_port + rank}/metrics" for rank in range(TP)]}
@@ -209,7 +201,7 @@ def test_a_vllm_workers_scrape_moves_with_the_rounds(served):
             assert value(before, "weightsync_update_duration_seconds", "weightsync_update_duration_seconds_count",
                          phase=phase) == 0
 
-    from test_vllm_e2e import INIT_FIELDS
+    from helpers.vllm_server import INIT_FIELDS
     joined = trainer.ask(cmd="init", url=served["server"].url, master_port=free_port(), fields=INIT_FIELDS)
     assert joined["world_size"] == 1 + TP
     pushed = trainer.ask(cmd="round", seed=7, version="step-7")
@@ -240,9 +232,9 @@ def test_every_series_the_dashboard_and_alerts_read_is_exported_by_a_vllm_worker
     import json
     import re
 
-    from test_chart import find, render
+    from helpers.chart import find, render
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     dashboard = json.loads((root / "charts" / "weightsync" / "dashboards" / "weightsync.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
     rule = find(render({"metrics": {"prometheusRule": {"enabled": True}}}), "PrometheusRule")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_vllm_e2e import joined, vllm_python  # noqa: F401 (the fixture)
+from helpers.vllm_server import joined
 
 pytestmark = pytest.mark.vllm
 

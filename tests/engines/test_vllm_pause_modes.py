@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 import httpx
 import pytest
 
-from test_vllm_e2e import Server, joined, vllm_python  # noqa: F401 - fixture
+from helpers.vllm_server import Server, joined
 
 pytestmark = pytest.mark.vllm
 

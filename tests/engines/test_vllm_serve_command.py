@@ -16,7 +16,6 @@ README and docs/vllm.md:
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -28,14 +27,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_readme import PAGES, page_snippets
-from test_vllm_e2e import SERVER_START_S, _side_files_env, vllm_python  # noqa: F401 - fixture
+from helpers.snippets import PAGES, page_snippets
+from helpers.vllm_server import SERVER_START_S, side_files_env, vllm_serve_flags
 from weightsync_operator.local import free_port
 
 pytestmark = pytest.mark.vllm
 
-ROOT = Path(__file__).resolve().parents[1]
-HERE = "tests/test_vllm_serve_command.py::"
+ROOT = Path(__file__).resolve().parents[2]
+HERE = "tests/engines/test_vllm_serve_command.py::"
 CPU_TEST = HERE + "test_the_cpu_serve_command_runs_as_written"
 GPU_TEST = HERE + "test_the_gpu_serve_command_parses_with_vllms_parser"
 
@@ -51,7 +50,7 @@ def blocks(test_id: str) -> list[str]:
 def checkpoint(python: str, directory: Path, tmp: Path) -> Path:
     made = subprocess.run([python, str(ROOT / "tests" / "helpers" / "tiny_checkpoint.py"), str(directory),
                            "--max-positions", "8192"], capture_output=True, text=True, timeout=300,
-                          env=_side_files_env(tmp), cwd=ROOT / "tests" / "helpers")
+                          env=side_files_env(tmp), cwd=ROOT / "tests" / "helpers")
     assert made.returncode == 0, made.stderr[-3000:]
     return directory
 
@@ -73,7 +72,7 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> float:
 def test_the_cpu_serve_command_runs_as_written(vllm_python, tmp_path, block):
     model = checkpoint(vllm_python, tmp_path / "model", tmp_path)
     port = free_port()
-    env = {**_side_files_env(tmp_path), "MODEL": str(model), "PORT": str(port),
+    env = {**side_files_env(tmp_path), "MODEL": str(model), "PORT": str(port),
            "PATH": f"{Path(vllm_python).parent}{os.pathsep}{os.environ['PATH']}"}
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
@@ -108,22 +107,3 @@ def test_the_gpu_serve_command_parses_with_vllms_parser(vllm_python, block):
     got = vllm_serve_flags(vllm_python, words[words.index("serve") + 1:])
     assert got["backend"] == "weightsync", got
     assert "VLLM_SERVER_DEV_MODE=1" in block, "without it vLLM has no weight-transfer routes"
-
-
-def vllm_serve_flags(python: str, argv: list[str]) -> dict:
-    """What vLLM's own `vllm serve` parser makes of `argv` (run with `python`, a vLLM venv's):
-    port, host, model, the weight-transfer backend and the tensor-parallel size. 0.33 moved the
-    parser from vllm.entrypoints.launchers.cli_args to vllm.entrypoints.common.cli_args."""
-    probe = ("import json, sys\n"
-             "try:\n"
-             "    from vllm.entrypoints.common.cli_args import make_arg_parser\n"
-             "except ImportError:  # vLLM 0.32\n"
-             "    from vllm.entrypoints.launchers.cli_args import make_arg_parser\n"
-             "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
-             "a = make_arg_parser(FlexibleArgumentParser()).parse_args(json.loads(sys.argv[1]))\n"
-             "print(json.dumps({'port': a.port, 'host': a.host, 'model': getattr(a, 'model_tag', None) or a.model,\n"
-             "                  'backend': a.weight_transfer_config.backend, 'tp': a.tensor_parallel_size}))\n")
-    parsed = subprocess.run([python, "-c", probe, json.dumps(argv)], capture_output=True, text=True,
-                            timeout=180, cwd=ROOT)
-    assert parsed.returncode == 0, parsed.stderr[-2000:]
-    return json.loads(parsed.stdout.strip().splitlines()[-1])

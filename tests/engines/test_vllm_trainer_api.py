@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from gpu_helpers import Daemon
-from test_vllm_e2e import MAX_TOKENS, PROMPTS, Server, _side_files_env, vllm_python  # noqa: F401 - fixture
+from helpers.gpu import Daemon
+from helpers.vllm_server import MAX_TOKENS, PROMPTS, Server, side_files_env
 from weightsync_operator.local import free_port
 
 pytestmark = pytest.mark.vllm
 
-HELPER = Path(__file__).resolve().parent / "helpers" / "vllm_api_trainer.py"
+HELPER = Path(__file__).resolve().parents[1] / "helpers" / "vllm_api_trainer.py"
 RANKS = 2
 
 
@@ -36,7 +36,7 @@ class Rank:
         self.process = subprocess.Popen(
             [python, str(HELPER), "--model-dir", str(tmp / "model"), "--rank", str(rank), "--ranks", str(ranks),
              "--trainer-port", str(trainer_port)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=_side_files_env(tmp))
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=side_files_env(tmp))
         self.lines: queue.Queue[dict] = queue.Queue()
         threading.Thread(target=lambda: [self.lines.put(json.loads(line)) for line in self.process.stdout],
                          daemon=True).start()

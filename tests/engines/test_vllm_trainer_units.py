@@ -1,6 +1,6 @@
 """VLLMTrainer's own logic, without a server (issue 23 items 2 and 3): a push's pause mode is
 checked before anything is called, and vLLM's error answers reach the trainer as the worker's
-reason, once. The real server's answer is checked in tests/test_vllm_e2e.py
+reason, once. The real server's answer is checked in tests/engines/test_vllm_e2e.py
 (test_mismatched_manifest_is_refused); the body here has the shape vLLM 0.32 and 0.33 answer
 with (`ErrorResponse`: {"error": {"message", "type", "param", "code"}}), the message wrapped
 by vLLM's engine core and its multiprocess executor.

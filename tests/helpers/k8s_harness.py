@@ -23,7 +23,7 @@ import kmock
 import kopf
 import yaml
 
-from k8s_emulator import POD_RESOURCE, STRATEGIC_MERGE, ClusterEmulator
+from helpers.k8s_emulator import POD_RESOURCE, STRATEGIC_MERGE, ClusterEmulator
 from weightsync_operator import handlers
 from weightsync_operator.kube import KubeApi
 from weightsync_operator.local import LocalProcess, free_port
@@ -31,12 +31,29 @@ from weightsync_operator.pods import DAEMON_PORT_ANNOTATION, RENDEZVOUS_PORT_ANN
 from weightsync_operator.resource import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from weightsync_operator.runtime import Runtime
 
-ROOT = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]
+# The WeightSync most tests make, and its spec (cpu transport, small buffers, short timeouts).
+NS, NAME = "rl", "policy-sync"
+HELPERS = Path(__file__).resolve().parent  # the trainers run as `python -m k8s_trainer`
 CRD_PATH = ROOT / "crds" / "weightsync.dev_weightsyncs.yaml"
 WEIGHTSYNCS = kmock.resource(GROUP, VERSION, PLURAL)
 PODS = kmock.resource("", "v1", "pods")
 EVENTS = kmock.resource("", "v1", "events")
+
+
+def spec(rendezvous_port: int, **overrides) -> dict:
+    """The WeightSync spec of the operator tests; `overrides` replace its fields."""
+    return {
+        "backend": "cpu",
+        "trainerSelector": {"matchLabels": {"weightsync.dev/role": "trainer", "weightsync.dev/sync": NAME}},
+        "targetSelector": {"matchLabels": {"weightsync.dev/role": "inference", "weightsync.dev/sync": NAME}},
+        "rendezvousPort": rendezvous_port,
+        "packedBufferSizeBytes": 1 << 20,
+        "pauseMode": "keep",
+        "timeouts": {"requestSeconds": 5, "initSeconds": 20, "startSeconds": 10, "updateSeconds": 30,
+                     "finishSeconds": 10, "transferSeconds": 5},
+        **overrides,
+    }
 
 
 class Cluster:
@@ -283,7 +300,7 @@ async def daemon_fleet(c: Cluster, namespace: str, name: str, targets: int, mbyt
 
 
 class Trainer:
-    """The trainer process (tests/k8s_trainer.py), driven through its stdin."""
+    """The trainer process (tests/helpers/k8s_trainer.py), driven through its stdin."""
 
     def __init__(self, process: LocalProcess):
         self.process = process
@@ -295,7 +312,7 @@ class Trainer:
     @classmethod
     async def start(cls, c: Cluster, namespace: str, name: str, pod: str, mbytes: float = 4.0,
                     push_timeout: float = 60.0) -> "Trainer":
-        env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+        env = {"PYTHONPATH": os.pathsep.join([str(HELPERS), os.environ.get("PYTHONPATH", "")])}
         process = await LocalProcess.start(pod, "k8s_trainer", [
             "--name", name, "--namespace", namespace, "--pod", pod, "--kubeconfig", str(c.kubeconfig),
             "--mbytes", str(mbytes), "--push-timeout", str(push_timeout)], env=env)
@@ -323,13 +340,13 @@ class Trainer:
 
 
 class VllmTrainer(Trainer):
-    """tests/k8s_vllm_trainer.py (the HF model; it builds the checkpoint the vLLM servers load),
+    """tests/helpers/k8s_vllm_trainer.py (the HF model; it builds the checkpoint the vLLM servers load),
     run with the vLLM venv's Python, driven through its stdin like `Trainer`."""
 
     @classmethod
     async def start(cls, python: str, kubeconfig: Path, model: Path, pod: str, namespace: str,
                     name: str) -> "VllmTrainer":
-        env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        env = {"PYTHONPATH": os.pathsep.join([str(HELPERS), os.environ.get("PYTHONPATH", "")]),
                # this venv's `kubernetes` package, for the trainer's client (not in vLLM's lock)
                "WEIGHTSYNC_KUBE_SITE": sysconfig.get_paths()["purelib"],
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}

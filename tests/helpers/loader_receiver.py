@@ -13,8 +13,8 @@ import traceback
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
-from vllm_shaped import FusedModel  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # run as a script: the repository's benchmarks
+from benchmarks.vllm_shaped import FusedModel  # noqa: E402
 
 from weightsync import InitInfo, UpdateInfo  # noqa: E402
 from weightsync.landing import LoaderSink  # noqa: E402

@@ -1,4 +1,4 @@
-"""A party process of the trainer-source tests (tests/test_trainer_sources.py), spoken to in JSON lines.
+"""A party process of the trainer-source tests (tests/core/test_trainer_sources.py), spoken to in JSON lines.
 
   receiver --rank R --init JSON       joins the transfer group as rank R (cpu transport, an empty
                                       store shaped by the first round); per stdin line {"cmd":

@@ -1,5 +1,5 @@
 """A trainer rank written against vLLM's own trainer-side API, run with the vLLM venv's python
-(tests/test_vllm_trainer_api.py). Only the init info class says "weightsync":
+(tests/engines/test_vllm_trainer_api.py). Only the init info class says "weightsync":
 
     engine = WeightTransferTrainerFactory.trainer_init(WeightsyncTrainerInitInfo(..., rank=rank),
                                                        client=HTTPVLLMWeightSyncClient(url),

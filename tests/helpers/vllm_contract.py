@@ -2,7 +2,7 @@
 
 Run with the python of a venv holding vLLM (0.32's CPU build, or 0.33's wheel installed without
 its dependencies: `make vllm033-venv`); prints one JSON object, a check's name -> {"ok", "detail"}.
-tests/test_vllm_contract.py runs it once per vLLM and asserts each check.
+tests/engines/test_vllm_contract.py runs it once per vLLM and asserts each check.
 
 Nothing here needs a vLLM server or a GPU, so it works where vLLM's GPU build cannot serve:
 
@@ -25,7 +25,6 @@ import ast
 import inspect
 import json
 import socket
-import sys
 import traceback
 from pathlib import Path
 
@@ -316,5 +315,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT / "tests"))
     main()

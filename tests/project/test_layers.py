@@ -2,7 +2,7 @@
 transports) imports none of the outer packages; the daemon and the vLLM backend import the core
 and not each other; the operator sits above them and the `weightsync` command (weightsync_cli) on
 top; the coordinator never imports the data plane (nor torch); the operator's runtime imports no
-PyTorch, daemon or data plane (its image has none: tests/test_packaging.py); GPU pods' packages
+PyTorch, daemon or data plane (its image has none: tests/project/test_packaging.py); GPU pods' packages
 import no Kubernetes; only the vLLM backend imports vLLM. The contracts
 live in pyproject.toml's [tool.importlinter]; `lint-imports` checks them.
 
@@ -23,7 +23,7 @@ import pytest
 from weightsync.transports import available, get_transport
 from weightsync_operator.backends import RELAYED_BACKENDS, relays_update_info
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Where each package's source lives (pyproject.toml's package-dir).
 PACKAGES = {"weightsync": ROOT / "weightsync", "weightsync_daemon": ROOT / "daemon" / "weightsync_daemon",
             "weightsync_operator": ROOT / "operator" / "weightsync_operator",

@@ -5,7 +5,7 @@ pods (`weightsync[daemon]`, `weightsync[vllm]`) must get no Kubernetes client or
 
 pip resolves the extras for real (`pip install --dry-run --report`, through the configured
 index), and the operator's command runs in a process where PyTorch, FastAPI and uvicorn cannot
-be imported, as in its image. tests/test_layers.py checks the same arrows statically."""
+be imported, as in its image. tests/project/test_layers.py checks the same arrows statically."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
 KUBERNETES = {"kopf", "kubernetes"}

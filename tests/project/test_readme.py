@@ -11,11 +11,11 @@ tested:
         annotation: they run by default.
     <!-- snippet: helm-render -->
         a block of `helm install/upgrade ./charts/weightsync ... --set k=v` commands: each command's
-        values are rendered by Helm's own engine and every manifest validated (tests/test_chart.py's
+        values are rendered by Helm's own engine and every manifest validated (tests/chart/test_chart.py's
         render), since there is no cluster to install into.
-    <!-- snippet: covered tests/test_x.py::test_name [why] -->
+    <!-- snippet: covered tests/LAYER/test_x.py::test_name [why] -->
         a test elsewhere runs what this block shows (it must exist); e.g. the kubectl flow runs
-        against the emulated API server in tests/test_operator_kubectl.py.
+        against the emulated API server in tests/control_plane/test_operator_kubectl.py.
     <!-- snippet: skip <reason> -->
         not runnable by its nature (a diagram, sample output, GPU-only numbers); the reason is required.
 
@@ -30,64 +30,15 @@ import re
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
-DOCS = ROOT / "docs"
-# Every page the README links; each is checked like the README. A new page joins by being linked.
-PAGES = (README, *sorted(DOCS.glob("*.md")))
+from helpers.snippets import DOCS, KINDS, PAGES, README, ROOT, Snippet, page_snippets
+
 # The front page: what a newcomer needs in five minutes; the manual lives in docs/.
 README_MAX_LINES = 250
 TIMEOUT_SECONDS = 180
-
-FENCE = re.compile(r"^(```+|~~~+)\s*([\w+-]*)")
-ANNOTATION = re.compile(r"^<!--\s*snippet:\s*(\S+)\s*(.*?)\s*-->$")
-KINDS = ("run", "helm-render", "covered", "skip")
-
-
-@dataclass(frozen=True)
-class Snippet:
-    page: str  # relative to the repository root
-    line: int  # of the opening fence, 1-based
-    language: str
-    code: str
-    kind: str | None  # from the annotation; None when there is none
-    argument: str
-
-    @property
-    def id(self) -> str:
-        return f"{self.page}:{self.line}:{self.language or 'text'}"
-
-    @property
-    def how(self) -> str:
-        return self.kind or ("run" if self.language == "python" else "unannotated")
-
-
-def snippets(text: str, page: str = "README.md") -> list[Snippet]:
-    found, lines, i = [], text.splitlines(), 0
-    while i < len(lines):
-        opening = FENCE.match(lines[i])
-        if not opening:
-            i += 1
-            continue
-        fence, language = opening.group(1), opening.group(2).lower()
-        end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith(fence)), None)
-        assert end is not None, f"{page}:{i + 1}: a code block that never closes"
-        before = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
-        annotation = ANNOTATION.match(before)
-        kind, argument = (annotation.group(1), annotation.group(2)) if annotation else (None, "")
-        found.append(Snippet(page, i + 1, language, "\n".join(lines[i + 1:end]) + "\n", kind, argument))
-        i = end + 1
-    return found
-
-
-def page_snippets(path: Path) -> list[Snippet]:
-    return snippets(path.read_text(), str(path.relative_to(ROOT)))
-
 
 SNIPPETS = [s for path in PAGES for s in page_snippets(path)]
 
@@ -152,7 +103,7 @@ def test_the_pages_have_the_blocks_this_test_knows_how_to_check():
     assert not unknown, f"{unknown}; use one of {KINDS}"
     unannotated = [s.id for s in SNIPPETS if s.how == "unannotated"]
     assert not unannotated, (f"{unannotated}: say how each block is tested, with <!-- snippet: run | helm-render | "
-                             "covered tests/FILE.py::TEST | skip REASON --> on the line before it (see this file)")
+                             "covered tests/LAYER/FILE.py::TEST | skip REASON --> on the line before it (see this file)")
     # The library section is complete: it shows both sides of a round, and runs.
     library = README.read_text().split("## Using the library", 1)[1].split("\n## ", 1)[0]
     (block,) = [s for s in SNIPPETS if s.language == "python" and s.code in library]
@@ -175,7 +126,7 @@ def test_runs_as_written(snippet, tmp_path):
 @pytest.mark.chart
 @pytest.mark.parametrize("snippet", [s for s in SNIPPETS if s.how == "helm-render"], ids=lambda s: s.id)
 def test_helm_commands_render_and_validate(snippet):
-    from test_chart import render, validate_all
+    from helpers.chart import render, validate_all
 
     commands = [c for c in snippet.code.replace("\\\n", " ").splitlines() if c.strip().startswith("helm ")]
     assert commands, f"{snippet.id} has no helm command"
@@ -190,7 +141,7 @@ def test_helm_commands_render_and_validate(snippet):
 def test_the_covering_test_exists(snippet):
     target = snippet.argument.split()[0] if snippet.argument else ""
     path, _, name = target.partition("::")
-    assert path and name, f"{snippet.id}: write `covered tests/FILE.py::TEST_NAME`"
+    assert path and name, f"{snippet.id}: write `covered tests/LAYER/FILE.py::TEST_NAME`"
     source = ROOT / path
     assert source.is_file(), f"{snippet.id}: {path} does not exist"
     assert re.search(rf"^(async )?def {re.escape(name)}\(", source.read_text(), re.M), \
