@@ -125,7 +125,7 @@ def worker(rank: int, port: int, args) -> None:
     only = set(args.only.split(","))
     rows = []
     for label, fn in (cases() if "nccl" in only else []):
-        ms = timed(lambda: (fn(), None), args.reps, sync_all)
+        ms = timed(lambda fn=fn: (fn(), None), args.reps, sync_all)
         rows.append((label, ms))
     if rank == 0 and rows:
         report(rows, rows[0][1], f"nccl, {nbytes / 1e9:.2f} GB cuda:0 -> cuda:1 (timed with a tiny all_gather)")
@@ -168,13 +168,15 @@ def worker(rank: int, port: int, args) -> None:
         srcs = [as_bytes(p) for p in params]
         dsts = [as_bytes(o) for o in outs]
         offsets = layout.offsets
-        copy_digest = RegionPlan([Region(s, d, o) for s, d, o in zip(srcs, dsts, offsets)], copy=True, digest=True)
-        copy_only = RegionPlan([Region(s, d, o) for s, d, o in zip(srcs, dsts, offsets)], copy=True, digest=False)
-        digest_only = RegionPlan([Region(s, None, o) for s, o in zip(srcs, offsets)], copy=False)
+        copy_digest = RegionPlan([Region(s, d, o) for s, d, o in zip(srcs, dsts, offsets, strict=True)],
+                                 copy=True, digest=True)
+        copy_only = RegionPlan([Region(s, d, o) for s, d, o in zip(srcs, dsts, offsets, strict=True)],
+                               copy=True, digest=False)
+        digest_only = RegionPlan([Region(s, None, o) for s, o in zip(srcs, offsets, strict=True)], copy=False)
         side = torch.cuda.Stream(device)
         rows = [("cudaMemcpy of the flat set (limit)", timed(lambda: dst_flat.copy_(flat), args.reps, sync))]
-        rows.append(("per-tensor copy_ (339 calls)", timed(lambda: [o.copy_(p) for o, p in zip(outs, params)],
-                                                           args.reps, sync)))
+        rows.append(("per-tensor copy_ (339 calls)",
+                     timed(lambda: [o.copy_(p) for o, p in zip(outs, params, strict=True)], args.reps, sync)))
         rows.append(("batched kernel: copy", timed(lambda: copy_only.run(None), args.reps, sync)))
         rows.append(("batched kernel: copy + checksum", timed(lambda: copy_digest.run(StreamDigest(device)),
                                                               args.reps, sync)))
@@ -248,7 +250,7 @@ def worker(rank: int, port: int, args) -> None:
             pieces(256 << 20, 4, True)()
         rows.append(("256 MiB pieces + checksums + source checksum on cuda:0", timed(with_source_checksum,
                                                                                      args.reps, sync)))
-        per_tensor = list(zip(params, src_params))
+        per_tensor = list(zip(params, src_params, strict=True))
         rows.append(("per-tensor peer copy_ (339 calls, one stream)",
                      timed(lambda: [d.copy_(s, non_blocking=True) for d, s in per_tensor], args.reps, sync)))
         report(rows, rows[0][1], "peer copies cuda:0 -> cuda:1 (copy engines)")

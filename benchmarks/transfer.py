@@ -94,7 +94,7 @@ def fill(tensors: list[torch.Tensor], tag: str) -> None:
 
 
 def equal(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
-    return all(torch.equal(a, b) for a, b in zip(got, want))
+    return all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 # == harness: store, barriers, results ==============================================================
@@ -172,7 +172,7 @@ def vllm_nccl_receive(specs, params, comm, buffer_size: int, num_buffers: int, d
     """Consumer: the same chunking from the metadata; each chunk lands in a fresh tensor, is
     split into views and copied into the model's parameters (load_weights)."""
     streams = [torch.cuda.Stream() for _ in range(num_buffers)]
-    items = iter(zip(specs, params))
+    items = iter(zip(specs, params, strict=True))
     slot = 0
     done = False
     while not done:
@@ -195,7 +195,7 @@ def vllm_nccl_receive(specs, params, comm, buffer_size: int, num_buffers: int, d
             packed = torch.empty(size, dtype=torch.uint8, device=device)
             comm.broadcast(packed.data_ptr(), size, 0, streams[slot].cuda_stream)
             pieces = packed.split([m[2] for m in meta])
-            for (shape, dtype, _, param), piece in zip(meta, pieces):
+            for (shape, dtype, _, param), piece in zip(meta, pieces, strict=True):
                 param.copy_(piece.view(dtype).view(shape))  # load_weights
             slot = (slot + 1) % num_buffers
     for stream in streams:
@@ -274,7 +274,7 @@ class Worker:
         """The trainer's values for transfer `tag`; a receiver computes what it must then hold."""
         if self.role == "trainer":
             fill(self.params, tag)
-            for name, t in zip(self.names, self.params):
+            for name, t in zip(self.names, self.params, strict=True):
                 self.flat_store[name].copy_(t)
         else:
             fill(self.want, tag)
@@ -368,7 +368,7 @@ class Worker:
                             transport.init = verify_off if method == "ws_nosum" else \
                                 loader_init if method == "ws_loader" else init
                             settled = dict(group.comm.stats)
-                            transport.send(list(zip(self.names, self.params)))
+                            transport.send(list(zip(self.names, self.params, strict=True)))
                         ms = (time.perf_counter() - began) * 1e3
                         diag = _round_diagnosis(transport, group, settled, t_zero) if method.startswith("ws") else {}
                         self.h.record(section, method, rep, ms=ms, **diag)
@@ -420,7 +420,7 @@ class Worker:
         from weightsync_daemon.service import ReceiverService, SenderService
 
         if self.role == "trainer":
-            service = SenderService(source=lambda: list(zip(self.names, self.params)), backend="nccl",
+            service = SenderService(source=lambda: list(zip(self.names, self.params, strict=True)), backend="nccl",
                                     device=self.device)
         else:
             service = ReceiverService(store=self.store, backend="nccl", device=self.device)
@@ -505,7 +505,7 @@ class Worker:
                         elif method.startswith("ws"):
                             transport.init = verify_off if method == "ws_nosum" else init
                             transport.begin_round()
-                            stats = transport.send(list(zip(self.names, self.params)))
+                            stats = transport.send(list(zip(self.names, self.params, strict=True)))
                             assert not stats.more
                             h.put(key + "/send_ms", stats.seconds * 1e3)
                             h.put(key + "/info", stats.update_info)
@@ -530,7 +530,7 @@ class Worker:
                         elif method == "vllm":
                             records = h.get(key + "/info")
                             tensors = vllm_ipc_open(records, self.index)
-                            for param, t in zip(self.mine, tensors):
+                            for param, t in zip(self.mine, tensors, strict=True):
                                 param.copy_(t)
                             torch.cuda.synchronize(self.device)
                             ended = time.monotonic()
@@ -581,16 +581,16 @@ class Worker:
                 runs.append((time.perf_counter() - began) * 1e3)
             return round(statistics.median(runs), 3)
 
-        out = {"memcpy per tensor": timed(lambda: [d.copy_(s) for s, d in zip(srcs, dsts)])}
+        out = {"memcpy per tensor": timed(lambda: [d.copy_(s) for s, d in zip(srcs, dsts, strict=True)])}
         defaults = kernels.BLOCK_WORDS, kernels.NUM_WARPS
         try:
             for block, warps in ((4096, 4), (8192, 8), (16384, 8), (16384, 16), (32768, 16)):
                 kernels.BLOCK_WORDS, kernels.NUM_WARPS = block, warps
                 for verify in (False, True):
-                    plan = RegionPlan([Region(s, d, o) for s, d, o in zip(srcs, dsts, offsets)], copy=True,
+                    plan = RegionPlan([Region(s, d, o) for s, d, o in zip(srcs, dsts, offsets, strict=True)], copy=True,
                                       digest=verify)
                     out[f"kernel {block}w/{warps}warps {'copy+sum' if verify else 'copy'}"] = timed(
-                        lambda: plan.run(StreamDigest(self.device) if verify else None))
+                        lambda plan=plan, verify=verify: plan.run(StreamDigest(self.device) if verify else None))
         finally:
             kernels.BLOCK_WORDS, kernels.NUM_WARPS = defaults
         self.h.put("diag/kernel", out)
@@ -705,16 +705,23 @@ def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
         results["ws"] = ws
         row("nccl", "weightsync round, engine API", ws, base,
             f"{vllm['ms'] / ws['ms']:.2f}x faster than vLLM" if ws and vllm else "")
-        row("nccl", "weightsync round, engine API, checksum off", collect(h, "nccl2", "ws_nosum", receivers[:2], args), base)
+        row("nccl", "weightsync round, engine API, checksum off",
+            collect(h, "nccl2", "ws_nosum", receivers[:2], args), base)
         row("nccl", "weightsync round, packed (as for non-contiguous tensors)",
             collect(h, "nccl2", "ws_packed", receivers[:2], args), base)
         if "diag" in args.sections:
-            row("nccl", "(diag) flat buffer in the round's chunks, no packing", collect(h, "nccl2", "chunks_flat", receivers[:2], args), base)
-            row("nccl", "(diag) weightsync round, one program per block", collect(h, "nccl2", "ws_pack_full", receivers[:2], args), base)
-            row("nccl", "(diag) weightsync round, packing on 128 programs", collect(h, "nccl2", "ws_pack128", receivers[:2], args), base)
-            row("nccl", "(diag) weightsync round, chunks not ramped", collect(h, "nccl2", "ws_noramp", receivers[:2], args), base)
-            row("nccl", "(diag) weightsync round, blocking communicator", collect(h, "nccl2", "ws_blocking", receivers[:2], args), base)
-            row("nccl", "(diag) weightsync round, control steps over NCCL", collect(h, "nccl2", "ws_nccl_control", receivers[:2], args), base)
+            row("nccl", "(diag) flat buffer in the round's chunks, no packing",
+                collect(h, "nccl2", "chunks_flat", receivers[:2], args), base)
+            row("nccl", "(diag) weightsync round, one program per block",
+                collect(h, "nccl2", "ws_pack_full", receivers[:2], args), base)
+            row("nccl", "(diag) weightsync round, packing on 128 programs",
+                collect(h, "nccl2", "ws_pack128", receivers[:2], args), base)
+            row("nccl", "(diag) weightsync round, chunks not ramped",
+                collect(h, "nccl2", "ws_noramp", receivers[:2], args), base)
+            row("nccl", "(diag) weightsync round, blocking communicator",
+                collect(h, "nccl2", "ws_blocking", receivers[:2], args), base)
+            row("nccl", "(diag) weightsync round, control steps over NCCL",
+                collect(h, "nccl2", "ws_nccl_control", receivers[:2], args), base)
             for name in ("ws", "ws_nosum", "ws_noramp", "ws_blocking", "ws_nccl_control"):
                 res = collect(h, "nccl2", name, receivers[:2], args)
                 if res:
@@ -763,7 +770,8 @@ def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
         flat = results.get("flat")
         row("p2p", "weightsync round, engine API (send + receive)", _engine(ws), base,
             f"{_engine(ws)['ms'] / flat['ms']:.3f}x the flat NCCL broadcast" if ws and flat else "")
-        row("p2p", "weightsync round, engine API, checksum off", _engine(collect(h, "p2p", "ws_nosum", [1], args)), base)
+        row("p2p", "weightsync round, engine API, checksum off",
+            _engine(collect(h, "p2p", "ws_nosum", [1], args)), base)
         if "loader" in args.sections:
             loader = _engine(collect(h, "p2p", "ws_loader", [1], args))
             results["p2p_loader"] = loader

@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  complexity {m.complexity:3d}  {m.lines:4d} lines  {m.where()}")
     failed = {m.where() for m in too_complex + too_long}
     if failed:
-        print(f"\nfunction sizes: {len(failed)} function(s) over the limits (complexity {MAX_COMPLEXITY}, {MAX_LINES} lines)")
+        print(f"\nfunction sizes: {len(failed)} function(s) over the limits "
+              f"(complexity {MAX_COMPLEXITY}, {MAX_LINES} lines)")
         return 1
     print(f"\nfunction sizes: {len(measured)} functions, none over complexity {MAX_COMPLEXITY} or {MAX_LINES} lines")
     return 0

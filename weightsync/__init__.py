@@ -31,15 +31,20 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on demand
+if TYPE_CHECKING:  # what type checkers and IDEs see (`X as X`: re-exported); at run time __getattr__ imports them
     from weightsync.errors import (
-        ManifestMismatch, PhaseError, ProtocolError, SourceMismatch, TransferError, WeightSyncError,
+        ManifestMismatch as ManifestMismatch, PhaseError as PhaseError, ProtocolError as ProtocolError,
+        SourceMismatch as SourceMismatch, TransferError as TransferError, WeightSyncError as WeightSyncError,
     )
-    from weightsync.protocol import InitInfo, Manifest, TensorSpec, UpdateInfo
-    from weightsync.source import ModuleSource, WeightSource
-    from weightsync.store import WeightStore
-    from weightsync.trainer import WeightSender
-    from weightsync.transports import SparsePatch, available, get_transport, register
+    from weightsync.protocol import (
+        InitInfo as InitInfo, Manifest as Manifest, TensorSpec as TensorSpec, UpdateInfo as UpdateInfo,
+    )
+    from weightsync.source import ModuleSource as ModuleSource, WeightSource as WeightSource
+    from weightsync.store import WeightStore as WeightStore
+    from weightsync.trainer import WeightSender as WeightSender
+    from weightsync.transports import (
+        SparsePatch as SparsePatch, available as available, get_transport as get_transport, register as register,
+    )
 
 
 def __getattr__(name: str):

@@ -110,7 +110,7 @@ def sample_ranges(sizes: Sequence[int], offsets: Sequence[int]) -> list[tuple[in
     moves every tensor or every stride: bytes read from the wrong memory, a tensor rewritten
     while it was read, a stale mapping."""
     out: list[tuple[int, int, int]] = []
-    for index, (size, offset) in enumerate(zip(sizes, offsets)):
+    for index, (size, offset) in enumerate(zip(sizes, offsets, strict=True)):
         if size <= 2 * SAMPLE_WINDOW:
             if size:
                 out.append((index, 0, size))

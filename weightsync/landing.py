@@ -172,7 +172,7 @@ def check_indices(manifest: Manifest, scratch: list[torch.Tensor], sink: Sink) -
         return None
     lows_highs = torch.stack(bounds).cpu().tolist()
     nonempty = [spec for spec in specs if spec.numel]
-    for spec, (low, high) in zip(nonempty, lows_highs):
+    for spec, (low, high) in zip(nonempty, lows_highs, strict=True):
         numel = sink[spec.name].numel() if isinstance(sink, WeightStore) else None
         if low < 0 or (numel is not None and high >= numel):
             return f"parameter {spec.name!r}: sparse index out of range [0, {numel if numel is not None else 'n'})"
@@ -208,7 +208,8 @@ class Shadow:
 
 def shaped_views(manifest: Manifest, flats: Sequence[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
     """(name, view of the right dtype and shape) for each dense tensor's flat uint8 bytes."""
-    return [(spec.name, flat.view(spec.torch_dtype).view(spec.shape)) for spec, flat in zip(manifest.tensors, flats)]
+    return [(spec.name, flat.view(spec.torch_dtype).view(spec.shape))
+            for spec, flat in zip(manifest.tensors, flats, strict=True)]
 
 
 @dataclass
@@ -507,7 +508,7 @@ def _ring_plan(layout: Layout, chunks: Sequence[Chunk], spans: TensorSpans, boun
         positions.append(pos)
         shifts.append(ring.shift)
     places = [_handover_place(layout, spans, shifts, index, bound.capacity) for index in range(len(layout.sizes))]
-    peak = max((p + c.nbytes for p, c in zip(positions, chunks)), default=0)
+    peak = max((p + c.nbytes for p, c in zip(positions, chunks, strict=True)), default=0)
     return StagingPlan(bound.capacity, positions, after, carries, spans.batches, places, peak)
 
 
@@ -586,17 +587,18 @@ class StagedLoad:
         cached = plan.views.get("views")
         if cached is None or cached[0] != key:
             sizes = layout.sizes
-            shaped = [area[p : p + size] for p, size in zip(plan.places, sizes)]
+            shaped = [area[p : p + size] for p, size in zip(plan.places, sizes, strict=True)]
             specs = manifest.tensors
             batches = [[(specs[i].name, shaped[i].view(specs[i].torch_dtype).view(specs[i].shape)) for i in batch]
                        for batch in plan.batches]
             places = plan.places
             pieces = [[area[p + s.chunk_offset : p + s.chunk_offset + s.nbytes] if p >= 0 else
                        area[places[s.index] + s.start : places[s.index] + s.stop] for s in c.segments if s.nbytes]
-                      for c, p in zip(chunks, plan.positions)]
+                      for c, p in zip(chunks, plan.positions, strict=True)]
             sums = [RegionPlan([Region(view, None, c.start + s.chunk_offset)
-                                for view, s in zip(views, [s for s in c.segments if s.nbytes])], copy=False)
-                    for c, views in zip(chunks, pieces)] if verify else None
+                                for view, s in zip(views, [s for s in c.segments if s.nbytes], strict=True)],
+                               copy=False)
+                    for c, views in zip(chunks, pieces, strict=True)] if verify else None
             plan.views["views"] = cached = (key, batches, sums, pieces, (manifest, chunks))  # keeps ids stable
         self.batches, self.sums, self.pieces = cached[1], cached[2], cached[3]
 

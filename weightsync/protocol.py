@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 
 from weightsync.errors import ProtocolError
 from weightsync.limits import (
-    DEFAULT_BUFFER_SIZE_BYTES, DEFAULT_NUM_BUFFERS, BufferSize, NumBuffers, Printable, StrictBufferSize, StrictNumBuffers,
+    DEFAULT_BUFFER_SIZE_BYTES, DEFAULT_NUM_BUFFERS, BufferSize, NumBuffers, Printable, StrictBufferSize,
+    StrictNumBuffers,
 )
 
 if TYPE_CHECKING:
@@ -282,7 +283,7 @@ class UpdateInfo(_Strict):
         return Manifest(
             tensors=tuple(
                 TensorSpec(name=n, dtype=d, shape=tuple(s))
-                for n, d, s in zip(self.names, self.dtype_names, shapes)
+                for n, d, s in zip(self.names, self.dtype_names, shapes, strict=True)
             )
         )
 
@@ -293,7 +294,7 @@ class UpdateInfo(_Strict):
         if len(self.names) != len(sent.tensors):
             return f"update_info names {len(self.names)} parameters; the trainer sends {len(sent.tensors)}"
         shapes = self.shapes if self.num_updates_list is None else [[nnz] for nnz in self.num_updates_list]
-        for name, dtype, shape, spec in zip(self.names, self.dtype_names, shapes, sent.tensors):
+        for name, dtype, shape, spec in zip(self.names, self.dtype_names, shapes, sent.tensors, strict=True):
             if name != spec.name or dtype != spec.dtype or tuple(shape) != spec.shape:
                 return (f"parameter {spec.name!r}: update_info says {name!r} {dtype}{list(shape)}, "
                         f"the trainer sends {spec.dtype}{list(spec.shape)}")
@@ -304,7 +305,7 @@ class UpdateInfo(_Strict):
         """vLLM's sparse spelling: each patched parameter's own shape, by name (else empty)."""
         if self.num_updates_list is None:
             return {}
-        return {name: tuple(shape) for name, shape in zip(self.names, self.shapes)}
+        return {name: tuple(shape) for name, shape in zip(self.names, self.shapes, strict=True)}
 
 
 class RoundHeader(_Strict):

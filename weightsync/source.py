@@ -107,7 +107,7 @@ class FullPassSource:
 def _is_full_pass(obj: object) -> bool:
     """vLLM 0.33's source shape: `iter_full()` and a `metadata` that is not a method."""
     return callable(getattr(type(obj), "iter_full", None)) and hasattr(type(obj), "metadata") \
-        and not callable(getattr(type(obj), "metadata"))
+        and not callable(getattr(type(obj), "metadata", None))
 
 
 def adapt(obj: object) -> object:
@@ -184,4 +184,4 @@ def resident(source: WeightSource) -> tuple[Manifest, list[tuple[str, torch.Tens
     lend the trainer's memory to receivers for the whole round (ipc, p2p), which cannot stream."""
     manifest = manifest_of(source)
     tensors = list(checked_items(manifest, source))
-    return manifest, [(spec.name, t) for spec, t in zip(manifest.tensors, tensors)]
+    return manifest, [(spec.name, t) for spec, t in zip(manifest.tensors, tensors, strict=True)]

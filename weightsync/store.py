@@ -53,7 +53,7 @@ class WeightStore:
         flat = torch.zeros(layout.total_bytes, dtype=torch.uint8, device=device)
         tensors = {
             spec.name: flat[off : off + spec.nbytes].view(spec.torch_dtype).view(spec.shape)
-            for spec, off in zip(manifest.tensors, layout.offsets)
+            for spec, off in zip(manifest.tensors, layout.offsets, strict=True)
         }
         return cls(tensors, flat, layout)
 

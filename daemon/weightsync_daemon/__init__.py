@@ -17,8 +17,8 @@ _EXPORTS = {"create_app": "weightsync_daemon.app", "ReceiverService": "weightsyn
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from weightsync_daemon.app import create_app
-    from weightsync_daemon.service import ReceiverService, SenderService
+    from weightsync_daemon.app import create_app as create_app
+    from weightsync_daemon.service import ReceiverService as ReceiverService, SenderService as SenderService
 
 
 def __getattr__(name: str):

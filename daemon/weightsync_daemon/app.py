@@ -52,7 +52,8 @@ def _error_response(status: int, message: str, field: str | None = None,
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for these error statuses, all with the one error body."""
-    what = {400: "the Content-Length header is not a byte count", 401: "no valid bearer token", 408: "the body did not arrive in time (body_timeout_seconds)",
+    what = {400: "the Content-Length header is not a byte count", 401: "no valid bearer token",
+            408: "the body did not arrive in time (body_timeout_seconds)",
             409: "not allowed in this phase, or another call is in progress",
             413: "the body is larger than max_body_bytes",
             422: "a field is invalid, or the body is not JSON; `field` names it (`body`: the body as a whole)",

@@ -24,6 +24,7 @@ resume (`/reset_prefix_cache?reset_running_requests=true`: vLLM 0.33 ignores `/p
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable
@@ -129,7 +130,7 @@ class VLLMTrainer:
         offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
         with ThreadPoolExecutor(max_workers=len(endpoints)) as pool:
             futures = [pool.submit(endpoint.init, init.model_copy(update={"rank_offset": offset}).model_dump())
-                       for endpoint, offset in zip(endpoints, offsets)]
+                       for endpoint, offset in zip(endpoints, offsets, strict=True)]
             try:
                 sender = WeightSender.init(init, device=device)
             except BaseException as error:
@@ -206,7 +207,7 @@ class VLLMTrainer:
         for endpoint in self.endpoints:
             steps = [endpoint.resume]
             if pause_mode == "keep":
-                steps.insert(0, lambda: endpoint.reset_prefix_cache(running=True))
+                steps.insert(0, functools.partial(endpoint.reset_prefix_cache, running=True))
             for step in steps:  # a failed reset still resumes: a server must not stay paused
                 try:
                     step()

@@ -74,8 +74,9 @@ class WeightsyncTrainerInitInfo(TrainerInitInfo):
     cpu). `atomic`: the workers load a round only once all of it arrived and verified, so a round
     that fails mid-stream (a source contradicting its metadata, a trainer rank lost) leaves vLLM's
     weights intact; without it they load each tensor as it arrives and such a round leaves them
-    partly updated (vLLM's answer says so). `process_group`: the trainer ranks' group for a sharded trainer (default: torch's
-    default group when it has more than one rank). `world_size`: 1 + every inference worker.
+    partly updated (vLLM's answer says so). `process_group`: the trainer ranks' group for a
+    sharded trainer (default: torch's default group when it has more than one rank).
+    `world_size`: 1 + every inference worker.
     `options`: the transport's options (weightsync's `init_info.options`), which the workers must
     be given alike: a difference fails the init on every party naming the option."""
 

@@ -48,7 +48,7 @@ async def catch_up(source: PartyClient, joiners: list[PartyClient], version: str
     try:
         sizes = await asyncio.gather(*(_step(result, p, "get_world_size", p.world_size(t.request)) for p in joiners))
         ranks, offset = {}, 1
-        for party, size in zip(joiners, sizes):
+        for party, size in zip(joiners, sizes, strict=True):
             ranks[party.name], offset = offset, offset + size
             result.parties.append(PartyOutcome(party.name, "target", ranks[party.name]))
         info = {

@@ -169,7 +169,7 @@ class Coordinator:
         if failures:
             raise InitError(failures)
         ranks, offset = {self.trainer.name: 0}, 1
-        for party, size in zip(self.targets, sizes):
+        for party, size in zip(self.targets, sizes, strict=True):
             ranks[party.name] = offset
             offset += size
         # A fresh name per init: parties tell a new group from a repeated init, and keys of an
@@ -238,7 +238,7 @@ class Coordinator:
         answers = await self._all(lambda p: p.health(timeout), self.targets)
         reasons = {o.name: f"{o.step}: {o.reason}" for o in result.parties if not o.ok}
         return {party.name: reasons.get(party.name) or str(answer)
-                for party, answer in zip(self.targets, answers) if isinstance(answer, PartyError)}
+                for party, answer in zip(self.targets, answers, strict=True) if isinstance(answer, PartyError)}
 
     async def _sync_once(self, version: str | int) -> SyncResult:
         if self.group is None:
@@ -273,7 +273,7 @@ class Coordinator:
             finished = await self._pipeline(
                 outcome, self.parties,
                 lambda p, at: self._finish_and_resume(p, at, version, progress, pausing, outcome, resumed))
-            for party, answer in zip(self.parties, finished):
+            for party, answer in zip(self.parties, finished, strict=True):
                 outcome[party.name].weight_version = answer.get("weight_version")
             result.ok = True
         except _RoundFailed as failed:
@@ -281,9 +281,10 @@ class Coordinator:
             # Once payload may have moved, a collective may be half-done on some party: the group
             # cannot be trusted for another round, so the next sync re-initialises it.
             self.needs_init = failed.step in ("update", "finish")
-            aborted = await self._all(lambda p: p.abort(failed.reason, t.request, progress[p.name], version),
+            reason = failed.reason
+            aborted = await self._all(lambda p: p.abort(reason, t.request, progress[p.name], version),
                                       self.parties)
-            for party, answer in zip(self.parties, aborted):
+            for party, answer in zip(self.parties, aborted, strict=True):
                 # A vLLM target says what its weights are once its session is closed.
                 if isinstance(answer, dict) and "weight_version" in answer:
                     outcome[party.name].weight_version = answer["weight_version"]
@@ -386,7 +387,7 @@ class Coordinator:
             if not isinstance(info, dict):
                 raise _RoundFailed("update", f"{self.trainer.name}: its answer carries no update_info to relay")
             last = not sent.get("more")
-            received = await self._step(outcome, "update", self.targets, lambda p: p.update(info, timeout),
+            received = await self._step(outcome, "update", self.targets, lambda p, info=info: p.update(info, timeout),
                                         progress=progress if last else None, reached=Progress.LANDED)
             moved += int(sent.get("bytes", 0))
             if last:
@@ -400,7 +401,8 @@ class Coordinator:
         each party whose call succeeded has `reached` that point."""
         answers = await self._all(call, parties, grace=self.spec.timeouts.request if strict else None)
         if progress is not None and reached is not None:
-            progress.update({p.name: reached for p, a in zip(parties, answers) if not isinstance(a, PartyError)})
+            progress.update({p.name: reached for p, a in zip(parties, answers, strict=True)
+                             if not isinstance(a, PartyError)})
         failed = [a for a in answers if isinstance(a, PartyError)]
         self._record(outcome, step, failed)
         if failed and strict:
@@ -432,7 +434,7 @@ class Coordinator:
                     await asyncio.wait(pending, timeout=grace)
                 break
         answers = []
-        for party, task in zip(parties, tasks):
+        for party, task in zip(parties, tasks, strict=True):
             if task.done():
                 answers.append(task.result())
             else:

@@ -109,7 +109,8 @@ class Reconciler:
             trainers = select(pods, spec.trainer_selector)
             trainer_names = {p.name for p in trainers}
             targets = [p for p in select(pods, spec.target_selector) if p.name not in trainer_names]
-            gated = [p for p in pods if p.gated and p.name not in trainer_names and matches(spec.target_selector, p.labels)]
+            gated = [p for p in pods
+                     if p.gated and p.name not in trainer_names and matches(spec.target_selector, p.labels)]
             self._gated = {p.name for p in gated}
             self._gates.update({p.name: bool(p.synced) for p in gated})  # the API's view (None: unset, False)
             if len(trainers) != 1 or not targets:
@@ -117,8 +118,8 @@ class Reconciler:
                 return None  # pod events wake us
             trainer = trainers[0]
             sync_spec = self._sync_spec(spec, trainer)
-            fingerprint = (sync_spec, (spec.strategy.type, spec.strategy.max_unavailable), trainer.identity(spec.daemon_port),
-                           tuple(t.identity(spec.daemon_port) for t in targets))
+            fingerprint = (sync_spec, (spec.strategy.type, spec.strategy.max_unavailable),
+                           trainer.identity(spec.daemon_port), tuple(t.identity(spec.daemon_port) for t in targets))
             if self.coordinator is None or self._broken or fingerprint != self._formed_with:
                 wait = self._retry_at - time.monotonic()
                 if fingerprint == self._failed_with and wait > 0:
@@ -203,7 +204,7 @@ class Reconciler:
         timeout = sync_spec.timeouts.request
         answers = await asyncio.gather(*(t.health(timeout) for t in targets), return_exceptions=True)
         reachable = []
-        for target, answer in zip(targets, answers):
+        for target, answer in zip(targets, answers, strict=True):
             if isinstance(answer, BaseException):
                 self._versions[target.name] = None
                 continue
@@ -232,7 +233,8 @@ class Reconciler:
         self.status = self.status.model_copy(update={"last_catch_up": figures})
         if result.ok:
             self._emit("Normal", "CaughtUp", f"{', '.join(figures.targets)} now hold version {current} "
-                                             f"(from {source.name}, {result.bytes} bytes in {result.transfer_seconds:.3f}s)")
+                                             f"(from {source.name}, {result.bytes} bytes in "
+                                             f"{result.transfer_seconds:.3f}s)")
         else:
             self._emit("Warning", "CatchUpFailed", f"catching up to version {current} failed: {result.reason}")
             # A joiner may still wait in the failed group's rendezvous: let it give up and leave
@@ -279,7 +281,7 @@ class Reconciler:
         """The pods among `pods` whose party does not answer its health check, and why."""
         clients = [party_client(p.endpoint(spec.daemon_port), self._http, self._token) for p in pods]
         answers = await asyncio.gather(*(c.health(timeout) for c in clients), return_exceptions=True)
-        return {p.name: str(a) for p, a in zip(pods, answers) if isinstance(a, BaseException)}
+        return {p.name: str(a) for p, a in zip(pods, answers, strict=True) if isinstance(a, BaseException)}
 
     def _left_out_condition(self) -> tuple[str, str] | None:
         """The Degraded condition while members are outside the group (None: every one is in)."""
@@ -347,7 +349,7 @@ class Reconciler:
         parties = self.coordinator.parties
         answers = await asyncio.gather(*(p.health(timeout) for p in parties), return_exceptions=True)
         lost = []
-        for party, answer in zip(parties, answers):
+        for party, answer in zip(parties, answers, strict=True):
             if isinstance(answer, BaseException):
                 lost.append(f"{party.name}: {answer}")
                 if party.name in self._members:
@@ -386,10 +388,12 @@ class Reconciler:
                              generation: int | None) -> None:
         await self._leave("its members are gone")
         if len(trainers) > 1:
-            message = f"{len(trainers)} ready pods match trainerSelector ({', '.join(p.name for p in trainers)}); expected one"
+            message = (f"{len(trainers)} ready pods match trainerSelector ({', '.join(p.name for p in trainers)}); "
+                       "expected one")
             degraded = ("AmbiguousTrainer", message)
         else:
-            missing = [what for what, ok in (("a ready trainer pod", trainers), ("ready target pods", targets)) if not ok]
+            missing = [what for what, ok in (("a ready trainer pod", trainers), ("ready target pods", targets))
+                       if not ok]
             message, degraded = f"waiting for {' and '.join(missing)}", None
         self._members = {p.name: p for p in targets}
         self._problems = {}
@@ -516,9 +520,10 @@ class Reconciler:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         answers = await asyncio.gather(*(self._set_pod_condition(name, {
             "type": SYNCED_CONDITION, "status": "True" if value else "False", "reason": reason,
-            "message": message[:256], "lastTransitionTime": now}) for name, (value, reason, message) in changes.items()),
+            "message": message[:256], "lastTransitionTime": now})
+            for name, (value, reason, message) in changes.items()),
             return_exceptions=True)
-        for name, answer in zip(changes, answers):
+        for name, answer in zip(changes, answers, strict=True):
             if not isinstance(answer, BaseException):
                 self._gates[name] = changes[name][0]
             elif getattr(answer, "status", None) == 404:  # the pod is gone: nothing to hold
@@ -538,7 +543,8 @@ class Reconciler:
     def _sync_spec(self, spec: WeightSyncSpec, trainer: PodRef) -> SyncSpec:
         t = spec.timeouts
         return SyncSpec(
-            backend=spec.backend, master_address=trainer.ip, master_port=trainer.rendezvous_port or spec.rendezvous_port,
+            backend=spec.backend, master_address=trainer.ip,
+            master_port=trainer.rendezvous_port or spec.rendezvous_port,
             packed_buffer_size_bytes=spec.packed_buffer_size_bytes, packed_num_buffers=spec.packed_num_buffers,
             pause_mode=spec.pause_mode, group_name=f"{self.namespace}.{self.name}"[:96],
             transfer_timeout=t.transfer_seconds, verify=spec.verify, atomic=spec.atomic,

@@ -106,7 +106,8 @@ class RolloutStrategy(_Model):
                                  "catching up from already updated peers where one can send (a daemon), so "
                                  "serving capacity never drops below the rest (asynchronous RL, which "
                                  "tolerates a few requests on the previous version).")
-    max_unavailable: Annotated[int, Field(ge=1, le=4096)] | Annotated[str, Field(pattern=r"^([1-9][0-9]?|100)%$")] = Field(
+    max_unavailable: Annotated[int, Field(ge=1, le=4096)] | Annotated[
+        str, Field(pattern=r"^([1-9][0-9]?|100)%$")] = Field(
         1, description="Waves: targets paused at once, a count or a percentage of the targets (rounded down, at "
                        "least one).")
 
@@ -124,7 +125,8 @@ class WeightSyncSpec(_Model):
 
     backend: Backend = Field("nccl", description="Transport: nccl, p2p or ipc on GPUs, cpu (gloo) anywhere.")
     trainer_selector: LabelSelector = Field(
-        description="Selects the one trainer pod (it runs weightsync_operator.trainer_client.connect and hosts the rendezvous).")
+        description="Selects the one trainer pod (it runs weightsync_operator.trainer_client.connect and hosts the "
+                    "rendezvous).")
     target_selector: LabelSelector = Field(
         description="Selects the inference pods that receive every version: weightsync daemons, or vLLM "
                     "servers with the weightsync backend where the pod carries the annotation "

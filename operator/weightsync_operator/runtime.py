@@ -61,7 +61,8 @@ class AsyncStatusWriter:
         """Replace the whole status (a JSON patch of /status), so fields left out are really gone."""
         url = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
         body = [{"op": "add", "path": "/status", "value": status}]
-        return await self._patch(url, body, "application/json-patch+json", f"write status of weightsync {namespace}/{name}")
+        return await self._patch(url, body, "application/json-patch+json",
+                                 f"write status of weightsync {namespace}/{name}")
 
     async def patch_pod_condition(self, namespace: str, name: str, condition: dict) -> dict:
         """Set one condition of a pod's status (a strategic merge patch: the API server merges

@@ -95,7 +95,7 @@ class Transport(ABC):
         _, named = resident(source)
         return self.send(named)
 
-    def refuse_round(self, reason: str) -> None:
+    def refuse_round(self, reason: str) -> None:  # noqa: B027 (an optional hook: the default does nothing)
         """Refuse the round in progress, naming `reason` (e.g. a receiver's /update_weights body
         failed validation): where the round is a collective that needs every party (cpu, nccl),
         this party still takes its place in the round's first agreement, only to object, so every
@@ -107,10 +107,10 @@ class Transport(ABC):
     def send_sparse(self, patches: Iterable[SparsePatch]) -> RoundStats:
         raise NotImplementedError(f"the {self.name} transport does not support sparse updates")
 
-    def begin_round(self) -> None:
+    def begin_round(self) -> None:  # noqa: B027 (an optional hook: the default does nothing)
         """A round starts (start_weight_update); transports that keep per-round state reset it."""
 
-    def end_round(self) -> None:
+    def end_round(self) -> None:  # noqa: B027 (an optional hook: the default does nothing)
         """The round is over (finished or aborted): memory lent to receivers may be released."""
 
     @abstractmethod

@@ -90,7 +90,8 @@ class LocalCopy(CopyStrategy):
         return own
 
     def copy_plan(self, plan: RoundPlan, checksum: bool) -> RegionPlan:
-        return RegionPlan([Region(s, d, off) for s, d, off in zip(plan.sources, plan.destinations, plan.offsets)],
+        return RegionPlan([Region(s, d, off)
+                           for s, d, off in zip(plan.sources, plan.destinations, plan.offsets, strict=True)],
                           copy=True, digest=checksum)
 
     def pull(self, copy_plan: RegionPlan, digest: StreamDigest | None) -> torch.cuda.Event:

@@ -104,7 +104,7 @@ class NcclReceivePath(ReceivePath):
         if header is not None and header.direct:  # each piece where packing would put it
             views = [scratch[s.chunk_offset : s.chunk_offset + s.nbytes] for s in chunk.segments if s.nbytes]
         else:
-            views = [scratch[o : o + n] for o, n in zip(accumulate(pieces, initial=0), pieces)]
+            views = [scratch[o : o + n] for o, n in zip(accumulate(pieces, initial=0), pieces, strict=False)]
         group.stream.wait_stream(current)  # the last round's placing of the scratch is done
         self._trace.mark("first piece starts", group.stream)
         group.broadcast_pieces(views)
@@ -122,7 +122,7 @@ class NcclReceivePath(ReceivePath):
         group = self._group
         chunk = staged.chunks[0]
         moves = [(lead.scratch[s.chunk_offset : s.chunk_offset + s.nbytes], piece)
-                 for s, piece in zip([s for s in chunk.segments if s.nbytes], staged.pieces[0])]
+                 for s, piece in zip([s for s in chunk.segments if s.nbytes], staged.pieces[0], strict=True)]
         moves = [(src, dst) for src, dst in moves if src.data_ptr() != dst.data_ptr()]
         if not moves:
             return EventPending(lead.landed, group.comm, "the chunk sent ahead of the agreement")
@@ -229,7 +229,8 @@ class NcclReceivePath(ReceivePath):
         if header.direct:
             if not first:
                 self._trace.mark("first piece starts", group.stream)
-            for chunk, views in zip(chunks[first:], prepared.pieces[first:]):  # each chunk's landing pieces
+            # each chunk's landing pieces
+            for chunk, views in zip(chunks[first:], prepared.pieces[first:], strict=True):
                 group.broadcast_pieces(views)
                 mark(f"chunk {chunk.number} called")
                 if verify:
@@ -245,7 +246,7 @@ class NcclReceivePath(ReceivePath):
             buffers = prepared.buffers
             placed: list[torch.cuda.Event | None] = [None] * count
             placed[0] = lead_placed  # a packed lead chunk sits in buffer 0
-            for chunk, plan in zip(chunks[first:], plans[first:]):
+            for chunk, plan in zip(chunks[first:], plans[first:], strict=True):
                 b = chunk.number % count
                 if placed[b] is not None:
                     group.stream.wait_event(placed[b])  # buffer b is free once unpacked

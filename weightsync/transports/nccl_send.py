@@ -132,7 +132,7 @@ class NcclSendPath(SendPath):
         for stream in streams:
             stream.wait_stream(current)  # the sources (and the zeroed checksums) were written there
         packed: list[torch.cuda.Event] = []
-        for chunk, plan in zip(chunks[:count], plans):
+        for chunk, plan in zip(chunks[:count], plans, strict=False):
             stream = streams[chunk.number % count]
             with torch.cuda.stream(stream):
                 plan.run(parts[chunk.number % count], self.pack_programs)
@@ -161,7 +161,7 @@ class NcclSendPath(SendPath):
             group.stream.wait_stream(torch.cuda.current_stream(device))
             if lead is None:
                 self._trace.mark("first piece starts", group.stream)
-            for chunk, views in zip(chunks[first:], prepared.pieces[first:]):
+            for chunk, views in zip(chunks[first:], prepared.pieces[first:], strict=True):
                 group.broadcast_pieces(views)
                 mark(f"chunk {chunk.number} called")
             self._trace.mark("last piece sent", group.stream)
@@ -174,7 +174,7 @@ class NcclSendPath(SendPath):
         group.stream.wait_stream(torch.cuda.current_stream(device))
         sent: list[torch.cuda.Event | None] = [None] * count
         sent[0] = lead
-        for chunk, plan in zip(chunks[first:], plans[first:]):
+        for chunk, plan in zip(chunks[first:], plans[first:], strict=True):
             b = chunk.number % count
             stream = streams[b]
             if chunk.number >= count:  # the first `count` chunks were packed before the agreement

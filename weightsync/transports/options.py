@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from weightsync.protocol import InitInfo, parse
 
 T = TypeVar("T")
-O = TypeVar("O", bound="TransportOptions")
+OptionsT = TypeVar("OptionsT", bound="TransportOptions")
 
 
 class TransportOptions(BaseModel):
@@ -34,7 +34,7 @@ class TransportOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     @classmethod
-    def of(cls: type[O], init: InitInfo) -> O:
+    def of(cls: type[OptionsT], init: InitInfo) -> OptionsT:
         """The options `init` names for this transport, defaults filled in; ProtocolError naming
         `init_info.options.<field>` when one is unknown or invalid."""
         return parse(cls, init.options, "init_info.options")

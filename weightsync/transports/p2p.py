@@ -123,11 +123,12 @@ class PeerCopy(CopyStrategy):
         """Copy-engine pieces, grouped, each group with its checksum of what landed; tensors
         under SMALL_BYTES go in one batched kernel instead (a copy engine's fixed cost per copy
         would exceed their transfer time)."""
-        large = [(s, d, o) for s, d, o in zip(plan.sources, plan.destinations, plan.offsets)
+        large = [(s, d, o) for s, d, o in zip(plan.sources, plan.destinations, plan.offsets, strict=True)
                  if s.numel() >= SMALL_BYTES]
-        small = [Region(s, d, o) for s, d, o in zip(plan.sources, plan.destinations, plan.offsets)
+        small = [Region(s, d, o) for s, d, o in zip(plan.sources, plan.destinations, plan.offsets, strict=True)
                  if 0 < s.numel() < SMALL_BYTES]
-        pulled = piece_plan(*zip(*large), checksum, self._options.piece_bytes) if large else PeerCopyPlan([], [])
+        pulled = (piece_plan(*zip(*large, strict=True), checksum, self._options.piece_bytes) if large
+                  else PeerCopyPlan([], []))
         return replace(pulled, small=RegionPlan(small, copy=True, digest=checksum) if small else None)
 
     def pull(self, copy_plan: PeerCopyPlan, digest: StreamDigest | None) -> torch.cuda.Event:
@@ -206,7 +207,8 @@ class PeerCopy(CopyStrategy):
         loader.staging_bytes = self._area.numel()
         staged = StagedLoad(staging, self._area, manifest, chunks, layout, verify)
         pieces = [[Piece(dst, plan.sources[s.index][s.start : s.stop])
-                   for dst, s in zip(staged.pieces[c.number], [s for s in c.segments if s.nbytes])] for c in chunks]
+                   for dst, s in zip(staged.pieces[c.number], [s for s in c.segments if s.nbytes], strict=True)]
+                  for c in chunks]
         pull = plan.loads[verify] = StagedPull(self._area, staged, pieces)
         return pull
 
@@ -252,7 +254,7 @@ def piece_plan(sources, destinations, offsets, verify: bool, piece_bytes: int | 
             groups.append(PieceGroup(members, RegionPlan(group_regions, copy=False) if verify else None))
         members, group_regions, room = [], [], group_target(remaining, piece_bytes)
 
-    for src, dst, offset in zip(sources, destinations, offsets):
+    for src, dst, offset in zip(sources, destinations, offsets, strict=True):
         start = 0
         while start < src.numel():
             stop = min(start + room, src.numel())

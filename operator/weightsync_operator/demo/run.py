@@ -44,8 +44,9 @@ async def verify(http: httpx.AsyncClient, trainer: LocalProcess, daemons: list[L
     parties = [trainer, *daemons]
     sums = await asyncio.gather(*(_post(http, p.url, "/weight_checker", {"action": "checksum"}) for p in parties))
     outs = await asyncio.gather(*(_post(http, p.url, "/demo/forward") for p in parties))
-    bad_sums = [d.name for d, s in zip(daemons, sums[1:]) if s["checksum"] != sums[0]["checksum"]]
-    bad_outs = [d.name for d, o in zip(daemons, outs[1:]) if o["output_sha256"] != outs[0]["output_sha256"]]
+    bad_sums = [d.name for d, s in zip(daemons, sums[1:], strict=True) if s["checksum"] != sums[0]["checksum"]]
+    bad_outs = [d.name for d, o in zip(daemons, outs[1:], strict=True)
+                if o["output_sha256"] != outs[0]["output_sha256"]]
     detail = "; ".join(filter(None, [bad_sums and f"weights differ on {bad_sums}",
                                      bad_outs and f"outputs differ on {bad_outs}"]))
     return not bad_sums, not bad_outs, detail
@@ -126,6 +127,7 @@ def main(daemons: int, rounds: int, backend: str, buffer_size: int, num_buffers:
     reports = asyncio.run(run_demo(daemons, rounds, backend, buffer_size, num_buffers))
     print(format_table(reports))
     ok = all(r.verified for r in reports) and len(reports) == rounds
-    print(f"\n{sum(r.verified for r in reports)}/{rounds} rounds verified bit-exact across {daemons} daemon{'' if daemons == 1 else 's'} "
+    print(f"\n{sum(r.verified for r in reports)}/{rounds} rounds verified bit-exact across {daemons} "
+          f"daemon{'' if daemons == 1 else 's'} "
           f"in {time.perf_counter() - began:.1f}s")
     return 0 if ok else 1

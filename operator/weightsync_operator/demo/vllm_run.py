@@ -49,7 +49,8 @@ class VllmRound:
         return self.result.ok and self.served_version == self.result.version and self.matches
 
 
-async def completions(http: httpx.AsyncClient, server_url: str, model: str, prompts: list[list[int]]) -> list[list[int]]:
+async def completions(http: httpx.AsyncClient, server_url: str, model: str,
+                      prompts: list[list[int]]) -> list[list[int]]:
     """vLLM's greedy completion token ids: temperature 0, exactly MAX_TOKENS each (ignore EOS, as
     the trainer's HF generation does)."""
     async def one(prompt: list[int]) -> list[int]:
@@ -120,7 +121,9 @@ async def run_vllm_demo(rounds: int = 3, tensor_parallel: int = 1, work_dir: str
                         report.served_version = await coordinator.targets[0].weight_version(timeout)
                         served, expected = await asyncio.gather(completions(http, server.url, model_dir, prompts),
                                                                 reference(http, trainer.url, prompts))
-                        report.mismatched = [i for i, (a, b) in enumerate(zip(served, expected)) if a != b]
+                        # Compared as far as both go; a length that differs fails `matches` below.
+                        report.mismatched = [i for i, (a, b) in enumerate(zip(served, expected, strict=False))
+                                             if a != b]
                         report.matches = not report.mismatched and len(served) == len(expected)
                         report.changed = served != before
                         before = served

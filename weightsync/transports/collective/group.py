@@ -52,13 +52,13 @@ class Group(ABC):
         """A host copy of a tensor whose producing collective was waited for."""
         return tensor.cpu()
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 (an optional hook: the default does nothing)
         """Wait until queued copies on this group's device are done (a no-op on CPU)."""
 
-    def check_usable(self) -> None:
+    def check_usable(self) -> None:  # noqa: B027 (an optional hook: the default does nothing)
         """Raise TransferError at once if an earlier failure ended this group."""
 
-    def fail(self) -> None:
+    def fail(self) -> None:  # noqa: B027 (an optional hook: the default does nothing)
         """A step of the round timed out: the parties are out of step, so the group is over."""
 
     @abstractmethod

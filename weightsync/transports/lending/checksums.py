@@ -38,7 +38,7 @@ class Coverage(enum.Enum):
         """A checksum-only plan of the covered bytes of `flats` (flat uint8, at stream `offsets`)."""
         if self is Coverage.SAMPLE:
             return RegionPlan(sampled_regions(flats, offsets), copy=False)
-        return RegionPlan([Region(flat, None, offset) for flat, offset in zip(flats, offsets)], copy=False)
+        return RegionPlan([Region(flat, None, offset) for flat, offset in zip(flats, offsets, strict=True)], copy=False)
 
 
 class DigestBoard:

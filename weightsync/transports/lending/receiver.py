@@ -87,7 +87,7 @@ class CopyStrategy(ABC):
              init: InitInfo) -> Landed:
         """Hand the trainer's bytes to `loader` (with a full checksum into `digest` when `full`)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (an optional hook: the default does nothing)
         """Free what the strategy holds."""
 
 
@@ -224,7 +224,7 @@ class IpcReceiver:
         if len(handles.tensors) != len(sizes):
             raise ProtocolError("update_info.ipc_handles",
                                 f"{len(handles.tensors)} placements for {len(sizes)} stream tensors")
-        for i, (placement, size) in enumerate(zip(handles.tensors, sizes)):
+        for i, (placement, size) in enumerate(zip(handles.tensors, sizes, strict=True)):
             if placement.nbytes != size:
                 raise ProtocolError(f"update_info.ipc_handles.tensors.{i}",
                                     f"{placement.nbytes} bytes where the manifest needs {size}")
