@@ -9,7 +9,8 @@ progress), 422 (the field at fault), 503 (the transfer itself failed).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Literal, TypeVar
 
@@ -120,6 +121,247 @@ async def _still_there(request: Request, what: str) -> None:
         raise ClientGone(f"the client left before {what} could run; it did nothing")
 
 
+def service(request: Request) -> EngineService:
+    """The EngineService of the app serving this request (create_app puts it on `app.state`)."""
+    return request.app.state.service
+
+
+# The weight-transfer calls: POSTs that change the engine, so create_app guards each with the
+# bearer token. Routes read their service through `service(request)`, as vLLM's RL router reads
+# its engine client, so that one module-level router serves every app.
+router = APIRouter()
+# What probes and Prometheus read: open to anyone, whatever the token.
+probes = APIRouter()
+_BODY_ERRORS = (400, 408, 413, 422)  # plus 401, which create_app adds where a token guards the routes
+
+
+@router.post("/init_weight_transfer_engine", response_model=Message,
+             responses=_errors(*_BODY_ERRORS, 409, 503), openapi_extra=_request_body(InitRequest, True))
+async def init_weight_transfer_engine(request: Request):
+    """Join the transfer group. Answers within init_info.init_timeout_seconds; an abort or a
+    close meanwhile cancels it (409), as does its client disconnecting."""
+    body = await _body(request, InitRequest)
+    async with _watch_client(request) as gone:
+        return Message(message=await service(request).init(body.init_info, gone))
+
+
+@router.post("/start_weight_update", response_model=StartResult,
+             response_model_exclude_unset=True, responses=_errors(*_BODY_ERRORS, 409, 500),
+             openapi_extra=_request_body(StartRequest, False))
+async def start_weight_update(request: Request,
+                              pause: PauseMode | None = Query(None, description=(
+                                  "weightsync's extension: pause the engine first, as /pause does, in the "
+                                  "same call (the answer then says paused: true). 500 with field `pause` "
+                                  "if the pause failed; the round was not started then."))):
+    await _body(request, StartRequest, required=False)
+    await _still_there(request, "start_weight_update")
+    engine = service(request)
+    if pause is None:
+        return StartResult(message=await engine.start())
+    await _paused(engine, pause)
+    return StartResult(message=await engine.start(), paused=True)
+
+
+async def _update_info(request: Request, engine: EngineService) -> Any:
+    """This party's update_info from the body (its own entry where the body lists one per party).
+    A body refused during a round (422) is this party's verdict on it: `refuse` fails the round
+    at every party, naming the field, and keeps the group ready for the next round."""
+    try:
+        body = await _body(request, UpdateRequest, required=False)
+        info = (body or UpdateRequest()).update_info
+        if isinstance(info, list):
+            info = engine.own_update_info(info)
+    except ProtocolError as refusal:
+        await engine.refuse(refusal)
+    return info
+
+
+@router.post("/update_weights", response_model=UpdateResult,
+             responses=_errors(*_BODY_ERRORS, 409, 503), openapi_extra=_request_body(UpdateRequest, False))
+async def update_weights(request: Request):
+    """One update batch. While another call is served (e.g. this round's update), answers
+    409 at once: a retry never queues behind, or disturbs, the round in flight. A body refused
+    during a round (422) is this party's verdict on it: every party of the round fails it at
+    once, naming the field, and the group stays ready for the next round (`service.refuse`)."""
+    engine = service(request)
+    if engine.call_in_progress:  # refused before its body is even parsed
+        raise Busy(f"busy: {engine.describe_call()}; update_weights was refused, retry once it ends")
+    info = await _update_info(request, engine)
+    await _still_there(request, "update_weights")
+    stats = await engine.update(info)
+    return UpdateResult(message="weights updated" if engine.role == "receiver" else "weights sent",
+                        round_id=stats.round_id, bytes=stats.payload_bytes, seconds=stats.seconds,
+                        num_tensors=stats.num_tensors, in_place=stats.in_place, checksum=stats.checksum,
+                        update_info=stats.update_info, more=stats.more)
+
+
+@router.post("/finish_weight_update", response_model=FinishResult,
+             response_model_exclude_unset=True, responses=_errors(*_BODY_ERRORS, 409),
+             openapi_extra=_request_body(FinishRequest, False))
+async def finish_weight_update(request: Request,
+                               resume: bool = Query(False, description=(
+                                   "weightsync's extension: once finished, resume the engine, as /resume "
+                                   "does, in the same call. The answer says resumed: true, or false with "
+                                   "resume_error; the round is finished either way."))):
+    """Make the round's weights live under `weight_version`. 409 when no update landed in
+    the round (use abort), so a label never moves without its bytes."""
+    body = await _body(request, FinishRequest, required=False)
+    await _still_there(request, "finish_weight_update")
+    engine = service(request)
+    version = await engine.finish(None if body is None else body.weight_version)
+    if not resume:
+        return FinishResult(message="weight update finished", weight_version=version)
+    try:
+        await engine.resume()
+    except Exception as error:  # the weights are live: the finish stands, the answer says why
+        return FinishResult(message="weight update finished", weight_version=version, resumed=False,
+                            resume_error=f"{type(error).__name__}: {error}")
+    return FinishResult(message="weight update finished", weight_version=version, resumed=True)
+
+
+@router.post("/abort_weight_update", response_model=Message, responses=_errors(422))
+async def abort_weight_update(request: Request, reason: str = Query("coordinator gave up", max_length=512)):
+    """End the round (or cancel a pending init or seed) at once; never waits."""
+    try:
+        printable(reason)
+    except ValueError as error:
+        raise ProtocolError("reason", str(error)) from None
+    return Message(message=await service(request).abort(reason))
+
+
+@router.post("/close_weight_transfer_engine", response_model=Message, responses=_errors(409))
+async def close_weight_transfer_engine(request: Request):
+    """Leave the group. Cancels a pending init or seed; waits (bounded) for an update in
+    flight, and does nothing if its client left meanwhile."""
+    async with _watch_client(request) as gone:
+        return Message(message=await service(request).close(gone))
+
+
+@router.post("/seed_weights", response_model=UpdateResult,
+             responses=_errors(*_BODY_ERRORS, 409, 503), openapi_extra=_request_body(InitRequest, True))
+async def seed_weights(request: Request):
+    """Send this receiver's weights, once, to late joiners of a one-off group it hosts. While
+    it waits for them, an abort or a close cancels it (409), as does its client leaving."""
+    engine = service(request)
+    if not hasattr(engine, "seed"):
+        raise PhaseError(f"a {engine.role} does not seed peers")
+    body = await _body(request, InitRequest)
+    async with _watch_client(request) as gone:
+        stats = await engine.seed(body.init_info, gone)
+    return UpdateResult(message="weights sent", round_id=stats.round_id, bytes=stats.payload_bytes,
+                        seconds=stats.seconds, num_tensors=stats.num_tensors, checksum=stats.checksum)
+
+
+@router.post("/pause", response_model=PauseStatus, responses=_errors(422))
+async def pause(request: Request, mode: PauseMode = "abort"):
+    await service(request).pause(mode)
+    return PauseStatus(status="paused")
+
+
+@router.post("/resume", response_model=PauseStatus)
+async def resume(request: Request):
+    await service(request).resume()
+    return PauseStatus(status="resumed")
+
+
+@router.post("/weight_checker", response_model=Checksums | Comparison,
+             responses=_errors(*_BODY_ERRORS), openapi_extra=_request_body(WeightCheckRequest, False))
+async def weight_checker(request: Request):
+    engine = service(request)
+    body = await _body(request, WeightCheckRequest, required=False) or WeightCheckRequest()
+    sums = await asyncio.to_thread(engine.checksums)
+    if body.action == "checksum":
+        return Checksums(checksums=sums, checksum=combine_digests(sums), weight_version=engine.weight_version)
+    if body.baseline is None:
+        raise ProtocolError("baseline", "compare needs a baseline of per-parameter checksums")
+    differ = sorted(n for n in set(sums) | set(body.baseline) if sums.get(n) != body.baseline.get(n))
+    return Comparison(matches=not differ, mismatched=differ)
+
+
+@probes.get("/is_paused", response_model=IsPaused)
+async def is_paused(request: Request):
+    return IsPaused(is_paused=service(request).paused)
+
+
+@probes.get("/get_world_size", response_model=WorldSize, responses=_errors(422))
+async def get_world_size(request: Request, include_dp: bool = Query(True, description=(
+        "vLLM: count data-parallel replicas too. A daemon is one worker with no data "
+        "parallelism, so both answers are the same."))):
+    return WorldSize(world_size=service(request).world_size)
+
+
+@probes.get("/weight_info", response_model=WeightInfo)
+async def weight_info(request: Request):
+    return WeightInfo(weight_version=service(request).weight_version)
+
+
+@probes.get("/healthz", response_model=Health)
+async def healthz(request: Request):
+    """Alive and ready, to anyone (probes); how the last round failed (peers' addresses,
+    parameter names) only to a caller with the token, and always to the log."""
+    engine = service(request)
+    store = getattr(engine, "store", None)
+    failure = engine.last_failure
+    if failure is not None and not request.app.state.auth.allows(request.headers.get("authorization", "")):
+        failure = HIDDEN_FAILURE
+    return Health(role=engine.role, backend=engine.backend, phase=engine.phase.value,
+                  weight_version=engine.weight_version, paused=engine.paused,
+                  weights_intact=engine.weights_intact, last_failure=failure,
+                  num_parameters=len(store) if store is not None else 0)
+
+
+@probes.get("/metrics", response_class=Response, responses={200: {
+    "description": "Prometheus text exposition format",
+    "content": {"text/plain": {"schema": {"type": "string"}}}}})
+async def metrics(request: Request):
+    return Response(generate_latest(service(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """On shutdown, stop the body parser's threads, then the service."""
+    try:
+        yield
+    finally:
+        app.state.bodies.close()
+        await app.state.service.shutdown()
+
+
+async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+    """A query parameter's problem: 422 naming it (bodies are validated by `_body`)."""
+    field, message = _first_validation_problem(error)
+    return _error_response(422, message, field)
+
+
+async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    # 400: a Content-Length that is no byte count (guard.py); bodies are validated by `_body`.
+    return _error_response(error.status_code, str(error.detail),
+                           "body" if error.status_code in (400, 408, 413) else None, error.headers)
+
+
+async def _pause_failed(_: Request, error: PauseFailed) -> JSONResponse:
+    return _error_response(500, str(error), "pause")
+
+
+def _status_handler(status: int) -> Callable[[Request, Exception], JSONResponse]:
+    """The handler answering one kind of weightsync error with its status (see `_STATUS`)."""
+    def handler(_: Request, error: Exception) -> JSONResponse:
+        return _error_response(status, str(error), getattr(error, "field", None))
+    return handler
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, plus the body models that `_body` validates."""
+    if app.openapi_schema is None:
+        document = get_openapi(title=app.title, version=app.version, description=app.description,
+                               routes=app.routes)
+        _, defs = models_json_schema([(m, "validation") for m in _BODY_MODELS],
+                                     ref_template="#/components/schemas/{model}")
+        document.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+        app.openapi_schema = document
+    return app.openapi_schema
+
+
 def create_app(service: EngineService, extra_routers: list[APIRouter] | None = None,
                token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_SECONDS) -> FastAPI:
@@ -131,216 +373,22 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
     """
     auth = BearerAuth(token)
     guarded = [Depends(auth)] if auth.enabled else []
-    need_token = (401,) if auth.enabled else ()
-
-    bodies = BodyParser()
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI):
-        try:
-            yield
-        finally:
-            bodies.close()
-            await service.shutdown()
-
-    app = FastAPI(title="weightsync daemon", version="0.1.0", lifespan=lifespan,
+    need_token = _errors(401) if auth.enabled else {}
+    app = FastAPI(title="weightsync daemon", version="0.1.0", lifespan=_lifespan,
                   description="Weight-transfer protocol endpoints, compatible with vLLM's.")
     app.state.service = service
-    app.state.bodies = bodies
+    app.state.bodies = BodyParser()
+    app.state.auth = auth
     app.add_middleware(RequestGuard, auth=auth, max_body_bytes=max_body_bytes,
                        body_timeout_seconds=body_timeout_seconds)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, error: RequestValidationError):  # query parameters
-        field, message = _first_validation_problem(error)
-        return _error_response(422, message, field)
-
-    def openapi() -> dict[str, Any]:
-        """FastAPI's document, plus the body models that `_body` validates."""
-        if app.openapi_schema is None:
-            document = get_openapi(title=app.title, version=app.version, description=app.description,
-                                   routes=app.routes)
-            _, defs = models_json_schema([(m, "validation") for m in _BODY_MODELS],
-                                         ref_template="#/components/schemas/{model}")
-            document.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
-            app.openapi_schema = document
-        return app.openapi_schema
-
-    app.openapi = openapi
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, error: StarletteHTTPException):
-        # 400: a Content-Length that is no byte count (guard.py); bodies are validated by `_body`.
-        return _error_response(error.status_code, str(error.detail),
-                               "body" if error.status_code in (400, 408, 413) else None, error.headers)
-
-    @app.exception_handler(PauseFailed)
-    async def _pause_failed(_: Request, error: PauseFailed):
-        return _error_response(500, str(error), "pause")
-
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(PauseFailed, _pause_failed)
     for kind, status in _STATUS.items():
-        def handler(_: Request, error: Exception, status=status):
-            return _error_response(status, str(error), getattr(error, "field", None))
-        app.add_exception_handler(kind, handler)
-
-    body_errors = (400, *need_token, 408, 413, 422)
-
-    @app.post("/init_weight_transfer_engine", dependencies=guarded, response_model=Message,
-              responses=_errors(*body_errors, 409, 503), openapi_extra=_request_body(InitRequest, True))
-    async def init_weight_transfer_engine(request: Request):
-        """Join the transfer group. Answers within init_info.init_timeout_seconds; an abort or a
-        close meanwhile cancels it (409), as does its client disconnecting."""
-        body = await _body(request, InitRequest)
-        async with _watch_client(request) as gone:
-            return Message(message=await service.init(body.init_info, gone))
-
-    @app.post("/start_weight_update", dependencies=guarded, response_model=StartResult,
-              response_model_exclude_unset=True, responses=_errors(*body_errors, 409, 500),
-              openapi_extra=_request_body(StartRequest, False))
-    async def start_weight_update(request: Request,
-                                  pause: PauseMode | None = Query(None, description=(
-                                      "weightsync's extension: pause the engine first, as /pause does, in the "
-                                      "same call (the answer then says paused: true). 500 with field `pause` "
-                                      "if the pause failed; the round was not started then."))):
-        await _body(request, StartRequest, required=False)
-        await _still_there(request, "start_weight_update")
-        if pause is None:
-            return StartResult(message=await service.start())
-        await _paused(service, pause)
-        return StartResult(message=await service.start(), paused=True)
-
-    @app.post("/update_weights", dependencies=guarded, response_model=UpdateResult,
-              responses=_errors(*body_errors, 409, 503), openapi_extra=_request_body(UpdateRequest, False))
-    async def update_weights(request: Request):
-        """One update batch. While another call is served (e.g. this round's update), answers
-        409 at once: a retry never queues behind, or disturbs, the round in flight. A body refused
-        during a round (422) is this party's verdict on it: every party of the round fails it at
-        once, naming the field, and the group stays ready for the next round (`service.refuse`)."""
-        if service.call_in_progress:  # refused before its body is even parsed
-            raise Busy(f"busy: {service.describe_call()}; update_weights was refused, retry once it ends")
-        try:
-            body = await _body(request, UpdateRequest, required=False)
-            info = (body or UpdateRequest()).update_info
-            if isinstance(info, list):
-                info = service.own_update_info(info)
-        except ProtocolError as refusal:
-            await service.refuse(refusal)
-        await _still_there(request, "update_weights")
-        stats = await service.update(info)
-        return UpdateResult(message="weights updated" if service.role == "receiver" else "weights sent",
-                            round_id=stats.round_id, bytes=stats.payload_bytes, seconds=stats.seconds,
-                            num_tensors=stats.num_tensors, in_place=stats.in_place, checksum=stats.checksum,
-                            update_info=stats.update_info, more=stats.more)
-
-    @app.post("/finish_weight_update", dependencies=guarded, response_model=FinishResult,
-              response_model_exclude_unset=True, responses=_errors(*body_errors, 409),
-              openapi_extra=_request_body(FinishRequest, False))
-    async def finish_weight_update(request: Request,
-                                   resume: bool = Query(False, description=(
-                                       "weightsync's extension: once finished, resume the engine, as /resume "
-                                       "does, in the same call. The answer says resumed: true, or false with "
-                                       "resume_error; the round is finished either way."))):
-        """Make the round's weights live under `weight_version`. 409 when no update landed in
-        the round (use abort), so a label never moves without its bytes."""
-        body = await _body(request, FinishRequest, required=False)
-        await _still_there(request, "finish_weight_update")
-        version = await service.finish(None if body is None else body.weight_version)
-        if not resume:
-            return FinishResult(message="weight update finished", weight_version=version)
-        try:
-            await service.resume()
-        except Exception as error:  # the weights are live: the finish stands, the answer says why
-            return FinishResult(message="weight update finished", weight_version=version, resumed=False,
-                                resume_error=f"{type(error).__name__}: {error}")
-        return FinishResult(message="weight update finished", weight_version=version, resumed=True)
-
-    @app.post("/abort_weight_update", dependencies=guarded, response_model=Message,
-              responses=_errors(*need_token, 422))
-    async def abort_weight_update(reason: str = Query("coordinator gave up", max_length=512)):
-        """End the round (or cancel a pending init or seed) at once; never waits."""
-        try:
-            printable(reason)
-        except ValueError as error:
-            raise ProtocolError("reason", str(error)) from None
-        return Message(message=await service.abort(reason))
-
-    @app.post("/close_weight_transfer_engine", dependencies=guarded, response_model=Message,
-              responses=_errors(*need_token, 409))
-    async def close_weight_transfer_engine(request: Request):
-        """Leave the group. Cancels a pending init or seed; waits (bounded) for an update in
-        flight, and does nothing if its client left meanwhile."""
-        async with _watch_client(request) as gone:
-            return Message(message=await service.close(gone))
-
-    @app.post("/seed_weights", dependencies=guarded, response_model=UpdateResult,
-              responses=_errors(*body_errors, 409, 503), openapi_extra=_request_body(InitRequest, True))
-    async def seed_weights(request: Request):
-        """Send this receiver's weights, once, to late joiners of a one-off group it hosts. While
-        it waits for them, an abort or a close cancels it (409), as does its client leaving."""
-        if not hasattr(service, "seed"):
-            raise PhaseError(f"a {service.role} does not seed peers")
-        body = await _body(request, InitRequest)
-        async with _watch_client(request) as gone:
-            stats = await service.seed(body.init_info, gone)
-        return UpdateResult(message="weights sent", round_id=stats.round_id, bytes=stats.payload_bytes,
-                            seconds=stats.seconds, num_tensors=stats.num_tensors, checksum=stats.checksum)
-
-    @app.post("/pause", dependencies=guarded, response_model=PauseStatus, responses=_errors(*need_token, 422))
-    async def pause(mode: PauseMode = "abort"):
-        await service.pause(mode)
-        return PauseStatus(status="paused")
-
-    @app.post("/resume", dependencies=guarded, response_model=PauseStatus, responses=_errors(*need_token))
-    async def resume():
-        await service.resume()
-        return PauseStatus(status="resumed")
-
-    @app.get("/is_paused", response_model=IsPaused)
-    async def is_paused():
-        return IsPaused(is_paused=service.paused)
-
-    @app.get("/get_world_size", response_model=WorldSize, responses=_errors(422))
-    async def get_world_size(include_dp: bool = Query(True, description=(
-            "vLLM: count data-parallel replicas too. A daemon is one worker with no data "
-            "parallelism, so both answers are the same."))):
-        return WorldSize(world_size=service.world_size)
-
-    @app.get("/weight_info", response_model=WeightInfo)
-    async def weight_info():
-        return WeightInfo(weight_version=service.weight_version)
-
-    @app.get("/healthz", response_model=Health)
-    async def healthz(request: Request):
-        """Alive and ready, to anyone (probes); how the last round failed (peers' addresses,
-        parameter names) only to a caller with the token, and always to the log."""
-        store = getattr(service, "store", None)
-        failure = service.last_failure
-        if failure is not None and not auth.allows(request.headers.get("authorization", "")):
-            failure = HIDDEN_FAILURE
-        return Health(role=service.role, backend=service.backend, phase=service.phase.value,
-                      weight_version=service.weight_version, paused=service.paused,
-                      weights_intact=service.weights_intact, last_failure=failure,
-                      num_parameters=len(store) if store is not None else 0)
-
-    @app.get("/metrics", response_class=Response, responses={200: {
-        "description": "Prometheus text exposition format",
-        "content": {"text/plain": {"schema": {"type": "string"}}}}})
-    async def metrics():
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.post("/weight_checker", dependencies=guarded, response_model=Checksums | Comparison,
-              responses=_errors(*body_errors), openapi_extra=_request_body(WeightCheckRequest, False))
-    async def weight_checker(request: Request):
-        body = await _body(request, WeightCheckRequest, required=False) or WeightCheckRequest()
-        sums = await asyncio.to_thread(service.checksums)
-        if body.action == "checksum":
-            return Checksums(checksums=sums, checksum=combine_digests(sums), weight_version=service.weight_version)
-        if body.baseline is None:
-            raise ProtocolError("baseline", "compare needs a baseline of per-parameter checksums")
-        differ = sorted(n for n in set(sums) | set(body.baseline) if sums.get(n) != body.baseline.get(n))
-        return Comparison(matches=not differ, mismatched=differ)
-
-    for router in extra_routers or []:
-        app.include_router(router, dependencies=guarded, responses=_errors(*need_token))
-
+        app.add_exception_handler(kind, _status_handler(status))
+    app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
+    app.include_router(router, dependencies=guarded, responses=need_token)
+    app.include_router(probes)
+    for extra in extra_routers or []:
+        app.include_router(extra, dependencies=guarded, responses=need_token)
     return app
