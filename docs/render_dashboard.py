@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from weightsync.protocol import Manifest
+from weightsync.dtypes import tensors_manifest
 from weightsync_operator.coordinator import Coordinator, SyncSpec, Timeouts
 from weightsync_operator.demo.model import build_model
 from weightsync_operator.local import LocalProcess, free_port, stop_all
@@ -85,7 +85,7 @@ async def rounds(coordinator: Coordinator, http: httpx.AsyncClient, trainer: Loc
 async def run(workdir: Path, seconds_per_phase: float, every: float) -> tuple[str, float, float, list]:
     ports = {"daemon-0": free_port(), "daemon-1": free_port()}
     wrong = workdir / "wrong-manifest.json"
-    manifest = Manifest.of(list(build_model(0).named_parameters())).model_dump(mode="json")
+    manifest = tensors_manifest(list(build_model(0).named_parameters())).model_dump(mode="json")
     manifest["tensors"][0]["shape"][0] += 1  # a daemon configured for a different model
     wrong.write_text(json.dumps(manifest))
 

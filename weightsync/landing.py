@@ -40,20 +40,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
+from weightsync.dtypes import tensor_spec, torch_dtype
 from weightsync.errors import TransferError
 from weightsync.integrity import StreamDigest
 from weightsync.layout import Chunk, Layout
 from weightsync.packing import Region, RegionPlan, as_bytes
-from weightsync.protocol import Manifest, TensorSpec
+from weightsync.protocol import Manifest
 from weightsync.store import WeightStore
 
 LoadFn = Callable[[list[tuple[str, torch.Tensor]]], None]
 ManifestCheck = Callable[[Manifest], "str | None"]
 # A sparse round into an engine that takes patches: [(name, flat int64 indices, values)].
 SparseLoadFn = Callable[[list[tuple[str, torch.Tensor, torch.Tensor]]], None]
+_Item = TypeVar("_Item")
 CARRY_MAX_STEPS = 16  # a carried prefix that overlaps its new place moves in at most this many copies
 
 
@@ -146,7 +149,7 @@ def check_sparse(manifest: Manifest, store: WeightStore) -> str | None:
     for spec in manifest.tensors:
         if spec.name not in store:
             return f"parameter {spec.name!r} is not in the receiver's weights"
-        have = TensorSpec.of(spec.name, store[spec.name])
+        have = tensor_spec(spec.name, store[spec.name])
         if have.dtype != spec.dtype:
             return f"parameter {spec.name!r} has dtype {have.dtype} here but {spec.dtype} from the trainer"
         if len(spec.shape) != 1 or spec.numel > have.numel:
@@ -184,7 +187,7 @@ def sparse_scratch(manifest: Manifest, device: torch.device) -> list[torch.Tenso
     scratch: list[torch.Tensor] = []
     for spec in manifest.tensors:
         scratch += [torch.empty(spec.numel, dtype=torch.int64, device=device),
-                    torch.empty(spec.numel, dtype=spec.torch_dtype, device=device)]
+                    torch.empty(spec.numel, dtype=torch_dtype(spec), device=device)]
     return scratch
 
 
@@ -208,7 +211,7 @@ class Shadow:
 
 def shaped_views(manifest: Manifest, flats: Sequence[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
     """(name, view of the right dtype and shape) for each dense tensor's flat uint8 bytes."""
-    return [(spec.name, flat.view(spec.torch_dtype).view(spec.shape))
+    return [(spec.name, flat.view(torch_dtype(spec)).view(spec.shape))
             for spec, flat in zip(manifest.tensors, flats, strict=True)]
 
 
@@ -242,24 +245,29 @@ class Landing:
     def commit(self, sink: Sink) -> None:
         """The round verified: make it live (what landed in place already is)."""
         if self.sparse is not None:
+            scratch = self.scratch
+            assert scratch is not None, "a sparse landing has its scratch (choose_landing)"
             if isinstance(sink, LoaderSink):
+                assert sink.load_sparse is not None, "a sparse round reaches only a loader with load_sparse"
                 sink.loaded_tensors += len(self.sparse.tensors)
-                _loading(sink.load_sparse, [(spec.name, self.scratch[2 * i], self.scratch[2 * i + 1])
+                _loading(sink.load_sparse, [(spec.name, scratch[2 * i], scratch[2 * i + 1])
                                             for i, spec in enumerate(self.sparse.tensors)])
                 return
             with sink.lock:  # apply every validated patch
                 for i, spec in enumerate(self.sparse.tensors):
-                    sink[spec.name].view(-1)[self.scratch[2 * i]] = self.scratch[2 * i + 1]
+                    sink[spec.name].view(-1)[scratch[2 * i]] = scratch[2 * i + 1]
         elif self.shadow is not None:
+            shadow, manifest = self.shadow, self.manifest
+            assert manifest is not None, "an atomic landing has its manifest (choose_landing)"
             if isinstance(sink, LoaderSink):  # atomic loader: the whole verified round at once
-                _loading(sink.hand, [(spec.name, self.shadow[spec.name]) for spec in self.manifest.tensors])
+                _loading(sink.hand, [(spec.name, shadow[spec.name]) for spec in manifest.tensors])
                 return
             with sink.lock:  # atomic: switch the verified copy in
-                for spec in self.manifest.tensors:
-                    sink[spec.name].copy_(self.shadow[spec.name])
+                for spec in manifest.tensors:
+                    sink[spec.name].copy_(shadow[spec.name])
 
 
-def _loading(load: Callable, batch: list) -> None:
+def _loading(load: Callable[[list[_Item]], None], batch: list[_Item]) -> None:
     """Hand a verified round to a loader; its failure is a failed round with the weights touched."""
     try:
         load(batch)
@@ -284,6 +292,7 @@ def choose_landing(kind: str, manifest: Manifest, sink: Sink, layout: Layout | N
                        manifest=manifest, loader=loader)
     if loader is not None:
         return Landing(None, None, manifest=manifest, loader=loader, staged=True)
+    assert isinstance(sink, WeightStore)  # a LoaderSink returned above
     target = sink.contiguous_target(manifest, layout) if layout is not None and flat_target else None
     if target is not None and target.device == device:
         return Landing(target, None, in_place=True)
@@ -312,7 +321,7 @@ class StagingPlan:
     batches: list[list[int]]  # tensor indices handed over after each chunk (the last: at the end)
     places: list[int]  # area offset of each tensor when it is handed over
     peak: int  # the most area bytes the plan uses
-    views: dict = field(default_factory=dict)  # cached per area: shaped views, checksum plans
+    views: dict[str, Any] = field(default_factory=dict)  # cached per area: shaped views, checksum plans
 
     @classmethod
     def build(cls, layout: Layout, chunks: Sequence[Chunk], capacity: int, names: Sequence[str],
@@ -326,11 +335,13 @@ class StagingPlan:
         ring, refusal = _attempt(lambda: cls._build(layout, chunks, capacity, names, run_ends, False))
         if not piecewise:
             if ring is None:
+                assert refusal is not None
                 raise refusal
             return ring
         pieces, _ = _attempt(lambda: cls._build(layout, chunks, capacity, names, run_ends, True))
         plans = [plan for plan in (pieces, ring) if plan is not None]
         if not plans:
+            assert refusal is not None
             raise refusal  # the contiguous plan's refusal states the rule
         return min(plans, key=lambda plan: sum(after >= j - 1 for j, after in enumerate(plan.after)))
 
@@ -365,7 +376,7 @@ class TensorSpans:
     def of(cls, layout: Layout, chunks: Sequence[Chunk], run_ends: Sequence[int]) -> "TensorSpans":
         last = _last_chunks(len(layout.sizes), chunks)
         ready = [last[end] for end in run_ends]
-        batches: list[list[int]] = [[] for _ in chunks] + [[]]
+        batches: list[list[int]] = [[] for _ in range(len(chunks) + 1)]
         for index, chunk in enumerate(ready):
             batches[chunk].append(index)  # -1: the last batch
         return cls(ready, batches)
@@ -589,7 +600,7 @@ class StagedLoad:
             sizes = layout.sizes
             shaped = [area[p : p + size] for p, size in zip(plan.places, sizes, strict=True)]
             specs = manifest.tensors
-            batches = [[(specs[i].name, shaped[i].view(specs[i].torch_dtype).view(specs[i].shape)) for i in batch]
+            batches = [[(specs[i].name, shaped[i].view(torch_dtype(specs[i])).view(specs[i].shape)) for i in batch]
                        for batch in plan.batches]
             places = plan.places
             pieces = [[area[p + s.chunk_offset : p + s.chunk_offset + s.nbytes] if p >= 0 else

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import math
-from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
@@ -21,10 +20,10 @@ from weightsync.limits import (
     StrictNumBuffers,
 )
 
-if TYPE_CHECKING:
-    import torch
-
 DEFAULT_TIMEOUT_SECONDS = 120.0
+# What `/pause?mode=` does to the generations in flight (vLLM's modes; the daemon takes the same):
+# `abort` ends them, `wait` lets them finish first, `keep` freezes them until the resume.
+PauseMode = Literal["abort", "wait", "keep"]
 NCCL_UNIQUE_ID_BYTES = 128  # sizeof(ncclUniqueId)
 
 # A caller's numbers and flags are what JSON says they are: "2" is no world size, true no port.
@@ -33,40 +32,13 @@ StrictFlag = Annotated[bool, Strict()]
 Seconds = Annotated[float, Strict(), Field(gt=0, le=3600)]  # a JSON integer is accepted as seconds
 
 # The dtypes a manifest may name, with their sizes in bytes; names match torch attribute names
-# (as vLLM's dtype_names). Held as names, so that the wire models import without PyTorch (the
-# daemon validates large bodies in a torch-free child process; the operator has no PyTorch).
+# (as vLLM's dtype_names). Held as names: this module imports no PyTorch (the daemon validates
+# large bodies in a torch-free child process; the operator builds its bodies from these models and
+# has no PyTorch). weightsync.dtypes maps the names to torch's dtypes and tensors to specs.
 DTYPE_SIZES: dict[str, int] = {
     "float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1,
     "int8": 1, "uint8": 1, "int16": 2, "int32": 4, "int64": 8, "bool": 1,
 }
-
-
-@functools.cache
-def _torch_dtypes() -> dict[str, torch.dtype]:
-    import torch
-
-    return {name: getattr(torch, name) for name in DTYPE_SIZES}
-
-
-@functools.cache
-def _dtype_names() -> dict[torch.dtype, str]:
-    return {dtype: name for name, dtype in _torch_dtypes().items()}
-
-
-def __getattr__(name: str) -> object:
-    """`DTYPES` (name -> torch.dtype) and `DTYPE_NAMES` (torch.dtype -> name) import PyTorch on first use."""
-    if name == "DTYPES":
-        return _torch_dtypes()
-    if name == "DTYPE_NAMES":
-        return _dtype_names()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    try:
-        return _dtype_names()[dtype]
-    except KeyError:
-        raise ProtocolError("dtype_names", f"unsupported dtype {dtype}") from None
 
 
 class _Strict(BaseModel):
@@ -88,20 +60,12 @@ class TensorSpec(_Strict):
         return value
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return _torch_dtypes()[self.dtype]
-
-    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
         return self.numel * DTYPE_SIZES[self.dtype]
-
-    @classmethod
-    def of(cls, name: str, tensor: torch.Tensor) -> "TensorSpec":
-        return cls(name=name, dtype=dtype_name(tensor.dtype), shape=tuple(tensor.shape))
 
 
 class Manifest(_Strict):
@@ -126,10 +90,6 @@ class Manifest(_Strict):
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
-
-    @classmethod
-    def of(cls, named_tensors: list[tuple[str, torch.Tensor]]) -> "Manifest":
-        return cls(tensors=tuple(TensorSpec.of(n, t) for n, t in named_tensors))
 
 
 class InitInfo(_Strict):
@@ -249,7 +209,7 @@ class UpdateInfo(_Strict):
     packed_buffer_size_bytes: StrictBufferSize | None = None
     is_checkpoint_format: StrictFlag = True
     # Backend-specific payloads (ipc / p2p handles) travel as explicit JSON, never pickle.
-    ipc_handles: list[dict] | dict | None = None
+    ipc_handles: list[dict[str, Any]] | dict[str, Any] | None = None
 
     _always_packed = field_validator("packed")(lambda value: _require_packed(value))
     _checkpoint_format = field_validator("is_checkpoint_format")(lambda value: _require_checkpoint_format(value))

@@ -26,19 +26,31 @@ the round with `SourceMismatch` naming the parameter (`checked_items`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeGuard, TypeVar, runtime_checkable
 
 import torch
 
+from weightsync.dtypes import DTYPES, dtype_name, tensors_manifest
 from weightsync.errors import SourceMismatch
-from weightsync.protocol import DTYPES, Manifest, TensorSpec, dtype_name
+from weightsync.protocol import Manifest, TensorSpec
+
+
+class ParamMeta(Protocol):
+    """One entry of a vLLM source's metadata: a parameter's name, dtype and full shape."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> torch.dtype | str: ...
+    @property
+    def shape(self) -> Sequence[int]: ...
 
 
 @runtime_checkable
 class WeightSource(Protocol):
     """What a round reads from the trainer (structural: no subclassing needed)."""
 
-    def metadata(self) -> Manifest | Sequence:
+    def metadata(self) -> Manifest | Sequence[ParamMeta]:
         """Every parameter's name, dtype and full shape, in iteration order; materializes nothing."""
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -81,11 +93,19 @@ class TensorsSource:
         self.named = list(named_tensors)
 
     def metadata(self) -> Manifest:
-        return Manifest.of(self.named)  # a DTensor's shape is its full shape
+        return tensors_manifest(self.named)  # a DTensor's shape is its full shape
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in self.named:
             yield name, _materialize(tensor.detach())
+
+
+class FullPass(Protocol):
+    """vLLM 0.33's source: `metadata` a property, `iter_full()` the full tensors."""
+
+    @property
+    def metadata(self) -> Sequence[ParamMeta]: ...
+    def iter_full(self) -> Iterable[tuple[str, torch.Tensor]]: ...
 
 
 class FullPassSource:
@@ -94,36 +114,39 @@ class FullPassSource:
     skips parameters this rank does not own fails the round like any source contradicting its
     metadata (vLLM's `ParamMeta.owners`: whoever calls this must own every parameter)."""
 
-    def __init__(self, source: object):
+    def __init__(self, source: FullPass):
         self.source = source
 
-    def metadata(self) -> Sequence:
+    def metadata(self) -> Sequence[ParamMeta]:
         return self.source.metadata
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         return iter(self.source.iter_full())
 
 
-def _is_full_pass(obj: object) -> bool:
+def _is_full_pass(obj: object) -> TypeGuard[FullPass]:
     """vLLM 0.33's source shape: `iter_full()` and a `metadata` that is not a method."""
     return callable(getattr(type(obj), "iter_full", None)) and hasattr(type(obj), "metadata") \
         and not callable(getattr(type(obj), "metadata", None))
 
 
-def adapt(obj: object) -> object:
+_T = TypeVar("_T")
+
+
+def adapt(obj: _T) -> _T | FullPassSource:
     """`obj` as weightsync reads a source: a vLLM 0.33 source wrapped in `FullPassSource`,
     anything else (a weightsync or vLLM 0.32 source, or pairs) as it is."""
     return FullPassSource(obj) if _is_full_pass(obj) else obj
 
 
-def is_source(obj: object) -> bool:
+def is_source(obj: object) -> TypeGuard[WeightSource]:
     """Whether `obj` has both channels (a weightsync or vLLM source), not just pairs."""
     return callable(getattr(obj, "metadata", None)) and hasattr(obj, "__iter__")
 
 
 def as_source(obj: WeightSource | Iterable[tuple[str, torch.Tensor]]) -> WeightSource:
-    obj = adapt(obj)
-    return obj if is_source(obj) else TensorsSource(obj)
+    adapted = adapt(obj)
+    return adapted if is_source(adapted) else TensorsSource(adapted)
 
 
 def manifest_of(source: WeightSource) -> Manifest:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterable
+from collections.abc import ItemsView, Iterable
 
 import torch
 
+from weightsync.dtypes import tensors_manifest, tensor_spec, torch_dtype
 from weightsync.layout import DEFAULT_ALIGNMENT, Layout
 from weightsync.packing import as_bytes
-from weightsync.protocol import Manifest, TensorSpec
+from weightsync.protocol import Manifest
 
 
 class WeightStore:
@@ -52,7 +53,7 @@ class WeightStore:
         layout = Layout.of_manifest(manifest, alignment)
         flat = torch.zeros(layout.total_bytes, dtype=torch.uint8, device=device)
         tensors = {
-            spec.name: flat[off : off + spec.nbytes].view(spec.torch_dtype).view(spec.shape)
+            spec.name: flat[off : off + spec.nbytes].view(torch_dtype(spec)).view(spec.shape)
             for spec, off in zip(manifest.tensors, layout.offsets, strict=True)
         }
         return cls(tensors, flat, layout)
@@ -76,12 +77,12 @@ class WeightStore:
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._tensors[name]
 
-    def items(self):
+    def items(self) -> ItemsView[str, torch.Tensor]:
         return self._tensors.items()
 
     @property
     def manifest(self) -> Manifest:
-        return Manifest.of(list(self._tensors.items()))
+        return tensors_manifest(list(self._tensors.items()))
 
     @property
     def nbytes(self) -> int:
@@ -101,7 +102,7 @@ class WeightStore:
             tensor = self._tensors.get(spec.name)
             if tensor is None:
                 return f"parameter {spec.name!r} is not in the receiver's weights"
-            have = TensorSpec.of(spec.name, tensor)
+            have = tensor_spec(spec.name, tensor)
             if have.dtype != spec.dtype:
                 return f"parameter {spec.name!r} has dtype {have.dtype} here but {spec.dtype} from the trainer"
             if have.shape != spec.shape:
@@ -142,7 +143,7 @@ class WeightStore:
 
 def tensor_digest(tensor: torch.Tensor) -> str:
     data = as_bytes(tensor).cpu()
-    return hashlib.sha256(memoryview(data.numpy())).hexdigest()
+    return hashlib.sha256(data.numpy().data).hexdigest()
 
 
 def combine_digests(digests: dict[str, str]) -> str:

@@ -12,7 +12,7 @@ import asyncio
 import functools
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from weightsync.errors import ManifestMismatch, PhaseError, ProtocolError, TransferError
 from weightsync.limits import printable
+from weightsync.protocol import PauseMode
 from weightsync.store import combine_digests
 from weightsync_daemon.auth import BearerAuth
 from weightsync_daemon.bodies import BodyParser
@@ -40,7 +41,6 @@ from weightsync_daemon.service import Busy, ClientGone, EngineService
 # Each error kind maps to one status: the caller's input (422), the protocol's order (409), or a
 # failure of the transfer itself, which is not the caller's fault (503).
 _STATUS = {ProtocolError: 422, ManifestMismatch: 422, PhaseError: 409, TransferError: 503}
-PauseMode = Literal["abort", "wait", "keep"]
 HIDDEN_FAILURE = "hidden: send the bearer token to read it"
 _BODY_MODELS = (InitRequest, StartRequest, UpdateRequest, FinishRequest, WeightCheckRequest)
 M = TypeVar("M", bound=BaseModel)

@@ -13,8 +13,8 @@ from urllib.parse import parse_qsl, urlencode
 import torch
 import uvicorn
 
+from weightsync.dtypes import DTYPES
 from weightsync import cli_args
-from weightsync.protocol import DTYPES
 from weightsync.store import WeightStore
 from weightsync.tokens import TOKEN_ENV, TokenError, load_token
 from weightsync.transports import available

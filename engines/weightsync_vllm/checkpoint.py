@@ -20,10 +20,12 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from weightsync.protocol import DTYPE_NAMES, Manifest
+from weightsync.dtypes import DTYPE_NAMES
+from weightsync.protocol import Manifest
 
 # safetensors' dtype codes → weightsync's dtype names (torch attribute names).
 _SAFETENSORS_DTYPES = {
@@ -49,7 +51,8 @@ class CheckpointManifest:
         self.source = source
 
     @classmethod
-    def from_dir(cls, directory: str | os.PathLike, served_dtype: torch.dtype | None = None) -> "CheckpointManifest":
+    def from_dir(cls, directory: str | os.PathLike[str], served_dtype: torch.dtype | None = None
+                 ) -> CheckpointManifest:
         files = sorted(Path(directory).glob("*.safetensors"))
         if not files:
             raise ValueError(
@@ -101,14 +104,14 @@ class CheckpointManifest:
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
 
 
-def read_header(path: str | os.PathLike) -> dict[str, dict]:
+def read_header(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """A safetensors file's header: {name: {"dtype", "shape", "data_offsets"}} (the format: an
     8-byte little-endian length, then that many bytes of JSON). Only these bytes are read."""
     with open(path, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         if length > MAX_HEADER_BYTES:
             raise ValueError(f"{path}: a safetensors header of {length} bytes is not plausible")
-        header = json.loads(handle.read(length))
+        header: dict[str, dict[str, Any]] = json.loads(handle.read(length))
     header.pop("__metadata__", None)
     return header
 
@@ -136,5 +139,5 @@ def model_directory(model: str, revision: str | None = None) -> str:
         return model
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(model, revision=revision, local_files_only=True,
-                             allow_patterns=["*.safetensors", "*.json"])
+    return str(snapshot_download(model, revision=revision, local_files_only=True,
+                                 allow_patterns=["*.safetensors", "*.json"]))

@@ -21,7 +21,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from weightsync.protocol import Manifest, TensorSpec, dtype_name
+from weightsync.dtypes import dtype_name
+from weightsync.protocol import Manifest, TensorSpec
 
 
 def _revert(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -30,7 +31,8 @@ def _revert(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> dict[str
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # transformers 4 lists parameters as it saves them
         return {name: tensor}
-    return revert_weight_conversion(model, {name: tensor})
+    reverted: dict[str, torch.Tensor] = revert_weight_conversion(model, {name: tensor})
+    return reverted
 
 
 class CheckpointSource:

@@ -23,12 +23,14 @@ were served from unpacked values (logprobs off by up to 2.3).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from weightsync.protocol import DTYPES, Manifest
+from weightsync.dtypes import DTYPES
+from weightsync.protocol import Manifest
 
 from weightsync_vllm.checkpoint import CheckpointManifest
 
@@ -114,14 +116,14 @@ def learn_load_targets(model: torch.nn.Module, checkpoint: CheckpointManifest,
     current: list[str] = []
     pairs: list[tuple[str, str]] = []
 
-    def record(*args, **kwargs):
+    def record(*args: Any, **kwargs: Any) -> bool:
         target = kwargs.get("param", args[0] if args else None)
         layer = owners.get(id(target))
         if layer is not None and current:
             pairs.append((current[-1], layer))
         return True  # loaders asked for `return_success` (the experts') report a load
 
-    def meta_weights(names: Iterable[str]):
+    def meta_weights(names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for name in names:
             entry = checkpoint.tensors[name]
             current.append(name)
@@ -143,7 +145,8 @@ def learn_load_targets(model: torch.nn.Module, checkpoint: CheckpointManifest,
     return LoadTargets.of_pairs(pairs)
 
 
-def _dry_load_one(load: Callable, weights) -> bool:
+def _dry_load_one(load: Callable[[Iterable[tuple[str, torch.Tensor]]], object],
+                  weights: Iterable[tuple[str, torch.Tensor]]) -> bool:
     try:
         load(weights)
         return True
@@ -171,22 +174,23 @@ def _tensor_owners(model: torch.nn.Module) -> dict[int, str]:
     return owners
 
 
-def _swap_loader(tensor: torch.Tensor, loader: Callable) -> Callable[[], None]:
+def _swap_loader(tensor: torch.Tensor, loader: Callable[..., object]) -> Callable[[], None]:
     """Set `tensor.weight_loader` to `loader`; returns how to put the previous one back. vLLM's
     parameter classes keep it behind a property (`_weight_loader`); plain ones as an attribute,
     or not at all (then the model's code falls back to its default loader)."""
     if isinstance(getattr(type(tensor), "weight_loader", None), property):
-        previous = tensor._weight_loader
-        tensor._weight_loader = loader
+        # vLLM's parameter classes add these attributes to torch's Tensor:
+        previous = tensor._weight_loader  # type: ignore[attr-defined]
+        tensor._weight_loader = loader  # type: ignore[attr-defined]
         return lambda: setattr(tensor, "_weight_loader", previous)
     previous = tensor.__dict__.get("weight_loader", _NO_LOADER)
-    tensor.weight_loader = loader
+    tensor.weight_loader = loader  # type: ignore[attr-defined]  # read by vLLM's model code
 
     def restore() -> None:
         if previous is _NO_LOADER:
             tensor.__dict__.pop("weight_loader", None)
         else:
-            tensor.weight_loader = previous
+            tensor.weight_loader = previous  # type: ignore[attr-defined]
 
     return restore
 
@@ -203,7 +207,7 @@ def repack_experts(model: torch.nn.Module, layers: set[str]) -> list[str]:
     for name in sorted(layers):
         layer = modules.get(name)
         experts = _experts_kernel_left_stale(layer)
-        if experts is None:
+        if layer is None or experts is None:
             continue
         kept = dict(layer._parameters)
         experts.process_weights_after_loading(layer)
@@ -212,7 +216,7 @@ def repack_experts(model: torch.nn.Module, layers: set[str]) -> list[str]:
     return repacked
 
 
-def _experts_kernel_left_stale(layer: torch.nn.Module | None):
+def _experts_kernel_left_stale(layer: torch.nn.Module | None) -> Any:
     """The experts kernel whose `process_weights_after_loading` vLLM skipped on this layer's
     reload, or None: only the unquantized method skips it (once its kernel exists), and only a
     kernel that overrides the base no-op has anything to redo."""
@@ -228,16 +232,16 @@ def _experts_kernel_left_stale(layer: torch.nn.Module | None):
     return experts if base is None or own is not base else None
 
 
-def _base_process(cls: type):
+def _base_process(cls: type) -> object | None:
     """The no-op `process_weights_after_loading` of vLLM's experts base class, if found."""
     for klass in reversed(cls.__mro__):
-        method = klass.__dict__.get("process_weights_after_loading")
+        method: object | None = klass.__dict__.get("process_weights_after_loading")
         if method is not None:
             return method
     return None
 
 
-def _keep_storage(layer: torch.nn.Module, kept: dict[str, torch.Tensor | None]) -> None:
+def _keep_storage(layer: torch.nn.Module, kept: dict[str, torch.nn.Parameter | None]) -> None:
     """Where processing replaced a parameter by one of the same shape and dtype, copy the new
     values into the old parameter and put it back, so that its storage stays the served one."""
     for name, old in kept.items():

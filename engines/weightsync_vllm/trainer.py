@@ -27,23 +27,23 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, get_args
 
 import httpx
 import torch
 from pydantic import ValidationError
 
+from weightsync.dtypes import tensors_manifest
 from weightsync.errors import ProtocolError, WeightSyncError
-from weightsync.protocol import InitInfo, Manifest
+from weightsync.protocol import InitInfo, Manifest, PauseMode
 from weightsync.source import WeightSource, adapt, is_source, manifest_of
 from weightsync.trainer import WeightSender
 from weightsync.transports import RoundStats
 
 
-PauseMode = Literal["keep", "abort", "wait"]
 DEFAULT_PAUSE_MODE: PauseMode = "keep"
 
 
@@ -65,17 +65,18 @@ class VLLMEndpoint:
         self.http = httpx.Client(base_url=self.url, timeout=timeout,
                                  limits=httpx.Limits(max_keepalive_connections=0))
 
-    def _call(self, method: str, path: str, **kwargs) -> dict:
+    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         response = self.http.request(method, path, **kwargs)
         if response.status_code >= 400:
             reason = vllm_reason(response.text)
             raise VLLMUpdateError(f"{self.url}{path}: HTTP {response.status_code}: {reason}", [reason])
-        return response.json() if response.content else {}
+        answer: dict[str, Any] = response.json() if response.content else {}
+        return answer
 
     def world_size(self) -> int:
         return int(self._call("GET", "/get_world_size", params={"include_dp": "true"})["world_size"])
 
-    def init(self, init_info: dict) -> None:
+    def init(self, init_info: dict[str, Any]) -> None:
         self._call("POST", "/init_weight_transfer_engine", json={"init_info": init_info})
 
     def pause(self, mode: PauseMode = DEFAULT_PAUSE_MODE) -> None:
@@ -87,7 +88,7 @@ class VLLMEndpoint:
     def start(self) -> None:
         self._call("POST", "/start_weight_update")
 
-    def update(self, update_info: dict) -> None:
+    def update(self, update_info: dict[str, Any]) -> None:
         self._call("POST", "/update_weights", json={"update_info": update_info})
 
     def finish(self, version: str | None = None) -> None:
@@ -103,7 +104,7 @@ class VLLMEndpoint:
             raise VLLMUpdateError(f"{self.url}/reset_prefix_cache: vLLM could not drop its KV cache", [str(answer)])
 
     def weight_version(self) -> str:
-        return self._call("GET", "/weight_info")["weight_version"]
+        return str(self._call("GET", "/weight_info")["weight_version"])
 
     def close(self) -> None:
         self.http.close()
@@ -119,7 +120,7 @@ class VLLMTrainer:
 
     @classmethod
     def connect(cls, urls: Iterable[str], *, master_address: str, master_port: int,
-                backend: str = "cpu", device: torch.device | str | None = None, **fields) -> "VLLMTrainer":
+                backend: str = "cpu", device: torch.device | str | None = None, **fields: Any) -> VLLMTrainer:
         """Size the group from each server's `/get_world_size` (1 + every worker), give each
         server its rank offset, and join: the servers' inits run while the sender hosts the
         rendezvous. `fields` are further `InitInfo` fields (timeout_seconds, packed_*...)."""
@@ -153,7 +154,7 @@ class VLLMTrainer:
         they were. `pause_mode`: what happens to the generations in flight (module docstring)."""
         if pause_mode not in get_args(PauseMode):
             raise ProtocolError("pause_mode", f"{pause_mode!r} is not one of {', '.join(get_args(PauseMode))}")
-        if self.sender.transport.needs_trainer_update_info:
+        if self.sender.sending.needs_trainer_update_info:
             # ipc/p2p receivers read the trainer's memory through handles its send returns; the
             # engine takes them in update_info, but this helper does not route them (untested).
             raise NotImplementedError(f"VLLMTrainer.push drives the collective transports (cpu, nccl), "
@@ -233,11 +234,12 @@ class _CheckedSource:
     def metadata(self) -> Manifest:
         return self.manifest
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         return iter(self.source)
 
 
-def _checked(weights: WeightSource | Iterable[tuple[str, torch.Tensor]]) -> _CheckedSource | list:
+def _checked(weights: WeightSource | Iterable[tuple[str, torch.Tensor]]
+             ) -> _CheckedSource | list[tuple[str, torch.Tensor]]:
     """The round's weights with their manifest validated (ProtocolError naming the parameter):
     a source stays a source (it streams); pairs are resident already, so they are listed. A
     vLLM 0.33 source reads through its `iter_full()` (`weightsync.source.adapt`)."""
@@ -245,11 +247,11 @@ def _checked(weights: WeightSource | Iterable[tuple[str, torch.Tensor]]) -> _Che
     if is_source(weights):
         return _CheckedSource(weights, _validated(lambda: manifest_of(weights)))
     named = list(weights)
-    _validated(lambda: Manifest.of(named))
+    _validated(lambda: tensors_manifest(named))
     return named
 
 
-def _validated(build) -> Manifest:
+def _validated(build: Callable[[], Manifest]) -> Manifest:
     try:
         return build()
     except ValidationError as error:
@@ -276,11 +278,11 @@ def vllm_reason(body: str) -> str:
     for key in ("error", "message", "detail"):  # {"error": {"message": ...}} or {"error": "..."}
         if isinstance(message, dict) and key in message:
             message = message[key]
-    message = message if isinstance(message, str) else json.dumps(message)
+    text: str = message if isinstance(message, str) else json.dumps(message)
     for wrapper in _WRAPPERS:
-        unwrapped = wrapper.match(message.strip())
-        message = unwrapped.group(1) if unwrapped else message
-    return message.strip()[:2000]
+        unwrapped = wrapper.match(text.strip())
+        text = unwrapped.group(1) if unwrapped else text
+    return text.strip()[:2000]
 
 
 def round_failure(error: BaseException, answers: list[str]) -> str:
@@ -293,7 +295,7 @@ def round_failure(error: BaseException, answers: list[str]) -> str:
     return f"{error}; vLLM answered: " + (" | ".join(said) or "nothing (every update call succeeded)")
 
 
-def _answers(futures, timeout: float) -> list[str]:
+def _answers(futures: Iterable[Future[None]], timeout: float) -> list[str]:
     """Each server's error text ('' when it succeeded), waiting at most `timeout` (+ margin)."""
     answers = []
     for future in futures:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable
 from datetime import datetime, timezone
 
 from weightsync_operator.client import PartyClient, PartyError, Progress
-from weightsync_operator.coordinator import PartyOutcome, SyncResult, SyncSpec
+from weightsync_operator.coordinator import PartyOutcome, SyncResult, SyncSpec, at_offset, group_init_info
 
 
 def _now() -> str:
@@ -51,19 +51,15 @@ async def catch_up(source: PartyClient, joiners: list[PartyClient], version: str
         for party, size in zip(joiners, sizes, strict=True):
             ranks[party.name], offset = offset, offset + size
             result.parties.append(PartyOutcome(party.name, "target", ranks[party.name]))
-        info = {
-            "backend": spec.backend, "master_address": master_address, "master_port": master_port,
-            "world_size": offset, "group_name": f"{spec.group_name}-catchup-{secrets.token_hex(4)}",
-            "packed": True, "packed_buffer_size_bytes": spec.packed_buffer_size_bytes,
-            "packed_num_buffers": spec.packed_num_buffers, "timeout_seconds": spec.transfer_timeout,
-            "init_timeout_seconds": t.init, "verify": spec.verify,
-        }
+        # A joiner is paused and out of service until its catch-up lands: nothing to keep atomic.
+        info = group_init_info(spec, master_address, master_port, offset,
+                               f"{spec.group_name}-catchup-{secrets.token_hex(4)}", atomic=False)
 
         async def receive(party: PartyClient) -> dict:
-            if spec.pause_mode != "none":
+            if spec.pause_mode is not None:
                 await _step(result, party, "pause", party.pause(spec.pause_mode, t.request))
                 paused.append(party)
-            await _step(result, party, "init", party.init({**info, "rank_offset": ranks[party.name]}, t.init))
+            await _step(result, party, "init", party.init(at_offset(info, ranks[party.name]), t.init))
             progress[party.name] = Progress.STARTED
             await _step(result, party, "start", party.start(t.start))
             answer = await _step(result, party, "update", party.update({}, t.update))
@@ -74,7 +70,7 @@ async def catch_up(source: PartyClient, joiners: list[PartyClient], version: str
             return answer
 
         sent = time.perf_counter()
-        seed = _step(result, source, "seed", source.seed({**info, "rank_offset": 0}, t.init + t.update))
+        seed = _step(result, source, "seed", source.seed(at_offset(info, 0), t.init + t.update))
         answers = await _all_or_nothing([seed, *(receive(p) for p in joiners)], grace=t.request)
         result.transfer_seconds = time.perf_counter() - sent
         result.bytes = int(answers[0]["bytes"])

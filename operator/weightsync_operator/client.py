@@ -44,6 +44,8 @@ from typing import Any, ClassVar, Literal
 import aiohttp
 import httpx
 
+from weightsync.protocol import InitInfo, PauseMode
+
 EngineKind = Literal["daemon", "vllm"]
 
 # The connection pool party calls go through. aiohttp (already the operator's, through kopf) is
@@ -51,6 +53,11 @@ EngineKind = Literal["daemon", "vllm"]
 # time, and a round makes about ten on a loop that also runs the operator (benchmarks/
 # operator_overhead.py). An httpx client is accepted too (callers' own clients, mock transports).
 PartyHttp = aiohttp.ClientSession | httpx.AsyncClient
+
+
+def _body(init_info: InitInfo) -> dict[str, Any]:
+    """An init body as JSON: the fields the caller set (the rest are each party's defaults)."""
+    return init_info.model_dump(mode="json", exclude_unset=True)
 
 
 def party_session() -> aiohttp.ClientSession:
@@ -177,8 +184,8 @@ class PartyClient(ABC):
             raise PartyError(self.name, "get_world_size", f"answered world_size {size}")
         return size
 
-    async def init(self, init_info: dict, timeout: float) -> dict:
-        return await self.call("init", "POST", "/init_weight_transfer_engine", timeout, {"init_info": init_info})
+    async def init(self, init_info: InitInfo, timeout: float) -> dict:
+        return await self.call("init", "POST", "/init_weight_transfer_engine", timeout, {"init_info": _body(init_info)})
 
     async def start(self, timeout: float) -> dict:
         return await self.call("start", "POST", "/start_weight_update", timeout, {})
@@ -207,7 +214,7 @@ class PartyClient(ABC):
         `progress`. An answer with `weight_version` says what the party serves afterwards."""
 
     @abstractmethod
-    async def pause(self, mode: str, timeout: float) -> dict: ...
+    async def pause(self, mode: PauseMode, timeout: float) -> dict: ...
 
     @abstractmethod
     async def health(self, timeout: float) -> PartyHealth: ...
@@ -216,7 +223,7 @@ class PartyClient(ABC):
     async def close(self, timeout: float) -> dict:
         """Leave the transfer group (teardown); the party keeps its weights and keeps serving."""
 
-    async def seed(self, init_info: dict, timeout: float) -> dict:
+    async def seed(self, init_info: InitInfo, timeout: float) -> dict:
         """Have this receiver send its weights to late joiners, hosting a one-off group as rank 0."""
         raise PartyError(self.name, "seed", f"a {self.kind} target cannot send its weights to peers")
 
@@ -228,7 +235,7 @@ class DaemonClient(PartyClient):
     can_seed = True
     combines_steps = True  # its routes' `pause` and `resume` parameters (weightsync's extension)
 
-    async def start(self, timeout: float, pause: str | None = None) -> dict:
+    async def start(self, timeout: float, pause: PauseMode | None = None) -> dict:
         """Start the round; with `pause`, pause the engine first in the same call. The answer
         says `paused: true` when it did (a daemon without that parameter ignores it: the caller
         then pauses it with its own call). A failure of the pause, or no answer at all, is the
@@ -255,7 +262,7 @@ class DaemonClient(PartyClient):
         # reports weights_intact).
         return await self.call("abort", "POST", "/abort_weight_update", timeout, params={"reason": reason[:500]})
 
-    async def pause(self, mode: str, timeout: float) -> dict:
+    async def pause(self, mode: PauseMode, timeout: float) -> dict:
         return await self.call("pause", "POST", "/pause", timeout, params={"mode": mode})
 
     async def health(self, timeout: float) -> PartyHealth:
@@ -267,8 +274,8 @@ class DaemonClient(PartyClient):
     async def close(self, timeout: float) -> dict:
         return await self.call("close", "POST", "/close_weight_transfer_engine", timeout)
 
-    async def seed(self, init_info: dict, timeout: float) -> dict:
-        return await self.call("seed", "POST", "/seed_weights", timeout, {"init_info": init_info})
+    async def seed(self, init_info: InitInfo, timeout: float) -> dict:
+        return await self.call("seed", "POST", "/seed_weights", timeout, {"init_info": _body(init_info)})
 
     async def checksum(self, timeout: float) -> dict:
         return await self.call("checksum", "POST", "/weight_checker", timeout, {"action": "checksum"})
@@ -313,7 +320,7 @@ class VllmClient(PartyClient):
                 # Refused where vLLM already ended the session itself (its update failed).
         return {"weight_version": await self.weight_version(timeout)}
 
-    async def pause(self, mode: str, timeout: float) -> dict:
+    async def pause(self, mode: PauseMode, timeout: float) -> dict:
         self._paused_mode = mode
         return await self.call("pause", "POST", "/pause", timeout, params={"mode": mode, "clear_cache": "true"})
 

@@ -34,13 +34,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
 
+from weightsync.protocol import InitInfo, PauseMode
 from weightsync_operator.backends import relays_update_info
 from weightsync_operator.client import (Endpoint, PartyClient, PartyError, PartyHttp, Progress, party_client,
                                         party_session)
 
 log = logging.getLogger("weightsync.coordinator")
-
-PauseMode = Literal["abort", "wait", "keep", "none"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ class SyncSpec:
     master_port: int = 29500
     packed_buffer_size_bytes: int = 1 << 30
     packed_num_buffers: int = 2
-    pause_mode: PauseMode = "keep"
+    pause_mode: PauseMode | None = "keep"  # None: the targets are not paused (daemons only)
     group_name: str = "weightsync"
     # How long a collective may wait for a peer; below the update timeout so that parties report
     # their own failure before the coordinator gives up on them.
@@ -127,6 +126,23 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def group_init_info(spec: SyncSpec, master_address: str, master_port: int, world_size: int, group_name: str,
+                    atomic: bool) -> InitInfo:
+    """The init body every party of a group gets, its rank offset aside (`at_offset`). Built from
+    the wire's own model, so that a spec no party would accept fails here, once, naming the field."""
+    return InitInfo(
+        backend=spec.backend, master_address=master_address, master_port=master_port, world_size=world_size,
+        group_name=group_name, packed=True, packed_buffer_size_bytes=spec.packed_buffer_size_bytes,
+        packed_num_buffers=spec.packed_num_buffers, timeout_seconds=spec.transfer_timeout,
+        init_timeout_seconds=spec.timeouts.init, verify=spec.verify, atomic=atomic,
+    )
+
+
+def at_offset(info: InitInfo, rank_offset: int) -> InitInfo:
+    """One party's init body: the group's, with the party's first rank."""
+    return info.model_copy(update={"rank_offset": rank_offset})
+
+
 class Coordinator:
     def __init__(self, trainer: Endpoint, targets: list[Endpoint], spec: SyncSpec,
                  http: PartyHttp | None = None, token: str | None = None):
@@ -135,7 +151,7 @@ class Coordinator:
         if trainer.kind != "daemon":
             raise ValueError(f"{trainer.name}: the trainer is a weightsync agent, not a {trainer.kind} server")
         unpausable = [t.name for t in targets if t.kind == "vllm"]
-        if spec.pause_mode == "none" and unpausable:
+        if spec.pause_mode is None and unpausable:
             raise ValueError(f"pause_mode none cannot drive vLLM targets ({', '.join(unpausable)}): vLLM's "
                              f"layerwise reload empties the layers it loads, so it must not serve during an update")
         self.spec = spec
@@ -176,8 +192,10 @@ class Coordinator:
         # earlier group in the rendezvous store can never be mistaken for this one's.
         name = f"{self.spec.group_name}-{secrets.token_hex(4)}"
         group = GroupInfo(offset, ranks, self.spec.master_address, self.spec.master_port, name)
+        base = group_init_info(self.spec, group.master_address, group.master_port, group.world_size, name,
+                               atomic=self.spec.atomic)
         # Once one party has refused, the others would only wait out their rendezvous: give up soon.
-        results = await self._all(lambda p: p.init(self._init_info(group, ranks[p.name]), t.init), self.parties,
+        results = await self._all(lambda p: p.init(at_offset(base, ranks[p.name]), t.init), self.parties,
                                   grace=t.request)
         failures = [r for r in results if isinstance(r, PartyError)]
         if failures:
@@ -186,20 +204,9 @@ class Coordinator:
         self.needs_init = False
         # A round interrupted before its resume (the coordinator restarted, say) may have left
         # targets paused: a fresh group starts with every target serving again.
-        if self.spec.pause_mode != "none":
+        if self.spec.pause_mode is not None:
             await self._all(lambda p: p.resume(t.request), self.targets)
         return group
-
-    def _init_info(self, group: GroupInfo, rank_offset: int) -> dict:
-        s = self.spec
-        return {
-            "backend": s.backend, "master_address": group.master_address, "master_port": group.master_port,
-            "rank_offset": rank_offset, "world_size": group.world_size, "group_name": group.name,
-            "packed": True, "packed_buffer_size_bytes": s.packed_buffer_size_bytes,
-            "packed_num_buffers": s.packed_num_buffers, "timeout_seconds": s.transfer_timeout,
-            "init_timeout_seconds": s.timeouts.init,
-            "verify": s.verify, "atomic": s.atomic,
-        }
 
     # -- one round ----------------------------------------------------------------------------
     async def sync(self, version: str | int, max_failed: int = 0) -> SyncResult:
@@ -257,7 +264,7 @@ class Coordinator:
         outcome = {o.name: o for o in result.parties}
         progress = {p.name: Progress.NOT_STARTED for p in self.parties}  # what a failure must undo
         began = time.perf_counter()
-        pausing = self.spec.pause_mode != "none"
+        pausing = self.spec.pause_mode is not None
         resumed: set[str] = set()  # targets already resumed by their own finish → resume pipeline
         try:
             # Each party goes from its pause straight to its start; the update waits for all of

@@ -546,7 +546,8 @@ class Reconciler:
             backend=spec.backend, master_address=trainer.ip,
             master_port=trainer.rendezvous_port or spec.rendezvous_port,
             packed_buffer_size_bytes=spec.packed_buffer_size_bytes, packed_num_buffers=spec.packed_num_buffers,
-            pause_mode=spec.pause_mode, group_name=f"{self.namespace}.{self.name}"[:96],
+            pause_mode=None if spec.pause_mode == "none" else spec.pause_mode,
+            group_name=f"{self.namespace}.{self.name}"[:96],
             transfer_timeout=t.transfer_seconds, verify=spec.verify, atomic=spec.atomic,
             timeouts=Timeouts(request=t.request_seconds, init=t.init_seconds, start=t.start_seconds,
                               update=t.update_seconds, finish=t.finish_seconds))

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from weightsync.limits import MAX_BUFFER_SIZE_BYTES, MAX_NUM_BUFFERS, MIN_BUFFER_SIZE_BYTES
+from weightsync.protocol import PauseMode
 
 GROUP = "weightsync.dev"
 VERSION = "v1alpha1"
@@ -24,7 +25,8 @@ SHORT_NAMES = ("wsync",)
 API_VERSION = f"{GROUP}/{VERSION}"
 
 Backend = Literal["nccl", "p2p", "ipc", "cpu"]
-PauseMode = Literal["abort", "wait", "keep", "none"]
+# The wire's pause modes, or `none`: the targets keep serving through a round (daemons only).
+PauseSetting = Literal[PauseMode, "none"]
 Phase = Literal["Pending", "Initializing", "Ready", "Syncing", "Succeeded", "Failed"]
 TargetState = Literal["Joining", "Synced", "Stale", "Failed", "Unreachable"]
 Outcome = Literal["Succeeded", "Failed"]
@@ -147,7 +149,7 @@ class WeightSyncSpec(_Model):
     version: Annotated[int, Field(ge=0)] = Field(
         0, description="The weight version that should be live on every target; the trainer bumps "
                        "it to publish (0: nothing published yet).")
-    pause_mode: PauseMode = Field(
+    pause_mode: PauseSetting = Field(
         "keep", description="How targets pause generation during a sync: abort, wait, keep (hold "
                             "requests) or none (no pause; not for vLLM targets).")
     timeouts: StepTimeouts = Field(default_factory=StepTimeouts, json_schema_extra={"default": {}})

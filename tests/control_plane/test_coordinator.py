@@ -132,7 +132,7 @@ async def test_each_engine_kind_gets_its_client_and_what_vllm_cannot_do_is_refus
     assert [type(p).__name__ for p in coordinator.parties] == ["DaemonClient", "DaemonClient", "VllmClient"]
     assert [p.can_seed for p in coordinator.targets] == [True, False]
     with pytest.raises(ValueError, match="pause_mode none cannot drive vLLM targets \\(vllm-0\\)"):
-        Coordinator(trainer.endpoint, [vllm], SyncSpec(pause_mode="none"), module_http)
+        Coordinator(trainer.endpoint, [vllm], SyncSpec(pause_mode=None), module_http)
     with pytest.raises(ValueError, match="the trainer is a weightsync agent, not a vllm server"):
         Coordinator(vllm, [daemons[0].endpoint], SyncSpec(), module_http)
     with pytest.raises(ValueError, match="unknown engine kind 'sglang'"):

@@ -195,6 +195,6 @@ async def test_a_group_of_a_daemon_and_vllm_then_vllm_catches_up_from_the_daemon
 
 
 async def test_vllm_targets_must_pause(parties, module_http):
-    spec = SyncSpec(pause_mode="none")
+    spec = SyncSpec(pause_mode=None)
     with pytest.raises(ValueError, match="pause_mode none cannot drive vLLM targets"):
         Coordinator(parties.trainer.endpoint, [Endpoint("vllm", parties.server.url, kind="vllm")], spec, module_http)

@@ -9,9 +9,10 @@ import json
 import pytest
 import torch
 
+from weightsync.dtypes import tensors_manifest
 from weightsync.errors import ProtocolError, TransferError
 from weightsync.integrity import DIGEST_BYTES
-from weightsync.protocol import InitInfo, Manifest, RoundHeader, UpdateInfo
+from weightsync.protocol import InitInfo, RoundHeader, UpdateInfo
 from weightsync.transports.collective import Group, Party
 from weightsync.transports.collective.agreement import SLOT_BYTES, Agreement, decode_slots, encode_slot
 from weightsync.transports.collective.round_header import HeaderDecoder, HeaderEncoder, UnknownHeader
@@ -35,7 +36,7 @@ def test_verdict_slots_carry_each_message_and_checksum_and_name_who_objects():
 
 
 def _header(round_id: str, names=("a.weight", "b.weight"), model=RoundHeader, **fields) -> RoundHeader:
-    manifest = Manifest.of([(name, torch.zeros(3, 2)) for name in names])
+    manifest = tensors_manifest([(name, torch.zeros(3, 2)) for name in names])
     return model(round_id=round_id, manifest=manifest, buffer_size_bytes=4096, num_buffers=2, alignment=256,
                  **fields)
 

@@ -166,7 +166,7 @@ def test_the_coordinator_relays_the_trainers_handles(pair):
     service = SenderService(source=source, backend=backend, device="cuda:0")
     server = serve_embedded(service)
     spec = SyncSpec(backend=backend, master_port=free_port(), packed_buffer_size_bytes=BUFFER,
-                    packed_num_buffers=2, pause_mode="none", transfer_timeout=60)
+                    packed_num_buffers=2, pause_mode=None, transfer_timeout=60)
 
     async def drive():
         async with Coordinator(Endpoint("trainer", server.url), [Endpoint("daemon", daemon.url)], spec) as c:

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from weightsync.dtypes import tensors_manifest
 from weightsync.integrity import StreamDigest
 from weightsync.layout import Layout
 from weightsync.packing import as_bytes, pack_regions, unpack_regions
-from weightsync.protocol import Manifest
 from weightsync.store import WeightStore
 
 
@@ -68,14 +68,14 @@ def test_layout_aligns_every_tensor():
 
 def test_store_from_manifest_is_one_contiguous_allocation():
     named = [("a", torch.randn(3, 5)), ("b", torch.randn(7).half())]
-    store = WeightStore.from_manifest(Manifest.of(named))
+    store = WeightStore.from_manifest(tensors_manifest(named))
     manifest = store.manifest
     flat = store.contiguous_target(manifest, Layout.of_manifest(manifest))
     assert flat is not None and flat.numel() >= sum(t.numel() * t.element_size() for _, t in named)
     for name, tensor in named:
         store[name].copy_(tensor)
-    assert store.mismatch(Manifest.of(named)) is None
-    assert "'a'" in store.mismatch(Manifest.of([("a", torch.randn(5, 3))]))
+    assert store.mismatch(tensors_manifest(named)) is None
+    assert "'a'" in store.mismatch(tensors_manifest([("a", torch.randn(5, 3))]))
 
 
 def test_stream_digest_detects_a_flipped_byte_and_a_swap():

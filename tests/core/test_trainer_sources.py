@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from weightsync.dtypes import tensors_manifest, tensor_spec
 from weightsync import ManifestMismatch, WeightSender
 from weightsync.errors import SourceMismatch
-from weightsync.protocol import Manifest, TensorSpec
+from weightsync.protocol import Manifest
 from weightsync.source import ModuleSource, TensorsSource, checked_items, manifest_of
 from weightsync.store import named_checksum
 from weightsync_operator.local import free_port
@@ -171,7 +172,7 @@ class Lying:
         self.named, self.kind = named, kind
 
     def metadata(self) -> Manifest:
-        return Manifest.of(self.named)
+        return tensors_manifest(self.named)
 
     def __iter__(self):
         items = list(self.named)
@@ -283,11 +284,11 @@ def test_checked_items_and_metadata_shapes():
             return iter(named)
 
     manifest = manifest_of(VllmShaped())
-    assert manifest == Manifest.of(named)
+    assert manifest == tensors_manifest(named)
     assert [t.data_ptr() for t in checked_items(manifest, named)] == [t.data_ptr() for _, t in named]
     with pytest.raises(SourceMismatch, match="'layers.0.bias'.*bfloat16\\[32\\].*float32\\[32\\]"):
         list(checked_items(manifest, [*named[:2], ("layers.0.bias", named[2][1].float()), named[3]]))
-    assert TensorSpec.of("x", torch.zeros(2)) == Manifest.of([("x", torch.zeros(2))]).tensors[0]
+    assert tensor_spec("x", torch.zeros(2)) == tensors_manifest([("x", torch.zeros(2))]).tensors[0]
 
     # ModuleSource: metadata without materializing, in the wire dtype; iteration agrees with it.
     module = _as_module(named)

@@ -171,7 +171,7 @@ def test_the_coordinator_relays_the_trainers_handles_batch_by_batch():
 
     async def drive():
         http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-        spec = SyncSpec(backend="ipc", pause_mode="none")
+        spec = SyncSpec(backend="ipc", pause_mode=None)
         async with Coordinator(Endpoint("trainer", "http://trainer"), [Endpoint("daemon", "http://daemon")],
                                spec, http) as coordinator:
             await coordinator.init()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from weightsync.dtypes import tensors_manifest
 from weightsync.protocol import Manifest
 from weightsync.store import named_checksum
 from weightsync_operator.kube import KubeApi
@@ -55,7 +56,7 @@ class HeldSource:
         self.model, self.release, self.timeout = model, release, timeout
 
     def metadata(self) -> Manifest:
-        return Manifest.of(list(self.model.items()))
+        return tensors_manifest(list(self.model.items()))
 
     def __iter__(self):
         for index, item in enumerate(self.model.items()):

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
+from weightsync.dtypes import tensors_manifest, tensor_spec
 from weightsync.errors import ManifestMismatch, ProtocolError, SourceMismatch, TransferError
 from weightsync.integrity import StreamDigest
 from weightsync.layout import DEFAULT_ALIGNMENT, Chunk, Layout
 from weightsync.packing import RegionPlan, as_bytes, pack_regions
-from weightsync.protocol import Manifest, RoundHeader, TensorSpec
+from weightsync.protocol import Manifest, RoundHeader
 from weightsync.source import WeightSource, checked_items, manifest_of
 from weightsync.transports.base import RoundStats, SparsePatch
 from weightsync.transports.collective.agreement import Agreement
@@ -77,7 +78,7 @@ class CollectiveSender:
         if manifest is None:
             if len(self._manifests) > 8:
                 self._manifests.clear()
-            manifest = self._manifests[key] = Manifest.of(named)
+            manifest = self._manifests[key] = tensors_manifest(named)
         return manifest
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> RoundStats:
@@ -113,7 +114,7 @@ class CollectiveSender:
             if p.indices.shape != p.values.shape or p.indices.dim() != 1:
                 raise ProtocolError(f"patches[{p.name}]", "indices and values must be 1-D and equally long")
             # In a sparse manifest each entry's shape is the patch length [nnz]; dtype is the parameter's.
-            specs.append(TensorSpec.of(p.name, p.values))
+            specs.append(tensor_spec(p.name, p.values))
             sources += [p.indices.to(torch.int64), p.values]
         views, lendable = self._byte_views(sources)
         return self._send_round(Manifest(tensors=tuple(specs)), views, "sparse_flat", lendable)

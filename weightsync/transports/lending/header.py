@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from weightsync.dtypes import tensor_spec
 from weightsync.errors import ProtocolError
 from weightsync.layout import DEFAULT_ALIGNMENT
 from weightsync.protocol import Manifest, TensorSpec, UpdateInfo
@@ -81,7 +82,7 @@ class HandleExporter:
         if spec is None:
             if len(self._specs) > MAX_CACHED_SPECS:
                 self._specs.clear()
-            spec = self._specs[key] = TensorSpec.of(name, tensor)
+            spec = self._specs[key] = tensor_spec(name, tensor)
         return spec
 
     def _export(self, view: torch.Tensor) -> LentPlacement:
