@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from weightsync.errors import IntegrityError, ManifestMismatch, TransferError
 from weightsync.integrity import StreamDigest
 from weightsync.landing import (
-    LoaderSink, Shadow, Sink, StagedLoad, StagingPlan, check_indices, choose_landing, sink_verdict, stream_sizes,
+    Landing, LoaderSink, Shadow, Sink, StagedLoad, StagingPlan, check_indices, choose_landing, sink_verdict,
+    stream_sizes,
 )
 from weightsync.layout import Chunk, Layout
 from weightsync.protocol import Manifest, RoundHeader, UpdateInfo
 from weightsync.store import WeightStore
 from weightsync.transports.base import RoundStats
-from weightsync.transports.collective.agreement import Agreement
+from weightsync.transports.collective.agreement import Agreement, Verdicts
 from weightsync.transports.collective.buffers import Chunking, StagingBuffers
 from weightsync.transports.collective.group import Party
 from weightsync.transports.collective.paths import ReceivePath
@@ -41,6 +42,26 @@ class _StreamSizes:
     manifest: Manifest
     update_kind: str
     sizes: tuple[int, ...]
+
+
+@dataclass
+class _Round:
+    """One round at this receiver, as `receive`'s steps fill it in: the header and its stream,
+    the loader (if the sink is one), where the round lands, its staging (a loader round) and the
+    digest its bytes are checked with."""
+
+    header: RoundHeader
+    layout: Layout
+    chunks: list[Chunk]
+    loader: LoaderSink | None
+    landing: Landing | None = None
+    staged: StagedLoad | None = None
+    digest: StreamDigest | None = None
+
+    def landed(self) -> Landing:
+        """The landing, chosen once the round was agreed to (before, there is none)."""
+        assert self.landing is not None, "the round was agreed to without a landing"
+        return self.landing
 
 
 class CollectiveReceiver:
@@ -74,78 +95,101 @@ class CollectiveReceiver:
         each tensor is handed over as soon as its bytes are in, from bounded staging. Sparse rounds
         always land in scratch tensors and are applied only after every receiver validated them.
         """
-        party, init, path = self._party, self._party.init, self.path
+        party = self._party
         started = time.perf_counter()
         mark("receive: start")
         party.group.check_usable()
         loader = sink if isinstance(sink, LoaderSink) else None
-        loader_round = loader is not None and not init.atomic  # this round stages for a loader
+        loader_round = loader is not None and not party.init.atomic  # this round stages for a loader
         if loader is not None:
             loader.begin_round()
             if loader_round:  # the lead chunk, if any, lands where the staging starts
-                self.staging.get(init.packed_num_buffers)
+                self.staging.get(party.init.packed_num_buffers)
         header = self.headers.receive()
         if isinstance(header, UnknownHeader):
             self._object(header, "the trainer named a round header this receiver does not hold; "
                                  "it sends the whole header next round", loader_round)
         layout, chunks = self._chunking.of(self._stream_sizes_of(header), header)
-        path.lead(self._rules.lead_pieces(chunks, header), chunks[0] if chunks else None, header, loader_round)
-        staged = None
+        self.path.lead(self._rules.lead_pieces(chunks, header), chunks[0] if chunks else None, header, loader_round)
+        round_ = _Round(header, layout, chunks, loader)
+        self._agree(round_, sink, info)
+        marks = [("header+agree", time.perf_counter())]
+        outcome = self._land(round_, sink, marks)
+        landing = round_.landed()
+        landing.commit(sink)
+        party.group.synchronize()  # the weights are complete when the call returns
+        marks.append(("commit", time.perf_counter()))
+        self.timings = phases(started, marks)
+        checksum = outcome.digests[party.rank] if round_.digest is not None else None
+        return RoundStats(header.round_id, header.update_kind, len(header.manifest.tensors),
+                          layout.total_bytes, len(chunks), time.perf_counter() - started,
+                          in_place=landing.in_place, checksum=checksum, direct=self._rules.is_direct(header))
+
+    def _agree(self, round_: _Round, sink: Sink, info: UpdateInfo) -> None:
+        """Post this party's verdict on the header (checked against `sink` and `info`, and for a
+        loader round against the staging bound) and get ready to receive while the others'
+        verdicts come in; ManifestMismatch naming every objection. On any failure the path drops
+        what it readied: nothing has landed yet."""
+        header = round_.header
         try:
-            if header.update_kind == "dense" and loader is None:
-                sink.adopt(header.manifest, party.device)
+            if header.update_kind == "dense" and round_.loader is None:
+                sink.adopt(header.manifest, self._party.device)
             problem = self._check_header(header, sink, info)
-            landing = None
             if problem is None:
-                landing = choose_landing(header.update_kind, header.manifest, sink, layout, party.device,
-                                         init.atomic, self._shadow)
-                if landing.staged:  # a loader round: is the staging bound enough? (before agreeing)
-                    try:
-                        staged = self._staged_load(header, layout, chunks, loader)
-                    except TransferError as error:
-                        problem = str(error)
+                problem = self._choose_landing(round_, sink)
             mark("receive: header checked")
             ticket = self.agreement.post(problem, gpu_done=False)
             if problem is None:  # get ready while the others' verdicts come in
-                digest = StreamDigest(party.device) if header.verify else None
-                if staged is None:
-                    path.prepare(chunks, header, digest, landing)
+                round_.digest = StreamDigest(self._party.device) if header.verify else None
+                if round_.staged is None:
+                    self.path.prepare(round_.chunks, header, round_.digest, round_.landing)
                 mark("receive: prepared")
             objections = self.agreement.collect(ticket).objections()
             if objections:
                 raise ManifestMismatch("; ".join(objections))
         except BaseException:
-            path.abandon()
+            self.path.abandon()
             raise
-        marks = [("header+agree", time.perf_counter())]
+
+    def _choose_landing(self, round_: _Round, sink: Sink) -> str | None:
+        """Choose where the round lands; a loader round's staging plan too, so that a round too
+        large for the staging bound is refused (the problem returned) before anyone agrees to it."""
+        header, init = round_.header, self._party.init
+        round_.landing = choose_landing(header.update_kind, header.manifest, sink, round_.layout,
+                                        self._party.device, init.atomic, self._shadow)
+        if round_.landing.staged:
+            try:
+                round_.staged = self._staged_load(header, round_.layout, round_.chunks, round_.loader)
+            except TransferError as error:
+                return str(error)
+        return None
+
+    def _land(self, round_: _Round, sink: Sink, marks: list[tuple[str, float]]) -> Verdicts:
+        """Receive the payload where the landing says (staged for a loader round), then exchange
+        every party's verdict and checksum. Raises when anyone objects; the error's
+        `weights_touched` says whether the live weights hold part of the round (unless it landed
+        in a shadow copy or scratch)."""
+        header, landing = round_.header, round_.landed()
         try:
             problem = None
-            if staged is not None:
-                problem = self._receive_staged(staged, chunks, header, digest, loader)
+            if round_.staged is not None:
+                problem = self._receive_staged(round_.staged, round_.chunks, header, round_.digest, round_.loader)
             else:
-                path.receive_payload(chunks, header, digest, landing)
+                self.path.receive_payload(round_.chunks, header, round_.digest, landing)
             marks.append(("enqueue", time.perf_counter()))
             if header.update_kind == "sparse_flat":
                 problem = check_indices(header.manifest, landing.scratch, sink)
-            outcome = self.agreement.exchange(problem, digest)
+            outcome = self.agreement.exchange(problem, round_.digest)
             marks.append(("payload+agree", time.perf_counter()))
             bad_sums = outcome.checksum_mismatches()
             objections = outcome.objections() + outcome.checksum_failures()
             if objections:
-                kind = IntegrityError if party.rank in bad_sums else TransferError
+                kind = IntegrityError if self._party.rank in bad_sums else TransferError
                 raise kind("round not applied: " + "; ".join(objections))
         except TransferError as error:
-            # Unless the round landed in a shadow copy or scratch, the live weights hold part of it.
             error.weights_touched = landing.touched()
             raise
-        landing.commit(sink)
-        party.group.synchronize()  # the weights are complete when the call returns
-        marks.append(("commit", time.perf_counter()))
-        self.timings = phases(started, marks)
-        checksum = outcome.digests[party.rank] if digest is not None else None
-        return RoundStats(header.round_id, header.update_kind, len(header.manifest.tensors),
-                          layout.total_bytes, len(chunks), time.perf_counter() - started,
-                          in_place=landing.in_place, checksum=checksum, direct=self._rules.is_direct(header))
+        return outcome
 
     def refuse(self, reason: str) -> None:
         """Take part in the trainer's next round only to refuse it (this party refused its
