@@ -13,7 +13,7 @@ importing any of them runs this file. The data plane needs PyTorch: `pip install
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 # Each public name and the module that defines it.
 _EXPORTS = {
@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (`X as X`: re-exported); at
     )
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'weightsync' has no attribute {name!r}")

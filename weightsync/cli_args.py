@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import pydantic
@@ -28,7 +28,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 class Parser(argparse.ArgumentParser):
     """argparse, with defaults shown in --help and errors on one line (no usage block)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
@@ -40,7 +40,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows each option's default (where it has one), and keeps the description's own line
     breaks (examples)."""
 
-    def _get_help_string(self, action: argparse.Action) -> str:
+    def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default in (None, False, [], argparse.SUPPRESS):
             return action.help or ""
         return super()._get_help_string(action)
@@ -52,9 +52,9 @@ def first_problem(error: pydantic.ValidationError) -> str:
     return f"{where}: {problem['msg']}" if where else problem["msg"]
 
 
-def _checked(annotation, value, what: str):
+def _checked(annotation: Any, value: int, what: str) -> int:
     try:
-        return pydantic.TypeAdapter(annotation).validate_python(value)
+        return int(pydantic.TypeAdapter(annotation).validate_python(value))
     except pydantic.ValidationError as error:
         raise argparse.ArgumentTypeError(f"{what} {value!r}: {first_problem(error)}") from None
 

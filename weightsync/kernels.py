@@ -13,6 +13,7 @@ plain torch operations with the same results.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ WEIGHT_PERIOD = 65_521  # a prime: word weights cycle through 1..65521 (see inte
 
 
 @functools.cache
-def _triton():
+def _triton() -> Any:  # the Triton kernel, or None where Triton is not usable
     try:
         from weightsync._triton_kernels import copy_digest
     except Exception:  # noqa: BLE001 - any import problem means "not usable here"
@@ -82,7 +83,7 @@ def run_blocks(table: torch.Tensor, copy: bool, digest: bool, aligned: bool = Fa
     return partial.sum(0) if digest else None
 
 
-def warm_up(device) -> None:
+def warm_up(device: torch.device | str) -> None:
     """Compile the kernel's variants now (a first round should not pay for it)."""
     device = torch.device(device)
     if not triton_usable(device):

@@ -9,6 +9,7 @@ chunks, so every buffer stays bounded whatever the model looks like.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from weightsync.protocol import Manifest
@@ -123,7 +124,7 @@ class Layout:
             start = stop
         return chunks
 
-    def _segments(self, start: int, stop: int):
+    def _segments(self, start: int, stop: int) -> Iterator[Segment]:
         # First tensor whose bytes may reach into [start, stop).
         first = max(bisect.bisect_right(self.offsets, start) - 1, 0)
         for index in range(first, len(self.sizes)):

@@ -103,16 +103,17 @@ class RegionPlan:
     def run(self, digest: StreamDigest | None = None, programs: int | None = None) -> None:
         """Enqueue the copies (and the checksum) on the current stream; `programs` caps how many
         GPU programs do it at once (see `kernels.run_blocks`)."""
-        want = self.digest and digest is not None
+        target = digest if self.digest else None
         if self._table is not None:
-            sums = run_blocks(self._table, self.copy, want, self._aligned, programs)
-            if want:
-                digest.add(sums)
+            sums = run_blocks(self._table, self.copy, target is not None, self._aligned, programs)
+            if target is not None and sums is not None:
+                target.add(sums)
         for region in self._slow:
             if self.copy:
+                assert region.dst is not None, "a copying plan's regions have destinations"
                 region.dst.copy_(region.src, non_blocking=True)
-            if want:
-                digest.add(region_sums(region.src, region.position))
+            if target is not None:
+                target.add(region_sums(region.src, region.position))
 
 
 def pack_regions(chunk: Chunk, sources: Sequence[torch.Tensor], buffer: torch.Tensor) -> list[Region]:

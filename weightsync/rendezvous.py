@@ -20,6 +20,7 @@ import time
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch.distributed as dist
 
@@ -117,7 +118,7 @@ def open_store(init: InitInfo, rank: int, options: Mapping[str, object] | None =
     return prefixed
 
 
-def _decode_options(row: bytes) -> dict | None:
+def _decode_options(row: bytes) -> dict[str, Any] | None:
     try:
         value = json.loads(row)
     except ValueError:
@@ -125,7 +126,7 @@ def _decode_options(row: bytes) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def agree_options(by_rank: list[dict | None]) -> None:
+def agree_options(by_rank: list[dict[str, Any] | None]) -> None:
     """Raise OptionMismatch unless every rank's options equal the trainer's (rank 0's), naming
     each differing option with the trainer's value and every other value held (None: a party
     that carried no options, e.g. another weightsync version)."""
@@ -160,10 +161,10 @@ def _resolve(host: str, port: int, deadline: _Deadline) -> str:
     what = f"resolving {host!r}"
     last: OSError | None = None
     while True:
-        found: dict = {}
+        found: dict[str, Any] = {}
         done = threading.Event()
 
-        def lookup(found=found, done=done) -> None:
+        def lookup(found: dict[str, Any] = found, done: threading.Event = done) -> None:
             try:
                 found["addresses"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except OSError as error:
@@ -176,7 +177,7 @@ def _resolve(host: str, port: int, deadline: _Deadline) -> str:
                 pass
             if "addresses" in found:
                 addresses = sorted(found["addresses"], key=lambda a: a[0] != socket.AF_INET)  # IPv4 first
-                return addresses[0][4][0]
+                return str(addresses[0][4][0])
             last = found["error"]
             deadline.pause(what, RESOLVE_RETRY_SECONDS)
         except JoinCancelled:
@@ -198,7 +199,7 @@ def _reachable(address: str, port: int, deadline: _Deadline, where: str) -> None
             deadline.pause(what)
 
 
-_HOSTED: dict[int, list] = {}  # port → [store server, groups using it]
+_HOSTED: dict[int, list[Any]] = {}  # port → [store server, groups using it]
 _HOSTED_LOCK = threading.Lock()
 
 
@@ -217,7 +218,8 @@ def _hosted_store(port: int, timeout: datetime.timedelta) -> dist.TCPStore:
         else:
             entry[0].set_timeout(timeout)
         entry[1] += 1
-        return entry[0]
+        hosted: dist.TCPStore = entry[0]
+        return hosted
 
 
 def _release_hosted(port: int) -> None:

@@ -30,15 +30,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from weightsync import errors
 from weightsync.errors import TransferError, WeightSyncError
-from weightsync.source import WeightSource
+from weightsync.protocol import Manifest
+from weightsync.source import ParamMeta, WeightSource
 from weightsync.transports.base import RoundStats, Transport
 
 MESSAGE_BYTES = 8192  # one control message over the trainer's group (JSON, NUL-padded)
@@ -49,13 +51,13 @@ class _Tracked:
 
     def __init__(self, source: WeightSource):
         self.source = source
-        self.iterator: Iterator | None = None
+        self.iterator: Iterator[tuple[str, torch.Tensor]] | None = None
         self.finished = False  # exhausted, or it raised itself (then it cannot go on)
 
-    def metadata(self):
+    def metadata(self) -> Manifest | Sequence[ParamMeta]:
         return self.source.metadata()
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         self.iterator = iter(self.source)
         while True:
             try:
@@ -90,12 +92,12 @@ class TrainerGroup:
         self.group = group or dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.size = dist.get_world_size(self.group)
-        self._src = dist.get_global_rank(self.group, 0) if self.group is not dist.group.WORLD else 0
+        self._src = dist.get_global_rank(group, 0) if group is not None and group is not dist.group.WORLD else 0
         backend = dist.get_backend(self.group)
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
             else torch.device("cpu")
 
-    def announce(self, message: dict) -> None:
+    def announce(self, message: dict[str, Any]) -> None:
         """Rank 0: broadcast one message to the other trainer ranks."""
         data = json.dumps(message).encode()  # ASCII: non-ASCII text is escaped
         if len(data) >= MESSAGE_BYTES:  # never cut JSON: the reason is cut in `_failure`
@@ -104,7 +106,7 @@ class TrainerGroup:
         block[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         dist.broadcast(block.to(self.device), src=self._src, group=self.group)
 
-    def listen(self) -> dict:
+    def listen(self) -> dict[str, Any]:
         """Other ranks: the next message from rank 0 (bounded by the group's timeout)."""
         block = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8, device=self.device)
         try:
@@ -112,16 +114,17 @@ class TrainerGroup:
         except Exception as error:  # noqa: BLE001 - rank 0 died or the group timed out
             raise TransferError(f"the trainer's rank 0 did not report the round: {error}") from error
         raw = bytes(block.cpu().numpy()).split(b"\0", 1)[0]
-        return json.loads(raw)
+        message: dict[str, Any] = json.loads(raw)
+        return message
 
 
-def _failure(error: BaseException) -> dict:
+def _failure(error: BaseException) -> dict[str, Any]:
     kind = type(error).__name__ if isinstance(error, WeightSyncError) else "TransferError"
     text = str(error) or type(error).__name__
     return {"error": {"type": kind, "message": text if len(text) <= 4000 else text[:4000] + "..."}}
 
 
-def _raise(failure: dict) -> None:
+def _raise(failure: dict[str, Any]) -> None:
     cls = getattr(errors, failure["type"], TransferError)
     if not (isinstance(cls, type) and issubclass(cls, WeightSyncError)):
         cls = TransferError
@@ -131,6 +134,8 @@ def _raise(failure: dict) -> None:
 def send_sharded(transport: Transport | None, trainer: TrainerGroup, source: WeightSource) -> RoundStats:
     """One round on this trainer rank (rank 0: `transport` is its membership of the transfer group)."""
     if trainer.rank == 0:
+        if transport is None:
+            raise WeightSyncError("trainer rank 0 sends the round: it needs its transport")
         return _lead(transport, trainer, source)
     return _follow(trainer, source)
 
@@ -162,7 +167,7 @@ def abandon(trainer: TrainerGroup, error: BaseException) -> None:
         _tell(trainer, _failure(error))
 
 
-def _tell(trainer: TrainerGroup, message: dict) -> None:
+def _tell(trainer: TrainerGroup, message: dict[str, Any]) -> None:
     """The round's outcome to the other ranks; a dead peer must not hide the round's own result."""
     try:
         trainer.announce(message)

@@ -12,12 +12,16 @@ Three forms (see docs/library.md, "Trainers"):
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from weightsync.protocol import InitInfo, parse
 from weightsync.source import WeightSource, adapt, as_source, is_source
 from weightsync.transports import RoundStats, SparsePatch, Transport, default_device, get_transport
+
+if TYPE_CHECKING:
+    from weightsync.sharded import TrainerGroup
 
 
 class WeightSender:
@@ -28,13 +32,13 @@ class WeightSender:
     >>> sender.send_weights(model.named_parameters())                           # doctest: +SKIP
     """
 
-    def __init__(self, transport: Transport | None, trainer_group=None):
+    def __init__(self, transport: Transport | None, trainer_group: TrainerGroup | None = None):
         self.transport = transport  # None on a sharded trainer's ranks other than 0
         self.trainer_group = trainer_group  # weightsync.sharded.TrainerGroup, or None
 
     @classmethod
-    def init(cls, init_info: InitInfo | dict, backend: str | None = None,
-             device: torch.device | str | None = None, *, process_group=None,
+    def init(cls, init_info: InitInfo | dict[str, Any], backend: str | None = None,
+             device: torch.device | str | None = None, *, process_group: torch.distributed.ProcessGroup | None = None,
              sharded: bool = False) -> "WeightSender":
         """Host the rendezvous and wait (up to the init timeout) for every receiver to join.
 
@@ -58,6 +62,13 @@ class WeightSender:
     def is_sender(self) -> bool:
         return self.transport is not None
 
+    @property
+    def sending(self) -> Transport:
+        """The transport this rank sends with (rank 0 of a sharded trainer, or the only rank)."""
+        if self.transport is None:
+            raise RuntimeError("this trainer rank sends nothing: rank 0 of its trainer group sends")
+        return self.transport
+
     def send_weights(self, weights: WeightSource | Iterable[tuple[str, torch.Tensor]]) -> RoundStats:
         """Send every tensor to every receiver; returns what moved. The manifest is checked by
         all receivers first, so a mismatch raises ManifestMismatch and changes nothing.
@@ -73,12 +84,12 @@ class WeightSender:
 
                 return send_sharded(self.transport, self.trainer_group, as_source(weights))
             if is_source(weights):
-                return self.transport.send_source(weights)
-            return self.transport.send(weights)
+                return self.sending.send_source(weights)
+            return self.sending.send(weights)
 
     def send_sparse(self, patches: Iterable[SparsePatch]) -> RoundStats:
         with torch.no_grad():
-            return self.transport.send_sparse(patches)
+            return self.sending.send_sparse(patches)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -87,5 +98,5 @@ class WeightSender:
     def __enter__(self) -> "WeightSender":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -25,6 +25,7 @@ then `/resume`): between start and finish the model's layers are being reloaded.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, i
 
 from weightsync.errors import ManifestMismatch, TransferError
 from weightsync.landing import LoaderSink
-from weightsync.protocol import InitInfo, UpdateInfo, parse
+from weightsync.protocol import InitInfo, Manifest, UpdateInfo, parse
 from weightsync.transports import Transport, get_transport
 
 from weightsync_vllm.checkpoint import CheckpointManifest, fused_group_key, model_directory
@@ -44,12 +45,15 @@ from weightsync_vllm.metrics import WorkerMetrics, serve
 logger = logging.getLogger(__name__)
 
 
-class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
-    init_info_cls = InitInfo
+# vLLM's classes are Any where mypy runs (vLLM lives in its own venv), hence the ignores on the
+# subclassing below. The init info stays the body's dict through vLLM's parse step (see
+# parse_init_info); init_transfer_engine validates it as weightsync's InitInfo.
+class WeightsyncWorkerEngine(WeightTransferEngine[dict[str, Any], UpdateInfo]):  # type: ignore[misc]
+    init_info_cls = dict
     update_info_cls = UpdateInfo
     supports_draft_weight_update = False
 
-    def __init__(self, config, vllm_config, device: torch.device, model: torch.nn.Module) -> None:
+    def __init__(self, config: Any, vllm_config: Any, device: torch.device, model: torch.nn.Module) -> None:
         super().__init__(config, vllm_config, device, model)
         self.transport: Transport | None = None
         self.checkpoint: CheckpointManifest | None = None
@@ -78,7 +82,7 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
     def worker_rank(self) -> int:
         """This worker's rank among all of the server's workers (across data-parallel replicas)."""
         pc = self.parallel_config
-        return pc.data_parallel_index * pc.world_size + pc.rank
+        return int(pc.data_parallel_index * pc.world_size + pc.rank)
 
     # -- the four phases ---------------------------------------------------------------------
     def init_transfer_engine(self, init_info: dict[str, Any]) -> None:
@@ -130,7 +134,7 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
     def receive_weights(self, update_info: UpdateInfo) -> None:
         self._outcome(lambda: self._round(lambda: update_info))
 
-    def _round(self, info_of) -> None:
+    def _round(self, info_of: Callable[[], UpdateInfo]) -> None:
         transport = self._transport()
         if not self._reloading:
             raise RuntimeError("weightsync: update_weights before start_weight_update")
@@ -163,7 +167,7 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             self.transport = None
 
     # -- internals ---------------------------------------------------------------------------
-    def _outcome(self, step) -> None:
+    def _outcome(self, step: Callable[[], None]) -> None:
         """Run one step on this worker; if it failed on any of the server's workers, fail the
         call from the last worker only.
 
@@ -218,23 +222,30 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
     def _sink(self) -> LoaderSink:
         if self._loader is None:
             mapping = getattr(self.model, "packed_modules_mapping", None) or {}
-            group_of = self.targets.group_key(fused_group_key(mapping))
+            group_of = self._learned()[1].group_key(fused_group_key(mapping))
             self._loader = LoaderSink(self._load, self._mismatch, group_of=group_of)
         return self._loader
 
-    def _mismatch(self, manifest) -> str | None:
+    def _learned(self) -> tuple[CheckpointManifest, LoadTargets]:
+        """The served checkpoint and the layers its tensors load into (learned at the first init)."""
+        if self.checkpoint is None or self.targets is None:
+            raise RuntimeError("weightsync: call /init_weight_transfer_engine first")
+        return self.checkpoint, self.targets
+
+    def _mismatch(self, manifest: Manifest) -> str | None:
         """Why the served model cannot load this update: a tensor its checkpoint does not have
         (or not in that shape or dtype), or a layer the update would leave half loaded."""
-        return self.checkpoint.mismatch(manifest) or self.targets.split(manifest)
+        checkpoint, targets = self._learned()
+        return checkpoint.mismatch(manifest) or targets.split(manifest)
 
     def _load(self, batch: list[tuple[str, torch.Tensor]]) -> None:
         """Hand one batch to vLLM. vLLM keeps the tensors of a layer until all of them arrived
         and rebuilds it then; the views handed here point into staging that later chunks
         reuse, so a tensor whose layer is not complete after this batch goes as a copy."""
         self._loaded_names.update(name for name, _ in batch)
-        self._load_all(self.targets.outliving(batch, self._loaded_names))
+        self._load_all(self._learned()[1].outliving(batch, self._loaded_names))
 
-    def _load_all(self, weights) -> None:
+    def _load_all(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         with disable_mtp_completeness_check():  # as vLLM's own engines: a partial set per call
             self.model.load_weights(weights=weights)
 
@@ -248,7 +259,7 @@ class WeightsyncWorkerEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             return
         self._reloading = False
         finalize_layerwise_reload(self.model, self.model_config)
-        repacked = repack_experts(self.model, self.targets.touched(self._loaded_names))
+        repacked = repack_experts(self.model, self._learned()[1].touched(self._loaded_names))
         if repacked:
             logger.info("weightsync: repacked the experts of %d reloaded layer(s), e.g. %s", len(repacked), repacked[0])
         lm_head = getattr(self.model, "lm_head", None)
@@ -288,12 +299,12 @@ def _local_rank(fallback: int) -> int:
     from vllm.distributed.parallel_state import get_world_group
 
     try:
-        return get_world_group().local_rank
+        return int(get_world_group().local_rank)
     except AssertionError:  # no world group yet: a single worker
         return fallback
 
 
-def _server_group():
+def _server_group() -> tuple[torch.distributed.ProcessGroup, int, int] | None:
     """(vLLM's CPU group over this server's workers, this worker's rank, their number), or None
     with a single worker."""
     from vllm.distributed.parallel_state import get_world_group

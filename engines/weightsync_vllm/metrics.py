@@ -32,6 +32,7 @@ import time
 
 import httpx
 from prometheus_client import start_http_server
+from prometheus_client.context_managers import Timer
 
 from weightsync import metrics as weightsync_metrics
 from weightsync.errors import ProtocolError
@@ -63,7 +64,7 @@ class WorkerMetrics(WeightsyncMetrics):
         self._set_backend("none")
 
     # -- events the engine reports ---------------------------------------------------------
-    def phase(self, name: str):
+    def phase(self, name: str) -> Timer:
         """Context manager timing one protocol phase of this worker."""
         return self.phase_seconds.labels(phase=name).time()
 

@@ -42,7 +42,8 @@ from __future__ import annotations
 import inspect
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -57,6 +58,9 @@ from weightsync.transports import RoundStats
 from weightsync_vllm import ENGINE_NAME, register
 from weightsync_vllm.trainer import round_failure, vllm_reason
 
+if TYPE_CHECKING:
+    from weightsync.sharded import TrainerGroup
+
 
 # vLLM 0.33's TrainerWeightTransferEngine.__init__ takes the trainer rank; 0.32's does not.
 _BASE_TAKES_RANK = "rank" in inspect.signature(TrainerWeightTransferEngine.__init__).parameters
@@ -66,8 +70,10 @@ class VLLMRoundError(WeightSyncError):
     """A round failed; the message carries the trainer's reason and vLLM's answer."""
 
 
+# vLLM's classes are Any where mypy runs (vLLM lives in its own venv): hence the ignores on
+# subclassing them below.
 @dataclass
-class WeightsyncTrainerInitInfo(TrainerInitInfo):
+class WeightsyncTrainerInitInfo(TrainerInitInfo):  # type: ignore[misc]
     """vLLM's `NCCLTrainerInitInfo` fields, plus weightsync's.
 
     `transport`: weightsync's transport (cpu, nccl, ipc, p2p; default nccl where CUDA is, else
@@ -93,7 +99,7 @@ class WeightsyncTrainerInitInfo(TrainerInitInfo):
     init_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     verify: bool = True
     atomic: bool = False
-    options: dict = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
     process_group: Any = None
 
     def weightsync_init(self) -> InitInfo:
@@ -107,7 +113,7 @@ class WeightsyncTrainerInitInfo(TrainerInitInfo):
                         atomic=self.atomic, options=self.options)
 
 
-def _trainer_group(init_info: WeightsyncTrainerInitInfo):
+def _trainer_group(init_info: WeightsyncTrainerInitInfo) -> TrainerGroup | None:
     """The trainer ranks' group when there is more than one rank, else None."""
     group = init_info.process_group
     if group is None and not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -124,12 +130,13 @@ def _trainer_group(init_info: WeightsyncTrainerInitInfo):
     return trainer
 
 
-class WeightsyncTrainerEngine(TrainerWeightTransferEngine[WeightsyncTrainerInitInfo]):
+class WeightsyncTrainerEngine(TrainerWeightTransferEngine[WeightsyncTrainerInitInfo]):  # type: ignore[misc]
     """The trainer's side of a weightsync group whose receivers are vLLM's workers."""
 
     init_info_cls = WeightsyncTrainerInitInfo
 
-    def __init__(self, *, client, source, is_sender: bool, sender: WeightSender, init: InitInfo,
+    # `client`: vLLM's weight-sync client; `source`: a vLLM WeightSource (0.32's or 0.33's shape).
+    def __init__(self, *, client: Any, source: Any, is_sender: bool, sender: WeightSender, init: InitInfo,
                  rank: int = 0) -> None:
         if _BASE_TAKES_RANK:
             super().__init__(client=client, source=source, is_sender=is_sender, rank=rank)
@@ -141,7 +148,8 @@ class WeightsyncTrainerEngine(TrainerWeightTransferEngine[WeightsyncTrainerInitI
         self.last: RoundStats | None = None
 
     @classmethod
-    def trainer_init(cls, init_info: WeightsyncTrainerInitInfo, *, client, source=None) -> "WeightsyncTrainerEngine":
+    def trainer_init(cls, init_info: WeightsyncTrainerInitInfo, *, client: Any, source: Any = None
+                     ) -> WeightsyncTrainerEngine:
         if source is None:
             raise ValueError("the weightsync trainer engine sends full updates: it needs a WeightSource")
         init = init_info.weightsync_init()
@@ -196,7 +204,7 @@ class WeightsyncTrainerEngine(TrainerWeightTransferEngine[WeightsyncTrainerInitI
             pool.shutdown(wait=False)  # an answer that never came must not hold the caller
         self.client.finish_weight_update(weight_version)
 
-    def _close_failed_session(self, answer) -> None:
+    def _close_failed_session(self, answer: Future[Any]) -> None:
         """After a failed update, one finish (it answers an error): with tensor parallelism vLLM
         0.32 reports the failure from one worker only, and the finish closes the others' update
         session (see docs/vllm.md). Not while the update call is still out."""
@@ -217,7 +225,7 @@ class WeightsyncTrainerEngine(TrainerWeightTransferEngine[WeightsyncTrainerInitI
         self.sender.close()
 
 
-def _check_owners(source, trainer_ranks: int) -> None:
+def _check_owners(source: object, trainer_ranks: int) -> None:
     """Refuse a vLLM 0.33 source with a parameter some trainer rank does not own: weightsync's
     trainer ranks materialize every parameter together (rank 0 sends it), so a rank that skips
     one would take the next parameter's collective for it. Identical metadata on every rank, so
@@ -233,7 +241,7 @@ def _check_owners(source, trainer_ranks: int) -> None:
                              f"by all {trainer_ranks} trainer rank(s) (rank 0 sends each one whole)")
 
 
-def _answer(future, timeout: float) -> str:
+def _answer(future: Future[Any], timeout: float) -> str:
     """vLLM's answer to a call: '' when it succeeded, else its error (waiting at most `timeout` + 30 s)."""
     try:
         future.result(timeout=timeout + 30)

@@ -10,15 +10,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from weightsync.protocol import InitInfo, UpdateInfo, UpdateKind
-from weightsync.store import WeightStore
 from weightsync.transports.options import TransportOptions
 
 if TYPE_CHECKING:
+    from weightsync.landing import Sink
     from weightsync.source import WeightSource
 
 
@@ -46,7 +46,7 @@ class RoundStats:
     checksum: str | None = None  # the round's stream checksum, verified by every receiver
     # Trainer side of transports whose receivers read the trainer's memory (ipc, p2p): what the
     # coordinator must hand every receiver's /update_weights, and whether another batch follows.
-    update_info: dict | None = None
+    update_info: dict[str, Any] | None = None
     more: bool = False
 
 
@@ -79,8 +79,9 @@ class Transport(ABC):
         """Trainer side: send a dense update of these tensors to every receiver."""
 
     @abstractmethod
-    def receive(self, store: WeightStore, info: UpdateInfo) -> RoundStats:
-        """Receiver side: take one update into `store`, after checking its manifest."""
+    def receive(self, sink: Sink, info: UpdateInfo) -> RoundStats:
+        """Receiver side: take one update into `sink` (a WeightStore the tensors land in, or a
+        LoaderSink handing them to an engine's loader, as vLLM's), after checking its manifest."""
 
     def send_source(self, source: "WeightSource", on_iterate: Callable[[], None] | None = None) -> RoundStats:
         """Trainer side: send a dense update from a source (`weightsync.source`). Collective

@@ -45,9 +45,11 @@ class NcclOptions(CollectiveOptions):
     blocking: bool = False
 
 
-def _control(raw: str) -> str:
+def _control(raw: str) -> Literal["store", "communicator"]:
     """$WEIGHTSYNC_CONTROL's spellings: store, communicator, or nccl (the communicator)."""
     value = {"nccl": "communicator"}.get(raw.strip().lower(), raw.strip().lower())
-    if value not in ("store", "communicator"):
-        raise ValueError("expected store, communicator or nccl")
-    return value
+    if value == "store":
+        return "store"
+    if value == "communicator":
+        return "communicator"
+    raise ValueError("expected store, communicator or nccl")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -123,7 +124,7 @@ class Agreement:
         self._digest_host: torch.Tensor | None = None  # pinned landing place of the final checksum
 
     @property
-    def _store(self):
+    def _store(self) -> Any:  # the group's torch.distributed store, or None
         return getattr(self._party.group, "control_store", None)
 
     def next_header_key(self) -> str:

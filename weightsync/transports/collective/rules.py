@@ -5,6 +5,7 @@ alike (whether pieces move directly, which bytes move ahead of the agreement).""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from weightsync.layout import Chunk
 from weightsync.protocol import RoundHeader
@@ -18,7 +19,7 @@ class RoundRules:
     # How round headers decode, strictly: a transport with header fields of its own subclasses it.
     header_model: type[RoundHeader] = RoundHeader
 
-    def header_fields(self, lendable: bool, streamed: bool) -> dict:
+    def header_fields(self, lendable: bool, streamed: bool) -> dict[str, Any]:
         """The trainer's values of the transport's own header fields (`header_model`) for a round
         whose sources are `lendable` (the caller's own contiguous tensors) or `streamed` (from a
         source's iteration); none by default."""

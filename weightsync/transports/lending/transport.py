@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -11,6 +11,7 @@ from weightsync.kernels import warm_up
 from weightsync.landing import Sink
 from weightsync.protocol import InitInfo, UpdateInfo
 from weightsync.rendezvous import open_store
+from weightsync.source import WeightSource
 from weightsync.transports.base import RoundStats, SparsePatch, Transport
 from weightsync.transports.lending.checksums import Coverage, DigestBoard, DigestPublisher
 from weightsync.transports.lending.receiver import CopyStrategy, IpcReceiver
@@ -92,7 +93,7 @@ class LendingTransport(Transport):
         with torch.cuda.device(self.device):  # a daemon's worker thread starts on device 0
             return sender.send(named_tensors)
 
-    def send_source(self, source, on_iterate=None) -> RoundStats:
+    def send_source(self, source: WeightSource, on_iterate: Callable[[], None] | None = None) -> RoundStats:
         """Receivers read the lent tensors during the whole round, so a source cannot stream
         here: it is materialized whole (required resident; a sharded model's full tensors then
         all live on rank 0 until the round ends: use cpu or nccl to stream). A round that
