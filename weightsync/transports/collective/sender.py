@@ -53,6 +53,69 @@ class SourceFailure:
     kind: type[TransferError]
 
 
+class _SourceTensors:
+    """A streamed round's source as its chunks reach it (`CollectiveSender._send_streamed`): each
+    tensor is materialized, flat on the trainer's device, once a chunk spans it and `held` until
+    its last byte is packed. `failure`: the first reason the source failed the round, naming the
+    parameter; from then on zeros stand in for its tensors, so that every chunk still goes out."""
+
+    def __init__(self, manifest: Manifest, streamed: _Streamed,
+                 to_device: Callable[[torch.Tensor], torch.Tensor], device: torch.device):
+        self._manifest = manifest
+        self._to_device = to_device
+        self._device = device
+        self.failure: SourceFailure | None = None
+        if streamed.on_iterate is not None:
+            try:
+                streamed.on_iterate()
+            except Exception as error:  # noqa: BLE001 - e.g. a sharded trainer's rank is gone
+                self.failure = SourceFailure(f"the source could not start: {type(error).__name__}: {error}",
+                                             TransferError)
+        self._iterator = iter(streamed.source)
+        self._items = checked_items(manifest, self._iterator)
+        self.held: dict[int, torch.Tensor] = {}
+        self._ready = 0  # tensors materialized (or replaced by zeros) so far
+
+    def materialize(self, upto: int) -> None:
+        """Hold every tensor up to index `upto` (zeros for those the source failed to give)."""
+        while self._ready <= upto:
+            spec = self._manifest.tensors[self._ready]
+            flat = self._next_flat(spec.name) if self.failure is None else None
+            if flat is None:
+                flat = torch.zeros(spec.nbytes, dtype=torch.uint8, device=self._device)
+            self.held[self._ready] = flat
+            self._ready += 1
+
+    def _next_flat(self, name: str) -> torch.Tensor | None:
+        """The source's next tensor, flat on the device; None once it failed (`failure` says why;
+        after a disagreement its iteration is driven to its end)."""
+        try:
+            return as_bytes(self._to_device(next(self._items)))
+        except SourceMismatch as error:
+            self.failure = SourceFailure(str(error), SourceMismatch)
+            _drain(self._iterator)
+        except Exception as error:  # noqa: BLE001 - reported to every party
+            self.failure = SourceFailure(f"parameter {name!r}: the source failed to materialize "
+                                         f"it: {type(error).__name__}: {error}", TransferError)
+        return None
+
+    def finish(self) -> None:
+        """After the last chunk: the trailing empty tensors (still checked), then whether the
+        iteration yields more than the metadata names."""
+        self.materialize(len(self._manifest.tensors) - 1)
+        self.held.clear()
+        if self.failure is not None:
+            return
+        try:
+            next(self._items, None)  # raises if the iteration yields more than the metadata names
+        except SourceMismatch as error:
+            self.failure = SourceFailure(str(error), SourceMismatch)
+            _drain(self._iterator)
+        except Exception as error:  # noqa: BLE001
+            self.failure = SourceFailure(f"the source failed after its last parameter: "
+                                         f"{type(error).__name__}: {error}", TransferError)
+
+
 class CollectiveSender:
     """The trainer (rank 0) of a collective group: sends each round's header, takes part in the
     agreements, and hands the payload to its `SendPath` once every receiver agreed.
@@ -220,67 +283,34 @@ class CollectiveSender:
         touched round, and says so; with `atomic` it holds none of it). After a disagreement the
         iteration is still driven to its end, discarding what it yields: on a sharded trainer
         every rank materializes each tensor together."""
-        failure: SourceFailure | None = None
-        if streamed.on_iterate is not None:
-            try:
-                streamed.on_iterate()
-            except Exception as error:  # noqa: BLE001 - e.g. a sharded trainer's rank is gone
-                failure = SourceFailure(f"the source could not start: {type(error).__name__}: {error}",
-                                        TransferError)
-        iterator = iter(streamed.source)
-        items = checked_items(manifest, iterator)
-        held: dict[int, torch.Tensor] = {}
-        ready = 0  # tensors materialized (or replaced by zeros) so far
-
-        def materialize(upto: int) -> None:
-            nonlocal failure, ready
-            while ready <= upto:
-                spec = manifest.tensors[ready]
-                flat = None
-                if failure is None:
-                    try:
-                        flat = as_bytes(self._to_device(next(items)))
-                    except SourceMismatch as error:
-                        failure = SourceFailure(str(error), SourceMismatch)
-                        _drain(iterator)
-                    except Exception as error:  # noqa: BLE001 - reported to every party
-                        failure = SourceFailure(f"parameter {spec.name!r}: the source failed to materialize "
-                                                f"it: {type(error).__name__}: {error}", TransferError)
-                if flat is None:
-                    flat = torch.zeros(spec.nbytes, dtype=torch.uint8, device=self._party.device)
-                held[ready] = flat
-                ready += 1
-
+        source = _SourceTensors(manifest, streamed, self._to_device, self._party.device)
         num_buffers = header.num_buffers
         buffers = self.staging.get(num_buffers)
         in_flight: deque[Pending] = deque()
         for chunk in chunks:
             if len(in_flight) == num_buffers:
                 in_flight.popleft().wait()
-            if chunk.segments:
-                materialize(chunk.segments[-1].index)
-            buffer = buffers[chunk.number % num_buffers]
-            RegionPlan(pack_regions(chunk, held, buffer), copy=True, digest=digest is not None).run(digest)
-            for s in chunk.segments:
-                if s.stop == layout.sizes[s.index]:
-                    held.pop(s.index, None)  # its last byte is packed (same-stream order on a GPU)
-            in_flight.append(self._party.group.broadcast(buffer[: chunk.nbytes]))
-            for index in [i for i in held if layout.sizes[i] == 0]:
-                del held[index]
-        materialize(len(manifest.tensors) - 1)  # trailing empty tensors: still checked
-        held.clear()
-        if failure is None:
-            try:
-                next(items, None)  # raises if the iteration yields more than the metadata names
-            except SourceMismatch as error:
-                failure = SourceFailure(str(error), SourceMismatch)
-                _drain(iterator)
-            except Exception as error:  # noqa: BLE001
-                failure = SourceFailure(f"the source failed after its last parameter: "
-                                        f"{type(error).__name__}: {error}", TransferError)
+            in_flight.append(self._pack_and_send(chunk, buffers[chunk.number % num_buffers], source, layout, digest))
+        source.finish()
         while in_flight:
             in_flight.popleft().wait()
-        return failure
+        return source.failure
+
+    def _pack_and_send(self, chunk: Chunk, buffer: torch.Tensor, source: _SourceTensors, layout: Layout,
+                       digest: StreamDigest | None) -> Pending:
+        """Pack one chunk of a streamed round into `buffer` (materializing the tensors it reaches)
+        and start its broadcast; the tensors whose last byte it packed are dropped."""
+        if chunk.segments:
+            source.materialize(chunk.segments[-1].index)
+        held = source.held
+        RegionPlan(pack_regions(chunk, held, buffer), copy=True, digest=digest is not None).run(digest)
+        for s in chunk.segments:
+            if s.stop == layout.sizes[s.index]:
+                held.pop(s.index, None)  # its last byte is packed (same-stream order on a GPU)
+        pending = self._party.group.broadcast(buffer[: chunk.nbytes])
+        for index in [i for i in held if layout.sizes[i] == 0]:
+            del held[index]
+        return pending
 
     def close(self) -> None:
         """Release the trainer's memory (after the group was closed)."""
