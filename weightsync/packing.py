@@ -8,7 +8,7 @@ launch (`weightsync.kernels`), elsewhere plain torch copies.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -116,7 +116,8 @@ class RegionPlan:
                 target.add(region_sums(region.src, region.position))
 
 
-def pack_regions(chunk: Chunk, sources: Sequence[torch.Tensor], buffer: torch.Tensor) -> list[Region]:
+def pack_regions(chunk: Chunk, sources: Sequence[torch.Tensor] | Mapping[int, torch.Tensor], buffer: torch.Tensor
+                 ) -> list[Region]:
     """The regions that fill `buffer` with the chunk's bytes from `sources` (flat uint8 views)."""
     return [Region(sources[s.index][s.start : s.stop], buffer[s.chunk_offset : s.chunk_offset + s.nbytes],
                    chunk.start + s.chunk_offset) for s in chunk.segments]

@@ -71,7 +71,7 @@ class IpcOptions(TransportOptions):
     source_sum_programs: Annotated[int, Field(ge=1, le=65536)] | None = None
 
 
-class LocalCopy(CopyStrategy):
+class LocalCopy(CopyStrategy[RegionPlan]):
     """ipc's way to move bytes: the trainer's memory is on this receiver's own GPU, so one
     batched kernel copies every tensor (and checksums what it read) on the side stream, and a
     loader is handed views of the trainer's memory itself."""
@@ -131,5 +131,5 @@ class IpcTransport(LendingTransport):
         """The agreed `verify` option: a sample (the default) or every byte."""
         return Coverage(self.options.verify)
 
-    def copy_strategy(self, side: torch.cuda.Stream) -> CopyStrategy:
+    def copy_strategy(self, side: torch.cuda.Stream) -> CopyStrategy[RegionPlan]:
         return LocalCopy(self.device, side)

@@ -20,16 +20,20 @@ the `Transport` facade that composes the group, the rules and the two data paths
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
+
 import torch
 
 from weightsync.errors import TransferError
 from weightsync.kernels import warm_up
 from weightsync.layout import Chunk
-from weightsync.protocol import InitInfo, RoundHeader
+from weightsync.landing import Sink
+from weightsync.protocol import InitInfo, RoundHeader, UpdateInfo
 from weightsync.transports.collective import (
     LEAD_MAX_PIECES, CollectiveTransport, RoundRules, agree_options_over_group,
 )
+from weightsync.transports.base import RoundStats, SparsePatch
 from weightsync.transports.collective.buffers import StagingBuffers
 from weightsync.transports.nccl_group import UNIQUE_ID_KEY, NcclGroup
 from weightsync.transports.nccl_options import NcclOptions
@@ -51,7 +55,7 @@ class NcclRoundHeader(RoundHeader):
     lead: bool = False
 
 
-class NcclRoundRules(RoundRules):
+class NcclRoundRules(RoundRules["NcclRoundHeader"]):
     """How an nccl round moves, as its header says: directly from where the tensors live when
     they can (options.packed packs anyway), and with its first chunk ahead of the agreement
     (options.lead); both ends derive the same lead pieces from the header."""
@@ -61,7 +65,7 @@ class NcclRoundRules(RoundRules):
     def __init__(self, options: NcclOptions):
         self._options = options
 
-    def header_fields(self, lendable: bool, streamed: bool) -> dict:
+    def header_fields(self, lendable: bool, streamed: bool) -> dict[str, Any]:
         """Tensors that are contiguous on this GPU are broadcast from where they live: nothing is
         packed, no staging buffer is needed (options.packed packs anyway). The first chunk moves
         while the group agrees, so the agreement's host round trips overlap the transfer instead
@@ -71,7 +75,7 @@ class NcclRoundRules(RoundRules):
     def is_direct(self, header: NcclRoundHeader) -> bool:
         return header.direct
 
-    def lead_pieces(self, chunks: Sequence[Chunk], header: RoundHeader) -> list[int]:
+    def lead_pieces(self, chunks: Sequence[Chunk], header: NcclRoundHeader) -> list[int]:
         """The first chunk: one broadcast when packed, one per tensor piece when direct (unless
         it has more pieces than a header may name)."""
         if not header.lead or not chunks:
@@ -113,13 +117,15 @@ class NcclTransport(CollectiveTransport):
         warm_up(device)
         return transport
 
-    def round_rules(self) -> RoundRules:
-        return NcclRoundRules(self.options)
+    def round_rules(self) -> NcclRoundRules:
+        options = self.options
+        assert isinstance(options, NcclOptions)  # options_model
+        return NcclRoundRules(options)
 
-    def send_path(self, staging: StagingBuffers, rules: RoundRules) -> NcclSendPath:
+    def send_path(self, staging: StagingBuffers, rules: RoundRules[Any]) -> NcclSendPath:
         return NcclSendPath(self.party, staging, rules, self._gpu_trace)
 
-    def receive_path(self, staging: StagingBuffers, rules: RoundRules) -> NcclReceivePath:
+    def receive_path(self, staging: StagingBuffers, rules: RoundRules[Any]) -> NcclReceivePath:
         return NcclReceivePath(self.party, staging, self._gpu_trace)
 
     @property
@@ -131,7 +137,9 @@ class NcclTransport(CollectiveTransport):
         """Trainer: remove this group's keys from the rendezvous store, which may outlive the
         group (a trainer's store server is shared by the groups on its port), so that a later
         group of the same name never reads a stale unique id or control step."""
-        store = self.group.control_store or self.group.rendezvous_store
+        group = self.group
+        assert isinstance(group, NcclGroup)  # connect forms one
+        store = group.control_store or group.rendezvous_store
         if self.sender is None or store is None:
             return
         for key in [UNIQUE_ID_KEY] + self.sender.agreement.recent_keys(8):
@@ -142,17 +150,17 @@ class NcclTransport(CollectiveTransport):
 
     # Every CUDA call of a round runs with this transport's GPU current (a daemon's worker thread
     # starts on device 0, and kernels launch on the current device).
-    def send(self, named_tensors):
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> RoundStats:
         with torch.cuda.device(self.device):
             return super().send(named_tensors)
 
-    def send_sparse(self, patches):
+    def send_sparse(self, patches: Iterable[SparsePatch]) -> RoundStats:
         with torch.cuda.device(self.device):
             return super().send_sparse(patches)
 
-    def receive(self, store, info):
+    def receive(self, sink: Sink, info: UpdateInfo) -> RoundStats:
         with torch.cuda.device(self.device):
-            return super().receive(store, info)
+            return super().receive(sink, info)
 
     def close(self) -> None:
         self._forget_keys()

@@ -67,7 +67,7 @@ class GpuTrace:
     """(diagnosis, while `collective.trace.TRACE` records) when the GPU reached each step of the
     last round, as timing events; the trainer's and a receiver's paths both mark it."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.marks: list[tuple[str, torch.cuda.Event]] = []
 
     def mark(self, label: str, stream: torch.cuda.Stream) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ class _PreparedSend:
 class NcclSendPath(SendPath):
     """The trainer's pipelined GPU path (see the module docstring)."""
 
-    def __init__(self, party: Party, staging: StagingBuffers, rules: RoundRules, gpu_trace: GpuTrace):
+    def __init__(self, party: Party, staging: StagingBuffers, rules: RoundRules[Any], gpu_trace: GpuTrace):
         self._party = party
         self._staging = staging
         self._rules = rules

@@ -93,7 +93,7 @@ class StagedPull:
     pieces: list[list[Piece]]
 
 
-class PeerCopy(CopyStrategy):
+class PeerCopy(CopyStrategy[PeerCopyPlan]):
     """p2p's way to move bytes: the trainer's memory is on a peer GPU, so the copy engines pull
     it over NVLink in groups on alternating copy streams, each group checksummed on this GPU as
     soon as it landed; a loader gets the bytes through bounded local staging (reading the peer
@@ -228,7 +228,7 @@ class P2pTransport(LendingTransport):
     options_model = P2pOptions
     # coverage(): LendingTransport's, every byte (the copy crosses NVLink)
 
-    def copy_strategy(self, side: torch.cuda.Stream) -> CopyStrategy:
+    def copy_strategy(self, side: torch.cuda.Stream) -> CopyStrategy[PeerCopyPlan]:
         return PeerCopy(self.device, side, self.options)
 
 

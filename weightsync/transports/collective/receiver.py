@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from weightsync.errors import IntegrityError, ManifestMismatch, TransferError
 from weightsync.integrity import StreamDigest
@@ -72,7 +73,7 @@ class CollectiveReceiver:
     It owns the receiver's state only (header decoder, shadow copy, staging plans of loader
     rounds, verdict caches); the trainer's state lives in `CollectiveSender`."""
 
-    def __init__(self, party: Party, rules: RoundRules, path: ReceivePath, staging: StagingBuffers):
+    def __init__(self, party: Party, rules: RoundRules[Any], path: ReceivePath, staging: StagingBuffers):
         self._party = party
         self._rules = rules
         self.path = path

@@ -59,7 +59,7 @@ class UnknownHeader:
 class _Encoded:
     """The trainer's last encoding: for a header whose fields but the round id equal `key`'s."""
 
-    key: tuple
+    key: tuple[Any, ...]
     body: bytes  # the JSON after the round id
     manifest: Manifest
     fingerprint: str
@@ -78,6 +78,7 @@ class HeaderEncoder:
 
     def agreed(self) -> None:
         """Every receiver accepted the header last sent: the next equal one goes by name."""
+        assert self._encoded is not None  # agreed on the header `send` encoded
         self._agreed_body = self._encoded.body
 
     def refused(self) -> None:

@@ -7,6 +7,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -15,7 +16,7 @@ from weightsync.errors import ManifestMismatch, ProtocolError, SourceMismatch, T
 from weightsync.integrity import StreamDigest
 from weightsync.layout import DEFAULT_ALIGNMENT, Chunk, Layout
 from weightsync.packing import RegionPlan, as_bytes, pack_regions
-from weightsync.protocol import Manifest, RoundHeader
+from weightsync.protocol import Manifest, RoundHeader, UpdateKind
 from weightsync.source import WeightSource, checked_items, manifest_of
 from weightsync.transports.base import RoundStats, SparsePatch
 from weightsync.transports.collective.agreement import Agreement
@@ -32,7 +33,7 @@ class _Repeated:
     """The last dense round whose tensors were the caller's own memory: if the next round names
     the same tensors at the same addresses, its manifest and byte views are reused."""
 
-    key: tuple
+    key: tuple[Any, ...]
     manifest: Manifest
     views: list[torch.Tensor]
 
@@ -123,7 +124,7 @@ class CollectiveSender:
     It owns the trainer's state only (manifest and byte-view caches, the header encoder); the
     receivers' state lives in `CollectiveReceiver`, so neither can touch the other's."""
 
-    def __init__(self, party: Party, rules: RoundRules, path: SendPath, staging: StagingBuffers):
+    def __init__(self, party: Party, rules: RoundRules[Any], path: SendPath, staging: StagingBuffers):
         self._party = party
         self._rules = rules
         self.path = path
@@ -131,7 +132,7 @@ class CollectiveSender:
         self.agreement = Agreement(party)
         self.headers = HeaderEncoder(party, self.agreement)
         self._chunking = Chunking(party)
-        self._manifests: dict[tuple, Manifest] = {}  # manifest per (name, dtype, shape) key
+        self._manifests: dict[tuple[Any, ...], Manifest] = {}  # manifest per (name, dtype, shape) key
         self._repeat: _Repeated | None = None
         self.timings: dict[str, float] = {}  # seconds per phase of the last round
 
@@ -195,7 +196,7 @@ class CollectiveSender:
         self.headers.refused()
         raise ManifestMismatch("; ".join(objections) or reason)
 
-    def _header(self, manifest: Manifest, kind: str, lendable: bool, streamed: bool) -> RoundHeader:
+    def _header(self, manifest: Manifest, kind: UpdateKind, lendable: bool, streamed: bool) -> RoundHeader:
         init = self._party.init
         return self._rules.header_model(
             round_id=uuid.uuid4().hex,
@@ -217,7 +218,7 @@ class CollectiveSender:
         lendable = all(t.is_contiguous() and t.device == self._party.device for t in sources)
         return [as_bytes(self._to_device(t)) for t in sources], lendable
 
-    def _send_round(self, manifest: Manifest, flat_sources: list[torch.Tensor], kind: str,
+    def _send_round(self, manifest: Manifest, flat_sources: list[torch.Tensor], kind: UpdateKind,
                     lendable: bool, streamed: _Streamed | None = None, views_cached: bool = False) -> RoundStats:
         """`flat_sources`: uint8 views of the stream's tensors on this device; `lendable`: they
         are the caller's own contiguous tensors (not copies), so they may move directly;
@@ -256,7 +257,7 @@ class CollectiveSender:
         self.agreement.forget_old_steps()
         marks.append(("enqueue", time.perf_counter()))
         # a source's failure fails the round everywhere
-        outcome = self.agreement.exchange(failure and failure.message, digest)
+        outcome = self.agreement.exchange(failure.message if failure is not None else None, digest)
         marks.append(("payload+agree", time.perf_counter()))
         if failure is not None:
             raise failure.kind(f"round not applied: {failure.message}")
@@ -318,7 +319,7 @@ class CollectiveSender:
         self.staging.clear()
 
 
-def _drain(iterator: Iterator) -> None:
+def _drain(iterator: Iterator[Any]) -> None:
     """Drive a source's iteration to its end, dropping what it yields (keeps a sharded trainer's
     ranks in step after rank 0 found a disagreement); a failure of its own ends it quietly (the
     round fails anyway)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -52,15 +53,15 @@ class CollectiveTransport(Transport):
             self.receiver = CollectiveReceiver(self.party, rules, self.receive_path(staging, rules), staging)
 
     # -- the composition ----------------------------------------------------------------------
-    def round_rules(self) -> RoundRules:
+    def round_rules(self) -> RoundRules[Any]:
         """What this transport's header says about how a round moves."""
         return RoundRules()
 
-    def send_path(self, staging: StagingBuffers, rules: RoundRules) -> SendPath:
+    def send_path(self, staging: StagingBuffers, rules: RoundRules[Any]) -> SendPath:
         """The trainer's data path."""
         return PackedSendPath(self.party, staging)
 
-    def receive_path(self, staging: StagingBuffers, rules: RoundRules) -> ReceivePath:
+    def receive_path(self, staging: StagingBuffers, rules: RoundRules[Any]) -> ReceivePath:
         """A receiver's data path."""
         return PackedReceivePath(self.party, staging)
 
@@ -75,7 +76,9 @@ class CollectiveTransport(Transport):
 
     @property
     def options(self) -> TransportOptions:
-        return self.party.options
+        options = self.party.options
+        assert options is not None  # set by Transport.__init__, before any other use
+        return options
 
     @options.setter
     def options(self, value: TransportOptions) -> None:
@@ -95,7 +98,9 @@ class CollectiveTransport(Transport):
         self._side().timings = value
 
     def _side(self) -> CollectiveSender | CollectiveReceiver:
-        return self.sender if self.sender is not None else self.receiver
+        side = self.sender if self.sender is not None else self.receiver
+        assert side is not None  # __init__ makes one of them
+        return side
 
     def _trainer(self) -> CollectiveSender:
         if self.sender is None:

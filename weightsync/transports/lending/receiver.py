@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -64,22 +65,26 @@ class Landed:
     covered: bool
 
 
-class CopyStrategy(ABC):
+CopyPlanT = TypeVar("CopyPlanT")
+
+
+class CopyStrategy(ABC, Generic[CopyPlanT]):
     """How a receiver moves the trainer's bytes: which trainer GPU it reads from, the copy into
     the weights (with its checksum), and the hand-over to an engine's loader. The receiver owns
-    the round (plan, verification, commit); a strategy only moves bytes, on its own streams."""
+    the round (plan, verification, commit); a strategy only moves bytes, on its own streams.
+    `CopyPlanT`: the strategy's own copy plan (ipc's RegionPlan, p2p's PeerCopyPlan)."""
 
     @abstractmethod
     def choose_gpu(self, uuids: list[str]) -> str:
         """The UUID of the trainer GPU (one of `uuids`) whose handles this receiver opens."""
 
     @abstractmethod
-    def copy_plan(self, plan: RoundPlan, checksum: bool) -> object:
+    def copy_plan(self, plan: RoundPlan, checksum: bool) -> CopyPlanT:
         """The copy of `plan`'s sources into its destinations (checksumming what it reads when
         `checksum`); built once per plan, cached in `plan.copies`."""
 
     @abstractmethod
-    def pull(self, copy_plan: object, digest: StreamDigest | None) -> torch.cuda.Event:
+    def pull(self, copy_plan: CopyPlanT, digest: StreamDigest | None) -> torch.cuda.Event:
         """Run a `copy_plan`, behind the current stream; the event marks its end."""
 
     @abstractmethod
@@ -129,7 +134,7 @@ class IpcReceiver:
     value on the `DigestBoard`, and only then is anything committed."""
 
     def __init__(self, transport: str, init: InitInfo, device: torch.device, board: DigestBoard,
-                 side: torch.cuda.Stream, copier: CopyStrategy):
+                 side: torch.cuda.Stream, copier: CopyStrategy[Any]):
         self.init = init
         self.device = device
         self._timeout = init.timeout_seconds
@@ -153,7 +158,7 @@ class IpcReceiver:
         if loader is not None:
             loader.begin_round()
         key = PlanKey(self._handles.version, self._manifests.version, kind, id(sink),
-                      len(sink) if loader is None else 0, self.init.atomic)
+                      len(sink) if isinstance(sink, WeightStore) else 0, self.init.atomic)
         plan = self._plan
         if plan is None or plan.key != key or kind != "dense":
             self._plan = None  # release what the last plan held first
@@ -167,6 +172,7 @@ class IpcReceiver:
             full = verify and not sampled  # the copy checksums everything it reads
             failure = None
             if landing.staged:
+                assert loader is not None  # only a loader round stages
                 landed = self._copier.load(plan, loader, digest, full, self.init)
                 failure, done, covered = landed.failure, landed.done, landed.covered
             else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -45,7 +46,7 @@ class LendingTransport(Transport):
         """What the trainer's checksum covers when a round is verified."""
         return Coverage.FULL
 
-    def copy_strategy(self, side: torch.cuda.Stream) -> CopyStrategy:
+    def copy_strategy(self, side: torch.cuda.Stream) -> CopyStrategy[Any]:
         """How this transport's receivers move the trainer's bytes (`side`: the checksum stream)."""
         raise NotImplementedError
 
