@@ -159,56 +159,11 @@ class IpcReceiver:
             loader.begin_round()
         key = PlanKey(self._handles.version, self._manifests.version, kind, id(sink),
                       len(sink) if isinstance(sink, WeightStore) else 0, self.init.atomic)
-        plan = self._plan
-        if plan is None or plan.key != key or kind != "dense":
-            self._plan = None  # release what the last plan held first
-            plan = self._prepare(key, handles, manifest, kind, sink)
-            if kind == "dense":
-                self._plan = plan
+        plan = self._plan_for(key, handles, manifest, kind, sink)
         landing = plan.landing
-        verify, sampled = handles.verify, handles.verify and handles.sampled
-        digest = StreamDigest(self.device) if verify else None
+        digest = StreamDigest(self.device) if handles.verify else None
         try:
-            full = verify and not sampled  # the copy checksums everything it reads
-            failure = None
-            if landing.staged:
-                assert loader is not None  # only a loader round stages
-                landed = self._copier.load(plan, loader, digest, full, self.init)
-                failure, done, covered = landed.failure, landed.done, landed.covered
-            else:
-                if full not in plan.copies:
-                    plan.copies[full] = self._copier.copy_plan(plan, full)
-                done = self._copier.pull(plan.copies[full], digest if full else None)
-                covered = full
-            checksum = None
-            sent: str | TransferError | None = None
-            if digest is not None:
-                # While the copy runs: the trainer's value (its store round trip off the critical
-                # path); behind the copy (on the stream `done` is recorded on): the sample's
-                # checksum, and the copy of ours to host memory.
-                try:
-                    sent = self._board.fetch(handles.round_id)
-                except TransferError as error:
-                    sent = error  # raised once the copy is over: it reads the trainer's memory
-                with torch.cuda.stream(self._side):
-                    self._side.wait_event(done)
-                    if not covered:
-                        if plan.sample is None:  # what was written (or handed over)
-                            read = plan.sources if landing.staged else plan.destinations
-                            plan.sample = Coverage.SAMPLE.plan(read, plan.offsets)
-                        plan.sample.run(digest)
-                    self._digest_host.copy_(digest.as_bytes(), non_blocking=True)
-                    done.record(self._side)
-            wait_event_until(done, time.monotonic() + self._timeout, "copying from the trainer")
-            if failure is not None:
-                raise TransferError(f"round not applied: {failure}")
-            if isinstance(sent, TransferError):
-                raise sent
-            if digest is not None:
-                checksum = format_digest(self._digest_host.numpy().tobytes())
-                if sent != checksum:
-                    raise IntegrityError(f"round not applied: checksum mismatch: received {checksum}, "
-                                         f"trainer sent {sent}")
+            checksum = self._land(plan, handles, loader, digest)
             if landing.scratch is not None:
                 problem = check_indices(manifest, landing.scratch, sink)
                 if problem:
@@ -222,6 +177,74 @@ class IpcReceiver:
         return RoundStats(handles.round_id, kind, len(manifest.tensors), sum(plan.sizes), 0,
                           time.perf_counter() - started, in_place=landing.writes_live and loader is None,
                           checksum=checksum)
+
+    def _plan_for(self, key: PlanKey, handles: GpuHandles, manifest: Manifest, kind: str, sink: Sink) -> RoundPlan:
+        """The last plan while its key holds (dense rounds only: a sparse round's indices change
+        every round); else a new one, checked before anything moves."""
+        plan = self._plan
+        if plan is None or plan.key != key or kind != "dense":
+            self._plan = None  # release what the last plan held first
+            plan = self._prepare(key, handles, manifest, kind, sink)
+            if kind == "dense":
+                self._plan = plan
+        return plan
+
+    def _land(self, plan: RoundPlan, handles: GpuHandles, loader: LoaderSink | None,
+              digest: StreamDigest | None) -> str | None:
+        """Move the trainer's bytes and wait for them; with a `digest`, check what landed against
+        the trainer's value and return its checksum. TransferError when the loader failed, the
+        copy did not end in time or the trainer's value did not come; IntegrityError when the
+        checksums differ."""
+        verify, sampled = handles.verify, handles.verify and handles.sampled
+        full = verify and not sampled  # the copy checksums everything it reads
+        landed = self._move(plan, loader, digest, full)
+        sent = self._checksum_behind(plan, landed, digest, handles.round_id) if digest is not None else None
+        wait_event_until(landed.done, time.monotonic() + self._timeout, "copying from the trainer")
+        if landed.failure is not None:
+            raise TransferError(f"round not applied: {landed.failure}")
+        if isinstance(sent, TransferError):
+            raise sent
+        if digest is None:
+            return None
+        checksum = format_digest(self._digest_host.numpy().tobytes())
+        if sent != checksum:
+            raise IntegrityError(f"round not applied: checksum mismatch: received {checksum}, "
+                                 f"trainer sent {sent}")
+        return checksum
+
+    def _move(self, plan: RoundPlan, loader: LoaderSink | None, digest: StreamDigest | None, full: bool) -> Landed:
+        """Start moving the bytes with the strategy: handed to the loader (a staged landing) or
+        copied into the destinations, checksummed as they are read when `full`."""
+        if plan.landing.staged:
+            assert loader is not None  # only a loader round stages
+            return self._copier.load(plan, loader, digest, full, self.init)
+        if full not in plan.copies:
+            plan.copies[full] = self._copier.copy_plan(plan, full)
+        done = self._copier.pull(plan.copies[full], digest if full else None)
+        return Landed(None, done, full)
+
+    def _checksum_behind(self, plan: RoundPlan, landed: Landed, digest: StreamDigest,
+                         round_id: str) -> str | TransferError:
+        """While the copy runs: the trainer's value (its store round trip off the critical path;
+        an error is returned, raised once the copy is over: the copy reads the trainer's memory).
+        Behind the copy (on the stream `landed.done` is recorded on): the sample's checksum of
+        what was written (or handed over) when the copy's did not cover it all, and the copy of
+        ours to host memory."""
+        sent: str | TransferError
+        try:
+            sent = self._board.fetch(round_id)
+        except TransferError as error:
+            sent = error
+        with torch.cuda.stream(self._side):
+            self._side.wait_event(landed.done)
+            if not landed.covered:
+                if plan.sample is None:  # what was written (or handed over)
+                    read = plan.sources if plan.landing.staged else plan.destinations
+                    plan.sample = Coverage.SAMPLE.plan(read, plan.offsets)
+                plan.sample.run(digest)
+            self._digest_host.copy_(digest.as_bytes(), non_blocking=True)
+            landed.done.record(self._side)
+        return sent
 
     def _prepare(self, key: PlanKey, handles: GpuHandles, manifest: Manifest, kind: str, sink: Sink) -> RoundPlan:
         """Check the round against the manifest and the weights, open what is not open yet, and
