@@ -155,6 +155,34 @@ class IpcSender:
     def _next_batch(self) -> RoundStats:
         started = time.perf_counter()
         cursor = self._cursor
+        specs, views = self._fill_batch(cursor)
+        more = cursor.pending is not None
+        round_id = f"{cursor.round_id}-{cursor.batch}"
+        first = cursor.batch == 0
+        cursor.batch += 1
+        if not more:
+            self._cursor = None
+        self._lent.extend(views)
+        torch.cuda.current_stream(self.device).synchronize()  # lent bytes are final before anyone reads
+        info = self._header.update_info(cursor.kind, specs, views, self._flags(round_id, more))
+        digest = None
+        coverage = self._round_coverage()
+        if coverage is not None:
+            digest = self._digest_plan(views, coverage)
+            self._publisher.publish(round_id, digest)
+        nbytes = sum(v.numel() for v in views)
+        if cursor.repeat_key is not None and first and not more and cursor.all_lent:  # next: skip all this
+            self._repeat = RepeatLending(cursor.repeat_key, views, specs, self._header.body, nbytes, digest,
+                                         coverage)
+        return RoundStats(round_id, cursor.kind, len(specs), nbytes, 0,
+                          time.perf_counter() - started, update_info=info, more=more)
+
+    def _fill_batch(self, cursor: BatchCursor) -> tuple[list[TensorSpec], list[torch.Tensor]]:
+        """The next batch's specs and lent views: the cursor's items, each tensor lent as it is
+        where it can be (contiguous, on this device), else copied into the staging; a batch
+        ends where the next item's copies would overflow packed_num_buffers x
+        packed_buffer_size_bytes (the item waits in `cursor.pending`). ProtocolError when a
+        single item needs more staging than that."""
         specs, views, fill = [], [], 0
         capacity = self.init.packed_num_buffers * self.init.packed_buffer_size_bytes
         while (item := cursor.next()) is not None:
@@ -178,26 +206,7 @@ class IpcSender:
                     fill += align_up(source.numel(), DEFAULT_ALIGNMENT)
                 views.append(view)
             specs.append(self._header.spec(item.name, item.shaped))
-        more = cursor.pending is not None
-        round_id = f"{cursor.round_id}-{cursor.batch}"
-        first = cursor.batch == 0
-        cursor.batch += 1
-        if not more:
-            self._cursor = None
-        self._lent.extend(views)
-        torch.cuda.current_stream(self.device).synchronize()  # lent bytes are final before anyone reads
-        info = self._header.update_info(cursor.kind, specs, views, self._flags(round_id, more))
-        digest = None
-        coverage = self._round_coverage()
-        if coverage is not None:
-            digest = self._digest_plan(views, coverage)
-            self._publisher.publish(round_id, digest)
-        nbytes = sum(v.numel() for v in views)
-        if cursor.repeat_key is not None and first and not more and cursor.all_lent:  # next: skip all this
-            self._repeat = RepeatLending(cursor.repeat_key, views, specs, self._header.body, nbytes, digest,
-                                         coverage)
-        return RoundStats(round_id, cursor.kind, len(specs), nbytes, 0,
-                          time.perf_counter() - started, update_info=info, more=more)
+        return specs, views
 
     def _send_repeat(self, lending: RepeatLending) -> RoundStats:
         """The same tensors in the same storages as the last round: same handles, new values."""
