@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import NamedTuple
 
 import torch
 
@@ -47,6 +48,24 @@ class _PreparedReceive:
     lead_plan: RegionPlan | None  # places the lead chunk from scratch, checksummed
     buffers: list[torch.Tensor] | None = None  # packed, not in place: the staging buffers
     pieces: list[list[torch.Tensor]] | None = None  # direct: each chunk's landing pieces
+
+
+class _Receiving(NamedTuple):
+    """One round's receive, as the loops of `NcclReceivePath.receive_payload` read it."""
+
+    chunks: Sequence[Chunk]
+    prepared: _PreparedReceive
+    first: int  # the first chunk received here (1: the lead chunk came ahead of the agreement)
+    num_buffers: int  # the round's buffers, and place streams
+    verify: bool
+
+
+def _memory(landing: Landing) -> tuple[object, ...]:
+    """What the landing's memory is (addresses and sizes), for the plans cached over it."""
+    target = landing.target
+    if target is not None:
+        return (target.data_ptr(), target.numel())
+    return tuple((d.data_ptr(), d.numel()) for d in landing.destinations)
 
 
 def _landing_view(landing: Landing, chunk: Chunk, s) -> torch.Tensor:
@@ -160,107 +179,143 @@ class NcclReceivePath(ReceivePath):
         device = self._party.device
         count = header.num_buffers
         verify = digest is not None
-        target, destinations = landing.target, landing.destinations
         current = torch.cuda.current_stream(device)
         streams = self._streams.get("place", count)
         parts = [StreamDigest(device) for _ in range(count)] if verify else [None] * count
         for stream in streams:
             stream.wait_stream(current)
-        memory = (target.data_ptr(), target.numel()) if target is not None else \
-            tuple((d.data_ptr(), d.numel()) for d in destinations)
-        lead_plan = None
-        if self._lead is not None:  # copy the lead chunk from scratch to where it belongs, checksummed
-            lead_chunk, scratch = chunks[0], self._lead.scratch
-            lead_plan = self._plans.get("lead", chunks, (memory, scratch.data_ptr(), verify), lambda: [
-                RegionPlan([Region(scratch[s.chunk_offset : s.chunk_offset + s.nbytes],
-                                   _landing_view(landing, lead_chunk, s), lead_chunk.start + s.chunk_offset)
-                            for s in lead_chunk.segments if s.nbytes], copy=True, digest=verify)])[0]
+        memory = _memory(landing)
+        lead_plan = self._lead_plan(chunks, landing, memory, verify) if self._lead is not None else None
         if header.direct:  # every piece lands where it belongs; checksum it there
-            view = _landing_view
-            pieces = self._plans.get("receive pieces", chunks, (memory,), lambda: [
-                [view(landing, c, s) for s in c.segments if s.nbytes] for c in chunks])
-            plans = self._plans.get("landed", chunks, (memory,), lambda: [RegionPlan(
-                [Region(view(landing, c, s), None, c.start + s.chunk_offset) for s in c.segments if s.nbytes],
-                copy=False) for c in chunks]) if verify else None
+            pieces, plans = self._direct_plans(chunks, landing, memory, verify)
             self._receiving = _PreparedReceive(streams, parts, plans, lead_plan, pieces=pieces)
             return
+        plans, buffers = self._packed_plans(chunks, landing, memory, verify, count)
+        self._receiving = _PreparedReceive(streams, parts, plans, lead_plan, buffers=buffers)
+
+    def _lead_plan(self, chunks: Sequence[Chunk], landing: Landing, memory: tuple[object, ...],
+                   verify: bool) -> RegionPlan:
+        """The copy of the lead chunk from scratch to where it belongs, checksummed."""
+        lead_chunk, scratch = chunks[0], self._lead.scratch
+        return self._plans.get("lead", chunks, (memory, scratch.data_ptr(), verify), lambda: [
+            RegionPlan([Region(scratch[s.chunk_offset : s.chunk_offset + s.nbytes],
+                               _landing_view(landing, lead_chunk, s), lead_chunk.start + s.chunk_offset)
+                        for s in lead_chunk.segments if s.nbytes], copy=True, digest=verify)])[0]
+
+    def _direct_plans(self, chunks: Sequence[Chunk], landing: Landing, memory: tuple[object, ...],
+                      verify: bool) -> tuple[list[list[torch.Tensor]], list[RegionPlan] | None]:
+        """A direct round's landing pieces, chunk by chunk, and (verified) the checksums of what
+        landed there."""
+        view = _landing_view
+        pieces = self._plans.get("receive pieces", chunks, (memory,), lambda: [
+            [view(landing, c, s) for s in c.segments if s.nbytes] for c in chunks])
+        plans = self._plans.get("landed", chunks, (memory,), lambda: [RegionPlan(
+            [Region(view(landing, c, s), None, c.start + s.chunk_offset) for s in c.segments if s.nbytes],
+            copy=False) for c in chunks]) if verify else None
+        return pieces, plans
+
+    def _packed_plans(self, chunks: Sequence[Chunk], landing: Landing, memory: tuple[object, ...], verify: bool,
+                      count: int) -> tuple[list[RegionPlan] | None, list[torch.Tensor] | None]:
+        """A packed round's plans: received in place into a flat target, the checksums of what
+        landed (verified only); else the unpacking of each staging buffer into the tensors,
+        with the buffers."""
+        target, destinations = landing.target, landing.destinations
         if target is not None:
             plans = self._plans.get("landed", chunks, memory, lambda: [
                 RegionPlan(landed_regions(c, target), copy=False) for c in chunks]) if verify else None
-            buffers = None
-        else:
-            buffers = self._staging.get(count)
-            key = (verify, memory, tuple(b.data_ptr() for b in buffers))
-            plans = self._plans.get("unpack", chunks, key, lambda: [
-                RegionPlan(unpack_regions(c, buffers[c.number % count][: c.nbytes], destinations), copy=True,
-                           digest=verify) for c in chunks])
-        self._receiving = _PreparedReceive(streams, parts, plans, lead_plan, buffers=buffers)
+            return plans, None
+        buffers = self._staging.get(count)
+        key = (verify, memory, tuple(b.data_ptr() for b in buffers))
+        plans = self._plans.get("unpack", chunks, key, lambda: [
+            RegionPlan(unpack_regions(c, buffers[c.number % count][: c.nbytes], destinations), copy=True,
+                       digest=verify) for c in chunks])
+        return plans, buffers
 
     def receive_payload(self, chunks: Sequence[Chunk], header: RoundHeader, digest: StreamDigest | None,
                         landing: Landing) -> None:
         device = self._party.device
         group = self._group
-        count = header.num_buffers
-        verify = digest is not None
-        target = landing.target
         prepared, self._receiving = self._receiving, None
-        streams, parts, plans = prepared.streams, prepared.parts, prepared.plans
         group.stream.wait_stream(torch.cuda.current_stream(device))
-        first, lead_placed = 0, None
-        if self._lead is not None:  # the lead chunk is (being) received into scratch: place it
-            landed, self._lead = self._lead.landed, None
-            streams[0].wait_event(landed)
-            with torch.cuda.stream(streams[0]):
-                prepared.lead_plan.run(parts[0], None if len(chunks) == 1 else self.pack_programs)
-            lead_placed = torch.cuda.Event()
-            lead_placed.record(streams[0])
-            first = 1
+        lead_placed = self._place_lead(prepared, len(chunks))
+        receiving = _Receiving(chunks, prepared, 0 if lead_placed is None else 1, header.num_buffers,
+                               digest is not None)
+        if header.direct:
+            self._receive_direct(receiving)
+        elif landing.target is not None:
+            self._receive_flat(receiving, landing.target)
+        else:
+            self._receive_packed(receiving, lead_placed)
+        join(device, group, prepared.streams, prepared.parts, digest)
+        self._trace.mark("checksums done", torch.cuda.current_stream(device))
 
-        def checksum_landed(chunk: Chunk) -> None:
-            """Once the chunk landed, fold it into the checksum on a side stream."""
+    def _place_lead(self, prepared: _PreparedReceive, total: int) -> torch.cuda.Event | None:
+        """Once the lead chunk (received, or being received, into scratch) landed: place it on
+        the first place stream; the event marks the end. None: no chunk came ahead."""
+        if self._lead is None:
+            return None
+        streams, parts = prepared.streams, prepared.parts
+        landed, self._lead = self._lead.landed, None
+        streams[0].wait_event(landed)
+        with torch.cuda.stream(streams[0]):
+            prepared.lead_plan.run(parts[0], None if total == 1 else self.pack_programs)
+        lead_placed = torch.cuda.Event()
+        lead_placed.record(streams[0])
+        return lead_placed
+
+    def _checksum_landed(self, receiving: _Receiving, chunk: Chunk) -> None:
+        """Once the chunk landed, fold it into the checksum on a side stream."""
+        prepared, count = receiving.prepared, receiving.num_buffers
+        landed = torch.cuda.Event()
+        landed.record(self._group.stream)
+        stream = prepared.streams[chunk.number % count]
+        stream.wait_event(landed)
+        last = chunk.number == len(receiving.chunks) - 1  # nothing left to share with: full speed
+        with torch.cuda.stream(stream):
+            prepared.plans[chunk.number].run(prepared.parts[chunk.number % count], None if last else self.pack_programs)
+
+    def _receive_direct(self, receiving: _Receiving) -> None:
+        """Each chunk's pieces straight where they belong (one NCCL group per chunk)."""
+        group, first = self._group, receiving.first
+        if not first:
+            self._trace.mark("first piece starts", group.stream)
+        # each chunk's landing pieces
+        for chunk, views in zip(receiving.chunks[first:], receiving.prepared.pieces[first:], strict=True):
+            group.broadcast_pieces(views)
+            mark(f"chunk {chunk.number} called")
+            if receiving.verify:
+                self._checksum_landed(receiving, chunk)
+        self._trace.mark("last piece landed", group.stream)
+
+    def _receive_flat(self, receiving: _Receiving, target: torch.Tensor) -> None:
+        """Each chunk in place into the flat target, laid out as the stream."""
+        group = self._group
+        for chunk in receiving.chunks[receiving.first:]:
+            group.broadcast_on_stream(target[chunk.start : chunk.stop])
+            mark(f"chunk {chunk.number} called")
+            if receiving.verify:
+                self._checksum_landed(receiving, chunk)
+
+    def _receive_packed(self, receiving: _Receiving, lead_placed: torch.cuda.Event | None) -> None:
+        """Each chunk into staging buffer `number % count`, unpacked (and checksummed) on that
+        buffer's place stream; a buffer is received into again only once it was unpacked."""
+        group, count, first, prepared = self._group, receiving.num_buffers, receiving.first, receiving.prepared
+        streams, parts, buffers = prepared.streams, prepared.parts, prepared.buffers
+        placed: list[torch.cuda.Event | None] = [None] * count
+        placed[0] = lead_placed  # a packed lead chunk sits in buffer 0
+        for chunk, plan in zip(receiving.chunks[first:], prepared.plans[first:], strict=True):
+            b = chunk.number % count
+            if placed[b] is not None:
+                group.stream.wait_event(placed[b])  # buffer b is free once unpacked
+            group.broadcast_on_stream(buffers[b][: chunk.nbytes])
             landed = torch.cuda.Event()
             landed.record(group.stream)
-            stream = streams[chunk.number % count]
-            stream.wait_event(landed)
-            last = chunk.number == len(chunks) - 1  # nothing left to share with: full speed
-            with torch.cuda.stream(stream):
-                plans[chunk.number].run(parts[chunk.number % count], None if last else self.pack_programs)
-
-        if header.direct:
-            if not first:
-                self._trace.mark("first piece starts", group.stream)
-            # each chunk's landing pieces
-            for chunk, views in zip(chunks[first:], prepared.pieces[first:], strict=True):
-                group.broadcast_pieces(views)
-                mark(f"chunk {chunk.number} called")
-                if verify:
-                    checksum_landed(chunk)
-            self._trace.mark("last piece landed", group.stream)
-        elif target is not None:
-            for chunk in chunks[first:]:
-                group.broadcast_on_stream(target[chunk.start : chunk.stop])
-                mark(f"chunk {chunk.number} called")
-                if verify:
-                    checksum_landed(chunk)
-        else:
-            buffers = prepared.buffers
-            placed: list[torch.cuda.Event | None] = [None] * count
-            placed[0] = lead_placed  # a packed lead chunk sits in buffer 0
-            for chunk, plan in zip(chunks[first:], plans[first:], strict=True):
-                b = chunk.number % count
-                if placed[b] is not None:
-                    group.stream.wait_event(placed[b])  # buffer b is free once unpacked
-                group.broadcast_on_stream(buffers[b][: chunk.nbytes])
-                landed = torch.cuda.Event()
-                landed.record(group.stream)
-                streams[b].wait_event(landed)
-                last = chunk.number == len(chunks) - 1
-                with torch.cuda.stream(streams[b]):
-                    plan.run(parts[b], None if last else self.pack_programs)
-                placed[b] = torch.cuda.Event()
-                placed[b].record(streams[b])
-        join(device, group, streams, parts, digest)
-        self._trace.mark("checksums done", torch.cuda.current_stream(device))
+            streams[b].wait_event(landed)
+            last = chunk.number == len(receiving.chunks) - 1
+            with torch.cuda.stream(streams[b]):
+                plan.run(parts[b], None if last else self.pack_programs)
+            placed[b] = torch.cuda.Event()
+            placed[b].record(streams[b])
 
     def close(self) -> None:
         for stream in self._streams.all():
