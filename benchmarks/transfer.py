@@ -34,7 +34,9 @@ import sys
 import time
 import traceback
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 for extra in (REPO, REPO / "daemon", REPO / "operator", REPO / "benchmarks"):
@@ -673,136 +675,171 @@ def collect(h: Harness, section: str, method: str, ranks: list[int], args) -> di
             "engine_ms": statistics.median(engine) if engine else None, "diag": diag}
 
 
-def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
-    lines = []
-    gb = nbytes / 1e9
+@dataclass
+class _Table:
+    """The printed table as it is built: its lines, the set's size in GB (for the GB/s column),
+    the results the targets read (`targets`), and the diagnosis lines printed after it."""
 
-    def row(section, label, res, limit_ms, extra=""):
+    gb: float
+    lines: list[str] = field(default_factory=list)
+    results: dict = field(default_factory=dict)
+    diags: list[str] = field(default_factory=list)
+
+    def row(self, section: str, label: str, res: dict | None, limit_ms: float | None, extra: str = "") -> None:
+        """One measured path: its median, throughput, ratio to the run's limit, bit-exactness and
+        the receiver's extra memory; `not run` when it has no results."""
         if res is None:
-            lines.append(f"{section:<6} {label:<52} {'not run':>9}")
+            self.lines.append(f"{section:<6} {label:<52} {'not run':>9}")
             return
         ratio = res["ms"] / limit_ms if limit_ms else float("nan")
         mem = f"{res['mem'] / GiB:6.2f}" if res["mem"] else "     -"
         if res.get("receive_ms") is not None and not extra:
             extra = f"(receive() alone {res['receive_ms']:.2f} ms)"
-        lines.append(f"{section:<6} {label:<52} {res['ms']:9.2f} {gb / res['ms'] * 1e3:8.1f} {ratio:8.3f}x "
-                     f"{'yes' if res['ok'] else 'NO':>9} {mem:>9} {extra}")
+        self.lines.append(f"{section:<6} {label:<52} {res['ms']:9.2f} {self.gb / res['ms'] * 1e3:8.1f} {ratio:8.3f}x "
+                          f"{'yes' if res['ok'] else 'NO':>9} {mem:>9} {extra}")
 
+
+def table(h: Harness, args, gpus: int, nbytes: int, count: int) -> str:
+    t = _Table(nbytes / 1e9)
     head = (f"{'':<6} {'path':<52} {'ms':>9} {'GB/s':>8} {'vs limit':>9} {'bit-exact':>9} {'recv GiB':>9}")
-    lines += [head, "-" * len(head)]
-    receivers = list(range(gpus))
-    results = {}
-    diags: list[str] = []
+    t.lines += [head, "-" * len(head)]
     if 2 in args.fanout and gpus >= 2:
-        flat = collect(h, "nccl2", "flat", receivers[:2], args)
-        results["flat"] = flat
-        base = flat["ms"] if flat else None
-        row("nccl", "flat broadcast of the same bytes (limit)", flat, base)
-        vllm = collect(h, "nccl2", "vllm", receivers[:2], args) if "vllm" in args.sections else None
-        results["vllm"] = vllm
-        row("nccl", "vLLM packed algorithm (baseline)", vllm, base)
-        ws = collect(h, "nccl2", "ws", receivers[:2], args)
-        results["ws"] = ws
-        row("nccl", "weightsync round, engine API", ws, base,
-            f"{vllm['ms'] / ws['ms']:.2f}x faster than vLLM" if ws and vllm else "")
-        row("nccl", "weightsync round, engine API, checksum off",
-            collect(h, "nccl2", "ws_nosum", receivers[:2], args), base)
-        row("nccl", "weightsync round, packed (as for non-contiguous tensors)",
-            collect(h, "nccl2", "ws_packed", receivers[:2], args), base)
-        if "diag" in args.sections:
-            row("nccl", "(diag) flat buffer in the round's chunks, no packing",
-                collect(h, "nccl2", "chunks_flat", receivers[:2], args), base)
-            row("nccl", "(diag) weightsync round, one program per block",
-                collect(h, "nccl2", "ws_pack_full", receivers[:2], args), base)
-            row("nccl", "(diag) weightsync round, packing on 128 programs",
-                collect(h, "nccl2", "ws_pack128", receivers[:2], args), base)
-            row("nccl", "(diag) weightsync round, chunks not ramped",
-                collect(h, "nccl2", "ws_noramp", receivers[:2], args), base)
-            row("nccl", "(diag) weightsync round, blocking communicator",
-                collect(h, "nccl2", "ws_blocking", receivers[:2], args), base)
-            row("nccl", "(diag) weightsync round, control steps over NCCL",
-                collect(h, "nccl2", "ws_nccl_control", receivers[:2], args), base)
-            for name in ("ws", "ws_nosum", "ws_noramp", "ws_blocking", "ws_nccl_control"):
-                res = collect(h, "nccl2", name, receivers[:2], args)
-                if res:
-                    phases = {k: v for k, v in res["diag"].items() if not str(k).startswith("trace")}
-                    diags.append(f"  nccl {name}: last rep phases ms (trainer, receiver): {phases}")
-                    if name == "ws":
-                        for k in ("trace0", "trace1"):
-                            diags.append(f"  nccl ws {k} (step, ms since the start): {res['diag'].get(k)}")
-        if "loader" in args.sections:
-            loader = collect(h, "nccl2", "ws_loader", receivers[:2], args)
-            results["nccl_loader"] = loader
-            row("nccl", "weightsync round into a vLLM-shaped loader", loader, base,
-                f"{loader['ms'] / ws['ms']:.3f}x the round above; staging "
-                f"{args.loader_buffer_size / GiB:g} GiB x {args.loader_buffers}" if loader and ws else "")
-        if "http" in args.sections:
-            http = collect(h, "http", "ws_http", [0, 1], args)
-            results["http"] = http
-            row("nccl", "weightsync round via daemon HTTP (update step)", http, base)
+        _nccl_rows(t, h, args)
     if "ipc" in args.sections:
-        limit = collect(h, "ipc", "limit", [1], args)
-        results["ipc_limit"] = limit
-        base = limit["ms"] if limit else None
-        row("ipc", "one device-to-device copy of the set (limit)", limit, base)
-        row("ipc", "vLLM: per-tensor handles opened every round + copy", collect(h, "ipc", "vllm", [1], args), base)
-        row("ipc", "weightsync first round (opens the handles)", collect(h, "ipc", "ws_first", [1], args), base)
-        rep_ = collect(h, "ipc", "ws", [1], args)
-        results["ipc"] = _engine(rep_)
-        row("ipc", "weightsync repeat round, engine API (send + receive)", _engine(rep_), base)
-        row("ipc", "weightsync repeat round, engine API, checksum off",
-            _engine(collect(h, "ipc", "ws_nosum", [1], args)), base)
-        row("ipc", "weightsync repeat round, engine API, every byte checksummed",
-            _engine(collect(h, "ipc", "ws_full", [1], args)), base)
-        row("ipc", "weightsync repeat round incl. the harness relay", rep_, base)
-        if "loader" in args.sections:
-            loader = _engine(collect(h, "ipc", "ws_loader", [1], args))
-            results["ipc_loader"] = loader
-            row("ipc", "weightsync round into a vLLM-shaped loader (send + receive)", loader, base,
-                f"{loader['ms'] / results['ipc']['ms']:.3f}x the repeat round" if loader and results["ipc"] else "")
+        _ipc_rows(t, h, args)
     if "p2p" in args.sections and gpus >= 2:
-        limit = collect(h, "p2p", "limit", [1], args)
-        results["p2p_limit"] = limit
-        base = limit["ms"] if limit else None
-        row("p2p", "one peer copy of the same bytes (limit)", limit, base)
-        ws = collect(h, "p2p", "ws", [1], args)
-        results["p2p"] = _engine(ws)
-        flat = results.get("flat")
-        row("p2p", "weightsync round, engine API (send + receive)", _engine(ws), base,
-            f"{_engine(ws)['ms'] / flat['ms']:.3f}x the flat NCCL broadcast" if ws and flat else "")
-        row("p2p", "weightsync round, engine API, checksum off",
-            _engine(collect(h, "p2p", "ws_nosum", [1], args)), base)
-        if "loader" in args.sections:
-            loader = _engine(collect(h, "p2p", "ws_loader", [1], args))
-            results["p2p_loader"] = loader
-            row("p2p", "weightsync round into a vLLM-shaped loader (send + receive)", loader, base,
-                f"{loader['ms'] / results['p2p']['ms']:.3f}x the round above" if loader and results["p2p"] else "")
-        row("p2p", "weightsync round incl. the harness relay", ws, base)
-        row("p2p", "weightsync first round (opens the handles)", collect(h, "p2p", "ws_first", [1], args), base)
-    lines.append("")
-    lines.append(f"fan-out: one trainer GPU -> N-1 receiver GPUs (lent here: {gpus} GPUs)")
-    lines.append(f"{'N':>3} {'flat bcast ms':>14} {'weightsync ms':>14} {'ratio':>7} {'growth from N=2':>16}")
+        _p2p_rows(t, h, args)
+    t.lines.append("")
+    _fanout_lines(t, h, args, gpus)
+    t.lines.append("")
+    t.lines.append(targets(t.results, args))
+    if "diag" in args.sections and h.store.check(["diag/kernel"]):
+        t.diags.append(f"  ipc copy kernel ms: {h.get('diag/kernel')}")
+    if t.diags:
+        t.lines += ["", "diagnosis:", *t.diags]
+    return "\n".join(t.lines)
+
+
+def _nccl_rows(t: _Table, h: Harness, args) -> None:
+    """The nccl rows (one trainer GPU, one receiver GPU): the flat broadcast is the limit."""
+    pair = [0, 1]
+    flat = collect(h, "nccl2", "flat", pair, args)
+    t.results["flat"] = flat
+    base = flat["ms"] if flat else None
+    t.row("nccl", "flat broadcast of the same bytes (limit)", flat, base)
+    vllm = collect(h, "nccl2", "vllm", pair, args) if "vllm" in args.sections else None
+    t.results["vllm"] = vllm
+    t.row("nccl", "vLLM packed algorithm (baseline)", vllm, base)
+    ws = collect(h, "nccl2", "ws", pair, args)
+    t.results["ws"] = ws
+    t.row("nccl", "weightsync round, engine API", ws, base,
+          f"{vllm['ms'] / ws['ms']:.2f}x faster than vLLM" if ws and vllm else "")
+    t.row("nccl", "weightsync round, engine API, checksum off", collect(h, "nccl2", "ws_nosum", pair, args), base)
+    t.row("nccl", "weightsync round, packed (as for non-contiguous tensors)",
+          collect(h, "nccl2", "ws_packed", pair, args), base)
+    if "diag" in args.sections:
+        _nccl_diag_rows(t, h, args, base)
+    if "loader" in args.sections:
+        loader = collect(h, "nccl2", "ws_loader", pair, args)
+        t.results["nccl_loader"] = loader
+        t.row("nccl", "weightsync round into a vLLM-shaped loader", loader, base,
+              f"{loader['ms'] / ws['ms']:.3f}x the round above; staging "
+              f"{args.loader_buffer_size / GiB:g} GiB x {args.loader_buffers}" if loader and ws else "")
+    if "http" in args.sections:
+        http = collect(h, "http", "ws_http", pair, args)
+        t.results["http"] = http
+        t.row("nccl", "weightsync round via daemon HTTP (update step)", http, base)
+
+
+# The nccl diagnosis rows: the method, and what it changes.
+_NCCL_DIAG_ROWS = (
+    ("chunks_flat", "(diag) flat buffer in the round's chunks, no packing"),
+    ("ws_pack_full", "(diag) weightsync round, one program per block"),
+    ("ws_pack128", "(diag) weightsync round, packing on 128 programs"),
+    ("ws_noramp", "(diag) weightsync round, chunks not ramped"),
+    ("ws_blocking", "(diag) weightsync round, blocking communicator"),
+    ("ws_nccl_control", "(diag) weightsync round, control steps over NCCL"),
+)
+
+
+def _nccl_diag_rows(t: _Table, h: Harness, args, base: float | None) -> None:
+    """(diag) The nccl variants' rows, then each round's phases (and the default round's step
+    trace) for the diagnosis."""
+    for method, label in _NCCL_DIAG_ROWS:
+        t.row("nccl", label, collect(h, "nccl2", method, [0, 1], args), base)
+    for name in ("ws", "ws_nosum", "ws_noramp", "ws_blocking", "ws_nccl_control"):
+        res = collect(h, "nccl2", name, [0, 1], args)
+        if not res:
+            continue
+        phases = {k: v for k, v in res["diag"].items() if not str(k).startswith("trace")}
+        t.diags.append(f"  nccl {name}: last rep phases ms (trainer, receiver): {phases}")
+        if name == "ws":
+            for k in ("trace0", "trace1"):
+                t.diags.append(f"  nccl ws {k} (step, ms since the start): {res['diag'].get(k)}")
+
+
+def _ipc_rows(t: _Table, h: Harness, args) -> None:
+    """The ipc rows (trainer and receiver on one GPU): one device copy of the set is the limit."""
+    limit = collect(h, "ipc", "limit", [1], args)
+    t.results["ipc_limit"] = limit
+    base = limit["ms"] if limit else None
+    t.row("ipc", "one device-to-device copy of the set (limit)", limit, base)
+    t.row("ipc", "vLLM: per-tensor handles opened every round + copy", collect(h, "ipc", "vllm", [1], args), base)
+    t.row("ipc", "weightsync first round (opens the handles)", collect(h, "ipc", "ws_first", [1], args), base)
+    rep_ = collect(h, "ipc", "ws", [1], args)
+    t.results["ipc"] = _engine(rep_)
+    t.row("ipc", "weightsync repeat round, engine API (send + receive)", _engine(rep_), base)
+    t.row("ipc", "weightsync repeat round, engine API, checksum off",
+          _engine(collect(h, "ipc", "ws_nosum", [1], args)), base)
+    t.row("ipc", "weightsync repeat round, engine API, every byte checksummed",
+          _engine(collect(h, "ipc", "ws_full", [1], args)), base)
+    t.row("ipc", "weightsync repeat round incl. the harness relay", rep_, base)
+    if "loader" in args.sections:
+        loader = _engine(collect(h, "ipc", "ws_loader", [1], args))
+        t.results["ipc_loader"] = loader
+        t.row("ipc", "weightsync round into a vLLM-shaped loader (send + receive)", loader, base,
+              f"{loader['ms'] / t.results['ipc']['ms']:.3f}x the repeat round" if loader and t.results["ipc"] else "")
+
+
+def _p2p_rows(t: _Table, h: Harness, args) -> None:
+    """The p2p rows (trainer and receiver on two GPUs): one peer copy of the set is the limit."""
+    limit = collect(h, "p2p", "limit", [1], args)
+    t.results["p2p_limit"] = limit
+    base = limit["ms"] if limit else None
+    t.row("p2p", "one peer copy of the same bytes (limit)", limit, base)
+    ws = collect(h, "p2p", "ws", [1], args)
+    t.results["p2p"] = _engine(ws)
+    flat = t.results.get("flat")
+    t.row("p2p", "weightsync round, engine API (send + receive)", _engine(ws), base,
+          f"{_engine(ws)['ms'] / flat['ms']:.3f}x the flat NCCL broadcast" if ws and flat else "")
+    t.row("p2p", "weightsync round, engine API, checksum off", _engine(collect(h, "p2p", "ws_nosum", [1], args)), base)
+    if "loader" in args.sections:
+        loader = _engine(collect(h, "p2p", "ws_loader", [1], args))
+        t.results["p2p_loader"] = loader
+        t.row("p2p", "weightsync round into a vLLM-shaped loader (send + receive)", loader, base,
+              f"{loader['ms'] / t.results['p2p']['ms']:.3f}x the round above" if loader and t.results["p2p"] else "")
+    t.row("p2p", "weightsync round incl. the harness relay", ws, base)
+    t.row("p2p", "weightsync first round (opens the handles)", collect(h, "p2p", "ws_first", [1], args), base)
+
+
+def _fanout_lines(t: _Table, h: Harness, args, gpus: int) -> None:
+    """The fan-out table: one trainer GPU to N-1 receivers, weightsync against the flat broadcast."""
+    t.lines.append(f"fan-out: one trainer GPU -> N-1 receiver GPUs (lent here: {gpus} GPUs)")
+    t.lines.append(f"{'N':>3} {'flat bcast ms':>14} {'weightsync ms':>14} {'ratio':>7} {'growth from N=2':>16}")
     first = None
     for n in args.fanout:
         if n > gpus:
-            lines.append(f"{n:>3} {'not run: needs ' + str(n) + ' GPUs':>38}")
+            t.lines.append(f"{n:>3} {'not run: needs ' + str(n) + ' GPUs':>38}")
             continue
         flat = collect(h, f"nccl{n}", "flat", list(range(n)), args)
         ws = collect(h, f"nccl{n}", "ws", list(range(n)), args)
         if not flat or not ws:
-            lines.append(f"{n:>3} {'not run':>14}")
+            t.lines.append(f"{n:>3} {'not run':>14}")
             continue
         first = first or ws["ms"]
         ok = "" if flat["ok"] and ws["ok"] else "  NOT bit-exact"
-        lines.append(f"{n:>3} {flat['ms']:14.2f} {ws['ms']:14.2f} {ws['ms'] / flat['ms']:7.3f} "
-                     f"{(ws['ms'] / first - 1) * 100:15.1f}%{ok}")
-    lines.append("")
-    lines.append(targets(results, args))
-    if "diag" in args.sections and h.store.check(["diag/kernel"]):
-        diags.append(f"  ipc copy kernel ms: {h.get('diag/kernel')}")
-    if diags:
-        lines += ["", "diagnosis:", *diags]
-    return "\n".join(lines)
+        t.lines.append(f"{n:>3} {flat['ms']:14.2f} {ws['ms']:14.2f} {ws['ms'] / flat['ms']:7.3f} "
+                       f"{(ws['ms'] / first - 1) * 100:15.1f}%{ok}")
 
 
 def _engine(res: dict | None) -> dict | None:
@@ -813,33 +850,39 @@ def _engine(res: dict | None) -> dict | None:
     return {**res, "ms": res["engine_ms"], "receive_ms": res["receive_ms"]}
 
 
+class _Target(NamedTuple):
+    """A target the run is held to: `result`'s median over `baseline`'s at most `limit`."""
+
+    name: str
+    result: str
+    baseline: str
+    limit: float
+
+
+_TARGETS = (
+    _Target("nccl round / flat broadcast", "ws", "flat", 1.03),
+    _Target("nccl round / vLLM algorithm", "ws", "vllm", 1.0),
+    _Target("ipc repeat round / one device copy", "ipc", "ipc_limit", 1.15),
+    _Target("p2p round / one peer copy", "p2p", "p2p_limit", 1.05),
+    _Target("nccl loader round / direct round", "nccl_loader", "ws", 1.05),
+    _Target("p2p loader round / direct round", "p2p_loader", "p2p", 1.05),
+    _Target("ipc loader round / one device copy", "ipc_loader", "ipc_limit", 1.3),
+)
+
+
+def _verdict(name: str, value: float, limit: float) -> str:
+    mark = "met" if value <= limit else f"MISSED by {(value / limit - 1) * 100:.1f}%"
+    return f"  {name}: {value:.3f} (target <= {limit}) {mark}"
+
+
 def targets(r: dict, args) -> str:
     out = ["targets:"]
-
-    def verdict(name, value, limit, detail=""):
-        if value is None:
-            out.append(f"  {name}: not measured")
-            return
-        mark = "met" if value <= limit else f"MISSED by {(value / limit - 1) * 100:.1f}%"
-        out.append(f"  {name}: {value:.3f} (target <= {limit}) {mark}{detail}")
-
-    if r.get("ws") and r.get("flat"):
-        verdict("nccl round / flat broadcast", r["ws"]["ms"] / r["flat"]["ms"], 1.03)
-    if r.get("ws") and r.get("vllm"):
-        verdict("nccl round / vLLM algorithm", r["ws"]["ms"] / r["vllm"]["ms"], 1.0)
-    if r.get("ipc") and r.get("ipc_limit"):
-        verdict("ipc repeat round / one device copy", r["ipc"]["ms"] / r["ipc_limit"]["ms"], 1.15)
-    if r.get("p2p") and r.get("p2p_limit"):
-        verdict("p2p round / one peer copy", r["p2p"]["ms"] / r["p2p_limit"]["ms"], 1.05)
-    if r.get("nccl_loader") and r.get("ws"):
-        verdict("nccl loader round / direct round", r["nccl_loader"]["ms"] / r["ws"]["ms"], 1.05)
-    if r.get("p2p_loader") and r.get("p2p"):
-        verdict("p2p loader round / direct round", r["p2p_loader"]["ms"] / r["p2p"]["ms"], 1.05)
-    if r.get("ipc_loader") and r.get("ipc_limit"):
-        verdict("ipc loader round / one device copy", r["ipc_loader"]["ms"] / r["ipc_limit"]["ms"], 1.3)
+    for target in _TARGETS:
+        if r.get(target.result) and r.get(target.baseline):
+            out.append(_verdict(target.name, r[target.result]["ms"] / r[target.baseline]["ms"], target.limit))
     mems = [v["mem"] for k, v in r.items() if v and k in ("ws", "p2p", "ipc")]
     if mems:
-        verdict("receiver extra GPU memory / buffer size", max(mems) / args.buffer_size, 2.0)
+        out.append(_verdict("receiver extra GPU memory / buffer size", max(mems) / args.buffer_size, 2.0))
     everything = [v for v in r.values() if v]
     out.append(f"  every result bit-exact: {'yes' if all(v['ok'] for v in everything) else 'NO'}")
     return "\n".join(out)
