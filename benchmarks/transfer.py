@@ -930,38 +930,54 @@ def coordinate(args) -> int:
     args.gpus = gpus
     port = free_port()
     h = Harness(port, None, args)
+    _share_ports(h, args)
+    roles = ["trainer"] + [f"recv{k}" for k in range(1, gpus)] + ["ipc"]
+    argv = _worker_argv(args, port, gpus)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    workers = {role: subprocess.Popen(argv + ["--worker", role], env=env) for role in roles}
+    failed = _supervise(workers, h, args, gpus)
+    from weightsync.protocol import Manifest, TensorSpec
+
+    shapes = qwen2_shapes(args.scale)
+    manifest = Manifest(tensors=tuple(TensorSpec(name=n, dtype="bfloat16", shape=s) for n, s in shapes))
+    print(_title(args, gpus, len(shapes), manifest.nbytes))
+    print(table(h, args, gpus, manifest.nbytes, len(shapes)))
+    if failed:
+        print(f"\nINCOMPLETE: {failed}")
+    return 1 if failed else 0
+
+
+def _share_ports(h: Harness, args) -> None:
+    """A rendezvous port for every group the workers join: each nccl fan-out and option set, and
+    ipc's and p2p's groups (default, full checksum, loader)."""
     for n in args.fanout:
         for setup in ("default", *NCCL_METHOD_OPTIONS):
             h.put(f"port/nccl{n}/{setup}", free_port())
     for backend in ("p2p", "ipc"):
         for suffix in ("", "/full", "/loader"):
             h.put(f"port/{backend}{suffix}", free_port())
-    roles = ["trainer"] + [f"recv{k}" for k in range(1, gpus)] + ["ipc"]
-    argv = [sys.executable, str(Path(__file__).resolve()), "--port", str(port), "--gpus", str(gpus),
+
+
+def _worker_argv(args, port: int, gpus: int) -> list[str]:
+    """This script's command line for a worker (its role appended), with this run's settings."""
+    return [sys.executable, str(Path(__file__).resolve()), "--port", str(port), "--gpus", str(gpus),
             "--fanout", ",".join(map(str, args.fanout)), "--reps", str(args.reps), "--warmup", str(args.warmup),
             "--buffer-size", str(args.buffer_size), "--buffers", str(args.buffers), "--scale", str(args.scale),
             "--loader-buffer-size", str(args.loader_buffer_size), "--loader-buffers", str(args.loader_buffers),
             "--sections", ",".join(sorted(args.sections))]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    workers = {role: subprocess.Popen(argv + ["--worker", role], env=env) for role in roles}
+
+
+def _supervise(workers: dict[str, subprocess.Popen], h: Harness, args, gpus: int) -> str | None:
+    """Drive the HTTP section (once both its servers are up), then wait for every worker to end;
+    why the run failed (printed as it happens), None if it did not. Workers still running then
+    are killed, so that the table prints what was measured."""
     began = time.monotonic()
     failed = None
     try:
         if "http" in args.sections and gpus >= 2:
-            wait_for = ["http/url/trainer", "http/url/recv1"]
-            while not h.store.check(wait_for):
-                failed = _dead(workers, h)
-                if failed:
-                    raise RuntimeError(failed)
-                time.sleep(0.2)
+            _wait(workers, h, lambda: not h.store.check(["http/url/trainer", "http/url/recv1"]))
             drive_http(h, args)
-        while any(w.poll() is None for w in workers.values()):
-            failed = _dead(workers, h)
-            if failed:
-                raise RuntimeError(failed)
-            if time.monotonic() - began > 3 * 3600:
-                raise RuntimeError("the benchmark ran for 3 hours")
-            time.sleep(0.2)
+        _wait(workers, h, lambda: any(w.poll() is None for w in workers.values()), began)
         failed = _dead(workers, h)
         if failed:
             raise RuntimeError(failed)
@@ -972,22 +988,30 @@ def coordinate(args) -> int:
         for w in workers.values():
             if w.poll() is None:
                 w.kill()
-    from weightsync.protocol import Manifest, TensorSpec
+    return failed
 
-    shapes = qwen2_shapes(args.scale)
-    manifest = Manifest(tensors=tuple(TensorSpec(name=n, dtype="bfloat16", shape=s) for n, s in shapes))
+
+def _wait(workers: dict[str, subprocess.Popen], h: Harness, waiting, began: float | None = None) -> None:
+    """Poll while `waiting()`; RuntimeError once a worker died (or, from `began`, after 3 hours)."""
+    while waiting():
+        failed = _dead(workers, h)
+        if failed:
+            raise RuntimeError(failed)
+        if began is not None and time.monotonic() - began > 3 * 3600:
+            raise RuntimeError("the benchmark ran for 3 hours")
+        time.sleep(0.2)
+
+
+def _title(args, gpus: int, count: int, nbytes: int) -> str:
+    """The run's heading: the set, the GPUs, torch and NCCL, the buffers and repetitions."""
     name = torch.cuda.get_device_name(0)
     from weightsync.transports.nccl_lib import version as nccl_version
 
     v = nccl_version()
-    print(f"\nweightsync transfer benchmark: Qwen2-7B-shaped bf16 set, {len(shapes)} tensors, "
-          f"{manifest.nbytes / 1e9:.2f} GB; {gpus} x {name}; torch {torch.__version__}, NCCL "
-          f"{v // 10000}.{v // 100 % 100}.{v % 100}; buffer {args.buffer_size / GiB:g} GiB x {args.buffers}; "
-          f"median of {args.reps} after {args.warmup} warm-up")
-    print(table(h, args, gpus, manifest.nbytes, len(shapes)))
-    if failed:
-        print(f"\nINCOMPLETE: {failed}")
-    return 1 if failed else 0
+    return (f"\nweightsync transfer benchmark: Qwen2-7B-shaped bf16 set, {count} tensors, "
+            f"{nbytes / 1e9:.2f} GB; {gpus} x {name}; torch {torch.__version__}, NCCL "
+            f"{v // 10000}.{v // 100 % 100}.{v % 100}; buffer {args.buffer_size / GiB:g} GiB x {args.buffers}; "
+            f"median of {args.reps} after {args.warmup} warm-up")
 
 
 def _dead(workers, h) -> str | None:
