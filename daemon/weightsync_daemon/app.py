@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,7 +47,7 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def _error_response(status: int, message: str, field: str | None = None,
-                    headers: dict[str, str] | None = None) -> JSONResponse:
+                    headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, content=error_body(message, field), headers=headers)
 
 
@@ -76,6 +76,10 @@ def _request_body(model: type[BaseModel], required: bool) -> dict[str, Any]:
     return {"requestBody": {"required": required, "content": {"application/json": {"schema": schema}}}}
 
 
+@overload
+async def _body(request: Request, model: type[M], required: Literal[True] = True) -> M: ...
+@overload
+async def _body(request: Request, model: type[M], required: bool) -> M | None: ...
 async def _body(request: Request, model: type[M], required: bool = True) -> M | None:
     """The request's body validated as `model` by the app's `BodyParser` (off the event loop when
     large); None for an absent body where it is optional. ProtocolError (422) names the field."""
@@ -381,9 +385,10 @@ def create_app(service: EngineService, extra_routers: list[APIRouter] | None = N
     app.state.auth = auth
     app.add_middleware(RequestGuard, auth=auth, max_body_bytes=max_body_bytes,
                        body_timeout_seconds=body_timeout_seconds)
-    app.add_exception_handler(RequestValidationError, _invalid)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(PauseFailed, _pause_failed)
+    # Starlette types a handler as taking any Exception; it calls each with the class registered.
+    app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(PauseFailed, _pause_failed)  # type: ignore[arg-type]
     for kind, status in _STATUS.items():
         app.add_exception_handler(kind, _status_handler(status))
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]

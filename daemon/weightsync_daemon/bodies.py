@@ -34,7 +34,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO, TypeVar
+from typing import IO, Any, BinaryIO, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 
@@ -118,7 +118,7 @@ class BodyParser:
     def __init__(self, small_body_bytes: int = SMALL_BODY_BYTES):
         self.small_body_bytes = small_body_bytes
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="weightsync-bodies")
-        self._child: subprocess.Popen | None = None
+        self._child: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._release: asyncio.TimerHandle | None = None
 
@@ -136,20 +136,20 @@ class BodyParser:
             self._release = loop.call_later(RELEASE_DELAY_SECONDS, release_free_memory)
         if isinstance(result, Invalid):
             raise result.error()
-        return result
+        return cast(M, result)  # validated or assembled as MODELS[model.__name__], that is `model`
 
     def _in_child(self, model_name: str, raw: bytes) -> BaseModel | Invalid:
         with self._lock:
             try:
                 child = self._started()
-                _write_request(child.stdin, model_name.encode(), raw)
+                _write_request(_pipe(child.stdin), model_name.encode(), raw)
                 return _read_answer(child, model_name, PARSE_TIMEOUT_SECONDS)
             except (OSError, EOFError, ValueError) as error:
                 log.warning("the body parser process failed (%s); validating this body on a thread", error)
                 self._stop_child()
                 return validate(model_name, raw)
 
-    def _started(self) -> subprocess.Popen:
+    def _started(self) -> subprocess.Popen[bytes]:
         if self._child is None or self._child.poll() is not None:
             # The marker key of a sliced list is secret to this pair: no body can forge one.
             self._marker = secrets.token_hex(16)
@@ -162,7 +162,7 @@ class BodyParser:
         if child is None:
             return
         try:
-            child.stdin.close()
+            _pipe(child.stdin).close()
             child.wait(timeout=2)
         except (OSError, subprocess.TimeoutExpired):
             child.kill()
@@ -183,21 +183,28 @@ def release_free_memory() -> None:
         pass
 
 
-def _write_request(stream: BinaryIO, name: bytes, raw: bytes) -> None:
+def _write_request(stream: IO[bytes], name: bytes, raw: bytes) -> None:
     stream.write(_HEADER.pack(len(name), len(raw)))
     stream.write(name)
     stream.write(raw)
     stream.flush()
 
 
-def _read_exactly(stream: BinaryIO, size: int) -> bytes:
+def _read_exactly(stream: IO[bytes], size: int) -> bytes:
     data = stream.read(size)
     if data is None or len(data) != size:
         raise EOFError("the body parser process ended")
     return data
 
 
-def _read_frame(stream: BinaryIO) -> Any:
+def _pipe(stream: IO[bytes] | None) -> IO[bytes]:
+    """A pipe of the child (it is started with stdin and stdout piped)."""
+    if stream is None:
+        raise OSError("the body parser process has no pipe")
+    return stream
+
+
+def _read_frame(stream: IO[bytes]) -> Any:
     (size,) = _LENGTH.unpack(_read_exactly(stream, _LENGTH.size))
     return json.loads(_read_exactly(stream, size))
 
@@ -268,15 +275,16 @@ def assemble(model_name: str, values: dict[str, Any]) -> BaseModel:
     return MODELS[model_name].model_construct(**values)
 
 
-def _read_answer(child: subprocess.Popen, model_name: str, timeout: float) -> BaseModel | Invalid:
+def _read_answer(child: subprocess.Popen[bytes], model_name: str, timeout: float) -> BaseModel | Invalid:
     """The child's answer to the last request, within `timeout` seconds (else it is killed)."""
     timer = threading.Timer(timeout, child.kill)  # a hung child: its pipe closes, the read ends
     timer.start()
     try:
-        verdict = _read_frame(child.stdout)
+        out = _pipe(child.stdout)
+        verdict = _read_frame(out)
         if "invalid" in verdict:
             return Invalid(**verdict["invalid"])
-        return assemble(model_name, decode_frames(lambda: _read_frame(child.stdout), verdict["marker"]))
+        return assemble(model_name, decode_frames(lambda: _read_frame(out), verdict["marker"]))
     finally:
         timer.cancel()
 

@@ -16,11 +16,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import TYPE_CHECKING
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from weightsync_daemon.auth import BearerAuth
+
+if TYPE_CHECKING:
+    class _UvicornProtocol(asyncio.Protocol):
+        """What the mixin below uses of uvicorn's HTTP protocols (h11's and httptools')."""
+
+        transport: asyncio.Transport
+        loop: asyncio.AbstractEventLoop
+
+        def on_response_complete(self) -> None: ...
+else:
+    _UvicornProtocol = object
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20  # 8 MiB: a manifest of ~80,000 parameters, or an ipc handle list
 DEFAULT_BODY_TIMEOUT_SECONDS = 30.0
@@ -143,7 +155,7 @@ def header_deadline_protocol(seconds: float = DEFAULT_HEADER_TIMEOUT_SECONDS) ->
     return HttpToolsDeadlineProtocol
 
 
-class _HeaderDeadline:
+class _HeaderDeadline(_UvicornProtocol):
     """The headers' timer, for either protocol (it comes before the protocol in the bases):
     armed when a connection opens and after each response, disarmed once a request's headers are
     in (each protocol's own hook); when it fires while the protocol still awaits headers
@@ -152,11 +164,11 @@ class _HeaderDeadline:
     header_seconds: float
     _headers_timer = None
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn's signature
         super().connection_made(transport)
         self._arm_headers()
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_headers()
         super().connection_lost(exc)
 

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
@@ -173,6 +173,18 @@ class EngineService:
                 f"not allowed in phase {self.phase.value}; needs {' or '.join(p.value for p in allowed)}"
                 + (f" (last failure: {self.last_failure})" if self.last_failure else ""))
 
+    def _in_round(self) -> RoundState:
+        """The round in progress (phase updating)."""
+        if self.round is None:
+            raise PhaseError("no round in progress: call /start_weight_update first")
+        return self.round
+
+    def _joined(self) -> Transport:
+        """This party's transport (once initialized)."""
+        if self.transport is None:
+            raise PhaseError("not initialized: call /init_weight_transfer_engine first")
+        return self.transport
+
     def _round_is_stale(self) -> bool:
         if self.round is None or self.init_info is None:
             return False
@@ -237,7 +249,8 @@ class EngineService:
             if gone is not None:
                 watch = asyncio.ensure_future(gone.wait())
                 try:
-                    await asyncio.wait({future, watch}, return_when=asyncio.FIRST_COMPLETED)
+                    waiting: set[asyncio.Future[Any]] = {future, watch}
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     watch.cancel()
                 if not future.done():
@@ -283,7 +296,7 @@ class EngineService:
     async def start(self) -> str:
         try:
             async with self._gate.hold("start_weight_update"):
-                if self.phase == Phase.UPDATING and self._round_is_stale():
+                if self.phase == Phase.UPDATING and self._round_is_stale() and self.init_info is not None:
                     log.warning("abandoning a round with no activity for %ss", self.init_info.timeout_seconds)
                     self._end_round(f"abandoned: no activity for {self.init_info.timeout_seconds}s")
                 self._require(Phase.READY)
@@ -335,8 +348,8 @@ class EngineService:
                 try:
                     with self._timed("update"):
                         stats = await self._in_worker(self._transfer, info)
-                    self.round.stats.append(stats)
-                    self.round.last_activity = time.monotonic()
+                    self._in_round().stats.append(stats)
+                    self._in_round().last_activity = time.monotonic()
                     self._count_bytes(stats)
                 except (ManifestMismatch, TransferError) as error:
                     # The round is over. The weights keep the last finished version, unless part
@@ -399,7 +412,7 @@ class EngineService:
         try:
             async with self._gate.hold("finish_weight_update"):
                 self._require(Phase.UPDATING)
-                if not self.round.stats:
+                if not self._in_round().stats:
                     raise PhaseError("no update landed in this round: finishing it would relabel unchanged "
                                      "weights; send an update, or abort the round")
                 with self._timed("finish"):
@@ -518,7 +531,7 @@ class ReceiverService(EngineService):
         self.metrics.weights_bytes.set(self.store.nbytes)
 
     def _transfer(self, info: UpdateInfo) -> RoundStats:
-        return self.transport.receive(self.store, info)
+        return self._joined().receive(self.store, info)
 
     def _check_body(self, info: UpdateInfo) -> None:
         # vLLM's sparse spelling names each patched parameter's shape: it must be the one held here.
@@ -610,8 +623,8 @@ class SenderService(EngineService):
     def _transfer(self, info: UpdateInfo) -> RoundStats:
         weights = adapt(self.source())  # a vLLM 0.33 WeightSource reads as a weightsync source
         if is_source(weights):  # metadata + iteration: streamed, one tensor materialized at a time
-            return self.transport.send_source(weights)
-        return self.transport.send(weights)
+            return self._joined().send_source(weights)
+        return self._joined().send(weights)
 
     def checksums(self) -> dict[str, str]:
         return {name: tensor_digest(tensor) for name, tensor in self.source()}
