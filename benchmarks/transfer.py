@@ -36,7 +36,7 @@ import traceback
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 for extra in (REPO, REPO / "daemon", REPO / "operator", REPO / "benchmarks"):
@@ -232,6 +232,22 @@ def vllm_ipc_open(records: list[dict], device_index: int) -> list[torch.Tensor]:
             for r in records]
 
 
+@dataclass(frozen=True)
+class _NcclMethod:
+    """One method's repetitions in an nccl section: its group's transport, the InitInfos its
+    rounds run with (as joined, checksum off, the loader's buffers), the tensor the parties
+    gather to start together, and the memory in use before the section (`mem_begin`)."""
+
+    section: str
+    method: str
+    transport: Any
+    init: Any
+    verify_off: Any
+    loader_init: Any
+    tiny: torch.Tensor
+    resident: int
+
+
 # == workers =========================================================================================
 class Worker:
     """One process: builds its tensors, then follows the same script as every other worker."""
@@ -313,8 +329,6 @@ class Worker:
                         packed_num_buffers=self.args.buffers, timeout_seconds=120, **extra)
 
     def nccl_section(self, n: int) -> None:
-        from weightsync.protocol import UpdateInfo
-        from weightsync.transports import get_transport
         from weightsync.transports.collective import trace
 
         rank = self.index if self.role != "ipc" else None
@@ -322,85 +336,103 @@ class Worker:
             return
         section = f"nccl{n}"
         a = self.args
-
-        def join(setup: str):
-            """Every party joins a group of its own for each set of nccl options (they are agreed
-            at init, so a method that needs other options needs another group)."""
-            init = self._init("nccl", n, self.h.get(f"port/{section}/{setup}"), rank,
-                              options=NCCL_METHOD_OPTIONS.get(setup, {}), group_name=f"bench-{section}-{setup}")
-            return init, get_transport("nccl").connect(init, rank, self.device)
-
         resident = mem_begin(self.device)  # the transport's own buffers count as its extra memory
         setup = "default"
-        init, transport = join(setup)
-        group = transport.group
+        init, transport = self._nccl_join(section, n, rank, setup)
         tiny = torch.zeros(8, dtype=torch.uint8, device=self.device)
+        try:
+            for method in self._nccl_methods(n):
+                if NCCL_METHOD_OPTIONS.get(method, {}) != NCCL_METHOD_OPTIONS.get(setup, {}):
+                    transport.close()
+                    setup = method
+                    init, transport = self._nccl_join(section, n, rank, setup)
+                run = _NcclMethod(section, method, transport, init, init.model_copy(update={"verify": False}),
+                                  init.model_copy(update={"packed_buffer_size_bytes": a.loader_buffer_size,
+                                                          "packed_num_buffers": a.loader_buffers}),
+                                  tiny, resident)
+                transport.init = run.loader_init if method == "ws_loader" else init
+                for rep in range(a.warmup + a.reps):
+                    self.next_values(f"{section}/{method}/{rep}")
+                    transport.group.gather_to_host(tiny)  # start together
+                    trace.TRACE = [] if "diag" in a.sections and method.startswith("ws") else None
+                    t_zero = time.monotonic()
+                    if rank == 0:
+                        self._nccl_send(run, rep, t_zero)
+                    else:
+                        self._nccl_receive(run, rep, t_zero)
+        finally:
+            transport.close()
+
+    def _nccl_join(self, section: str, n: int, rank: int, setup: str):
+        """Every party joins a group of its own for each set of nccl options (they are agreed
+        at init, so a method that needs other options needs another group)."""
+        from weightsync.transports import get_transport
+
+        init = self._init("nccl", n, self.h.get(f"port/{section}/{setup}"), rank,
+                          options=NCCL_METHOD_OPTIONS.get(setup, {}), group_name=f"bench-{section}-{setup}")
+        return init, get_transport("nccl").connect(init, rank, self.device)
+
+    def _nccl_methods(self, n: int) -> list[str]:
+        """The section's methods, the default group's first: each group is joined once."""
+        a = self.args
         methods = ["flat", "ws", "ws_nosum", "ws_packed"] + (["vllm"] if "vllm" in a.sections else []) + \
             (["ws_loader"] if "loader" in a.sections and n == 2 else [])
         if n == 2 and "diag" in a.sections:
             methods += ["chunks_flat", "ws_pack_full", "ws_pack128", "ws_noramp", "ws_blocking", "ws_nccl_control"]
-        methods.sort(key=lambda m: m in NCCL_METHOD_OPTIONS)  # the default group's methods first: each group joins once
-        try:
-            for method in methods:
-                if NCCL_METHOD_OPTIONS.get(method, {}) != NCCL_METHOD_OPTIONS.get(setup, {}):
-                    transport.close()
-                    setup = method
-                    init, transport = join(setup)
-                    group = transport.group
-                verify_off = init.model_copy(update={"verify": False})
-                loader_init = init.model_copy(update={"packed_buffer_size_bytes": a.loader_buffer_size,
-                                                      "packed_num_buffers": a.loader_buffers})
-                transport.init = loader_init if method == "ws_loader" else init
-                for rep in range(a.warmup + a.reps):
-                    self.next_values(f"{section}/{method}/{rep}")
-                    group.gather_to_host(tiny)  # start together
-                    trace.TRACE = [] if "diag" in a.sections and method.startswith("ws") else None
-                    t_zero = time.monotonic()
-                    if rank == 0:
-                        began = time.perf_counter()
-                        if method == "flat":
-                            group.broadcast(self.flat).wait()
-                            group.gather_to_host(tiny)
-                        elif method == "chunks_flat":
-                            self._chunked_flat(group, tiny)
-                        elif method == "vllm":
-                            vllm_nccl_send(self.params, group.comm, a.buffer_size, a.buffers)
-                            group.gather_to_host(tiny)
-                        else:
-                            transport.init = verify_off if method == "ws_nosum" else \
-                                loader_init if method == "ws_loader" else init
-                            settled = dict(group.comm.stats)
-                            transport.send(list(zip(self.names, self.params, strict=True)))
-                        ms = (time.perf_counter() - began) * 1e3
-                        diag = _round_diagnosis(transport, group, settled, t_zero) if method.startswith("ws") else {}
-                        self.h.record(section, method, rep, ms=ms, **diag)
-                    else:
-                        before = mem_begin(self.device)
-                        if method in ("flat", "chunks_flat"):
-                            if method == "flat":
-                                group.broadcast(self.flat).wait()
-                                group.gather_to_host(tiny)
-                            else:
-                                self._chunked_flat(group, tiny)
-                            got = [self.flat_store[nm] for nm in self.names]
-                        elif method == "vllm":
-                            vllm_nccl_receive(self.specs, self.mine, group.comm, a.buffer_size, a.buffers, self.device)
-                            group.gather_to_host(tiny)
-                            got = self.mine
-                        elif method == "ws_loader":
-                            settled = dict(group.comm.stats)
-                            transport.receive(self.sink, UpdateInfo())
-                            got = self.loaded
-                        else:
-                            settled = dict(group.comm.stats)
-                            stats = transport.receive(self.store, UpdateInfo())
-                            got = self.mine
-                            assert stats.in_place
-                        extra = mem_extra(self.device, resident if method.startswith("ws") else before)
-                        diag = _round_diagnosis(transport, group, settled, t_zero) if method.startswith("ws") else {}
-                        self.h.record(section, method, rep, ok=self.check(got), mem=extra, **diag)
-        finally:
-            transport.close()
+        methods.sort(key=lambda m: m in NCCL_METHOD_OPTIONS)
+        return methods
+
+    def _nccl_send(self, run: _NcclMethod, rep: int, t_zero: float) -> None:
+        """The trainer's side of one repetition, timed from its start to the trainer's return."""
+        a, group, method = self.args, run.transport.group, run.method
+        began = time.perf_counter()
+        if method == "flat":
+            group.broadcast(self.flat).wait()
+            group.gather_to_host(run.tiny)
+        elif method == "chunks_flat":
+            self._chunked_flat(group, run.tiny)
+        elif method == "vllm":
+            vllm_nccl_send(self.params, group.comm, a.buffer_size, a.buffers)
+            group.gather_to_host(run.tiny)
+        else:
+            run.transport.init = run.verify_off if method == "ws_nosum" else \
+                run.loader_init if method == "ws_loader" else run.init
+            settled = dict(group.comm.stats)
+            run.transport.send(list(zip(self.names, self.params, strict=True)))
+        ms = (time.perf_counter() - began) * 1e3
+        diag = _round_diagnosis(run.transport, group, settled, t_zero) if method.startswith("ws") else {}
+        self.h.record(run.section, method, rep, ms=ms, **diag)
+
+    def _nccl_receive(self, run: _NcclMethod, rep: int, t_zero: float) -> None:
+        """A receiver's side of one repetition: what it holds then is checked bit-exact, and its
+        extra memory recorded (a weightsync round's counts the transport's own buffers)."""
+        from weightsync.protocol import UpdateInfo
+
+        a, group, method = self.args, run.transport.group, run.method
+        before = mem_begin(self.device)
+        if method in ("flat", "chunks_flat"):
+            if method == "flat":
+                group.broadcast(self.flat).wait()
+                group.gather_to_host(run.tiny)
+            else:
+                self._chunked_flat(group, run.tiny)
+            got = [self.flat_store[nm] for nm in self.names]
+        elif method == "vllm":
+            vllm_nccl_receive(self.specs, self.mine, group.comm, a.buffer_size, a.buffers, self.device)
+            group.gather_to_host(run.tiny)
+            got = self.mine
+        elif method == "ws_loader":
+            settled = dict(group.comm.stats)
+            run.transport.receive(self.sink, UpdateInfo())
+            got = self.loaded
+        else:
+            settled = dict(group.comm.stats)
+            stats = run.transport.receive(self.store, UpdateInfo())
+            got = self.mine
+            assert stats.in_place
+        extra = mem_extra(self.device, run.resident if method.startswith("ws") else before)
+        diag = _round_diagnosis(run.transport, group, settled, t_zero) if method.startswith("ws") else {}
+        self.h.record(run.section, method, rep, ok=self.check(got), mem=extra, **diag)
 
     def _chunked_flat(self, group, tiny) -> None:
         """(diag) The flat buffer in the round's chunk sizes, nothing packed: the chunks' own cost."""
