@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,7 @@ from weightsync.transports.options import TransportOptions
 
 
 class _GlooWork(Pending):
-    def __init__(self, work, timeout: datetime.timedelta):
+    def __init__(self, work: dist.Work, timeout: datetime.timedelta):
         self._work = work
         self._timeout = timeout
 
@@ -42,12 +43,14 @@ class GlooGroup(Group):
         self.world_size = init.world_size
         self.device = torch.device("cpu")
         self._timeout = datetime.timedelta(seconds=init.timeout_seconds)
-        self._store = open_store(init, rank, None if options is None else options.agreed())
-        options = dist.ProcessGroupGloo._Options()
-        options._timeout = self._timeout
-        options._devices = [_gloo_device(init.master_address)]
+        self._store: dist.Store | None = open_store(init, rank, None if options is None else options.agreed())
+        # torch's stubs lack ProcessGroupGloo's _Options (and its collectives, below).
+        gloo_options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+        gloo_options._timeout = self._timeout
+        gloo_options._devices = [_gloo_device(init.master_address)]
         try:
-            self._pg = dist.ProcessGroupGloo(self._store, rank, init.world_size, options)
+            self._pg: dist.ProcessGroupGloo | None = dist.ProcessGroupGloo(self._store, rank, init.world_size,
+                                                                          gloo_options)
         except Exception as error:
             raise TransferError(f"gloo group setup failed for rank {rank}: {error}") from error
 
@@ -56,12 +59,17 @@ class GlooGroup(Group):
         options.rootRank = src
         options.rootTensor = 0
         options.timeout = self._timeout
-        return _GlooWork(self._pg.broadcast([tensor], options), self._timeout)
+        return _GlooWork(self._live().broadcast([tensor], options), self._timeout)  # type: ignore[attr-defined]
 
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         outputs = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        _GlooWork(self._pg.allgather([outputs], [tensor]), self._timeout).wait()
+        _GlooWork(self._live().allgather([outputs], [tensor]), self._timeout).wait()  # type: ignore[attr-defined]
         return outputs
+
+    def _live(self) -> dist.ProcessGroupGloo:
+        if self._pg is None:
+            raise TransferError("the gloo group was closed")
+        return self._pg
 
     def close(self) -> None:
         # Abort first: a group whose peer vanished may still hold a pending operation, and only
@@ -75,7 +83,7 @@ class GlooGroup(Group):
         self._store = None
 
 
-def _gloo_device(master_address: str | None):
+def _gloo_device(master_address: str | None) -> Any:  # a gloo device (untyped in torch's stubs)
     """Loopback groups stay on loopback; others use the host's default interface
     (GLOO_SOCKET_IFNAME picks another)."""
     try:

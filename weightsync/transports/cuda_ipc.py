@@ -21,12 +21,12 @@ import json
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from weightsync.errors import ProtocolError
 from weightsync.protocol import parse
 
-FORMAT = "weightsync-ipc/1"
+FORMAT: Literal["weightsync-ipc/1"] = "weightsync-ipc/1"
 MAX_HANDLE_BYTES = 1024  # a cudaIpcMemHandle is 64 bytes; torch may prefix a few more
 NonNegative = Annotated[int, Field(ge=0)]
 
@@ -58,10 +58,10 @@ class StorageHandle(_Strict):
 
     @field_validator("handle", "ref_counter_handle", "event_handle")
     @classmethod
-    def _base64(cls, value: str | None, info) -> str | None:
-        return None if value is None else _b64(value, info.field_name)
+    def _base64(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _b64(value, str(info.field_name))
 
-    def open_args(self, device_index: int) -> tuple:
+    def open_args(self, device_index: int) -> tuple[int, bytes, int, int, bytes, int, bytes, bool]:
         return (device_index, base64.b64decode(self.handle), self.size_bytes, self.offset_bytes,
                 base64.b64decode(self.ref_counter_handle), self.ref_counter_offset,
                 base64.b64decode(self.event_handle) if self.event_handle else b"", self.event_sync_required)
@@ -147,7 +147,10 @@ def export_storage(storage: torch.UntypedStorage) -> StorageHandle:
     """Share one CUDA storage (torch records a ready-event and a reference-count slot for it)."""
     (_device, handle, size_bytes, offset_bytes, ref_counter_handle, ref_counter_offset,
      event_handle, _event_sync_required) = storage._share_cuda_()
-    encode = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
+
+    def encode(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
     return StorageHandle(handle=encode(handle), size_bytes=size_bytes, offset_bytes=offset_bytes,
                          ref_counter_handle=encode(ref_counter_handle), ref_counter_offset=ref_counter_offset,
                          event_handle=encode(event_handle) if event_handle else None,

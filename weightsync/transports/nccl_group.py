@@ -71,7 +71,8 @@ class NcclGroup(Group):
         self._options = options
         self.rank, self.world_size = rank, init.world_size
         self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
-        self.rendezvous_store = None  # the group's TCPStore; None for a group from a minted id
+        # the group's TCPStore; None for a group from a minted id
+        self.rendezvous_store: torch.distributed.Store | None = None
         with torch.cuda.device(self.device):
             unique_id = self._unique_id(init, rank)
             # The control steps (header, agreements) go over the rendezvous store when there is one:
@@ -93,12 +94,12 @@ class NcclGroup(Group):
                 return base64.b64decode(init.nccl_unique_id_b64, validate=True)
             except (binascii.Error, ValueError):
                 raise TransferError("init_info.nccl_unique_id_b64 is not standard base64") from None
-        self.rendezvous_store = open_store(init, rank, self._options.agreed())
+        store = self.rendezvous_store = open_store(init, rank, self._options.agreed())
         if rank == 0:
-            self.rendezvous_store.set(UNIQUE_ID_KEY, base64.b64encode(new_unique_id()))
-            return base64.b64decode(self.rendezvous_store.get(UNIQUE_ID_KEY))
+            store.set(UNIQUE_ID_KEY, base64.b64encode(new_unique_id()))  # type: ignore[arg-type]  # takes bytes too
+            return base64.b64decode(store.get(UNIQUE_ID_KEY))
         try:
-            return base64.b64decode(self.rendezvous_store.get(UNIQUE_ID_KEY))
+            return base64.b64decode(store.get(UNIQUE_ID_KEY))
         except Exception as error:  # the store raises on its timeout
             raise TransferError(f"rank {rank} got no NCCL unique id from the trainer: {error}") from error
 

@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -45,7 +46,8 @@ class DigestBoard:
     """Where the trainer's checksum of a round meets the receivers: one key per round id on the
     group's rendezvous store (the only channel besides the coordinator's update_info)."""
 
-    def __init__(self, store) -> None:
+    # `store`: a torch.distributed.Store (Any: its stubs take str values; bytes are what it holds).
+    def __init__(self, store: Any) -> None:
         self.store = store  # the rendezvous store (torch.distributed.Store); None once closed
 
     @staticmethod
@@ -67,7 +69,7 @@ class DigestBoard:
         """The trainer's checksum of round `round_id` (waits up to the store's timeout);
         TransferError when none came or the trainer could not checksum."""
         try:
-            value = self.store.get(self.key(round_id)).decode(errors="replace")
+            value: str = self.store.get(self.key(round_id)).decode(errors="replace")
         except Exception as error:  # the store raises after its timeout
             raise TransferError(f"the trainer published no checksum for round {round_id}: {error}") from error
         if value.startswith("error:"):
@@ -90,7 +92,7 @@ class DigestPublisher:
         self._side = side
         self._timeout = timeout
         self._programs = programs  # GPU programs of the checksum; None: all it takes
-        self._jobs: queue.SimpleQueue | None = None
+        self._jobs: queue.SimpleQueue[Any] | None = None  # (round id, plan, stale keys), None to stop
         self._published: list[str] = []  # the last two rounds' keys (older ones are forgotten)
 
     def publish(self, round_id: str, plan: RegionPlan) -> None:
@@ -100,9 +102,9 @@ class DigestPublisher:
         self._published = self._published[-1:] + [round_id]
         self._queue().put((round_id, plan, stale))
 
-    def _queue(self) -> queue.SimpleQueue:
+    def _queue(self) -> queue.SimpleQueue[Any]:
         if self._jobs is None:
-            jobs: queue.SimpleQueue = queue.SimpleQueue()
+            jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
             # The worker keeps the store it started with (closing the transport ends it, not the store).
             board = DigestBoard(self._board.store)
             timeout, device, side, programs = self._timeout, self._device, self._side, self._programs
