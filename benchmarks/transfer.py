@@ -248,6 +248,34 @@ class _NcclMethod:
     resident: int
 
 
+@dataclass
+class _Lending:
+    """An ipc or p2p section as its methods run: this party's rank, the InitInfos its rounds run
+    with (as joined, checksum off, the full checksum's group), the group's transport (None until
+    the first weightsync round) and which options it was joined with, the trainer's flat buffer
+    as the receiver opened it, and the memory in use before the first weightsync round."""
+
+    backend: str
+    rank: int
+    init: Any
+    verify_off: Any
+    full_init: Any
+    remote: torch.Tensor | None = None
+    transport: Any = None
+    setup: str = "default"
+    resident: int = 0
+
+
+class _Received(NamedTuple):
+    """A receiver's repetition: when its copy began (None: timed from the trainer's start), when
+    the bytes were here, the tensors that then hold them, and receive()'s own time."""
+
+    began: float | None
+    ended: float
+    got: list[torch.Tensor]
+    receive_ms: float | None = None
+
+
 # == workers =========================================================================================
 class Worker:
     """One process: builds its tensors, then follows the same script as every other worker."""
@@ -484,11 +512,32 @@ class Worker:
         self._lend_section("ipc", "ipc")
 
     def _lend_section(self, backend: str, receiver: str) -> None:
-        from weightsync.protocol import UpdateInfo
-        from weightsync.transports import get_transport
-        from weightsync.transports.cuda_ipc import export_storage, open_storage
-
         a, h = self.args, self.h
+        lending = self._lending(backend)
+        try:
+            for method in self._lend_methods(backend):
+                self._lend_group(lending, method)
+                for rep in range(1 if method == "ws_first" else a.warmup + a.reps):
+                    key = f"{backend}/{method}/{rep}"
+                    self.next_values(key)
+                    h.barrier(key + "/go", 2)
+                    if lending.rank == 0:
+                        self._lend_send(lending, method, key)
+                    else:
+                        self._lend_receive(lending, method, rep, key)
+            if lending.rank == 1 and backend == "ipc" and "diag" in a.sections:
+                self.tune_kernel()
+        finally:
+            if lending.transport is not None:
+                lending.transport.close()
+
+    def _lending(self, backend: str) -> _Lending:
+        """This party's part of an ipc or p2p section before its first round: the InitInfos its
+        groups join with, and the trainer's flat buffer, lent once (the limit's source) and
+        opened by the receiver."""
+        from weightsync.transports.cuda_ipc import StorageHandle, export_storage, open_storage
+
+        h = self.h
         trainer = self.role == "trainer"
         rank = 0 if trainer else 1
         init = self._init(backend, 2, h.get(f"port/{backend}"), rank)
@@ -496,101 +545,112 @@ class Worker:
         # ipc's full checksum (not a sample) is an option, agreed at init: a group of its own.
         full_init = self._init(backend, 2, h.get(f"port/{backend}/full"), rank, options={"verify": "full"},
                                group_name=f"bench-{backend}-full")
-        section = backend
+        lending = _Lending(backend, rank, init, verify_off, full_init)
         if trainer:  # the limit's source: one flat buffer, lent once
-            h.put(f"{section}/flat", export_storage(self.flat.untyped_storage()).model_dump(mode="json"))
-        h.barrier(f"{section}/flat", 2)
+            h.put(f"{backend}/flat", export_storage(self.flat.untyped_storage()).model_dump(mode="json"))
+        h.barrier(f"{backend}/flat", 2)
         if not trainer:
-            from weightsync.transports.cuda_ipc import StorageHandle
+            remote = open_storage(StorageHandle(**h.get(f"{backend}/flat")), self.index)
+            lending.remote = remote[: self.flat.numel()] if backend == "p2p" else remote[: self.scratch._flat.numel()]
+        return lending
 
-            remote = open_storage(StorageHandle(**h.get(f"{section}/flat")), self.index)
-            remote = remote[: self.flat.numel()] if backend == "p2p" else remote[: self.scratch._flat.numel()]
-        methods = ["limit"] + (["vllm"] if backend == "ipc" and "vllm" in a.sections else []) + \
+    def _lend_methods(self, backend: str) -> list[str]:
+        a = self.args
+        return ["limit"] + (["vllm"] if backend == "ipc" and "vllm" in a.sections else []) + \
             ["ws_first", "ws", "ws_nosum"] + (["ws_full"] if backend == "ipc" else []) + \
             (["ws_loader"] if "loader" in a.sections else [])
-        transport = None
-        try:
-            for method in methods:
-                reps = 1 if method == "ws_first" else a.warmup + a.reps
-                if method == "ws_first":
-                    resident = mem_begin(self.device)  # the transport's own buffers count too
-                    transport = get_transport(backend).connect(init, rank, self.device)
-                    setup = "default"
-                elif transport is not None and ("full" if method == "ws_full" else "default") != setup:
-                    transport.close()  # another set of options: a group of its own (ws_loader after
-                    if method == "ws_full":  # ws_full is back to the defaults, in a fresh group)
-                        setup, init = "full", full_init
-                    else:
-                        setup, init = "default", init.model_copy(update={
-                            "options": {}, "group_name": f"bench-{backend}-loader",
-                            "master_port": h.get(f"port/{backend}/loader")})
-                    transport = get_transport(backend).connect(init, rank, self.device)
-                    verify_off = init.model_copy(update={"verify": False})
-                for rep in range(reps):
-                    key = f"{section}/{method}/{rep}"
-                    self.next_values(key)
-                    h.barrier(key + "/go", 2)
-                    if trainer:
-                        began = time.monotonic()
-                        refs = None
-                        if method == "vllm":
-                            records, refs = vllm_ipc_handles(self.params)
-                            h.put(key + "/info", records)
-                        elif method.startswith("ws"):
-                            transport.init = verify_off if method == "ws_nosum" else init
-                            transport.begin_round()
-                            stats = transport.send(list(zip(self.names, self.params, strict=True)))
-                            assert not stats.more
-                            h.put(key + "/send_ms", stats.seconds * 1e3)
-                            h.put(key + "/info", stats.update_info)
-                        h.put(key + "/began", began)
-                        h.barrier(key + "/received", 2)
-                        if refs is not None:
-                            del refs
-                            torch.cuda.ipc_collect()
-                        if transport is not None:
-                            transport.end_round()
-                    else:
-                        before = mem_begin(self.device)
-                        receive_ms = None
-                        if method == "limit":
-                            target = self.flat if backend == "p2p" else self.scratch._flat
-                            h.get(key + "/began")
-                            began = time.monotonic()
-                            target.copy_(remote)
-                            torch.cuda.synchronize(self.device)
-                            ended = time.monotonic()
-                            got = [(self.flat_store if backend == "p2p" else self.scratch)[nm] for nm in self.names]
-                        elif method == "vllm":
-                            records = h.get(key + "/info")
-                            tensors = vllm_ipc_open(records, self.index)
-                            for param, t in zip(self.mine, tensors, strict=True):
-                                param.copy_(t)
-                            torch.cuda.synchronize(self.device)
-                            ended = time.monotonic()
-                            del tensors
-                            got = self.mine
-                        else:
-                            info = UpdateInfo(**h.get(key + "/info"))
-                            loading = method == "ws_loader"
-                            stats = transport.receive(self.sink if loading else self.store, info)
-                            ended = time.monotonic()
-                            receive_ms = stats.seconds * 1e3
-                            got = self.loaded if loading else self.mine
-                        extra = mem_extra(self.device, resident if method.startswith("ws") else before)
-                        if method != "limit":
-                            began = h.get(key + "/began")
-                        h.barrier(key + "/received", 2)
-                        engine = {}
-                        if method.startswith("ws"):
-                            engine = {"receive_ms": receive_ms, "engine_ms": h.get(key + "/send_ms") + receive_ms}
-                        h.record(section, method, rep, rank=1, ms=(ended - began) * 1e3, ok=self.check(got),
-                                 mem=extra, **engine)
-            if not trainer and backend == "ipc" and "diag" in a.sections:
-                self.tune_kernel()
-        finally:
-            if transport is not None:
-                transport.close()
+
+    def _lend_group(self, lending: _Lending, method: str) -> None:
+        """The group `method`'s rounds run in: joined at the first weightsync round (the
+        transport's own buffers count in its memory from there); ws_full's full checksum is an
+        option agreed at init, so it runs in a group of its own, and ws_loader, back on the
+        defaults, in a fresh one."""
+        from weightsync.transports import get_transport
+
+        if method == "ws_first":
+            lending.resident = mem_begin(self.device)
+            lending.transport = get_transport(lending.backend).connect(lending.init, lending.rank, self.device)
+            lending.setup = "default"
+        elif lending.transport is not None and ("full" if method == "ws_full" else "default") != lending.setup:
+            lending.transport.close()
+            if method == "ws_full":
+                lending.setup, lending.init = "full", lending.full_init
+            else:
+                lending.setup, lending.init = "default", lending.init.model_copy(update={
+                    "options": {}, "group_name": f"bench-{lending.backend}-loader",
+                    "master_port": self.h.get(f"port/{lending.backend}/loader")})
+            lending.transport = get_transport(lending.backend).connect(lending.init, lending.rank, self.device)
+            lending.verify_off = lending.init.model_copy(update={"verify": False})
+
+    def _lend_send(self, lending: _Lending, method: str, key: str) -> None:
+        """The trainer's side of one repetition: lend the set (vLLM's handles, or a weightsync
+        round's update_info, for the harness to relay), then hold it until the receiver is done."""
+        h, transport = self.h, lending.transport
+        began = time.monotonic()
+        refs = None
+        if method == "vllm":
+            records, refs = vllm_ipc_handles(self.params)
+            h.put(key + "/info", records)
+        elif method.startswith("ws"):
+            transport.init = lending.verify_off if method == "ws_nosum" else lending.init
+            transport.begin_round()
+            stats = transport.send(list(zip(self.names, self.params, strict=True)))
+            assert not stats.more
+            h.put(key + "/send_ms", stats.seconds * 1e3)
+            h.put(key + "/info", stats.update_info)
+        h.put(key + "/began", began)
+        h.barrier(key + "/received", 2)
+        if refs is not None:
+            del refs
+            torch.cuda.ipc_collect()
+        if transport is not None:
+            transport.end_round()
+
+    def _lend_receive(self, lending: _Lending, method: str, rep: int, key: str) -> None:
+        """The receiver's side of one repetition, timed from the trainer's start (the limit: from
+        its own copy's) to the bytes being here; checked bit-exact, with its extra memory."""
+        h = self.h
+        before = mem_begin(self.device)
+        received = self._lend_land(lending, method, key)
+        extra = mem_extra(self.device, lending.resident if method.startswith("ws") else before)
+        began = received.began if method == "limit" else h.get(key + "/began")
+        h.barrier(key + "/received", 2)
+        engine = {}
+        if method.startswith("ws"):
+            engine = {"receive_ms": received.receive_ms,
+                      "engine_ms": h.get(key + "/send_ms") + received.receive_ms}
+        h.record(lending.backend, method, rep, rank=1, ms=(received.ended - began) * 1e3,
+                 ok=self.check(received.got), mem=extra, **engine)
+
+    def _lend_land(self, lending: _Lending, method: str, key: str) -> _Received:
+        """Take the lent bytes the method's way: one copy of the flat buffer (the limit), vLLM's
+        per-tensor handles opened and copied, or a weightsync round (into the store or the loader)."""
+        from weightsync.protocol import UpdateInfo
+
+        h = self.h
+        if method == "limit":
+            target = self.flat if lending.backend == "p2p" else self.scratch._flat
+            h.get(key + "/began")
+            began = time.monotonic()
+            target.copy_(lending.remote)
+            torch.cuda.synchronize(self.device)
+            ended = time.monotonic()
+            got = [(self.flat_store if lending.backend == "p2p" else self.scratch)[nm] for nm in self.names]
+            return _Received(began, ended, got)
+        if method == "vllm":
+            records = h.get(key + "/info")
+            tensors = vllm_ipc_open(records, self.index)
+            for param, t in zip(self.mine, tensors, strict=True):
+                param.copy_(t)
+            torch.cuda.synchronize(self.device)
+            ended = time.monotonic()
+            del tensors
+            return _Received(None, ended, self.mine)
+        info = UpdateInfo(**h.get(key + "/info"))
+        loading = method == "ws_loader"
+        stats = lending.transport.receive(self.sink if loading else self.store, info)
+        ended = time.monotonic()
+        return _Received(None, ended, self.loaded if loading else self.mine, stats.seconds * 1e3)
 
     def tune_kernel(self) -> None:
         """(diag) The batched copy kernel's block size and warps, against per-tensor cudaMemcpy,
