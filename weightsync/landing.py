@@ -57,6 +57,7 @@ ManifestCheck = Callable[[Manifest], "str | None"]
 # A sparse round into an engine that takes patches: [(name, flat int64 indices, values)].
 SparseLoadFn = Callable[[list[tuple[str, torch.Tensor, torch.Tensor]]], None]
 _Item = TypeVar("_Item")
+_Handle = TypeVar("_Handle")  # what a staged load's `post` returns and its `wait` blocks on
 CARRY_MAX_STEPS = 16  # a carried prefix that overlaps its new place moves in at most this many copies
 
 
@@ -620,15 +621,15 @@ class StagedLoad:
             raise ValueError("a piecewise staging plan places each piece of a chunk on its own")
         return self.area[pos : pos + self.chunks[number].nbytes]
 
-    def run(self, post: Callable[[int], object], wait: Callable[[object], None], sink: LoaderSink,
+    def run(self, post: Callable[[int], _Handle], wait: Callable[[_Handle], None], sink: LoaderSink,
             digest: StreamDigest | None, depth: int, programs: int | None = None,
-            first: object | None = None) -> str | None:
+            first: _Handle | None = None) -> str | None:
         """`post(j)` starts receiving chunk j into `view(j)` and returns a handle `wait` blocks on
         (bounded); `first`: a handle for chunk 0 when it is already on its way. A loader that
         raises does not stop the round (the others are still sending): the rest is received and
         checksummed but not loaded, and the reason is returned, for the round's verdict."""
         plan = self.plan
-        in_flight: list[tuple[int, object]] = []
+        in_flight: list[tuple[int, _Handle]] = []
         done = -1
         failure: str | None = None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from weightsync.errors import IntegrityError, ManifestMismatch, TransferError
 from weightsync.integrity import StreamDigest
@@ -82,7 +82,7 @@ class CollectiveReceiver:
         self.headers = HeaderDecoder(party, self.agreement, rules.header_model)
         self._chunking = Chunking(party)
         self._shadow = Shadow()  # where an atomic round lands
-        self._staging_plans: dict[tuple, StagingPlan] = {}  # loader rounds' staging
+        self._staging_plans: dict[tuple[Any, ...], StagingPlan] = {}  # loader rounds' staging
         self._checked: _StoreVerdict | None = None  # direct sinks
         self._sizes: _StreamSizes | None = None
         self.timings: dict[str, float] = {}  # seconds per phase of the last round
@@ -133,7 +133,7 @@ class CollectiveReceiver:
         what it readied: nothing has landed yet."""
         header = round_.header
         try:
-            if header.update_kind == "dense" and round_.loader is None:
+            if header.update_kind == "dense" and isinstance(sink, WeightStore):  # not a loader
                 sink.adopt(header.manifest, self._party.device)
             problem = self._check_header(header, sink, info)
             if problem is None:
@@ -143,7 +143,7 @@ class CollectiveReceiver:
             if problem is None:  # get ready while the others' verdicts come in
                 round_.digest = StreamDigest(self._party.device) if header.verify else None
                 if round_.staged is None:
-                    self.path.prepare(round_.chunks, header, round_.digest, round_.landing)
+                    self.path.prepare(round_.chunks, header, round_.digest, round_.landed())
                 mark("receive: prepared")
             objections = self.agreement.collect(ticket).objections()
             if objections:
@@ -159,6 +159,7 @@ class CollectiveReceiver:
         round_.landing = choose_landing(header.update_kind, header.manifest, sink, round_.layout,
                                         self._party.device, init.atomic, self._shadow)
         if round_.landing.staged:
+            assert round_.loader is not None  # only a loader round stages
             try:
                 round_.staged = self._staged_load(header, round_.layout, round_.chunks, round_.loader)
             except TransferError as error:
@@ -174,11 +175,13 @@ class CollectiveReceiver:
         try:
             problem = None
             if round_.staged is not None:
+                assert round_.loader is not None  # only a loader round stages
                 problem = self._receive_staged(round_.staged, round_.chunks, header, round_.digest, round_.loader)
             else:
                 self.path.receive_payload(round_.chunks, header, round_.digest, landing)
             marks.append(("enqueue", time.perf_counter()))
             if header.update_kind == "sparse_flat":
+                assert landing.scratch is not None  # a sparse landing has its scratch
                 problem = check_indices(header.manifest, landing.scratch, sink)
             outcome = self.agreement.exchange(problem, round_.digest)
             marks.append(("payload+agree", time.perf_counter()))
@@ -200,7 +203,7 @@ class CollectiveReceiver:
         self._party.group.check_usable()
         self._object(self.headers.receive(), reason, loader_round=False)
 
-    def _object(self, header: RoundHeader | UnknownHeader, problem: str, loader_round: bool) -> None:
+    def _object(self, header: RoundHeader | UnknownHeader, problem: str, loader_round: bool) -> NoReturn:
         """Post `problem` as this receiver's verdict on `header`'s round, after taking part in the
         broadcasts that move ahead of the agreement; raises ManifestMismatch naming every objection."""
         if isinstance(header, UnknownHeader):
