@@ -48,214 +48,254 @@ def report(rows: list[tuple[str, float]], limit: float, title: str) -> None:
     sys.stdout.flush()
 
 
-def worker(rank: int, port: int, args) -> None:
-    from transfer import qwen2_shapes
-    from weightsync.packing import Region, RegionPlan, as_bytes
-    from weightsync.integrity import StreamDigest
-    from weightsync.kernels import warm_up
-    from weightsync.layout import Layout
-    from weightsync.transports.nccl_lib import Communicator, new_unique_id
+class _Party:
+    """One probe process (rank k on cuda:k): the set (Qwen2-7B-shaped, bf16) and its flat buffer,
+    the TCPStore and NCCL communicator between the two processes, and the stream NCCL runs on."""
 
-    device = torch.device("cuda", rank)
-    torch.cuda.set_device(device)
-    store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=datetime.timedelta(seconds=300))
-    shapes = qwen2_shapes(args.scale)
-    params = [torch.randn(s, dtype=torch.bfloat16, device=device) for _, s in shapes]
-    layout = Layout.of_sizes([p.numel() * 2 for p in params], 256)
-    flat = torch.empty(layout.total_bytes, dtype=torch.uint8, device=device)
-    nbytes = flat.numel()
-    if rank == 0:
-        store.set("uid", new_unique_id())
-    comm = Communicator(store.get("uid"), rank, 2, 120)
-    stream = torch.cuda.Stream(device, priority=-1)
-    tiny = torch.zeros(8, dtype=torch.uint8, device=device)
-    tiny_out = torch.zeros(16, dtype=torch.uint8, device=device)
-    warm_up(device)
+    def __init__(self, rank: int, port: int, args):
+        from transfer import qwen2_shapes
+        from weightsync.kernels import warm_up
+        from weightsync.layout import Layout
+        from weightsync.transports.nccl_lib import Communicator, new_unique_id
 
-    def sync_all() -> None:
-        comm.all_gather(tiny.data_ptr(), tiny_out.data_ptr(), 8, stream.cuda_stream)
-        stream.synchronize()
-
-    def bcast(t: torch.Tensor) -> None:
-        comm.broadcast(t.data_ptr(), t.numel() * t.element_size(), 0, stream.cuda_stream)
-
-    def chunks_of(k: int) -> list[torch.Tensor]:
-        step = -(-nbytes // k) // 256 * 256 + 256
-        return [flat[i : i + step] for i in range(0, nbytes, step)]
-
-    def cases():
-        yield "flat: one broadcast", lambda: bcast(flat)
-        for k in (2, 4, 8, 16, 32, 64):
-            parts = chunks_of(k)
-            yield f"{len(parts)} equal broadcasts, back to back", lambda parts=parts: [bcast(p) for p in parts]
-        for k in (16,):
-            parts = chunks_of(k)
-
-            def grouped(parts=parts):
-                comm.group_start()
-                for p in parts:
-                    bcast(p)
-                comm.group_end()
-            yield f"{len(parts)} equal broadcasts in one NCCL group", grouped
-
-        def per_tensor_one_group():
-            comm.group_start()
-            for p in params:
-                bcast(p)
-            comm.group_end()
-        yield "per-tensor broadcasts (339), one NCCL group", per_tensor_one_group
-        gib_groups, current, size = [], [], 0
-        for p in params:
-            current.append(p)
-            size += p.numel() * 2
-            if size >= args.group_bytes:
-                gib_groups.append(current)
-                current, size = [], 0
-        if current:
-            gib_groups.append(current)
-
-        def per_tensor_groups():
-            for members in gib_groups:
-                comm.group_start()
-                for p in members:
-                    bcast(p)
-                comm.group_end()
-        yield f"per-tensor broadcasts in {len(gib_groups)} groups of ~{args.group_bytes >> 20} MiB", per_tensor_groups
-
-    only = set(args.only.split(","))
-    rows = []
-    for label, fn in (cases() if "nccl" in only else []):
-        ms = timed(lambda fn=fn: (fn(), None), args.reps, sync_all)
-        rows.append((label, ms))
-    if rank == 0 and rows:
-        report(rows, rows[0][1], f"nccl, {nbytes / 1e9:.2f} GB cuda:0 -> cuda:1 (timed with a tiny all_gather)")
-
-    # -- store round trips -------------------------------------------------------------------
-    for size in ((1, 40_000) if "store" in only else ()):
-        sync_all()
-        trips = []
-        payload = b"x" * size
-        for i in range(200):
-            if rank == 0:
-                time.sleep(0.001)  # the reply's get is waiting, as in a round
-                began = time.perf_counter()
-                store.set(f"ping/{size}/{i}", payload)
-                store.get(f"pong/{size}/{i}")
-                trips.append((time.perf_counter() - began) * 1e3)
-            else:
-                store.get(f"ping/{size}/{i}")
-                store.set(f"pong/{size}/{i}", b"y")
+        self.rank, self.args = rank, args
+        self.device = torch.device("cuda", rank)
+        torch.cuda.set_device(self.device)
+        self.store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=datetime.timedelta(seconds=300))
+        self.shapes = qwen2_shapes(args.scale)
+        self.params = [torch.randn(s, dtype=torch.bfloat16, device=self.device) for _, s in self.shapes]
+        self.layout = Layout.of_sizes([p.numel() * 2 for p in self.params], 256)
+        self.flat = torch.empty(self.layout.total_bytes, dtype=torch.uint8, device=self.device)
+        self.nbytes = self.flat.numel()
         if rank == 0:
-            trips.sort()
-            print(f"\n== store: {size}-byte set + wait-for-reply round trip over TCPStore: median "
-                  f"{statistics.median(trips):.3f} ms, p10 {trips[20]:.3f}, p90 {trips[180]:.3f}")
-    sync_all()
+            self.store.set("uid", new_unique_id())
+        self.comm = Communicator(self.store.get("uid"), rank, 2, 120)
+        self.stream = torch.cuda.Stream(self.device, priority=-1)
+        self.tiny = torch.zeros(8, dtype=torch.uint8, device=self.device)
+        self.tiny_out = torch.zeros(16, dtype=torch.uint8, device=self.device)
+        warm_up(self.device)
+
+    def sync_all(self) -> None:
+        """Both processes here, and the NCCL stream idle: a tiny all_gather, waited for."""
+        self.comm.all_gather(self.tiny.data_ptr(), self.tiny_out.data_ptr(), 8, self.stream.cuda_stream)
+        self.stream.synchronize()
+
+    def bcast(self, t: torch.Tensor) -> None:
+        self.comm.broadcast(t.data_ptr(), t.numel() * t.element_size(), 0, self.stream.cuda_stream)
+
+    def bcast_group(self, tensors: list[torch.Tensor]) -> None:
+        """The tensors' broadcasts in one NCCL group."""
+        self.comm.group_start()
+        for t in tensors:
+            self.bcast(t)
+        self.comm.group_end()
+
+    def chunks_of(self, k: int) -> list[torch.Tensor]:
+        step = -(-self.nbytes // k) // 256 * 256 + 256
+        return [self.flat[i : i + step] for i in range(0, self.nbytes, step)]
+
+
+def worker(rank: int, port: int, args) -> None:
+    p = _Party(rank, port, args)
+    only = set(args.only.split(","))
+    if "nccl" in only:
+        _nccl_section(p)
+    if "store" in only:
+        for size in (1, 40_000):
+            _store_trips(p, size)
+    p.sync_all()
+    _sync_trips(p)
+    p.sync_all()
+    if rank == 0 and "local" in only:
+        _local_section(p)
+    p.sync_all()
+    if rank == 1 and "peer" in only:
+        _peer_section(p)
+    p.sync_all()
+    p.comm.abort()
+
+
+def _nccl_cases(p: _Party):
+    """(label, call) for each way of broadcasting the set: one call, k calls, k calls in one NCCL
+    group, one call per tensor in one group or in groups of about --group-bytes."""
+    yield "flat: one broadcast", lambda: p.bcast(p.flat)
+    for k in (2, 4, 8, 16, 32, 64):
+        parts = p.chunks_of(k)
+        yield f"{len(parts)} equal broadcasts, back to back", lambda parts=parts: [p.bcast(t) for t in parts]
+    for k in (16,):
+        parts = p.chunks_of(k)
+        yield f"{len(parts)} equal broadcasts in one NCCL group", lambda parts=parts: p.bcast_group(parts)
+    yield "per-tensor broadcasts (339), one NCCL group", lambda: p.bcast_group(p.params)
+    groups = _size_groups(p.params, p.args.group_bytes)
+    yield (f"per-tensor broadcasts in {len(groups)} groups of ~{p.args.group_bytes >> 20} MiB",
+           lambda: [p.bcast_group(members) for members in groups])
+
+
+def _size_groups(params: list[torch.Tensor], group_bytes: int) -> list[list[torch.Tensor]]:
+    """The tensors in order, cut into groups once a group holds `group_bytes` (bf16: 2 bytes each)."""
+    groups, current, size = [], [], 0
+    for t in params:
+        current.append(t)
+        size += t.numel() * 2
+        if size >= group_bytes:
+            groups.append(current)
+            current, size = [], 0
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _nccl_section(p: _Party) -> None:
+    rows = [(label, timed(lambda fn=fn: (fn(), None), p.args.reps, p.sync_all)) for label, fn in _nccl_cases(p)]
+    if p.rank == 0 and rows:
+        report(rows, rows[0][1], f"nccl, {p.nbytes / 1e9:.2f} GB cuda:0 -> cuda:1 (timed with a tiny all_gather)")
+
+
+def _store_trips(p: _Party, size: int) -> None:
+    """200 control round trips of a `size`-byte value over the TCPStore (rank 0 prints them)."""
+    p.sync_all()
+    trips = []
+    payload = b"x" * size
+    for i in range(200):
+        if p.rank == 0:
+            time.sleep(0.001)  # the reply's get is waiting, as in a round
+            began = time.perf_counter()
+            p.store.set(f"ping/{size}/{i}", payload)
+            p.store.get(f"pong/{size}/{i}")
+            trips.append((time.perf_counter() - began) * 1e3)
+        else:
+            p.store.get(f"ping/{size}/{i}")
+            p.store.set(f"pong/{size}/{i}", b"y")
+    if p.rank == 0:
+        trips.sort()
+        print(f"\n== store: {size}-byte set + wait-for-reply round trip over TCPStore: median "
+              f"{statistics.median(trips):.3f} ms, p10 {trips[20]:.3f}, p90 {trips[180]:.3f}")
+
+
+def _sync_trips(p: _Party) -> None:
+    """200 tiny all_gathers waited for by the host: the NCCL control step's cost."""
     trips = []
     for i in range(200):
-        sync_all() if i % 20 == 0 else None
+        p.sync_all() if i % 20 == 0 else None
         began = time.perf_counter()
-        sync_all()
+        p.sync_all()
         trips.append((time.perf_counter() - began) * 1e3)
-    if rank == 0:
+    if p.rank == 0:
         print(f"== nccl: tiny all_gather + host wait: median {statistics.median(trips):.3f} ms")
-    sync_all()
 
-    # -- local passes on cuda:0 (ipc building blocks) ------------------------------------------
-    if rank == 0 and "local" in only:
-        sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
-        dst_flat = torch.empty_like(flat)
-        outs = [torch.empty_like(p) for p in params]
-        srcs = [as_bytes(p) for p in params]
-        dsts = [as_bytes(o) for o in outs]
-        offsets = layout.offsets
-        copy_digest = RegionPlan([Region(s, d, o) for s, d, o in zip(srcs, dsts, offsets, strict=True)],
-                                 copy=True, digest=True)
-        copy_only = RegionPlan([Region(s, d, o) for s, d, o in zip(srcs, dsts, offsets, strict=True)],
-                               copy=True, digest=False)
-        digest_only = RegionPlan([Region(s, None, o) for s, o in zip(srcs, offsets, strict=True)], copy=False)
-        side = torch.cuda.Stream(device)
-        rows = [("cudaMemcpy of the flat set (limit)", timed(lambda: dst_flat.copy_(flat), args.reps, sync))]
-        rows.append(("per-tensor copy_ (339 calls)",
-                     timed(lambda: [o.copy_(p) for o, p in zip(outs, params, strict=True)], args.reps, sync)))
-        rows.append(("batched kernel: copy", timed(lambda: copy_only.run(None), args.reps, sync)))
-        rows.append(("batched kernel: copy + checksum", timed(lambda: copy_digest.run(StreamDigest(device)),
-                                                              args.reps, sync)))
-        rows.append(("batched kernel: checksum only", timed(lambda: digest_only.run(StreamDigest(device)),
-                                                            args.reps, sync)))
 
-        def both():
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                digest_only.run(StreamDigest(device))
-            copy_digest.run(StreamDigest(device))
-            torch.cuda.current_stream().wait_stream(side)
-        rows.append(("copy + checksum with a concurrent checksum-only pass", timed(both, args.reps, sync)))
-        for programs in (32, 64, 132, 264):
-            rows.append((f"batched kernel: copy + checksum, {programs} programs",
-                         timed(lambda programs=programs: copy_digest.run(StreamDigest(device), programs),
-                               args.reps, sync)))
-        report(rows, rows[0][1], "local passes over the set on cuda:0")
-        del dst_flat, outs
-    sync_all()
+def _local_section(p: _Party) -> None:
+    """Copy and checksum passes over the set on cuda:0: the ipc building blocks."""
+    from weightsync.integrity import StreamDigest
+    from weightsync.packing import Region, RegionPlan, as_bytes
 
-    # -- peer copies cuda:0 -> cuda:1 in one process -------------------------------------------
-    if rank == 1 and "peer" in only:
-        src = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
-        src_params = [torch.randn(s, dtype=torch.bfloat16, device="cuda:0") for _, s in shapes]
-        sync = lambda: (torch.cuda.synchronize(device), torch.cuda.synchronize(0))  # noqa: E731
-        copy_streams = [torch.cuda.Stream(device) for _ in range(8)]
-        check = torch.cuda.Stream(device)
-        cur = torch.cuda.current_stream(device)
+    device, params, flat, reps = p.device, p.params, p.flat, p.args.reps
+    sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
+    dst_flat = torch.empty_like(flat)
+    outs = [torch.empty_like(t) for t in params]
+    srcs = [as_bytes(t) for t in params]
+    dsts = [as_bytes(o) for o in outs]
+    offsets = p.layout.offsets
+    copy_digest = RegionPlan([Region(s, d, o) for s, d, o in zip(srcs, dsts, offsets, strict=True)],
+                             copy=True, digest=True)
+    copy_only = RegionPlan([Region(s, d, o) for s, d, o in zip(srcs, dsts, offsets, strict=True)],
+                           copy=True, digest=False)
+    digest_only = RegionPlan([Region(s, None, o) for s, o in zip(srcs, offsets, strict=True)], copy=False)
+    side = torch.cuda.Stream(device)
+    rows = [("cudaMemcpy of the flat set (limit)", timed(lambda: dst_flat.copy_(flat), reps, sync))]
+    rows.append(("per-tensor copy_ (339 calls)",
+                 timed(lambda: [o.copy_(t) for o, t in zip(outs, params, strict=True)], reps, sync)))
+    rows.append(("batched kernel: copy", timed(lambda: copy_only.run(None), reps, sync)))
+    rows.append(("batched kernel: copy + checksum", timed(lambda: copy_digest.run(StreamDigest(device)), reps, sync)))
+    rows.append(("batched kernel: checksum only", timed(lambda: digest_only.run(StreamDigest(device)), reps, sync)))
 
-        def pieces(piece: int, nstreams: int, checksum: bool):
-            plans = [RegionPlan([Region(flat[start : start + piece], None, start)], copy=False)
-                     for start in range(0, nbytes, piece)] if checksum else None
+    def both():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            digest_only.run(StreamDigest(device))
+        copy_digest.run(StreamDigest(device))
+        torch.cuda.current_stream().wait_stream(side)
+    rows.append(("copy + checksum with a concurrent checksum-only pass", timed(both, reps, sync)))
+    for programs in (32, 64, 132, 264):
+        rows.append((f"batched kernel: copy + checksum, {programs} programs",
+                     timed(lambda programs=programs: copy_digest.run(StreamDigest(device), programs), reps, sync)))
+    report(rows, rows[0][1], "local passes over the set on cuda:0")  # returning frees the copies' memory
 
-            def run():
-                for s in copy_streams[:nstreams]:
-                    s.wait_stream(cur)
-                check.wait_stream(cur)
-                digest = StreamDigest(device) if checksum else None
-                for n, start in enumerate(range(0, nbytes, piece)):
-                    s = copy_streams[n % nstreams]
-                    stop = min(start + piece, nbytes)
-                    with torch.cuda.stream(s):
-                        flat[start:stop].copy_(src[start:stop], non_blocking=True)
-                        ev = torch.cuda.Event()
-                        ev.record(s)
-                    if checksum:
-                        check.wait_event(ev)
-                        with torch.cuda.stream(check):
-                            plans[n].run(digest)
-                for s in copy_streams[:nstreams]:
-                    cur.wait_stream(s)
-                cur.wait_stream(check)
-            return run
 
-        rows = [("one peer copy of the flat set (limit)", timed(lambda: flat.copy_(src), args.reps, sync))]
-        for piece in (256 << 20, 1 << 30):
-            for nstreams in (1, 2, 4):
-                rows.append((f"pieces of {piece >> 20} MiB over {nstreams} streams",
-                             timed(pieces(piece, nstreams, False), args.reps, sync)))
-        for piece in (64 << 20, 256 << 20):
-            rows.append((f"pieces of {piece >> 20} MiB over 4 streams, checksum each as it lands",
-                         timed(pieces(piece, 4, True), args.reps, sync)))
-        src_digest = RegionPlan([Region(src, None, 0)], copy=False)
-        side0 = torch.cuda.Stream(0)
+class _PeerCopies:
+    """Peer copies of `src` (on cuda:0) into this process's flat buffer (cuda:1) in pieces spread
+    over copy streams, each piece checksummed on a side stream as it lands when asked."""
 
-        def with_source_checksum():
-            side0.wait_stream(torch.cuda.current_stream(0))
-            with torch.cuda.stream(side0):
-                src_digest.run(StreamDigest("cuda:0"))
-            pieces(256 << 20, 4, True)()
-        rows.append(("256 MiB pieces + checksums + source checksum on cuda:0", timed(with_source_checksum,
-                                                                                     args.reps, sync)))
-        per_tensor = list(zip(params, src_params, strict=True))
-        rows.append(("per-tensor peer copy_ (339 calls, one stream)",
-                     timed(lambda: [d.copy_(s, non_blocking=True) for d, s in per_tensor], args.reps, sync)))
-        report(rows, rows[0][1], "peer copies cuda:0 -> cuda:1 (copy engines)")
-    sync_all()
-    comm.abort()
+    def __init__(self, p: _Party, src: torch.Tensor):
+        self.flat, self.nbytes, self.device, self.src = p.flat, p.nbytes, p.device, src
+        self.copy_streams = [torch.cuda.Stream(p.device) for _ in range(8)]
+        self.check = torch.cuda.Stream(p.device)
+        self.cur = torch.cuda.current_stream(p.device)
+
+    def pieces(self, piece: int, nstreams: int, checksum: bool):
+        """The copy in `piece`-byte pieces over `nstreams` streams, as a call (its checksum plans
+        made here, once)."""
+        from weightsync.packing import Region, RegionPlan
+
+        plans = [RegionPlan([Region(self.flat[start : start + piece], None, start)], copy=False)
+                 for start in range(0, self.nbytes, piece)] if checksum else None
+        return lambda: self._run(piece, nstreams, checksum, plans)
+
+    def _run(self, piece: int, nstreams: int, checksum: bool, plans) -> None:
+        from weightsync.integrity import StreamDigest
+
+        for s in self.copy_streams[:nstreams]:
+            s.wait_stream(self.cur)
+        self.check.wait_stream(self.cur)
+        digest = StreamDigest(self.device) if checksum else None
+        for n, start in enumerate(range(0, self.nbytes, piece)):
+            s = self.copy_streams[n % nstreams]
+            stop = min(start + piece, self.nbytes)
+            with torch.cuda.stream(s):
+                self.flat[start:stop].copy_(self.src[start:stop], non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(s)
+            if checksum:
+                self.check.wait_event(ev)
+                with torch.cuda.stream(self.check):
+                    plans[n].run(digest)
+        for s in self.copy_streams[:nstreams]:
+            self.cur.wait_stream(s)
+        self.cur.wait_stream(self.check)
+
+
+def _peer_section(p: _Party) -> None:
+    """Peer copies cuda:0 -> cuda:1 from one process (the copy engines): one copy of the set is
+    the limit; pieces over several streams, with and without checksums as they land."""
+    from weightsync.integrity import StreamDigest
+    from weightsync.packing import Region, RegionPlan
+
+    device, reps = p.device, p.args.reps
+    src = torch.empty(p.nbytes, dtype=torch.uint8, device="cuda:0")
+    src_params = [torch.randn(s, dtype=torch.bfloat16, device="cuda:0") for _, s in p.shapes]
+    sync = lambda: (torch.cuda.synchronize(device), torch.cuda.synchronize(0))  # noqa: E731
+    copies = _PeerCopies(p, src)
+    rows = [("one peer copy of the flat set (limit)", timed(lambda: p.flat.copy_(src), reps, sync))]
+    for piece in (256 << 20, 1 << 30):
+        for nstreams in (1, 2, 4):
+            rows.append((f"pieces of {piece >> 20} MiB over {nstreams} streams",
+                         timed(copies.pieces(piece, nstreams, False), reps, sync)))
+    for piece in (64 << 20, 256 << 20):
+        rows.append((f"pieces of {piece >> 20} MiB over 4 streams, checksum each as it lands",
+                     timed(copies.pieces(piece, 4, True), reps, sync)))
+    src_digest = RegionPlan([Region(src, None, 0)], copy=False)
+    side0 = torch.cuda.Stream(0)
+
+    def with_source_checksum():
+        side0.wait_stream(torch.cuda.current_stream(0))
+        with torch.cuda.stream(side0):
+            src_digest.run(StreamDigest("cuda:0"))
+        copies.pieces(256 << 20, 4, True)()
+    rows.append(("256 MiB pieces + checksums + source checksum on cuda:0", timed(with_source_checksum, reps, sync)))
+    per_tensor = list(zip(p.params, src_params, strict=True))
+    rows.append(("per-tensor peer copy_ (339 calls, one stream)",
+                 timed(lambda: [d.copy_(s, non_blocking=True) for d, s in per_tensor], reps, sync)))
+    report(rows, rows[0][1], "peer copies cuda:0 -> cuda:1 (copy engines)")
 
 
 def main() -> None:
