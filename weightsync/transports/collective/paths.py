@@ -103,7 +103,8 @@ class PackedSendPath(SendPath):
         self._party = party
         self._staging = staging
 
-    def prepare(self, chunks, sources, header, digest, views_cached) -> None:
+    def prepare(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader,
+                digest: StreamDigest | None, views_cached: bool) -> None:
         pass  # nothing moves before the agreement
 
     def abandon(self) -> None:
@@ -136,13 +137,15 @@ class PackedReceivePath(ReceivePath):
         self._party = party
         self._staging = staging
 
-    def lead(self, pieces, chunk, header, loader_round) -> None:
+    def lead(self, pieces: Sequence[int], chunk: Chunk | None, header: RoundHeader | None,
+             loader_round: bool) -> None:
         pass  # the trainer sends nothing ahead of the agreement
 
     def abandon(self) -> None:
         pass
 
-    def prepare(self, chunks, header, digest, landing) -> None:
+    def prepare(self, chunks: Sequence[Chunk], header: RoundHeader, digest: StreamDigest | None,
+                landing: Landing) -> None:
         pass
 
     def receive_payload(self, chunks: Sequence[Chunk], header: RoundHeader, digest: StreamDigest | None,
@@ -160,6 +163,7 @@ class PackedReceivePath(ReceivePath):
             if target is not None:
                 plan = RegionPlan(landed_regions(chunk, target), copy=False)
             else:
+                assert destinations is not None  # a landing without a target has destinations
                 plan = RegionPlan(unpack_regions(chunk, view, destinations), copy=True)
             plan.run(digest)
 
@@ -169,6 +173,7 @@ class PackedReceivePath(ReceivePath):
             if target is not None:
                 view = target[chunk.start : chunk.stop]
             else:
+                assert buffers is not None  # staged when there is no target
                 view = buffers[chunk.number % num_buffers][: chunk.nbytes]
             in_flight.append((chunk, view, group.broadcast(view)))
         while in_flight:

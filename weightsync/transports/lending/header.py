@@ -9,13 +9,14 @@ validates a body once and reuses it while it stays the same (the round's own fla
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from weightsync.dtypes import tensor_spec
-from weightsync.errors import ProtocolError
+from weightsync.errors import ProtocolError, TransferError
 from weightsync.layout import DEFAULT_ALIGNMENT
 from weightsync.protocol import Manifest, TensorSpec, UpdateInfo
 from weightsync.transports.cuda_ipc import (
@@ -38,7 +39,7 @@ class RoundFlags:
     def of(cls, handles: GpuHandles) -> "RoundFlags":
         return cls(handles.round_id, handles.more, handles.verify, handles.sampled)
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         return {"round_id": self.round_id, "more": self.more, "verify": self.verify, "sampled": self.sampled}
 
 
@@ -59,8 +60,8 @@ class _Export:
 
 @dataclass(frozen=True)
 class _Body:
-    key: tuple  # kind, specs and every placement: what the body was built from
-    body: dict  # update_info, but for the round's flags
+    key: tuple[Any, ...]  # kind, specs and every placement: what the body was built from
+    body: dict[str, Any]  # update_info, but for the round's flags
 
 
 class HandleExporter:
@@ -72,7 +73,7 @@ class HandleExporter:
         self._device = device
         self._exports: dict[tuple[int, int], _Export] = {}
         self._anchor: torch.Tensor | None = None  # a storage to name for empty tensors
-        self._specs: dict[tuple, TensorSpec] = {}
+        self._specs: dict[tuple[Any, ...], TensorSpec] = {}
         self._body: _Body | None = None
 
     def spec(self, name: str, tensor: torch.Tensor) -> TensorSpec:
@@ -99,7 +100,8 @@ class HandleExporter:
             self._exports[key] = cached
         return LentPlacement(cached.handle, view.data_ptr() - storage.data_ptr(), view.numel())
 
-    def update_info(self, kind: str, specs: list[TensorSpec], views: list[torch.Tensor], flags: RoundFlags) -> dict:
+    def update_info(self, kind: str, specs: list[TensorSpec], views: list[torch.Tensor], flags: RoundFlags
+                    ) -> dict[str, Any]:
         """update_info for these views: names, dtypes, shapes and this GPU's handles."""
         records = [self._export(v) for v in views]
         key = (kind, tuple(specs), tuple((r.handle.handle, r.handle.offset_bytes, r.offset, r.nbytes)
@@ -124,12 +126,14 @@ class HandleExporter:
         return self.compose(self._body.body, flags)
 
     @property
-    def body(self) -> dict:
+    def body(self) -> dict[str, Any]:
         """The body of the last update_info (what a repeat of that round sends again)."""
+        if self._body is None:
+            raise TransferError("no round was lent yet: nothing to repeat")
         return self._body.body
 
     @staticmethod
-    def compose(body: dict, flags: RoundFlags) -> dict:
+    def compose(body: dict[str, Any], flags: RoundFlags) -> dict[str, Any]:
         """A body with this round's flags."""
         ((uuid_, gpu),) = body["ipc_handles"].items()
         return {**body, "ipc_handles": {uuid_: {**gpu, **flags.as_json()}}}
@@ -140,7 +144,7 @@ class HandleExporter:
 
 @dataclass(frozen=True)
 class _Parsed:
-    raw: dict  # the entry as it came, with the validated flags
+    raw: dict[str, Any]  # the entry as it came, with the validated flags
     handles: GpuHandles
 
 
@@ -184,7 +188,7 @@ class HandleReader:
 
 @dataclass(frozen=True)
 class _Named:
-    key: tuple  # names, dtypes and shapes as they came
+    key: tuple[Any, ...]  # names, dtypes and shapes as they came
     manifest: Manifest
 
 
