@@ -151,35 +151,64 @@ def percentile(values: list[float], q: float) -> float:
 
 async def run(engine: str, rounds: int, warmup: int, mbytes: float, daemons: int, python: str | None) -> int:
     pauses = PauseCalls()
-    pause_ms: list[float] = []  # per measured round: the /pause calls made during its push
     with tempfile.TemporaryDirectory() as workdir, pauses.timing():
         async with cluster(Path(workdir)) as c, operator(c.url, recheck_interval=3600):
             formed = (daemon_group(c, mbytes, daemons) if engine == "daemon"
                       else vllm_group(c, Path(workdir), python))
             async with formed as group:
-                timeline = Timeline()
-                follower = asyncio.create_task(timeline.follow(
-                    c.session, f"/apis/weightsync.dev/v1alpha1/namespaces/{group.namespace}/weightsyncs"))
-                try:
-                    push_walls = []
-                    for version in range(1, warmup + rounds + 1):
-                        began, paused_before = time.perf_counter(), len(pauses.seconds)
-                        answer = await group.push(version)
-                        if not answer["ok"]:
-                            print(f"version {version} failed: {answer}", file=sys.stderr)
-                            return 1
-                        if version > warmup:
-                            push_walls.append(time.perf_counter() - began)
-                            pause_ms.append(sum(pauses.seconds[paused_before:]) * 1e3)
-                    deadline = time.monotonic() + 10
-                    while len(timeline.done) < warmup + rounds and time.monotonic() < deadline:
-                        await asyncio.sleep(0.01)
-                finally:
-                    follower.cancel()
+                measured = await _measure(c, group, pauses, rounds, warmup)
+    if measured is None:
+        return 1
+    return _report(engine, group, measured, rounds, warmup)
 
-    measured = range(warmup + 1, warmup + rounds + 1)
+
+@dataclass(frozen=True)
+class _Measured:
+    """What the rounds left: the WeightSync's states as the operator wrote them, the trainer's
+    push() wall times (measured rounds), and per measured round the /pause calls of its push."""
+
+    timeline: Timeline
+    push_walls: list[float]
+    pause_ms: list[float]
+
+
+async def _measure(c: Cluster, group: Group, pauses: PauseCalls, rounds: int, warmup: int) -> _Measured | None:
+    """Push `warmup` then `rounds` versions, following the WeightSync's states meanwhile (and
+    up to 10 s more, for the last Succeeded); None once a push failed (printed)."""
+    timeline = Timeline()
+    follower = asyncio.create_task(timeline.follow(
+        c.session, f"/apis/weightsync.dev/v1alpha1/namespaces/{group.namespace}/weightsyncs"))
+    push_walls: list[float] = []
+    pause_ms: list[float] = []  # per measured round: the /pause calls made during its push
+    try:
+        for version in range(1, warmup + rounds + 1):
+            began, paused_before = time.perf_counter(), len(pauses.seconds)
+            answer = await group.push(version)
+            if not answer["ok"]:
+                print(f"version {version} failed: {answer}", file=sys.stderr)
+                return None
+            if version > warmup:
+                push_walls.append(time.perf_counter() - began)
+                pause_ms.append(sum(pauses.seconds[paused_before:]) * 1e3)
+        deadline = time.monotonic() + 10
+        while len(timeline.done) < warmup + rounds and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    finally:
+        follower.cancel()
+    return _Measured(timeline, push_walls, pause_ms)
+
+
+def _row(name: str, values: list[float]) -> str:
+    return (f"{name:<38} {statistics.median(values):8.1f} {percentile(values, 0.9):8.1f} "
+            f"{min(values):8.1f} {max(values):8.1f}")
+
+
+def _report(engine: str, group: Group, measured: _Measured, rounds: int, warmup: int) -> int:
+    """Print where the measured rounds' time went, and the verdict on the target (daemon targets
+    only): 0 when it is met."""
+    timeline = measured.timeline
     overhead, control, operator_api, data_plane, total = [], [], [], [], []
-    for v in measured:
+    for v in range(warmup + 1, warmup + rounds + 1):
         done_at, last = timeline.done[v]
         overhead.append((done_at - timeline.bump[v] - last["seconds"]) * 1e3)
         control.append((last["totalSeconds"] - last["seconds"]) * 1e3)
@@ -187,26 +216,21 @@ async def run(engine: str, rounds: int, warmup: int, mbytes: float, daemons: int
         data_plane.append(last["seconds"] * 1e3)
         total.append((done_at - timeline.bump[v]) * 1e3)
     payload = timeline.done[warmup + 1][1]["bytes"]
-
-    def row(name: str, values: list[float]) -> str:
-        return (f"{name:<38} {statistics.median(values):8.1f} {percentile(values, 0.9):8.1f} "
-                f"{min(values):8.1f} {max(values):8.1f}")
-
     print(f"operator overhead per sync: {rounds} rounds (after {warmup} warm-up), {group.targets}, "
           f"{payload / 1e6:.1f} MB per round, cpu transport, emulated API server")
     print(f"{'ms':<38} {'median':>8} {'p90':>8} {'min':>8} {'max':>8}")
-    print(row("bump -> Succeeded (end to end)", total))
-    print(row("  data plane (update step)", data_plane))
-    print(row("overhead = end to end - data plane", overhead))
-    print(row("  protocol control steps over HTTP", control))
+    print(_row("bump -> Succeeded (end to end)", total))
+    print(_row("  data plane (update step)", data_plane))
+    print(_row("overhead = end to end - data plane", overhead))
+    print(_row("  protocol control steps over HTTP", control))
     if engine == "vllm":
-        print(row("    of which vLLM's /pause call", pause_ms))
-    print(row("  operator + API server (the rest)", operator_api))
-    print(row("trainer push() wall time", [w * 1e3 for w in push_walls]))
+        print(_row("    of which vLLM's /pause call", measured.pause_ms))
+    print(_row("  operator + API server (the rest)", operator_api))
+    print(_row("trainer push() wall time", [w * 1e3 for w in measured.push_walls]))
     median = statistics.median(overhead)
     if engine == "vllm":
         print(f"\nmedian operator overhead {median:.1f} ms with a vLLM target, of which its /pause call "
-              f"{statistics.median(pause_ms):.1f} ms (vLLM sleeps 20 ms in it before answering); "
+              f"{statistics.median(measured.pause_ms):.1f} ms (vLLM sleeps 20 ms in it before answering); "
               f"the {TARGET_MS:g} ms target is for daemon targets: no verdict")
         return 0
     verdict = "meets" if median <= TARGET_MS else "MISSES"
