@@ -35,7 +35,11 @@ def _convert(node: Any, defs: dict[str, Any]) -> Any:
         return [_convert(item, defs) for item in node]
     if not isinstance(node, dict):
         return node
-    node = dict(node)
+    return _convert_children(_openapi_keywords(_inlined(dict(node), defs)), defs)
+
+
+def _inlined(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """No `$ref`, one-member `allOf` or null `anyOf` left: a structural schema has none."""
     if "$ref" in node:  # inline, letting the field's own keys (description, default) win
         target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
         node = {**target, **node}
@@ -50,16 +54,25 @@ def _convert(node: Any, defs: dict[str, Any]) -> Any:
             raise ValueError(f"not expressible as a structural schema: {members}")
         else:
             node = {**_convert(members[0], defs), **node}
+    return node
+
+
+def _openapi_keywords(node: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema 2020's keywords in OpenAPI 3.0's forms, as the API server reads them."""
     if node.get("default", 0) is None:
         del node["default"]
     if node.get("additionalProperties") is False:  # extra="forbid"; Kubernetes prunes unknown fields
         del node["additionalProperties"]
-    if "exclusiveMinimum" in node:  # JSON Schema 2020's number form → OpenAPI 3.0's boolean form
+    if "exclusiveMinimum" in node:  # the number form becomes the boolean form
         node["minimum"], node["exclusiveMinimum"] = node["exclusiveMinimum"], True
     if "exclusiveMaximum" in node:
         node["maximum"], node["exclusiveMaximum"] = node["exclusiveMaximum"], True
     if "const" in node:
         node["enum"] = [node.pop("const")]
+    return node
+
+
+def _convert_children(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _DROP:

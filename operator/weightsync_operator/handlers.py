@@ -29,7 +29,7 @@ from weightsync_operator.resource import GROUP, PLURAL, VERSION
 from weightsync_operator.runtime import Runtime
 
 FINALIZER = "weightsync.dev/finalizer"
-ERROR_BACKOFF = 5.0
+ERROR_BACKOFF = 5.0  # seconds before kopf retries a pass that failed unexpectedly
 
 
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
@@ -70,29 +70,28 @@ async def weightsync_changed(namespace: str, name: str, body: kopf.Body, memo: k
 
 async def run_weightsync(namespace: str, name: str, body: kopf.Body, stopped: kopf.DaemonStopped,
                          memo: kopf.Memo, logger: kopf.Logger, weightsync_pods: kopf.Index, **_) -> None:
-    """The WeightSync's reconciliation loop; `body` is kopf's live view of the object."""
+    """The WeightSync's reconciliation loop; `body` is kopf's live view of the object.
+
+    A pass that fails raises out of here and kopf retries the daemon, as declared in `register`:
+    after a `kopf.TemporaryError`'s own delay (a group that failed to form), or after
+    ERROR_BACKOFF for anything else (an API or bug-level failure), logged with its traceback. The
+    reconciler outlives the retries (memo.runtime holds it), so a retry resumes where it was.
+    (A WeightSync deleted while kopf waits to retry goes without the teardown below; the parties
+    leave that group when a group is next formed with them.)"""
     reconciler = memo.runtime.reconciler(namespace, name, body)
-    while not stopped:
-        reconciler.wake.clear()
-        reconciler.seen_generation = body.get("metadata", {}).get("generation")
-        try:
+    try:
+        while not stopped:
+            reconciler.wake.clear()
+            reconciler.seen_generation = body.get("metadata", {}).get("generation")
             delay = await reconciler.reconcile(body, weightsync_pods.get(namespace, []))
-        except kopf.PermanentError as error:
-            logger.error(f"{error}; waiting for the spec to change")
-            delay = None
-        except kopf.TemporaryError as error:
-            logger.warning(f"{error}; retrying in {error.delay:g}s, or sooner if something changes")
-            delay = error.delay
-        except Exception:  # an API or bug-level failure: log it, keep the loop alive
-            logger.exception(f"reconciliation failed; retrying in {ERROR_BACKOFF:g}s")
-            delay = ERROR_BACKOFF
-        await _nap(reconciler.wake, stopped, delay)
-    if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
-        # The finalizer's work (kopf keeps it on the object until this daemon returns): every
-        # party leaves the group, then the WeightSync may go.
-        await reconciler.teardown("the WeightSync is being deleted")
-        memo.runtime.forget(namespace, name)
-        logger.info("the transfer group is torn down")
+            await _nap(reconciler.wake, stopped, delay)
+    finally:
+        if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
+            # The finalizer's work (kopf keeps it on the object until this daemon returns): every
+            # party leaves the group, then the WeightSync may go.
+            await reconciler.teardown("the WeightSync is being deleted")
+            memo.runtime.forget(namespace, name)
+            logger.info("the transfer group is torn down")
 
 
 async def _nap(wake: asyncio.Event, stopped: kopf.DaemonStopped, delay: float | None) -> None:
@@ -115,7 +114,9 @@ def register(registry: kopf.OperatorRegistry) -> kopf.OperatorRegistry:
     kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)(weightsync_changed)
     # While a deleted WeightSync's daemon tears the group down, kopf re-checks every
     # `cancellation_polling` seconds whether it may release the finalizer (its default is 60).
-    kopf.daemon(GROUP, VERSION, PLURAL, cancellation_polling=0.5, registry=registry)(run_weightsync)
+    # A failed pass is retried by kopf for as long as the WeightSync exists (retries=None).
+    kopf.daemon(GROUP, VERSION, PLURAL, cancellation_polling=0.5, errors=kopf.ErrorsMode.TEMPORARY,
+                backoff=ERROR_BACKOFF, retries=None, registry=registry)(run_weightsync)
     return registry
 
 

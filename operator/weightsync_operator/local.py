@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from weightsync_operator.client import Endpoint
 
@@ -65,9 +66,35 @@ async def stop_all(processes: list[LocalProcess]) -> None:
 
 
 def free_port() -> int:
-    """A TCP port that was free a moment ago (for the trainer's rendezvous)."""
+    """A TCP port that was free a moment ago (for a rendezvous, or a server's --port), chosen
+    below the kernel's ephemeral range: a process that binds port 0 meanwhile (a daemon started
+    with --port 0, an outgoing connection) is never given it, and this process never hands the
+    same port out twice."""
+    import random
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - _RESERVED_SPAN), low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port below {low} after 200 tries")
+
+
+_RESERVED_SPAN = 20000  # the ports below the ephemeral range that free_port draws from
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default: 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768

@@ -2,12 +2,13 @@
 (status, the group in memory) and close the gap, one idempotent pass at a time.
 
 A pass (under this WeightSync's lock, so passes never overlap):
-  1. validate the spec (invalid: `kopf.PermanentError`, nothing happens until it changes);
+  1. validate the spec (invalid: reported, and nothing happens until it changes);
   2. pick the members: exactly one ready trainer pod, at least one ready target pod;
   3. if the members or the group settings changed since the group was formed, or the group is
      broken (a round failed, a party lost its group): leave the old group on every party, bring
      late joiners to the current version from a peer that holds it, and init the new group
-     (failure: `kopf.TemporaryError`, retried with backoff or as soon as something changes);
+     (failure: `kopf.TemporaryError`: kopf runs the loop again after a delay that doubles with
+     each failure in a row, up to MAX_BACKOFF);
   4. if `spec.version` is ahead of the last attempted version: run one sync round;
   5. every `recheck_interval`, ask every party's /healthz whether the group still stands.
 Each step writes the status (phase, conditions, per-target state) and a Kubernetes Event, and
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -56,8 +58,17 @@ log = logging.getLogger("weightsync.operator")
 StatusWriter = Callable[[dict], Awaitable[None]]
 EventSink = Callable[[str, str, str], None]  # (type Normal|Warning, reason, message)
 PodConditionSetter = Callable[[str, dict], Awaitable[None]]  # (pod name, condition)
-MAX_BACKOFF = 30.0
+MAX_BACKOFF = 10.0  # kopf's retry sleeps through changes: a fixed pod waits at most this long
 ANNOUNCE_SYNCING_AFTER = 0.25  # seconds into a round before the status says Syncing
+
+
+class Unchanged(enum.Enum):
+    """The type of UNCHANGED: a part of the status a step leaves as it is (None would clear it)."""
+
+    UNCHANGED = "unchanged"
+
+
+UNCHANGED = Unchanged.UNCHANGED
 
 
 class Reconciler:
@@ -80,10 +91,8 @@ class Reconciler:
         self._versions: dict[str, str | None] = {}  # target → the version its daemon reports
         self._problems: dict[str, tuple[str, str]] = {}  # target → (state, reason) of the last step
         self._left_out: dict[str, str] = {}  # members outside the formed group (failurePolicy), and why
-        self._failed_with: tuple | None = None
         self._spec_invalid = False
-        self._failures = 0
-        self._retry_at = 0.0
+        self._failures = 0  # init failures in a row: the retry's delay grows with them
         self._last_check = 0.0
         self._set_pod_condition = set_pod_condition
         self._gated: set[str] = set()  # target pods that carry the readiness gate
@@ -101,7 +110,8 @@ class Reconciler:
             except WeightSyncSpecError as error:
                 await self._report_invalid(error, generation)
                 self._spec_invalid = True
-                raise kopf.PermanentError(str(error)) from None
+                log.warning("%s/%s: %s; waiting for the spec to change", self.namespace, self.name, error)
+                return None  # the spec's next change wakes the loop
             if self._spec_invalid:  # fixed: form the group afresh, which rewrites the whole status
                 self._spec_invalid = False
                 await self._leave("the spec was fixed")
@@ -121,10 +131,8 @@ class Reconciler:
             fingerprint = (sync_spec, (spec.strategy.type, spec.strategy.max_unavailable),
                            trainer.identity(spec.daemon_port), tuple(t.identity(spec.daemon_port) for t in targets))
             if self.coordinator is None or self._broken or fingerprint != self._formed_with:
-                wait = self._retry_at - time.monotonic()
-                if fingerprint == self._failed_with and wait > 0:
-                    return wait  # back off, unless something changed since the last failure
-                await self._form(spec, sync_spec, trainer, targets, fingerprint, generation)
+                if not await self._form(spec, sync_spec, trainer, targets, fingerprint, generation):
+                    return None  # a change of the spec or the pods wakes the loop
             elif time.monotonic() - self._last_check >= self.recheck_interval:
                 await self._check_health(spec, generation)
                 if self._broken:
@@ -142,7 +150,9 @@ class Reconciler:
 
     # -- steps ------------------------------------------------------------------------------
     async def _form(self, spec: WeightSyncSpec, sync_spec: SyncSpec, trainer: PodRef, targets: list[PodRef],
-                    fingerprint: tuple, generation: int | None) -> None:
+                    fingerprint: tuple, generation: int | None) -> bool:
+        """Form the group anew; False: the spec cannot drive these members (reported). An init
+        that fails raises kopf.TemporaryError: kopf runs the daemon again after its delay."""
         await self._leave("the group is re-formed")
         self._members = {p.name: p for p in targets}
         self._problems = {}
@@ -160,7 +170,8 @@ class Reconciler:
                          message=message, rendezvous=None)
             await self._flush()
             self._emit("Warning", "InvalidGroup", message)
-            raise kopf.PermanentError(message) from None
+            log.warning("%s/%s: %s; waiting for the spec or the pods to change", self.namespace, self.name, message)
+            return False
         self._update(spec, generation, phase="Initializing", progressing=("Initializing", "forming the group"),
                      message=f"forming the group: trainer {trainer.name} and {len(targets)} target(s)")
         await self._flush()
@@ -173,8 +184,6 @@ class Reconciler:
             group = await coordinator.init()
         except InitError as error:
             self._failures += 1
-            delay = min(2.0 ** (self._failures - 1), MAX_BACKOFF)
-            self._failed_with, self._retry_at = fingerprint, time.monotonic() + delay
             for failure in error.failures:
                 if failure.party in self._members:
                     self._problems[failure.party] = ("Unreachable" if failure.status is None else "Failed",
@@ -184,9 +193,10 @@ class Reconciler:
                          message=message, rendezvous=None)
             await self._flush()
             self._emit("Warning", "InitFailed", message)
-            raise kopf.TemporaryError(message, delay=delay) from None
+            # kopf runs the daemon again after this delay (it grows with the failures in a row).
+            raise kopf.TemporaryError(message, delay=min(2.0 ** (self._failures - 1), MAX_BACKOFF)) from None
         self.coordinator, self._formed_with, self._broken = coordinator, fingerprint, False
-        self._failures, self._failed_with, self._last_check = 0, None, time.monotonic()
+        self._failures, self._last_check = 0, time.monotonic()
         rendezvous = Rendezvous(trainer_pod=trainer.name, trainer_endpoint=coordinator.trainer.endpoint.url,
                                 master_address=group.master_address, master_port=group.master_port,
                                 world_size=group.world_size, group_name=group.name, backend=spec.backend)
@@ -197,6 +207,7 @@ class Reconciler:
                      message=message, rendezvous=rendezvous)
         await self._flush()
         self._emit("Normal", "GroupFormed", message)
+        return True
 
     async def _catch_up(self, spec: WeightSyncSpec, sync_spec: SyncSpec, targets: list[PartyClient],
                         generation: int | None) -> None:
@@ -436,19 +447,21 @@ class Reconciler:
                 self._problems.pop(party.name, None)
 
     def _update(self, spec: WeightSyncSpec, generation: int | None, phase: Phase | None = None,
-                progressing: tuple[str, str] | None | bool = False, degraded: tuple[str, str] | None | bool = False,
-                message: str | None = None, rendezvous: Rendezvous | None | bool = False) -> None:
-        """Fold one step's outcome into the status (False: leave that part as it is)."""
+                progressing: tuple[str, str] | None | Unchanged = UNCHANGED,
+                degraded: tuple[str, str] | None | Unchanged = UNCHANGED,
+                message: str | None = None, rendezvous: Rendezvous | None | Unchanged = UNCHANGED) -> None:
+        """Fold one step's outcome into the status (None clears a condition or the rendezvous;
+        UNCHANGED leaves that part as it is)."""
         s = self.status
         phase = phase or s.phase
         targets = self._target_statuses(spec)
         synced = sum(t.state == "Synced" for t in targets)
         formed = self.coordinator is not None or phase in ("Syncing", "Succeeded")
         conditions = s.conditions
-        if progressing is not False:
+        if not isinstance(progressing, Unchanged):
             reason, text = progressing or ("Idle", "nothing to do")
             conditions = set_condition(conditions, "Progressing", progressing is not None, reason, text, generation)
-        if degraded is not False:
+        if not isinstance(degraded, Unchanged):
             reason, text = degraded or ("AsExpected", "the last step succeeded")
             conditions = set_condition(conditions, "Degraded", degraded is not None, reason, text, generation)
         in_sync = formed and bool(targets) and synced == len(targets) and (
@@ -464,7 +477,7 @@ class Reconciler:
                   "ready_targets": f"{synced}/{len(targets)}", "conditions": conditions}
         if message is not None:
             update["message"] = message
-        if rendezvous is not False:
+        if not isinstance(rendezvous, Unchanged):
             update["rendezvous"] = rendezvous
         self.status = s.model_copy(update=update)
 

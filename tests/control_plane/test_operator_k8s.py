@@ -245,3 +245,34 @@ async def test_pending_without_pods_and_ambiguous_trainer(tmp_path):
         await c.set_pod_ready(NS, "trainer-b", False)
         obj = await c.wait_for(NS, NAME, lambda o: condition(o, "Degraded")["reason"] != "AmbiguousTrainer",
                                30, "one trainer")
+
+
+async def test_a_group_that_fails_to_form_is_retried_by_kopf(tmp_path, caplog):
+    """A ready trainer pod whose agent does not answer yet: the init fails, the pass raises
+    kopf.TemporaryError and kopf runs the WeightSync's loop again after that error's delay (which
+    doubles with each failure in a row), saying so in its log; each failure is an InitFailed
+    event. Once the pod's agent answers, a retry forms the group, and a round lands."""
+    async with cluster(tmp_path) as c, operator(c.url, recheck_interval=0.5):
+        await c.create_weightsync(NS, NAME, spec(free_port()))
+        daemons, trainer = await asyncio.gather(start_daemons(1), Trainer.start(c, NS, NAME, "trainer-0"))
+        try:
+            await c.create_pod(NS, "trainer-0", "trainer", NAME, f"http://127.0.0.1:{free_port()}")  # nobody there
+            await c.create_pod(NS, daemons[0].name, "inference", NAME, daemons[0].url)
+            deadline = asyncio.get_running_loop().time() + 60
+            while len(failed := [e for e in c.events(NS, NAME) if e.get("reason") == "InitFailed"]) < 3:
+                assert asyncio.get_running_loop().time() < deadline, f"{len(failed)} InitFailed events in 60 s"
+                await asyncio.sleep(0.1)
+            assert all("trainer-0" in e["message"] and "unreachable" in e["message"] for e in failed), failed
+            retries = [r for r in caplog.records if "Daemon 'run_weightsync' failed temporarily" in r.getMessage()]
+            assert len(retries) >= 2 and "init failed" in retries[0].getMessage(), "kopf did not do the retrying"
+            assert c.weightsync(NS, NAME)["status"]["phase"] == "Failed"
+
+            await c.restart_pod(NS, "trainer-0", trainer.url, restarts=1)  # its agent answers now
+            obj = await c.wait_for(NS, NAME, phase_is("Ready"), 30, "Ready once the trainer answers")
+            assert condition(obj, "Degraded")["status"] == "False"
+            assert (await trainer.wait_ready())["ok"]
+            answer = await trainer.push(1)
+            assert answer["ok"], answer
+        finally:
+            await trainer.stop()
+            await asyncio.gather(*(d.stop() for d in daemons))
