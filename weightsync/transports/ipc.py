@@ -52,11 +52,13 @@ from weightsync.transports.lending.transport import LendingTransport
 from weightsync.transports.options import TransportOptions, env_default
 
 
-def _verify_mode(raw: str) -> str:
+def _verify_mode(raw: str) -> Literal["sample", "full"]:
     value = raw.strip().lower()
-    if value not in ("sample", "full"):
-        raise ValueError("expected sample or full")
-    return value
+    if value == "sample":
+        return "sample"
+    if value == "full":
+        return "full"
+    raise ValueError("expected sample or full")
 
 
 class IpcOptions(TransportOptions):
@@ -115,7 +117,9 @@ class LocalCopy(CopyStrategy[RegionPlan]):
         if full and digest is not None:
             if True not in plan.loads:
                 plan.loads[True] = Coverage.FULL.plan(plan.sources, plan.offsets)
-            plan.loads[True].run(digest)
+            checksum = plan.loads[True]
+            assert isinstance(checksum, RegionPlan)  # this strategy's own cache entry
+            checksum.run(digest)
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(self._device))
         return Landed(failure, done, full)
@@ -129,7 +133,9 @@ class IpcTransport(LendingTransport):
 
     def coverage(self) -> Coverage:
         """The agreed `verify` option: a sample (the default) or every byte."""
-        return Coverage(self.options.verify)
+        options = self.options
+        assert isinstance(options, IpcOptions)  # options_model
+        return Coverage(options.verify)
 
     def copy_strategy(self, side: torch.cuda.Stream) -> CopyStrategy[RegionPlan]:
         return LocalCopy(self.device, side)

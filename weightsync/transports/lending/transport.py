@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -17,6 +17,13 @@ from weightsync.transports.base import RoundStats, SparsePatch, Transport
 from weightsync.transports.lending.checksums import Coverage, DigestBoard, DigestPublisher
 from weightsync.transports.lending.receiver import CopyStrategy, IpcReceiver
 from weightsync.transports.lending.sender import IpcSender
+
+
+class _LendingOptions(Protocol):
+    """What the lending family reads of its transports' options (ipc's, p2p's)."""
+
+    @property
+    def source_sum_programs(self) -> int | None: ...
 
 
 class LendingTransport(Transport):
@@ -36,8 +43,9 @@ class LendingTransport(Transport):
         self.digests = DigestBoard(open_store(init, rank, self.options.agreed()))
         side = torch.cuda.Stream(device)  # checksums (and ipc's copy) run here, off the round's stream
         if rank == 0:
+            options = cast(_LendingOptions, self.options)  # each lending transport's options model has it
             publisher = DigestPublisher(self.digests, device, side, init.timeout_seconds,
-                                        self.options.source_sum_programs)
+                                        options.source_sum_programs)
             self._role = IpcSender(init, device, self.coverage(), publisher)
         else:
             self._role = IpcReceiver(self.name, init, device, self.digests, side, self.copy_strategy(side))
