@@ -3,6 +3,8 @@ chunking of a stream."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from weightsync.layout import Chunk, Layout
@@ -35,6 +37,7 @@ class StagingBuffers:
     def area(self, count: int) -> torch.Tensor:
         """The `count` staging buffers as one flat area."""
         self.get(count)
+        assert self.flat is not None  # get() allocated it
         return self.flat[: count * self._party.init.packed_buffer_size_bytes]
 
     def clear(self) -> None:
@@ -48,10 +51,12 @@ class Chunking:
 
     def __init__(self, party: Party):
         self._party = party
-        self._layouts: dict[tuple, tuple[Layout, list[Chunk]]] = {}
+        self._layouts: dict[tuple[Any, ...], tuple[Layout, list[Chunk]]] = {}
 
     def of(self, sizes: tuple[int, ...], header: RoundHeader) -> tuple[Layout, list[Chunk]]:
-        ramp = self._party.options.ramp
+        options = self._party.options
+        assert options is not None  # the transport's, set at init
+        ramp = options.ramp
         key = (sizes, header.alignment, header.buffer_size_bytes, ramp)
         if key not in self._layouts:
             if len(self._layouts) > 8:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from weightsync.protocol import InitInfo
-from weightsync.transports.options import TransportOptions
+
+if TYPE_CHECKING:
+    from weightsync.transports.collective.transport import CollectiveOptions
 
 
 class Pending(ABC):
@@ -75,4 +78,4 @@ class Party:
     rank: int
     device: torch.device
     group: Group
-    options: TransportOptions | None = None
+    options: CollectiveOptions | None = None

@@ -75,13 +75,14 @@ class CollectiveTransport(Transport):
         self.party.init = value
 
     @property
-    def options(self) -> TransportOptions:
+    def options(self) -> CollectiveOptions:
         options = self.party.options
         assert options is not None  # set by Transport.__init__, before any other use
         return options
 
     @options.setter
     def options(self, value: TransportOptions) -> None:
+        assert isinstance(value, CollectiveOptions)  # options_model
         self.party.options = value
 
     @property
