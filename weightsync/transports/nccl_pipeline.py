@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
@@ -31,23 +32,26 @@ class Streams:
         return [s for pool in self._pools.values() for s in pool]
 
 
+_Plan = TypeVar("_Plan")
+
+
 @dataclass(frozen=True)
 class _CachedPlans:
-    key: tuple
-    plans: list
+    key: tuple[Any, ...]
+    plans: list[Any]
     chunks: Sequence[Chunk]  # kept alive, so that the ids in `key` stay unique
-    keep: tuple = field(default=())
+    keep: tuple[Any, ...] = field(default=())
 
 
 class PlanCache:
     """One list of plans per kind (pack, unpack, landed pieces, ...), reused while the chunks and
     the memory they point at stay the same (building them costs host time before the payload)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._plans: dict[str, _CachedPlans] = {}
 
-    def get(self, kind: str, chunks: Sequence[Chunk], key: tuple, build: Callable[[], list],
-            keep: tuple = ()) -> list:
+    def get(self, kind: str, chunks: Sequence[Chunk], key: tuple[Any, ...], build: Callable[[], list[_Plan]],
+            keep: tuple[Any, ...] = ()) -> list[_Plan]:
         """The plans for `chunks` (a cached list: the entry keeps it, and `keep`, alive, so their
         ids are stable) whose memory is identified by `key`; built on first use."""
         key = (id(chunks), *(id(k) for k in keep), *key)
@@ -90,4 +94,5 @@ def join(device: torch.device, group: NcclGroup, streams: Sequence[torch.cuda.St
     current.wait_stream(group.stream)
     if digest is not None:
         for part in parts:
+            assert part is not None  # a checksummed round has a partial checksum per stream
             digest.add(part.sums)

@@ -6,13 +6,14 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from weightsync.errors import ProtocolError
+from weightsync.errors import ProtocolError, TransferError
 from weightsync.layout import DEFAULT_ALIGNMENT, Layout, align_up
 from weightsync.packing import RegionPlan, as_bytes
-from weightsync.protocol import InitInfo, TensorSpec
+from weightsync.protocol import InitInfo, TensorSpec, UpdateKind
 from weightsync.transports.base import RoundStats, SparsePatch
 from weightsync.transports.lending.checksums import Coverage, DigestPublisher
 from weightsync.transports.lending.header import HandleExporter, RoundFlags
@@ -31,7 +32,7 @@ class StreamItem:
 class BatchCursor:
     """A round in progress on the trainer: what is left to send, batch by batch."""
 
-    def __init__(self, kind: str, items: Iterator[StreamItem], repeat_key: tuple | None = None):
+    def __init__(self, kind: UpdateKind, items: Iterator[StreamItem], repeat_key: tuple[Any, ...] | None = None):
         self.kind = kind
         self.items = items
         self.pending: StreamItem | None = None  # an item that did not fit the last batch
@@ -51,10 +52,10 @@ class BatchCursor:
 class RepeatLending:
     """A trainer round that can be repeated as is: same tensors, same storages, same handles."""
 
-    key: tuple
+    key: tuple[Any, ...]
     views: list[torch.Tensor]
     specs: list[TensorSpec]
-    body: dict  # its update_info, but for the round's flags
+    body: dict[str, Any]  # its update_info, but for the round's flags
     nbytes: int
     digest: RegionPlan | None = None
     coverage: Coverage | None = None  # what `digest` covers
@@ -119,7 +120,7 @@ class IpcSender:
 
     def send_sparse(self, patches: Iterable[SparsePatch]) -> RoundStats:
         if self._cursor is None:
-            def items():
+            def items() -> Iterator[StreamItem]:
                 for p in patches:
                     if p.indices.shape != p.values.shape or p.indices.dim() != 1:
                         raise ProtocolError(f"patches[{p.name}]", "indices and values must be 1-D and equally long")
@@ -127,7 +128,8 @@ class IpcSender:
             self._start("sparse_flat", items())
         return self._send_batch()
 
-    def _start(self, kind: str, items: Iterable[StreamItem], repeat_key: tuple | None = None) -> None:
+    def _start(self, kind: UpdateKind, items: Iterable[StreamItem], repeat_key: tuple[Any, ...] | None = None
+               ) -> None:
         self._lent = []  # the previous round is over: its tensors may go
         self._cursor = BatchCursor(kind, iter(items), repeat_key)
 
@@ -155,6 +157,8 @@ class IpcSender:
     def _next_batch(self) -> RoundStats:
         started = time.perf_counter()
         cursor = self._cursor
+        if cursor is None:
+            raise TransferError("no round in progress on the trainer: nothing to send")
         specs, views = self._fill_batch(cursor)
         more = cursor.pending is not None
         round_id = f"{cursor.round_id}-{cursor.batch}"
@@ -183,7 +187,9 @@ class IpcSender:
         ends where the next item's copies would overflow packed_num_buffers x
         packed_buffer_size_bytes (the item waits in `cursor.pending`). ProtocolError when a
         single item needs more staging than that."""
-        specs, views, fill = [], [], 0
+        specs: list[TensorSpec] = []
+        views: list[torch.Tensor] = []
+        fill = 0
         capacity = self.init.packed_num_buffers * self.init.packed_buffer_size_bytes
         while (item := cursor.next()) is not None:
             staged = [t for t in item.tensors if not self._lendable(t)]
