@@ -23,6 +23,7 @@ Everything else is ipc's protocol (`weightsync.transports.lending`): p2p adds it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Annotated, NamedTuple
 
@@ -99,7 +100,7 @@ class PeerCopy(CopyStrategy[PeerCopyPlan]):
     soon as it landed; a loader gets the bytes through bounded local staging (reading the peer
     once), never views of the peer's memory."""
 
-    def __init__(self, device: torch.device, side: torch.cuda.Stream | None, options: P2pOptions) -> None:
+    def __init__(self, device: torch.device, side: torch.cuda.Stream, options: P2pOptions) -> None:
         self._device = device
         self._check = side  # the checksums run here
         self._options = options
@@ -127,8 +128,8 @@ class PeerCopy(CopyStrategy[PeerCopyPlan]):
                  if s.numel() >= SMALL_BYTES]
         small = [Region(s, d, o) for s, d, o in zip(plan.sources, plan.destinations, plan.offsets, strict=True)
                  if 0 < s.numel() < SMALL_BYTES]
-        pulled = (piece_plan(*zip(*large, strict=True), checksum, self._options.piece_bytes) if large
-                  else PeerCopyPlan([], []))
+        pulled = (piece_plan([s for s, _, _ in large], [d for _, d, _ in large], [o for _, _, o in large], checksum,
+                             self._options.piece_bytes) if large else PeerCopyPlan([], []))
         return replace(pulled, small=RegionPlan(small, copy=True, digest=checksum) if small else None)
 
     def pull(self, copy_plan: PeerCopyPlan, digest: StreamDigest | None) -> torch.cuda.Event:
@@ -189,9 +190,10 @@ class PeerCopy(CopyStrategy[PeerCopyPlan]):
     def _staged_pull(self, plan: RoundPlan, loader: LoaderSink, verify: bool, init: InitInfo) -> StagedPull:
         """The round's staged load and each chunk's (staging, peer) copies, built once per plan."""
         cached = plan.loads.get(verify)
-        if cached is not None and cached.area is self._area:
+        if isinstance(cached, StagedPull) and cached.area is self._area:
             return cached
         manifest = plan.landing.manifest
+        assert manifest is not None  # a loader round's landing names its manifest
         layout = Layout.of_sizes(plan.sizes)
         capacity = init.packed_num_buffers * init.packed_buffer_size_bytes
         # The receiver cuts the round itself: chunks of a quarter of the staging at most, so that
@@ -229,7 +231,9 @@ class P2pTransport(LendingTransport):
     # coverage(): LendingTransport's, every byte (the copy crosses NVLink)
 
     def copy_strategy(self, side: torch.cuda.Stream) -> CopyStrategy[PeerCopyPlan]:
-        return PeerCopy(self.device, side, self.options)
+        options = self.options
+        assert isinstance(options, P2pOptions)  # options_model
+        return PeerCopy(self.device, side, options)
 
 
 def group_target(remaining: int, piece_bytes: int | None = None) -> int:
@@ -238,7 +242,8 @@ def group_target(remaining: int, piece_bytes: int | None = None) -> int:
     return min(PIECE_BYTES if piece_bytes is None else piece_bytes, max(TAIL_BYTES, remaining // 2))
 
 
-def piece_plan(sources, destinations, offsets, verify: bool, piece_bytes: int | None = None) -> PeerCopyPlan:
+def piece_plan(sources: Sequence[torch.Tensor], destinations: Sequence[torch.Tensor], offsets: Sequence[int],
+               verify: bool, piece_bytes: int | None = None) -> PeerCopyPlan:
     """Cut the (source, destination) pairs, in stream order, into pieces that fill groups of
     `group_target` bytes; each group gets its checksum plan when `verify`."""
     pieces: list[Piece] = []
@@ -248,7 +253,7 @@ def piece_plan(sources, destinations, offsets, verify: bool, piece_bytes: int | 
     remaining = sum(src.numel() for src in sources)
     room = group_target(remaining, piece_bytes)
 
-    def close_group():
+    def close_group() -> None:
         nonlocal members, group_regions, room
         if members:
             groups.append(PieceGroup(members, RegionPlan(group_regions, copy=False) if verify else None))
