@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
 
     too_complex = [m for m in measured if m.complexity > MAX_COMPLEXITY]
     too_long = [m for m in measured if m.lines > MAX_LINES]
-    for title, items, key in (
+    worst_first: list[tuple[str, list[Measured], Callable[[Measured], int]]] = [
         (f"more complex than {MAX_COMPLEXITY}", too_complex, lambda m: -m.complexity),
         (f"longer than {MAX_LINES} lines", too_long, lambda m: -m.lines),
-    ):
+    ]
+    for title, items, key in worst_first:
         if items:
             print(f"\n{len(items)} function(s) {title}:")
             for m in sorted(items, key=lambda m: (key(m), m.where())):
