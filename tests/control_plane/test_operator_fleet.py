@@ -77,15 +77,17 @@ async def test_only_pods_on_the_current_version_are_ready(tmp_path):
         await c.create_weightsync(NS, NAME, spec(free_port()))
         daemons, trainer = await asyncio.gather(start_daemons(4), Trainer.start(c, NS, NAME, "trainer-0"))
         try:
-            await c.create_pod(NS, "trainer-0", "trainer", NAME, trainer.url)
             gated, plain = daemons[:2], daemons[2]
             for d in gated:
                 await c.create_pod(NS, d.name, "inference", NAME, d.url, gated=True)
             await c.create_pod(NS, plain.name, "inference", NAME, plain.url)
+            # No trainer yet, so no group: the gated pods are not ready. (Once a group forms, a
+            # target holds version 0, "nothing published", at once: its gate turns True.)
             pods = await kubectl_pods(c.kubeconfig, NS)
             assert [pods[d.name]["READINESS GATES"] for d in gated] == ["0/1", "0/1"]
             assert pods[plain.name]["READINESS GATES"] == "<none>" and pods[plain.name]["READY"] == "1/1"
             assert all(conditions(c.pod(NS, d.name))["Ready"] == "False" for d in gated)
+            await c.create_pod(NS, "trainer-0", "trainer", NAME, trainer.url)
 
             await c.wait_for(NS, NAME, lambda o: (o.get("status") or {}).get("readyTargets") == "3/3", 60,
                              "the group formed with all three targets")

@@ -52,4 +52,4 @@ def test_a_pause_mode_vllm_does_not_have_is_refused_naming_the_field(mode):
     trainer = VLLMTrainer(sender=None, endpoints=[], init=None)  # refused before either is used
     with pytest.raises(ProtocolError) as refused:
         trainer.push([], pause_mode=mode)
-    assert refused.value.field == "pause_mode" and "keep, abort, wait" in str(refused.value)
+    assert refused.value.field == "pause_mode" and "abort, wait, keep" in str(refused.value)
