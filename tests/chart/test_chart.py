@@ -88,8 +88,9 @@ def test_every_feature_on_renders_and_validates():
 def test_namespaced_operator_renders_and_validates():
     docs = render({"operator": {"watchNamespaces": ["team-a", "team-b"], "replicas": 3}})
     validate_all(docs)
-    assert {(d["kind"], d["metadata"].get("namespace")) for d in docs if d["kind"] in ("Role", "RoleBinding", "KopfPeering")} \
-        == {(k, ns) for k in ("Role", "RoleBinding", "KopfPeering") for ns in ("team-a", "team-b")}
+    rbac_kinds = ("Role", "RoleBinding", "KopfPeering")
+    assert {(d["kind"], d["metadata"].get("namespace")) for d in docs if d["kind"] in rbac_kinds} \
+        == {(k, ns) for k in rbac_kinds for ns in ("team-a", "team-b")}
 
 
 def test_lint_is_clean():
@@ -303,7 +304,8 @@ def test_rbac_and_operator_can_be_left_out():
     docs = render({"operator": {"enabled": False}})
     assert not [d for d in docs if d["kind"] in ("Deployment", "ClusterRole", "ServiceAccount")
                 and d["metadata"]["name"] != f"{FULL}-trainer"]
-    assert not [d for d in render({"rbac": {"create": False}}) if "Role" in d["kind"] and "operator" in d["metadata"]["name"]]
+    assert not [d for d in render({"rbac": {"create": False}})
+                if "Role" in d["kind"] and "operator" in d["metadata"]["name"]]
 
 
 # -- the GPU daemons ----------------------------------------------------------------------

@@ -157,7 +157,8 @@ def test_every_vllm_worker_is_scraped_exactly_once():
     assert len(endpoint_ports) == len(set(endpoint_ports))
     target = example_pod()
     labels = target["metadata"]["labels"]
-    services = [d for d in docs if d["kind"] == "Service" and _selects(monitor["spec"]["selector"], d["metadata"]["labels"])
+    services = [d for d in docs
+                if d["kind"] == "Service" and _selects(monitor["spec"]["selector"], d["metadata"]["labels"])
                 and d["spec"]["selector"].items() <= labels.items()]
     scraped = [p["targetPort"] for s in services for p in s["spec"]["ports"] if p["name"] in endpoint_ports]
     metrics_ports = [p["containerPort"] for p in target["spec"]["containers"][0]["ports"] if p["name"] != "weightsync"]

@@ -143,7 +143,8 @@ def _panel(title: str) -> dict:
 
 def test_dashboard_answers_the_questions_it_is_for():
     duration = [t["expr"] for t in _panel("Sync duration by phase (p50, p95)")["targets"]]
-    assert [e.startswith(f"histogram_quantile({q},") for e, q in zip(duration, ("0.5", "0.95"))] == [True, True]
+    quantiles = zip(duration, ("0.5", "0.95"), strict=False)
+    assert [e.startswith(f"histogram_quantile({q},") for e, q in quantiles] == [True, True]
     assert all(selected(e)[1] == {"le", "phase"} for e in duration)
     assert _panel("Sync duration by phase (p50, p95)")["fieldConfig"]["defaults"]["unit"] == "s"
     throughput = _panel("Transfer throughput")
@@ -270,4 +271,5 @@ def test_queries_select_only_what_a_live_daemon_exports(scraped):
                 if op == "=":
                     assert value in exported[label], f"{where}: {name}{{{label}={value!r}}} never occurs"
         exported_labels = {label for series in scraped.values() for label in series} | {"le"}
-        assert grouping <= exported_labels | added, f"{where}: groups by unknown labels {grouping - exported_labels - added}"
+        assert grouping <= exported_labels | added, \
+            f"{where}: groups by unknown labels {grouping - exported_labels - added}"

@@ -34,7 +34,7 @@ def promtool(*args: str, cwd: Path) -> None:
 
 def expect(name: str, at: str, *labels: dict) -> dict:
     """The alert `name` firing at `at` for each label set (none: it must not fire)."""
-    return {"eval_time": at, "alertname": name, "exp_alerts": [{"exp_labels": dict(l)} for l in labels]}
+    return {"eval_time": at, "alertname": name, "exp_alerts": [{"exp_labels": dict(label_set)} for label_set in labels]}
 
 
 def test_rules_pass_promtool_check(tmp_path):
@@ -53,7 +53,8 @@ def test_alerts_fire_when_they_should_and_only_then(tmp_path):
         {  # a failed round at minute 3: alert while it is within the 10m window, quiet after
             "interval": "1m",
             "input_series": [
-                {"series": f'weightsync_updates_total{{{SERIES}, pod="d0", outcome="failure"}}', "values": "0 0 0 1 1x20"},
+                {"series": f'weightsync_updates_total{{{SERIES}, pod="d0", outcome="failure"}}',
+                 "values": "0 0 0 1 1x20"},
                 {"series": f'weightsync_updates_total{{{SERIES}, pod="d1", outcome="failure"}}', "values": "0x24"}],
             "alert_rule_test": [
                 expect("WeightSyncSyncsFailing", "2m"),

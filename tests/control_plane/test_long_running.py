@@ -115,7 +115,8 @@ class Detached:
         log = log_dir / f"{name}.log"
         with log.open("wb") as sink:
             process = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE if stdin_open else asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE if url_line else sink,
+                *argv, stdin=asyncio.subprocess.PIPE if stdin_open else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE if url_line else sink,
                 stderr=sink, start_new_session=True, env={**os.environ, TOKEN_ENV: TOKEN, **(env or {})})
         started = cls(name, process, log)
         if url_line:

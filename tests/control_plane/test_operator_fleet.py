@@ -15,7 +15,9 @@ import yaml
 
 import pytest
 
-from helpers.k8s_harness import NAME, NS, Trainer, VllmTrainer, checksums, cluster, free_port, operator, spec, start_daemons, until
+from helpers.k8s_harness import (
+    NAME, NS, Trainer, VllmTrainer, checksums, cluster, free_port, operator, spec, start_daemons, until,
+)
 from weightsync_operator.pods import SYNCED_CONDITION
 
 pytestmark = [pytest.mark.k8s, pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl")]
@@ -313,7 +315,7 @@ async def test_waves_keep_all_but_max_unavailable_targets_serving(tmp_path):
             for version in (1, 2):
                 most_paused, stop = 0, asyncio.Event()
 
-                async def watch_pauses() -> None:
+                async def watch_pauses(stop: asyncio.Event = stop) -> None:
                     nonlocal most_paused
                     while not stop.is_set():
                         answers = await asyncio.gather(*(http.get(d.url + "/is_paused") for d in daemons))

@@ -36,7 +36,8 @@ async def test_create_init_sync_succeeds_with_figures(tmp_path):
             for d in daemons:
                 await c.create_pod(NS, d.name, "inference", NAME, d.url)
 
-            obj = await c.wait_for(NS, NAME, lambda o: phase_is("Ready")(o) and o["status"].get("readyTargets") == "2/2",
+            obj = await c.wait_for(NS, NAME,
+                                   lambda o: phase_is("Ready")(o) and o["status"].get("readyTargets") == "2/2",
                                    60, "phase Ready with both targets")
             status = obj["status"]
             assert status["rendezvous"]["trainerPod"] == "trainer-0"

@@ -47,7 +47,8 @@ class Kubectl:
 async def test_readme_kubectl_flow(tmp_path):
     async with cluster(tmp_path, install_crd=False) as c:
         kubectl = Kubectl(c.kubeconfig)
-        assert "created" in await kubectl("apply", "--validate=false", "-f", str(ROOT / "crds/weightsync.dev_weightsyncs.yaml"))
+        crd_yaml = str(ROOT / "crds/weightsync.dev_weightsyncs.yaml")
+        assert "created" in await kubectl("apply", "--validate=false", "-f", crd_yaml)
         # (`kubectl create namespace rl` is left out: kmock reads /api/v1/namespaces as a namespace
         # prefix, and namespaces need not exist in the emulator.)
 
@@ -103,7 +104,8 @@ async def test_readme_kubectl_flow(tmp_path):
 
             watcher.terminate()
             seen = (await asyncio.wait_for(watcher.stdout.read(), 10)).decode()
-            phases = [line.split()[1] for line in seen.splitlines()[1:] if line.startswith(NAME) and len(line.split()) > 2]
+            phases = [line.split()[1] for line in seen.splitlines()[1:]
+                      if line.startswith(NAME) and len(line.split()) > 2]
             assert "Pending" in phases and "Succeeded" in phases, seen
         finally:
             for process in (watcher,):

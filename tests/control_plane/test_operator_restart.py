@@ -128,7 +128,7 @@ async def test_operator_restarted_mid_sync_round_ends_and_next_version_succeeds(
                     assert conditions["Degraded"]["status"] == "True" and conditions["Degraded"]["reason"]
                     assert answer["reason"] == status["lastSync"]["reason"]
                     # Each target holds version 1 bit-exact, or says its weights are not intact.
-                    for url, held, had in zip(urls, await checksums(http, urls), before):
+                    for url, held, had in zip(urls, await checksums(http, urls), before, strict=True):
                         health = (await http.get(url + "/healthz")).json()
                         assert held == had or not health["weights_intact"], (url, health)
 

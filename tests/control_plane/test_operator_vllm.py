@@ -38,7 +38,8 @@ async def test_vllm_targets_with_pause_mode_none_are_reported_then_the_fixed_spe
         await c.create_weightsync(NS, NAME, spec)
         await create_pod(c, "trainer-0", "trainer", {DAEMON_PORT_ANNOTATION: str(closed)})
         await create_pod(c, "vllm-0", "inference", {DAEMON_PORT_ANNOTATION: str(closed), ENGINE_ANNOTATION: "vllm"})
-        obj = await c.wait_for(NS, NAME, lambda o: "cannot drive vLLM targets" in o.get("status", {}).get("message", ""),
+        obj = await c.wait_for(NS, NAME,
+                               lambda o: "cannot drive vLLM targets" in o.get("status", {}).get("message", ""),
                                30, "the refused group in the status")
         status = obj["status"]
         assert status["phase"] == "Failed"

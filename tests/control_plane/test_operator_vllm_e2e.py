@@ -55,7 +55,8 @@ LOCAL_SPEC = {"backend": "cpu", "rendezvousPort": None, "packedBufferSizeBytes":
 def readme_blocks() -> dict[str, str]:
     """docs/kubernetes.md's blocks that this test runs, by language: the pod metadata (yaml), the
     commands (sh, in order) and the sample output (text)."""
-    blocks = [s for s in page_snippets(DOCS / "kubernetes.md") if s.kind == "covered" and s.argument.startswith(TEST_ID)]
+    blocks = [s for s in page_snippets(DOCS / "kubernetes.md")
+              if s.kind == "covered" and s.argument.startswith(TEST_ID)]
     by_language: dict[str, list[str]] = {}
     for block in blocks:
         by_language.setdefault(block.language or "text", []).append(block.code)
@@ -163,7 +164,7 @@ async def test_readme_vllm_flow_end_to_end(tmp_path, vllm_python):
             async def served() -> dict[str, list[list[int]]]:
                 answers = await asyncio.gather(*(completions(http, s.url, str(tmp_path / "model"), prompts)
                                                  for s in servers.values()))
-                return dict(zip(servers, answers))
+                return dict(zip(servers, answers, strict=True))
 
             async def push_and_check(version: int) -> list[list[int]]:
                 t0 = time.monotonic()

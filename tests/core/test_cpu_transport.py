@@ -68,7 +68,7 @@ async def group(module_spawn, module_http, rendezvous_port):
 async def test_rounds_are_bit_exact_on_every_daemon(group):
     for version in range(1, 4):
         named = _model(seed=version)
-        sent, answers = await group.round(lambda: group.sender.send_weights(named), version)
+        sent, answers = await group.round(lambda named=named: group.sender.send_weights(named), version)
         assert sent.payload_bytes >= sum(t.numel() * t.element_size() for _, t in named)
         assert sent.num_chunks > 1  # the 16 KiB buffers really split the stream
         assert all(a.json()["checksum"] == sent.checksum for a in answers)

@@ -16,8 +16,9 @@ from weightsync import TransferError, WeightSender
 from weightsync.store import named_checksum
 from weightsync_operator.local import free_port
 
-pytestmark = pytest.mark.faults
 from helpers.slow_trainer import slowed, weights
+
+pytestmark = pytest.mark.faults
 
 HELPERS = pathlib.Path(__file__).resolve().parents[1] / "helpers"
 
@@ -73,8 +74,9 @@ async def test_receiver_lost_mid_transfer(spawn, http, fault):
     daemons = await asyncio.gather(*(spawn(f"daemon-{i}") for i in range(3)))
     survivors, victim = daemons[:2], daemons[2]
     port = free_port()
-    sender, *answers = await asyncio.gather(asyncio.to_thread(WeightSender.init, init_info(port, 4, group_name=f"g{port}")),
-                                            *await init_daemons(http, daemons, port, 4))
+    sender, *answers = await asyncio.gather(
+        asyncio.to_thread(WeightSender.init, init_info(port, 4, group_name=f"g{port}")),
+        *await init_daemons(http, daemons, port, 4))
     assert all(a.status_code == 200 for a in answers)
     await post_all(http, daemons, "/start_weight_update")
     await asyncio.gather(asyncio.to_thread(sender.send_weights, weights(1)), post_all(http, daemons, "/update_weights"))
@@ -115,7 +117,8 @@ async def test_trainer_killed_mid_transfer(spawn, http):
     daemons = await asyncio.gather(*(spawn(f"daemon-{i}") for i in range(2)))
     port = free_port()
     trainer = await asyncio.create_subprocess_exec(
-        sys.executable, str(HELPERS / "slow_trainer.py"), "--init", json.dumps(init_info(port, 3, group_name=f"g{port}")),
+        sys.executable, str(HELPERS / "slow_trainer.py"),
+        "--init", json.dumps(init_info(port, 3, group_name=f"g{port}")),
         "--delay", "0.03", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
     try:
         answers = await asyncio.gather(*await init_daemons(http, daemons, port, 3))

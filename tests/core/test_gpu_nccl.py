@@ -35,7 +35,7 @@ def test_dense_rounds_are_bit_exact_and_land_in_place(group):
     daemon, sender = group
     for version in range(1, 4):
         named = weight_set(version, "cuda:0")
-        sent, answer = collective_round(daemon, lambda: sender.send_weights(named), version)
+        sent, answer = collective_round(daemon, lambda named=named: sender.send_weights(named), version)
         assert answer.status_code == 200, answer.text
         assert answer.json()["checksum"] == sent.checksum and answer.json()["in_place"]
         assert sent.num_chunks > 4  # the small buffers really split (and ramp) the stream
@@ -77,7 +77,8 @@ def test_sparse_patches_apply(group):
     collective_round(daemon, lambda: sender.send_weights(named), 7)
     indices = torch.tensor([0, 999, 512 * 1024 - 1], dtype=torch.int64, device="cuda:0")
     values = torch.tensor([1.5, -2.0, 3.25], dtype=torch.bfloat16, device="cuda:0")
-    sent, answer = collective_round(daemon, lambda: sender.send_sparse([SparsePatch("lm_head.weight", indices, values)]),
+    sent, answer = collective_round(daemon,
+                                    lambda: sender.send_sparse([SparsePatch("lm_head.weight", indices, values)]),
                                     8, {"update_kind": "sparse_flat"})
     assert answer.status_code == 200, answer.text
     patched = dict(named)

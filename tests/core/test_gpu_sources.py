@@ -68,7 +68,8 @@ def test_a_source_lands_bit_exact_and_nccl_streams_it(pair):
 def test_a_source_contradicting_its_metadata_is_refused_by_name(pair):
     backend, daemon, sender = pair
     model = _model(7)
-    sent, answers = _round(backend, daemon, sender, Lying(ModuleSource(model, dtype=torch.bfloat16), 5, lambda tensor: tensor[:-1]), 7)
+    lying_source = Lying(ModuleSource(model, dtype=torch.bfloat16), 5, lambda tensor: tensor[:-1])
+    sent, answers = _round(backend, daemon, sender, lying_source, 7)
     assert isinstance(sent, SourceMismatch) and "'w5'" in str(sent), sent
     if backend == "nccl":  # the receiver took part in the round and names the parameter too
         assert answers[0].status_code >= 400 and "'w5'" in answers[0].text, answers[0].text

@@ -187,11 +187,11 @@ def test_every_tensor_is_loaded_once_bit_exact_in_order_with_groups_whole_and_st
             named = model(seed)
             for loader in loaders:
                 loader.batches, loader.values, loader.storages = [], {}, set()
-            sent, outcomes = receivers.round(lambda: sender.send_weights(named))
+            sent, outcomes = receivers.round(lambda named=named: sender.send_weights(named))
             assert not isinstance(sent, BaseException), sent
             assert sent.num_chunks > 4  # the 4 KiB buffers really split the stream
             names = [name for name, _ in named]
-            for loader, stats in zip(loaders, outcomes):
+            for loader, stats in zip(loaders, outcomes, strict=True):
                 assert not isinstance(stats, BaseException), stats
                 assert stats.checksum == sent.checksum
                 assert loader.names == names  # each exactly once, in manifest order
@@ -206,10 +206,11 @@ def test_every_tensor_is_loaded_once_bit_exact_in_order_with_groups_whole_and_st
                 assert loader.sink.loaded_tensors == len(named)
                 # every view handed over lives in the transport's staging, which stays within the bound
                 assert all(nbytes <= bound for _, nbytes in loader.storages), loader.storages
-            for transport, loader in zip(receivers.transports, loaders):
+            for transport, loader in zip(receivers.transports, loaders, strict=True):
                 assert staging_held(transport) <= bound
                 assert loader.sink.staging_bytes <= bound
-                assert {ptr for ptr, _ in loader.storages} == {transport.receiver.staging.flat.untyped_storage().data_ptr()}
+                staging_ptr = transport.receiver.staging.flat.untyped_storage().data_ptr()
+                assert {ptr for ptr, _ in loader.storages} == {staging_ptr}
             # loading overlaps receiving: loads ran while later chunks were on their way (this tight
             # staging makes the chunks after a moved prefix wait: test_piecewise_staging... for 7B)
             assert sum(open_ > 0 for open_ in in_flight) >= 2, in_flight
@@ -433,7 +434,8 @@ def random_round(rng: random.Random, buffer: int) -> tuple[Manifest, Layout, lis
         keys.append(keys[-1] if keys and rng.random() < 0.4 else str(i))
     manifest = Manifest(tensors=tuple(TensorSpec(name=f"t{i}", dtype="uint8", shape=(s,)) for i, s in enumerate(sizes)))
     layout = Layout.of_sizes(sizes)
-    return manifest, layout, layout.chunks(buffer, ramp=rng.random() < 0.5), dict(zip(manifest.names, keys))
+    round_chunks = layout.chunks(buffer, ramp=rng.random() < 0.5)
+    return manifest, layout, round_chunks, dict(zip(manifest.names, keys, strict=True))
 
 
 def fits_the_stated_rule(layout: Layout, chunks, keys: list[str], capacity: int) -> bool:
@@ -471,13 +473,13 @@ def play(plan: StagingPlan, manifest: Manifest, layout: Layout, chunks, sink: Lo
         if plan.positions[number] >= 0:  # the whole chunk, padding included
             staged.view(number).copy_(stream[chunk.start : chunk.stop])
             return number
-        for piece, s in zip(staged.pieces[number], [s for s in chunk.segments if s.nbytes]):
+        for piece, s in zip(staged.pieces[number], [s for s in chunk.segments if s.nbytes], strict=True):
             piece.copy_(stream[chunk.start + s.chunk_offset : chunk.start + s.chunk_offset + s.nbytes])
         return number
 
     assert staged.run(post, lambda handle: None, sink, None, depth=depth) is None
     assert [name for name, _ in handed] == manifest.names
-    for (name, got), offset, nbytes in zip(handed, layout.offsets, layout.sizes):
+    for (name, got), offset, nbytes in zip(handed, layout.offsets, layout.sizes, strict=True):
         assert torch.equal(got, stream[offset : offset + nbytes]), name
 
 
@@ -491,7 +493,7 @@ def test_staging_plans_hand_every_tensor_exactly_once_and_never_overwrite_what_i
         count = rng.randint(1, 5)
         manifest, layout, chunks, key_of = random_round(rng, size)
         handed: list[tuple[str, torch.Tensor]] = []
-        sink = LoaderSink(lambda b: handed.extend((n, t.clone()) for n, t in b), lambda m: None,
+        sink = LoaderSink(lambda b, handed=handed: handed.extend((n, t.clone()) for n, t in b), lambda m: None,
                           group_of=key_of.__getitem__)
         try:
             plan = StagingPlan.build(layout, chunks, count * size, manifest.names, sink.run_ends(manifest),
@@ -518,7 +520,7 @@ def test_staging_accepts_every_layout_within_the_stated_rule_and_refuses_the_oth
         capacity = size * rng.randint(1, 4)
         manifest, layout, chunks, key_of = random_round(rng, size)
         handed: list[tuple[str, torch.Tensor]] = []
-        sink = LoaderSink(lambda b: handed.extend((n, t.clone()) for n, t in b), lambda m: None,
+        sink = LoaderSink(lambda b, handed=handed: handed.extend((n, t.clone()) for n, t in b), lambda m: None,
                           group_of=key_of.__getitem__)
         fits = fits_the_stated_rule(layout, chunks, [key_of[n] for n in manifest.names], capacity)
         verdicts[fits] += 1
@@ -548,7 +550,8 @@ def llama_shapes(hidden: int, intermediate: int, layers: int) -> list[tuple[str,
         p = f"model.layers.{i}."
         shapes += [(p + "self_attn.q_proj.weight", (hidden, hidden)), (p + "self_attn.k_proj.weight", (256, hidden)),
                    (p + "self_attn.v_proj.weight", (256, hidden)), (p + "self_attn.o_proj.weight", (hidden, hidden)),
-                   (p + "mlp.gate_proj.weight", (intermediate, hidden)), (p + "mlp.up_proj.weight", (intermediate, hidden)),
+                   (p + "mlp.gate_proj.weight", (intermediate, hidden)),
+                   (p + "mlp.up_proj.weight", (intermediate, hidden)),
                    (p + "mlp.down_proj.weight", (hidden, intermediate)), (p + "input_layernorm.weight", (hidden,)),
                    (p + "post_attention_layernorm.weight", (hidden,))]
     return shapes + [("model.norm.weight", (hidden,)), ("lm_head.weight", (32000, hidden))]

@@ -38,7 +38,7 @@ def test_tensor_larger_than_the_buffer_spans_chunks():
 def test_many_small_tensors_share_buffers():
     tensors = [torch.full((i % 7 + 1,), float(i)) for i in range(500)]
     outs, chunks = _round_trip(tensors, 8192)
-    assert all(torch.equal(a, b) for a, b in zip(outs, tensors))
+    assert all(torch.equal(a, b) for a, b in zip(outs, tensors, strict=True))
     assert len(chunks) < len(tensors)  # packed, not one buffer per tensor
 
 
@@ -49,7 +49,7 @@ def test_dtypes_round_trip_bit_exact(dtype):
     tensor = raw.to(dtype) if dtype is not torch.bool else raw > 0
     mixed = [tensor, torch.arange(5, dtype=torch.int64), tensor.t()]  # a non-contiguous view too
     outs, _ = _round_trip(mixed, 1024)
-    for out, src in zip(outs, mixed):
+    for out, src in zip(outs, mixed, strict=True):
         assert out.dtype == src.dtype and torch.equal(out.view(-1), src.contiguous().view(-1))
 
 

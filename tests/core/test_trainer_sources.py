@@ -295,7 +295,7 @@ def test_checked_items_and_metadata_shapes():
     cast = ModuleSource(module, dtype=torch.bfloat16)
     assert [t.dtype for t in cast.metadata().tensors] == ["bfloat16"] * len(named)
     got = list(checked_items(cast.metadata(), cast))
-    assert all(torch.equal(g, t.to(torch.bfloat16)) for g, (_, t) in zip(got, named))
+    assert all(torch.equal(g, t.to(torch.bfloat16)) for g, (_, t) in zip(got, named, strict=True))
     plain = ModuleSource(module)
     assert [t.data_ptr() for t in checked_items(plain.metadata(), plain)] == [t.data_ptr() for _, t in named]
 

@@ -30,7 +30,7 @@ def _tensors(seed=0):
     dtypes = [torch.bfloat16, torch.float16, torch.int8, torch.float32, torch.float32, torch.float32, torch.int8,
               torch.float32]
     out = []
-    for shape, dtype in zip(sizes, dtypes):
+    for shape, dtype in zip(sizes, dtypes, strict=True):
         t = torch.randn(shape, generator=gen) * 50
         out.append(t.to(dtype))
     return [t.reshape(-1).view(torch.uint8) for t in out]
@@ -59,7 +59,7 @@ def test_one_checksum_whatever_path_moved_the_bytes(ramp):
     for chunk in chunks:
         RegionPlan(landed_regions(chunk, target), copy=False).run(landed)
     lent = StreamDigest("cpu")
-    RegionPlan([Region(s, None, off) for s, off in zip(sources, layout.offsets)], copy=False).run(lent)
+    RegionPlan([Region(s, None, off) for s, off in zip(sources, layout.offsets, strict=True)], copy=False).run(lent)
     pulled = StreamDigest("cpu")
     dests = [torch.zeros_like(s) for s in sources]
     prepared = SimpleNamespace(sources=sources, destinations=dests, offsets=layout.offsets)
@@ -71,15 +71,15 @@ def test_one_checksum_whatever_path_moved_the_bytes(ramp):
     for group in plan.groups:
         group.checksum.run(pulled)
 
-    assert all(torch.equal(a, b) for a, b in zip(outs, sources))
-    assert all(torch.equal(a, b) for a, b in zip(dests, sources))
+    assert all(torch.equal(a, b) for a, b in zip(outs, sources, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(dests, sources, strict=True))
     values = {d.hexdigest() for d in (packed, landed, staged, lent, pulled)}
     assert len(values) == 1
 
     flipped = [s.clone() for s in sources]
     flipped[2][5] ^= 1
     other = StreamDigest("cpu")
-    RegionPlan([Region(s, None, off) for s, off in zip(flipped, layout.offsets)], copy=False).run(other)
+    RegionPlan([Region(s, None, off) for s, off in zip(flipped, layout.offsets, strict=True)], copy=False).run(other)
     assert other.hexdigest() not in values
 
 
@@ -217,7 +217,7 @@ def test_p2p_groups_cover_the_stream_once_and_shrink_towards_its_end(monkeypatch
     plan = p2p.piece_plan(sources, dests, offsets, verify=False)
     for dst, src in plan.pieces:
         dst.copy_(src)
-    assert all(torch.equal(a, b) for a, b in zip(dests, sources))
+    assert all(torch.equal(a, b) for a, b in zip(dests, sources, strict=True))
     assert sum(piece.src.numel() for piece in plan.pieces) == sum(s.numel() for s in sources)
     assert all(group.checksum is None for group in plan.groups)
     sizes = [sum(plan.pieces[i].src.numel() for i in group.members) for group in plan.groups]
@@ -240,7 +240,7 @@ def test_a_sample_covers_every_tensor_and_every_stride_and_checksums_alike_on_bo
     for index, size in enumerate(sizes[1:], 1):  # both ends of every larger tensor
         assert by_tensor[index][0][0] == 0 and by_tensor[index][-1][1] == size
         spans = by_tensor[index]
-        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))  # merged, in order, disjoint
+        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))  # merged, in order, disjoint
     for stride in range(0, layout.total_bytes, SAMPLE_STRIDE):  # every stride's first bytes
         index = max(i for i, off in enumerate(layout.offsets) if off <= stride)
         if stride < layout.offsets[index] + sizes[index]:

@@ -84,7 +84,8 @@ def test_a_mismatched_option_fails_init_on_every_party_naming_it_and_both_values
         _close(results)
     # The same parties with the same options join, and a round moves (the refusal left nothing behind).
     base = _base(2)
-    results = _join_all([InitInfo(**base, options={"ramp": True}), InitInfo(**base, rank_offset=1, options={"ramp": True})])
+    results = _join_all([InitInfo(**base, options={"ramp": True}),
+                         InitInfo(**base, rank_offset=1, options={"ramp": True})])
     try:
         assert all(not isinstance(r, Exception) for r in results), results
         _round(*results, _weights(1))
@@ -163,7 +164,7 @@ def test_a_group_without_a_store_agrees_its_options_over_the_group_itself():
     outcomes: list[object] = [None, None]
     try:
         for options in ([CpuOptions(), CpuOptions()], [CpuOptions(ramp=True), CpuOptions()]):
-            def agree(rank: int) -> None:
+            def agree(rank: int, options: list[CpuOptions] = options) -> None:
                 try:
                     agree_options_over_group(groups[rank], options[rank])
                     outcomes[rank] = "agreed"
@@ -230,7 +231,7 @@ def test_no_weightsync_variable_is_read_except_as_an_option_default():
         tree = ast.parse(path.read_text())
         parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
 
-        def enclosing(node, kind):
+        def enclosing(node, kind, parents=parents):
             while node in parents:
                 node = parents[node]
                 if isinstance(node, kind):

@@ -116,7 +116,8 @@ VALID = {
     "/start_weight_update": {"is_checkpoint_format": True},
     "/weight_checker": {"action": "checksum"},
 }
-junk = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+junk = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                    | st.text(max_size=8),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
                     max_leaves=6)
 # Values no field accepts: every field is a string, integer, boolean, list of strings or list of lists.

@@ -117,7 +117,8 @@ async def test_a_refused_body_fails_the_round_everywhere_at_once_and_the_group_g
         for daemon in (refuser, other):  # nothing landed, the weights still say so
             checksum, health = await state(http, daemon)
             assert checksum == landed
-            assert (health["phase"], health["weights_intact"], health["weight_version"]) == ("ready", True, str(version))
+            assert (health["phase"], health["weights_intact"], health["weight_version"]) \
+                == ("ready", True, str(version))
         version += 1
         await full_round(http, [refuser, other], sender, weights(version), version)  # same group, no re-init
         for daemon in (refuser, other):
@@ -160,7 +161,8 @@ async def test_a_legal_manifest_of_100000_names_lands_within_a_4s_timeout(spawn,
                                          http.post(daemon.url + "/update_weights", json=body))
         print(f"round {version}: {count} names, {time.monotonic() - began:.2f}s")
         assert answer.status_code == 200, answer.text
-        assert (await http.post(daemon.url + "/finish_weight_update", json={"weight_version": version})).status_code == 200
+        finish_answer = await http.post(daemon.url + "/finish_weight_update", json={"weight_version": version})
+        assert finish_answer.status_code == 200
     assert (await state(http, daemon))[0] == named_checksum(named)
     sender.close()
 
@@ -204,7 +206,8 @@ async def test_abort_close_and_a_leaving_client_cancel_a_pending_seed(spawn, htt
     abort = await http.post(daemon.url + "/abort_weight_update?reason=operator%20gave%20up")
     assert abort.json()["message"] == "pending seed cancelled", abort.text
     answer = await seed
-    assert answer.status_code == 409 and "seed of group" in answer.json()["detail"] and "cancelled" in answer.json()["detail"]
+    refused_detail = answer.json()["detail"]
+    assert answer.status_code == 409 and "seed of group" in refused_detail and "cancelled" in refused_detail
     assert time.monotonic() - began < QUICK, answer.text
 
     # The client leaving cancels it: the daemon takes the next call within moments.
@@ -283,7 +286,8 @@ def test_the_charts_secret_reaches_the_daemon_as_the_token(daemon_process, tmp_p
     assert env["WEIGHTSYNC_AUTH_TOKEN"].endswith("\n")  # what --from-file puts in the Secret
     assert container["command"] == ["weightsync", "daemon"]
     overrides = {"--host": "127.0.0.1", "--port": "0", "--device": "cpu"}
-    args = [f"{arg.split('=')[0]}={overrides.get(arg.split('=')[0], arg.split('=', 1)[-1])}" for arg in container["args"]]
+    args = [f"{arg.split('=')[0]}={overrides.get(arg.split('=')[0], arg.split('=', 1)[-1])}"
+            for arg in container["args"]]
     daemon = daemon_process(*args, env=env)
     assert daemon.url is not None, daemon.output()
     assert authorized(daemon.url, TOKEN) == 200
@@ -372,7 +376,8 @@ async def test_large_bodies_leave_healthz_answering_at_once(daemon_process, http
     daemon = daemon_process(env={"WEIGHTSYNC_AUTH_TOKEN": TOKEN})
     token = {"Authorization": f"Bearer {TOKEN}"}
     count = 110_000
-    body = json.dumps({"update_info": {"names": [f"model.layers.{i // 1000}.experts.{i % 1000}.w" for i in range(count)],
+    expert_names = [f"model.layers.{i // 1000}.experts.{i % 1000}.w" for i in range(count)]
+    body = json.dumps({"update_info": {"names": expert_names,
                                        "dtype_names": ["bfloat16"] * count, "shapes": [[16, 16]] * count}}).encode()
     assert 5 << 20 < len(body) < 8 << 20
     started = rss_mib(daemon.process.pid)
@@ -388,7 +393,7 @@ async def test_large_bodies_leave_healthz_answering_at_once(daemon_process, http
             peak = max(peak, rss_mib(daemon.process.pid))
             await asyncio.sleep(0.02)
 
-    for burst in range(2):
+    for _burst in range(2):
         stop = asyncio.Event()
         probing = asyncio.ensure_future(probe(stop))
         answers = await asyncio.gather(*(http.post(daemon.url + "/update_weights", content=body,
@@ -406,7 +411,8 @@ async def test_large_bodies_leave_healthz_answering_at_once(daemon_process, http
     latencies.sort()
     print(f"/healthz during 2 x 10 bodies of {len(body) / 2**20:.1f} MiB: {len(latencies)} probes, median "
           f"{statistics.median(latencies) * 1e3:.1f} ms, p90 {latencies[int(len(latencies) * 0.9)] * 1e3:.1f} ms, "
-          f"max {latencies[-1] * 1e3:.1f} ms; RSS {started:.0f} MiB at start, {peak:.0f} at the peak, {after:.0f} after")
+          f"max {latencies[-1] * 1e3:.1f} ms; RSS {started:.0f} MiB at start, {peak:.0f} at the peak, "
+          f"{after:.0f} after")
     # The median within 100 ms (on main a single such body held /healthz 1-1.5 s); the tail is
     # left some room for whatever else shares the machine's two cores.
     assert statistics.median(latencies) < 0.1 and latencies[int(len(latencies) * 0.9)] < 0.3, latencies[-5:]

@@ -159,7 +159,8 @@ async def test_an_init_whose_client_left_gives_up(spawn, http):
 
 
 # -- item 4: version labels ---------------------------------------------------------------------
-@pytest.mark.parametrize("label", ["1" * 30000 + "x", "9" * 5000, "v" * 257], ids=["30k-digits", "5000-digits", "257-chars"])
+@pytest.mark.parametrize("label", ["1" * 30000 + "x", "9" * 5000, "v" * 257],
+                         ids=["30k-digits", "5000-digits", "257-chars"])
 async def test_a_bad_version_label_gets_422_and_changes_nothing(spawn, http, label):
     daemon = await spawn("daemon")
     sender = await joined(http, [daemon], 2)
@@ -238,7 +239,8 @@ async def test_the_token_is_checked_before_the_body_is_read(spawn, http):
             yield b" " * (1 << 20)
 
     big, health = await asyncio.gather(
-        http.post(daemon.url + "/update_weights", content=chunks(), headers={**AUTH, "content-type": "application/json"}),
+        http.post(daemon.url + "/update_weights", content=chunks(),
+                  headers={**AUTH, "content-type": "application/json"}),
         http.get(daemon.url + "/healthz"))
     assert big.status_code == 413 and big.json()["field"] == "body" and health.status_code == 200
     assert (await http.get(daemon.url + "/healthz")).json()["weight_version"] is None
@@ -389,7 +391,8 @@ async def test_vllm_fields_are_honoured_or_refused_by_name(spawn, http):
     before = await state(http, daemon)
     refused = await http.post(daemon.url + "/start_weight_update", json={"is_checkpoint_format": False})
     assert refused.status_code == 422 and refused.json()["field"] == "is_checkpoint_format"
-    assert (await http.post(daemon.url + "/start_weight_update", json={"is_checkpoint_format": True})).status_code == 200
+    start_answer = await http.post(daemon.url + "/start_weight_update", json={"is_checkpoint_format": True})
+    assert start_answer.status_code == 200
     assert (await http.post(daemon.url + "/abort_weight_update")).status_code == 200
     # A refused update body is the daemon's verdict on the round the trainer sends (issue 24 item 1).
     for key in ("packed", "is_checkpoint_format"):

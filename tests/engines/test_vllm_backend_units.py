@@ -61,7 +61,8 @@ def test_a_manifest_the_checkpoint_holds_is_accepted(checkpoint):
     (("model.layers.9.self_attn.q_proj.weight", "bfloat16", (8, 8)),
      ["'model.layers.9.self_attn.q_proj.weight'", "not in the served model's checkpoint"]),
     (("model.embed_tokens.weight", "bfloat16", (33, 8)), ["'model.embed_tokens.weight'", "[32, 8]", "[33, 8]"]),
-    (("model.embed_tokens.weight", "float16", (32, 8)), ["'model.embed_tokens.weight'", "float16", "bfloat16 or float32"]),
+    (("model.embed_tokens.weight", "float16", (32, 8)),
+     ["'model.embed_tokens.weight'", "float16", "bfloat16 or float32"]),
     (("model.positions", "float32", (4,)), ["'model.positions'", "takes int64"]),  # the served dtype is for floats only
 ])
 def test_a_tensor_the_checkpoint_cannot_take_is_named(checkpoint, spec, words):

@@ -7,8 +7,9 @@ wheel: `make vllm033-venv` installs its wheel without dependencies (engines/vllm
 tests/helpers/vllm_contract.py runs in each release's venv (0.32: the CPU build the real-server
 tests use; 0.33: that contract venv) and reports each check; each test here asserts one:
 the trainer engine sends two bit-exact rounds of vLLM's own `ModuleSource` through vLLM's own
-trainer factory; `VLLMTrainer.push` reads that source's manifest and stream; a parameter some trainer rank does not own is refused by name; the worker
-engine's overrides match vLLM's base class; every vLLM import of the backend resolves; every
+trainer factory; `VLLMTrainer.push` reads that source's manifest and stream; a parameter some
+trainer rank does not own is refused by name; the worker engine's overrides match vLLM's base
+class; every vLLM import of the backend resolves; every
 route the trainer and the operator call exists with the query parameters they send.
 """
 

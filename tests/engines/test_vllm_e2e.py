@@ -135,7 +135,8 @@ def test_a_stale_prefix_cache_would_show(setup):
 def _kill_mid_round(setup, after_broadcasts: int) -> tuple[httpx.Response, float]:
     """The test drives vLLM's routes (pause, start, update) while the trainer sends slowly; the
     trainer is SIGKILLed when it announces broadcast number `after_broadcasts`, 1 s before
-    issuing it (one broadcast per payload chunk; the header travels through the group's store). Returns vLLM's answer to the update and how long after the kill it came."""
+    issuing it (one broadcast per payload chunk; the header travels through the group's store).
+    Returns vLLM's answer to the update and how long after the kill it came."""
     trainer, http = setup["trainer"], setup["server"].http
     assert http.post("/pause", params={"mode": "wait"}).status_code == 200
     assert http.post("/start_weight_update").status_code == 200

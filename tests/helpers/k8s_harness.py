@@ -166,7 +166,8 @@ class Cluster:
     async def restart_pod(self, namespace: str, name: str, url: str, restarts: int) -> None:
         """The kubelet restarted the pod's container: a new process (here: a new port)."""
         path = f"/api/v1/namespaces/{namespace}/pods/{name}"
-        await self.request("PATCH", path, {"metadata": {"annotations": {DAEMON_PORT_ANNOTATION: url.rsplit(":", 1)[1]}}},
+        daemon_port = url.rsplit(":", 1)[1]
+        await self.request("PATCH", path, {"metadata": {"annotations": {DAEMON_PORT_ANNOTATION: daemon_port}}},
                            "application/merge-patch+json")
         await self.request("PATCH", path + "/status", {"status": pod_status(True, restarts)}, STRATEGIC_MERGE)
 
@@ -192,7 +193,8 @@ def write_kubeconfig(path: Path, url: str, namespace: str = "default") -> Path:
     path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
         "clusters": [{"name": "emulator", "cluster": {"server": url}}],
-        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "tester", "namespace": namespace}}],
+        "contexts": [{"name": "emulator",
+                      "context": {"cluster": "emulator", "user": "tester", "namespace": namespace}}],
         "users": [{"name": "tester", "user": {"token": "not-checked"}}],
     }))
     return path

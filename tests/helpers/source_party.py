@@ -151,12 +151,12 @@ def trainer(args) -> None:
         elif command["form"] in ("renamed", "lying"):
             source = (Renamed(ModuleSource(model)) if command["form"] == "renamed"
                       else Lying(ModuleSource(model), 5, lambda tensor: tensor[:-1]))  # parameter 5, a row short
-            weights = lambda: source  # noqa: E731
+            weights = lambda source=source: source  # noqa: E731
         else:
             source = ModuleSource(model)
             if command.get("pause_at") is not None:
                 source = Pausing(source, command["pause_at"])
-            weights = lambda: source  # noqa: E731
+            weights = lambda source=source: source  # noqa: E731
         before = vm_kib("VmRSS")
         reset_peak()
         started = time.monotonic()

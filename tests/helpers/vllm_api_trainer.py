@@ -132,7 +132,8 @@ def main() -> None:
                 reply(ok=True, seconds=time.monotonic() - started, tensors=engine.last.num_tensors,
                       checksum=named_checksum(oracle.named_parameters()) if args.rank == 0 else None)
             elif cmd == "lying_round":
-                honest, engine.source = engine.source, Lying(engine.source, 3, lambda tensor: tensor[..., :-1])  # a column short
+                # a column short
+                honest, engine.source = engine.source, Lying(engine.source, 3, lambda tensor: tensor[..., :-1])
                 try:
                     engine.send_weights()
                     reply(ok=True)

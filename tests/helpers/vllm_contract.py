@@ -124,7 +124,7 @@ def check_vllm_trainer_push_takes_vllms_module_source() -> str:
     assert checked.manifest.names == names, checked.manifest.names
     streamed = list(checked)
     assert [n for n, _ in streamed] == names
-    assert all(torch.equal(t, p) for (_, t), p in zip(streamed, model.parameters()))
+    assert all(torch.equal(t, p) for (_, t), p in zip(streamed, model.parameters(), strict=True))
     return f"manifest and stream of {len(names)} tensors"
 
 

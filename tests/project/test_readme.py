@@ -58,7 +58,7 @@ def helm_values(command: str) -> dict:
     """The values `--set a.b=c` pairs give, typed as Helm's --set types them."""
     values: dict = {}
     words = shlex.split(command)
-    for flag, pair in zip(words, words[1:]):
+    for flag, pair in zip(words, words[1:], strict=False):
         if flag != "--set":
             continue
         path, _, raw = pair.partition("=")
@@ -103,7 +103,8 @@ def test_the_pages_have_the_blocks_this_test_knows_how_to_check():
     assert not unknown, f"{unknown}; use one of {KINDS}"
     unannotated = [s.id for s in SNIPPETS if s.how == "unannotated"]
     assert not unannotated, (f"{unannotated}: say how each block is tested, with <!-- snippet: run | helm-render | "
-                             "covered tests/LAYER/FILE.py::TEST | skip REASON --> on the line before it (see this file)")
+                             "covered tests/LAYER/FILE.py::TEST | skip REASON --> on the line before it "
+                             "(see this file)")
     # The library section is complete: it shows both sides of a round, and runs.
     library = README.read_text().split("## Using the library", 1)[1].split("\n## ", 1)[0]
     (block,) = [s for s in SNIPPETS if s.language == "python" and s.code in library]
