@@ -21,12 +21,13 @@ import torch
 from weightsync.errors import TransferError
 from weightsync.integrity import StreamDigest
 from weightsync.landing import Landing, StagedLoad
-from weightsync.layout import Chunk
+from weightsync.layout import Chunk, Segment
 from weightsync.packing import Region, RegionPlan, landed_regions, unpack_regions
 from weightsync.protocol import RoundHeader
 from weightsync.transports.collective import Party, Pending, ReceivePath, mark
 from weightsync.transports.collective.buffers import StagingBuffers
 from weightsync.transports.nccl_group import EventPending, NcclGroup, wait_event
+from weightsync.transports.nccl_options import NcclOptions
 from weightsync.transports.nccl_pipeline import GpuTrace, PlanCache, Streams, join
 
 
@@ -60,19 +61,43 @@ class _Receiving(NamedTuple):
     verify: bool
 
 
+def _options(party: Party) -> NcclOptions:
+    """The party's options, which the nccl transport sets to its own (NcclOptions)."""
+    options = party.options
+    if not isinstance(options, NcclOptions):
+        raise TransferError(f"the nccl receive path needs the nccl options, not {type(options).__name__}")
+    return options
+
+
+def _is_direct(header: RoundHeader) -> bool:
+    """The nccl header's `direct` field (its model, NcclRoundHeader, lives in the nccl transport,
+    a layer above this path, which cannot import it)."""
+    direct = getattr(header, "direct", None)
+    if not isinstance(direct, bool):
+        raise TransferError("the nccl receive path was given a round header without nccl's `direct` field")
+    return direct
+
+
+def _destinations(landing: Landing) -> list[torch.Tensor]:
+    """The landing's destinations, which a landing without a flat target has."""
+    if landing.destinations is None:
+        raise TransferError("a landing without a flat target has no destinations")
+    return landing.destinations
+
+
 def _memory(landing: Landing) -> tuple[object, ...]:
     """What the landing's memory is (addresses and sizes), for the plans cached over it."""
     target = landing.target
     if target is not None:
         return (target.data_ptr(), target.numel())
-    return tuple((d.data_ptr(), d.numel()) for d in landing.destinations)
+    return tuple((d.data_ptr(), d.numel()) for d in _destinations(landing))
 
 
-def _landing_view(landing: Landing, chunk: Chunk, s) -> torch.Tensor:
+def _landing_view(landing: Landing, chunk: Chunk, s: Segment) -> torch.Tensor:
     """Where segment `s` of `chunk` belongs: its place in a flat target, or its tensor."""
     if landing.target is not None:
         return landing.target[chunk.start + s.chunk_offset : chunk.start + s.chunk_offset + s.nbytes]
-    return landing.destinations[s.index][s.start : s.stop]
+    return _destinations(landing)[s.index][s.start : s.stop]
 
 
 class NcclReceivePath(ReceivePath):
@@ -87,11 +112,14 @@ class NcclReceivePath(ReceivePath):
         self._receiving: _PreparedReceive | None = None
         self._lead: _Lead | None = None
         self._lead_scratch = torch.empty(0, dtype=torch.uint8, device=party.device)
-        self.pack_programs: int | None = party.options.pack_programs  # see NcclOptions.pack_programs
+        self.pack_programs: int | None = _options(party).pack_programs  # see NcclOptions.pack_programs
 
     @property
     def _group(self) -> NcclGroup:
-        return self._party.group
+        group = self._party.group
+        if not isinstance(group, NcclGroup):
+            raise TransferError(f"the nccl receive path needs an NcclGroup, not {type(group).__name__}")
+        return group
 
     def lead(self, pieces: Sequence[int], chunk: Chunk | None, header: RoundHeader | None,
              loader_round: bool) -> None:
@@ -103,13 +131,16 @@ class NcclReceivePath(ReceivePath):
             return
         device = self._party.device
         buffer_size = self._party.init.packed_buffer_size_bytes
-        total = chunk.nbytes if header is not None else sum(pieces)
+        if header is not None and chunk is None:
+            raise TransferError("the lead chunk of a round whose header this receiver holds came without the chunk")
+        total = chunk.nbytes if chunk is not None and header is not None else sum(pieces)
         if total > buffer_size:
             raise TransferError(f"the trainer's first chunk of {total} bytes exceeds this receiver's "
                                 f"packed_buffer_size_bytes ({buffer_size})")
         group = self._group
         current = torch.cuda.current_stream(device)
-        staging = header is not None and (not header.direct or loader_round)
+        direct = header is not None and _is_direct(header)
+        staging = header is not None and (not direct or loader_round)
         buffers = self._staging.buffers
         if staging and buffers and buffers[0].numel() >= total:
             # a staging receiver's chunk 0 lands where it always did (a loader's: where it is loaded)
@@ -120,7 +151,7 @@ class NcclReceivePath(ReceivePath):
                 self._lead_scratch = torch.empty(0, dtype=torch.uint8, device=device)  # free it first
                 self._lead_scratch = torch.empty(total, dtype=torch.uint8, device=device)
             scratch = self._lead_scratch
-        if header is not None and header.direct:  # each piece where packing would put it
+        if chunk is not None and direct:  # each piece where packing would put it
             views = [scratch[s.chunk_offset : s.chunk_offset + s.nbytes] for s in chunk.segments if s.nbytes]
         else:
             views = [scratch[o : o + n] for o, n in zip(accumulate(pieces, initial=0), pieces, strict=False)]
@@ -156,7 +187,7 @@ class NcclReceivePath(ReceivePath):
     def post_chunk(self, staged: StagedLoad, number: int, header: RoundHeader) -> Pending:
         """A loader round's chunk into its staging place: one broadcast, or (direct) its pieces."""
         group = self._group
-        if not header.direct:
+        if not _is_direct(header):
             return group.broadcast(staged.view(number))
         group.after_current()  # the staging bytes it overwrites were checksummed and loaded
         group.broadcast_pieces(staged.pieces[number])
@@ -181,12 +212,12 @@ class NcclReceivePath(ReceivePath):
         verify = digest is not None
         current = torch.cuda.current_stream(device)
         streams = self._streams.get("place", count)
-        parts = [StreamDigest(device) for _ in range(count)] if verify else [None] * count
+        parts: list[StreamDigest | None] = [StreamDigest(device) for _ in range(count)] if verify else [None] * count
         for stream in streams:
             stream.wait_stream(current)
         memory = _memory(landing)
         lead_plan = self._lead_plan(chunks, landing, memory, verify) if self._lead is not None else None
-        if header.direct:  # every piece lands where it belongs; checksum it there
+        if _is_direct(header):  # every piece lands where it belongs; checksum it there
             pieces, plans = self._direct_plans(chunks, landing, memory, verify)
             self._receiving = _PreparedReceive(streams, parts, plans, lead_plan, pieces=pieces)
             return
@@ -196,6 +227,8 @@ class NcclReceivePath(ReceivePath):
     def _lead_plan(self, chunks: Sequence[Chunk], landing: Landing, memory: tuple[object, ...],
                    verify: bool) -> RegionPlan:
         """The copy of the lead chunk from scratch to where it belongs, checksummed."""
+        if self._lead is None:
+            raise TransferError("the lead chunk is placed only once it was received")
         lead_chunk, scratch = chunks[0], self._lead.scratch
         return self._plans.get("lead", chunks, (memory, scratch.data_ptr(), verify), lambda: [
             RegionPlan([Region(scratch[s.chunk_offset : s.chunk_offset + s.nbytes],
@@ -225,6 +258,7 @@ class NcclReceivePath(ReceivePath):
                 RegionPlan(landed_regions(c, target), copy=False) for c in chunks]) if verify else None
             return plans, None
         buffers = self._staging.get(count)
+        destinations = _destinations(landing)
         key = (verify, memory, tuple(b.data_ptr() for b in buffers))
         plans = self._plans.get("unpack", chunks, key, lambda: [
             RegionPlan(unpack_regions(c, buffers[c.number % count][: c.nbytes], destinations), copy=True,
@@ -236,11 +270,13 @@ class NcclReceivePath(ReceivePath):
         device = self._party.device
         group = self._group
         prepared, self._receiving = self._receiving, None
+        if prepared is None:
+            raise TransferError("the nccl receive path receives a round's payload only once the round is prepared")
         group.stream.wait_stream(torch.cuda.current_stream(device))
         lead_placed = self._place_lead(prepared, len(chunks))
         receiving = _Receiving(chunks, prepared, 0 if lead_placed is None else 1, header.num_buffers,
                                digest is not None)
-        if header.direct:
+        if _is_direct(header):
             self._receive_direct(receiving)
         elif landing.target is not None:
             self._receive_flat(receiving, landing.target)
@@ -254,11 +290,14 @@ class NcclReceivePath(ReceivePath):
         the first place stream; the event marks the end. None: no chunk came ahead."""
         if self._lead is None:
             return None
-        streams, parts = prepared.streams, prepared.parts
+        streams, parts, lead_plan = prepared.streams, prepared.parts, prepared.lead_plan
+        if lead_plan is None:
+            raise TransferError("the lead chunk came ahead of the agreement, but the round was prepared "
+                                "without its plan")
         landed, self._lead = self._lead.landed, None
         streams[0].wait_event(landed)
         with torch.cuda.stream(streams[0]):
-            prepared.lead_plan.run(parts[0], None if total == 1 else self.pack_programs)
+            lead_plan.run(parts[0], None if total == 1 else self.pack_programs)
         lead_placed = torch.cuda.Event()
         lead_placed.record(streams[0])
         return lead_placed
@@ -266,6 +305,8 @@ class NcclReceivePath(ReceivePath):
     def _checksum_landed(self, receiving: _Receiving, chunk: Chunk) -> None:
         """Once the chunk landed, fold it into the checksum on a side stream."""
         prepared, count = receiving.prepared, receiving.num_buffers
+        if prepared.plans is None:
+            raise TransferError("a verified round was prepared without its checksum plans")
         landed = torch.cuda.Event()
         landed.record(self._group.stream)
         stream = prepared.streams[chunk.number % count]
@@ -279,8 +320,10 @@ class NcclReceivePath(ReceivePath):
         group, first = self._group, receiving.first
         if not first:
             self._trace.mark("first piece starts", group.stream)
-        # each chunk's landing pieces
-        for chunk, views in zip(receiving.chunks[first:], receiving.prepared.pieces[first:], strict=True):
+        pieces = receiving.prepared.pieces  # each chunk's landing pieces
+        if pieces is None:
+            raise TransferError("a direct round was prepared without its landing pieces")
+        for chunk, views in zip(receiving.chunks[first:], pieces[first:], strict=True):
             group.broadcast_pieces(views)
             mark(f"chunk {chunk.number} called")
             if receiving.verify:
@@ -300,13 +343,16 @@ class NcclReceivePath(ReceivePath):
         """Each chunk into staging buffer `number % count`, unpacked (and checksummed) on that
         buffer's place stream; a buffer is received into again only once it was unpacked."""
         group, count, first, prepared = self._group, receiving.num_buffers, receiving.first, receiving.prepared
-        streams, parts, buffers = prepared.streams, prepared.parts, prepared.buffers
+        streams, parts, buffers, plans = prepared.streams, prepared.parts, prepared.buffers, prepared.plans
+        if buffers is None or plans is None:
+            raise TransferError("a staged round was prepared without its staging buffers and unpack plans")
         placed: list[torch.cuda.Event | None] = [None] * count
         placed[0] = lead_placed  # a packed lead chunk sits in buffer 0
-        for chunk, plan in zip(receiving.chunks[first:], prepared.plans[first:], strict=True):
+        for chunk, plan in zip(receiving.chunks[first:], plans[first:], strict=True):
             b = chunk.number % count
-            if placed[b] is not None:
-                group.stream.wait_event(placed[b])  # buffer b is free once unpacked
+            free = placed[b]
+            if free is not None:
+                group.stream.wait_event(free)  # buffer b is free once unpacked
             group.broadcast_on_stream(buffers[b][: chunk.nbytes])
             landed = torch.cuda.Event()
             landed.record(group.stream)
@@ -314,8 +360,9 @@ class NcclReceivePath(ReceivePath):
             last = chunk.number == len(receiving.chunks) - 1
             with torch.cuda.stream(streams[b]):
                 plan.run(parts[b], None if last else self.pack_programs)
-            placed[b] = torch.cuda.Event()
-            placed[b].record(streams[b])
+            unpacked = torch.cuda.Event()
+            unpacked.record(streams[b])
+            placed[b] = unpacked
 
     def close(self) -> None:
         for stream in self._streams.all():

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from weightsync.errors import TransferError
 from weightsync.integrity import StreamDigest
 from weightsync.layout import Chunk
 from weightsync.packing import Region, RegionPlan, pack_regions
@@ -24,7 +25,25 @@ from weightsync.protocol import RoundHeader
 from weightsync.transports.collective import Party, RoundRules, SendPath, mark
 from weightsync.transports.collective.buffers import StagingBuffers
 from weightsync.transports.nccl_group import NcclGroup, wait_event
+from weightsync.transports.nccl_options import NcclOptions
 from weightsync.transports.nccl_pipeline import GpuTrace, PlanCache, Streams, join
+
+
+def _options(party: Party) -> NcclOptions:
+    """The party's options, which the nccl transport sets to its own (NcclOptions)."""
+    options = party.options
+    if not isinstance(options, NcclOptions):
+        raise TransferError(f"the nccl send path needs the nccl options, not {type(options).__name__}")
+    return options
+
+
+def _is_direct(header: RoundHeader) -> bool:
+    """The nccl header's `direct` field (its model, NcclRoundHeader, lives in the nccl transport,
+    a layer above this path, which cannot import it)."""
+    direct = getattr(header, "direct", None)
+    if not isinstance(direct, bool):
+        raise TransferError("the nccl send path was given a round header without nccl's `direct` field")
+    return direct
 
 
 @dataclass
@@ -51,11 +70,14 @@ class NcclSendPath(SendPath):
         self._sending: _PreparedSend | None = None
         self._lead_sent: torch.cuda.Event | None = None  # the lead chunk's broadcast is done
         self._views_cached = False  # this round's sources are the sender's cached views
-        self.pack_programs: int | None = party.options.pack_programs  # see NcclOptions.pack_programs
+        self.pack_programs: int | None = _options(party).pack_programs  # see NcclOptions.pack_programs
 
     @property
     def _group(self) -> NcclGroup:
-        return self._party.group
+        group = self._party.group
+        if not isinstance(group, NcclGroup):
+            raise TransferError(f"the nccl send path needs an NcclGroup, not {type(group).__name__}")
+        return group
 
     def _send_lead(self, chunks: Sequence[Chunk], header: RoundHeader) -> None:
         """Right after the header: broadcast the first chunk (receivers take it into scratch
@@ -67,16 +89,22 @@ class NcclSendPath(SendPath):
         group.stream.wait_stream(torch.cuda.current_stream(self._party.device))
         self._trace.mark("first piece starts", group.stream)
         prepared = self._sending
-        if header.direct:
+        if prepared is None:
+            raise TransferError("the nccl send path sends its lead chunk only once the round is prepared")
+        if _is_direct(header):
+            if prepared.pieces is None:
+                raise TransferError("a direct round was prepared without its pieces")
             group.broadcast_pieces(prepared.pieces[0])
         else:
+            if prepared.packed is None:
+                raise TransferError("a packed round was prepared without its packed chunks")
             group.stream.wait_event(prepared.packed[0])  # chunk 0 packed into buffer 0
             group.broadcast_pieces([self._staging.get(header.num_buffers)[0][: chunks[0].nbytes]])
         mark("lead chunk called")
         self._lead_sent = torch.cuda.Event()
         self._lead_sent.record(group.stream)
 
-    def _source_key(self, sources: Sequence[torch.Tensor]) -> tuple[tuple, tuple]:
+    def _source_key(self, sources: Sequence[torch.Tensor]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         """(key, keep) identifying the memory behind `sources` for the plan cache."""
         if self._views_cached:
             return (), (sources,)  # the same cached views: the same memory
@@ -103,7 +131,7 @@ class NcclSendPath(SendPath):
         self._sending = _PreparedSend([stream], [part], pieces=pieces)
         self._send_lead(chunks, header)  # the bytes first, then the checksum beside them
         with torch.cuda.stream(stream):
-            plan.run(part, self._party.options.source_sum_programs)
+            plan.run(part, _options(self._party).source_sum_programs)
 
     def _pack_plans(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader
                     ) -> list[RegionPlan]:
@@ -121,7 +149,7 @@ class NcclSendPath(SendPath):
         """While the receivers check the header: pack the first chunk of every buffer and send
         the lead chunk (which lands in the receivers' scratch memory only)."""
         self._views_cached = views_cached
-        if header.direct:
+        if _is_direct(header):
             self._prepare_direct(chunks, sources, header, digest)
             return
         device = self._party.device
@@ -129,7 +157,8 @@ class NcclSendPath(SendPath):
         plans = self._pack_plans(chunks, sources, header)
         current = torch.cuda.current_stream(device)
         streams = self._streams.get("pack", count)
-        parts = [StreamDigest(device) for _ in range(count)] if digest is not None else [None] * count
+        parts: list[StreamDigest | None] = (
+            [StreamDigest(device) for _ in range(count)] if digest is not None else [None] * count)
         for stream in streams:
             stream.wait_stream(current)  # the sources (and the zeroed checksums) were written there
         packed: list[torch.cuda.Event] = []
@@ -158,7 +187,11 @@ class NcclSendPath(SendPath):
         lead, self._lead_sent = self._lead_sent, None
         first = 0 if lead is None else 1  # the lead chunk is on its way
         prepared, self._sending = self._sending, None
-        if header.direct:
+        if prepared is None:
+            raise TransferError("the nccl send path sends a round's payload only once the round is prepared")
+        if _is_direct(header):
+            if prepared.pieces is None:
+                raise TransferError("a direct round was prepared without its pieces")
             group.stream.wait_stream(torch.cuda.current_stream(device))
             if lead is None:
                 self._trace.mark("first piece starts", group.stream)
@@ -172,6 +205,8 @@ class NcclSendPath(SendPath):
         count = header.num_buffers
         buffers = self._staging.get(count)
         plans, streams, parts, packed = prepared.plans, prepared.streams, prepared.parts, prepared.packed
+        if plans is None or packed is None:
+            raise TransferError("a packed round was prepared without its pack plans and packed chunks")
         group.stream.wait_stream(torch.cuda.current_stream(device))
         sent: list[torch.cuda.Event | None] = [None] * count
         sent[0] = lead
@@ -179,7 +214,10 @@ class NcclSendPath(SendPath):
             b = chunk.number % count
             stream = streams[b]
             if chunk.number >= count:  # the first `count` chunks were packed before the agreement
-                stream.wait_event(sent[b])  # buffer b is free once its last broadcast is done
+                free = sent[b]
+                if free is None:
+                    raise TransferError(f"chunk {chunk.number}: buffer {b} was never broadcast before")
+                stream.wait_event(free)  # buffer b is free once its last broadcast is done
                 with torch.cuda.stream(stream):
                     plan.run(parts[b], self.pack_programs)
                 ready = torch.cuda.Event()
@@ -189,8 +227,9 @@ class NcclSendPath(SendPath):
             group.stream.wait_event(ready)
             group.broadcast_on_stream(buffers[b][: chunk.nbytes])
             mark(f"chunk {chunk.number} called")
-            sent[b] = torch.cuda.Event()
-            sent[b].record(group.stream)
+            broadcast = torch.cuda.Event()
+            broadcast.record(group.stream)
+            sent[b] = broadcast
         join(device, group, streams, parts, digest)
 
     def close(self) -> None:
