@@ -14,9 +14,13 @@ import secrets
 import time
 from collections.abc import Awaitable
 from datetime import datetime, timezone
+from typing import TypeVar
 
 from weightsync_operator.client import PartyClient, PartyError, Progress
 from weightsync_operator.coordinator import PartyOutcome, SyncResult, SyncSpec, at_offset, group_init_info
+
+
+T = TypeVar("T")
 
 
 def _now() -> str:
@@ -91,7 +95,7 @@ def _outcome(result: SyncResult, name: str) -> PartyOutcome:
     return next(p for p in result.parties if p.name == name)
 
 
-async def _step(result: SyncResult, party: PartyClient, step: str, call: Awaitable[dict]):
+async def _step(result: SyncResult, party: PartyClient, step: str, call: Awaitable[T]) -> T:
     try:
         return await call
     except PartyError as error:
@@ -113,6 +117,6 @@ async def _all_or_nothing(calls: list[Awaitable], grace: float) -> list:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        raise failed[0].exception()
+        raise failed[0].exception() or RuntimeError("a catch-up call failed")
     return [t.result() for t in tasks]
 

@@ -60,6 +60,13 @@ def _body(init_info: InitInfo) -> dict[str, Any]:
     return init_info.model_dump(mode="json", exclude_unset=True)
 
 
+def _combined(party: "PartyClient", step: str, asked: bool) -> None:
+    """Refuse a combined step (pause with start, resume with finish) from a party that takes
+    each in a call of its own: a caller bug, not the party's failure."""
+    if asked and not party.combines_steps:
+        raise TypeError(f"{party.name}: a {party.kind} party takes no pause or resume with its {step}")
+
+
 def party_session() -> aiohttp.ClientSession:
     """A pool of keep-alive connections to parties, for the running event loop; close it after use."""
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))  # no cap: one per party
@@ -153,9 +160,9 @@ class PartyClient(ABC):
                                                   timeout=aiohttp.ClientTimeout(total=timeout)) as response:
                         status, content = response.status, await response.read()
                 else:
-                    response = await self._http.request(method, url, json=body, params=params,
-                                                        headers=self._headers, timeout=timeout)
-                    status, content = response.status_code, response.content
+                    reply = await self._http.request(method, url, json=body, params=params,
+                                                     headers=self._headers, timeout=timeout)
+                    status, content = reply.status_code, reply.content
         except (TimeoutError, httpx.TimeoutException):
             raise PartyError(self.name, step, f"timed out after {timeout:g}s") from None
         except (httpx.HTTPError, aiohttp.ClientError) as error:
@@ -187,7 +194,10 @@ class PartyClient(ABC):
     async def init(self, init_info: InitInfo, timeout: float) -> dict:
         return await self.call("init", "POST", "/init_weight_transfer_engine", timeout, {"init_info": _body(init_info)})
 
-    async def start(self, timeout: float) -> dict:
+    async def start(self, timeout: float, pause: PauseMode | None = None) -> dict:
+        """Start the round. `pause`: pause the engine first, in the same call (only a party that
+        `combines_steps`; the others take their pause in a call of its own)."""
+        _combined(self, "start", pause is not None)
         return await self.call("start", "POST", "/start_weight_update", timeout, {})
 
     async def update(self, update_info: dict, timeout: float) -> dict:
@@ -205,8 +215,9 @@ class PartyClient(ABC):
 
     # -- where the kinds differ ---------------------------------------------------------------
     @abstractmethod
-    async def finish(self, version: str, timeout: float) -> dict:
-        """Make the received weights live as `version`; the answer carries `weight_version`."""
+    async def finish(self, version: str, timeout: float, resume: bool = False) -> dict:
+        """Make the received weights live as `version`; the answer carries `weight_version`.
+        `resume`: resume the engine too, in the same call (only a party that `combines_steps`)."""
 
     @abstractmethod
     async def abort(self, reason: str, timeout: float, progress: Progress, version: str) -> dict:
@@ -303,7 +314,8 @@ class VllmClient(PartyClient):
         self._headers["Connection"] = "close"
         self._paused_mode: str | None = None
 
-    async def finish(self, version: str, timeout: float) -> dict:
+    async def finish(self, version: str, timeout: float, resume: bool = False) -> dict:
+        _combined(self, "finish", resume)
         # vLLM answers only {"message"}; the version it now serves comes from /weight_info.
         await self.call("finish", "POST", "/finish_weight_update", timeout, {"weight_version": version})
         return {"weight_version": await self.weight_version(timeout)}

@@ -3,6 +3,8 @@ holds, so `kubectl describe` shows since when a WeightSync has been Ready or Deg
 
 from __future__ import annotations
 
+from typing import Literal
+
 from datetime import datetime, timezone
 
 from weightsync_operator.resource import Condition, ConditionType
@@ -17,7 +19,7 @@ def now() -> str:
 def set_condition(conditions: list[Condition] | None, type: ConditionType, status: bool, reason: str,
                   message: str, generation: int | None) -> list[Condition]:
     """`conditions` with `type` set; lastTransitionTime changes only when the status does."""
-    value = "True" if status else "False"
+    value: Literal["True", "False"] = "True" if status else "False"
     current = {c.type: c for c in conditions or []}
     previous = current.get(type)
     since = previous.last_transition_time if previous is not None and previous.status == value else now()

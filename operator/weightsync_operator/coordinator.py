@@ -26,6 +26,7 @@ its health) degrades. A vLLM server with tensor parallelism takes one rank per w
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -33,6 +34,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
+
+import aiohttp
 
 from weightsync.protocol import InitInfo, PauseMode
 from weightsync_operator.backends import relays_update_info
@@ -163,7 +166,7 @@ class Coordinator:
         self.needs_init = False
 
     async def close(self) -> None:
-        if self._own_http:
+        if self._own_http and isinstance(self._http, aiohttp.ClientSession):  # party_session()'s
             await self._http.close()
 
     async def __aenter__(self) -> "Coordinator":
@@ -310,22 +313,22 @@ class Coordinator:
         both in one call (its start needs only its group phase, not the pause); vLLM gets one
         call at a time (see client.py). Either way the update is sent only once every party is
         through."""
-        t = self.spec.timeouts
-        if not pausing or party is self.trainer:
+        t, mode = self.spec.timeouts, self.spec.pause_mode
+        if not pausing or party is self.trainer or mode is None:
             at[party.name], progress[party.name] = "start", Progress.STARTED
             return await party.start(t.start)
         at[party.name] = "pause"
         if party.combines_steps:
             progress[party.name] = Progress.STARTED
             try:
-                answer = await party.start(max(t.start, t.request), pause=self.spec.pause_mode)
+                answer = await party.start(max(t.start, t.request), pause=mode)
             except PartyError as error:
                 at[party.name] = error.step  # its pause, unless the party said its start failed
                 raise
             if answer.get("paused") is not True:  # it did not know the parameter: pause it now
-                await party.pause(self.spec.pause_mode, t.request)
+                await party.pause(mode, t.request)
             return answer
-        await party.pause(self.spec.pause_mode, t.request)
+        await party.pause(mode, t.request)
         at[party.name], progress[party.name] = "start", Progress.STARTED
         return await party.start(t.start)
 
@@ -394,7 +397,8 @@ class Coordinator:
             if not isinstance(info, dict):
                 raise _RoundFailed("update", f"{self.trainer.name}: its answer carries no update_info to relay")
             last = not sent.get("more")
-            received = await self._step(outcome, "update", self.targets, lambda p, info=info: p.update(info, timeout),
+            received = await self._step(outcome, "update", self.targets,
+                                        functools.partial(PartyClient.update, update_info=info, timeout=timeout),
                                         progress=progress if last else None, reached=Progress.LANDED)
             moved += int(sent.get("bytes", 0))
             if last:

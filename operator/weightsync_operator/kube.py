@@ -107,6 +107,6 @@ class KubeApi:
 
 def _message(error: ApiException) -> str:
     try:
-        return json.loads(error.body).get("message", error.reason)
+        return json.loads(error.body or "").get("message", error.reason)
     except (TypeError, ValueError):
         return str(error.reason)

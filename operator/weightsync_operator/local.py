@@ -36,6 +36,7 @@ class LocalProcess:
             python or sys.executable, "-m", module, *args,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
             env={**os.environ, **(env or {})})
+        assert process.stdout is not None and process.stdin is not None  # both piped above
         try:
             line = await asyncio.wait_for(process.stdout.readline(), timeout)
             url = json.loads(line)["url"]
@@ -48,7 +49,8 @@ class LocalProcess:
     async def stop(self, timeout: float = 10.0) -> None:
         if self.process.returncode is not None:
             return
-        self.process.stdin.close()
+        if self.process.stdin is not None:
+            self.process.stdin.close()
         self.process.terminate()
         try:
             await asyncio.wait_for(self.process.wait(), timeout)

@@ -64,7 +64,10 @@ class PodRef:
 
     def endpoint(self, default_port: int) -> Endpoint:
         host = f"[{self.ip}]" if self.ip and ":" in self.ip else self.ip
-        return Endpoint(self.name, f"http://{host}:{self.daemon_port or default_port}", self.engine)
+        if self.engine not in ENGINE_KINDS:  # `usable` keeps such pods out of a group
+            raise ValueError(f"{self.name}: no engine the coordinator can drive ({self.engine!r})")
+        engine: EngineKind = "vllm" if self.engine == "vllm" else "daemon"
+        return Endpoint(self.name, f"http://{host}:{self.daemon_port or default_port}", engine)
 
     def identity(self, default_port: int) -> tuple:
         """What must stay the same for a group formed with this pod to still be valid: a new
@@ -81,7 +84,7 @@ def pod_ref(body: Mapping) -> PodRef:
     # A gated pod is Ready only once synced: until then, its containers being ready is enough.
     ready = status.get("phase") == "Running" and (
         conditions.get("Ready") == "True" or (gated and conditions.get("ContainersReady") == "True"))
-    synced = {"True": True, "False": False}.get(conditions.get(SYNCED_CONDITION)) if gated else None
+    synced = {"True": True, "False": False}.get(str(conditions.get(SYNCED_CONDITION))) if gated else None
     restarts = sum(int(c.get("restartCount", 0)) for c in status.get("containerStatuses") or [])
     return PodRef(
         namespace=meta.get("namespace", ""), name=meta.get("name", ""), uid=meta.get("uid", ""),

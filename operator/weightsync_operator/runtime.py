@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import ssl
 from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
 import kopf
@@ -52,7 +53,8 @@ class AsyncStatusWriter:
 
     def _headers(self, content_type: str) -> dict[str, str]:
         headers = {"Content-Type": content_type, "Accept": "application/json"}
-        for setting in self._config.auth_settings().values():
+        settings: dict[str, Any] = dict(self._config.auth_settings())  # kubernetes' TypedDict, keyed by scheme
+        for setting in settings.values():
             if setting["in"] == "header" and setting["value"]:
                 headers[setting["key"]] = setting["value"]
         return headers
