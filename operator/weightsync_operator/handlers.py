@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import kopf
 
 from weightsync.tokens import load_token
 from weightsync_operator.kube import KubeApi
-from weightsync_operator.pods import pod_ref
+from weightsync_operator.pods import PodRef, pod_ref
 from weightsync_operator.resource import GROUP, PLURAL, VERSION
 from weightsync_operator.runtime import Runtime
 
@@ -50,26 +51,27 @@ async def cleanup(memo: kopf.Memo, **_) -> None:
 # The three handlers below are coroutines although they never wait: kopf runs a plain function in
 # a worker thread, a hop (and GIL handover) on every watch event, including the version bump that
 # starts a sync round; a coroutine runs on the event loop at once.
-async def weightsync_pods(namespace: str, body: kopf.Body, **_) -> dict:
+async def weightsync_pods(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[str | None, PodRef]:
     """Index: namespace → summaries of its pods."""
     return {namespace: pod_ref(body)}
 
 
-async def pod_changed(namespace: str, memo: kopf.Memo, **_) -> None:
-    memo.runtime.wake_namespace(namespace)
+async def pod_changed(*, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    memo.runtime.wake_namespace(_namespaced(namespace))
 
 
-async def weightsync_changed(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, **_) -> None:
+async def weightsync_changed(*, namespace: str | None, name: str, body: kopf.Body, memo: kopf.Memo,
+                             **_: Any) -> None:
     """Wake the loop when the spec changed (the operator's own status writes do not count)."""
-    reconciler = memo.runtime.existing(namespace, name)
+    reconciler = memo.runtime.existing(_namespaced(namespace), name)
     generation = body.get("metadata", {}).get("generation")
     if reconciler is not None and generation != reconciler.seen_generation:
         reconciler.seen_generation = generation
         reconciler.wake.set()
 
 
-async def run_weightsync(namespace: str, name: str, body: kopf.Body, stopped: kopf.DaemonStopped,
-                         memo: kopf.Memo, logger: kopf.Logger, weightsync_pods: kopf.Index, **_) -> None:
+async def run_weightsync(*, namespace: str | None, name: str, body: kopf.Body, stopped: kopf.DaemonStopped,
+                         memo: kopf.Memo, logger: kopf.Logger, **kwargs: Any) -> None:
     """The WeightSync's reconciliation loop; `body` is kopf's live view of the object.
 
     A pass that fails raises out of here and kopf retries the daemon, as declared in `register`:
@@ -78,12 +80,14 @@ async def run_weightsync(namespace: str, name: str, body: kopf.Body, stopped: ko
     reconciler outlives the retries (memo.runtime holds it), so a retry resumes where it was.
     (A WeightSync deleted while kopf waits to retry goes without the teardown below; the parties
     leave that group when a group is next formed with them.)"""
+    namespace = _namespaced(namespace)
+    pods: kopf.Index[str | None, PodRef] = kwargs["weightsync_pods"]  # kopf passes each index by its name
     reconciler = memo.runtime.reconciler(namespace, name, body)
     try:
         while not stopped:
             reconciler.wake.clear()
             reconciler.seen_generation = body.get("metadata", {}).get("generation")
-            delay = await reconciler.reconcile(body, weightsync_pods.get(namespace, []))
+            delay = await reconciler.reconcile(body, pods.get(namespace, []))
             await _nap(reconciler.wake, stopped, delay)
     finally:
         if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
@@ -92,6 +96,13 @@ async def run_weightsync(namespace: str, name: str, body: kopf.Body, stopped: ko
             await reconciler.teardown("the WeightSync is being deleted")
             memo.runtime.forget(namespace, name)
             logger.info("the transfer group is torn down")
+
+
+def _namespaced(namespace: str | None) -> str:
+    """Pods and WeightSyncs are namespaced: kopf always names their namespace."""
+    if namespace is None:
+        raise ValueError("a namespaced object came without its namespace")
+    return namespace
 
 
 async def _nap(wake: asyncio.Event, stopped: kopf.DaemonStopped, delay: float | None) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import kubernetes
 import urllib3
@@ -76,7 +76,7 @@ class KubeApi:
                           namespace, name, body={"spec": spec},
                           _content_type="application/merge-patch+json", _request_timeout=30)
 
-    def watch(self, namespace: str, name: str, resource_version: str | None, timeout: float) -> Iterator[dict]:
+    def watch(self, namespace: str, name: str, resource_version: str | None, timeout: float) -> Generator[dict]:
         """Yield the object each time it changes after `resource_version`, for up to `timeout`
         seconds (then stop quietly); reconnects when the stream ends early."""
         deadline = time.monotonic() + timeout

@@ -62,6 +62,13 @@ class PodRef:
         """Ready, addressable, served by an engine the coordinator can drive, and not on its way out."""
         return self.ready and bool(self.ip) and not self.deleting and self.engine in ENGINE_KINDS
 
+    @property
+    def address(self) -> str:
+        """The pod's IP: every pod a group is formed with has one (`usable`)."""
+        if not self.ip:
+            raise ValueError(f"{self.name}: the pod has no IP yet")
+        return self.ip
+
     def endpoint(self, default_port: int) -> Endpoint:
         host = f"[{self.ip}]" if self.ip and ":" in self.ip else self.ip
         if self.engine not in ENGINE_KINDS:  # `usable` keeps such pods out of a group

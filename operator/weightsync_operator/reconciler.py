@@ -82,7 +82,9 @@ class Reconciler:
         self._http, self._token = http, token
         self._write, self._emit = write_status, emit
         self.recheck_interval = recheck_interval
-        self.status: WeightSyncStatus | None = None  # ours once loaded: the API's copy lags our writes
+        # Ours once loaded from the object (`_loaded`): the API's copy lags our writes.
+        self.status = WeightSyncStatus()
+        self._loaded = False
         self._written: dict | None = None
         self.coordinator: Coordinator | None = None
         self._formed_with: tuple | None = None
@@ -103,8 +105,8 @@ class Reconciler:
         """One pass; returns seconds until the next re-check (None: wait for a change)."""
         async with self.lock:
             generation = (body.get("metadata") or {}).get("generation")
-            if self.status is None:
-                self.status = parse_status(body.get("status"))
+            if not self._loaded:
+                self.status, self._loaded = parse_status(body.get("status")), True
             try:
                 spec = parse_spec(body.get("spec"))
             except WeightSyncSpecError as error:
@@ -237,13 +239,13 @@ class Reconciler:
         self._update(spec, generation, progressing=("CatchingUp", f"catching up {len(stale)} target(s)"),
                      message=f"catching up {', '.join(t.name for t in stale)} to version {current} from {source.name}")
         await self._flush()
-        result = await catch_up(have[0], stale, str(current), sync_spec, source.ip,
+        result = await catch_up(have[0], stale, str(current), sync_spec, source.address,
                                 source.rendezvous_port or spec.rendezvous_port)
         self._record(result)
         figures = _figures(result, current, source.name, [t.name for t in stale])
         self.status = self.status.model_copy(update={"last_catch_up": figures})
         if result.ok:
-            self._emit("Normal", "CaughtUp", f"{', '.join(figures.targets)} now hold version {current} "
+            self._emit("Normal", "CaughtUp", f"{', '.join(figures.targets or [])} now hold version {current} "
                                              f"(from {source.name}, {result.bytes} bytes in "
                                              f"{result.transfer_seconds:.3f}s)")
         else:
@@ -256,14 +258,14 @@ class Reconciler:
     async def _roll_out(self, spec: WeightSyncSpec, generation: int | None, version: str, budget: int) -> SyncResult:
         """The round: every target at once (strategy AllAtOnce), or a wave at a time (Waves),
         the status's Progressing condition saying which wave is under way."""
-        coordinator = self.coordinator
+        coordinator = self._formed
         size = spec.strategy.wave_size(len(coordinator.targets))
         if size >= len(coordinator.targets):
             return await coordinator.sync(version, max_failed=budget)
 
         def seeds_from(name: str) -> tuple[str, int]:
             pod = self._members[name]
-            return pod.ip, pod.rendezvous_port or spec.rendezvous_port
+            return pod.address, pod.rendezvous_port or spec.rendezvous_port
 
         async def started(number: int, of: int, targets: list[str], source: str) -> None:
             text = f"version {version}: wave {number} of {of} ({', '.join(targets)}) from {source}"
@@ -324,18 +326,18 @@ class Reconciler:
                 announcement.cancel()
             await asyncio.gather(announcement, return_exceptions=True)
         self._record(result)
-        trainer = self.coordinator.trainer.name
-        figures = _figures(result, version, trainer, [t.name for t in self.coordinator.targets])
+        trainer = self._formed.trainer.name
+        figures = _figures(result, version, trainer, [t.name for t in self._formed.targets])
         self.status = self.status.model_copy(update={"last_sync": figures})
         for name, reason in result.left_out.items():  # lost mid-round; the rest went on without them
             self._left_out[name] = f"lost in version {version}: {reason}"
             self._problems[name] = ("Stale", f"left out of version {version}: {reason}")
         if result.ok:
             self.status = self.status.model_copy(update={"current_version": version})
-            message = (f"version {version} live on {len(self.coordinator.targets)} target(s): {result.bytes} bytes "
+            message = (f"version {version} live on {len(self._formed.targets)} target(s): {result.bytes} bytes "
                        f"in {result.transfer_seconds:.3f}s ({figures.gbps:.3f} GB/s)")
             if spec.strategy.type == "Waves":
-                message += f", in waves of {spec.strategy.wave_size(len(self.coordinator.targets))}"
+                message += f", in waves of {spec.strategy.wave_size(len(self._formed.targets))}"
             if result.left_out:
                 message += (f"; {', '.join(result.left_out)} lost mid-round and left out "
                             f"(sent {result.attempts} times, {result.total_seconds:.2f}s in all)")
@@ -356,8 +358,8 @@ class Reconciler:
     async def _check_health(self, spec: WeightSyncSpec, generation: int | None) -> None:
         """Level-based: does every party still hold its place in the group?"""
         self._last_check = time.monotonic()
-        timeout = self.coordinator.spec.timeouts.request
-        parties = self.coordinator.parties
+        timeout = self._formed.spec.timeouts.request
+        parties = self._formed.parties
         answers = await asyncio.gather(*(p.health(timeout) for p in parties), return_exceptions=True)
         lost = []
         for party, answer in zip(parties, answers, strict=True):
@@ -473,7 +475,7 @@ class Reconciler:
             ready = ({"Pending": "WaitingForPods", "Initializing": "Initializing", "Syncing": "Syncing",
                       "Failed": "Failed"}.get(phase, "OutOfSync"), message or s.message or phase)
         conditions = set_condition(conditions, "Ready", in_sync, ready[0], ready[1], generation)
-        update = {"phase": phase, "observed_generation": generation, "targets": targets or None,
+        update: dict[str, object] = {"phase": phase, "observed_generation": generation, "targets": targets or None,
                   "ready_targets": f"{synced}/{len(targets)}", "conditions": conditions}
         if message is not None:
             update["message"] = message
@@ -549,6 +551,13 @@ class Reconciler:
                 del self._gates[name]
 
     # -- helpers ------------------------------------------------------------------------------
+    @property
+    def _formed(self) -> Coordinator:
+        """The formed group's coordinator: the steps that use it run only once `_form` made it."""
+        if self.coordinator is None:
+            raise RuntimeError(f"{self.namespace}/{self.name}: no group is formed")
+        return self.coordinator
+
     def _attempted(self) -> int:
         s = self.status
         return max(s.last_sync.version if s.last_sync else 0, s.current_version or 0)
@@ -556,7 +565,7 @@ class Reconciler:
     def _sync_spec(self, spec: WeightSyncSpec, trainer: PodRef) -> SyncSpec:
         t = spec.timeouts
         return SyncSpec(
-            backend=spec.backend, master_address=trainer.ip,
+            backend=spec.backend, master_address=trainer.address,
             master_port=trainer.rendezvous_port or spec.rendezvous_port,
             packed_buffer_size_bytes=spec.packed_buffer_size_bytes, packed_num_buffers=spec.packed_num_buffers,
             pause_mode=None if spec.pause_mode == "none" else spec.pause_mode,

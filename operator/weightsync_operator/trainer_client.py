@@ -93,8 +93,8 @@ class TrainerClient:
         obj = self.kube.get(self.namespace, self.name)
         while True:
             rendezvous = (obj.get("status") or {}).get("rendezvous")
-            if self._leads(rendezvous) and self._service.phase.value == "ready":
-                return rendezvous
+            if rendezvous is not None and self._leads(rendezvous) and self._service.phase.value == "ready":
+                return dict(rendezvous)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"the operator did not form the group of {self.namespace}/{self.name} within "
@@ -121,10 +121,8 @@ class TrainerClient:
         one tensor materialized at a time."""
         version = int(version)
         named_tensors = adapt(named_tensors)  # a vLLM 0.33 WeightSource reads as a weightsync source
-        if is_source(named_tensors):
-            tensors = named_tensors
-        else:
-            tensors = [(name, tensor.detach()) for name, tensor in named_tensors]
+        tensors: WeightSource | list[tuple[str, torch.Tensor]] = (
+            named_tensors if is_source(named_tensors) else [(name, tensor.detach()) for name, tensor in named_tensors])
         with self._push_lock:
             obj = self.kube.get(self.namespace, self.name)
             status = obj.get("status") or {}
@@ -207,7 +205,14 @@ def connect(name: str, namespace: str | None = None, *, port: int | None = None,
         port = int(os.environ.get(PORT_ENV, spec.daemon_port))
     pod_name = pod_name or os.environ.get("POD_NAME") or socket.gethostname()
     client: TrainerClient | None = None
-    service = SenderService(source=lambda: client._source(), backend=spec.backend, device=device)
+
+    def source() -> WeightSource | Iterable[tuple[str, torch.Tensor]]:
+        """The round's tensors, once push() set them on the client made below."""
+        if client is None:
+            raise RuntimeError("the trainer's client is not made yet")
+        return client._source()
+
+    service = SenderService(source=source, backend=spec.backend, device=device)
     server = serve_embedded(service, host, port, token=token if token is not None else load_token())
     client = TrainerClient(name, namespace, kube, server, service, pod_name)
     if wait:

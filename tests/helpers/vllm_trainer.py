@@ -147,13 +147,7 @@ def handle(command: dict, model: torch.nn.Module, trainer: VLLMTrainer | None) -
     if cmd == "subset":
         return push_subset(model, trainer, command)
     if cmd == "duplicate_round":
-        named = list(model.named_parameters())
-        started = time.monotonic()
-        try:
-            trainer.push(named + [named[3]], version="twice")
-        except Exception as error:
-            return {"refused": str(error), "seconds": time.monotonic() - started, "name": named[3][0]}
-        return {"refused": None, "seconds": time.monotonic() - started}
+        return push_duplicate(model, trainer)
     if cmd == "stream_round":
         randomize(model, command["seed"])
         source = CountingSource(model)
@@ -163,21 +157,7 @@ def handle(command: dict, model: torch.nn.Module, trainer: VLLMTrainer | None) -
         return {"peak_alive": source.peak, "tensors": stats.num_tensors,
                 "peak_delta": (vm_kib("VmHWM") - before) * 1024}
     if cmd == "bad_round":
-        named = [(n, p.detach().clone()) for n, p in model.named_parameters()]
-        name, tensor = named[3]
-        if command["kind"] == "as_listed":  # transformers' own names (a MoE's experts fused)
-            pass
-        elif command["kind"] == "unknown_name":
-            named[3] = (name.replace("layers.0", "layers.7"), tensor)
-        elif command["kind"] == "wrong_shape":
-            named[3] = (name, tensor[..., :-1].contiguous())
-        else:
-            named[3] = (name, tensor.to(torch.float16))
-        try:
-            trainer.push([(n, t + 1.0) for n, t in named], version="bad")
-        except Exception as error:
-            return {"refused": str(error), "name": named[3][0]}
-        return {"refused": None}
+        return push_bad_round(model, trainer, command["kind"])
     if cmd == "send_slowly":
         randomize(model, command["seed"])
         group = trainer.sender.transport.group
@@ -193,6 +173,34 @@ def handle(command: dict, model: torch.nn.Module, trainer: VLLMTrainer | None) -
         trainer.sender.send_weights(model.named_parameters())
         return {"sent": True}
     raise ValueError(f"unknown command {cmd!r}")
+
+
+def push_duplicate(model: torch.nn.Module, trainer: VLLMTrainer) -> dict:
+    """A push listing one tensor twice: how it was refused, and how long that took."""
+    named = list(model.named_parameters())
+    started = time.monotonic()
+    try:
+        trainer.push(named + [named[3]], version="twice")
+    except Exception as error:
+        return {"refused": str(error), "seconds": time.monotonic() - started, "name": named[3][0]}
+    return {"refused": None, "seconds": time.monotonic() - started}
+
+
+def push_bad_round(model: torch.nn.Module, trainer: VLLMTrainer, kind: str) -> dict:
+    """A push whose fourth tensor vLLM must refuse (`kind`), or as listed by transformers."""
+    named = [(n, p.detach().clone()) for n, p in model.named_parameters()]
+    name, tensor = named[3]
+    if kind == "unknown_name":
+        named[3] = (name.replace("layers.0", "layers.7"), tensor)
+    elif kind == "wrong_shape":
+        named[3] = (name, tensor[..., :-1].contiguous())
+    elif kind != "as_listed":  # as_listed: transformers' own names (a MoE's experts fused)
+        named[3] = (name, tensor.to(torch.float16))
+    try:
+        trainer.push([(n, t + 1.0) for n, t in named], version="bad")
+    except Exception as error:
+        return {"refused": str(error), "name": named[3][0]}
+    return {"refused": None}
 
 
 class CountingSource:

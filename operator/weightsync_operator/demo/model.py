@@ -48,6 +48,7 @@ def train_step(model: TinyTransformer, step: int, lr: float = 1e-3) -> float:
     loss.backward()
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(p.grad, alpha=-lr)
+            if p.grad is not None:  # every parameter takes part in the loss
+                p.add_(p.grad, alpha=-lr)
     model.eval()
     return float(loss.detach())

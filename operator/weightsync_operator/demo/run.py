@@ -47,8 +47,9 @@ async def verify(http: httpx.AsyncClient, trainer: LocalProcess, daemons: list[L
     bad_sums = [d.name for d, s in zip(daemons, sums[1:], strict=True) if s["checksum"] != sums[0]["checksum"]]
     bad_outs = [d.name for d, o in zip(daemons, outs[1:], strict=True)
                 if o["output_sha256"] != outs[0]["output_sha256"]]
-    detail = "; ".join(filter(None, [bad_sums and f"weights differ on {bad_sums}",
-                                     bad_outs and f"outputs differ on {bad_outs}"]))
+    problems = [f"weights differ on {bad_sums}"] if bad_sums else []
+    problems += [f"outputs differ on {bad_outs}"] if bad_outs else []
+    detail = "; ".join(problems)
     return not bad_sums, not bad_outs, detail
 
 

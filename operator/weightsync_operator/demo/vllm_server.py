@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 
@@ -68,7 +69,7 @@ class VllmServer:
     process: asyncio.subprocess.Process
     log_path: Path
     runtime_dir: Path
-    _log: object = field(default=None, repr=False)
+    _log: BinaryIO | None = field(default=None, repr=False)
 
     @classmethod
     async def start(cls, model: str | Path, port: int, work_dir: str | Path, tensor_parallel: int = 1,

@@ -19,10 +19,10 @@ from weightsync_daemon import arg_types
 from weightsync_daemon.lifecycle import DEFAULT_GRACE_SECONDS, StopRequest, serve_until_stopped
 from weightsync_daemon.server import serve_embedded
 from weightsync_daemon.service import ReceiverService, SenderService
-from weightsync_operator.demo.model import build_model, probe_tokens, train_step
+from weightsync_operator.demo.model import TinyTransformer, build_model, probe_tokens, train_step
 
 
-def demo_router(model: torch.nn.Module, lock: threading.Lock, trainer: bool) -> APIRouter:
+def demo_router(model: TinyTransformer, lock: threading.Lock, trainer: bool) -> APIRouter:
     router = APIRouter(prefix="/demo")
 
     @router.post("/forward")
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.device:
         model.to(args.device)
     lock = threading.Lock()
+    service: SenderService | ReceiverService
     if args.role == "trainer":
         service = SenderService(source=lambda: list(model.named_parameters()), backend=args.backend,
                                 device=args.device)
