@@ -9,10 +9,13 @@ from typing import Any, TypeVar
 
 import torch
 
+from weightsync.errors import TransferError
 from weightsync.integrity import StreamDigest
 from weightsync.layout import Chunk
-from weightsync.transports.collective import trace
+from weightsync.protocol import RoundHeader
+from weightsync.transports.collective import Party, trace
 from weightsync.transports.nccl_group import NcclGroup
+from weightsync.transports.nccl_options import NcclOptions
 
 
 class Streams:
@@ -96,3 +99,21 @@ def join(device: torch.device, group: NcclGroup, streams: Sequence[torch.cuda.St
         for part in parts:
             assert part is not None  # a checksummed round has a partial checksum per stream
             digest.add(part.sums)
+
+
+def nccl_options(party: Party, path: str) -> NcclOptions:
+    """The party's options, which the nccl transport sets to its own (NcclOptions); `path` names
+    the data path that needs them (send, receive) in the error."""
+    options = party.options
+    if not isinstance(options, NcclOptions):
+        raise TransferError(f"the nccl {path} path needs the nccl options, not {type(options).__name__}")
+    return options
+
+
+def is_direct(header: RoundHeader, path: str) -> bool:
+    """The nccl header's `direct` field (its model, NcclRoundHeader, lives in the nccl transport,
+    a layer above the data paths, which cannot import it)."""
+    direct = getattr(header, "direct", None)
+    if not isinstance(direct, bool):
+        raise TransferError(f"the nccl {path} path was given a round header without nccl's `direct` field")
+    return direct

@@ -27,8 +27,7 @@ from weightsync.protocol import RoundHeader
 from weightsync.transports.collective import Party, Pending, ReceivePath, mark
 from weightsync.transports.collective.buffers import StagingBuffers
 from weightsync.transports.nccl_group import EventPending, NcclGroup, wait_event
-from weightsync.transports.nccl_options import NcclOptions
-from weightsync.transports.nccl_pipeline import GpuTrace, PlanCache, Streams, join
+from weightsync.transports.nccl_pipeline import GpuTrace, PlanCache, Streams, is_direct, join, nccl_options
 
 
 @dataclass(frozen=True)
@@ -59,23 +58,6 @@ class _Receiving(NamedTuple):
     first: int  # the first chunk received here (1: the lead chunk came ahead of the agreement)
     num_buffers: int  # the round's buffers, and place streams
     verify: bool
-
-
-def _options(party: Party) -> NcclOptions:
-    """The party's options, which the nccl transport sets to its own (NcclOptions)."""
-    options = party.options
-    if not isinstance(options, NcclOptions):
-        raise TransferError(f"the nccl receive path needs the nccl options, not {type(options).__name__}")
-    return options
-
-
-def _is_direct(header: RoundHeader) -> bool:
-    """The nccl header's `direct` field (its model, NcclRoundHeader, lives in the nccl transport,
-    a layer above this path, which cannot import it)."""
-    direct = getattr(header, "direct", None)
-    if not isinstance(direct, bool):
-        raise TransferError("the nccl receive path was given a round header without nccl's `direct` field")
-    return direct
 
 
 def _destinations(landing: Landing) -> list[torch.Tensor]:
@@ -112,7 +94,7 @@ class NcclReceivePath(ReceivePath):
         self._receiving: _PreparedReceive | None = None
         self._lead: _Lead | None = None
         self._lead_scratch = torch.empty(0, dtype=torch.uint8, device=party.device)
-        self.pack_programs: int | None = _options(party).pack_programs  # see NcclOptions.pack_programs
+        self.pack_programs: int | None = nccl_options(party, "receive").pack_programs  # see NcclOptions.pack_programs
 
     @property
     def _group(self) -> NcclGroup:
@@ -139,7 +121,7 @@ class NcclReceivePath(ReceivePath):
                                 f"packed_buffer_size_bytes ({buffer_size})")
         group = self._group
         current = torch.cuda.current_stream(device)
-        direct = header is not None and _is_direct(header)
+        direct = header is not None and is_direct(header, "receive")
         staging = header is not None and (not direct or loader_round)
         buffers = self._staging.buffers
         if staging and buffers and buffers[0].numel() >= total:
@@ -187,7 +169,7 @@ class NcclReceivePath(ReceivePath):
     def post_chunk(self, staged: StagedLoad, number: int, header: RoundHeader) -> Pending:
         """A loader round's chunk into its staging place: one broadcast, or (direct) its pieces."""
         group = self._group
-        if not _is_direct(header):
+        if not is_direct(header, "receive"):
             return group.broadcast(staged.view(number))
         group.after_current()  # the staging bytes it overwrites were checksummed and loaded
         group.broadcast_pieces(staged.pieces[number])
@@ -217,7 +199,7 @@ class NcclReceivePath(ReceivePath):
             stream.wait_stream(current)
         memory = _memory(landing)
         lead_plan = self._lead_plan(chunks, landing, memory, verify) if self._lead is not None else None
-        if _is_direct(header):  # every piece lands where it belongs; checksum it there
+        if is_direct(header, "receive"):  # every piece lands where it belongs; checksum it there
             pieces, plans = self._direct_plans(chunks, landing, memory, verify)
             self._receiving = _PreparedReceive(streams, parts, plans, lead_plan, pieces=pieces)
             return
@@ -276,7 +258,7 @@ class NcclReceivePath(ReceivePath):
         lead_placed = self._place_lead(prepared, len(chunks))
         receiving = _Receiving(chunks, prepared, 0 if lead_placed is None else 1, header.num_buffers,
                                digest is not None)
-        if _is_direct(header):
+        if is_direct(header, "receive"):
             self._receive_direct(receiving)
         elif landing.target is not None:
             self._receive_flat(receiving, landing.target)

@@ -25,25 +25,7 @@ from weightsync.protocol import RoundHeader
 from weightsync.transports.collective import Party, RoundRules, SendPath, mark
 from weightsync.transports.collective.buffers import StagingBuffers
 from weightsync.transports.nccl_group import NcclGroup, wait_event
-from weightsync.transports.nccl_options import NcclOptions
-from weightsync.transports.nccl_pipeline import GpuTrace, PlanCache, Streams, join
-
-
-def _options(party: Party) -> NcclOptions:
-    """The party's options, which the nccl transport sets to its own (NcclOptions)."""
-    options = party.options
-    if not isinstance(options, NcclOptions):
-        raise TransferError(f"the nccl send path needs the nccl options, not {type(options).__name__}")
-    return options
-
-
-def _is_direct(header: RoundHeader) -> bool:
-    """The nccl header's `direct` field (its model, NcclRoundHeader, lives in the nccl transport,
-    a layer above this path, which cannot import it)."""
-    direct = getattr(header, "direct", None)
-    if not isinstance(direct, bool):
-        raise TransferError("the nccl send path was given a round header without nccl's `direct` field")
-    return direct
+from weightsync.transports.nccl_pipeline import GpuTrace, PlanCache, Streams, is_direct, join, nccl_options
 
 
 @dataclass
@@ -70,7 +52,7 @@ class NcclSendPath(SendPath):
         self._sending: _PreparedSend | None = None
         self._lead_sent: torch.cuda.Event | None = None  # the lead chunk's broadcast is done
         self._views_cached = False  # this round's sources are the sender's cached views
-        self.pack_programs: int | None = _options(party).pack_programs  # see NcclOptions.pack_programs
+        self.pack_programs: int | None = nccl_options(party, "send").pack_programs  # see NcclOptions.pack_programs
 
     @property
     def _group(self) -> NcclGroup:
@@ -91,7 +73,7 @@ class NcclSendPath(SendPath):
         prepared = self._sending
         if prepared is None:
             raise TransferError("the nccl send path sends its lead chunk only once the round is prepared")
-        if _is_direct(header):
+        if is_direct(header, "send"):
             if prepared.pieces is None:
                 raise TransferError("a direct round was prepared without its pieces")
             group.broadcast_pieces(prepared.pieces[0])
@@ -131,7 +113,7 @@ class NcclSendPath(SendPath):
         self._sending = _PreparedSend([stream], [part], pieces=pieces)
         self._send_lead(chunks, header)  # the bytes first, then the checksum beside them
         with torch.cuda.stream(stream):
-            plan.run(part, _options(self._party).source_sum_programs)
+            plan.run(part, nccl_options(self._party, "send").source_sum_programs)
 
     def _pack_plans(self, chunks: Sequence[Chunk], sources: Sequence[torch.Tensor], header: RoundHeader
                     ) -> list[RegionPlan]:
@@ -149,7 +131,7 @@ class NcclSendPath(SendPath):
         """While the receivers check the header: pack the first chunk of every buffer and send
         the lead chunk (which lands in the receivers' scratch memory only)."""
         self._views_cached = views_cached
-        if _is_direct(header):
+        if is_direct(header, "send"):
             self._prepare_direct(chunks, sources, header, digest)
             return
         device = self._party.device
@@ -189,7 +171,7 @@ class NcclSendPath(SendPath):
         prepared, self._sending = self._sending, None
         if prepared is None:
             raise TransferError("the nccl send path sends a round's payload only once the round is prepared")
-        if _is_direct(header):
+        if is_direct(header, "send"):
             if prepared.pieces is None:
                 raise TransferError("a direct round was prepared without its pieces")
             group.stream.wait_stream(torch.cuda.current_stream(device))
