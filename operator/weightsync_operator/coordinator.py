@@ -272,7 +272,7 @@ class Coordinator:
         try:
             # Each party goes from its pause straight to its start; the update waits for all of
             # them (a collective needs every member, and no target may receive while serving).
-            await self._pipeline(outcome, self.parties, lambda p, at: self._prepare(p, at, progress, pausing))
+            await self._pipeline(outcome, self.parties, lambda p, at: self._prepare(p, at, progress))
             sent = time.perf_counter()
             answers = await self._update(outcome, progress)
             result.transfer_seconds = time.perf_counter() - sent
@@ -307,14 +307,13 @@ class Coordinator:
         result.finished_at = _now()
         return result
 
-    async def _prepare(self, party: PartyClient, at: dict[str, str], progress: dict[str, Progress],
-                       pausing: bool) -> dict:
+    async def _prepare(self, party: PartyClient, at: dict[str, str], progress: dict[str, Progress]) -> dict:
         """One party's way into the round: its pause (targets), then its start. A daemon takes
         both in one call (its start needs only its group phase, not the pause); vLLM gets one
         call at a time (see client.py). Either way the update is sent only once every party is
         through."""
         t, mode = self.spec.timeouts, self.spec.pause_mode
-        if not pausing or party is self.trainer or mode is None:
+        if mode is None or party is self.trainer:
             at[party.name], progress[party.name] = "start", Progress.STARTED
             return await party.start(t.start)
         at[party.name] = "pause"
