@@ -124,12 +124,16 @@ class Cluster:
                                      f"{timeout:g}s; saw {seen}")
             await asyncio.sleep(0.02)
 
+    async def fetch_weightsync(self, namespace: str, name: str) -> dict | None:
+        """The stored WeightSync (None if there is none), read where the API server keeps it."""
+        return self.weightsync(namespace, name)
+
     async def wait_for(self, namespace: str, name: str, predicate: Callable[[dict], bool], timeout: float,
                        what: str = "the expected state") -> dict:
         """Poll the stored WeightSync until `predicate(obj)` holds; fail with its status if not."""
         deadline = time.monotonic() + timeout
         while True:
-            obj = self.weightsync(namespace, name)
+            obj = await self.fetch_weightsync(namespace, name)
             if obj is not None and predicate(obj):
                 return obj
             if time.monotonic() > deadline:
@@ -211,6 +215,35 @@ async def cluster(workdir: Path, install_crd: bool = True) -> AsyncIterator[Clus
             yield handle
         finally:
             await handle.close()
+
+
+class RemoteCluster(Cluster):
+    """An emulated API server in a process of its own (k8s_api_process.py), reached over HTTP
+    only: what reads the in-process emulator's store (history, events, request counts) is not
+    available; `wait_for` polls with GET requests."""
+
+    def __init__(self, process: LocalProcess, kubeconfig: Path):
+        super().__init__(None, process.url, kubeconfig)  # type: ignore[arg-type]  # no emulator here
+        self.process = process
+
+    async def fetch_weightsync(self, namespace: str, name: str) -> dict | None:
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
+        async with self.session.get(path) as response:
+            return None if response.status == 404 else await response.json(content_type=None)
+
+
+@contextlib.asynccontextmanager
+async def remote_cluster(workdir: Path) -> AsyncIterator[RemoteCluster]:
+    """`cluster`, with the API server in a process of its own (the operator's CPU is its own)."""
+    env = {"PYTHONPATH": os.pathsep.join([str(HELPERS.parent), os.environ.get("PYTHONPATH", "")])}
+    process = await LocalProcess.start("api-server", "helpers.k8s_api_process", [], timeout=60, env=env)
+    handle = RemoteCluster(process, write_kubeconfig(workdir / "kubeconfig", process.url))
+    try:
+        await handle.apply_crd()
+        yield handle
+    finally:
+        await handle.close()
+        await process.stop()
 
 
 @contextlib.asynccontextmanager
