@@ -40,12 +40,28 @@ $(VLLM033_VENV)/.installed: $(VLLM033_LOCK) pyproject.toml
 	$(VLLM033_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
-.PHONY: install demo demo-vllm lint test test-fast vllm-venv vllm033-venv
+# The SGLang end-to-end tests (marker `sglang`) run SGLang 0.5.23 from a venv of its own, pinned
+# like vLLM's (engines/sglang-cpu.lock, installed without resolving; about 7 GB and two minutes).
+# SGLang's CPU engine imports a kernel module with no CPU build on the registry: the tests put a
+# pure-torch stand-in on the server's path (tests/helpers/sglang_cpu_kernel), never this venv.
+SGLANG_VENV ?= .venv-sglang
+SGLANG_LOCK ?= engines/sglang-cpu.lock
+
+$(SGLANG_VENV)/.installed: $(SGLANG_LOCK) pyproject.toml
+	$(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/python -m pip install -q --upgrade pip
+	$(SGLANG_VENV)/bin/python -m pip install -q --no-deps -r $(SGLANG_LOCK)
+	$(SGLANG_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+.PHONY: install demo demo-vllm lint test test-fast vllm-venv vllm033-venv sglang-venv
 install: $(VENV)/.installed
 
 vllm-venv: $(VLLM_VENV)/.installed
 
 vllm033-venv: $(VLLM033_VENV)/.installed
+
+sglang-venv: $(SGLANG_VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/weightsync demo
@@ -70,8 +86,8 @@ test: lint $(VENV)/.installed $(VLLM_VENV)/.installed $(VLLM033_VENV)/.installed
 	WEIGHTSYNC_VLLM033_PYTHON=$(abspath $(VLLM033_VENV))/bin/python $(VENV)/bin/python -m pytest -q
 
 # The fast lane: unit tests, in this process only (no daemon, server, rendezvous, GPU, cluster,
-# chart or vLLM; markers in pyproject.toml, tests/conftest.py marks tests by the fixtures they
+# chart, vLLM or SGLang; markers in pyproject.toml, tests/conftest.py marks tests by the fixtures they
 # use); under a minute on 2 cores. `make test` (CI) runs these and every other lane.
-FAST_LANE = not (integration or gpu or k8s or chart or faults or vllm)
+FAST_LANE = not (integration or gpu or k8s or chart or faults or vllm or sglang)
 test-fast: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -m "$(FAST_LANE)"

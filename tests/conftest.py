@@ -49,6 +49,20 @@ def vllm_python() -> str:
     return VLLM_PYTHON
 
 
+@pytest.fixture(scope="session")
+def sglang_python() -> str:
+    """The SGLang venv's python (helpers/sglang_server.py): the tests that need it skip without
+    it, except under CI, where they fail."""
+    from helpers.sglang_server import SGLANG_PYTHON, sglang_python_problem
+
+    problem = sglang_python_problem()
+    if problem is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the SGLang tests: {problem}")
+        pytest.skip(problem)
+    return SGLANG_PYTHON
+
+
 @pytest.fixture(scope="module")
 def rendezvous_port() -> int:
     return free_port()

@@ -1,14 +1,17 @@
-"""What the served model's `load_weights` accepts: the checkpoint vLLM loaded at startup.
+"""What the served model's `load_weights` accepts: the checkpoint the engine loaded at startup.
+
+Engine-neutral: the vLLM and SGLang backends (engines/) check every update against it.
 
 The trainer's manifest is checked against the safetensors headers of the model directory the
 server was started with (names, shapes, dtypes; only the headers are read, never the data, so
 no safetensors library is needed: the header is 8 bytes of length and a JSON object).
-These are exactly the Hugging Face names and full, unsharded shapes that vLLM's loader maps,
-fuses and shards at startup, so an update that matches them loads the same way.
+These are exactly the Hugging Face names and full, unsharded shapes that an engine's loader
+(vLLM's, SGLang's) maps, fuses and shards at startup, so an update that matches them loads the
+same way.
 
 Dtype rule: a tensor may come in the checkpoint's dtype, or (for floating-point tensors) in
-the dtype the server computes in (`--dtype`); vLLM casts either into its parameters exactly as
-it does at startup. Anything else is refused, so a trainer never silently loses precision to,
+the dtype the server computes in (`--dtype`); the engine casts either into its parameters exactly
+as it does at startup. Anything else is refused, so a trainer never silently loses precision to,
 or pays for, a conversion it did not ask for.
 """
 
@@ -17,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,7 +80,7 @@ class CheckpointManifest:
             have = self.tensors.get(spec.name)
             if have is None:
                 return (f"parameter {spec.name!r} is not in the served model's checkpoint ({self.source}); "
-                        f"vLLM's load_weights would not know it{self._split_hint(spec.name)}")
+                        f"the engine's load_weights would not know it{self._split_hint(spec.name)}")
             if tuple(spec.shape) != have.shape:
                 return (f"parameter {spec.name!r} has shape {list(have.shape)} in the served model's checkpoint "
                         f"but {list(spec.shape)} from the trainer")
@@ -97,7 +99,7 @@ class CheckpointManifest:
         if example is None:
             return ""
         return (f" (the checkpoint holds it per expert, e.g. {example!r}: push "
-                "weightsync_vllm.hf.CheckpointSource(model), which sends transformers' fused experts "
+                "weightsync.hf.CheckpointSource(model), which sends transformers' fused experts "
                 "under the checkpoint's names)")
 
 
@@ -116,25 +118,10 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     return header
 
 
-def fused_group_key(packed_modules_mapping: dict[str, list[str]]) -> Callable[[str], str]:
-    """The loader's group key from the model's own fusion table (vLLM's
-    `packed_modules_mapping`, e.g. {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}): the tensors of
-    modules vLLM fuses share a key ("model.layers.0.self_attn.qkv_proj"); any other tensor's
-    key is its own module, so staging holds no more than one fused parameter's inputs."""
-    fused_of = {member: fused for fused, members in packed_modules_mapping.items() for member in members}
-
-    def group_of(name: str) -> str:
-        module = name.rpartition(".")[0]
-        parent, _, leaf = module.rpartition(".")
-        fused = fused_of.get(leaf)
-        return f"{parent}.{fused}" if fused is not None else module
-
-    return group_of
-
-
 def model_directory(model: str, revision: str | None = None) -> str:
-    """The local directory of the checkpoint vLLM serves: `--model` itself when it is a
-    directory, else the snapshot vLLM downloaded into the Hugging Face cache (never a download)."""
+    """The local directory of the checkpoint an engine serves: the model path itself when it is a
+    directory, else the snapshot the engine downloaded into the Hugging Face cache (never a
+    download)."""
     if os.path.isdir(model):
         return model
     from huggingface_hub import snapshot_download

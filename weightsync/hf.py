@@ -1,6 +1,6 @@
 """A Hugging Face transformers model as a source in its checkpoint's names and layout.
 
-vLLM loads what the checkpoint holds, and the backend checks every update against the
+An engine (vLLM, SGLang) loads what the checkpoint holds, and the backend checks every update against the
 checkpoint's names and shapes. transformers 5 lists some parameters in another layout than it
 saves them: a mixture-of-experts model's experts are fused 3-D tensors
 (`mlp.experts.gate_up_proj` [experts, 2 x intermediate, hidden], `mlp.experts.down_proj`) in
@@ -8,7 +8,7 @@ saves them: a mixture-of-experts model's experts are fused 3-D tensors
 (`mlp.experts.3.gate_proj.weight`...), through transformers' own `revert_weight_conversion`.
 `CheckpointSource` applies that same conversion, one parameter at a time as the round streams
 (metadata from meta tensors, so nothing is materialized up front). A model without conversions
-passes through unchanged. Trainer side only: no vLLM import.
+passes through unchanged. Trainer side only: no engine import.
 
     trainer.push(CheckpointSource(model), version="step-7")
     trainer.push(CheckpointSource(model, names=["model.layers.0.mlp.experts.gate_up_proj",

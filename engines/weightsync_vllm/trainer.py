@@ -147,7 +147,7 @@ class VLLMTrainer:
         """Send one update into every server; see the module docstring for the steps.
 
         `weights`: (name, tensor) pairs, or a source (`weightsync.source`, e.g.
-        `ModuleSource(model, dtype=torch.bfloat16)` or `weightsync_vllm.hf.CheckpointSource`),
+        `ModuleSource(model, dtype=torch.bfloat16)` or `weightsync.hf.CheckpointSource`),
         which streams as `WeightSender.send_weights` does: one tensor materialized at a time.
         What the trainer can refuse alone (a name listed twice, the source's metadata) is
         refused before the first call to any server, which leaves the servers and the group as

@@ -71,8 +71,9 @@ class Trainer:
                  max_positions: int = 256, layers: int = 2):
         self.log = open(tmp / f"{name}.log", "w")
         self.process = subprocess.Popen(
-            [python, str(TRAINER), "--model-dir", str(tmp / f"{name}-model"), *(["--tied"] if tied else []),
-             "--arch", arch, "--max-positions", str(max_positions), "--layers", str(layers)],
+            self._command() or [python, str(TRAINER), "--model-dir", str(tmp / f"{name}-model"),
+                                *(["--tied"] if tied else []), "--arch", arch, "--max-positions", str(max_positions),
+                                "--layers", str(layers)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
             env=side_files_env(tmp), cwd=ROOT)
         self.lines: queue.Queue[dict] = queue.Queue()
@@ -80,6 +81,10 @@ class Trainer:
         self.ready = self.next(timeout=180)
         assert self.ready.get("ready"), self.ready
         self.model_dir = tmp / f"{name}-model"
+
+    def _command(self) -> list[str] | None:
+        """Another trainer script's command line (the SGLang tests' trainer), or None: this one."""
+        return None
 
     def _read(self) -> None:
         for line in self.process.stdout:

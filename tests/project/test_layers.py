@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # Where each package's source lives (pyproject.toml's package-dir).
 PACKAGES = {"weightsync": ROOT / "weightsync", "weightsync_daemon": ROOT / "daemon" / "weightsync_daemon",
             "weightsync_operator": ROOT / "operator" / "weightsync_operator",
-            "weightsync_vllm": ROOT / "engines" / "weightsync_vllm", "weightsync_cli": ROOT / "cli" / "weightsync_cli"}
+            "weightsync_vllm": ROOT / "engines" / "weightsync_vllm",
+            "weightsync_sglang": ROOT / "engines" / "weightsync_sglang",
+            "weightsync_cli": ROOT / "cli" / "weightsync_cli"}
 
 
 def lint_imports(cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
@@ -49,11 +51,11 @@ def test_the_layers_hold(capsys):
     status = check(config_filename=str(ROOT / "pyproject.toml"), no_cache=True, no_logo=True)
     out = capsys.readouterr().out
     assert status == 0, out
-    assert "8 kept, 0 broken" in out
+    assert "9 kept, 0 broken" in out
 
 
 def copy_tree(tmp_path: Path) -> Path:
-    """The five packages and the contracts, side by side in `tmp_path`, without caches."""
+    """The six packages and the contracts, side by side in `tmp_path`, without caches."""
     site = tmp_path / "src"
     for name, source in PACKAGES.items():
         shutil.copytree(source, site / name, ignore=shutil.ignore_patterns("__pycache__"))
