@@ -28,6 +28,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -297,26 +298,52 @@ async def run_concurrent(workdir: Path, count: int, targets: int, rounds: int, w
         follower = asyncio.create_task(
             timeline.follow(c.session, f"/apis/weightsync.dev/v1alpha1/namespaces/{NS}/weightsyncs"))
         try:
-            phases: dict[str, list[int]] = {"alone": [], "at once": []}  # measured versions
-            # phase -> (CPU of the operator's event loop, wall seconds)
-            loop: dict[str, tuple[float, float]] = {}
-            version = 0
-            for phase, versions in phases.items():
-                for i in range(warmup + rounds):
-                    if i == warmup:
-                        cpu_began, wall_began = time.thread_time(), time.perf_counter()
-                    version += 1
-                    if phase == "alone":
-                        for fleet in fleets:
-                            await push_all(timeline, [fleet], version)
-                    else:
-                        await push_all(timeline, fleets, version)
-                    if i >= warmup:
-                        versions.append(version)
-                loop[phase] = (time.thread_time() - cpu_began, time.perf_counter() - wall_began)
+            phases, loop = await measure_phases(timeline, fleets, rounds, warmup)
         finally:
             follower.cancel()
     return print_concurrent(timeline, names, phases, loop, targets, rounds, mbytes)
+
+
+async def measure_phases(timeline: Timeline, fleets: list[Fleet], rounds: int,
+                         warmup: int) -> tuple[dict[str, list[int]], dict[str, "PhaseCpu"]]:
+    """`warmup` then `rounds` versions pushed to each fleet alone (one after the other), then as
+    many to all at once: the measured versions of each phase, and where each phase's CPU went."""
+    phases: dict[str, list[int]] = {"alone": [], "at once": []}
+    loop: dict[str, PhaseCpu] = {}
+    version = 0
+    for phase, versions in phases.items():
+        for i in range(warmup + rounds):
+            if i == warmup:
+                began = time.thread_time(), time.perf_counter(), machine_jiffies()
+            version += 1
+            for batch in ([[f] for f in fleets] if phase == "alone" else [fleets]):
+                await push_all(timeline, batch, version)
+            if i >= warmup:
+                versions.append(version)
+        loop[phase] = PhaseCpu(time.thread_time() - began[0], time.perf_counter() - began[1],
+                               machine_busy(began[2], machine_jiffies()))
+    return phases, loop
+
+
+@dataclass
+class PhaseCpu:
+    """Where a phase's CPU went: the operator's event loop, and the machine as a whole (every
+    party shares it here; on a cluster each WeightSync's trainer and targets have their own)."""
+
+    loop_seconds: float  # the operator's event-loop thread
+    wall_seconds: float
+    machine_busy: float  # the fraction of all the machine's cores that were busy
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) clock ticks of all the machine's cores, from /proc/stat."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+def machine_busy(began: tuple[int, int], ended: tuple[int, int]) -> float:
+    return (ended[0] - began[0]) / max(1, ended[1] - began[1])
 
 
 async def push_all(timeline: Timeline, fleets: list[Fleet], version: int) -> None:
@@ -342,7 +369,7 @@ def split(timeline: Timeline, names: list[str], versions: list[int]) -> dict[str
 
 
 def print_concurrent(timeline: Timeline, names: list[str], phases: dict[str, list[int]],
-                     loop: dict[str, tuple[float, float]], targets: int, rounds: int, mbytes: float) -> int:
+                     loop: dict[str, PhaseCpu], targets: int, rounds: int, mbytes: float) -> int:
     alone, together = phases["alone"], phases["at once"]
     print(f"\n{len(names)} WeightSyncs of {targets} daemon targets each, {mbytes:g} MB per round, {rounds} rounds "
           f"alone (one WeightSync at a time) then {rounds} with all bumped at once; bump -> Succeeded, median ms")
@@ -356,9 +383,11 @@ def print_concurrent(timeline: Timeline, names: list[str], phases: dict[str, lis
           "the operator's event loop (the API server runs in a process of its own)")
     for phase, versions in phases.items():
         parts = split(timeline, names, versions)
-        cpu, wall = loop[phase]
+        cpu = loop[phase]
         print(f"{phase:<10} " + " ".join(ms(parts[k]) for k in ("e2e", "data", "control", "own"))
-              + f"   {cpu / rounds * 1e3:.1f} ms CPU per round of all {len(names)}, busy {cpu / wall:.0%} of the time")
+              + f"   {cpu.loop_seconds / rounds * 1e3:.1f} ms CPU per round of all {len(names)}, busy "
+              f"{cpu.loop_seconds / cpu.wall_seconds:.0%} of the time; the machine's {os.cpu_count()} cores "
+              f"{cpu.machine_busy:.0%} busy")
     serial = sum(statistics.median(timeline.seconds(n, v) for v in alone) for n in names)
     spans = [max(timeline.done[(n, v)][0] for n in names) - min(timeline.bump[(n, v)] for n in names)
              for v in together]
