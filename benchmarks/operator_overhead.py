@@ -274,7 +274,10 @@ def main() -> int:
     parser.add_argument("--concurrent-targets", type=int, default=4, help="daemon targets per WeightSync")
     args = parser.parse_args()
     if args.targets or args.concurrent:
-        return asyncio.run(fleet(args))
+        from weightsync_operator.operator_cli import event_loop
+
+        with event_loop() as loop:  # the operator's own loop (uvloop where installed), as it runs in a pod
+            return loop.run_until_complete(fleet(args)) if loop is not None else asyncio.run(fleet(args))
     python = None
     if args.engine == "vllm":
         python = os.environ.get("WEIGHTSYNC_VLLM_PYTHON")

@@ -7,6 +7,7 @@ receiver warns about a missing token exactly as the standalone daemon does.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -108,6 +109,21 @@ def test_the_operator_without_credentials_says_so_in_one_line(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stderr.splitlines()[-1].startswith("weightsync operator: error: no Kubernetes credentials")
+
+
+def test_the_operator_runs_on_uvloop_which_its_extra_installs():
+    """`weightsync operator` drives every WeightSync's control calls from one event loop; the
+    `operator` extra brings uvloop and the command runs kopf on it."""
+    from weightsync_operator.operator_cli import event_loop
+
+    with event_loop() as loop:
+        assert loop is not None, "uvloop is not installed with the operator extra"
+        assert type(loop).__module__.startswith("uvloop"), type(loop)
+
+        async def which() -> str:
+            return type(asyncio.get_running_loop()).__module__
+
+        assert loop.run_until_complete(which()).startswith("uvloop")
 
 
 def test_daemon_help_shows_the_defaults_and_a_manifest_that_parses(tmp_path):
