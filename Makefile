@@ -81,9 +81,10 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 	$(VENV)/bin/python tools/function_sizes.py
 
-test: lint $(VENV)/.installed $(VLLM_VENV)/.installed $(VLLM033_VENV)/.installed
+test: lint $(VENV)/.installed $(VLLM_VENV)/.installed $(VLLM033_VENV)/.installed $(SGLANG_VENV)/.installed
 	WEIGHTSYNC_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python \
-	WEIGHTSYNC_VLLM033_PYTHON=$(abspath $(VLLM033_VENV))/bin/python $(VENV)/bin/python -m pytest -q
+	WEIGHTSYNC_VLLM033_PYTHON=$(abspath $(VLLM033_VENV))/bin/python \
+	WEIGHTSYNC_SGLANG_PYTHON=$(abspath $(SGLANG_VENV))/bin/python $(VENV)/bin/python -m pytest -q
 
 # The fast lane: unit tests, in this process only (no daemon, server, rendezvous, GPU, cluster,
 # chart, vLLM or SGLang; markers in pyproject.toml, tests/conftest.py marks tests by the fixtures they
