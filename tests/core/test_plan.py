@@ -338,3 +338,24 @@ def test_the_plan_is_reused_until_a_layout_changes():
     again = cache.get(trainer, layouts)
     assert again is not first and again.received[1] < first.received[1]
     assert cache.get(trainer, {**layouts, 2: whole_layout(m)}) is not again  # a receiver joined
+
+
+# --- benchmarks/scale.py ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("key", "published"), [("qwen3", 235e9), ("kimi", 1.04e12), ("llama", 70.6e9)])
+def test_the_scale_benchmarks_models_match_their_published_sizes(key, published):
+    """The tensor lists written from the published configs add up to the published totals."""
+    from benchmarks.scale import MODELS
+
+    params = sum(int(np.prod(shape)) for _, shape in MODELS[key].tensors())
+    assert abs(params - published) <= 0.02 * published
+
+
+def test_the_scale_benchmark_prints_its_table(capsys):
+    """The smallest setup end to end: the plan beats the single sender on the busiest link."""
+    from benchmarks.scale import main
+
+    assert main(["--only", "llama"]) == 0
+    out = capsys.readouterr().out
+    assert "Llama-3.1-70B: 70.6 B parameters" in out
+    assert "plan: 32 senders, no gather" in out and "17.6 GB  engine GPU" in out
