@@ -54,6 +54,7 @@ class Receiver:
     rank: int
     model: Any  # SGLang's model class (its load_weights is SGLang's, untyped here)
     checkpoint: CheckpointManifest
+    engine_refusal: Callable[[], str | None]
     weights_intact: bool = True
     loaded_this_round: int = 0
     sink: LoaderSink = field(init=False)
@@ -62,7 +63,10 @@ class Receiver:
         self.sink = LoaderSink(self._load, self._mismatch)
 
     def _mismatch(self, manifest: Manifest) -> str | None:
-        return self.checkpoint.mismatch(manifest)
+        """Why this round cannot land here: SGLang's own refusal of online updates (checked by
+        SGLang only after a receive, when a weightsync round has already loaded), or a tensor
+        the served checkpoint does not have in that shape and dtype."""
+        return self.engine_refusal() or self.checkpoint.mismatch(manifest)
 
     def _load(self, batch: list[tuple[str, torch.Tensor]]) -> None:
         """Hand a batch to SGLang's loader, which copies into its (fused, sharded) parameters in
@@ -109,9 +113,12 @@ def init_info_of(master_address: str, master_port: int, rank_offset: int, world_
                  group_name: str) -> InitInfo:
     """weightsync's InitInfo from SGLang's init body: SGLang's own fields, and in `group_name`
     the rest of InitInfo as a JSON object (a plain name: every default, that name)."""
-    options: Any = json.loads(group_name) if group_name.lstrip().startswith("{") else {"group_name": group_name}
-    if not isinstance(options, dict):
-        raise ValueError("group_name: a weightsync group's options are a JSON object")
+    options: Any = {"group_name": group_name}
+    if group_name.lstrip().startswith("{"):
+        try:
+            options = json.loads(group_name)
+        except ValueError as error:
+            raise ValueError(f"group_name: a weightsync group's options are a JSON object ({error})") from None
     body = {**options, "master_address": master_address, "master_port": master_port,
             "rank_offset": rank_offset, "world_size": world_size}
     return parse(InitInfo, body, "init_info")
@@ -133,10 +140,26 @@ def join(updater: Any, info: InitInfo) -> Receiver:
                                              getattr(config, "dtype", None))
     leave(info.group_name)
     device = torch.device("cpu") if backend == "cpu" else torch.device(updater.device, updater.gpu_id)
-    receiver = Receiver(transport_cls.connect(info, rank, device), rank, updater.get_model(), checkpoint)
+    receiver = Receiver(transport_cls.connect(info, rank, device), rank, updater.get_model(), checkpoint,
+                        lambda: sglang_refusal(updater))
     RECEIVERS[info.group_name] = receiver
     logger.info("weightsync: joined the %s group %r as rank %d of %d", backend, info.group_name, rank, info.world_size)
     return receiver
+
+
+def sglang_refusal(updater: Any) -> str | None:
+    """What SGLang says against any online update of this model (a CUDA-IPC weight cache shared
+    with other engines, derived weight caches a load would leave stale), or None. SGLang checks
+    it in its load step, after the receive: for a weightsync round that is too late (the
+    tensors landed as they arrived), so it is part of the manifest check, before any byte moves."""
+    from sglang.srt.model_executor.model_runner_components import weight_updater
+
+    try:
+        updater._assert_weight_cache_inactive("update_weights_from_distributed")
+    except RuntimeError as error:
+        return str(error)
+    refusal: str | None = weight_updater._unsupported_derived_weight_cache_error(updater.get_model())
+    return refusal
 
 
 def leave(group_name: str) -> bool:

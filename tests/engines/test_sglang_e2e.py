@@ -95,6 +95,23 @@ def test_a_mismatched_manifest_is_refused_and_serving_is_unchanged(qwen2, kind):
     assert server.weight_version() == version
 
 
+@pytest.mark.parametrize("options, field", [
+    ('{"packed": "maybe"}', "init_info.packed"),
+    ('{"timeout_seconds": -1}', "init_info.timeout_seconds"),
+    ('{"packed": tru', "group_name"),
+])
+def test_a_bad_init_is_refused_naming_the_field(qwen2, options, field):
+    """SGLang answers 400 with weightsync's reason; the group already joined stays (the rounds
+    after this one use it)."""
+    body = {"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 1, "world_size": 2,
+            "backend": "weightsync", "group_name": options}
+    response = qwen2["server"].http.post("/init_weights_update_group", json=body)
+    assert response.status_code == 400 and field in response.json()["message"], response.text
+    assert qwen2["trainer"].ask(cmd="round", seed=11, version="after-bad-init")
+    qwen2["expected"] = qwen2["trainer"].hf_greedy()
+    assert qwen2["server"].completions() == qwen2["expected"]
+
+
 def test_a_partial_round_lands_exactly(qwen2):
     """Only q_proj of one layer: SGLang loads it into its fused qkv parameter in place, so the
     other slices keep their values and the greedy ids equal HF's."""
@@ -190,6 +207,11 @@ def test_the_trainer_killed_mid_round(qwen2):
     assert "keeps serving the previous weights, intact" in answer["message"], answer
     assert server.completions() == qwen2["expected"]
     assert server.weight_version() == version
+
+    _restart_trainer(qwen2, "trainer-atomic", atomic=True)
+    answer, _ = _kill_mid_round(qwen2, after_broadcasts=3)  # chunk 1 went out 1 s ago: staged, not loaded
+    assert "keeps serving the previous weights, intact" in answer["message"], answer
+    assert server.completions() == qwen2["expected"]
 
     _restart_trainer(qwen2, "trainer2")
     answer, _ = _kill_mid_round(qwen2, after_broadcasts=3)  # chunk 1 went out 1 s ago: part loaded
