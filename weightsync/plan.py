@@ -18,7 +18,7 @@ by a known set of ranks and needed by a known set of receivers. Cells with the s
 receivers merge back into boxes, so a transfer is as large as the layouts allow. The work is per
 tensor, never per element, and tensors whose layouts are the same objects (every expert of a
 MoE model) share one computation; with shared `Held`/`Need` objects (the builders here are
-cached so they return them) planning a trillion-parameter model takes a fraction of a second.
+cached so they return them) Kimi-K2's 70,000 tensors over 256 senders plan in about two seconds.
 
 Where several ranks hold the same bytes, the sender is chosen to balance the bytes each rank
 sends: the forced transfers first, then the choices biggest first, each to its least-loaded
@@ -172,6 +172,8 @@ def single_owner(shape: tuple[int, ...], dtype: str, rank: int = 0) -> Held:
 def _placement(placement: object) -> Placement:
     """vLLM's or torch's `Shard`/`Replicate` as ours (duck-typed: no vLLM or torch import here)."""
     dim = getattr(placement, "dim", None)
+    if getattr(placement, "split_factor", 1) != 1:  # torch's _StridedShard (FSDP2 over TP): other cuts
+        raise ValueError(f"placement {placement!r} is a strided shard, which the planner does not lay out yet")
     if isinstance(dim, int):
         return Shard(dim)
     if type(placement).__name__ == "Replicate":
@@ -188,9 +190,9 @@ def held_from_meta(meta: Any, world_size: int) -> Held:
         raise ValueError(f"tensor {meta.name!r}: unsupported dtype {meta.dtype}")
     owners = tuple(range(world_size)) if meta.owners is None else tuple(meta.owners)
     mesh_shape = (len(owners),) if meta.mesh_shape is None else tuple(meta.mesh_shape)
-    placements = ((Replicate(),) * len(mesh_shape) if meta.placements is None
-                  else tuple(_placement(p) for p in meta.placements))
     try:
+        placements = ((Replicate(),) * len(mesh_shape) if meta.placements is None
+                      else tuple(_placement(p) for p in meta.placements))
         return mesh_held(tuple(meta.shape), dtype, mesh_shape, placements, owners)
     except ValueError as exc:
         raise ValueError(f"tensor {meta.name!r}: {exc}") from None

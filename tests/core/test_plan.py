@@ -124,6 +124,9 @@ def test_vllm_param_meta_becomes_a_layout():
     with pytest.raises(ValueError, match="tensor 'x'"):
         held_from_meta(SimpleNamespace(name="x", dtype=BF16, shape=(4,), owners=(0, 1), mesh_shape=(2,),
                                        placements=(SimpleNamespace(dim=3),)), world_size=2)
+    with pytest.raises(ValueError, match="tensor 'x'.*strided shard"):  # torch's _StridedShard: not a plain Shard
+        held_from_meta(SimpleNamespace(name="x", dtype=BF16, shape=(4,), owners=(0, 1), mesh_shape=(2,),
+                                       placements=(SimpleNamespace(dim=0, split_factor=2),)), world_size=2)
 
 
 # --- Exactness ----------------------------------------------------------------------------------
