@@ -68,9 +68,12 @@ def init_body(init: InitInfo, rank_offset: int) -> dict[str, Any]:
 class SGLangEndpoint:
     """One SGLang server's routes, as SGLang defines them."""
 
-    def __init__(self, url: str, timeout: float = 600.0):
+    def __init__(self, url: str, timeout: float = 600.0, api_key: str | None = None):
+        """`api_key`: SGLang's `--admin-api-key` (or, where only `--api-key` is set, that key),
+        which its weight-update, pause and version routes require once configured."""
         self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, timeout=timeout,
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers,
                                  limits=httpx.Limits(max_keepalive_connections=0))
 
     def call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -147,11 +150,13 @@ class SGLangTrainer:
 
     @classmethod
     def connect(cls, urls: Iterable[str], *, master_address: str, master_port: int,
-                backend: str = "cpu", device: torch.device | str | None = None, **fields: Any) -> SGLangTrainer:
+                backend: str = "cpu", device: torch.device | str | None = None, api_key: str | None = None,
+                **fields: Any) -> SGLangTrainer:
         """Size the group from each server's tensor-parallel size, give each server its rank
         offset, and join: the servers' inits run while the sender hosts the rendezvous.
-        `fields` are further `InitInfo` fields (timeout_seconds, packed_*, atomic...)."""
-        endpoints = [SGLangEndpoint(url) for url in urls]
+        `api_key`: the servers' admin key (`SGLangEndpoint`). `fields` are further `InitInfo`
+        fields (timeout_seconds, packed_*, atomic...)."""
+        endpoints = [SGLangEndpoint(url, api_key=api_key) for url in urls]
         sizes = [endpoint.world_size() for endpoint in endpoints]
         init = InitInfo(backend=backend, master_address=master_address, master_port=master_port,
                         world_size=1 + sum(sizes), **fields)
