@@ -228,15 +228,18 @@ class Row:
     seconds: float
     transfers: int
     broadcasts: int
+    streams: int  # distinct (sender, receivers) pairs: what a transport packs each into one stream
 
 
-def counts(result: Plan) -> tuple[int, int]:
-    """Transfers and broadcasts of a plan (tensors sharing transfers are counted once each)."""
+def counts(result: Plan) -> tuple[int, int, int]:
+    """Transfers, broadcasts and (sender, receivers) streams of a plan (tensors sharing their
+    transfers are looked at once)."""
     usage = Counter(id(tensor.transfers) for tensor in result.tensors)
     distinct = {id(tensor.transfers): tensor.transfers for tensor in result.tensors}
     transfers = sum(len(distinct[key]) * used for key, used in usage.items())
     broadcasts = sum(sum(len(t.receivers) > 1 for t in distinct[key]) * used for key, used in usage.items())
-    return transfers, broadcasts
+    streams = len({(t.source, t.receivers) for transfers in distinct.values() for t in transfers})
+    return transfers, broadcasts, streams
 
 
 def busiest(result: Plan) -> tuple[float, str]:
@@ -260,10 +263,10 @@ def single_sender_row(manifest: Manifest, setup: Setup, engines: int, efficiency
     gathered = manifest.nbytes * (ranks - 1) / ranks
     gather_rate = NVLINK_BYTES_PER_S if setup.trainer_hosts == 1 else NIC_BYTES_PER_S
     heaviest, link = busiest(result)
-    transfers, broadcasts = counts(result)
+    transfers, broadcasts, streams = counts(result)
     seconds = link_seconds(gathered, efficiency, gather_rate) + link_seconds(heaviest, efficiency)
     return Row("single sender (today): gather + broadcast", sum(result.received.values()), heaviest,
-               link + " (+ the gather)", seconds, transfers, broadcasts)
+               link + " (+ the gather)", seconds, transfers, broadcasts, streams)
 
 
 def plan_row(manifest: Manifest, model: Model, setup: Setup, efficiency: float) -> tuple[Row, Plan, float]:
@@ -275,10 +278,10 @@ def plan_row(manifest: Manifest, model: Model, setup: Setup, efficiency: float) 
     result = plan(trainer, engine_layouts(manifest, model, setup))
     elapsed = time.perf_counter() - started
     heaviest, link = busiest(result)
-    transfers, broadcasts = counts(result)
+    transfers, broadcasts, streams = counts(result)
     landed = sum(result.received.values())
     row = Row(f"plan: {len(result.sent)} senders, no gather", landed, heaviest, link,
-              link_seconds(heaviest, efficiency), transfers, broadcasts)
+              link_seconds(heaviest, efficiency), transfers, broadcasts, streams)
     return row, result, elapsed
 
 
@@ -304,10 +307,10 @@ def report(setup: Setup, efficiency: float) -> None:
     if setup.note:
         print(f"   ({setup.note})")
     print(f"   {'path':<44}{'landed':>10}{'busiest link':>14}  {'(which)':<38}{'predicted':>10}{'transfers':>13}"
-          f"{'broadcasts':>12}")
+          f"{'broadcasts':>12}{'streams':>9}")
     for row in rows:
         print(f"   {row.path:<44}{row.landed / 1e12:>8.2f}TB{row.busiest / GB:>11.1f} GB  {row.link:<38}"
-              f"{row.seconds:>9.2f}s{row.transfers:>13,}{row.broadcasts:>12,}")
+              f"{row.seconds:>9.2f}s{row.transfers:>13,}{row.broadcasts:>12,}{row.streams:>9,}")
     sent, received = sorted(result.sent.values()), sorted(result.received.values())
     print(f"   plan: derived in {elapsed:.2f} s; per trainer GPU {sent[0] / GB:.2f}–{sent[-1] / GB:.2f} GB sent, "
           f"per engine GPU {received[0] / GB:.1f}–{received[-1] / GB:.1f} GB received; "
