@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import pytest
 
 from helpers.sglang_server import INIT_FIELDS, PROMPTS, TIMEOUT_S, SGLangServer, SGLangTrainerProcess
@@ -28,14 +29,18 @@ from weightsync_operator.local import free_port
 pytestmark = pytest.mark.sglang
 
 
-def _start(python: str, tmp, arch: str, tp: int = 1) -> dict[str, Any]:
+ADMIN_KEY = "s3cret-admin"  # the Qwen2 server's --admin-api-key: the trainer must send it
+
+
+def _start(python: str, tmp, arch: str, tp: int = 1, admin_key: str | None = None) -> dict[str, Any]:
     """A trainer and an SGLang server on the trainer's checkpoint, joined in one weightsync group."""
     trainer = SGLangTrainerProcess(python, tmp, arch=arch)
-    state: dict[str, Any] = {"trainer": trainer, "server": None, "tmp": tmp, "arch": arch, "python": python}
+    state: dict[str, Any] = {"trainer": trainer, "server": None, "tmp": tmp, "arch": arch, "python": python,
+                             "fields": {**INIT_FIELDS, **({"api_key": admin_key} if admin_key else {})}}
     try:
-        server = state["server"] = SGLangServer(python, tmp, trainer.model_dir, tp=tp)
+        server = state["server"] = SGLangServer(python, tmp, trainer.model_dir, tp=tp, admin_key=admin_key)
         print(f"\n[{arch}] SGLang healthy after {server.start_seconds:.1f}s", file=sys.stderr)
-        joined = trainer.ask(cmd="init", url=server.url, master_port=free_port(), fields=INIT_FIELDS)
+        joined = trainer.ask(cmd="init", url=server.url, master_port=free_port(), fields=state["fields"])
         assert joined["world_size"] == 1 + tp
     except BaseException:
         _stop(state)
@@ -52,7 +57,7 @@ def _stop(state: dict[str, Any]) -> None:
 @pytest.fixture(scope="module")
 def qwen2(sglang_python, tmp_path_factory):
     """The tiny Qwen2 served by SGLang, with its trainer: shared by the module's Qwen2 checks."""
-    state = _start(sglang_python, tmp_path_factory.mktemp("sglang-qwen2"), "qwen2")
+    state = _start(sglang_python, tmp_path_factory.mktemp("sglang-qwen2"), "qwen2", admin_key=ADMIN_KEY)
     yield state
     _stop(state)
 
@@ -78,6 +83,16 @@ def _rounds(state: dict[str, Any], seeds: tuple[int, ...]) -> list[list[int]]:
 
 def test_every_round_lands_in_sglang_qwen2(qwen2):
     qwen2["expected"] = _rounds(qwen2, (1, 2, 3))
+
+
+def test_the_admin_routes_take_only_the_admin_key(qwen2):
+    """With --admin-api-key, SGLang's weight-update and pause routes refuse a caller without it
+    (the trainer sends it: api_key); generation stays open."""
+    url = qwen2["server"].url
+    for path in ("/init_weights_update_group", "/update_weights_from_distributed", "/pause_generation"):
+        assert httpx.post(url + path, json={}, timeout=30).status_code == 401, path
+    assert httpx.post(url + "/generate", json={"input_ids": PROMPTS[0], "sampling_params": {"max_new_tokens": 1}},
+                      timeout=60).status_code == 200
 
 
 @pytest.mark.parametrize("kind", ["unknown_name", "wrong_shape", "wrong_dtype"])
@@ -191,7 +206,7 @@ def _restart_trainer(state: dict[str, Any], name: str, **fields: Any) -> SGLangT
     anew (SGLang's workers replace their group)."""
     state["trainer"].stop()
     fresh = state["trainer"] = SGLangTrainerProcess(state["python"], state["tmp"], arch=state["arch"], name=name)
-    fresh.ask(cmd="init", url=state["server"].url, master_port=free_port(), fields={**INIT_FIELDS, **fields})
+    fresh.ask(cmd="init", url=state["server"].url, master_port=free_port(), fields={**state["fields"], **fields})
     return fresh
 
 

@@ -61,7 +61,9 @@ class SGLangTrainerProcess(Trainer):
 class SGLangServer:
     """A real SGLang server process (its scheduler and detokenizer are its children)."""
 
-    def __init__(self, python: str, tmp: Path, model_dir: Path, tp: int = 1):
+    def __init__(self, python: str, tmp: Path, model_dir: Path, tp: int = 1, admin_key: str | None = None):
+        """`admin_key`: SGLang's `--admin-api-key` (its weight-update, pause and version routes then
+        take only that key; generation stays open); this client sends it on every call."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = side_files_env(tmp)
@@ -73,11 +75,13 @@ class SGLangServer:
                 "--port", str(self.port), "--device", "cpu", "--dtype", "float32", "--tp-size", str(tp),
                 "--attention-backend", "torch_native", "--sampling-backend", "pytorch", "--disable-cuda-graph",
                 "--disable-overlap-schedule", "--max-total-tokens", "4096", "--max-running-requests", "8",
-                "--context-length", "256", "--skip-tokenizer-init"]
+                "--context-length", "256", "--skip-tokenizer-init",
+                *(["--admin-api-key", admin_key] if admin_key else [])]
         self.started = time.monotonic()
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=tmp,
                                         start_new_session=True)
-        self.http = httpx.Client(base_url=self.url, timeout=120, limits=httpx.Limits(max_keepalive_connections=0))
+        self.http = httpx.Client(base_url=self.url, timeout=120, limits=httpx.Limits(max_keepalive_connections=0),
+                                 headers={"Authorization": f"Bearer {admin_key}"} if admin_key else {})
         self._wait_healthy()
         self.start_seconds = time.monotonic() - self.started
 
