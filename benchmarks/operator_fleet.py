@@ -19,7 +19,8 @@ process; per measured round it takes:
 `--concurrent N` forms N WeightSyncs of `--concurrent-targets` daemons each, times each one's
 rounds alone (one after the other), then bumps all of them at once, and prints each one's median
 bump -> Succeeded together over alone (the issue's bound: 1.5x). Its API server (the same emulator)
-runs in a process of its own, as a cluster's does, so the operator's event-loop CPU is the operator's.
+and the operator (`weightsync operator`) run in processes of their own, as in a cluster, so the
+operator's CPU it prints (from /proc, every thread) is the operator's alone.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import aiohttp
 
-from helpers.k8s_harness import Cluster, Fleet, cluster, daemon_fleet, operator, remote_cluster
+from helpers.k8s_harness import Cluster, Fleet, cluster, daemon_fleet, operator, operator_process, remote_cluster
 
 NS = "bench"
 CONCURRENT_BOUND = 1.5  # issue 25 item 3: each WeightSync within 1.5x of its time alone
@@ -287,9 +288,11 @@ async def run_targets(workdir: Path, counts: list[int], rounds: int, warmup: int
 async def run_concurrent(workdir: Path, count: int, targets: int, rounds: int, warmup: int, mbytes: float) -> int:
     """`count` WeightSyncs of `targets` daemons: each one's rounds alone, then all bumped at once."""
     names = [f"job-{i}" for i in range(count)]
-    # The API server runs in a process of its own here: with ten WeightSyncs its work would
-    # otherwise be charged to the operator's event loop, which is what this run measures.
-    async with remote_cluster(workdir) as c, operator(c.url, recheck_interval=3600), \
+    # The API server and the operator (`weightsync operator`, on uvloop) run in processes of their
+    # own, as in a cluster: what the operator's process spends is the operator's alone, and this
+    # process (following the states, driving the trainers) adds to neither.
+    async with remote_cluster(workdir) as c, \
+            operator_process(c.kubeconfig, workdir / "operator.log", recheck_interval=3600) as process, \
             contextlib.AsyncExitStack() as stack:
         fleets = []
         for name in names:  # one at a time: each fleet's processes start before the next one's
@@ -298,41 +301,48 @@ async def run_concurrent(workdir: Path, count: int, targets: int, rounds: int, w
         follower = asyncio.create_task(
             timeline.follow(c.session, f"/apis/weightsync.dev/v1alpha1/namespaces/{NS}/weightsyncs"))
         try:
-            phases, loop = await measure_phases(timeline, fleets, rounds, warmup)
+            phases, loop = await measure_phases(timeline, fleets, rounds, warmup, process.pid)
         finally:
             follower.cancel()
     return print_concurrent(timeline, names, phases, loop, targets, rounds, mbytes)
 
 
-async def measure_phases(timeline: Timeline, fleets: list[Fleet], rounds: int,
-                         warmup: int) -> tuple[dict[str, list[int]], dict[str, "PhaseCpu"]]:
+async def measure_phases(timeline: Timeline, fleets: list[Fleet], rounds: int, warmup: int,
+                         operator_pid: int) -> tuple[dict[str, list[int]], dict[str, "PhaseCpu"]]:
     """`warmup` then `rounds` versions pushed to each fleet alone (one after the other), then as
-    many to all at once: the measured versions of each phase, and where each phase's CPU went."""
+    many to all at once: the measured versions of each phase, and where each phase's CPU went
+    (the operator's process, every thread, and the machine)."""
     phases: dict[str, list[int]] = {"alone": [], "at once": []}
     loop: dict[str, PhaseCpu] = {}
     version = 0
     for phase, versions in phases.items():
         for i in range(warmup + rounds):
             if i == warmup:
-                began = time.thread_time(), time.perf_counter(), machine_jiffies()
+                began = process_cpu(operator_pid), time.perf_counter(), machine_jiffies()
             version += 1
             for batch in ([[f] for f in fleets] if phase == "alone" else [fleets]):
                 await push_all(timeline, batch, version)
             if i >= warmup:
                 versions.append(version)
-        loop[phase] = PhaseCpu(time.thread_time() - began[0], time.perf_counter() - began[1],
+        loop[phase] = PhaseCpu(process_cpu(operator_pid) - began[0], time.perf_counter() - began[1],
                                machine_busy(began[2], machine_jiffies()))
     return phases, loop
 
 
 @dataclass
 class PhaseCpu:
-    """Where a phase's CPU went: the operator's event loop, and the machine as a whole (every
-    party shares it here; on a cluster each WeightSync's trainer and targets have their own)."""
+    """Where a phase's CPU went: the operator's process, and the machine as a whole (every party
+    shares it here; on a cluster each WeightSync's trainer and targets have their own)."""
 
-    loop_seconds: float  # the operator's event-loop thread
+    loop_seconds: float  # the operator's process, all its threads
     wall_seconds: float
     machine_busy: float  # the fraction of all the machine's cores that were busy
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * CLOCK_TICK
 
 
 def machine_jiffies() -> tuple[int, int]:
@@ -380,13 +390,13 @@ def print_concurrent(timeline: Timeline, names: list[str], phases: dict[str, lis
         ratios.append(t / a)
         print(f"{name:<10} {a * 1e3:8.1f} {t * 1e3:8.1f} {t / a:6.2f}")
     print(f"{'all, ms':<10} {'e2e':>8} {'data':>8} {'control':>8} {'own':>8}   "
-          "the operator's event loop (the API server runs in a process of its own)")
+          "the operator's process (`weightsync operator`; the API server in another)")
     for phase, versions in phases.items():
         parts = split(timeline, names, versions)
         cpu = loop[phase]
         print(f"{phase:<10} " + " ".join(ms(parts[k]) for k in ("e2e", "data", "control", "own"))
-              + f"   {cpu.loop_seconds / rounds * 1e3:.1f} ms CPU per round of all {len(names)}, busy "
-              f"{cpu.loop_seconds / cpu.wall_seconds:.0%} of the time; the machine's {os.cpu_count()} cores "
+              + f"   {cpu.loop_seconds / rounds * 1e3:.1f} ms CPU per round of all {len(names)}, "
+              f"{cpu.loop_seconds / cpu.wall_seconds:.0%} of a core; the machine's {os.cpu_count()} cores "
               f"{cpu.machine_busy:.0%} busy")
     serial = sum(statistics.median(timeline.seconds(n, v) for v in alone) for n in names)
     spans = [max(timeline.done[(n, v)][0] for n in names) - min(timeline.bump[(n, v)] for n in names)

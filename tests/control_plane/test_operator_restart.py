@@ -13,39 +13,19 @@ the trainer's next version goes through.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
-import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers.k8s_harness import NAME, NS, Trainer, checksums, cluster, free_port, spec, start_daemons, until
+from helpers.k8s_harness import (NAME, NS, Trainer, checksums, cluster, free_port, operator_process, spec,
+                                 start_daemons, until)
 
 pytestmark = [pytest.mark.k8s, pytest.mark.faults]
 
 TRANSFER_SECONDS = 5  # spec()'s timeouts.transferSeconds
 TERMINAL_PHASES = ("Succeeded", "Failed")
-
-
-@contextlib.asynccontextmanager
-async def operator_process(kubeconfig: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`weightsync operator` as its own process; killed at the end if the test has not already."""
-    with log.open("ab") as sink:
-        process = await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).parent / "weightsync"), "operator", "--standalone", "--all-namespaces",
-            "--recheck-interval", "2", env={**os.environ, "KUBECONFIG": str(kubeconfig)},
-            stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink)
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await asyncio.wait_for(process.wait(), 10)
 
 
 async def update_calls(http: httpx.AsyncClient, url: str) -> int:

@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import json
 import os
+import sys
 import sysconfig
 import time
 from collections.abc import AsyncIterator, Callable
@@ -266,6 +267,24 @@ async def operator(url: str, recheck_interval: float = 30.0) -> AsyncIterator[Ru
         stop.set()
         await asyncio.wait_for(task, 60)
         runtime.kube.close()
+
+
+@contextlib.asynccontextmanager
+async def operator_process(kubeconfig: Path, log: Path, recheck_interval: float = 2.0
+                           ) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`weightsync operator` as its own process, as it runs in a pod; killed at the end if the
+    caller has not stopped it already."""
+    with log.open("ab") as sink:
+        process = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "weightsync"), "operator", "--standalone", "--all-namespaces",
+            "--recheck-interval", str(recheck_interval), env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+            stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink)
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await asyncio.wait_for(process.wait(), 10)
 
 
 async def start_daemons(count: int, prefix: str = "infer", timeout: float = 60.0,
