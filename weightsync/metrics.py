@@ -3,15 +3,22 @@
 A weightsync daemon and the weightsync backend inside a vLLM worker export the same families
 with the same names, types and labels, so the chart's Grafana dashboard and PrometheusRule read
 either unchanged. Each party keeps them in a registry of its own, so that several can live in
-one process (tests, a trainer that also serves). prometheus_client only: no HTTP server here;
-each party serves its registry its own way.
+one process (tests, a trainer that also serves). A daemon serves its registry on its own routes;
+an engine worker (`EngineWorkerMetrics`) on a port of its own (`serve_worker`).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import logging
+import os
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.context_managers import Timer
 
 from weightsync.errors import IntegrityError, ManifestMismatch, PhaseError, ProtocolError, TransferError
+
+logger = logging.getLogger(__name__)
 
 PHASES = ("init", "start", "update", "finish")
 FAILURE_REASONS = ("manifest_mismatch", "integrity", "transfer_error", "bad_request", "conflict", "internal")
@@ -101,3 +108,90 @@ class WeightsyncMetrics:
     def set_info(self, role: str, backend: str) -> None:
         self.info.clear()
         self.info.labels(role=role, backend=backend).set(1)
+
+
+# -- an engine worker's metrics (the vLLM backend's, the SGLang plugin's) ---------------------
+PORT_ENV = "WEIGHTSYNC_METRICS_PORT"
+
+
+class EngineWorkerMetrics(WeightsyncMetrics):
+    """One inference-engine worker's weightsync metrics, in a registry of their own: the events a
+    backend inside an engine reports, with the daemon's families and labels (so the chart's
+    dashboard and alerts read an engine's workers as daemons). The served version comes from the
+    engine (`served_label`, read at each scrape); where it cannot say, the count of rounds this
+    worker finished."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rounds_finished = 0
+        self.weight_version.set_function(self._served_version)
+        self.set_info("receiver", "none")
+
+    def served_label(self) -> str | None:
+        """The engine's label of the weights it serves, or None where it cannot say."""
+        return None
+
+    def phase(self, name: str) -> Timer:
+        """Context manager timing one protocol phase of this worker."""
+        return self.phase_seconds.labels(phase=name).time()
+
+    def joined(self, backend: str) -> None:
+        self.set_info("receiver", backend)
+
+    def call_failed(self, error: BaseException) -> None:
+        # An engine refuses a bad init_info field with a ValueError naming it: the caller's input.
+        self.failures.labels(reason=failure_reason(error, bad_request=(ProtocolError, ValueError))).inc()
+
+    def round_started(self) -> None:
+        self.paused.set(1)
+
+    def received(self, payload_bytes: int) -> None:
+        self.received_bytes.inc(payload_bytes)
+
+    def round_finished(self) -> None:
+        self.rounds_finished += 1
+        self.updates.labels(outcome="success").inc()
+        self.last_success.set(time.time())
+        self.weights_intact.set(1)
+        self.paused.set(0)
+
+    def round_failed(self, weights_intact: bool) -> None:
+        self.updates.labels(outcome="failure").inc()
+        self.weights_intact.set(1 if weights_intact else 0)
+        self.paused.set(0)
+
+    def _served_version(self) -> float:
+        number = trailing_number(self.served_label())
+        return float(self.rounds_finished if number is None else number)
+
+
+def metrics_port(local_rank: int) -> int | None:
+    """A worker's metrics port: `$WEIGHTSYNC_METRICS_PORT + local_rank`; None when unset."""
+    raw = os.environ.get(PORT_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        base = int(raw)
+    except ValueError:
+        raise ValueError(f"{PORT_ENV}={raw!r}: not a port number") from None
+    port = base + local_rank
+    if not 0 < base or port > 65535:
+        raise ValueError(f"{PORT_ENV}={raw!r}: worker {local_rank} would listen on {port}, not a TCP port")
+    return port
+
+
+def serve_worker(metrics: WeightsyncMetrics, local_rank: int) -> int | None:
+    """Serve `metrics` on this worker's port (`metrics_port`); the port, or None when off.
+
+    A port already taken fails the worker's start with the reason: a silently missing target
+    would only show up as an alert much later."""
+    port = metrics_port(local_rank)
+    if port is None:
+        return None
+    try:
+        start_http_server(port, addr="0.0.0.0", registry=metrics.registry)
+    except OSError as error:
+        raise OSError(f"weightsync metrics: worker {local_rank} cannot listen on port {port} "
+                      f"({PORT_ENV} + local rank): {error}") from error
+    logger.info("weightsync: metrics of worker %d on port %d", local_rank, port)
+    return port

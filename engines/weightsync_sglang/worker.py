@@ -33,12 +33,14 @@ from typing import Any
 import torch
 
 from weightsync.checkpoint import CheckpointManifest, model_directory
+from weightsync.metrics import serve_worker
 from weightsync.errors import ManifestMismatch, TransferError
 from weightsync.landing import LoaderSink
 from weightsync.protocol import InitInfo, Manifest, UpdateInfo, parse
 from weightsync.transports import RoundStats, Transport, get_transport
 
 from weightsync_sglang import BACKEND_NAME
+from weightsync_sglang.metrics import SGLangWorkerMetrics, server_url
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +104,20 @@ class Receiver:
 
     def close(self) -> None:
         self.transport.close()
+
+
+_METRICS: list[SGLangWorkerMetrics] = []  # this worker's, created and served at its first init
+
+
+def worker_metrics(updater: Any) -> SGLangWorkerMetrics:
+    """This worker's metrics (weightsync_sglang.metrics), served on its port from the first init."""
+    if not _METRICS:
+        url, api_key = server_url()
+        metrics = SGLangWorkerMetrics(url, api_key)
+        metrics.weights_bytes.set(sum(p.numel() * p.element_size() for p in updater.get_model().parameters()))
+        serve_worker(metrics, int(updater.tp_rank))
+        _METRICS.append(metrics)
+    return _METRICS[0]
 
 
 # This process's weightsync groups, by InitInfo.group_name (a scheduler process serves one
@@ -177,11 +193,16 @@ def around_init_weights_update_group(original: Callable[..., tuple[bool, str]], 
     (success, message), the message naming the field or the reason."""
     if backend != BACKEND_NAME:
         return original(updater, master_address, master_port, rank_offset, world_size, group_name, backend)
+    metrics = worker_metrics(updater)
     try:
-        receiver = join(updater, init_info_of(master_address, master_port, rank_offset, world_size, group_name))
+        with metrics.phase("init"):
+            info = init_info_of(master_address, master_port, rank_offset, world_size, group_name)
+            receiver = join(updater, info)
     except Exception as error:  # noqa: BLE001 - answered to the caller
+        metrics.call_failed(error)
         logger.error("weightsync: init failed: %s", error)
         return False, f"weightsync init failed: {error}"
+    metrics.joined(info.backend or "cpu")
     return True, f"weightsync: joined as rank {receiver.rank}"
 
 
@@ -194,17 +215,29 @@ def around_receive_weights_from_distributed(original: Callable[..., Any], update
     if receiver is None:
         return original(updater, names=names, dtypes=dtypes, shapes=shapes, group_name=group_name,
                         load_format=load_format)
-    error: BaseException | None = None
-    try:
-        info = parse(UpdateInfo, {"names": names, "dtype_names": dtypes, "shapes": shapes}, "update_info")
-        stats = receiver.round(info)
-        logger.info("weightsync: round of %d tensors, %d bytes landed", stats.num_tensors, stats.payload_bytes)
-    except BaseException as caught:  # shared with the other workers below, then raised
-        error = caught
+    error = _round(receiver, worker_metrics(updater), names, dtypes, shapes)
     reasons = _shared_reasons(str(error) if error is not None else "")
     if reasons:
         raise RuntimeError(" | ".join(reasons)) from error
     return []
+
+
+def _round(receiver: Receiver, metrics: SGLangWorkerMetrics, names: list[str], dtypes: list[str],
+           shapes: list[list[int]]) -> BaseException | None:
+    """One round on this worker, counted in its metrics; its error (None: it landed)."""
+    metrics.round_started()
+    try:
+        with metrics.phase("update"):
+            info = parse(UpdateInfo, {"names": names, "dtype_names": dtypes, "shapes": shapes}, "update_info")
+            stats = receiver.round(info)
+    except BaseException as error:  # shared with the other workers by the caller, then raised
+        metrics.call_failed(error)
+        metrics.round_failed(receiver.weights_intact)
+        return error
+    metrics.received(stats.payload_bytes)
+    metrics.round_finished()
+    logger.info("weightsync: round of %d tensors, %d bytes landed", stats.num_tensors, stats.payload_bytes)
+    return None
 
 
 def around_destroy_weights_update_group(original: Callable[..., tuple[bool, str]], updater: Any,

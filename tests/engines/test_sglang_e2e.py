@@ -32,13 +32,16 @@ pytestmark = pytest.mark.sglang
 ADMIN_KEY = "s3cret-admin"  # the Qwen2 server's --admin-api-key: the trainer must send it
 
 
-def _start(python: str, tmp, arch: str, tp: int = 1, admin_key: str | None = None) -> dict[str, Any]:
+def _start(python: str, tmp, arch: str, tp: int = 1, admin_key: str | None = None,
+           metrics_port: int | None = None) -> dict[str, Any]:
     """A trainer and an SGLang server on the trainer's checkpoint, joined in one weightsync group."""
     trainer = SGLangTrainerProcess(python, tmp, arch=arch)
     state: dict[str, Any] = {"trainer": trainer, "server": None, "tmp": tmp, "arch": arch, "python": python,
                              "fields": {**INIT_FIELDS, **({"api_key": admin_key} if admin_key else {})}}
     try:
-        server = state["server"] = SGLangServer(python, tmp, trainer.model_dir, tp=tp, admin_key=admin_key)
+        server = state["server"] = SGLangServer(python, tmp, trainer.model_dir, tp=tp, admin_key=admin_key,
+                                                metrics_port=metrics_port)
+        state["metrics_port"] = metrics_port
         print(f"\n[{arch}] SGLang healthy after {server.start_seconds:.1f}s", file=sys.stderr)
         joined = trainer.ask(cmd="init", url=server.url, master_port=free_port(), fields=state["fields"])
         assert joined["world_size"] == 1 + tp
@@ -57,7 +60,8 @@ def _stop(state: dict[str, Any]) -> None:
 @pytest.fixture(scope="module")
 def qwen2(sglang_python, tmp_path_factory):
     """The tiny Qwen2 served by SGLang, with its trainer: shared by the module's Qwen2 checks."""
-    state = _start(sglang_python, tmp_path_factory.mktemp("sglang-qwen2"), "qwen2", admin_key=ADMIN_KEY)
+    state = _start(sglang_python, tmp_path_factory.mktemp("sglang-qwen2"), "qwen2", admin_key=ADMIN_KEY,
+                   metrics_port=free_port())
     yield state
     _stop(state)
 
@@ -122,9 +126,35 @@ def test_a_bad_init_is_refused_naming_the_field(qwen2, options, field):
             "backend": "weightsync", "group_name": options}
     response = qwen2["server"].http.post("/init_weights_update_group", json=body)
     assert response.status_code == 400 and field in response.json()["message"], response.text
-    assert qwen2["trainer"].ask(cmd="round", seed=11, version="after-bad-init")
+    assert qwen2["trainer"].ask(cmd="round", seed=11, version="after-bad-init-7")
     qwen2["expected"] = qwen2["trainer"].hf_greedy()
     assert qwen2["server"].completions() == qwen2["expected"]
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """The worker's metrics, `name{labels}` -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {sample.name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items())) + "}"
+                           if sample.labels else ""): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_the_workers_metrics_follow_the_rounds(qwen2):
+    """The daemon's families from the SGLang worker, on its own port: the rounds that landed, the
+    refusals by reason, the served version's number (SGLang's label, read at the scrape)."""
+    metrics = _scrape(qwen2["metrics_port"])
+    print(f"\n[metrics] {[f'{k} {v:g}' for k, v in metrics.items() if 'update' in k and 'bucket' not in k]}",
+          file=sys.stderr)
+    assert metrics['weightsync_info{backend="cpu",role="receiver"}'] == 1
+    assert metrics['weightsync_updates_total{outcome="success"}'] == 6  # three rounds, one after each bad init
+    assert metrics['weightsync_updates_total{outcome="failure"}'] == 3  # the three refused manifests
+    assert metrics['weightsync_update_failures_total{reason="manifest_mismatch"}'] == 3
+    assert metrics['weightsync_update_failures_total{reason="bad_request"}'] == 3  # the bad inits, by field
+    assert metrics["weightsync_weights_intact"] == 1 and metrics["weightsync_received_bytes_total"] > 0
+    assert metrics["weightsync_weight_version"] == 7  # SGLang serves "after-bad-init-7"
+    assert metrics['weightsync_update_duration_seconds_count{phase="update"}'] == 9
 
 
 def test_a_partial_round_lands_exactly(qwen2):

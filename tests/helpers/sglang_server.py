@@ -61,14 +61,18 @@ class SGLangTrainerProcess(Trainer):
 class SGLangServer:
     """A real SGLang server process (its scheduler and detokenizer are its children)."""
 
-    def __init__(self, python: str, tmp: Path, model_dir: Path, tp: int = 1, admin_key: str | None = None):
+    def __init__(self, python: str, tmp: Path, model_dir: Path, tp: int = 1, admin_key: str | None = None,
+                 metrics_port: int | None = None):
         """`admin_key`: SGLang's `--admin-api-key` (its weight-update, pause and version routes then
-        take only that key; generation stays open); this client sends it on every call."""
+        take only that key; generation stays open); this client sends it on every call.
+        `metrics_port`: the plugin's WEIGHTSYNC_METRICS_PORT (worker i serves on it + i)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = side_files_env(tmp)
         env.update({"SGLANG_USE_CPU_ENGINE": "1", "SGLANG_CPU_OMP_THREADS_BIND": "|".join(str(i) for i in range(tp))
                     if tp > 1 else "0-1", "PYTHONPATH": str(CPU_KERNEL)})
+        if metrics_port is not None:
+            env["WEIGHTSYNC_METRICS_PORT"] = str(metrics_port)
         self.log_path = tmp / f"sglang-tp{tp}.log"
         self.log = open(self.log_path, "w")
         argv = [python, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--host", "127.0.0.1",
