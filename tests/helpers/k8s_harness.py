@@ -276,7 +276,7 @@ async def operator_process(kubeconfig: Path, log: Path, recheck_interval: float 
     caller has not stopped it already."""
     with log.open("ab") as sink:
         process = await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).parent / "weightsync"), "operator", "--standalone", "--all-namespaces",
+            sys.executable, "-m", "weightsync_cli", "operator", "--standalone", "--all-namespaces",
             "--recheck-interval", str(recheck_interval), env={**os.environ, "KUBECONFIG": str(kubeconfig)},
             stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink)
     try:
