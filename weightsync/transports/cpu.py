@@ -66,6 +66,29 @@ class GlooGroup(Group):
         _GlooWork(self._live().allgather([outputs], [tensor]), self._timeout).wait()  # type: ignore[attr-defined]
         return outputs
 
+    def send(self, tensor: torch.Tensor, dst: int) -> _GlooWork:
+        """Start sending a contiguous CPU tensor to rank `dst` (point to point: a planned round,
+        where each trainer rank sends its own bytes); the handle's `wait` is bounded."""
+        return _GlooWork(self._live().send([tensor], dst, 0), self._timeout)  # type: ignore[attr-defined]
+
+    def recv(self, tensor: torch.Tensor, src: int) -> _GlooWork:
+        """Start receiving into a contiguous CPU tensor from rank `src` (in the order `src` sent)."""
+        return _GlooWork(self._live().recv([tensor], src, 0), self._timeout)  # type: ignore[attr-defined]
+
+    @property
+    def store(self) -> dist.Store | None:
+        """The group's rendezvous store (hosted by rank 0), until `close`."""
+        return self._store
+
+    def abort(self) -> None:
+        """End every pending operation at once (a failed round); the store stays until `close`,
+        so a party can still tell the others why."""
+        if self._pg is not None:
+            try:
+                self._pg.abort()
+            except Exception:  # already broken or shut down
+                pass
+
     def _live(self) -> dist.ProcessGroupGloo:
         if self._pg is None:
             raise TransferError("the gloo group was closed")
