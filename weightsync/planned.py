@@ -126,13 +126,11 @@ class PlannedParty:
     # -- steps shared by both sides -------------------------------------------------------------
     def exchange_json(self, payload: bytes) -> list[bytes]:
         """Every party's bytes (any length): an all-gather of the lengths, then of the padded bytes."""
-        length = torch.tensor([len(payload)], dtype=torch.int64)
-        longest = max(int(t.item()) for t in self.group.all_gather(length))
-        padded = torch.zeros(max(longest, 1), dtype=torch.uint8)
+        sizes = [int(t.item()) for t in self.group.all_gather(torch.tensor([len(payload)], dtype=torch.int64))]
+        padded = torch.zeros(max(max(sizes), 1), dtype=torch.uint8)
         if payload:
             padded[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         rows = self.group.all_gather(padded)
-        sizes = [int(t.item()) for t in self.group.all_gather(length)]
         return [row[:size].numpy().tobytes() for row, size in zip(rows, sizes, strict=True)]
 
     def agree(self, message: bytes, problem: str | None) -> _Agreed:
