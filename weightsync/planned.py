@@ -98,12 +98,13 @@ class PlannedParty:
         return f"planned/{self.rounds}/failure"
 
     def tell_failure(self, reason: str) -> None:
-        """A failed stream's reason, on the group's store for the parties whose own wait failed
-        without naming anyone (the final all-gather only sees that a party is missing)."""
+        """The round's first failure, on the group's store (the first teller's stays), for the
+        parties whose own wait failed only because a peer gave up (its abort) or went missing
+        from the final all-gather: they name the cause, not just the peer they waited for."""
         store = self.group.store
         if store is not None:
             try:
-                store.set(self._failure_key(), f"{self.describe(self.rank)}: {reason}"[:2000])
+                store.compare_set(self._failure_key(), "", f"{self.describe(self.rank)}: {reason}"[:2000])
             except Exception:  # noqa: BLE001 - the store's host (trainer rank 0) is gone: they fail anyway
                 pass
 
@@ -280,12 +281,18 @@ def _recv(group: GlooGroup, buffer: torch.Tensor, src: int) -> Polled:
 
 def _move(party: PlannedParty, streams: list[Stream]) -> None:
     """Step 3, bounded; on a failure the group is aborted, so the peers' waits end at once."""
+    def fail(reason: str) -> None:  # told before the abort, so the first teller is the cause
+        party.tell_failure(reason)
+        party.group.abort()
+
     try:
-        drive(streams, party.describe, party.group.abort)
+        drive(streams, party.describe, fail)
     except TransferError as error:
-        party.tell_failure(str(error))
+        first = party.hear_failure(0.5)
         party.close()
-        raise
+        if first.startswith(party.describe(party.rank) + ":"):
+            raise
+        raise TransferError(f"{error} (the round's first failure: {first})") from error
 
 
 def receive_planned(party: PlannedParty, store: WeightStore, atomic: bool | None = None,

@@ -204,9 +204,9 @@ class Unpacker:
                 self._cursor = cursor = _Cursor(cursor.index + 1)
 
 
-def drive(streams: Sequence[Stream], describe: Callable[[int], str], abort: Callable[[], None]) -> None:
+def drive(streams: Sequence[Stream], describe: Callable[[int], str], abort: Callable[[str], None]) -> None:
     """Move every stream to its end, each on a thread. Raises TransferError naming the peer of
-    the first stream that failed; `abort` (the group's) ends the others' waits at once."""
+    the first stream that failed; `abort` (given that failure) ends the others' waits at once."""
     if not streams:
         return
     with ThreadPoolExecutor(max_workers=len(streams), thread_name_prefix="weightsync-stream") as pool:
@@ -216,10 +216,14 @@ def drive(streams: Sequence[Stream], describe: Callable[[int], str], abort: Call
             error = future.exception()
             if error is not None and first is None:
                 first = (futures[future], error)
-                abort()
+                abort(_failed(describe(futures[future].peer), error))
     if first is not None:
         stream, error = first
-        raise TransferError(f"the stream with {describe(stream.peer)} failed: {error}") from error
+        raise TransferError(_failed(describe(stream.peer), error)) from error
+
+
+def _failed(peer: str, error: BaseException) -> str:
+    return f"the stream with {peer} failed: {error}"
 
 
 def moved_by(streams: Sequence[Stream]) -> Mapping[int, int]:
