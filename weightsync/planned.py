@@ -83,6 +83,14 @@ class PlannedParty:
         self._plans = PlanCache()
         self._streams: tuple[Plan, dict[tuple[int, int], StreamPlan]] | None = None
         self.rounds = 0  # rounds begun: the key under which a failed round's reason is told
+        self._scratch: dict[str, torch.Tensor] = {}  # an atomic receiver's landing copies, kept
+
+    def scratch(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """An atomic receiver's landing copy of tensor `name`, reused from round to round."""
+        kept = self._scratch.get(name)
+        if kept is None or kept.shape != like.shape or kept.dtype != like.dtype:
+            kept = self._scratch[name] = torch.empty_like(like)
+        return kept
 
     @property
     def is_trainer(self) -> bool:
@@ -315,7 +323,7 @@ def receive_planned(party: PlannedParty, store: WeightStore, atomic: bool | None
         for segment in stream_plan.segments:
             if segment.name not in targets:
                 live = store[segment.name]
-                targets[segment.name] = torch.empty_like(live) if atomic else live
+                targets[segment.name] = party.scratch(segment.name, live) if atomic else live
 
     def target_of(segment: Any) -> torch.Tensor:
         tensor = targets[segment.name]

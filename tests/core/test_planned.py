@@ -103,9 +103,10 @@ def _landed(received: dict) -> dict[str, str]:
     return {name: digest for name, digest in received["digests"].items() if name != "ghost.weight"}
 
 
-@pytest.mark.parametrize("ranks", [2, 4], ids=["two-ranks", "four-ranks"])
+@pytest.mark.parametrize("ranks", [1, 2, 4], ids=["plain-one-process", "two-ranks", "four-ranks"])
 def test_every_rank_sends_its_own_share_and_every_receiver_lands_bit_exact(ranks):
-    """Two rounds with different weights land bit-exact on both receivers; each trainer rank
+    """Two rounds with different weights land bit-exact on both receivers (one rank: a plain
+    trainer, its tensors no DTensors, rank 0 holds all); each trainer rank
     sends about total / M (the replicated tensors balanced by the planner), never gathering;
     its peak memory rises by no more than its buffers over the round. Then a round in which a
     receiver needs a tensor no trainer rank holds is refused by every party before any byte
