@@ -81,10 +81,10 @@ class Group:
         self.ready = [p.next(120) for p in self.trainers + self.receivers]
         assert all(r.get("ready") for r in self.ready), self.ready
 
-    def round(self, step: int, ghost: bool = False, die: dict[int, int] | None = None
+    def round(self, step: int, ghost: bool = False, die: dict[int, int] | None = None, corrupt: int | None = None
               ) -> tuple[list[dict], list[dict]]:
-        for receiver in self.receivers:
-            receiver.send(cmd="receive", ghost=ghost)
+        for index, receiver in enumerate(self.receivers):
+            receiver.send(cmd="receive", ghost=ghost, corrupt=index == corrupt)
         for rank, trainer in enumerate(self.trainers):
             trainer.send(cmd="round", step=step, die_after=(die or {}).get(rank))
         alive = [t for rank, t in enumerate(self.trainers) if rank not in (die or {})]
@@ -156,7 +156,8 @@ def test_every_rank_sends_its_own_share_and_every_receiver_lands_bit_exact(ranks
 
 @pytest.mark.parametrize("victim", [1, 0], ids=["rank-1", "rank-0-the-store-host"])
 def test_a_trainer_rank_killed_mid_round_fails_every_party_and_atomic_receivers_keep_their_weights(victim):
-    """A trainer rank of 2 dies after its first sends: every other party fails within the timeout
+    """A corrupted stream fails the round on every party with IntegrityError, nothing landed.
+    Then a trainer rank of 2 dies after its first sends: every other party fails within the timeout
     naming it (the receivers from their stream with it, the other trainer rank from what the
     first to fail told over the group's store, or, when the victim hosted that store, from the
     store being gone), and the (atomic) receivers still hold the last round."""
@@ -164,8 +165,14 @@ def test_a_trainer_rank_killed_mid_round_fails_every_party_and_atomic_receivers_
     try:
         sent, received = group.round(1)
         assert all(s["ok"] for s in sent) and all(r["ok"] for r in received), (sent, received)
+        # A byte flipped on its way to the first receiver: every party fails the round with
+        # IntegrityError naming the stream; nothing was committed (atomic), the group goes on.
+        sent, received = group.round(2, corrupt=0)
+        assert all(not p["ok"] and p["error"].startswith("IntegrityError") and "to receiver 2 arrived" in p["error"]
+                   for p in sent + received), (sent, received)
+        assert [_landed(r) for r in received] == [_expected(1)] * RECEIVERS
         started = time.monotonic()
-        sent, received = group.round(2, die={victim: 2})
+        sent, received = group.round(3, die={victim: 2})
         took = time.monotonic() - started
         print(f"\n[killed trainer rank {victim}] every party failed within {took:.1f}s: "
               f"{[s['error'][:300] for s in sent]} / {[r['error'][:160] for r in received]}", file=sys.stderr)

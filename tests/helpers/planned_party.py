@@ -13,8 +13,9 @@
             before it.
   receiver --rank R --trainers M --init JSON
       a daemon-style store holding every tensor whole (plus "ghost.weight", which no trainer
-      holds). Per stdin line {"cmd": "receive", "ghost": bool}: takes one round needing every
-      tensor but the ghost (with "ghost": true the ghost too, which the plan refuses). Answers
+      holds). Per stdin line {"cmd": "receive", "ghost": bool, "corrupt": bool}: takes one round
+      needing every tensor but the ghost (with "ghost": true the ghost too, which the plan
+      refuses; with "corrupt": true one received byte is flipped on arrival). Answers
       {"ok", "error", "touched", "digests", "moved", "seconds"}.
 """
 
@@ -170,6 +171,32 @@ def die_after(party: PlannedParty, sends: int) -> None:
     party.group.send = dying
 
 
+class _Flipping:
+    """A receive whose first byte is flipped once it arrived (a bit error on the wire)."""
+
+    def __init__(self, work, tensor):
+        self.work, self.tensor = work, tensor
+
+    def wait(self) -> None:
+        self.work.wait()
+        self.tensor[:1].bitwise_xor_(0xFF)
+
+
+def corrupt_once(party: PlannedParty) -> None:
+    """This round's first received chunk arrives with one byte flipped."""
+    recv = party.group.recv
+    flipped = [False]
+
+    def corrupting(tensor, src):
+        work = recv(tensor, src)
+        if flipped[0]:
+            return work
+        flipped[0] = True
+        return _Flipping(work, tensor)
+
+    party.group.recv = corrupting
+
+
 def receiver(args) -> None:
     init = InitInfo(**json.loads(args.init))
     party = PlannedParty(init, args.rank, args.trainers)
@@ -182,12 +209,15 @@ def receiver(args) -> None:
     for line in sys.stdin:
         command = json.loads(line)
         started = time.monotonic()
+        if command.get("corrupt"):
+            corrupt_once(party)
         try:
             stats = receive_planned(party, store, needs=None if command.get("ghost") else needs)
             answer = {"ok": True, "moved": stats.moved}
         except Exception as error:  # noqa: BLE001 - reported to the test
             answer = {"ok": False, "error": f"{type(error).__name__}: {error}",
                       "touched": getattr(error, "weights_touched", None)}
+        vars(party.group).pop("recv", None)  # undo corrupt_once
         say(seconds=time.monotonic() - started, digests={name: tensor_digest(t) for name, t in store.items()},
             **answer)
     party.close()
