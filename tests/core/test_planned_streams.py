@@ -64,3 +64,20 @@ def test_layouts_travel_as_json_and_decode_to_the_planners_objects():
     other = [list(entry) for entry in message["tensors"]]
     other[1][2] = [2]
     assert "tensor 's': trainer ranks 0 and 1" in trainers_disagree({0: message["tensors"], 1: other})
+
+
+def test_parties_with_different_plans_are_told_the_first_tensor_and_both_parties():
+    """Fingerprints differ (e.g. two planner versions): the parties' per-tensor digests name the
+    first tensor where they differ, and the two parties, as the manifest check does."""
+    from weightsync.plan import plan_digests
+    from weightsync.planned import PlannedParty
+
+    trainer = {name: mesh_held((4, 2), "float32", (2,), (Shard(0),)) for name in ("a", "b")}
+    mine = plan(trainer, {2: {"a": whole((4, 2), "float32"), "b": whole((4, 2), "float32")}})
+    theirs = plan(trainer, {2: {"a": whole((4, 2), "float32"), "b": split((4, 2), "float32", 0, 0, 2)}})
+    party = PlannedParty.__new__(PlannedParty)  # no group: the exchange is stood in for
+    party.trainers = 2
+    rows = [json.dumps(plan_digests(mine)).encode()] * 2 + [json.dumps(plan_digests(theirs)).encode()]
+    party.exchange_json = lambda payload: rows
+    assert party._which_tensor(mine) == ("plans differ at tensor 'b': trainer rank 0 and receiver 2 derived "
+                                         "different transfers")
