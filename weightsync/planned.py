@@ -45,7 +45,7 @@ from weightsync.planned_layout import (
     TrainerHoldings, decode_receiver, decode_trainer, holdings, receiver_message, trainer_message, trainers_disagree,
     whole_needs,
 )
-from weightsync.planned_streams import Packer, Polled, Stream, StreamPlan, Unpacker, drive, region, streams_of
+from weightsync.planned_streams import Packer, Polled, Segment, Stream, StreamPlan, Unpacker, drive, region, streams_of
 from weightsync.protocol import InitInfo, Manifest, TensorSpec
 from weightsync.store import WeightStore
 from weightsync.transports.collective.agreement import VERDICT_BYTES, encode_slot
@@ -84,6 +84,7 @@ class PlannedParty:
         self._streams: tuple[Plan, dict[tuple[int, int], StreamPlan]] | None = None
         self.rounds = 0  # rounds begun: the key under which a failed round's reason is told
         self._scratch: dict[str, torch.Tensor] = {}  # an atomic receiver's landing copies, kept
+        self._buffers: dict[int, list[torch.Tensor]] = {}  # staging buffers per peer, kept
 
     def scratch(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """An atomic receiver's landing copy of tensor `name`, reused from round to round."""
@@ -199,9 +200,15 @@ class PlannedParty:
             self._streams = (derived, streams_of(derived))
         return self._streams[1]
 
-    def buffers(self) -> list[torch.Tensor]:
+    def buffers(self, peer: int) -> list[torch.Tensor]:
+        """The staging buffers of the stream with `peer` (the init's count and size, a multiple
+        of 8 bytes so that every chunk starts on a checksum word), kept from round to round."""
         size = self.init.packed_buffer_size_bytes - self.init.packed_buffer_size_bytes % 8
-        return [torch.empty(size, dtype=torch.uint8) for _ in range(self.init.packed_num_buffers)]
+        kept = self._buffers.get(peer)
+        if kept is None or len(kept) != self.init.packed_num_buffers or kept[0].numel() != size:
+            kept = self._buffers[peer] = [torch.empty(size, dtype=torch.uint8)
+                                          for _ in range(self.init.packed_num_buffers)]
+        return kept
 
     def verdict(self, streams: list[Stream], problem: str | None) -> list[tuple[str, bytes]]:
         """Step 4: every party's objection and its checksum per stream (a row per sender, a
@@ -262,18 +269,15 @@ def send_planned(party: PlannedParty, named: Iterable[tuple[str, torch.Tensor]])
         problem, message = str(error), json.dumps({"role": "trainer", "tensors": []}).encode()
     party.rounds += 1
     agreed = party.agree(message, problem)
-    streams = []
-    for key, stream_plan in agreed.streams.items():
-        if key[0] != party.rank:
-            continue
 
-        def source_of(segment: Any) -> torch.Tensor:
-            shard = held.shards[segment.name]
-            return region(shard.tensor, shard.box, segment.box)
+    def source_of(segment: Segment) -> torch.Tensor:
+        shard = held.shards[segment.name]
+        return region(shard.tensor, shard.box, segment.box)
 
-        streams.append(Stream(stream_plan, key[1], party.buffers(),
-                              post=functools.partial(_send, party.group, to=key[1]),
-                              fill=Packer(stream_plan.segments, source_of)))
+    streams = [Stream(stream_plan, receiver, party.buffers(receiver),
+                      post=functools.partial(_send, party.group, to=receiver),
+                      fill=Packer(stream_plan.segments, source_of))
+               for (sender, receiver), stream_plan in agreed.streams.items() if sender == party.rank]
     _move(party, streams)
     party.judge(party.verdict(streams, None), agreed)
     return party.stats(agreed, sum(s.moved for s in streams), started)
@@ -325,11 +329,11 @@ def receive_planned(party: PlannedParty, store: WeightStore, atomic: bool | None
                 live = store[segment.name]
                 targets[segment.name] = party.scratch(segment.name, live) if atomic else live
 
-    def target_of(segment: Any) -> torch.Tensor:
+    def target_of(segment: Segment) -> torch.Tensor:
         tensor = targets[segment.name]
         return region(tensor, _full(tensor), segment.box)
 
-    streams = [Stream(plan, key[0], party.buffers(), post=functools.partial(_recv, party.group, src=key[0]),
+    streams = [Stream(plan, key[0], party.buffers(key[0]), post=functools.partial(_recv, party.group, src=key[0]),
                       drain=Unpacker(plan.segments, target_of)) for key, plan in mine]
     try:
         _move(party, streams)
