@@ -22,7 +22,7 @@ imports it. Importing it (or its trainer side, weightsync_sglang.trainer) does n
 
 from __future__ import annotations
 
-BACKEND_NAME = "weightsync"  # the `backend` of /init_weights_update_group that selects weightsync
+from weightsync_sglang.wire import BACKEND_NAME
 _UPDATER = "sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater"
 HOOKED_METHODS = ("init_weights_update_group", "receive_weights_from_distributed", "destroy_weights_update_group")
 

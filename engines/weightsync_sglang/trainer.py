@@ -24,7 +24,6 @@ the old weights.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
 from typing import Any, Literal, get_args
@@ -38,12 +37,10 @@ from weightsync.source import WeightSource
 from weightsync.trainer import WeightSender
 from weightsync.transports import RoundStats
 
-from weightsync_sglang import BACKEND_NAME
+from weightsync_sglang.wire import init_body
 
 SGLangPauseMode = Literal["retract", "abort", "in_place"]
 DEFAULT_PAUSE_MODE: SGLangPauseMode = "retract"
-# InitInfo's fields that SGLang's init body carries itself; the others travel in its group_name.
-_SGLANG_FIELDS = {"master_address", "master_port", "rank_offset", "world_size"}
 _SGLANG_WRAPPER = "Failed to receive weights: "  # SGLang's scheduler around the worker's reason
 
 
@@ -53,16 +50,6 @@ class SGLangUpdateError(WeightSyncError):
     def __init__(self, message: str, answers: list[str]):
         super().__init__(message)
         self.answers = answers
-
-
-def init_body(init: InitInfo, rank_offset: int) -> dict[str, Any]:
-    """SGLang's `/init_weights_update_group` body for a weightsync group: SGLang's own fields, the
-    backend "weightsync", and the rest of weightsync's InitInfo as JSON in `group_name`."""
-    options = init.model_dump(exclude=_SGLANG_FIELDS | {"rank_offset"}, exclude_defaults=True)
-    options["group_name"] = init.group_name
-    return {"master_address": init.master_address, "master_port": init.master_port, "rank_offset": rank_offset,
-            "world_size": init.world_size, "backend": BACKEND_NAME,
-            "group_name": json.dumps(options, separators=(",", ":"))}
 
 
 class SGLangEndpoint:

@@ -24,7 +24,6 @@ group, so every worker fails the round with every reason (SGLang answers from it
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from weightsync.landing import LoaderSink
 from weightsync.protocol import InitInfo, Manifest, UpdateInfo, parse
 from weightsync.transports import RoundStats, Transport, get_transport
 
-from weightsync_sglang import BACKEND_NAME
+from weightsync_sglang.wire import BACKEND_NAME, init_info_of
 from weightsync_sglang.metrics import SGLangWorkerMetrics, server_url
 
 logger = logging.getLogger(__name__)
@@ -123,21 +122,6 @@ def worker_metrics(updater: Any) -> SGLangWorkerMetrics:
 # This process's weightsync groups, by InitInfo.group_name (a scheduler process serves one
 # tensor-parallel rank; SGLang's WeightUpdater is a frozen dataclass, so the state lives here).
 RECEIVERS: dict[str, Receiver] = {}
-
-
-def init_info_of(master_address: str, master_port: int, rank_offset: int, world_size: int,
-                 group_name: str) -> InitInfo:
-    """weightsync's InitInfo from SGLang's init body: SGLang's own fields, and in `group_name`
-    the rest of InitInfo as a JSON object (a plain name: every default, that name)."""
-    options: Any = {"group_name": group_name}
-    if group_name.lstrip().startswith("{"):
-        try:
-            options = json.loads(group_name)
-        except ValueError as error:
-            raise ValueError(f"group_name: a weightsync group's options are a JSON object ({error})") from None
-    body = {**options, "master_address": master_address, "master_port": master_port,
-            "rank_offset": rank_offset, "world_size": world_size}
-    return parse(InitInfo, body, "init_info")
 
 
 def join(updater: Any, info: InitInfo) -> Receiver:

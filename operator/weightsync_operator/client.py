@@ -1,7 +1,8 @@
 """Typed async HTTP clients for the parties of a group, one class per kind of engine.
 
-A group's trainer is always a weightsync agent; a target is either a weightsync daemon or a
-vLLM server running the `weightsync` weight-transfer backend. Both speak vLLM's four-phase
+A group's trainer is always a weightsync agent; a target is a weightsync daemon, a vLLM server
+running the `weightsync` weight-transfer backend, or an SGLang server with the weightsync plugin
+(`SglangClient`, SGLang's own routes mapped onto the same steps). Both speak vLLM's four-phase
 weight-transfer routes (init → start → update → finish, `/get_world_size`, `/pause`,
 `/resume`, `/weight_info`), so the coordinator drives them through one interface
 (`PartyClient`). Where vLLM has no route for what a daemon offers, `VllmClient` degrades in a
@@ -46,7 +47,7 @@ import httpx
 
 from weightsync.protocol import InitInfo, PauseMode
 
-EngineKind = Literal["daemon", "vllm"]
+EngineKind = Literal["daemon", "vllm", "sglang"]
 
 # The connection pool party calls go through. aiohttp (already the operator's, through kopf) is
 # the one a round uses: a call costs the coordinator's event loop about a fifth of httpx's CPU
@@ -126,6 +127,8 @@ def _error_detail(content: bytes) -> tuple[str, str | None]:
     error = body.get("error")
     if isinstance(error, dict):
         return str(error.get("message", error)), None
+    if error is None and "message" in body:  # SGLang's {"success": false, "message": ...}
+        return str(body["message"]), None
     return (str(error) if error is not None else text), None
 
 
@@ -359,7 +362,103 @@ class VllmClient(PartyClient):
         return await self.call("close", "POST", "/shutdown_weight_transfer_engine", timeout)
 
 
-_CLIENTS: dict[str, type[PartyClient]] = {"daemon": DaemonClient, "vllm": VllmClient}
+# weightsync's pause modes as SGLang's. `keep` (requests continue on the new weights, their KV
+# cache of the old ones dropped and recomputed, as the vLLM client does it) is SGLang's retract;
+# SGLang's in_place keeps that stale cache, and cannot flush it while they run. `wait` (finish on
+# the old weights first) has no SGLang mode: retract too, the closest that serves nothing stale.
+SGLANG_PAUSE_MODES: dict[str, str] = {"abort": "abort", "keep": "retract", "wait": "retract"}
+
+
+class SglangClient(PartyClient):
+    """An SGLang server (0.5.23) with the weightsync plugin (weightsync_sglang): SGLang's own
+    routes, a weightsync group selected by the init body (weightsync_sglang.wire). SGLang names
+    the round's session begin/end, its pause and resume pause_generation/continue_generation.
+
+    - abort: `/end_weight_update` closes the session the round opened (SGLang refuses it where
+      none is open, harmlessly); the plugin loads nothing of a refused round and says in its
+      answer whether the weights are intact.
+    - health: `/health`, and `/model_info`'s version; `in_group` and `weights_intact` unknown
+      (None), as for vLLM (the worker's metrics say `weightsync_weights_intact`).
+    - seed: never (SGLang cannot send its weights to peers).
+    - pause: weightsync's modes as SGLang's (SGLANG_PAUSE_MODES); every round flushes SGLang's
+      prefix cache, so no KV computed with the old weights is reused.
+    """
+
+    kind = "sglang"
+    can_seed = False
+
+    def __init__(self, endpoint: Endpoint, http: PartyHttp, token: str | None = None):
+        super().__init__(endpoint, http, token)
+        self._group = "weightsync"
+
+    async def world_size(self, timeout: float) -> int:
+        """The server's tensor-parallel workers (SGLang's distributed update takes no data-parallel
+        replicas)."""
+        answer = await self.call("get_world_size", "GET", "/server_info", timeout)
+        try:
+            size, replicas = int(answer["tp_size"]), int(answer.get("dp_size") or 1)
+        except (KeyError, TypeError, ValueError):
+            raise PartyError(self.name, "get_world_size", f"answered no tp_size: {str(answer)[:200]}") from None
+        if replicas != 1 or size < 1:
+            raise PartyError(self.name, "get_world_size", f"tp_size {size}, dp_size {replicas}: SGLang's distributed "
+                                                          "update takes tp_size >= 1 and no data-parallel replicas")
+        return size
+
+    async def init(self, init_info: InitInfo, timeout: float) -> dict:
+        from weightsync_sglang.wire import init_body  # torch-free: SGLang's body for weightsync's InitInfo
+
+        self._group = init_info.group_name
+        return await self.call("init", "POST", "/init_weights_update_group", timeout,
+                               init_body(init_info, init_info.rank_offset))
+
+    async def start(self, timeout: float, pause: PauseMode | None = None) -> dict:
+        _combined(self, "start", pause is not None)
+        return await self.call("start", "POST", "/begin_weight_update", timeout, {})
+
+    async def update(self, update_info: dict, timeout: float) -> dict:
+        body = {"names": update_info.get("names", []), "dtypes": update_info.get("dtype_names", []),
+                "shapes": update_info.get("shapes", []), "group_name": self._group, "flush_cache": True}
+        return await self.call("update", "POST", "/update_weights_from_distributed", timeout, body)
+
+    async def finish(self, version: str, timeout: float, resume: bool = False) -> dict:
+        _combined(self, "finish", resume)
+        await self.call("finish", "POST", "/end_weight_update", timeout, {})
+        await self.call("finish", "POST", "/update_weight_version", timeout,
+                        {"new_version": version, "abort_all_requests": False})
+        return {"weight_version": await self.weight_version(timeout)}
+
+    async def abort(self, reason: str, timeout: float, progress: Progress, version: str) -> dict:
+        if progress in (Progress.STARTED, Progress.LANDED):
+            try:
+                await self.call("abort", "POST", "/end_weight_update", timeout, {})
+            except PartyError as error:
+                if error.status is None:  # unreachable or timed out: nothing more to learn from it
+                    raise
+        return {"weight_version": await self.weight_version(timeout)}
+
+    async def pause(self, mode: PauseMode, timeout: float) -> dict:
+        return await self.call("pause", "POST", "/pause_generation", timeout, {"mode": SGLANG_PAUSE_MODES[mode]})
+
+    async def resume(self, timeout: float) -> dict:
+        return await self.call("resume", "POST", "/continue_generation", timeout, {})
+
+    async def is_paused(self, timeout: float) -> bool:
+        raise PartyError(self.name, "is_paused", "SGLang 0.5.23 has no route that says whether it is paused")
+
+    async def weight_version(self, timeout: float) -> str | None:
+        version = (await self.call("weight_info", "GET", "/model_info", timeout)).get("weight_version")
+        return None if version is None else str(version)
+
+    async def health(self, timeout: float) -> PartyHealth:
+        await self.call("health", "GET", "/health", timeout)
+        return PartyHealth(weight_version=await self.weight_version(timeout), in_group=None,
+                           weights_intact=None, detail="serving")
+
+    async def close(self, timeout: float) -> dict:
+        return await self.call("close", "POST", "/destroy_weights_update_group", timeout, {"group_name": self._group})
+
+
+_CLIENTS: dict[str, type[PartyClient]] = {"daemon": DaemonClient, "vllm": VllmClient, "sglang": SglangClient}
 
 
 def party_client(endpoint: Endpoint, http: PartyHttp, token: str | None = None) -> PartyClient:

@@ -14,9 +14,10 @@ pod is a candidate for a group once its containers are ready (`ContainersReady`)
 `Ready` waits for the group. A pod without the gate behaves as before: a candidate once Ready.
 
 What serves there: a weightsync daemon, unless the `weightsync.dev/engine` annotation says
-`vllm` (a vLLM server with the weightsync backend, whose own routes the coordinator then uses;
-see client.py). Any other value leaves the pod out of every group: a typo must not make the
-operator drive a server through the wrong routes.
+`vllm` (a vLLM server with the weightsync backend) or `sglang` (an SGLang server with the
+weightsync plugin), whose own routes the coordinator then uses (see client.py). Any other value
+leaves the pod out of every group: a typo must not make the operator drive a server through the
+wrong routes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from typing import get_args
+from typing import cast, get_args
 
 from weightsync_operator.client import EngineKind, Endpoint
 from weightsync_operator.resource import LabelSelector
@@ -73,7 +74,7 @@ class PodRef:
         host = f"[{self.ip}]" if self.ip and ":" in self.ip else self.ip
         if self.engine not in ENGINE_KINDS:  # `usable` keeps such pods out of a group
             raise ValueError(f"{self.name}: no engine the coordinator can drive ({self.engine!r})")
-        engine: EngineKind = "vllm" if self.engine == "vllm" else "daemon"
+        engine = cast(EngineKind, self.engine)  # one of ENGINE_KINDS, checked above
         return Endpoint(self.name, f"http://{host}:{self.daemon_port or default_port}", engine)
 
     def identity(self, default_port: int) -> tuple:

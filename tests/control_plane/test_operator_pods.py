@@ -46,6 +46,8 @@ def test_the_engine_annotation_picks_the_client_kind():
     assert served.usable and served.endpoint(8200) == Endpoint("infer-0", "http://10.0.0.7:8000", "vllm")
     assert served.identity(8200) != pod_ref(pod(annotations={"weightsync.dev/daemon-port": "8000"})).identity(8200)
     assert not pod_ref(pod(annotations={"weightsync.dev/engine": "vlm"})).usable  # a typo joins no group
+    sglang = pod_ref(pod(annotations={"weightsync.dev/engine": "SGLang", "weightsync.dev/daemon-port": "30000"}))
+    assert sglang.usable and sglang.endpoint(8200) == Endpoint("infer-0", "http://10.0.0.7:30000", "sglang")
 
 
 @pytest.mark.parametrize("changes, usable", [

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from weightsync.protocol import InitInfo
-from weightsync_sglang.trainer import init_body, round_failure
-from weightsync_sglang.worker import init_info_of
+from weightsync_sglang.trainer import round_failure
+from weightsync_sglang.wire import init_body, init_info_of
 
 ROOT = Path(__file__).resolve().parents[2]
 

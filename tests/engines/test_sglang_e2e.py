@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from helpers.sglang_server import INIT_FIELDS, PROMPTS, TIMEOUT_S, SGLangServer, SGLangTrainerProcess
+from helpers.sglang_server import INIT_FIELDS, MAX_TOKENS, PROMPTS, TIMEOUT_S, SGLangServer, SGLangTrainerProcess
 from weightsync_operator.local import free_port
 
 pytestmark = pytest.mark.sglang
@@ -267,6 +267,44 @@ def test_the_trainer_killed_mid_round(qwen2):
     fresh.ask(cmd="round", seed=2024, version="repaired")
     assert server.completions() == fresh.hf_greedy()
     assert server.weight_version() == "repaired"
+
+
+async def test_the_coordinator_drives_sglang(qwen2):
+    """The operator's coordinator drives SGLang as it drives vLLM (client.SglangClient, target
+    kind `sglang`): the trainer is a weightsync agent (the demo's, on this server's checkpoint);
+    after a training step and a sync, SGLang serves the round's version and its greedy ids equal
+    the trainer's HF ones; a second round in `keep` (SGLang's retract) lands too."""
+    from weightsync.tokens import TOKEN_ENV
+    from weightsync_operator.client import Endpoint
+    from weightsync_operator.coordinator import Coordinator, SyncSpec, Timeouts
+    from weightsync_operator.local import LocalProcess
+
+    server, python = qwen2["server"], qwen2["python"]
+    agent = await LocalProcess.start(
+        "trainer", "weightsync_operator.demo.qwen2_trainer",
+        ["--model", str(qwen2["trainer"].model_dir), "--backend", "cpu", "--exit-on-stdin-eof"], 180,
+        {TOKEN_ENV: ADMIN_KEY}, python=python)
+    try:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as http:
+            for number, mode in ((31, "wait"), (32, "keep")):
+                spec = SyncSpec(backend="cpu", master_port=free_port(), packed_buffer_size_bytes=1 << 20,
+                                transfer_timeout=TIMEOUT_S, pause_mode=mode, timeouts=Timeouts(init=120, update=120))
+                async with Coordinator(agent.endpoint, [Endpoint("sglang", server.url, kind="sglang")], spec, http,
+                                       ADMIN_KEY) as coordinator:
+                    group = await coordinator.init()
+                    assert (group.world_size, group.ranks) == (2, {"trainer": 0, "sglang": 1})
+                    (await http.post(agent.url + "/demo/train_step")).raise_for_status()
+                    result = await coordinator.sync(str(number))
+                    assert result.ok, result.reason
+                    assert [(t.name, t.weight_version) for t in result.targets] == [("sglang", str(number))]
+                reference = (await http.post(agent.url + "/demo/generate",
+                                             json={"prompts": PROMPTS, "max_tokens": MAX_TOKENS})).json()
+                assert server.completions() == reference["completions"], mode
+                assert server.weight_version() == str(number)
+        print(f"\n[coordinator] two syncs ({result.bytes:,} bytes each) landed in SGLang; greedy ids equal HF's",
+              file=sys.stderr)
+    finally:
+        await agent.stop()
 
 
 def test_every_round_lands_in_sglang_llama(sglang_python, tmp_path_factory, qwen2):
