@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers.planned_party import full_weights
+from helpers.planned_party import full_weights, tp_needs
+from weightsync.plan import full_box
+from weightsync.planned_streams import region
 from weightsync.store import tensor_digest
 from weightsync_operator.local import free_port
 
@@ -67,7 +69,7 @@ class Party:
 class Group:
     """`ranks` trainer processes and RECEIVERS receiver processes in one planned group."""
 
-    def __init__(self, ranks: int, atomic: bool = False):
+    def __init__(self, ranks: int, atomic: bool = False, tp: int = 1):
         port, trainer_port = free_port(), free_port()
         init = json.dumps({"backend": "cpu", "master_address": "127.0.0.1", "master_port": port,
                            "world_size": ranks + RECEIVERS, "packed_buffer_size_bytes": BUFFER,
@@ -76,8 +78,8 @@ class Group:
         self.trainers = [Party("trainer", "--rank", str(r), "--ranks", str(ranks), "--trainer-port",
                                str(trainer_port), "--init", init, "--timeout", str(TIMEOUT_S))
                          for r in range(ranks)]
-        self.receivers = [Party("receiver", "--rank", str(ranks + r), "--trainers", str(ranks), "--init", init)
-                          for r in range(RECEIVERS)]
+        self.receivers = [Party("receiver", "--rank", str(ranks + r), "--trainers", str(ranks), "--init", init,
+                                "--tp", str(tp)) for r in range(RECEIVERS)]
         self.ready = [p.next(120) for p in self.trainers + self.receivers]
         assert all(r.get("ready") for r in self.ready), self.ready
 
@@ -181,5 +183,31 @@ def test_a_trainer_rank_killed_mid_round_fails_every_party_and_atomic_receivers_
         assert not sent[0]["ok"] and named in sent[0]["error"], sent
         assert all(not r["ok"] and named in r["error"] and not r["touched"] for r in received), received
         assert [_landed(r) for r in received] == [_expected(1)] * RECEIVERS
+    finally:
+        group.stop()
+
+
+def test_tensor_parallel_receivers_take_only_their_slices():
+    """Two receivers as the two workers of a TP-2 engine (each needs half of dim 1 of every 2-D
+    tensor, the 1-D tensors whole) from a trainer of 2 ranks: each lands its regions bit-exact
+    and receives about sharded / 2 + replicated bytes, not the whole model."""
+    group = Group(2, tp=RECEIVERS)
+    try:
+        sent, received = group.round(1)
+        assert all(s["ok"] for s in sent) and all(r["ok"] for r in received), (sent, received)
+        full = full_weights(1)
+        for index, answer in enumerate(received):
+            needs = tp_needs(RECEIVERS, index)
+            assert answer["digests"] == {name: tensor_digest(region(full[name], full_box(tuple(full[name].shape)),
+                                                                    need.box).contiguous())
+                                         for name, need in needs.items()}
+        sharded = sum(t.numel() * t.element_size() for t in full.values() if t.dim() == 2)
+        replicated = sum(t.numel() * t.element_size() for t in full.values() if t.dim() != 2)
+        expected = sharded / RECEIVERS + replicated
+        moved = [r["moved"] for r in received]
+        print(f"\n[2 ranks -> TP-2 receivers] bytes received per worker {moved}, sharded / 2 + replicated = "
+              f"{expected:.0f} (whole model {sharded + replicated}); bytes sent per trainer rank "
+              f"{[s['moved'] for s in sent]}", file=sys.stderr)
+        assert all(abs(m / expected - 1) <= 0.10 for m in moved), moved
     finally:
         group.stop()

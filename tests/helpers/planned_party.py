@@ -11,10 +11,12 @@
             "moved", "peak_delta", "shard_bytes", "buffer_bytes", "seconds"}; `peak_delta`: the
             rise of this process's peak RSS (VmHWM, reset just before the send) over its RSS
             before it.
-  receiver --rank R --trainers M --init JSON
+  receiver --rank R --trainers M --init JSON [--tp K]
       a daemon-style store holding every tensor whole (plus "ghost.weight", which no trainer
-      holds). Per stdin line {"cmd": "receive", "ghost": bool, "corrupt": bool}: takes one round
-      needing every tensor but the ghost (with "ghost": true the ghost too, which the plan
+      holds); with --tp K it needs only what worker R - M of K tensor-parallel workers serves
+      (dim 1 of every 2-D tensor split) and answers the digests of those regions. Per stdin
+      line {"cmd": "receive", "ghost": bool, "corrupt": bool}: takes one round needing every
+      tensor but the ghost (with "ghost": true the ghost too, which the plan
       refuses; with "corrupt": true one received byte is flipped on arrival). Answers
       {"ok", "error", "touched", "digests", "moved", "seconds"}.
 """
@@ -35,9 +37,11 @@ import torch.distributed as dist
 from torch import nn
 
 from weightsync import InitInfo
-from weightsync.dtypes import tensors_manifest
+from weightsync.dtypes import dtype_name, tensors_manifest
+from weightsync.plan import Need, full_box, split, whole
 from weightsync.planned import PlannedParty, receive_planned, send_planned
 from weightsync.planned_layout import whole_needs
+from weightsync.planned_streams import region
 from weightsync.store import WeightStore, tensor_digest
 
 # name -> (shape, dtype, how the trainer holds it: "shard" (Shard(0)), "replicate", "fsdp")
@@ -197,6 +201,13 @@ def corrupt_once(party: PlannedParty) -> None:
     party.group.recv = corrupting
 
 
+def tp_needs(size: int, index: int) -> dict[str, Need]:
+    """Worker `index` of `size` tensor-parallel workers: its half of dim 1 of every 2-D tensor
+    (row-parallel), every 1-D tensor whole (replicated across the workers)."""
+    return {name: split(shape, dtype_name(dtype), 1, index, size) if len(shape) == 2
+            else whole(shape, dtype_name(dtype)) for name, (shape, dtype, _) in TENSORS.items()}
+
+
 def receiver(args) -> None:
     init = InitInfo(**json.loads(args.init))
     party = PlannedParty(init, args.rank, args.trainers)
@@ -205,21 +216,25 @@ def receiver(args) -> None:
     named.append((GHOST[0], torch.zeros(GHOST[1], dtype=GHOST[2])))
     store = WeightStore.from_manifest(tensors_manifest(named))
     needs = whole_needs(tensors_manifest(named[:-1]))
+    if args.tp > 1:
+        needs = tp_needs(args.tp, args.rank - args.trainers)
     say(ready=True)
     for line in sys.stdin:
         command = json.loads(line)
         started = time.monotonic()
+        wanted = whole_needs(store.manifest) if command.get("ghost") else needs  # the ghost too
         if command.get("corrupt"):
             corrupt_once(party)
         try:
-            stats = receive_planned(party, store, needs=None if command.get("ghost") else needs)
+            stats = receive_planned(party, store, needs=wanted)
             answer = {"ok": True, "moved": stats.moved}
         except Exception as error:  # noqa: BLE001 - reported to the test
             answer = {"ok": False, "error": f"{type(error).__name__}: {error}",
                       "touched": getattr(error, "weights_touched", None)}
         vars(party.group).pop("recv", None)  # undo corrupt_once
-        say(seconds=time.monotonic() - started, digests={name: tensor_digest(t) for name, t in store.items()},
-            **answer)
+        digests = {name: tensor_digest(region(store[name], full_box(tuple(store[name].shape)), need.box).contiguous())
+                   for name, need in needs.items()}
+        say(seconds=time.monotonic() - started, digests=digests, **answer)
     party.close()
 
 
@@ -230,6 +245,7 @@ def main() -> None:
     parser.add_argument("--init", required=True, help="init_info as JSON")
     parser.add_argument("--ranks", type=int, default=1)
     parser.add_argument("--trainers", type=int, default=1)
+    parser.add_argument("--tp", type=int, default=1, help="receivers are this many tensor-parallel workers")
     parser.add_argument("--trainer-port", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=20.0)
     args = parser.parse_args()
