@@ -54,7 +54,7 @@ $(SGLANG_VENV)/.installed: $(SGLANG_LOCK) pyproject.toml
 	$(SGLANG_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
-.PHONY: install demo demo-vllm lint test test-fast vllm-venv vllm033-venv sglang-venv
+.PHONY: install demo demo-vllm demo-sglang lint test test-fast vllm-venv vllm033-venv sglang-venv
 install: $(VENV)/.installed
 
 vllm-venv: $(VLLM_VENV)/.installed
@@ -70,6 +70,13 @@ demo: $(VENV)/.installed
 # $(VENV); the trainer and vLLM run with the vLLM venv's python.
 demo-vllm: $(VENV)/.installed $(VLLM_VENV)/.installed
 	WEIGHTSYNC_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/weightsync demo --engine vllm
+
+# A trainer and a real SGLang server (the weightsync plugin), driven by the coordinator: both run
+# with the SGLang venv's python; without a GPU, SGLang's CPU engine with the tests' pure-torch
+# stand-in for its kernel package on the path (tests/helpers/sglang_cpu_kernel).
+SGLANG_CPU_KERNEL = $(if $(shell command -v nvidia-smi 2>/dev/null),,PYTHONPATH=$(abspath tests/helpers/sglang_cpu_kernel))
+demo-sglang: $(VENV)/.installed $(SGLANG_VENV)/.installed
+	$(SGLANG_CPU_KERNEL) WEIGHTSYNC_SGLANG_PYTHON=$(abspath $(SGLANG_VENV))/bin/python $(VENV)/bin/weightsync demo --engine sglang
 
 # The checkers (configured in pyproject.toml), each a step of its own: ruff (E, W, F, B; its
 # complexity rule C901 is the function-size step's, which counts it the same way), mypy --strict

@@ -6,6 +6,7 @@ tests/engines/test_sglang_e2e.py."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,12 @@ def test_the_cpu_kernel_stand_in_writes_each_requests_slots():
         sgl_kernel.copy_all_layer_kv_cache_cpu()
     with pytest.raises(ImportError):
         from sgl_kernel import rmsnorm  # noqa: F401
+
+
+def test_the_sglang_demo_without_sglang_says_what_to_run(tmp_path):
+    """`weightsync demo --engine sglang` with a Python that lacks SGLang exits 2 naming the fix."""
+    env = {**os.environ, "WEIGHTSYNC_SGLANG_PYTHON": str(tmp_path / "no-python")}
+    run = subprocess.run([sys.executable, "-m", "weightsync_cli", "demo", "--engine", "sglang"], env=env,
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 2, run.stderr
+    assert "make demo-sglang" in run.stderr and "WEIGHTSYNC_SGLANG_PYTHON" in run.stderr, run.stderr

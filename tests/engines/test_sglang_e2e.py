@@ -23,7 +23,9 @@ from typing import Any
 import httpx
 import pytest
 
-from helpers.sglang_server import INIT_FIELDS, MAX_TOKENS, PROMPTS, TIMEOUT_S, SGLangServer, SGLangTrainerProcess
+from helpers.sglang_server import (
+    CPU_KERNEL, INIT_FIELDS, MAX_TOKENS, PROMPTS, TIMEOUT_S, SGLangServer, SGLangTrainerProcess,
+)
 from weightsync_operator.local import free_port
 
 pytestmark = pytest.mark.sglang
@@ -317,3 +319,17 @@ def test_every_round_lands_in_sglang_llama(sglang_python, tmp_path_factory, qwen
         _rounds(state, (5, 6))
     finally:
         _stop(state)
+
+
+async def test_the_sglang_demo_verifies_every_round(sglang_python, tmp_path, monkeypatch):
+    """`weightsync demo --engine sglang` (as `make demo-sglang` runs it on a CPU machine): a
+    trainer agent, a real SGLang server and the coordinator; every round verified by SGLang's
+    greedy completions against the trainer's HF ones."""
+    from weightsync_operator.demo.sglang_run import describe, run_sglang_demo
+
+    monkeypatch.setenv("PYTHONPATH", str(CPU_KERNEL))  # SGLang's CPU engine: the kernel stand-in
+    said: list[str] = []
+    reports = await run_sglang_demo(rounds=2, cpu=True, work_dir=tmp_path, python=sglang_python, say=said.append)
+    print("\n[demo] " + "\n[demo] ".join(said), file=sys.stderr)
+    assert len(reports) == 2 and all(r.verified for r in reports), [describe(r, {}) for r in reports]
+    assert all(r.changed for r in reports), "each training step should change SGLang's completions"

@@ -149,18 +149,18 @@ def describe(report: VllmRound, step: dict) -> str:
 NEEDED = ("vllm", "transformers", "weightsync_vllm")
 
 
-def missing_in(python: str) -> list[str]:
-    """Which of the packages the trainer and the server need `python` lacks (it is not run if
-    it does not exist)."""
+def missing_in(python: str, needed: tuple[str, ...] = NEEDED) -> list[str]:
+    """Which of the packages the trainer and the server need (`needed`: the vLLM demo's by
+    default) `python` lacks (it is not run if it does not exist)."""
     if not shutil.which(python):
-        return list(NEEDED)
+        return list(needed)
     probe = ("import importlib.util, sys; "
-             f"print(','.join(m for m in {NEEDED!r} if importlib.util.find_spec(m) is None))")
+             f"print(','.join(m for m in {needed!r} if importlib.util.find_spec(m) is None))")
     try:
         run = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
-        return list(NEEDED)
-    return [m for m in run.stdout.strip().split(",") if m] if run.returncode == 0 else list(NEEDED)
+        return list(needed)
+    return [m for m in run.stdout.strip().split(",") if m] if run.returncode == 0 else list(needed)
 
 
 def main(rounds: int = 3, tensor_parallel: int = 1) -> int:
