@@ -59,3 +59,31 @@ def test_the_serve_command_parses_with_sglangs_own_parser(sglang_python):
     assert parsed.returncode == 0, parsed.stderr[-2000:]
     assert json.loads(parsed.stdout.strip().splitlines()[-1]) == {"host": "0.0.0.0", "port": 30000,
                                                                    "model": "Qwen/Qwen3-0.6B"}
+
+
+@pytest.mark.chart
+def test_the_example_is_a_valid_sglang_target_of_the_example_weightsync():
+    """examples/sglang-inference.yaml: valid Kubernetes, selected by the example WeightSync, and a
+    pod the operator drives as kind sglang on SGLang's port, with the image's user and the
+    operator's token as SGLang's admin key."""
+    import kubernetes_validate
+    import yaml
+
+    from weightsync_operator.pods import pod_ref
+
+    (deployment,) = list(yaml.safe_load_all((ROOT / "examples" / "sglang-inference.yaml").read_text()))
+    for version in ("1.30", "1.37"):
+        kubernetes_validate.validate(deployment, version, strict=True)
+    template = deployment["spec"]["template"]
+    pod = {"metadata": {**template["metadata"], "name": "policy-sglang-0", "namespace": "rl", "uid": "u"},
+           "spec": template["spec"],
+           "status": {"phase": "Running", "podIP": "10.0.0.7", "conditions": [{"type": "Ready", "status": "True"}]}}
+    selector = yaml.safe_load((ROOT / "examples" / "weightsync.yaml").read_text())["spec"]["targetSelector"]
+    assert selector["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    ref = pod_ref(pod)
+    assert ref.usable and ref.engine == "sglang" and ref.endpoint(8200).url == "http://10.0.0.7:30000"
+    container = template["spec"]["containers"][0]
+    assert container["image"].startswith("ghcr.io/weightsync/weightsync-sglang:")
+    users = [value for kind, value in instructions(DOCKERFILE) if kind == "USER"]
+    assert template["spec"]["securityContext"]["runAsUser"] == int(users[-1].split(":")[0])
+    assert "--admin-api-key=$(WEIGHTSYNC_AUTH_TOKEN)" in container["args"]
