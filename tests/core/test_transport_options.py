@@ -219,12 +219,13 @@ def test_an_environment_variable_only_sets_a_default_which_is_agreed(monkeypatch
 
 def test_no_weightsync_variable_is_read_except_as_an_option_default():
     """Scan weightsync/: the environment is read in one place (options.env_default's factory)
-    by the NCCL library lookup (which libnccl this process loads: nothing a peer sees) and by the
-    bearer token's lookup (a secret: it authenticates HTTP calls, never changes the wire).
+    by the NCCL library lookup (which libnccl this process loads: nothing a peer sees), by the
+    bearer token's lookup (a secret: it authenticates HTTP calls, never changes the wire) and by
+    an engine worker's metrics port (where its own /metrics listens: nothing a peer sees).
     Every env_default names a WEIGHTSYNC_* variable and is the default_factory of a field of a
     TransportOptions model; each of those is covered by ENV_DEFAULTS above."""
     allowed_reads = {("weightsync/transports/options.py", "factory"), ("weightsync/transports/nccl_lib.py", "library"),
-                     ("weightsync/tokens.py", "load_token")}
+                     ("weightsync/tokens.py", "load_token"), ("weightsync/metrics.py", "metrics_port")}
     reads, defaults = set(), set()
     for path in sorted((ROOT / "weightsync").rglob("*.py")):
         rel = str(path.relative_to(ROOT))
