@@ -122,6 +122,10 @@ class InitInfo(_Strict):
     # round leaves the serving weights untouched even without pausing (costs one more copy).
     atomic: StrictFlag = False
     group_name: Annotated[str, Strict(), Field(min_length=1, max_length=128), Printable] = "weightsync"
+    # A sharded trainer whose every rank sends what it owns (a planned round, weightsync.planned;
+    # the cpu backend): its number of ranks, which take the group's ranks 0..trainer_ranks-1, the
+    # receivers the ranks after them. None: trainer rank 0 alone sends (a sharded trainer gathers).
+    trainer_ranks: Annotated[int, Strict(), Field(ge=1, le=65536)] | None = None
     # The transport's own options: every choice that changes what travels or how (e.g. nccl's
     # packed/lead/control, ipc's verify). Each transport validates them with its own typed model
     # (`Transport.options_model`, see weightsync.transports.options); every party of a group must

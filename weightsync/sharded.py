@@ -1,5 +1,9 @@
 """A round from a sharded trainer: every trainer rank takes part, rank 0 alone sends.
 
+This is the gathering round, kept for receivers that expect one sender (an init_info without
+`trainer_ranks`; rank 0 warns of it). With `trainer_ranks` every rank sends only what it owns
+instead, nothing gathered: `weightsync.planned_api`.
+
 FSDP2 (`fully_shard`) or `distribute_tensor` leaves each parameter a `DTensor` whose whole value
 exists only after `full_tensor()`, a collective over the trainer's ranks. So every trainer rank
 calls `send_weights` for the round and iterates the source in the same order; rank 0, the only

@@ -5,8 +5,10 @@ Three forms (see docs/library.md, "Trainers"):
 - one process or many, a source (`weightsync.source`): metadata first, then one materialized
   tensor at a time, so a round holds no second copy of the model (`send_weights(ModuleSource(model))`);
 - a sharded trainer (FSDP2 / DTensor): every trainer rank calls `WeightSender.init(...,
-  process_group=...)` and `send_weights(source)`; rank 0 alone joins the transfer group and
-  sends, the others materialize with it and return the round's outcome (`weightsync.sharded`).
+  process_group=...)` and `send_weights(source)`. With `init_info.trainer_ranks` (the cpu
+  backend) every rank joins the transfer group and sends only what it owns, nothing gathered
+  (`weightsync.planned_api`); without it rank 0 alone joins and sends, the others materialize
+  with it and return the round's outcome (`weightsync.sharded`), and rank 0 warns of it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from weightsync.source import WeightSource, adapt, as_source, is_source
 from weightsync.transports import RoundStats, SparsePatch, Transport, default_device, get_transport
 
 if TYPE_CHECKING:
+    from weightsync.planned import PlannedParty
     from weightsync.sharded import TrainerGroup
 
 
@@ -32,9 +35,11 @@ class WeightSender:
     >>> sender.send_weights(model.named_parameters())                           # doctest: +SKIP
     """
 
-    def __init__(self, transport: Transport | None, trainer_group: TrainerGroup | None = None):
-        self.transport = transport  # None on a sharded trainer's ranks other than 0
+    def __init__(self, transport: Transport | None, trainer_group: TrainerGroup | None = None,
+                 planned: PlannedParty | None = None):
+        self.transport = transport  # None on a sharded trainer's ranks other than 0, and when planned
         self.trainer_group = trainer_group  # weightsync.sharded.TrainerGroup, or None
+        self.planned = planned  # every rank's membership of a planned group (init_info.trainer_ranks)
 
     @classmethod
     def init(cls, init_info: InitInfo | dict[str, Any], backend: str | None = None,
@@ -44,23 +49,29 @@ class WeightSender:
 
         A sharded trainer calls this on every rank with `sharded=True` (the default process
         group) or its `process_group`: that group's rank 0 joins the transfer group, the other
-        ranks join nothing and only take part in each round's materialization."""
+        ranks join nothing and only take part in each round's materialization. With
+        `init_info.trainer_ranks` (the trainer group's size; the cpu backend) every rank joins a
+        planned group instead and sends what it owns (`weightsync.planned_api`)."""
         info = init_info if isinstance(init_info, InitInfo) else parse(InitInfo, init_info, "init_info")
+        name = backend or info.backend or "cpu"
         trainer_group = None
         if sharded or process_group is not None:
+            from weightsync.planned_api import trainer_party
             from weightsync.sharded import TrainerGroup
 
             trainer_group = TrainerGroup(process_group)
+            planned = trainer_party(info, name, trainer_group)
+            if planned is not None:
+                return cls(None, trainer_group, planned)
             if trainer_group.rank != 0:
                 return cls(None, trainer_group)
-        name = backend or info.backend or "cpu"
         transport_cls = get_transport(name)
         target = torch.device(device) if device is not None else default_device(name)
         return cls(transport_cls.connect(info, 0, target), trainer_group)
 
     @property
     def is_sender(self) -> bool:
-        return self.transport is not None
+        return self.transport is not None or self.planned is not None  # planned: every rank sends
 
     @property
     def sending(self) -> Transport:
@@ -79,6 +90,10 @@ class WeightSender:
         parameter) on every party. On a sharded trainer every rank calls this each round."""
         weights = adapt(weights)  # a vLLM 0.33 source reads through its iter_full()
         with torch.no_grad():
+            if self.planned is not None:
+                from weightsync.planned_api import send_owned
+
+                return send_owned(self.planned, as_source(weights))
             if self.trainer_group is not None:
                 from weightsync.sharded import send_sharded
 
@@ -94,6 +109,8 @@ class WeightSender:
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+        if self.planned is not None:
+            self.planned.close()
 
     def __enter__(self) -> "WeightSender":
         return self

@@ -48,6 +48,9 @@ class RoundStats:
     # coordinator must hand every receiver's /update_weights, and whether another batch follows.
     update_info: dict[str, Any] | None = None
     more: bool = False
+    # A planned round (weightsync.planned_api): its weightsync.planned.PlannedStats, the bytes per
+    # trainer rank and per receiver (typed loosely: the transports import no planned round).
+    planned: Any = None
 
 
 class Transport(ABC):

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from weightsync.errors import TransferError
 from weightsync.protocol import InitInfo
 from weightsync.rendezvous import open_store
+from weightsync.transports.base import Transport
 from weightsync.transports.collective import CollectiveOptions, CollectiveTransport, Group, Pending
 from weightsync.transports.options import TransportOptions
 
@@ -132,6 +133,11 @@ class CpuTransport(CollectiveTransport):
     options_model = CpuOptions
 
     @classmethod
-    def connect(cls, init: InitInfo, rank: int, device: torch.device | None = None) -> "CpuTransport":
+    def connect(cls, init: InitInfo, rank: int, device: torch.device | None = None) -> Transport:
+        """Join the group; a receiver of a planned group (`init.trainer_ranks`) joins it as one."""
+        if init.trainer_ranks is not None:
+            from weightsync.planned_api import PlannedReceiver  # it builds on this module
+
+            return PlannedReceiver.connect(init, rank)
         options = cls.options_model.of(init)  # refused before joining when invalid
         return cls(init, rank, torch.device("cpu"), GlooGroup(init, rank, options))

@@ -1,0 +1,135 @@
+"""The public sharded API sends a planned round (issue 22 item 1): no rank gathers.
+
+Real processes (tests/helpers/planned_sharded_party.py): an FSDP2 trainer of 2 ranks, each
+joined with `WeightSender.init(init_info, sharded=True)` and sending
+`send_weights(ModuleSource(model))` as users do today, `DTensor.full_tensor` patched to raise;
+2 receivers joined with `get_transport("cpu").connect(init_info, rank)`. The only difference
+from a gathering group is `init_info.trainer_ranks`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from helpers.planned_sharded_party import full_weights
+from weightsync import InitInfo, UpdateInfo, WeightStore
+from weightsync.errors import WeightSyncError
+from weightsync.planned_api import PlannedReceiver, trainer_party
+from weightsync.store import tensor_digest
+from weightsync_operator.local import free_port
+
+HELPER = Path(__file__).resolve().parents[1] / "helpers" / "planned_sharded_party.py"
+TIMEOUT_S = 15.0
+RANKS, RECEIVERS = 2, 2
+
+
+class Party:
+    """One helper process, spoken to in JSON lines."""
+
+    def __init__(self, *args: str):
+        self.process = subprocess.Popen([sys.executable, str(HELPER), *args], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        self.lines: queue.Queue[dict] = queue.Queue()
+        self.errors: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=lambda: self.errors.extend(self.process.stderr), daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(json.loads(line))
+
+    def send(self, **command) -> None:
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+
+    def next(self, timeout: float = 60) -> dict:
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no answer within {timeout}s (exit {self.process.poll()}): "
+                                 f"{''.join(self.errors)[-3000:]}") from None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=30)
+
+
+@pytest.mark.integration
+def test_a_sharded_trainer_through_the_public_api_sends_from_every_rank_without_gathering():
+    """Two rounds: every receiver lands every tensor bit-exact, both trainer ranks send (each about
+    half of the model), and no rank called `full_tensor` (it raises in each of them)."""
+    port, trainer_port = free_port(), free_port()
+    init = json.dumps({"backend": "cpu", "master_address": "127.0.0.1", "master_port": port,
+                       "world_size": RANKS + RECEIVERS, "trainer_ranks": RANKS, "timeout_seconds": TIMEOUT_S,
+                       "init_timeout_seconds": 60, "packed_buffer_size_bytes": 4096, "packed_num_buffers": 2})
+    trainers = [Party("trainer", "--rank", str(r), "--ranks", str(RANKS), "--trainer-port", str(trainer_port),
+                      "--init", init, "--timeout", str(TIMEOUT_S)) for r in range(RANKS)]
+    receivers = [Party("receiver", "--rank", str(RANKS + r), "--init", init) for r in range(RECEIVERS)]
+    try:
+        ready = [p.next(120) for p in trainers + receivers]
+        assert all(r["ready"] for r in ready), ready
+        assert all(r["planned"] and r["dtensors"] == 6 for r in ready[:RANKS]), ready
+        assert all(r["transport"] == "PlannedReceiver" for r in ready[RANKS:]), ready
+        for step in (1, 2):
+            for receiver in receivers:
+                receiver.send(cmd="receive")
+            for trainer in trainers:
+                trainer.send(cmd="round", step=step)
+            sent = [t.next() for t in trainers]
+            received = [r.next() for r in receivers]
+            assert all(s["ok"] and s["planned"] for s in sent), sent
+            assert all(r["ok"] for r in received), received
+            expected = {name: tensor_digest(t) for name, t in full_weights(step).items()}
+            assert [r["digests"] for r in received] == [expected] * RECEIVERS
+            per_rank = {int(rank): nbytes for rank, nbytes in sent[0]["sent"].items()}
+            total = sum(per_rank.values())
+            assert [s["moved"] for s in sent] == [per_rank[rank] for rank in range(RANKS)]
+            assert all(nbytes > 0 for nbytes in per_rank.values()), per_rank
+            assert sum(r["moved"] for r in received) == total
+            print(f"\n[public sharded API, round {step}] bytes sent per trainer rank {per_rank}, "
+                  f"received per receiver {[r['moved'] for r in received]}", file=sys.stderr)
+        assert not any("full_tensor" in "".join(p.errors) for p in trainers)
+    finally:
+        for party in trainers + receivers:
+            party.stop()
+
+
+def _init(**fields) -> InitInfo:
+    return InitInfo(master_address="127.0.0.1", master_port=29500, world_size=4, **fields)
+
+
+def test_a_sharded_trainer_without_trainer_ranks_gathers_and_says_so(caplog):
+    with caplog.at_level(logging.WARNING, logger="weightsync.planned"):
+        assert trainer_party(_init(), "cpu", SimpleNamespace(rank=0, size=2)) is None
+    assert "init_info has no trainer_ranks" in caplog.text and "rank 0 alone sends" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="weightsync.planned"):  # said once, by rank 0
+        assert trainer_party(_init(), "cpu", SimpleNamespace(rank=1, size=2)) is None
+    assert caplog.text == ""
+
+
+def test_trainer_ranks_that_cannot_be_planned_are_refused_at_init():
+    with pytest.raises(WeightSyncError, match="trainer group has 2 ranks"):
+        trainer_party(_init(trainer_ranks=3), "cpu", SimpleNamespace(rank=0, size=2))
+    with pytest.raises(WeightSyncError, match="cpu backend only, not 'nccl'"):
+        trainer_party(_init(trainer_ranks=2), "nccl", SimpleNamespace(rank=0, size=2))
+    with pytest.raises(WeightSyncError, match="rank 1 is not a receiver"):
+        PlannedReceiver.connect(_init(trainer_ranks=2), 1)
+
+
+def test_a_planned_receiver_needs_a_store_holding_every_tensor():
+    receiver = PlannedReceiver.__new__(PlannedReceiver)  # the check comes before any group is used
+    with pytest.raises(WeightSyncError, match="an empty store"):
+        receiver.receive(WeightStore.empty(), UpdateInfo())
