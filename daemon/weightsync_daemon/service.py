@@ -290,8 +290,18 @@ class EngineService:
                                 "unique id is only for the nccl backend")
 
     def _check_rank(self, info: InitInfo) -> None:
-        if info.rank_offset == 0:
-            raise ProtocolError("init_info.rank_offset", "rank 0 is the trainer's; receivers start at 1")
+        if info.trainer_ranks is None:
+            if info.rank_offset == 0:
+                raise ProtocolError("init_info.rank_offset", "rank 0 is the trainer's; receivers start at 1")
+            return
+        # A planned group (weightsync.planned_api): the trainer's ranks first, every one a sender.
+        if info.rank_offset < info.trainer_ranks:
+            raise ProtocolError("init_info.rank_offset", f"ranks 0..{info.trainer_ranks - 1} are the trainer's "
+                                                         f"(init_info.trainer_ranks); receivers start at "
+                                                         f"{info.trainer_ranks}")
+        if self.backend != "cpu":
+            raise ProtocolError("init_info.trainer_ranks", f"a planned round runs over the cpu backend only; "
+                                                           f"this daemon runs {self.backend}")
 
     async def start(self) -> str:
         try:
@@ -316,7 +326,8 @@ class EngineService:
     def own_update_info(self, infos: list[UpdateInfo]) -> UpdateInfo:
         """This worker's entry of an update_info list indexed by global worker rank (vLLM:
         dp_rank x workers per engine + rank; one worker per daemon, whose global worker rank is
-        rank_offset - 1 since the trainer holds rank 0). A one-entry list is this engine's own."""
+        rank_offset - 1 since the trainer holds rank 0, or rank_offset - trainer_ranks in a planned
+        group, whose trainer holds ranks 0..trainer_ranks-1). A one-entry list is this engine's own."""
         if len(infos) == 1:
             return infos[0]
         if not infos:
@@ -327,11 +338,12 @@ class EngineService:
         index = self._worker_index(self.init_info)
         if index >= len(infos):
             raise ProtocolError("update_info", f"has {len(infos)} entries, but this worker's is entry {index} "
-                                               f"(rank_offset {self.init_info.rank_offset} - 1)")
+                                               f"(rank_offset {self.init_info.rank_offset} - "
+                                               f"{self.init_info.trainer_ranks or 1})")
         return infos[index]
 
     def _worker_index(self, info: InitInfo) -> int:
-        return info.rank_offset - 1
+        return info.rank_offset - (info.trainer_ranks or 1)
 
     def _check_body(self, info: UpdateInfo) -> None:
         """What the party can check of an update body before taking part in the round."""
@@ -533,6 +545,12 @@ class ReceiverService(EngineService):
     def _transfer(self, info: UpdateInfo) -> RoundStats:
         return self._joined().receive(self.store, info)
 
+    def _check_rank(self, info: InitInfo) -> None:
+        super()._check_rank(info)
+        if info.trainer_ranks is not None and not len(self.store):
+            raise ProtocolError("init_info.trainer_ranks", "a receiver of a planned round states its needs from "
+                                                           "its weights: shape them up front (--manifest)")
+
     def _check_body(self, info: UpdateInfo) -> None:
         # vLLM's sparse spelling names each patched parameter's shape: it must be the one held here.
         for name, shape in info.patched_shapes.items():
@@ -619,6 +637,10 @@ class SenderService(EngineService):
     def _check_rank(self, info: InitInfo) -> None:
         if info.rank_offset != 0:
             raise ProtocolError("init_info.rank_offset", "the trainer is rank 0")
+        if info.trainer_ranks is not None:
+            raise ProtocolError("init_info.trainer_ranks", "the trainer's agent sends alone, as rank 0; a planned "
+                                                           "round's trainer ranks send with "
+                                                           "WeightSender.init(init_info, sharded=True)")
 
     def _transfer(self, info: UpdateInfo) -> RoundStats:
         weights = adapt(self.source())  # a vLLM 0.33 WeightSource reads as a weightsync source
