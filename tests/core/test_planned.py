@@ -10,16 +10,13 @@ it owns (`send_planned`), each receiver lands what it needs (`receive_planned`).
 from __future__ import annotations
 
 import json
-import os
-import queue
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from helpers.json_lines import JsonLinesProcess
 from helpers.planned_party import full_weights, tp_needs
 from weightsync.plan import full_box
 from weightsync.planned_streams import region
@@ -33,37 +30,10 @@ BUFFER = 256 << 10
 RECEIVERS = 2
 
 
-class Party:
-    """One helper process, spoken to in JSON lines."""
+class Party(JsonLinesProcess):
+    """One helper process (HELPER), spoken to in JSON lines."""
 
-    def __init__(self, *args: str):
-        self.process = subprocess.Popen([sys.executable, str(HELPER), *args], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, "OMP_NUM_THREADS": "1"})
-        self.lines: queue.Queue[dict] = queue.Queue()
-        self.errors: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=lambda: self.errors.extend(self.process.stderr), daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.put(json.loads(line))
-
-    def send(self, **command) -> None:
-        self.process.stdin.write(json.dumps(command) + "\n")
-        self.process.stdin.flush()
-
-    def next(self, timeout: float = 60) -> dict:
-        try:
-            return self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"no answer within {timeout}s (exit {self.process.poll()}): "
-                                 f"{''.join(self.errors)[-3000:]}") from None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=30)
+    script = HELPER
 
 
 class Group:

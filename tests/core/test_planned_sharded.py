@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import queue
 import subprocess
 import sys
 import threading
@@ -24,6 +22,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from helpers.json_lines import JsonLinesProcess
 from helpers.planned_sharded_party import full_weights
 from weightsync import InitInfo, UpdateInfo, WeightStore
 from weightsync.dtypes import dtype_name
@@ -37,37 +36,10 @@ TIMEOUT_S = 15.0
 RANKS, RECEIVERS = 2, 2
 
 
-class Party:
-    """One helper process, spoken to in JSON lines."""
+class Party(JsonLinesProcess):
+    """One helper process (HELPER), spoken to in JSON lines."""
 
-    def __init__(self, *args: str):
-        self.process = subprocess.Popen([sys.executable, str(HELPER), *args], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, "OMP_NUM_THREADS": "1"})
-        self.lines: queue.Queue[dict] = queue.Queue()
-        self.errors: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=lambda: self.errors.extend(self.process.stderr), daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.put(json.loads(line))
-
-    def send(self, **command) -> None:
-        self.process.stdin.write(json.dumps(command) + "\n")
-        self.process.stdin.flush()
-
-    def next(self, timeout: float = 60) -> dict:
-        try:
-            return self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"no answer within {timeout}s (exit {self.process.poll()}): "
-                                 f"{''.join(self.errors)[-3000:]}") from None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=30)
+    script = HELPER
 
 
 @pytest.mark.integration
