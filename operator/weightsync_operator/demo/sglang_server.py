@@ -14,14 +14,11 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
-import httpx
 
-from weightsync_operator.demo.vllm_server import _signal_group, _terminate_with_parent
+from weightsync_operator.demo.engine_process import EngineProcess, terminate_with_parent
 
 PYTHON_ENV = "WEIGHTSYNC_SGLANG_PYTHON"
 # SGLang's CPU engine as measured on 2 cores: torch attention and sampling, no graphs, a small pool.
@@ -42,11 +39,8 @@ def serve_args(model: str | Path, port: int, cpu: bool, admin_key: str | None) -
 
 
 @dataclass
-class SglangServer:
-    url: str
-    process: asyncio.subprocess.Process
-    log_path: Path
-    _log: BinaryIO | None = field(default=None, repr=False)
+class SglangServer(EngineProcess):
+    engine = "SGLang"
 
     @classmethod
     async def start(cls, model: str | Path, port: int, work_dir: str | Path, cpu: bool = True,
@@ -62,7 +56,7 @@ class SglangServer:
         process = await asyncio.create_subprocess_exec(
             python or sglang_python(), "-m", "sglang.launch_server", *serve_args(model, port, cpu, admin_key),
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT, env=env,
-            cwd=work_dir, start_new_session=True, preexec_fn=_terminate_with_parent)
+            cwd=work_dir, start_new_session=True, preexec_fn=terminate_with_parent)
         server = cls(f"http://127.0.0.1:{port}", process, log_path, log)
         try:
             await server._wait_healthy(timeout)
@@ -70,45 +64,3 @@ class SglangServer:
             await server.stop()
             raise
         return server
-
-    async def _wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient() as http:
-            while True:
-                if self.process.returncode is not None:
-                    raise RuntimeError(f"SGLang exited with {self.process.returncode} before it was healthy:\n"
-                                       f"{self.log_tail()}")
-                try:
-                    if (await http.get(self.url + "/health", timeout=2.0)).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"SGLang was not healthy within {timeout:g}s:\n{self.log_tail()}")
-                try:  # poll every half second, or return at once if the process exits
-                    await asyncio.wait_for(asyncio.shield(self.process.wait()), 0.5)
-                except TimeoutError:
-                    pass
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    async def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to the server's process group, SIGKILL to whatever is left after `timeout`."""
-        import signal
-
-        if self.process.returncode is None:
-            _signal_group(self.process.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), timeout)
-            except TimeoutError:
-                pass
-        _signal_group(self.process.pid, signal.SIGKILL)
-        if self.process.returncode is None:
-            await self.process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None

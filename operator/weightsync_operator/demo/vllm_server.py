@@ -13,15 +13,12 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
-import httpx
+from weightsync_operator.demo.engine_process import EngineProcess, terminate_with_parent
 
 PYTHON_ENV = "WEIGHTSYNC_VLLM_PYTHON"
 KV_BLOCK = 32  # tokens per KV cache block (vLLM's CPU default, 128, is longer than the demo's prompts)
@@ -64,12 +61,9 @@ def serve_env(work_dir: str | Path, runtime_dir: str | Path, tensor_parallel: in
 
 
 @dataclass
-class VllmServer:
-    url: str
-    process: asyncio.subprocess.Process
-    log_path: Path
-    runtime_dir: Path
-    _log: BinaryIO | None = field(default=None, repr=False)
+class VllmServer(EngineProcess):
+    engine = "vLLM"
+    runtime_dir: Path = field(kw_only=True)  # its temporary files and sockets, removed at stop
 
     @classmethod
     async def start(cls, model: str | Path, port: int, work_dir: str | Path, tensor_parallel: int = 1,
@@ -87,8 +81,8 @@ class VllmServer:
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
             env={**os.environ, **serve_env(work_dir, runtime_dir, tensor_parallel)},
             start_new_session=True,  # its own process group: stop() reaches every fork
-            preexec_fn=_terminate_with_parent)
-        server = cls(f"http://127.0.0.1:{port}", process, log_path, runtime_dir, log)
+            preexec_fn=terminate_with_parent)
+        server = cls(f"http://127.0.0.1:{port}", process, log_path, log, runtime_dir=runtime_dir)
         try:
             await server._wait_healthy(timeout)
         except BaseException:
@@ -96,61 +90,7 @@ class VllmServer:
             raise
         return server
 
-    async def _wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient() as http:
-            while True:
-                if self.process.returncode is not None:
-                    raise RuntimeError(f"vLLM exited with {self.process.returncode} before it was healthy:\n"
-                                       f"{self.log_tail()}")
-                try:
-                    if (await http.get(self.url + "/health", timeout=2.0)).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"vLLM was not healthy within {timeout:g}s:\n{self.log_tail()}")
-                try:  # poll every half second, or return at once if the process exits
-                    await asyncio.wait_for(asyncio.shield(self.process.wait()), 0.5)
-                except TimeoutError:
-                    pass
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
     async def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to the server's process group (it shuts its engine and workers down), SIGKILL
-        to whatever is left after `timeout`."""
-        if self.process.returncode is None:
-            _signal_group(self.process.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), timeout)
-            except TimeoutError:
-                pass
-        _signal_group(self.process.pid, signal.SIGKILL)  # stragglers (workers) of the group
-        if self.process.returncode is None:
-            await self.process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        """Stop the server's process group (see EngineProcess.stop), then drop its runtime files."""
+        await super().stop(timeout)
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
-
-
-def _terminate_with_parent() -> None:
-    """In the child before it runs vLLM: SIGTERM when this process dies, however it dies, so a
-    killed demo or test run leaves no server behind (vLLM's API server then stops its engine
-    and workers). Linux only; elsewhere stop() is the only way."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
