@@ -135,7 +135,7 @@ async def test_each_engine_kind_gets_its_client_and_what_vllm_cannot_do_is_refus
         Coordinator(trainer.endpoint, [vllm], SyncSpec(pause_mode=None), module_http)
     with pytest.raises(ValueError, match="the trainer is a weightsync agent, not a vllm server"):
         Coordinator(vllm, [daemons[0].endpoint], SyncSpec(), module_http)
-    with pytest.raises(ValueError, match="unknown engine kind 'sglang'"):
-        Coordinator(trainer.endpoint, [Endpoint("x", "http://127.0.0.1:9", kind="sglang")], SyncSpec(), module_http)
+    with pytest.raises(ValueError, match="unknown engine kind 'tgi'"):
+        Coordinator(trainer.endpoint, [Endpoint("x", "http://127.0.0.1:9", kind="tgi")], SyncSpec(), module_http)  # type: ignore[arg-type]
     health = await coordinator.targets[0].health(2)  # a daemon's /healthz, typed
     assert health.in_group is True and health.weights_intact is True and health.weight_version == "45"
