@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from helpers.vllm_server import ROOT, Trainer, side_files_env
+from helpers.vllm_server import ROOT, Trainer, side_files_env, wait_healthy
 from weightsync_operator.local import free_port
 
 SGLANG_PYTHON = os.environ.get("WEIGHTSYNC_SGLANG_PYTHON", str(ROOT / ".venv-sglang" / "bin" / "python"))
@@ -90,17 +90,7 @@ class SGLangServer:
         self.start_seconds = time.monotonic() - self.started
 
     def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + SERVER_START_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"SGLang exited with {self.process.returncode}: {self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"SGLang not healthy within {SERVER_START_S}s: {self.tail()}")
+        wait_healthy("SGLang", self.url, self.process, self.tail, SERVER_START_S)
 
     def tail(self) -> str:
         return self.log_path.read_text()[-4000:]

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -117,6 +117,22 @@ class Trainer:
         self.log.close()
 
 
+
+def wait_healthy(engine: str, url: str, process: subprocess.Popen, tail: Callable[[], str], within_s: float) -> None:
+    """Poll a server's /health until it answers 200; fail with its log's tail if the process
+    exits first or `within_s` passes (the vLLM and SGLang test servers alike)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{engine} exited with {process.returncode}: {tail()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{engine} not healthy within {within_s}s: {tail()}")
+
 class Server:
     """A real vLLM API server process (its engine core and workers are its children)."""
 
@@ -143,17 +159,7 @@ class Server:
         self.start_seconds = time.monotonic() - self.started
 
     def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + SERVER_START_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"vLLM exited with {self.process.returncode}: {self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"vLLM not healthy within {SERVER_START_S}s: {self.tail()}")
+        wait_healthy("vLLM", self.url, self.process, self.tail, SERVER_START_S)
 
     def tail(self) -> str:
         return self.log_path.read_text()[-4000:]
